@@ -1,0 +1,10 @@
+//! strata's runtime: everything that runs an OPT model.
+//!
+//! The crate is organised by concern: [`config`] describes an architecture and its memory, [`weights`] lists the
+//! tensors a config needs and the interface weight sources implement.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod weights;
+
+pub use config::{Activation, ConfigError, DType, OptConfig};

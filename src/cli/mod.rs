@@ -1,0 +1,50 @@
+//! Argument parsing and dispatch; each subcommand lives in its own module with its `Args` and `run`.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod generate;
+mod policy;
+mod profile;
+mod specs;
+
+/// High-throughput OPT inference on one GPU, offloading to CPU memory and disk.
+#[derive(Parser)]
+#[command(name = "strata", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the built-in model specs, or one model's sizes for a workload.
+    Specs(specs::Args),
+    /// Generate text (or token ids) from prompts.
+    Generate(generate::Args),
+    /// Run FlexLLMGen's benchmark workload and report latency, throughput and memory.
+    Bench(bench::Args),
+    /// Measure this machine's transfer and compute speeds for the cost model.
+    Profile(profile::Args),
+    /// Choose the fastest offloading policy for a model, workload and memory budget.
+    Policy(policy::Args),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Specs(args) => specs::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Profile(args) => profile::run(args),
+        Command::Policy(args) => policy::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
