@@ -33,8 +33,11 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
 
 /// How to turn a PyTorch-pickle checkpoint into safetensors, quoted in [`CheckpointError::PytorchOnly`].
-pub const CONVERT_HINT: &str = "python -c \"import sys; from transformers import AutoModelForCausalLM; \
-AutoModelForCausalLM.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1], safe_serialization=True)\" DIR";
+/// `torch_dtype="auto"` keeps the stored dtype (transformers would otherwise load, and save, float32).
+pub const CONVERT_HINT: &str =
+    "python -c \"import sys; from transformers import AutoModelForCausalLM; \
+AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype='auto').save_pretrained(sys.argv[1], \
+safe_serialization=True)\" 'DIR'";
 
 /// Why a model directory could not be opened.
 #[derive(Debug, thiserror::Error)]
