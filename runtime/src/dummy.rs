@@ -69,29 +69,49 @@ impl DummyWeights {
         }
     }
 
-    /// The bytes of `spec` in `dtype` (little-endian).
-    fn generate(&self, spec: &TensorSpec, dtype: DType) -> Vec<u8> {
+    /// Writes the bytes of `spec` in `dtype` (little-endian) into `out`, replacing its contents.
+    fn generate(&self, spec: &TensorSpec, dtype: DType, out: &mut Vec<u8>) {
         let n = spec.numel();
+        let seed = self.tensor_seed(&spec.name);
+        let fill_with = Self::distribution(spec);
+        out.clear();
+        out.resize(n * dtype.size_bytes() as usize, 0);
         match dtype {
-            DType::F16 => fill::<2>(
-                n,
-                self.tensor_seed(&spec.name),
-                Self::distribution(spec),
-                |v| half::f16::from_f32(v).to_bits().to_le_bytes(),
-            ),
-            DType::BF16 => fill::<2>(
-                n,
-                self.tensor_seed(&spec.name),
-                Self::distribution(spec),
-                |v| half::bf16::from_f32(v).to_bits().to_le_bytes(),
-            ),
-            DType::F32 => fill::<4>(
-                n,
-                self.tensor_seed(&spec.name),
-                Self::distribution(spec),
-                f32::to_le_bytes,
-            ),
+            DType::F16 => fill::<2>(out, seed, fill_with, |v| {
+                half::f16::from_f32(v).to_bits().to_le_bytes()
+            }),
+            DType::BF16 => fill::<2>(out, seed, fill_with, |v| {
+                half::bf16::from_f32(v).to_bits().to_le_bytes()
+            }),
+            DType::F32 => fill::<4>(out, seed, fill_with, f32::to_le_bytes),
         }
+    }
+
+    /// Like [`WeightSource::load`], but writes the bytes into `out` (resized to fit), so a caller that uploads tensor
+    /// by tensor can reuse one buffer instead of faulting in fresh pages for every tensor.
+    pub fn load_into(&self, spec: &TensorSpec, out: &mut Vec<u8>) -> Result<(), WeightError> {
+        self.check(spec)?;
+        self.generate(spec, self.config.dtype, out);
+        Ok(())
+    }
+
+    /// `spec` must be one of the config's tensors, with its shape.
+    fn check(&self, spec: &TensorSpec) -> Result<(), WeightError> {
+        let expected = self
+            .shapes
+            .get(&spec.name)
+            .ok_or_else(|| WeightError::Missing {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+            })?;
+        if *expected != spec.shape {
+            return Err(WeightError::Shape {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                found: expected.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// FNV-1a of the name, mixed with the global seed: distinct tensors get unrelated streams.
@@ -110,24 +130,12 @@ impl WeightSource for DummyWeights {
     }
 
     fn load(&self, spec: &TensorSpec) -> Result<HostTensor<'_>, WeightError> {
-        let expected = self
-            .shapes
-            .get(&spec.name)
-            .ok_or_else(|| WeightError::Missing {
-                name: spec.name.clone(),
-                expected: spec.shape.clone(),
-            })?;
-        if *expected != spec.shape {
-            return Err(WeightError::Shape {
-                name: spec.name.clone(),
-                expected: spec.shape.clone(),
-                found: expected.clone(),
-            });
-        }
+        let mut bytes = Vec::new();
+        self.load_into(spec, &mut bytes)?;
         Ok(HostTensor {
             dtype: self.config.dtype,
             shape: spec.shape.clone(),
-            bytes: Cow::Owned(self.generate(spec, self.config.dtype)),
+            bytes: Cow::Owned(bytes),
         })
     }
 }
@@ -146,44 +154,64 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// `n` elements of `E` bytes each. Values are encoded once into a 4096-entry table; each element is then one lookup.
-fn fill<const E: usize>(
-    n: usize,
-    seed: u64,
-    fill: Fill,
-    encode: impl Fn(f32) -> [u8; E],
-) -> Vec<u8> {
-    let mut out = vec![0u8; n * E];
+/// Fills `out` with elements of `E` bytes each. Values are encoded once into a 4096-entry table; each element is then
+/// one lookup.
+fn fill<const E: usize>(out: &mut [u8], seed: u64, fill: Fill, encode: impl Fn(f32) -> [u8; E])
+where
+    [u8; E]: bytemuck::Pod,
+{
+    // `[u8; E]` has alignment 1 and `out` holds whole elements, so viewing the bytes as elements always succeeds.
+    let elements: &mut [[u8; E]] = bytemuck::cast_slice_mut(out);
     match fill {
         Fill::Constant(v) => {
-            let bytes = encode(v);
-            out.par_chunks_mut(TASK_ELEMS * E).for_each(|task| {
-                for element in task.chunks_exact_mut(E) {
-                    element.copy_from_slice(&bytes);
-                }
-            });
+            let value = encode(v);
+            elements
+                .par_chunks_mut(TASK_ELEMS)
+                .for_each(|task| task.fill(value));
         }
         Fill::Uniform(scale) => {
-            let table: Vec<[u8; E]> = (0..LEVELS)
-                .map(|k| encode(scale * ((2 * k + 1) as f32 / LEVELS as f32 - 1.0)))
-                .collect();
-            out.par_chunks_mut(TASK_ELEMS * E)
+            let mut table = Box::new([[0u8; E]; LEVELS]);
+            for (k, entry) in table.iter_mut().enumerate() {
+                *entry = encode(scale * ((2 * k + 1) as f32 / LEVELS as f32 - 1.0));
+            }
+            let table = &*table;
+            elements
+                .par_chunks_mut(TASK_ELEMS)
                 .enumerate()
                 .for_each(|(t, task)| {
-                    let first_hash = (t * TASK_ELEMS / PER_HASH) as u64;
-                    for (g, group) in task.chunks_mut(PER_HASH * E).enumerate() {
-                        let counter = first_hash + g as u64;
-                        let h = mix(seed.wrapping_add(counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-                        for (k, element) in group.chunks_exact_mut(E).enumerate() {
-                            let level =
-                                (h >> (64 - LEVEL_BITS * (k as u32 + 1))) as usize & (LEVELS - 1);
-                            element.copy_from_slice(&table[level]);
-                        }
-                    }
+                    fill_uniform(task, table, seed, (t * TASK_ELEMS / PER_HASH) as u64)
                 });
         }
     }
-    out
+}
+
+/// Fills `task`, whose first element is element `PER_HASH * first_hash` of the tensor.
+#[inline]
+fn fill_uniform<const E: usize>(
+    task: &mut [[u8; E]],
+    table: &[[u8; E]; LEVELS],
+    seed: u64,
+    first_hash: u64,
+) {
+    let hash = |counter: u64| mix(seed.wrapping_add(counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    // Masking with LEVELS - 1 keeps every index in the table, so the lookups need no bounds checks.
+    let level = |h: u64, k: u32| (h >> (64 - LEVEL_BITS * (k + 1))) as usize & (LEVELS - 1);
+    let mut groups = task.chunks_exact_mut(PER_HASH);
+    let mut counter = first_hash;
+    for group in &mut groups {
+        let h = hash(counter);
+        counter += 1;
+        if let Ok(group) = <&mut [[u8; E]; PER_HASH]>::try_from(group) {
+            group[0] = table[level(h, 0)];
+            group[1] = table[level(h, 1)];
+            group[2] = table[level(h, 2)];
+            group[3] = table[level(h, 3)];
+        }
+    }
+    let h = hash(counter);
+    for (k, element) in groups.into_remainder().iter_mut().enumerate() {
+        *element = table[level(h, k as u32)];
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +268,11 @@ mod tests {
             .unwrap();
         let y = single.install(|| a.load(fc1).unwrap());
         assert_eq!(x.bytes, y.bytes);
+        // load_into reuses a buffer that held a bigger tensor and yields the same bytes.
+        let mut buffer = a.load(&specs[0]).unwrap().bytes.into_owned();
+        assert!(buffer.len() > x.bytes.len());
+        a.load_into(fc1, &mut buffer).unwrap();
+        assert_eq!(buffer[..], x.bytes[..]);
     }
 
     #[test]
