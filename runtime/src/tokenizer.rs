@@ -4,7 +4,9 @@
 //! from the latter [`Tokenizer`] builds the same byte-level BPE Hugging Face's GPT2 tokenizer is: a ByteLevel
 //! pre-tokenizer without a prefix space and a ByteLevel decoder. Like transformers' OPT tokenizer, [`Tokenizer::encode`]
 //! puts the BOS token (`</s>`, id 2) in front of every text; the tokenizer's own post-processor is not run, so BOS is
-//! never doubled.
+//! never doubled. `tokenizer_config.json`, when present, may turn BOS off (`add_bos_token`) or ask for transformers'
+//! `clean_up_tokenization_spaces` on decode (" ." -> ".", " n't" -> "n't", ...); both default to what the fields'
+//! absence means for OPT in current transformers: BOS on, no clean-up.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +23,8 @@ pub const VOCAB_FILE: &str = "vocab.json";
 pub const MERGES_FILE: &str = "merges.txt";
 /// The tokens OPT's vocabulary reserves (ids 0..=3); special, so they are matched whole and skipped on request.
 const SPECIAL_TOKENS: [&str; 4] = ["<s>", "<pad>", "</s>", "<unk>"];
+/// transformers' tokenizer settings file.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 /// OPT's BOS and EOS token text.
 const BOS_TOKEN: &str = "</s>";
 
@@ -56,6 +60,7 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
+    clean_up_spaces: bool,
 }
 
 impl Tokenizer {
@@ -74,10 +79,19 @@ impl Tokenizer {
                 dir: dir.to_path_buf(),
             });
         };
-        match config_bos(dir) {
-            Some(bos) => Ok(tokenizer.with_bos(Some(bos))),
-            None => Ok(tokenizer),
+        let mut tokenizer = match config_bos(dir) {
+            Some(bos) => tokenizer.with_bos(Some(bos)),
+            None => tokenizer,
+        };
+        let settings = read_json(&dir.join(TOKENIZER_CONFIG_FILE));
+        let flag = |key: &str| settings.as_ref().and_then(|s| s.get(key)?.as_bool());
+        if flag("add_bos_token") == Some(false) {
+            tokenizer = tokenizer.with_bos(None);
         }
+        if let Some(clean) = flag("clean_up_tokenization_spaces") {
+            tokenizer = tokenizer.with_clean_up_spaces(clean);
+        }
+        Ok(tokenizer)
     }
 
     /// Loads a `tokenizer.json`.
@@ -124,6 +138,15 @@ impl Tokenizer {
             inner,
             bos: special,
             eos: special,
+            clean_up_spaces: false,
+        }
+    }
+
+    /// Whether [`Tokenizer::decode`] applies transformers' `clean_up_tokenization_spaces` rewrite.
+    pub fn with_clean_up_spaces(self, clean_up_spaces: bool) -> Tokenizer {
+        Tokenizer {
+            clean_up_spaces,
+            ..self
         }
     }
 
@@ -173,10 +196,38 @@ impl Tokenizer {
     /// The text of `ids`; with `skip_special`, special tokens (BOS, padding) are left out. Ids past the tokenizer's
     /// vocabulary (OPT's unused embedding rows) decode to nothing, as in transformers.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        self.inner
+        let text = self
+            .inner
             .decode(ids, skip_special)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+            .map_err(|e| TokenizerError::Decode(e.to_string()))?;
+        Ok(if self.clean_up_spaces {
+            clean_up_tokenization_spaces(&text)
+        } else {
+            text
+        })
     }
+}
+
+/// transformers' `clean_up_tokenization`: drops the space a word-level tokenizer would have put before punctuation
+/// and English contractions.
+pub fn clean_up_tokenization_spaces(text: &str) -> String {
+    const REWRITES: [(&str, &str); 10] = [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ];
+    let mut out = text.to_owned();
+    for (from, to) in REWRITES {
+        out = out.replace(from, to);
+    }
+    out
 }
 
 /// The tokenizers crate takes file paths as `&str`.
@@ -187,9 +238,13 @@ fn utf8_path(path: &Path) -> Result<&str, TokenizerError> {
     })
 }
 
+/// A JSON file's contents, or `None` if it is absent or unreadable (these settings files are optional).
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
 /// `bos_token_id` from `dir/config.json`, if the file exists and has it.
 fn config_bos(dir: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let value = read_json(&dir.join("config.json"))?;
     u32::try_from(value.get("bos_token_id")?.as_u64()?).ok()
 }

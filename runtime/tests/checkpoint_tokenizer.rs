@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use strata_runtime::tokenizer::{Tokenizer, TokenizerError};
+use strata_runtime::tokenizer::{clean_up_tokenization_spaces, Tokenizer, TokenizerError};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 /// Merge rules in rank order: "hello" and "Ġworld" (Ġ is the byte-level form of a space) become single tokens.
@@ -122,6 +122,31 @@ fn bos_comes_from_config_json_when_present() {
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
     assert_eq!(tok.bos_token_id(), Some(0));
     assert_eq!(tok.encode("hello").unwrap(), vec![0, vocab["hello"]]);
+}
+
+#[test]
+fn tokenizer_config_can_turn_bos_off_and_clean_up_spaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = write_vocab_merges(dir.path());
+    let settings = r#"{"add_bos_token": false, "clean_up_tokenization_spaces": true}"#;
+    std::fs::write(dir.path().join("tokenizer_config.json"), settings).unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(tok.bos_token_id(), None);
+    assert_eq!(tok.encode("hello").unwrap(), vec![vocab["hello"]]);
+    // "hello ." byte-level tokens: hello, Ġ, . -> with clean-up the space before the period goes.
+    let ids = tok.encode("hello . world ,it isn't").unwrap();
+    assert_eq!(tok.decode(&ids, true).unwrap(), "hello. world,it isn't");
+    assert_eq!(
+        tok.clone()
+            .with_clean_up_spaces(false)
+            .decode(&ids, true)
+            .unwrap(),
+        "hello . world ,it isn't"
+    );
+    assert_eq!(
+        clean_up_tokenization_spaces("I 'm sure it 's they 're , yes !"),
+        "I'm sure it's they're, yes!"
+    );
 }
 
 #[test]
