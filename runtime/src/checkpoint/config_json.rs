@@ -228,7 +228,7 @@ impl Fields<'_> {
     }
 }
 
-/// Writes `config` as a Hugging Face style `config.json` text (the fields [`parse_config`] reads).
+/// Writes `config` as a Hugging Face style `config.json` text (every field `Checkpoint::open` reads).
 pub fn config_to_json(config: &OptConfig) -> String {
     let value = serde_json::json!({
         "_name_or_path": config.name,
