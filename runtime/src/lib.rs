@@ -4,7 +4,11 @@
 //! tensors a config needs and the interface weight sources implement.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 pub mod config;
+pub mod dummy;
+pub mod npy;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Activation, ConfigError, DType, OptConfig};
