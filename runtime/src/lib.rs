@@ -5,6 +5,10 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod cost_model;
+pub mod hardware;
+pub mod planner;
+pub mod policy;
 pub mod weights;
 
 pub use config::{Activation, ConfigError, DType, OptConfig};
