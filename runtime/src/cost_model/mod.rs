@@ -36,6 +36,9 @@ pub(crate) const HN: usize = 8;
 const MAX_GBS: usize = 1 << 14;
 const MAX_NGB: usize = 1 << 16;
 
+/// The default bound on sequences per block ([`Problem::max_block`]).
+pub const DEFAULT_MAX_BLOCK: usize = 1024;
+
 /// Capacities the memory rows use (bytes, infinite when uncapped) and which tier's capacity, if any, is a free
 /// variable being minimised.
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +115,10 @@ pub struct Problem<'a> {
     pub compress_cache_config: CompressionConfig,
     /// Which formulation.
     pub kind: CostModelKind,
+    /// Most sequences in one block (`gpu_batch_size * num_gpu_batches`): the number of prompts a run has. Larger
+    /// blocks amortise weight transfers further, so without a bound an uncapped tier lets the search grow the block
+    /// without end.
+    pub max_block: usize,
 }
 
 impl<'a> Problem<'a> {
@@ -127,6 +134,7 @@ impl<'a> Problem<'a> {
             compress_cache: false,
             compress_cache_config: CompressionConfig::DEFAULT,
             kind: CostModelKind::Strata,
+            max_block: DEFAULT_MAX_BLOCK,
         }
     }
 
@@ -198,6 +206,9 @@ pub enum CostModelError {
     /// A headroom outside (0, 1].
     #[error("--headroom must be in (0, 1], found {0}")]
     Headroom(f64),
+    /// A zero bound on the block.
+    #[error("--max-batch must be at least 1")]
+    MaxBlock,
     /// Nothing fits, even one sequence.
     #[error("{model} does not fit {caps} (using {headroom_pct}% of each) even with one sequence: {advice}")]
     Infeasible {
@@ -243,6 +254,9 @@ impl<'a> Evaluator<'a> {
     fn eval(&mut self, gbs: usize, ngb: usize) -> Option<Candidate> {
         if let Some(c) = self.memo.get(&(gbs, ngb)) {
             return *c;
+        }
+        if gbs * ngb > self.p.max_block {
+            return None;
         }
         let result = match self.p.kind {
             CostModelKind::FlexLlmGen => {
@@ -420,6 +434,9 @@ fn split(gpu: f64, cpu: f64) -> TierSplit {
 pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelError> {
     if !(problem.headroom > 0.0 && problem.headroom <= 1.0) {
         return Err(CostModelError::Headroom(problem.headroom));
+    }
+    if problem.max_block == 0 {
+        return Err(CostModelError::MaxBlock);
     }
     // Validates the model and the workload once, with a trivial policy.
     plan(problem.config, &Policy::default(), problem.workload)?;
