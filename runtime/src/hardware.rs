@@ -263,7 +263,11 @@ pub fn default_profile_path(adapter: &str) -> Option<PathBuf> {
     )
 }
 
-fn profile_path_from(xdg: Option<PathBuf>, home: Option<PathBuf>, adapter: &str) -> Option<PathBuf> {
+fn profile_path_from(
+    xdg: Option<PathBuf>,
+    home: Option<PathBuf>,
+    adapter: &str,
+) -> Option<PathBuf> {
     // The XDG spec says relative values are invalid and must be ignored.
     let base = xdg
         .filter(|p| p.is_absolute())
@@ -307,7 +311,10 @@ mod tests {
 
         std::fs::write(&path, "name = \"x\"\nctog = 1.0\n").unwrap();
         let e = HardwareProfile::load(&path).unwrap_err().to_string();
-        assert!(e.contains("not a hardware profile") && e.contains("missing field"), "{e}");
+        assert!(
+            e.contains("not a hardware profile") && e.contains("missing field"),
+            "{e}"
+        );
         let e = HardwareProfile::resolve("v100").unwrap_err().to_string();
         assert!(e.contains("no hardware profile `v100`"), "{e}");
     }
@@ -328,7 +335,8 @@ mod tests {
     fn profile_paths_follow_xdg_then_home() {
         assert_eq!(adapter_slug("NVIDIA H200 (Vulkan)"), "nvidia-h200-vulkan");
         assert_eq!(adapter_slug("  "), "unknown-adapter");
-        let p = profile_path_from(Some("/x/cache".into()), Some("/home/u".into()), "llvmpipe").unwrap();
+        let p =
+            profile_path_from(Some("/x/cache".into()), Some("/home/u".into()), "llvmpipe").unwrap();
         assert_eq!(p, PathBuf::from("/x/cache/strata/profiles/llvmpipe.toml"));
         let p = profile_path_from(Some("rel".into()), Some("/home/u".into()), "T4").unwrap();
         assert_eq!(p, PathBuf::from("/home/u/.cache/strata/profiles/t4.toml"));

@@ -136,7 +136,12 @@ pub struct GpuWorking {
 impl GpuWorking {
     /// Sum of the buffers.
     pub fn total(&self) -> u64 {
-        self.weight_slots + self.decompress + self.batch_io + self.scratch + self.cache_slots + self.logits
+        self.weight_slots
+            + self.decompress
+            + self.batch_io
+            + self.scratch
+            + self.cache_slots
+            + self.logits
     }
 }
 
@@ -302,15 +307,26 @@ fn stored_bytes(config: &OptConfig, spec: &TensorSpec, compress: Option<Compress
 /// The weight placement groups with each tensor's stored bytes: the input embeddings, each decoder layer (or its
 /// attention and MLP halves with `sep_layer`), then the output tensors. Every tensor of [`model_tensors`] is in
 /// exactly one group.
-pub fn weight_groups(config: &OptConfig, sep_layer: bool, compress: Option<CompressionConfig>) -> Vec<Vec<u64>> {
+pub fn weight_groups(
+    config: &OptConfig,
+    sep_layer: bool,
+    compress: Option<CompressionConfig>,
+) -> Vec<Vec<u64>> {
     let bytes = |s: &TensorSpec| stored_bytes(config, s, compress);
     let all = model_tensors(config);
-    let first_layer_tensor = all.iter().position(|t| t.layer.is_some()).unwrap_or(all.len());
-    let mut groups = vec![all[..first_layer_tensor].iter().map(bytes).collect::<Vec<_>>()];
+    let first_layer_tensor = all
+        .iter()
+        .position(|t| t.layer.is_some())
+        .unwrap_or(all.len());
+    let mut groups = vec![all[..first_layer_tensor]
+        .iter()
+        .map(bytes)
+        .collect::<Vec<_>>()];
     for i in 0..config.num_hidden_layers {
         let tensors = layer_tensors(config, i);
         if sep_layer {
-            let (attn, mlp): (Vec<_>, Vec<_>) = tensors.iter().partition(|t| t.name.contains(".self_attn"));
+            let (attn, mlp): (Vec<_>, Vec<_>) =
+                tensors.iter().partition(|t| t.name.contains(".self_attn"));
             groups.push(attn.into_iter().map(bytes).collect());
             groups.push(mlp.into_iter().map(bytes).collect());
         } else {
@@ -428,12 +444,18 @@ fn cpu_attention_scratch(config: &OptConfig, policy: &Policy, w: Workload) -> u6
 
 /// Computes every tier's bytes for `policy` running `config` on `workload`. The policy's placement must be valid
 /// (see [`Policy::validate_placement`]); caps are not checked here (see [`MemoryPlan::check`]).
-pub fn plan(config: &OptConfig, policy: &Policy, workload: Workload) -> Result<MemoryPlan, PlanError> {
+pub fn plan(
+    config: &OptConfig,
+    policy: &Policy,
+    workload: Workload,
+) -> Result<MemoryPlan, PlanError> {
     config.validate()?;
     policy.validate_placement()?;
     check_workload(config, workload)?;
     let p = &policy.percent;
-    let compress = policy.compress_weight.then_some(policy.compress_weight_config);
+    let compress = policy
+        .compress_weight
+        .then_some(policy.compress_weight_config);
 
     let mut weights = TierBytes::default();
     let mut max_off_gpu = 0;
@@ -511,7 +533,13 @@ pub struct Affine {
 impl Affine {
     /// The value at `fractions`.
     pub fn eval(&self, fractions: &[f64; 9]) -> f64 {
-        self.constant + self.coef.iter().zip(fractions).map(|(c, x)| c * x).sum::<f64>()
+        self.constant
+            + self
+                .coef
+                .iter()
+                .zip(fractions)
+                .map(|(c, x)| c * x)
+                .sum::<f64>()
     }
 }
 
@@ -531,7 +559,9 @@ pub struct WeightSummary {
 impl WeightSummary {
     /// Summarises `config`'s weights under the placement options of `policy` (`sep_layer`, weight compression).
     pub fn new(config: &OptConfig, policy: &Policy) -> WeightSummary {
-        let compress = policy.compress_weight.then_some(policy.compress_weight_config);
+        let compress = policy
+            .compress_weight
+            .then_some(policy.compress_weight_config);
         let groups = weight_groups(config, policy.sep_layer, compress);
         let layer = if config.num_hidden_layers == 0 {
             0
@@ -543,7 +573,11 @@ impl WeightSummary {
         };
         WeightSummary {
             total: groups.iter().flatten().sum(),
-            group_max: groups.iter().map(|g| g.iter().sum::<u64>()).max().unwrap_or(0),
+            group_max: groups
+                .iter()
+                .map(|g| g.iter().sum::<u64>())
+                .max()
+                .unwrap_or(0),
             layer,
             largest_matrix: largest_matrix_bytes(config),
         }
@@ -563,7 +597,12 @@ fn largest_matrix_bytes(config: &OptConfig) -> u64 {
 /// (`gpu`, `cpu`, `disk`). Off-GPU weight slots scale with the largest group, cache slots with the off-GPU share of
 /// one GPU batch. Only the batch sizes, flags and compression of `policy` are read, not its percents.
 pub fn linear_terms(config: &OptConfig, policy: &Policy, workload: Workload) -> [Affine; 3] {
-    linear_terms_with(config, policy, workload, &WeightSummary::new(config, policy))
+    linear_terms_with(
+        config,
+        policy,
+        workload,
+        &WeightSummary::new(config, policy),
+    )
 }
 
 /// [`linear_terms`] with the weight summary computed once (a search evaluates thousands of batch sizes).
@@ -666,17 +705,29 @@ mod tests {
         assert_eq!(plan.weights.gpu, c.model_bytes());
         assert_eq!(plan.cache.gpu, c.cache_bytes(16, 544));
         assert_eq!(plan.activations.gpu, c.hidden_bytes(16, 512));
-        assert_eq!(plan.weights.cpu + plan.weights.disk + plan.cache.cpu + plan.activations.disk, 0);
+        assert_eq!(
+            plan.weights.cpu + plan.weights.disk + plan.cache.cpu + plan.activations.disk,
+            0
+        );
         // Nothing streams: no weight or cache slots, no CPU staging.
-        assert_eq!(plan.gpu_working.weight_slots + plan.gpu_working.cache_slots, 0);
+        assert_eq!(
+            plan.gpu_working.weight_slots + plan.gpu_working.cache_slots,
+            0
+        );
         assert_eq!(plan.cpu_working, 0);
         let peak = plan.peak();
         assert_eq!(
             peak.gpu,
-            c.model_bytes() + c.cache_bytes(16, 544) + c.hidden_bytes(16, 512) + plan.gpu_working.total()
+            c.model_bytes()
+                + c.cache_bytes(16, 544)
+                + c.hidden_bytes(16, 512)
+                + plan.gpu_working.total()
         );
         // The scratch is the fp32 prefill attention scores of one GPU batch plus q, k, v, output.
-        assert_eq!(plan.gpu_working.scratch, 4 * c.hidden_bytes(8, 512) + 4 * 8 * 32 * 512 * 512);
+        assert_eq!(
+            plan.gpu_working.scratch,
+            4 * c.hidden_bytes(8, 512) + 4 * 8 * 32 * 512 * 512
+        );
     }
 
     #[test]
@@ -723,7 +774,10 @@ mod tests {
         assert_eq!(plan.cache.disk, c.cache_bytes(3, 544));
         assert_eq!(plan.activations.cpu, c.hidden_bytes(6, 512));
         // Slots for a batch's 2 off-GPU sequences of one layer, double-buffered.
-        assert_eq!(plan.gpu_working.cache_slots, 2 * 2 * c.cache_bytes(1, 544) / 24);
+        assert_eq!(
+            plan.gpu_working.cache_slots,
+            2 * 2 * c.cache_bytes(1, 544) / 24
+        );
         // CPU staging for one GPU batch's disk cache (1 sequence, one layer), double-buffered.
         assert_eq!(plan.cpu_working, 2 * c.cache_bytes(1, 544) / 24);
     }
@@ -758,7 +812,10 @@ mod tests {
         assert_eq!(err.0.len(), 1);
         assert_eq!(err.0[0].tier, Tier::Gpu);
         let msg = err.to_string();
-        assert!(msg.starts_with("GPU memory: the plan needs") && msg.contains("--gpu-mem is 15.00 GiB"), "{msg}");
+        assert!(
+            msg.starts_with("GPU memory: the plan needs") && msg.contains("--gpu-mem is 15.00 GiB"),
+            "{msg}"
+        );
         assert!(msg.contains("over)"), "{msg}");
         assert!(plan.check(&Caps::default()).is_ok());
     }
@@ -766,9 +823,28 @@ mod tests {
     #[test]
     fn bad_workloads_are_refused() {
         let c = opt("opt-125m", 12, 12, 768);
-        let e = plan(&c, &Policy::default(), Workload { prompt_len: 2000, gen_len: 100 }).unwrap_err();
-        assert!(e.to_string().contains("exceeds opt-125m's context of 2048"), "{e}");
-        let e = plan(&c, &Policy::default(), Workload { prompt_len: 0, gen_len: 1 }).unwrap_err();
+        let e = plan(
+            &c,
+            &Policy::default(),
+            Workload {
+                prompt_len: 2000,
+                gen_len: 100,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("exceeds opt-125m's context of 2048"),
+            "{e}"
+        );
+        let e = plan(
+            &c,
+            &Policy::default(),
+            Workload {
+                prompt_len: 0,
+                gen_len: 1,
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("at least 1"), "{e}");
     }
 
@@ -800,9 +876,16 @@ mod tests {
                 1.0 - (percent[4] + percent[5]) / 100.0,
             ];
             let [g, cpu, d] = linear_terms(&c, &p, W);
-            for (tier, lin, ex) in [("gpu", g, exact.gpu), ("cpu", cpu, exact.cpu), ("disk", d, exact.disk)] {
+            for (tier, lin, ex) in [
+                ("gpu", g, exact.gpu),
+                ("cpu", cpu, exact.cpu),
+                ("disk", d, exact.disk),
+            ] {
                 let v = lin.eval(&f);
-                assert!((v - ex as f64).abs() <= 1e-9 * ex as f64 + 1.0, "{percent:?} {tier}: {v} vs {ex}");
+                assert!(
+                    (v - ex as f64).abs() <= 1e-9 * ex as f64 + 1.0,
+                    "{percent:?} {tier}: {v} vs {ex}"
+                );
             }
         }
     }

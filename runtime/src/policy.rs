@@ -20,7 +20,10 @@ pub struct TierSplit {
 
 impl TierSplit {
     /// Everything on the GPU.
-    pub const ALL_GPU: TierSplit = TierSplit { gpu: 100.0, cpu: 0.0 };
+    pub const ALL_GPU: TierSplit = TierSplit {
+        gpu: 100.0,
+        cpu: 0.0,
+    };
 
     /// Percent on disk (the rest).
     pub fn disk(&self) -> f64 {
@@ -50,9 +53,18 @@ impl Percent {
     /// Builds the split from FlexLLMGen's order: `w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu`.
     pub const fn from_array(p: [f64; 6]) -> Percent {
         Percent {
-            weights: TierSplit { gpu: p[0], cpu: p[1] },
-            cache: TierSplit { gpu: p[2], cpu: p[3] },
-            act: TierSplit { gpu: p[4], cpu: p[5] },
+            weights: TierSplit {
+                gpu: p[0],
+                cpu: p[1],
+            },
+            cache: TierSplit {
+                gpu: p[2],
+                cpu: p[3],
+            },
+            act: TierSplit {
+                gpu: p[4],
+                cpu: p[5],
+            },
         }
     }
 
@@ -368,7 +380,10 @@ impl Policy {
             }
         }
         if let Some(dir) = &self.offload_dir {
-            f.push(format!("--offload-dir {}", shell_quote(&dir.to_string_lossy())));
+            f.push(format!(
+                "--offload-dir {}",
+                shell_quote(&dir.to_string_lossy())
+            ));
         }
         f.join(" ")
     }
@@ -513,14 +528,28 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("unknown unit `parsecs`"));
-        assert!(parse_bytes("1.2.3GiB").unwrap_err().reason.contains("not a number"));
+        assert!(parse_bytes("1.2.3GiB")
+            .unwrap_err()
+            .reason
+            .contains("not a number"));
         assert!(parse_bytes("1.5").unwrap_err().reason.contains("whole"));
-        assert!(parse_bytes("99999999999TiB").unwrap_err().reason.contains("too large"));
+        assert!(parse_bytes("99999999999TiB")
+            .unwrap_err()
+            .reason
+            .contains("too large"));
     }
 
     #[test]
     fn exact_format_round_trips() {
-        for b in [0, 1, 1000, 1 << 10, 3 << 39, (15 << 30) + 1, 200_000_000_000] {
+        for b in [
+            0,
+            1,
+            1000,
+            1 << 10,
+            3 << 39,
+            (15 << 30) + 1,
+            200_000_000_000,
+        ] {
             assert_eq!(parse_bytes(&format_bytes_exact(b)).unwrap(), b);
         }
         assert_eq!(format_bytes(15 << 30), "15.00 GiB");

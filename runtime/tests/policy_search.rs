@@ -99,11 +99,18 @@ fn improved_search_is_at_least_as_good_as_flexllmgens_and_fast() {
                 );
                 assert!(improved.total_throughput >= exact.total_throughput * (1.0 - 1e-9));
                 // Well under a second on a shared 2-core machine; the bound leaves room for a loaded machine.
-                assert!(t_improved < Duration::from_millis(1500), "{}: {t_improved:?}", c.name);
+                assert!(
+                    t_improved < Duration::from_millis(1500),
+                    "{}: {t_improved:?}",
+                    c.name
+                );
                 // Predicted throughput is what the objective says: bls * n / T.
                 let b = improved.candidate.block_size() as f64;
                 let t_total = improved.prefill_s + improved.decode_s;
-                assert!((improved.total_throughput - b * 32.0 / t_total).abs() < 1e-9 * improved.total_throughput);
+                assert!(
+                    (improved.total_throughput - b * 32.0 / t_total).abs()
+                        < 1e-9 * improved.total_throughput
+                );
             }
         }
     }
@@ -118,9 +125,19 @@ fn chosen_plans_account_for_every_byte() {
         let plan = &choice.plan;
         assert_eq!(plan.weights.total(), c.model_bytes(), "{}", c.name);
         assert_eq!(plan.cache.total(), c.cache_bytes(b, 544), "{}", c.name);
-        assert_eq!(plan.activations.total(), c.hidden_bytes(b, 512), "{}", c.name);
+        assert_eq!(
+            plan.activations.total(),
+            c.hidden_bytes(b, 512),
+            "{}",
+            c.name
+        );
         // strata's choice fits its own planner under the raw caps.
-        assert!(choice.plan_check.is_ok(), "{}: {:?}", c.name, choice.plan_check);
+        assert!(
+            choice.plan_check.is_ok(),
+            "{}: {:?}",
+            c.name,
+            choice.plan_check
+        );
         // Offloading happens where the model is bigger than the GPU.
         assert!(plan.weights.gpu < 15 * GIB);
     }
@@ -136,7 +153,11 @@ fn flexllmgen_formulation_reproduces_its_regime() {
     p.kind = CostModelKind::FlexLlmGen;
     let ch = search(p, SearchKind::FlexLlmGen).unwrap();
     let pc = ch.policy.percent;
-    assert!(pc.cache.cpu > 90.0 && pc.act.cpu > 99.0 && ch.policy.cpu_cache_compute, "{}", ch.policy);
+    assert!(
+        pc.cache.cpu > 90.0 && pc.act.cpu > 99.0 && ch.policy.cpu_cache_compute,
+        "{}",
+        ch.policy
+    );
     assert!(pc.weights.gpu < 30.0, "{}", ch.policy);
     let mut p = Problem::new(&c175, W, &hw, caps());
     p.kind = CostModelKind::FlexLlmGen;
@@ -144,5 +165,9 @@ fn flexllmgen_formulation_reproduces_its_regime() {
     assert!(ch.policy.percent.weights.gpu < 5.0, "{}", ch.policy);
     // Published throughputs on a T4 are 7.32 (30b) and 0.69 (175b) token/s; the model's predictions are of the
     // same order (it is a model, not a measurement).
-    assert!((0.05..5.0).contains(&ch.total_throughput), "{}", ch.total_throughput);
+    assert!(
+        (0.05..5.0).contains(&ch.total_throughput),
+        "{}",
+        ch.total_throughput
+    );
 }

@@ -21,9 +21,20 @@ pub(crate) fn build(p: &Problem, gbs: usize, bls: usize, caps: CapMode) -> Lp {
     let b = bls as f64;
     let bw = HardwareProfile::bytes_per_s;
     let fl = HardwareProfile::flop_per_s;
-    let (ctog, gtoc_cache, gtoc_hidden, dtoc) = (bw(hw.ctog), bw(hw.gtoc_cache), bw(hw.gtoc_hidden), bw(hw.dtoc));
-    let (ctod_cache_p, ctod_hidden_p, ctod_g) = (bw(hw.ctod_cache_p), bw(hw.ctod_hidden_p), bw(hw.ctod_g));
-    let (mm_p, mm_g, bmm_p, bmm_g) = (fl(hw.mm_flops_p), fl(hw.mm_flops_g), fl(hw.bmm_flops_p), fl(hw.bmm_flops_g));
+    let (ctog, gtoc_cache, gtoc_hidden, dtoc) = (
+        bw(hw.ctog),
+        bw(hw.gtoc_cache),
+        bw(hw.gtoc_hidden),
+        bw(hw.dtoc),
+    );
+    let (ctod_cache_p, ctod_hidden_p, ctod_g) =
+        (bw(hw.ctod_cache_p), bw(hw.ctod_hidden_p), bw(hw.ctod_g));
+    let (mm_p, mm_g, bmm_p, bmm_g) = (
+        fl(hw.mm_flops_p),
+        fl(hw.mm_flops_g),
+        fl(hw.bmm_flops_p),
+        fl(hw.bmm_flops_g),
+    );
     let cpu_real = hw.cpu_rate(gbs, c.hidden_size);
 
     let mut wi = 8.0 * h1 * h1 + 4.0 * h1 * h2;
@@ -42,7 +53,12 @@ pub(crate) fn build(p: &Problem, gbs: usize, bls: usize, caps: CapMode) -> Lp {
 
     // Prefill, per layer. Each term is a list of (variable, seconds per unit).
     let hid_p = 2.0 * s * h1 * b;
-    let ctog_p = [(WC, wi / ctog), (WN, wi / ctog), (HC, hid_p / ctog), (HN, hid_p / ctog)];
+    let ctog_p = [
+        (WC, wi / ctog),
+        (WN, wi / ctog),
+        (HC, hid_p / ctog),
+        (HN, hid_p / ctog),
+    ];
     let cache_p = 4.0 * (s + 1.0) * h1 * b;
     let gtoc_p = [
         (CC, cache_p / gtoc_cache),
@@ -60,12 +76,25 @@ pub(crate) fn build(p: &Problem, gbs: usize, bls: usize, caps: CapMode) -> Lp {
     // Decode, per layer and token.
     let hid_g = 2.0 * h1 * b;
     let ctx = 4.0 * b * (s + n / 2.0) * h1;
-    let ctog_gv = [(WC, wi / ctog), (WN, wi / ctog), (HC, hid_g / ctog), (HN, hid_g / ctog)];
+    let ctog_gv = [
+        (WC, wi / ctog),
+        (WN, wi / ctog),
+        (HC, hid_g / ctog),
+        (HN, hid_g / ctog),
+    ];
     let gtoc_gv = [(HC, hid_g / gtoc_hidden), (HN, hid_g / gtoc_hidden)];
-    let dtoc_gv = [(CN, ctx / dtoc), (HN, hid_g / dtoc), (WN, wi / (0.95 * dtoc))];
+    let dtoc_gv = [
+        (CN, ctx / dtoc),
+        (HN, hid_g / dtoc),
+        (WN, wi / (0.95 * dtoc)),
+    ];
     let ctod_gv = [(CN, 4.0 * b * h1 / ctod_g), (HN, hid_g / ctod_g)];
     let comp_g_const = b * (8.0 * h1 * h1 + 4.0 * h1 * h2) / mm_g;
-    let comp_gv = [(CG, ctx / bmm_g), (CC, ctx / cpu_real), (CN, ctx / cpu_real)];
+    let comp_gv = [
+        (CG, ctx / bmm_g),
+        (CC, ctx / cpu_real),
+        (CN, ctx / cpu_real),
+    ];
     for x in [&gtoc_gv[..], &dtoc_gv[..], &ctod_gv[..]] {
         lp.le(sum_minus(&[&ctog_gv, x], TGEN), 0.0);
     }
@@ -90,7 +119,8 @@ pub(crate) fn build(p: &Problem, gbs: usize, bls: usize, caps: CapMode) -> Lp {
         2.0 * wi + 2.0 * s * h1 * g + inter_p,
     );
     let inter_g_const = 8.0 * g * h1 + 4.0 * g * h1 + 2.0 * g * h2 + 2.0 * g * h1;
-    let inter_g_cg = g * (2.0 * h1 + 2.0 * sn * h1 + 2.0 * nh * sn) + g * (2.0 * sn * h1 + 2.0 * h1);
+    let inter_g_cg =
+        g * (2.0 * h1 + 2.0 * sn * h1 + 2.0 * nh * sn) + g * (2.0 * sn * h1 + 2.0 * h1);
     let gpu_g = (
         coef(&[
             (WG, wi * l - 2.0 * wi),
@@ -121,7 +151,11 @@ pub(crate) fn build(p: &Problem, gbs: usize, bls: usize, caps: CapMode) -> Lp {
         2.0 * nh * sn * g + 2.0 * h1 * g,
     );
     let disk = (
-        coef(&[(WN, wi * l), (HN, 2.0 * s * h1 * b), (CN, 4.0 * sn * h1 * b * l)]),
+        coef(&[
+            (WN, wi * l),
+            (HN, 2.0 * s * h1 * b),
+            (CN, 4.0 * sn * h1 * b * l),
+        ]),
         0.0,
     );
     for (tier, (row, constant)) in [(0, gpu_p), (0, gpu_g), (1, cpu_p), (1, cpu_g), (2, disk)] {
@@ -134,7 +168,14 @@ pub(crate) fn build(p: &Problem, gbs: usize, bls: usize, caps: CapMode) -> Lp {
 }
 
 /// Adds `constant + row . x <= alpha * cap(tier)` in GiB, with the cap a variable when it is the one minimised.
-pub(crate) fn add_memory_row(lp: &mut Lp, tier: usize, row: [f64; NV], constant: f64, alpha: f64, caps: CapMode) {
+pub(crate) fn add_memory_row(
+    lp: &mut Lp,
+    tier: usize,
+    row: [f64; NV],
+    constant: f64,
+    alpha: f64,
+    caps: CapMode,
+) {
     let mut r = row.map(|v| v / GIB);
     let constant = constant / GIB;
     if caps.minimise == Some(tier) {

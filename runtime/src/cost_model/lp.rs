@@ -42,7 +42,11 @@ impl Lp {
 
     /// Adds `coef . x == rhs`.
     pub fn eq(&mut self, coef: [f64; NV], rhs: f64) {
-        self.rows.push(Row { coef, rhs, eq: true });
+        self.rows.push(Row {
+            coef,
+            rhs,
+            eq: true,
+        });
     }
 
     /// The minimising point, or `None` when infeasible (or numerically unsolvable).

@@ -109,6 +109,8 @@ pub struct Problem<'a> {
     pub headroom: f64,
     /// Quantise weights.
     pub compress_weight: bool,
+    /// Quantisation of weights (strata's formulation; FlexLLMGen's divides weight bytes by 4).
+    pub compress_weight_config: CompressionConfig,
     /// Quantise the KV cache (strata's formulation only; FlexLLMGen's has no cache compression term).
     pub compress_cache: bool,
     /// Quantisation of the KV cache.
@@ -123,7 +125,12 @@ pub struct Problem<'a> {
 
 impl<'a> Problem<'a> {
     /// A problem with FlexLLMGen's defaults: headroom 0.8, no compression, strata's formulation.
-    pub fn new(config: &'a OptConfig, workload: Workload, hardware: &'a HardwareProfile, caps: Caps) -> Self {
+    pub fn new(
+        config: &'a OptConfig,
+        workload: Workload,
+        hardware: &'a HardwareProfile,
+        caps: Caps,
+    ) -> Self {
         Problem {
             config,
             workload,
@@ -131,6 +138,7 @@ impl<'a> Problem<'a> {
             caps,
             headroom: 0.8,
             compress_weight: false,
+            compress_weight_config: CompressionConfig::DEFAULT,
             compress_cache: false,
             compress_cache_config: CompressionConfig::DEFAULT,
             kind: CostModelKind::Strata,
@@ -206,6 +214,9 @@ pub enum CostModelError {
     /// A headroom outside (0, 1].
     #[error("--headroom must be in (0, 1], found {0}")]
     Headroom(f64),
+    /// The formulation cannot evaluate the given policy.
+    #[error("{0}")]
+    Unsupported(String),
     /// A zero bound on the block.
     #[error("--max-batch must be at least 1")]
     MaxBlock,
@@ -269,7 +280,8 @@ impl<'a> Evaluator<'a> {
                 let mut best: Option<Candidate> = None;
                 for ccc in [false, true] {
                     self.solves += 1;
-                    let x = strata::build(&self.p, &self.weights, gbs, ngb, ccc, self.mode()).solve();
+                    let x =
+                        strata::build(&self.p, &self.weights, gbs, ngb, ccc, self.mode()).solve();
                     if let Some(x) = x {
                         let c = self.candidate(gbs, ngb, ccc, x);
                         if best.is_none_or(|b| c.objective < b.objective) {
@@ -333,7 +345,10 @@ fn better(a: Option<Candidate>, b: Candidate) -> Option<Candidate> {
 
 /// FlexLLMGen's gbs sequence: 1, 2, 3, 4, 8, 16, ...
 fn flexllmgen_gbs() -> impl Iterator<Item = usize> {
-    [1, 2, 3].into_iter().chain((2..).map(|k| 1usize << k)).take_while(|&g| g <= MAX_GBS)
+    [1, 2, 3]
+        .into_iter()
+        .chain((2..).map(|k| 1usize << k))
+        .take_while(|&g| g <= MAX_GBS)
 }
 
 fn search_flexllmgen(ev: &mut Evaluator) -> Option<Candidate> {
@@ -394,7 +409,10 @@ fn search_improved(ev: &mut Evaluator) -> Option<Candidate> {
         let mut step = (at.num_gpu_batches / 2).max(1);
         loop {
             let mut moved = false;
-            for ngb in [at.num_gpu_batches.saturating_sub(step), at.num_gpu_batches + step] {
+            for ngb in [
+                at.num_gpu_batches.saturating_sub(step),
+                at.num_gpu_batches + step,
+            ] {
                 if ngb == 0 || ngb > max || ngb == at.num_gpu_batches {
                     continue;
                 }
@@ -452,7 +470,7 @@ pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelE
     // strata's LP uses the planner's continuous form; the runtime rounds to whole tensors and sequences. If the
     // rounded plan goes over a cap, solve the same batch sizes again with the LP's capacity shrunk by the excess.
     let caps_bytes = problem.caps;
-    let mut choice = finish(&ev, best)?;
+    let mut choice = finish(&ev, best, None)?;
     if problem.kind == CostModelKind::Strata {
         let mut shrink = [0.0f64; 3];
         for _ in 0..4 {
@@ -465,29 +483,99 @@ pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelE
             for (c, s) in caps.iter_mut().zip(shrink) {
                 *c -= s;
             }
-            let mode = CapMode { caps, minimise: None };
+            let mode = CapMode {
+                caps,
+                minimise: None,
+            };
             ev.solves += 2;
             let retry = [false, true]
                 .into_iter()
                 .filter_map(|ccc| {
-                    strata::build(&problem, &ev.weights, best.gpu_batch_size, best.num_gpu_batches, ccc, mode)
-                        .solve()
-                        .map(|x| ev.candidate(best.gpu_batch_size, best.num_gpu_batches, ccc, x))
+                    strata::build(
+                        &problem,
+                        &ev.weights,
+                        best.gpu_batch_size,
+                        best.num_gpu_batches,
+                        ccc,
+                        mode,
+                    )
+                    .solve()
+                    .map(|x| ev.candidate(best.gpu_batch_size, best.num_gpu_batches, ccc, x))
                 })
                 .min_by(|a, b| a.objective.total_cmp(&b.objective));
             let Some(r) = retry else { break };
             best = r;
-            choice = finish(&ev, best)?;
+            choice = finish(&ev, best, None)?;
         }
     }
     debug_assert_eq!(Caps::of(&choice.policy), caps_bytes);
     Ok(choice)
 }
 
-fn finish(ev: &Evaluator, c: Candidate) -> Result<Choice, CostModelError> {
+/// Predicts the throughput of a given policy (its batch sizes, percents, cpu_cache_compute and compression) under
+/// the problem's formulation, with its memory plan checked against the problem's caps. Memory does not constrain
+/// the prediction: an over-cap plan is reported in [`Choice::plan_check`].
+pub fn evaluate(problem: Problem, policy: &Policy) -> Result<Choice, CostModelError> {
+    policy.validate_placement().map_err(PlanError::from)?;
+    plan(problem.config, policy, problem.workload)?;
+    let mut problem = problem;
+    problem.compress_weight = policy.compress_weight;
+    problem.compress_weight_config = policy.compress_weight_config;
+    problem.compress_cache = policy.compress_cache;
+    problem.compress_cache_config = policy.compress_cache_config;
+    problem.max_block = usize::MAX;
+    let mut ev = Evaluator::new(problem);
+    let pc = &policy.percent;
+    let f = [
+        pc.weights.gpu,
+        pc.weights.cpu,
+        pc.weights.disk(),
+        pc.cache.gpu,
+        pc.cache.cpu,
+        pc.cache.disk(),
+        pc.act.gpu,
+        pc.act.cpu,
+        pc.act.disk(),
+    ]
+    .map(|v| v / 100.0);
+    let free = CapMode {
+        caps: [f64::INFINITY; 3],
+        minimise: None,
+    };
+    let (gbs, ngb) = (policy.gpu_batch_size, policy.num_gpu_batches);
+    let mut lp = match problem.kind {
+        CostModelKind::FlexLlmGen => flexllmgen::build(&problem, gbs, gbs * ngb, free),
+        CostModelKind::Strata => strata::build(
+            &problem,
+            &ev.weights,
+            gbs,
+            ngb,
+            policy.cpu_cache_compute,
+            free,
+        ),
+    };
+    for (i, v) in f.iter().enumerate() {
+        lp.eq(lp::coef(&[(i, 1.0)]), *v);
+    }
+    ev.solves += 1;
+    let Some(x) = lp.solve() else {
+        return Err(CostModelError::Unsupported(format!(
+            "the {} formulation cannot describe this placement (FlexLLMGen's keeps activations off disk)",
+            problem.kind
+        )));
+    };
+    let ccc = match problem.kind {
+        CostModelKind::FlexLlmGen => x[CC] + x[CN] > 1e-9,
+        CostModelKind::Strata => policy.cpu_cache_compute,
+    };
+    let c = ev.candidate(gbs, ngb, ccc, x);
+    finish(&ev, c, Some(policy.clone()))
+}
+
+fn finish(ev: &Evaluator, c: Candidate, given: Option<Policy>) -> Result<Choice, CostModelError> {
     let p = &ev.p;
     let f = c.fractions;
-    let policy = Policy {
+    let policy = given.unwrap_or_else(|| Policy {
         gpu_batch_size: c.gpu_batch_size,
         num_gpu_batches: c.num_gpu_batches,
         percent: Percent {
@@ -497,13 +585,14 @@ fn finish(ev: &Evaluator, c: Candidate) -> Result<Choice, CostModelError> {
         },
         cpu_cache_compute: c.cpu_cache_compute,
         compress_weight: p.compress_weight,
+        compress_weight_config: p.compress_weight_config,
         compress_cache: p.compress_cache,
         compress_cache_config: p.compress_cache_config,
         gpu_mem: p.caps.gpu,
         cpu_mem: p.caps.cpu,
         disk_mem: p.caps.disk,
         ..Policy::default()
-    };
+    });
     let memory = plan(p.config, &policy, p.workload)?;
     let plan_check = memory.check(&p.caps);
     let l = p.config.num_hidden_layers as f64;
@@ -519,7 +608,11 @@ fn finish(ev: &Evaluator, c: Candidate) -> Result<Choice, CostModelError> {
         prefill_s,
         decode_s,
         prefill_throughput: b * s / prefill_s,
-        decode_throughput: if decode_s > 0.0 { b * (n - 1.0) / decode_s } else { 0.0 },
+        decode_throughput: if decode_s > 0.0 {
+            b * (n - 1.0) / decode_s
+        } else {
+            0.0
+        },
         total_throughput: b * n / (prefill_s + decode_s),
         plan: memory,
         plan_check,

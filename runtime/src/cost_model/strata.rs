@@ -26,7 +26,9 @@ pub(crate) fn skeleton(p: &Problem, gbs: usize, ngb: usize, cpu_cache_compute: b
         num_gpu_batches: ngb,
         cpu_cache_compute,
         compress_weight: p.compress_weight,
+        compress_weight_config: p.compress_weight_config,
         compress_cache: p.compress_cache,
+        compress_cache_config: p.compress_cache_config,
         ..Policy::default()
     }
 }
@@ -54,8 +56,14 @@ pub(crate) fn build(
     let ctog = bw(hw.ctog);
     let (gtoc_cache, gtoc_hidden) = (bw(hw.gtoc_cache), bw(hw.gtoc_hidden));
     let dtoc = bw(hw.dtoc);
-    let (ctod_cache_p, ctod_hidden_p, ctod_g) = (bw(hw.ctod_cache_p), bw(hw.ctod_hidden_p), bw(hw.ctod_g));
-    let (mm_p, mm_g, bmm_p, bmm_g) = (fl(hw.mm_flops_p), fl(hw.mm_flops_g), fl(hw.bmm_flops_p), fl(hw.bmm_flops_g));
+    let (ctod_cache_p, ctod_hidden_p, ctod_g) =
+        (bw(hw.ctod_cache_p), bw(hw.ctod_hidden_p), bw(hw.ctod_g));
+    let (mm_p, mm_g, bmm_p, bmm_g) = (
+        fl(hw.mm_flops_p),
+        fl(hw.mm_flops_g),
+        fl(hw.bmm_flops_p),
+        fl(hw.bmm_flops_g),
+    );
     let cpu_rate = hw.cpu_rate(gbs, c.hidden_size);
 
     let wl = weights.layer as f64;

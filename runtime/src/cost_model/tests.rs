@@ -44,7 +44,11 @@ const W: Workload = Workload {
 /// (the formulas of COST-MODEL.md with no transfer terms), worked out here independently of the LP.
 fn all_gpu_objective(c: &OptConfig, hw: &HardwareProfile, gbs: usize, ngb: usize) -> f64 {
     let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
-    let (h, f, l) = (c.hidden_size as f64, c.ffn_embed_dim as f64, c.num_hidden_layers as f64);
+    let (h, f, l) = (
+        c.hidden_size as f64,
+        c.ffn_embed_dim as f64,
+        c.num_hidden_layers as f64,
+    );
     let b = (gbs * ngb) as f64;
     let tpre = b * (8.0 * s * h * h + 4.0 * s * h * f) / (hw.mm_flops_p * 1e12)
         + 4.0 * b * s * s * h / (hw.bmm_flops_p * 1e12);
@@ -73,7 +77,11 @@ fn with_room_to_spare_everything_stays_on_the_gpu_at_compute_speed() {
         assert!(cand.fractions[CG] > 1.0 - 1e-6, "{kind}: {cand:?}");
         assert!(cand.fractions[HG] > 1.0 - 1e-6, "{kind}: {cand:?}");
         let expected = all_gpu_objective(&c, &hw, 4, 2);
-        assert!((cand.objective - expected).abs() < 1e-6 * expected, "{kind}: {} vs {expected}", cand.objective);
+        assert!(
+            (cand.objective - expected).abs() < 1e-6 * expected,
+            "{kind}: {} vs {expected}",
+            cand.objective
+        );
     }
 }
 
@@ -94,8 +102,12 @@ fn strata_serialises_copies_with_compute_where_flexllmgen_overlaps_them() {
     let f = Evaluator::new(flex).eval(8, 1).unwrap();
     let s = Evaluator::new(strata).eval(8, 1).unwrap();
     // With 2 GiB of GPU almost every weight streams; strata's prefill is slower by about the copy time.
-    let copy = 0.9 * (8.0 * 4096f64.powi(2) + 4.0 * 4096.0 * 16384.0) / (hw.ctog * (1u64 << 30) as f64);
-    assert!(s.prefill_layer_s > f.prefill_layer_s + 0.5 * copy, "{s:?} vs {f:?}");
+    let copy =
+        0.9 * (8.0 * 4096f64.powi(2) + 4.0 * 4096.0 * 16384.0) / (hw.ctog * (1u64 << 30) as f64);
+    assert!(
+        s.prefill_layer_s > f.prefill_layer_s + 0.5 * copy,
+        "{s:?} vs {f:?}"
+    );
 }
 
 #[test]
@@ -112,10 +124,22 @@ fn a_model_that_fits_nowhere_says_what_capacity_would_do() {
         p.kind = kind;
         let err = search(p, SearchKind::Improved).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("opt-175b does not fit --gpu-mem 15.00 GiB"), "{msg}");
-        let CostModelError::Infeasible { needed, .. } = err else { panic!("{msg}") };
-        let disk = needed.iter().find(|(t, _)| *t == Tier::Disk).expect("more disk helps").1;
-        assert!(msg.contains(&format!("--disk-mem {}GiB", disk >> 30)), "{msg}");
+        assert!(
+            msg.starts_with("opt-175b does not fit --gpu-mem 15.00 GiB"),
+            "{msg}"
+        );
+        let CostModelError::Infeasible { needed, .. } = err else {
+            panic!("{msg}")
+        };
+        let disk = needed
+            .iter()
+            .find(|(t, _)| *t == Tier::Disk)
+            .expect("more disk helps")
+            .1;
+        assert!(
+            msg.contains(&format!("--disk-mem {}GiB", disk >> 30)),
+            "{msg}"
+        );
         // The weights alone are 325 GiB; at 80% headroom the disk must hold what the CPU cannot.
         assert!(disk > 300 * GIB, "{disk}");
         // The advice is right: with that much disk the model fits, with 2 GiB less it does not.
@@ -137,10 +161,15 @@ fn a_gpu_too_small_for_working_buffers_is_named() {
     };
     let p = Problem::new(&c, W, &hw, caps);
     let err = search(p, SearchKind::Improved).unwrap_err();
-    let CostModelError::Infeasible { needed, .. } = &err else { panic!("{err}") };
+    let CostModelError::Infeasible { needed, .. } = &err else {
+        panic!("{err}")
+    };
     assert_eq!(needed.len(), 1, "{err}");
     assert_eq!(needed[0].0, Tier::Gpu);
-    assert!(err.to_string().contains("it would fit with --gpu-mem"), "{err}");
+    assert!(
+        err.to_string().contains("it would fit with --gpu-mem"),
+        "{err}"
+    );
     caps.gpu = Some(needed[0].1);
     assert!(search(Problem::new(&c, W, &hw, caps), SearchKind::FlexLlmGen).is_ok());
 
@@ -152,10 +181,15 @@ fn a_gpu_too_small_for_working_buffers_is_named() {
         disk: Some(10 * GIB),
     };
     let err = search(Problem::new(&c, W, &hw, caps), SearchKind::Improved).unwrap_err();
-    let CostModelError::Infeasible { needed, .. } = &err else { panic!("{err}") };
+    let CostModelError::Infeasible { needed, .. } = &err else {
+        panic!("{err}")
+    };
     assert_eq!(needed.len(), 1, "{err}");
     let floor = (c.model_bytes() as f64 - 0.8 * 11.0 * GIB as f64) / 0.8;
-    assert!(needed[0].0 == Tier::Gpu && needed[0].1 as f64 > floor, "{err}");
+    assert!(
+        needed[0].0 == Tier::Gpu && needed[0].1 as f64 > floor,
+        "{err}"
+    );
 }
 
 #[test]
@@ -164,10 +198,16 @@ fn bad_headroom_and_workload_are_refused() {
     let c = opt("opt-1.3b", 24, 32, 2048);
     let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
     p.headroom = 1.5;
-    assert!(search(p, SearchKind::Improved).unwrap_err().to_string().contains("--headroom"));
+    assert!(search(p, SearchKind::Improved)
+        .unwrap_err()
+        .to_string()
+        .contains("--headroom"));
     p.headroom = 0.8;
     p.workload.prompt_len = 4000;
-    assert!(search(p, SearchKind::Improved).unwrap_err().to_string().contains("context"));
+    assert!(search(p, SearchKind::Improved)
+        .unwrap_err()
+        .to_string()
+        .contains("context"));
 }
 
 #[test]
@@ -189,9 +229,53 @@ fn weight_compression_helps_an_offloaded_model() {
 fn strata_choices_fit_the_planner() {
     let hw = HardwareProfile::t4();
     for c in [opt("opt-6.7b", 32, 32, 4096), opt("opt-30b", 48, 56, 7168)] {
-        let choice = search(Problem::new(&c, W, &hw, flexllmgen_caps()), SearchKind::Improved).unwrap();
-        assert!(choice.plan_check.is_ok(), "{}: {:?}", c.name, choice.plan_check);
+        let choice = search(
+            Problem::new(&c, W, &hw, flexllmgen_caps()),
+            SearchKind::Improved,
+        )
+        .unwrap();
+        assert!(
+            choice.plan_check.is_ok(),
+            "{}: {:?}",
+            c.name,
+            choice.plan_check
+        );
         choice.policy.validate_placement().unwrap();
     }
 }
 
+#[test]
+fn evaluating_the_chosen_policy_predicts_what_the_search_did() {
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-30b", 48, 56, 7168);
+    for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
+        let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
+        p.kind = kind;
+        let chosen = search(p, SearchKind::Improved).unwrap();
+        let again = evaluate(p, &chosen.policy).unwrap();
+        // Percents are rounded to 0.01, so the prediction moves by a hair at most.
+        let rel =
+            (again.total_throughput - chosen.total_throughput).abs() / chosen.total_throughput;
+        assert!(
+            rel < 1e-3,
+            "{kind}: {} vs {}",
+            again.total_throughput,
+            chosen.total_throughput
+        );
+        assert_eq!(again.policy, chosen.policy);
+    }
+    // FlexLLMGen's formulation has no activations on disk.
+    let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
+    p.kind = CostModelKind::FlexLlmGen;
+    let on_disk = Policy {
+        percent: Percent::from_array([0.0, 100.0, 0.0, 100.0, 0.0, 50.0]),
+        ..Policy::default()
+    };
+    assert!(evaluate(p, &on_disk)
+        .unwrap_err()
+        .to_string()
+        .contains("activations off disk"));
+    p.kind = CostModelKind::Strata;
+    let e = evaluate(p, &on_disk).unwrap();
+    assert!(e.plan.activations.disk > 0 && e.total_throughput > 0.0);
+}

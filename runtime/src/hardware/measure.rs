@@ -61,7 +61,10 @@ impl GpuField {
 
     /// Whether the field is a bandwidth (GiB/s) rather than a compute rate (TFLOP/s).
     pub const fn is_bandwidth(self) -> bool {
-        matches!(self, GpuField::Ctog | GpuField::GtocCache | GpuField::GtocHidden)
+        matches!(
+            self,
+            GpuField::Ctog | GpuField::GtocCache | GpuField::GtocHidden
+        )
     }
 
     fn slot(self, p: &mut HardwareProfile) -> &mut f64 {
@@ -167,7 +170,10 @@ impl Drop for TempFiles {
 pub fn disk_bandwidth(dir: &Path, total: u64, threads: usize) -> std::io::Result<DiskBandwidth> {
     const CHUNK: usize = 4 << 20;
     let threads = threads.max(1);
-    let per_thread = (total / threads as u64).max(CHUNK as u64).div_ceil(CHUNK as u64) * CHUNK as u64;
+    let per_thread = (total / threads as u64)
+        .max(CHUNK as u64)
+        .div_ceil(CHUNK as u64)
+        * CHUNK as u64;
     let stamp = std::process::id();
     let files = TempFiles(
         (0..threads)
@@ -197,9 +203,10 @@ pub fn disk_bandwidth(dir: &Path, total: u64, threads: usize) -> std::io::Result
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked"))))
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")))
+        })
     })?;
     let write_s = start.elapsed().as_secs_f64();
 
@@ -232,9 +239,10 @@ pub fn disk_bandwidth(dir: &Path, total: u64, threads: usize) -> std::io::Result
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("reader thread panicked"))))
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("reader thread panicked")))
+        })
     })?;
     let read_s = start.elapsed().as_secs_f64();
     drop(files);
@@ -261,7 +269,10 @@ impl AtomicFlag {
 
 /// Opens a file for reading, bypassing the page cache where the platform and filesystem allow.
 fn open_for_read(path: &Path) -> std::io::Result<(File, bool)> {
-    #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
     {
         use std::os::unix::fs::OpenOptionsExt;
         // O_DIRECT's value differs by architecture (no libc dependency for one constant).
@@ -285,9 +296,13 @@ fn open_for_read(path: &Path) -> std::io::Result<(File, bool)> {
 pub fn cpu_attention_flops(batch: usize, seq: usize, hidden: usize, heads: usize) -> f64 {
     let head_dim = hidden / heads.max(1);
     let rows = batch * heads;
-    let k: Vec<f32> = (0..rows * seq * head_dim).map(|i| ((i % 97) as f32) * 1e-3).collect();
+    let k: Vec<f32> = (0..rows * seq * head_dim)
+        .map(|i| ((i % 97) as f32) * 1e-3)
+        .collect();
     let v = k.clone();
-    let q: Vec<f32> = (0..rows * head_dim).map(|i| ((i % 13) as f32) * 1e-2).collect();
+    let q: Vec<f32> = (0..rows * head_dim)
+        .map(|i| ((i % 13) as f32) * 1e-2)
+        .collect();
     let mut out = vec![0f32; rows * head_dim];
     let run = |out: &mut [f32]| {
         out.par_chunks_mut(head_dim).enumerate().for_each(|(r, o)| {
@@ -355,38 +370,45 @@ pub fn step_count(options: &MeasureOptions, gpu: bool) -> usize {
 pub fn profile_machine(
     base: &HardwareProfile,
     options: &MeasureOptions,
-    mut gpu: Option<&mut dyn GpuProbe>,
+    gpu: Option<&mut dyn GpuProbe>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(HardwareProfile, Vec<Measurement>), MeasureError> {
     let mut p = base.clone();
     p.measured.clear();
-    p.source = format!("measured by strata profile; unmeasured fields from `{}`", base.name);
+    p.source = format!(
+        "measured by strata profile; unmeasured fields from `{}`",
+        base.name
+    );
     let mut table = Vec::new();
-    let mut record = |p: &mut HardwareProfile, field: &'static str, what: String, value: f64, unit| {
-        p.measured.push(field.to_string());
-        table.push(Measurement {
-            field,
-            what,
-            value,
-            unit,
-        });
-    };
+    let mut record =
+        |p: &mut HardwareProfile, field: &'static str, what: String, value: f64, unit| {
+            p.measured.push(field.to_string());
+            table.push(Measurement {
+                field,
+                what,
+                value,
+                unit,
+            });
+        };
 
     if !options.skip_disk {
         progress("disk read/write");
-        let d = disk_bandwidth(&options.disk_dir, options.disk_bytes, options.disk_threads).map_err(|source| {
-            MeasureError::Disk {
+        let d = disk_bandwidth(&options.disk_dir, options.disk_bytes, options.disk_threads)
+            .map_err(|source| MeasureError::Disk {
                 dir: options.disk_dir.clone(),
                 source,
-            }
-        })?;
+            })?;
         let w = d.write / GIB;
         let r = d.read / GIB;
         p.dtoc = r;
         p.ctod_cache_p = w;
         p.ctod_hidden_p = w;
         p.ctod_g = w;
-        let how = if d.direct_read { "O_DIRECT" } else { "buffered: may be the page cache" };
+        let how = if d.direct_read {
+            "O_DIRECT"
+        } else {
+            "buffered: may be the page cache"
+        };
         record(&mut p, "dtoc", format!("disk read ({how})"), r, "GiB/s");
         for field in ["ctod_cache_p", "ctod_hidden_p", "ctod_g"] {
             record(&mut p, field, "disk write + fsync".into(), w, "GiB/s");
@@ -397,14 +419,27 @@ pub fn profile_machine(
     // The correction factor is 1 at gbs 64, hidden 4096: measure there so the constant is the raw rate.
     let attn = cpu_attention_flops(8, 512, 4096, 32) / 1e12;
     p.cpu_flops = attn;
-    record(&mut p, "cpu_flops", "CPU decode attention (f32)".into(), attn, "TFLOP/s");
+    record(
+        &mut p,
+        "cpu_flops",
+        "CPU decode attention (f32)".into(),
+        attn,
+        "TFLOP/s",
+    );
 
     progress("CPU GEMV");
     let gemv = cpu_gemv_flops(4096, 4096) / 1e12;
     p.cpu_gemv_flops = Some(gemv);
-    record(&mut p, "cpu_gemv_flops", "CPU GEMV 4096x4096 (f32)".into(), gemv, "TFLOP/s");
+    record(
+        &mut p,
+        "cpu_gemv_flops",
+        "CPU GEMV 4096x4096 (f32)".into(),
+        gemv,
+        "TFLOP/s",
+    );
 
-    if let Some(probe) = gpu.as_deref_mut() {
+    p.name = format!("this machine; GPU fields from `{}`", base.name);
+    if let Some(probe) = gpu {
         p.name = probe.adapter_name();
         for field in GpuField::ALL {
             progress(field.name());
@@ -412,8 +447,18 @@ pub fn profile_machine(
             if let Ok(value) = probe.measure(field) {
                 if value.is_finite() && value > 0.0 {
                     *field.slot(&mut p) = value;
-                    let unit = if field.is_bandwidth() { "GiB/s" } else { "TFLOP/s" };
-                    record(&mut p, field.name(), format!("GPU {}", field.name()), value, unit);
+                    let unit = if field.is_bandwidth() {
+                        "GiB/s"
+                    } else {
+                        "TFLOP/s"
+                    };
+                    record(
+                        &mut p,
+                        field.name(),
+                        format!("GPU {}", field.name()),
+                        value,
+                        unit,
+                    );
                 }
             }
         }
@@ -430,7 +475,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = disk_bandwidth(dir.path(), 16 << 20, 2).unwrap();
         assert!(d.read > 0.0 && d.write > 0.0, "{d:?}");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temp files left behind");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "temp files left behind"
+        );
     }
 
     struct FakeGpu;
@@ -455,12 +504,17 @@ mod tests {
         let mut steps = Vec::new();
         let mut gpu = FakeGpu;
         let base = HardwareProfile::t4();
-        let (p, table) =
-            profile_machine(&base, &opts, Some(&mut gpu), &mut |s| steps.push(s.to_string())).unwrap();
+        let (p, table) = profile_machine(&base, &opts, Some(&mut gpu), &mut |s| {
+            steps.push(s.to_string())
+        })
+        .unwrap();
         assert_eq!(steps.len(), step_count(&opts, true));
         assert_eq!(p.name, "Fake GPU");
         assert_eq!(p.ctog, 50.0);
-        assert_eq!(p.bmm_flops_g, base.bmm_flops_g, "a failed step keeps the base value");
+        assert_eq!(
+            p.bmm_flops_g, base.bmm_flops_g,
+            "a failed step keeps the base value"
+        );
         assert!(!p.measured.contains(&"bmm_flops_g".to_string()));
         assert!(p.measured.contains(&"dtoc".to_string()) && p.cpu_gemv_flops.is_some());
         assert_eq!(table.len(), p.measured.len());
