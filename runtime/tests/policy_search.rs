@@ -98,9 +98,10 @@ fn improved_search_is_at_least_as_good_as_flexllmgens_and_fast() {
                     exact.candidate
                 );
                 assert!(improved.total_throughput >= exact.total_throughput * (1.0 - 1e-9));
-                // Well under a second on a shared 2-core machine; the bound leaves room for a loaded machine.
+                // Measured at 0.1-0.4 s (dev profile: opt-level 1, dependencies 2) on the 2-core machine; the
+                // bound is looser because several builds may share those cores while the test runs.
                 assert!(
-                    t_improved < Duration::from_millis(1500),
+                    t_improved < Duration::from_secs(3),
                     "{}: {t_improved:?}",
                     c.name
                 );
