@@ -552,6 +552,8 @@ pub struct WeightSummary {
     pub group_max: u64,
     /// Stored bytes of one decoder layer.
     pub layer: u64,
+    /// Stored bytes the logits read every step: the LM head (the token embedding when tied) and project_out.
+    pub head: u64,
     /// Full-precision bytes of the largest matrix (the decompression buffer).
     pub largest_matrix: u64,
 }
@@ -571,8 +573,19 @@ impl WeightSummary {
                 .map(|t| stored_bytes(config, t, compress))
                 .sum()
         };
+        let tied = config.tie_word_embeddings;
+        let head = model_tensors(config)
+            .iter()
+            .filter(|t| {
+                t.name == "lm_head.weight"
+                    || t.name == "decoder.project_out.weight"
+                    || (tied && t.name == "decoder.embed_tokens.weight")
+            })
+            .map(|t| stored_bytes(config, t, compress))
+            .sum();
         WeightSummary {
             total: groups.iter().flatten().sum(),
+            head,
             group_max: groups
                 .iter()
                 .map(|g| g.iter().sum::<u64>())
@@ -723,6 +736,11 @@ mod tests {
                 + c.hidden_bytes(16, 512)
                 + plan.gpu_working.total()
         );
+        // The summary the cost model uses: the tied LM head is the token embedding.
+        let summary = WeightSummary::new(&c, &p);
+        assert_eq!(summary.total, c.model_bytes());
+        assert_eq!(summary.head, (c.vocab_size * c.hidden_size) as u64 * 2);
+        assert_eq!(summary.layer, c.layer_bytes());
         // The scratch is the fp32 prefill attention scores of one GPU batch plus q, k, v, output.
         assert_eq!(
             plan.gpu_working.scratch,

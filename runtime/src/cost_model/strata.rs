@@ -9,6 +9,8 @@
 //!   fp16), for weights and, when enabled, the KV cache.
 //! - `cpu_cache_compute` is a choice: either the off-GPU cache streams up and attention runs on the GPU, or the CPU
 //!   attends over it (q, new K/V down, output up). The search solves both and keeps the faster.
+//! - The logits are part of the model: every step reads the LM head (the tied token embedding, as large as a layer
+//!   of opt-6.7b) and multiplies by it. Its bytes and FLOPs are spread evenly over the layers.
 //! - Memory is [`crate::planner::linear_terms_with`], the continuous form of the planner that checks a run before
 //!   it allocates, so a chosen policy is one the runtime accepts.
 
@@ -66,7 +68,10 @@ pub(crate) fn build(
     );
     let cpu_rate = hw.cpu_rate(gbs, c.hidden_size);
 
-    let wl = weights.layer as f64;
+    // A layer's weights plus its share of the LM head, which streams like a layer's when offloaded.
+    let wl = weights.layer as f64 + weights.head as f64 / l;
+    let v = c.vocab_size as f64;
+    let head_flops_per_layer = 2.0 * b * h * v / l;
     // Bytes per cached value: fp16, or packed nibbles plus per-group scale and minimum.
     let cv = if p.compress_cache {
         p.compress_cache_config.bytes_per_value()
@@ -85,7 +90,10 @@ pub(crate) fn build(
     // then compute. CPU side: disk reads of weights and activations, disk writes of activations and cache.
     let act_p = s * h * dt * b;
     let kv_p = 2.0 * s * h * cv * b;
-    let comp_p = b * (8.0 * s * h * h + 4.0 * s * h * f) / mm_p + 4.0 * b * s * s * h / bmm_p;
+    // Prefill computes logits at the last position only.
+    let comp_p = b * (8.0 * s * h * h + 4.0 * s * h * f) / mm_p
+        + 4.0 * b * s * s * h / bmm_p
+        + head_flops_per_layer / mm_p;
     let mut gpu_p = coef(&[
         (WC, wl / ctog),
         (WN, wl / ctog),
@@ -110,7 +118,7 @@ pub(crate) fn build(
     let kv_new = 2.0 * h * cv * b;
     let kv_ctx = 2.0 * ctx * h * cv * b;
     let attn_flops = 4.0 * b * ctx * h;
-    let comp_g = b * (8.0 * h * h + 4.0 * h * f) / mm_g;
+    let comp_g = b * (8.0 * h * h + 4.0 * h * f) / mm_g + head_flops_per_layer / mm_g;
     let mut gpu_g = coef(&[
         (WC, wl / ctog),
         (WN, wl / ctog),

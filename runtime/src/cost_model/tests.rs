@@ -42,7 +42,13 @@ const W: Workload = Workload {
 
 /// Compute-bound time per token when everything is on the GPU: prefill GEMMs + attention, decode GEMVs + attention
 /// (the formulas of COST-MODEL.md with no transfer terms), worked out here independently of the LP.
-fn all_gpu_objective(c: &OptConfig, hw: &HardwareProfile, gbs: usize, ngb: usize) -> f64 {
+fn all_gpu_objective(
+    c: &OptConfig,
+    hw: &HardwareProfile,
+    gbs: usize,
+    ngb: usize,
+    logits: bool,
+) -> f64 {
     let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
     let (h, f, l) = (
         c.hidden_size as f64,
@@ -55,7 +61,14 @@ fn all_gpu_objective(c: &OptConfig, hw: &HardwareProfile, gbs: usize, ngb: usize
     let gemm = b * (8.0 * h * h + 4.0 * h * f) / (hw.mm_flops_g * 1e12);
     let attn = 4.0 * b * (s + n / 2.0) * h / (hw.bmm_flops_g * 1e12);
     // Both formulations charge GEMMs and attention to the same GPU, one after the other.
-    let tgen = gemm + attn;
+    let mut tgen = gemm + attn;
+    let mut tpre = tpre;
+    if logits {
+        // strata's also counts the logits (2 * h * V per sequence and step), spread over the layers.
+        let head = 2.0 * b * h * c.vocab_size as f64 / l;
+        tpre += head / (hw.mm_flops_p * 1e12);
+        tgen += head / (hw.mm_flops_g * 1e12);
+    }
     (tpre * l + tgen * (n - 1.0) * l) / b
 }
 
@@ -76,7 +89,7 @@ fn with_room_to_spare_everything_stays_on_the_gpu_at_compute_speed() {
         assert!(cand.fractions[WG] > 1.0 - 1e-6, "{kind}: {cand:?}");
         assert!(cand.fractions[CG] > 1.0 - 1e-6, "{kind}: {cand:?}");
         assert!(cand.fractions[HG] > 1.0 - 1e-6, "{kind}: {cand:?}");
-        let expected = all_gpu_objective(&c, &hw, 4, 2);
+        let expected = all_gpu_objective(&c, &hw, 4, 2, kind == CostModelKind::Strata);
         assert!(
             (cand.objective - expected).abs() < 1e-6 * expected,
             "{kind}: {} vs {expected}",
