@@ -1,13 +1,19 @@
 //! strata's runtime: everything that runs an OPT model.
 //!
 //! The crate is organised by concern: [`config`] describes an architecture and its memory, [`weights`] lists the
-//! tensors a config needs and the interface weight sources implement.
+//! tensors a config needs and the interface weight sources implement. [`policy`] is an offloading policy,
+//! [`planner`] its memory per tier (checked before anything is allocated), [`hardware`] a machine's speeds, and
+//! [`cost_model`] chooses the fastest policy that fits.
 #![deny(missing_docs)]
 
 pub mod checkpoint;
 pub mod config;
+pub mod cost_model;
 pub mod dummy;
+pub mod hardware;
 pub mod npy;
+pub mod planner;
+pub mod policy;
 pub mod tokenizer;
 pub mod weights;
 

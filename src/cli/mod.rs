@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod generate;
 mod policy;
+pub mod policy_args;
 mod profile;
 mod specs;
 

@@ -1,9 +1,275 @@
-//! `strata policy`.
+//! `strata policy`: choose the fastest offloading policy for a model, workload and memory budget (or, with
+//! `--evaluate`, predict a given policy), and print it as the flags `strata bench` takes.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use strata::config::{normalize_model_name, Activation, DType, OptConfig};
+use strata::cost_model::{self, Choice, CostModelKind, Problem, SearchKind, DEFAULT_MAX_BLOCK};
+use strata::hardware::HardwareProfile;
+use strata::planner::{Caps, Tier, TierBytes, Workload};
+use strata::policy::format_bytes;
+
+use super::policy_args::PolicyArgs;
 
 /// Arguments of `strata policy`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Model name (opt-125m ... opt-175b, galactica-30b; an organisation prefix like facebook/ is dropped).
+    #[arg(long)]
+    pub model: String,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 32)]
+    pub gen_len: usize,
+    /// Hardware profile: a built-in name (t4) or a TOML file written by `strata profile`.
+    #[arg(long, default_value = "t4", value_name = "t4|FILE")]
+    pub hardware: String,
+    /// Which runtime the cost model describes.
+    #[arg(long, default_value = "strata", value_name = "strata|flexllmgen")]
+    pub cost_model: String,
+    /// Search FlexLLMGen's way exactly instead of strata's wider search.
+    #[arg(long)]
+    pub exact_search: bool,
+    /// Fraction of each memory cap the plan may use.
+    #[arg(long, default_value_t = 0.8)]
+    pub headroom: f64,
+    /// Most sequences per block (gpu batch size x number of GPU batches): the prompts you have.
+    #[arg(long, default_value_t = DEFAULT_MAX_BLOCK, value_name = "N")]
+    pub max_batch: usize,
+    /// Predict the policy given by the flags instead of searching.
+    #[arg(long)]
+    pub evaluate: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Caps, compression, offload directory, and (with --evaluate) the policy itself.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`strata policy` is not built yet")
+/// TEMPORARY: the architectures of REFERENCE.md section 1, until the lead points this at `strata::get_opt_config`
+/// (the generated specs). Resolves names like FlexLLMGen's get_opt_config (prefix dropped, `-iml(-max)` stripped).
+pub fn resolve_model(name: &str) -> anyhow::Result<OptConfig> {
+    let (arch, full) = normalize_model_name(name);
+    // (name, layers, heads, hidden, ffn)
+    const TABLE: [(&str, usize, usize, usize, usize); 10] = [
+        ("opt-125m", 12, 12, 768, 3072),
+        ("opt-350m", 24, 16, 1024, 4096),
+        ("opt-1.3b", 24, 32, 2048, 8192),
+        ("opt-2.7b", 32, 32, 2560, 10240),
+        ("opt-6.7b", 32, 32, 4096, 16384),
+        ("opt-13b", 40, 40, 5120, 20480),
+        ("opt-30b", 48, 56, 7168, 28672),
+        ("opt-66b", 64, 72, 9216, 36864),
+        ("opt-175b", 96, 96, 12288, 49152),
+        ("galactica-30b", 48, 56, 7168, 28672),
+    ];
+    let Some(&(_, layers, heads, hidden, ffn)) = TABLE.iter().find(|row| row.0 == arch) else {
+        let known: Vec<&str> = TABLE.iter().map(|row| row.0).collect();
+        bail!(
+            "unknown model `{name}`: known models are {}",
+            known.join(", ")
+        );
+    };
+    let galactica = arch == "galactica-30b";
+    let opt350 = arch == "opt-350m";
+    Ok(OptConfig {
+        name: strata::config::intern_name(&full),
+        num_hidden_layers: layers,
+        hidden_size: hidden,
+        n_head: heads,
+        ffn_embed_dim: ffn,
+        word_embed_proj_dim: if opt350 { 512 } else { hidden },
+        vocab_size: if galactica { 50000 } else { 50272 },
+        max_seq_len: 2048,
+        pad_token_id: 1,
+        bos_token_id: 2,
+        eos_token_id: 2,
+        activation: if galactica {
+            Activation::Gelu
+        } else {
+            Activation::Relu
+        },
+        layer_norm_eps: 1e-5,
+        do_layer_norm_before: !opt350,
+        enable_bias: !galactica,
+        layer_norm_elementwise_affine: !galactica,
+        remove_final_layer_norm: false,
+        tie_word_embeddings: true,
+        dtype: DType::F16,
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = resolve_model(&args.model)?;
+    let hardware = HardwareProfile::resolve(&args.hardware)?;
+    let kind = CostModelKind::parse(&args.cost_model).with_context(|| {
+        format!(
+            "--cost-model `{}`: use strata or flexllmgen",
+            args.cost_model
+        )
+    })?;
+    let pa = &args.policy;
+    if !args.evaluate {
+        let given = pa.placement_flags_given();
+        if !given.is_empty() {
+            bail!(
+                "{} only apply with --evaluate (without it, strata policy chooses them)",
+                given.join(", ")
+            );
+        }
+    }
+    let caps = Caps {
+        gpu: pa.gpu_mem,
+        cpu: pa.cpu_mem,
+        disk: pa.disk_mem,
+    };
+    if caps.gpu.is_none() && !args.evaluate {
+        bail!("--gpu-mem is required: the GPU memory the run may use (e.g. --gpu-mem 15GiB)");
+    }
+    let workload = Workload {
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+    };
+    let mut problem = Problem::new(&config, workload, &hardware, caps);
+    problem.kind = kind;
+    problem.headroom = args.headroom;
+    problem.max_block = args.max_batch;
+    problem.compress_weight = pa.compress_weight;
+    problem.compress_weight_config.num_bits = pa.compress_weight_bits;
+    problem.compress_weight_config.group_size = pa.compress_weight_group_size;
+    problem.compress_cache = pa.compress_cache;
+    problem.compress_cache_config.num_bits = pa.compress_cache_bits;
+    problem.compress_cache_config.group_size = pa.compress_cache_group_size;
+
+    let start = Instant::now();
+    let mut choice = if args.evaluate {
+        // Validation of the offload directory waits until we know whether the plan needs one.
+        let mut flags = pa.clone();
+        flags.offload_dir.get_or_insert_with(|| PathBuf::from("."));
+        let mut policy = flags.to_policy()?;
+        policy.offload_dir = pa.offload_dir.clone();
+        cost_model::evaluate(problem, &policy)?
+    } else {
+        let search = if args.exact_search {
+            SearchKind::FlexLlmGen
+        } else {
+            SearchKind::Improved
+        };
+        cost_model::search(problem, search)?
+    };
+    let elapsed = start.elapsed();
+    choice.policy.offload_dir = pa.offload_dir.clone();
+
+    if args.json {
+        let text = serde_json::to_string_pretty(&to_json(&config, &args, &choice, &hardware))?;
+        // A closed pipe (`| head`) is an error to report, not a panic.
+        writeln!(std::io::stdout().lock(), "{text}").context("writing to stdout")?;
+    } else {
+        print_text(&config, &args, &choice, &hardware, elapsed.as_secs_f64());
+    }
+    if let Err(over) = &choice.plan_check {
+        eprintln!("warning: strata's memory planner puts this policy over a cap: {over}");
+    }
+    let peak = choice.plan.peak();
+    if peak.disk > 0 && pa.offload_dir.is_none() {
+        eprintln!(
+            "note: this policy keeps {} on disk: add --offload-dir DIR (a directory on a fast disk) when running it",
+            format_bytes(peak.disk)
+        );
+    }
+    Ok(())
+}
+
+fn tier_json(t: TierBytes) -> serde_json::Value {
+    json!({ "gpu": t.gpu, "cpu": t.cpu, "disk": t.disk })
+}
+
+fn to_json(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile) -> serde_json::Value {
+    let p = &c.policy;
+    let peak = c.plan.peak();
+    json!({
+        "model": config.name,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "cost_model": c.kind.as_str(),
+        "hardware": hw.name,
+        "gpu_batch_size": p.gpu_batch_size,
+        "num_gpu_batches": p.num_gpu_batches,
+        "percent": p.percent.to_array(),
+        "cpu_cache_compute": p.cpu_cache_compute,
+        "compress_weight": p.compress_weight,
+        "compress_cache": p.compress_cache,
+        "flags": p.to_flags(),
+        "predicted_throughput": c.total_throughput,
+        "predicted_prefill_throughput": c.prefill_throughput,
+        "predicted_decode_throughput": c.decode_throughput,
+        "predicted_prefill_s": c.prefill_s,
+        "predicted_decode_s": c.decode_s,
+        "peak_bytes": tier_json(peak),
+        "weights_bytes": tier_json(c.plan.weights),
+        "cache_bytes": tier_json(c.plan.cache),
+        "activation_bytes": tier_json(c.plan.activations),
+        "gpu_working_bytes": c.plan.gpu_working.total(),
+        "cpu_working_bytes": c.plan.cpu_working,
+        "fits_caps": c.plan_check.is_ok(),
+        "linear_programs": c.lp_solves,
+    })
+}
+
+fn print_text(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile, secs: f64) {
+    let action = if args.evaluate { "evaluated" } else { "chose" };
+    println!(
+        "{} cost model ({} hardware) {action} for {}, prompt {} + gen {} ({} linear programs, {:.2} s):",
+        c.kind, hw.name, config.name, args.prompt_len, args.gen_len, c.lp_solves, secs
+    );
+    println!("  {}", c.policy.to_flags());
+    println!(
+        "predicted throughput: prefill {:.2} token/s, decode {:.2} token/s, total {:.3} token/s",
+        c.prefill_throughput, c.decode_throughput, c.total_throughput
+    );
+    println!(
+        "predicted time for {} sequences: prefill {:.2} s, decode {:.2} s",
+        c.policy.effective_batch(),
+        c.prefill_s,
+        c.decode_s
+    );
+    let peak = c.plan.peak();
+    let caps = Caps::of(&c.policy);
+    println!("{:<14}{:>14}{:>14}{:>14}", "memory", "GPU", "CPU", "disk");
+    let row = |name: &str, t: TierBytes| {
+        println!(
+            "{:<14}{:>14}{:>14}{:>14}",
+            name,
+            format_bytes(t.gpu),
+            format_bytes(t.cpu),
+            format_bytes(t.disk)
+        )
+    };
+    row("weights", c.plan.weights);
+    row("kv cache", c.plan.cache);
+    row("activations", c.plan.activations);
+    row(
+        "working",
+        TierBytes {
+            gpu: c.plan.gpu_working.total(),
+            cpu: c.plan.cpu_working,
+            disk: 0,
+        },
+    );
+    row("peak", peak);
+    let cap = |t: Tier| caps.get(t).map_or("unlimited".to_string(), format_bytes);
+    println!(
+        "{:<14}{:>14}{:>14}{:>14}",
+        "cap",
+        cap(Tier::Gpu),
+        cap(Tier::Cpu),
+        cap(Tier::Disk)
+    );
 }

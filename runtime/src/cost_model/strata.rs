@@ -1,0 +1,164 @@
+//! strata's own formulation: a model of strata's runtime rather than FlexLLMGen's.
+//!
+//! Differences from FlexLLMGen's formulation, each following from how strata runs:
+//! - One GPU queue (wgpu): copies to and from the GPU and the GPU's compute serialise, so a layer costs at least
+//!   `gpu copies + gpu compute`; only disk I/O and CPU attention (CPU threads) overlap with the GPU queue. A layer's
+//!   time is `max(disk + CPU work, GPU copies + GPU compute)` instead of FlexLLMGen's max over each direction.
+//! - Activations may be split over all three tiers (FlexLLMGen forces them onto one device and never onto disk).
+//! - Compression divides the bytes moved and stored by the real ratio (4 bits + two fp16 per 64 values: /3.56 at
+//!   fp16), for weights and, when enabled, the KV cache.
+//! - `cpu_cache_compute` is a choice: either the off-GPU cache streams up and attention runs on the GPU, or the CPU
+//!   attends over it (q, new K/V down, output up). The search solves both and keeps the faster.
+//! - The logits are part of the model: every step reads the LM head (the tied token embedding, as large as a layer
+//!   of opt-6.7b) and multiplies by it. Its bytes and FLOPs are spread evenly over the layers.
+//! - Memory is [`crate::planner::linear_terms_with`], the continuous form of the planner that checks a run before
+//!   it allocates, so a chosen policy is one the runtime accepts.
+
+use super::flexllmgen::add_memory_row;
+use super::lp::{coef, Lp, CAP, NV, TGEN, TPRE};
+use super::{CapMode, Problem, CC, CG, CN, HC, HG, HN, WC, WG, WN};
+use crate::hardware::HardwareProfile;
+use crate::planner::{linear_terms_with, WeightSummary};
+use crate::policy::Policy;
+
+/// The policy skeleton a formulation evaluates: batch sizes and flags, percents left at their default.
+pub(crate) fn skeleton(p: &Problem, gbs: usize, ngb: usize, cpu_cache_compute: bool) -> Policy {
+    Policy {
+        gpu_batch_size: gbs,
+        num_gpu_batches: ngb,
+        cpu_cache_compute,
+        compress_weight: p.compress_weight,
+        compress_weight_config: p.compress_weight_config,
+        compress_cache: p.compress_cache,
+        compress_cache_config: p.compress_cache_config,
+        ..Policy::default()
+    }
+}
+
+/// Builds the linear program for one `(gbs, num_gpu_batches)` and choice of `cpu_cache_compute`.
+pub(crate) fn build(
+    p: &Problem,
+    weights: &WeightSummary,
+    gbs: usize,
+    ngb: usize,
+    cpu_cache_compute: bool,
+    caps: CapMode,
+) -> Lp {
+    let c = p.config;
+    let hw = p.hardware;
+    let s = p.workload.prompt_len as f64;
+    let n = p.workload.gen_len as f64;
+    let l = c.num_hidden_layers as f64;
+    let h = c.hidden_size as f64;
+    let f = c.ffn_embed_dim as f64;
+    let b = (gbs * ngb) as f64;
+    let dt = c.dtype.size_bytes() as f64;
+    let bw = HardwareProfile::bytes_per_s;
+    let fl = HardwareProfile::flop_per_s;
+    let ctog = bw(hw.ctog);
+    let (gtoc_cache, gtoc_hidden) = (bw(hw.gtoc_cache), bw(hw.gtoc_hidden));
+    let dtoc = bw(hw.dtoc);
+    let (ctod_cache_p, ctod_hidden_p, ctod_g) =
+        (bw(hw.ctod_cache_p), bw(hw.ctod_hidden_p), bw(hw.ctod_g));
+    let (mm_p, mm_g, bmm_p, bmm_g) = (
+        fl(hw.mm_flops_p),
+        fl(hw.mm_flops_g),
+        fl(hw.bmm_flops_p),
+        fl(hw.bmm_flops_g),
+    );
+    let cpu_rate = hw.cpu_rate(gbs, c.hidden_size);
+
+    // A layer's weights plus its share of the LM head, which streams like a layer's when offloaded.
+    let wl = weights.layer as f64 + weights.head as f64 / l;
+    let v = c.vocab_size as f64;
+    let head_flops_per_layer = 2.0 * b * h * v / l;
+    // Bytes per cached value: fp16, or packed nibbles plus per-group scale and minimum.
+    let cv = if p.compress_cache {
+        p.compress_cache_config.bytes_per_value()
+    } else {
+        dt
+    };
+
+    let mut lp = Lp::default();
+    lp.objective[TPRE] = l / b;
+    lp.objective[TGEN] = (n - 1.0) * l / b;
+    lp.eq(coef(&[(WG, 1.0), (WC, 1.0), (WN, 1.0)]), 1.0);
+    lp.eq(coef(&[(CG, 1.0), (CC, 1.0), (CN, 1.0)]), 1.0);
+    lp.eq(coef(&[(HG, 1.0), (HC, 1.0), (HN, 1.0)]), 1.0);
+
+    // Prefill, per layer. GPU queue: weights and input activations up, output activations and new cache down,
+    // then compute. CPU side: disk reads of weights and activations, disk writes of activations and cache.
+    let act_p = s * h * dt * b;
+    let kv_p = 2.0 * s * h * cv * b;
+    // Prefill computes logits at the last position only.
+    let comp_p = b * (8.0 * s * h * h + 4.0 * s * h * f) / mm_p
+        + 4.0 * b * s * s * h / bmm_p
+        + head_flops_per_layer / mm_p;
+    let mut gpu_p = coef(&[
+        (WC, wl / ctog),
+        (WN, wl / ctog),
+        (HC, act_p / ctog + act_p / gtoc_hidden),
+        (HN, act_p / ctog + act_p / gtoc_hidden),
+        (CC, kv_p / gtoc_cache),
+        (CN, kv_p / gtoc_cache),
+    ]);
+    gpu_p[TPRE] = -1.0;
+    lp.le(gpu_p, -comp_p);
+    let mut disk_p = coef(&[
+        (WN, wl / dtoc),
+        (HN, act_p / dtoc + act_p / ctod_hidden_p),
+        (CN, kv_p / ctod_cache_p),
+    ]);
+    disk_p[TPRE] = -1.0;
+    lp.le(disk_p, 0.0);
+
+    // Decode, per layer and token, over the average context s + n/2.
+    let ctx = s + n / 2.0;
+    let act_g = h * dt * b;
+    let kv_new = 2.0 * h * cv * b;
+    let kv_ctx = 2.0 * ctx * h * cv * b;
+    let attn_flops = 4.0 * b * ctx * h;
+    let comp_g = b * (8.0 * h * h + 4.0 * h * f) / mm_g + head_flops_per_layer / mm_g;
+    let mut gpu_g = coef(&[
+        (WC, wl / ctog),
+        (WN, wl / ctog),
+        (HC, act_g / ctog + act_g / gtoc_hidden),
+        (HN, act_g / ctog + act_g / gtoc_hidden),
+    ]);
+    let mut side_g = coef(&[(WN, wl / dtoc), (HN, act_g / dtoc + act_g / ctod_g)]);
+    // Reading the disk part of the cache and writing its new token happen on CPU threads either way.
+    side_g[CN] += kv_ctx / dtoc + kv_new / ctod_g;
+    if cpu_cache_compute {
+        // GPU attends over its own share; the CPU over the rest: q, new K and V down, the output up.
+        gpu_g[CG] += attn_flops / bmm_g;
+        for v in [CC, CN] {
+            gpu_g[v] += 3.0 * act_g / gtoc_hidden + act_g / ctog;
+            side_g[v] += attn_flops / cpu_rate;
+        }
+    } else {
+        // The whole cache is attended on the GPU; off-GPU shares stream up and the new token's K/V go down.
+        gpu_g[CG] += attn_flops / bmm_g;
+        gpu_g[CC] += attn_flops / bmm_g;
+        gpu_g[CN] += attn_flops / bmm_g;
+        for v in [CC, CN] {
+            gpu_g[v] += kv_ctx / ctog + kv_new / gtoc_cache;
+        }
+    }
+    gpu_g[TGEN] = -1.0;
+    lp.le(gpu_g, -comp_g);
+    side_g[TGEN] = -1.0;
+    lp.le(side_g, 0.0);
+
+    // Memory: the planner's affine peaks per tier.
+    let policy = skeleton(p, gbs, ngb, cpu_cache_compute);
+    let terms = linear_terms_with(c, &policy, p.workload, weights);
+    for (tier, t) in terms.iter().enumerate() {
+        let mut row = [0.0; NV];
+        row[..9].copy_from_slice(&t.coef);
+        add_memory_row(&mut lp, tier, row, t.constant, p.headroom, caps);
+    }
+    if caps.minimise.is_some() {
+        lp.objective = coef(&[(CAP, 1.0)]);
+    }
+    lp
+}

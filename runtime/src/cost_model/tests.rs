@@ -1,0 +1,294 @@
+use super::*;
+use crate::config::{Activation, DType};
+
+pub(crate) fn opt(name: &'static str, layers: usize, heads: usize, hidden: usize) -> OptConfig {
+    OptConfig {
+        name,
+        num_hidden_layers: layers,
+        hidden_size: hidden,
+        n_head: heads,
+        ffn_embed_dim: 4 * hidden,
+        word_embed_proj_dim: hidden,
+        vocab_size: 50272,
+        max_seq_len: 2048,
+        pad_token_id: 1,
+        bos_token_id: 2,
+        eos_token_id: 2,
+        activation: Activation::Relu,
+        layer_norm_eps: 1e-5,
+        do_layer_norm_before: true,
+        enable_bias: true,
+        layer_norm_elementwise_affine: true,
+        remove_final_layer_norm: false,
+        tie_word_embeddings: true,
+        dtype: DType::F16,
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+fn flexllmgen_caps() -> Caps {
+    Caps {
+        gpu: Some(15 * GIB),
+        cpu: Some(200 * GIB),
+        disk: Some(1500 * GIB),
+    }
+}
+
+const W: Workload = Workload {
+    prompt_len: 512,
+    gen_len: 32,
+};
+
+/// Compute-bound time per token when everything is on the GPU: prefill GEMMs + attention, decode GEMVs + attention
+/// (the formulas of COST-MODEL.md with no transfer terms), worked out here independently of the LP.
+fn all_gpu_objective(
+    c: &OptConfig,
+    hw: &HardwareProfile,
+    gbs: usize,
+    ngb: usize,
+    logits: bool,
+) -> f64 {
+    let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
+    let (h, f, l) = (
+        c.hidden_size as f64,
+        c.ffn_embed_dim as f64,
+        c.num_hidden_layers as f64,
+    );
+    let b = (gbs * ngb) as f64;
+    let tpre = b * (8.0 * s * h * h + 4.0 * s * h * f) / (hw.mm_flops_p * 1e12)
+        + 4.0 * b * s * s * h / (hw.bmm_flops_p * 1e12);
+    let gemm = b * (8.0 * h * h + 4.0 * h * f) / (hw.mm_flops_g * 1e12);
+    let attn = 4.0 * b * (s + n / 2.0) * h / (hw.bmm_flops_g * 1e12);
+    // Both formulations charge GEMMs and attention to the same GPU, one after the other.
+    let mut tgen = gemm + attn;
+    let mut tpre = tpre;
+    if logits {
+        // strata's also counts the logits (2 * h * V per sequence and step), spread over the layers.
+        let head = 2.0 * b * h * c.vocab_size as f64 / l;
+        tpre += head / (hw.mm_flops_p * 1e12);
+        tgen += head / (hw.mm_flops_g * 1e12);
+    }
+    (tpre * l + tgen * (n - 1.0) * l) / b
+}
+
+#[test]
+fn with_room_to_spare_everything_stays_on_the_gpu_at_compute_speed() {
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-1.3b", 24, 32, 2048);
+    let caps = Caps {
+        gpu: Some(80 * GIB),
+        cpu: Some(200 * GIB),
+        disk: None,
+    };
+    for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
+        let mut p = Problem::new(&c, W, &hw, caps);
+        p.kind = kind;
+        let mut ev = Evaluator::new(p);
+        let cand = ev.eval(4, 2).unwrap();
+        assert!(cand.fractions[WG] > 1.0 - 1e-6, "{kind}: {cand:?}");
+        assert!(cand.fractions[CG] > 1.0 - 1e-6, "{kind}: {cand:?}");
+        assert!(cand.fractions[HG] > 1.0 - 1e-6, "{kind}: {cand:?}");
+        let expected = all_gpu_objective(&c, &hw, 4, 2, kind == CostModelKind::Strata);
+        assert!(
+            (cand.objective - expected).abs() < 1e-6 * expected,
+            "{kind}: {} vs {expected}",
+            cand.objective
+        );
+    }
+}
+
+#[test]
+fn strata_serialises_copies_with_compute_where_flexllmgen_overlaps_them() {
+    // Weights on the CPU: FlexLLMGen's decode takes max-ish(ctog + comp) too, but its prefill overlaps the copy
+    // with compute while strata's one queue adds them. Compare prefill per layer at a fixed placement.
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-6.7b", 32, 32, 4096);
+    let caps = Caps {
+        gpu: Some(2 * GIB),
+        cpu: Some(200 * GIB),
+        disk: None,
+    };
+    let mut flex = Problem::new(&c, W, &hw, caps);
+    flex.kind = CostModelKind::FlexLlmGen;
+    let strata = Problem::new(&c, W, &hw, caps);
+    let f = Evaluator::new(flex).eval(8, 1).unwrap();
+    let s = Evaluator::new(strata).eval(8, 1).unwrap();
+    // With 2 GiB of GPU almost every weight streams; strata's prefill is slower by about the copy time.
+    let copy =
+        0.9 * (8.0 * 4096f64.powi(2) + 4.0 * 4096.0 * 16384.0) / (hw.ctog * (1u64 << 30) as f64);
+    assert!(
+        s.prefill_layer_s > f.prefill_layer_s + 0.5 * copy,
+        "{s:?} vs {f:?}"
+    );
+}
+
+#[test]
+fn a_model_that_fits_nowhere_says_what_capacity_would_do() {
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-175b", 96, 96, 12288);
+    for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
+        let caps = Caps {
+            gpu: Some(15 * GIB),
+            cpu: Some(10 * GIB),
+            disk: Some(100 * GIB),
+        };
+        let mut p = Problem::new(&c, W, &hw, caps);
+        p.kind = kind;
+        let err = search(p, SearchKind::Improved).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("opt-175b does not fit --gpu-mem 15.00 GiB"),
+            "{msg}"
+        );
+        let CostModelError::Infeasible { needed, .. } = err else {
+            panic!("{msg}")
+        };
+        let disk = needed
+            .iter()
+            .find(|(t, _)| *t == Tier::Disk)
+            .expect("more disk helps")
+            .1;
+        assert!(
+            msg.contains(&format!("--disk-mem {}GiB", disk >> 30)),
+            "{msg}"
+        );
+        // The weights alone are 325 GiB; at 80% headroom the disk must hold what the CPU cannot.
+        assert!(disk > 300 * GIB, "{disk}");
+        // The advice is right: with that much disk the model fits, with 2 GiB less it does not.
+        p.caps.disk = Some(disk);
+        assert!(search(p, SearchKind::FlexLlmGen).is_ok(), "{kind}: {disk}");
+        p.caps.disk = Some(disk - 2 * GIB);
+        assert!(search(p, SearchKind::FlexLlmGen).is_err(), "{kind}: {disk}");
+    }
+}
+
+#[test]
+fn a_gpu_too_small_for_working_buffers_is_named() {
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-175b", 96, 96, 12288);
+    let mut caps = Caps {
+        gpu: Some(GIB),
+        cpu: Some(200 * GIB),
+        disk: Some(1500 * GIB),
+    };
+    let p = Problem::new(&c, W, &hw, caps);
+    let err = search(p, SearchKind::Improved).unwrap_err();
+    let CostModelError::Infeasible { needed, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(needed.len(), 1, "{err}");
+    assert_eq!(needed[0].0, Tier::Gpu);
+    assert!(
+        err.to_string().contains("it would fit with --gpu-mem"),
+        "{err}"
+    );
+    caps.gpu = Some(needed[0].1);
+    assert!(search(Problem::new(&c, W, &hw, caps), SearchKind::FlexLlmGen).is_ok());
+
+    // GPU, CPU and disk all small: only a GPU that holds nearly the whole model (325 GiB of fp16 weights, less
+    // the 8.8 GiB CPU and disk may hold, at 80%) does.
+    let caps = Caps {
+        gpu: Some(GIB),
+        cpu: Some(GIB),
+        disk: Some(10 * GIB),
+    };
+    let err = search(Problem::new(&c, W, &hw, caps), SearchKind::Improved).unwrap_err();
+    let CostModelError::Infeasible { needed, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(needed.len(), 1, "{err}");
+    let floor = (c.model_bytes() as f64 - 0.8 * 11.0 * GIB as f64) / 0.8;
+    assert!(
+        needed[0].0 == Tier::Gpu && needed[0].1 as f64 > floor,
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_headroom_and_workload_are_refused() {
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-1.3b", 24, 32, 2048);
+    let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
+    p.headroom = 1.5;
+    assert!(search(p, SearchKind::Improved)
+        .unwrap_err()
+        .to_string()
+        .contains("--headroom"));
+    p.headroom = 0.8;
+    p.workload.prompt_len = 4000;
+    assert!(search(p, SearchKind::Improved)
+        .unwrap_err()
+        .to_string()
+        .contains("context"));
+}
+
+#[test]
+fn weight_compression_helps_an_offloaded_model() {
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-30b", 48, 56, 7168);
+    for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
+        let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
+        p.kind = kind;
+        let plain = search(p, SearchKind::Improved).unwrap();
+        p.compress_weight = true;
+        let packed = search(p, SearchKind::Improved).unwrap();
+        assert!(packed.policy.compress_weight);
+        assert!(packed.total_throughput > plain.total_throughput, "{kind}");
+    }
+}
+
+#[test]
+fn strata_choices_fit_the_planner() {
+    let hw = HardwareProfile::t4();
+    for c in [opt("opt-6.7b", 32, 32, 4096), opt("opt-30b", 48, 56, 7168)] {
+        let choice = search(
+            Problem::new(&c, W, &hw, flexllmgen_caps()),
+            SearchKind::Improved,
+        )
+        .unwrap();
+        assert!(
+            choice.plan_check.is_ok(),
+            "{}: {:?}",
+            c.name,
+            choice.plan_check
+        );
+        choice.policy.validate_placement().unwrap();
+    }
+}
+
+#[test]
+fn evaluating_the_chosen_policy_predicts_what_the_search_did() {
+    let hw = HardwareProfile::t4();
+    let c = opt("opt-30b", 48, 56, 7168);
+    for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
+        let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
+        p.kind = kind;
+        let chosen = search(p, SearchKind::Improved).unwrap();
+        let again = evaluate(p, &chosen.policy).unwrap();
+        // Percents are rounded to 0.01, so the prediction moves by a hair at most.
+        let rel =
+            (again.total_throughput - chosen.total_throughput).abs() / chosen.total_throughput;
+        assert!(
+            rel < 1e-3,
+            "{kind}: {} vs {}",
+            again.total_throughput,
+            chosen.total_throughput
+        );
+        assert_eq!(again.policy, chosen.policy);
+    }
+    // FlexLLMGen's formulation has no activations on disk.
+    let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
+    p.kind = CostModelKind::FlexLlmGen;
+    let on_disk = Policy {
+        percent: Percent::from_array([0.0, 100.0, 0.0, 100.0, 0.0, 50.0]),
+        ..Policy::default()
+    };
+    assert!(evaluate(p, &on_disk)
+        .unwrap_err()
+        .to_string()
+        .contains("activations off disk"));
+    p.kind = CostModelKind::Strata;
+    let e = evaluate(p, &on_disk).unwrap();
+    assert!(e.plan.activations.disk > 0 && e.total_throughput > 0.0);
+}

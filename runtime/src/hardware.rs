@@ -1,0 +1,345 @@
+//! Hardware profiles: the transfer and compute speeds the cost model needs, stored as TOML.
+//!
+//! Field names follow FlexLLMGen's cost model (see COST-MODEL.md). Bandwidths are in GiB/s (2^30 bytes per second)
+//! and compute rates in TFLOP/s (10^12), the units FlexLLMGen writes its constants in, so a profile file reads like
+//! the document. The built-in [`HardwareProfile::t4`] is FlexLLMGen's hand-fitted T4 profile; `strata profile`
+//! measures the current machine (see [`measure`]) and writes a file to [`default_profile_path`].
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod measure;
+
+const GIB: f64 = (1u64 << 30) as f64;
+const TERA: f64 = 1e12;
+
+/// Transfer and compute speeds of one machine (GPU + CPU + disk).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareProfile {
+    /// What the profile describes, e.g. the GPU adapter's name.
+    pub name: String,
+    /// Where the numbers come from (`FlexLLMGen's T4 constants`, `measured by strata profile`).
+    #[serde(default)]
+    pub source: String,
+    /// The fields that were measured on this machine; the others were taken from a base profile.
+    #[serde(default)]
+    pub measured: Vec<String>,
+    /// CPU -> GPU bandwidth, GiB/s.
+    pub ctog: f64,
+    /// GPU -> CPU bandwidth for the KV cache, GiB/s.
+    pub gtoc_cache: f64,
+    /// GPU -> CPU bandwidth for hidden states, GiB/s.
+    pub gtoc_hidden: f64,
+    /// Disk -> CPU (read) bandwidth, GiB/s.
+    pub dtoc: f64,
+    /// CPU -> disk (write) bandwidth for the cache during prefill, GiB/s.
+    pub ctod_cache_p: f64,
+    /// CPU -> disk bandwidth for hidden states during prefill, GiB/s.
+    pub ctod_hidden_p: f64,
+    /// CPU -> disk bandwidth during decode, GiB/s.
+    pub ctod_g: f64,
+    /// GPU matrix-multiply rate during prefill (GEMM), TFLOP/s.
+    pub mm_flops_p: f64,
+    /// GPU matrix-multiply rate during decode (skinny GEMM / GEMV), TFLOP/s.
+    pub mm_flops_g: f64,
+    /// GPU batched matmul (attention) rate during prefill, TFLOP/s.
+    pub bmm_flops_p: f64,
+    /// GPU batched matmul (attention) rate during decode, TFLOP/s.
+    pub bmm_flops_g: f64,
+    /// CPU attention rate, TFLOP/s (scaled by the c1..c3 correction below).
+    pub cpu_flops: f64,
+    /// CPU rate correction: coefficient of a*b, a = log2(64/gbs), b = log2(4096/hidden).
+    pub c1: f64,
+    /// CPU rate correction: coefficient of a.
+    pub c2: f64,
+    /// CPU rate correction: coefficient of b.
+    pub c3: f64,
+    /// CPU matrix-vector rate, TFLOP/s (measured by `strata profile`; unused by FlexLLMGen's formulation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_gemv_flops: Option<f64>,
+}
+
+/// A profile that could not be read or is not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HardwareError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid profile.
+    #[error("{path}: not a hardware profile: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, with its line and column.
+        reason: String,
+    },
+    /// A value that cannot be a speed.
+    #[error("hardware profile `{profile}`: {field} = {value} must be a positive number")]
+    Value {
+        /// The profile's name.
+        profile: String,
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// A name that is neither a built-in profile nor an existing file.
+    #[error("no hardware profile `{0}`: use a built-in name (t4) or the path of a TOML file written by `strata profile`")]
+    Unknown(String),
+}
+
+impl HardwareProfile {
+    /// FlexLLMGen's constants for an NVIDIA T4 (16 GB, PCIe gen3) with its host and SSD.
+    pub fn t4() -> HardwareProfile {
+        HardwareProfile {
+            name: "t4".into(),
+            source: "FlexLLMGen's hand-fitted T4 constants (experimental/cost_model.py)".into(),
+            measured: Vec::new(),
+            ctog: 12.89,
+            gtoc_cache: 0.97,
+            gtoc_hidden: 4.82,
+            dtoc: 0.473,
+            ctod_cache_p: 0.746,
+            ctod_hidden_p: 2.015,
+            ctod_g: 2.015,
+            mm_flops_p: 21.24,
+            mm_flops_g: 4.3,
+            bmm_flops_p: 9.97,
+            bmm_flops_g: 0.079,
+            cpu_flops: 0.0123,
+            c1: 0.0168,
+            c2: 0.0328,
+            c3: 0.0621,
+            cpu_gemv_flops: None,
+        }
+    }
+
+    /// The names of the built-in profiles.
+    pub const BUILT_IN: &'static [&'static str] = &["t4"];
+
+    /// A built-in profile by name (case-insensitive), or the profile stored in the file `name_or_path`.
+    pub fn resolve(name_or_path: &str) -> Result<HardwareProfile, HardwareError> {
+        if name_or_path.eq_ignore_ascii_case("t4") {
+            return Ok(Self::t4());
+        }
+        let path = Path::new(name_or_path);
+        if path.exists() {
+            Self::load(path)
+        } else {
+            Err(HardwareError::Unknown(name_or_path.to_string()))
+        }
+    }
+
+    /// Reads and validates a TOML profile.
+    pub fn load(path: &Path) -> Result<HardwareProfile, HardwareError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HardwareError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let profile: HardwareProfile = toml::from_str(&text).map_err(|e| HardwareError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        profile.validate()?;
+        Ok(profile)
+    }
+
+    /// The profile as TOML, with a header comment giving the units.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"));
+        format!(
+            "# strata hardware profile. Bandwidths in GiB/s (2^30 B/s), compute rates in TFLOP/s (10^12).\n\
+             # Field meanings follow FlexLLMGen's cost model; see COST-MODEL.md.\n{body}"
+        )
+    }
+
+    /// Writes the profile as TOML, creating the parent directory.
+    pub fn save(&self, path: &Path) -> Result<(), HardwareError> {
+        let io = |source| HardwareError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+        }
+        std::fs::write(path, self.to_toml()).map_err(io)
+    }
+
+    /// Checks that every speed is a positive finite number and every correction finite.
+    pub fn validate(&self) -> Result<(), HardwareError> {
+        let speeds = [
+            ("ctog", self.ctog),
+            ("gtoc_cache", self.gtoc_cache),
+            ("gtoc_hidden", self.gtoc_hidden),
+            ("dtoc", self.dtoc),
+            ("ctod_cache_p", self.ctod_cache_p),
+            ("ctod_hidden_p", self.ctod_hidden_p),
+            ("ctod_g", self.ctod_g),
+            ("mm_flops_p", self.mm_flops_p),
+            ("mm_flops_g", self.mm_flops_g),
+            ("bmm_flops_p", self.bmm_flops_p),
+            ("bmm_flops_g", self.bmm_flops_g),
+            ("cpu_flops", self.cpu_flops),
+        ];
+        let gemv = self.cpu_gemv_flops.map(|v| ("cpu_gemv_flops", v));
+        for (field, value) in speeds.into_iter().chain(gemv) {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(HardwareError::Value {
+                    profile: self.name.clone(),
+                    field,
+                    value,
+                });
+            }
+        }
+        for (field, value) in [("c1", self.c1), ("c2", self.c2), ("c3", self.c3)] {
+            if !value.is_finite() {
+                return Err(HardwareError::Value {
+                    profile: self.name.clone(),
+                    field,
+                    value,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A bandwidth field in bytes per second.
+    pub fn bytes_per_s(gib_per_s: f64) -> f64 {
+        gib_per_s * GIB
+    }
+
+    /// A compute field in FLOP per second.
+    pub fn flop_per_s(tflops: f64) -> f64 {
+        tflops * TERA
+    }
+
+    /// FlexLLMGen's effective CPU attention rate in FLOP/s for a GPU batch size and hidden width:
+    /// `cpu * max(0.1, 1 + c1*a*b - c2*a - c3*b)`, a = max(0, log2(64/gbs)), b = max(0, log2(4096/hidden)).
+    pub fn cpu_rate(&self, gpu_batch_size: usize, hidden: usize) -> f64 {
+        let a = (64.0 / gpu_batch_size.max(1) as f64).log2().max(0.0);
+        let b = (4096.0 / hidden.max(1) as f64).log2().max(0.0);
+        let factor = (1.0 + self.c1 * a * b - self.c2 * a - self.c3 * b).max(0.1);
+        Self::flop_per_s(self.cpu_flops) * factor
+    }
+}
+
+/// A file-name-safe slug of an adapter name: lower-case ASCII letters and digits, runs of others as one `-`.
+pub fn adapter_slug(adapter: &str) -> String {
+    let mut out = String::new();
+    for c in adapter.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    let out = out.trim_end_matches('-').to_string();
+    if out.is_empty() {
+        "unknown-adapter".into()
+    } else {
+        out
+    }
+}
+
+/// Where `strata profile` stores the profile of `adapter` by default:
+/// `$XDG_CACHE_HOME/strata/profiles/<slug>.toml`, else `$HOME/.cache/strata/profiles/<slug>.toml`.
+/// `None` when neither variable is set to an absolute path.
+pub fn default_profile_path(adapter: &str) -> Option<PathBuf> {
+    profile_path_from(
+        std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+        adapter,
+    )
+}
+
+fn profile_path_from(
+    xdg: Option<PathBuf>,
+    home: Option<PathBuf>,
+    adapter: &str,
+) -> Option<PathBuf> {
+    // The XDG spec says relative values are invalid and must be ignored.
+    let base = xdg
+        .filter(|p| p.is_absolute())
+        .or_else(|| home.filter(|p| p.is_absolute()).map(|h| h.join(".cache")))?;
+    Some(
+        base.join("strata")
+            .join("profiles")
+            .join(format!("{}.toml", adapter_slug(adapter))),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t4_round_trips_through_toml() {
+        let t4 = HardwareProfile::t4();
+        let text = t4.to_toml();
+        assert!(text.contains("ctog = 12.89"), "{text}");
+        let back: HardwareProfile = toml::from_str(&text).unwrap();
+        assert_eq!(back, t4);
+    }
+
+    #[test]
+    fn files_load_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/p.toml");
+        let mut p = HardwareProfile::t4();
+        p.name = "my gpu".into();
+        p.cpu_gemv_flops = Some(0.05);
+        p.save(&path).unwrap();
+        assert_eq!(HardwareProfile::resolve(path.to_str().unwrap()).unwrap(), p);
+
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("dtoc = 0.473", "dtoc = -1.0");
+        std::fs::write(&path, text).unwrap();
+        let e = HardwareProfile::load(&path).unwrap_err().to_string();
+        assert!(e.contains("dtoc = -1 must be a positive number"), "{e}");
+
+        std::fs::write(&path, "name = \"x\"\nctog = 1.0\n").unwrap();
+        let e = HardwareProfile::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("not a hardware profile") && e.contains("missing field"),
+            "{e}"
+        );
+        let e = HardwareProfile::resolve("v100").unwrap_err().to_string();
+        assert!(e.contains("no hardware profile `v100`"), "{e}");
+    }
+
+    #[test]
+    fn cpu_rate_follows_flexllmgen_correction() {
+        let t4 = HardwareProfile::t4();
+        // gbs 64 and hidden 4096: a = b = 0, the rate is the constant itself.
+        assert!((t4.cpu_rate(64, 4096) - 0.0123e12).abs() < 1.0);
+        // gbs 16, hidden 1024: a = 2, b = 2.
+        let f = 1.0 + 0.0168 * 4.0 - 0.0328 * 2.0 - 0.0621 * 2.0;
+        assert!((t4.cpu_rate(16, 1024) - 0.0123e12 * f).abs() < 1.0);
+        // Large batches leave only the width term: hidden 1 gives b = 12.
+        assert!((t4.cpu_rate(128, 1) - 0.0123e12 * (1.0 - 0.0621 * 12.0)).abs() < 1.0);
+    }
+
+    #[test]
+    fn profile_paths_follow_xdg_then_home() {
+        assert_eq!(adapter_slug("NVIDIA H200 (Vulkan)"), "nvidia-h200-vulkan");
+        assert_eq!(adapter_slug("  "), "unknown-adapter");
+        let p =
+            profile_path_from(Some("/x/cache".into()), Some("/home/u".into()), "llvmpipe").unwrap();
+        assert_eq!(p, PathBuf::from("/x/cache/strata/profiles/llvmpipe.toml"));
+        let p = profile_path_from(Some("rel".into()), Some("/home/u".into()), "T4").unwrap();
+        assert_eq!(p, PathBuf::from("/home/u/.cache/strata/profiles/t4.toml"));
+        assert!(profile_path_from(None, None, "a").is_none());
+    }
+}
