@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod tiers;
 pub mod weights;
 
 pub use config::{Activation, ConfigError, DType, OptConfig};
