@@ -564,3 +564,93 @@ fn pending_store_to_gpu_is_done_at_once() {
     pending.complete(&tiers, &mut dst).unwrap();
     assert_eq!(tiers.read(&dst).unwrap(), pattern(64, 1));
 }
+
+#[test]
+fn ranged_fetch_and_store_act_like_a_kv_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (path, device, queue) in each_path() {
+        let tiers = tiers_with_disk(&device, &queue, path, tmp.path());
+        // A cache of 6 "tokens" of 12 bytes each plus an odd 2-byte tail, filled one token per step.
+        let token = 12u64;
+        let len = 6 * token + 2;
+        for tier in [Tier::Gpu, Tier::Cpu, Tier::Disk] {
+            let mut cache = tiers.place(tier, "cache", &vec![0; len as usize]).unwrap();
+            let mut want = vec![0u8; len as usize];
+            for step in 0..6u64 {
+                let kv = pattern(token as usize, step);
+                let src = tiers.place(Tier::Gpu, "kv", &kv).unwrap();
+                let mut enc = encoder(&device);
+                let pending = tiers
+                    .store_range(
+                        gpu_buffer(&src),
+                        0,
+                        &mut cache,
+                        step * token,
+                        token,
+                        &mut enc,
+                    )
+                    .unwrap();
+                queue.submit([enc.finish()]);
+                pending.complete(&tiers, &mut cache).unwrap();
+                want[(step * token) as usize..((step + 1) * token) as usize].copy_from_slice(&kv);
+            }
+            // The odd tail, which may end unaligned because it ends the tensor.
+            let src = tiers.place(Tier::Gpu, "tail", &[7, 9]).unwrap();
+            let mut enc = encoder(&device);
+            let pending = tiers
+                .store_range(gpu_buffer(&src), 0, &mut cache, 6 * token, 2, &mut enc)
+                .unwrap();
+            queue.submit([enc.finish()]);
+            pending.complete(&tiers, &mut cache).unwrap();
+            want[72..].copy_from_slice(&[7, 9]);
+            assert_eq!(tiers.read(&cache).unwrap(), want, "{path} {tier}");
+
+            // Fetch tokens 2..5 into the front of a slot.
+            let slot = tiers.place(Tier::Gpu, "slot", &[0; 64]).unwrap();
+            let mut enc = encoder(&device);
+            tiers
+                .fetch_range(&cache, 2 * token, 3 * token, gpu_buffer(&slot), 0, &mut enc)
+                .unwrap();
+            tiers.prepare_submit(&enc);
+            queue.submit([enc.finish()]);
+            assert_eq!(
+                tiers.read(&slot).unwrap()[..36],
+                want[24..60],
+                "{path} {tier}"
+            );
+
+            // Bad ranges are errors, not wgpu panics.
+            let mut enc = encoder(&device);
+            let err = tiers
+                .fetch_range(&cache, 2, 8, gpu_buffer(&slot), 0, &mut enc)
+                .unwrap_err();
+            assert!(matches!(err, TierError::Alignment { .. }), "{err}");
+            let err = tiers
+                .fetch_range(&cache, 0, len + 4, gpu_buffer(&slot), 0, &mut enc)
+                .unwrap_err();
+            assert!(matches!(err, TierError::Size { .. }), "{err}");
+            let err = tiers
+                .fetch(&cache, gpu_buffer(&slot), 0, &mut enc)
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("destination"),
+                "a 74-byte tensor into a 64-byte slot: {err}"
+            );
+            let err = tiers
+                .store_range(gpu_buffer(&slot), 0, &mut cache, 4, 6, &mut enc)
+                .unwrap_err();
+            assert!(matches!(err, TierError::Alignment { .. }), "{err}");
+        }
+    }
+}
+
+#[test]
+fn handles_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Tiers>();
+    send_sync::<TensorHome>();
+    send_sync::<GpuPool>();
+    send::<strata_runtime::tiers::Ticket<Vec<u8>>>();
+    send::<PendingStore>();
+}

@@ -86,7 +86,9 @@ pub fn measure_bandwidth(tiers: &Tiers, bytes: u64, iters: usize) -> Result<Band
         wait_idle(device)?;
         match pending {
             super::PendingStore::Done => Ok(()),
-            super::PendingStore::Readback(r) => host.fill_from_readback(r),
+            super::PendingStore::Readback { readback, offset } => {
+                host.fill_from_readback(readback, offset)
+            }
         }
     })?;
 

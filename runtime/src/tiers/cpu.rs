@@ -26,8 +26,8 @@ use wgpu::util::StagingBelt;
 use wgpu::WriteOnly;
 
 use super::{
-    create_buffer, lock, map_read_blocking, padded, wait_idle, ByteCounter, PendingStore, Readback,
-    ReadbackPool, Result, TierError, TierStats, COPY_ALIGN,
+    check_range, check_room, create_buffer, lock, map_read_blocking, padded, wait_idle,
+    ByteCounter, PendingStore, Readback, ReadbackPool, Result, TierError, TierStats, COPY_ALIGN,
 };
 
 /// How the CPU tier stores tensors and moves them to the GPU.
@@ -135,10 +135,18 @@ impl CpuTensor {
         }
     }
 
-    /// Completes a host-memory write-back: waits for the readback and copies it in.
-    pub(crate) fn fill_from_readback(&mut self, readback: Readback) -> Result<()> {
+    /// Completes a host-memory write-back into `self[offset ..]`: waits for the readback and copies it in.
+    pub(crate) fn fill_from_readback(&mut self, readback: Readback, offset: u64) -> Result<()> {
+        let end = offset + readback.len();
         match &mut self.store {
-            Store::Host(v) => readback.read_into(v),
+            Store::Host(v) if end <= v.len() as u64 => {
+                readback.read_into(&mut v[offset as usize..end as usize])
+            }
+            Store::Host(v) => Err(TierError::Size {
+                what: "cpu tier write-back",
+                expected: v.len() as u64,
+                found: end,
+            }),
             Store::Dma { .. } => Err(TierError::Gpu(
                 "a DMA-path store never needs a readback".into(),
             )),
@@ -155,10 +163,9 @@ impl CpuTensor {
 
 impl Drop for CpuTensor {
     fn drop(&mut self) {
+        // No `destroy()`: a copy already recorded into an encoder may still use the buffer; wgpu frees it with the
+        // last reference.
         self.counter.sub(self.stored_bytes());
-        if let Store::Dma { buffer, .. } = &self.store {
-            buffer.destroy();
-        }
     }
 }
 
@@ -265,15 +272,7 @@ impl CpuTier {
                 Ok(())
             }
             Store::Dma { buffer, .. } => {
-                if offset % COPY_ALIGN != 0 || (len % COPY_ALIGN != 0 && offset + len != tensor.len)
-                {
-                    return Err(TierError::Alignment {
-                        what: "cpu tier write",
-                        offset,
-                        len,
-                        align: COPY_ALIGN,
-                    });
-                }
+                check_range("cpu tier write", tensor.len, offset, len)?;
                 write_staged(&self.device, &self.queue, buffer, offset, data)
             }
         }
@@ -288,14 +287,36 @@ impl CpuTier {
         dst_offset: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
+        self.fetch_range(tensor, 0, tensor.len, dst, dst_offset, encoder)
+    }
+
+    /// Records "copy `tensor[offset .. offset + len]` into `dst[dst_offset ..]`" (a slice of a CPU-resident KV
+    /// cache, say). Offsets are multiples of 4, and so is `len` unless the range ends at the tensor's end; a trailing
+    /// partial word writes `padded(len)` bytes into `dst`.
+    pub fn fetch_range(
+        &self,
+        tensor: &CpuTensor,
+        offset: u64,
+        len: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
+        check_range("cpu tier fetch", tensor.len, offset, len)?;
+        check_room("cpu tier fetch destination", dst, dst_offset, len)?;
         match &tensor.store {
             Store::Dma { buffer, .. } => {
-                if tensor.len > 0 {
-                    encoder.copy_buffer_to_buffer(buffer, 0, dst, dst_offset, padded(tensor.len));
+                if len > 0 {
+                    encoder.copy_buffer_to_buffer(buffer, offset, dst, dst_offset, padded(len));
                 }
                 Ok(())
             }
-            Store::Host(v) => self.fetch_host(v, dst, dst_offset, encoder),
+            Store::Host(v) => self.fetch_host(
+                &v[offset as usize..(offset + len) as usize],
+                dst,
+                dst_offset,
+                encoder,
+            ),
         }
     }
 
@@ -308,18 +329,10 @@ impl CpuTier {
         dst_offset: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
-        if dst_offset % COPY_ALIGN != 0 {
-            return Err(TierError::Alignment {
-                what: "fetch into a GPU buffer",
-                offset: dst_offset,
-                len: data.len() as u64,
-                align: COPY_ALIGN,
-            });
-        }
+        check_room("fetch destination", dst, dst_offset, data.len() as u64)?;
         let mut belt = lock(&self.belt);
         for (i, piece) in data.chunks(BELT_CHUNK as usize).enumerate() {
-            let size = padded(piece.len() as u64);
-            let Some(size) = wgpu::BufferSize::new(size) else {
+            let Some(size) = wgpu::BufferSize::new(padded(piece.len() as u64)) else {
                 continue;
             };
             let mut view =
@@ -344,17 +357,34 @@ impl CpuTier {
         tensor: &mut CpuTensor,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingStore> {
+        let len = tensor.len;
+        self.write_back_range(src, src_offset, tensor, 0, len, encoder)
+    }
+
+    /// Records "write `src[src_offset .. src_offset + len]` into `tensor[offset ..]`" (appending a token's K/V to a
+    /// CPU-resident cache, say); alignment as in [`CpuTier::fetch_range`].
+    pub fn write_back_range(
+        &self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        tensor: &mut CpuTensor,
+        offset: u64,
+        len: u64,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingStore> {
+        check_range("cpu tier write-back", tensor.len, offset, len)?;
+        check_room("cpu tier write-back source", src, src_offset, len)?;
         match &tensor.store {
             Store::Dma { buffer, .. } => {
-                if tensor.len > 0 {
-                    encoder.copy_buffer_to_buffer(src, src_offset, buffer, 0, padded(tensor.len));
+                if len > 0 {
+                    encoder.copy_buffer_to_buffer(src, src_offset, buffer, offset, padded(len));
                 }
                 Ok(PendingStore::Done)
             }
-            Store::Host(_) => Ok(PendingStore::Readback(
-                self.readbacks
-                    .record(src, src_offset, tensor.len, encoder)?,
-            )),
+            Store::Host(_) => Ok(PendingStore::Readback {
+                readback: self.readbacks.record(src, src_offset, len, encoder)?,
+                offset,
+            }),
         }
     }
 

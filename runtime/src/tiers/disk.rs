@@ -300,7 +300,7 @@ impl DiskTier {
 
     /// Overwrites `tensor[offset .. offset + data.len()]` in place (KV cache write-back), blocking.
     pub fn write_at(&self, tensor: &DiskTensor, offset: u64, data: &[u8]) -> Result<()> {
-        check_range("disk write", tensor, offset, data.len())?;
+        check_bounds("disk write", tensor, offset, data.len())?;
         let f = &tensor.file;
         self.pool
             .install(|| write_pieces(&f.file, offset, data))
@@ -315,7 +315,7 @@ impl DiskTier {
         data: Vec<u8>,
     ) -> Ticket<Vec<u8>> {
         let (tx, rx) = mpsc::channel();
-        if let Err(e) = check_range("disk write", tensor, offset, data.len()) {
+        if let Err(e) = check_bounds("disk write", tensor, offset, data.len()) {
             let _ = tx.send(Err(e));
             return Ticket { rx };
         }
@@ -345,9 +345,15 @@ impl DiskTier {
                 found: out.len() as u64,
             });
         }
+        self.read_at(tensor, 0, out)
+    }
+
+    /// Reads `tensor[offset .. offset + out.len()]` into `out` (blocking).
+    pub fn read_at(&self, tensor: &DiskTensor, offset: u64, out: &mut [u8]) -> Result<()> {
+        check_bounds("disk read", tensor, offset, out.len())?;
         let f = &tensor.file;
         self.pool
-            .install(|| read_pieces(&f.file, 0, out))
+            .install(|| read_pieces(&f.file, offset, out))
             .map_err(|e| io_error("read", &f.path, f.len, e))
     }
 
@@ -358,12 +364,27 @@ impl DiskTier {
 
     /// Starts reading the tensor in the background into `buf` (resized to the tensor's length; pass back a buffer
     /// from an earlier ticket so steady-state prefetches do not allocate).
-    pub fn prefetch_into(&self, tensor: &DiskTensor, mut buf: Vec<u8>) -> Ticket<Vec<u8>> {
+    pub fn prefetch_into(&self, tensor: &DiskTensor, buf: Vec<u8>) -> Ticket<Vec<u8>> {
+        self.prefetch_range_into(tensor, 0, tensor.len(), buf)
+    }
+
+    /// Starts reading `tensor[offset .. offset + len]` in the background into `buf` (resized to `len`).
+    pub fn prefetch_range_into(
+        &self,
+        tensor: &DiskTensor,
+        offset: u64,
+        len: u64,
+        mut buf: Vec<u8>,
+    ) -> Ticket<Vec<u8>> {
         let (tx, rx) = mpsc::channel();
+        if let Err(e) = check_bounds("disk prefetch", tensor, offset, len as usize) {
+            let _ = tx.send(Err(e));
+            return Ticket { rx };
+        }
         let file = Arc::clone(&tensor.file);
         self.pool.spawn(move || {
-            buf.resize(file.len as usize, 0);
-            let result = read_pieces(&file.file, 0, &mut buf)
+            buf.resize(len as usize, 0);
+            let result = read_pieces(&file.file, offset, &mut buf)
                 .map(|()| buf)
                 .map_err(|e| io_error("read", &file.path, file.len, e));
             let _ = tx.send(result);
@@ -429,7 +450,7 @@ fn write_new(shared: &Arc<Shared>, path: PathBuf, data: &[u8]) -> Result<DiskTen
     }
 }
 
-fn check_range(what: &'static str, tensor: &DiskTensor, offset: u64, len: usize) -> Result<()> {
+fn check_bounds(what: &'static str, tensor: &DiskTensor, offset: u64, len: usize) -> Result<()> {
     let end = offset.checked_add(len as u64);
     if end.is_none_or(|end| end > tensor.len()) {
         return Err(TierError::Size {

@@ -108,8 +108,8 @@ impl GpuPool {
     pub fn trim(&self) {
         let drained = std::mem::take(&mut *lock(&self.inner.free));
         for buffer in drained.into_values().flatten() {
+            // Dropped, not destroyed: a copy already recorded into an encoder may still use it.
             self.inner.allocated.sub(buffer.size());
-            buffer.destroy();
         }
     }
 

@@ -241,6 +241,60 @@ pub(crate) fn create_buffer(
     Ok(buffer)
 }
 
+/// Checks that `offset .. offset + len` lies in a tensor of `tensor_len` bytes and is aligned for wgpu copies:
+/// `offset` a multiple of 4, and `len` too unless the range ends at the tensor's end (whose padding absorbs the rest).
+pub(crate) fn check_range(
+    what: &'static str,
+    tensor_len: u64,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    let end = offset.checked_add(len);
+    if end.is_none_or(|end| end > tensor_len) {
+        return Err(TierError::Size {
+            what,
+            expected: tensor_len,
+            found: offset.saturating_add(len),
+        });
+    }
+    if offset % COPY_ALIGN != 0 || (len % COPY_ALIGN != 0 && offset + len != tensor_len) {
+        return Err(TierError::Alignment {
+            what,
+            offset,
+            len,
+            align: COPY_ALIGN,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that a copy of `padded(len)` bytes at `offset` fits in `buffer`, so that a bad offset is an error rather
+/// than a wgpu validation panic.
+pub(crate) fn check_room(
+    what: &'static str,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    if offset % COPY_ALIGN != 0 {
+        return Err(TierError::Alignment {
+            what,
+            offset,
+            len,
+            align: COPY_ALIGN,
+        });
+    }
+    let end = offset.saturating_add(padded(len));
+    if end > buffer.size() {
+        return Err(TierError::Size {
+            what,
+            expected: buffer.size(),
+            found: end,
+        });
+    }
+    Ok(())
+}
+
 /// Blocks until the GPU has finished all submitted work (and mapping callbacks have run).
 pub(crate) fn wait_idle(device: &wgpu::Device) -> Result<()> {
     device
@@ -269,6 +323,9 @@ pub(crate) fn map_read_blocking(
     }
 }
 
+/// Free readback buffers kept for reuse.
+const READBACKS_KEPT: usize = 16;
+
 /// Buffers the CPU can read (`MAP_READ | COPY_DST`), kept by size and reused so that steady-state write-backs do not
 /// allocate.
 #[derive(Debug)]
@@ -293,14 +350,26 @@ impl ReadbackPool {
         len: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<Readback> {
-        let size = padded(len).max(COPY_ALIGN);
-        let reused = lock(&self.free).get_mut(&size).and_then(Vec::pop);
+        let want = padded(len).max(COPY_ALIGN);
+        let class = gpu::size_class(len);
+        let reused = {
+            let mut free = lock(&self.free);
+            let key = free
+                .range(want..=class.saturating_mul(2))
+                .find(|(_, buffers)| !buffers.is_empty())
+                .map(|(k, _)| *k);
+            key.and_then(|k| free.get_mut(&k).and_then(Vec::pop))
+        };
         let buffer = match reused {
             Some(b) => b,
             None => create_buffer(
                 &self.device,
                 "strata readback",
-                size,
+                if class > self.device.limits().max_buffer_size {
+                    want
+                } else {
+                    class
+                },
                 wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 false,
             )?,
@@ -376,10 +445,12 @@ impl Drop for Readback {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
             // Only unmapped buffers get here: `read_into` unmaps before putting its buffer back and drops it on error.
-            lock(&self.pool.free)
-                .entry(buffer.size())
-                .or_default()
-                .push(buffer);
+            let mut free = lock(&self.pool.free);
+            let kept: usize = free.values().map(Vec::len).sum();
+            // A bounded number stay (enough for a layer's write-backs in flight); the rest are freed.
+            if kept < READBACKS_KEPT {
+                free.entry(buffer.size()).or_default().push(buffer);
+            }
         }
     }
 }
@@ -460,22 +531,28 @@ impl TensorHome {
 pub enum PendingStore {
     /// Nothing left to do: the copy in the encoder was the whole store.
     Done,
-    /// The bytes come back through a readback buffer, then go into host memory or a file.
-    Readback(Readback),
+    /// The bytes come back through a readback buffer, then go into host memory or a file at `offset`.
+    Readback {
+        /// The GPU -> host copy.
+        readback: Readback,
+        /// Where in the home the bytes go.
+        offset: u64,
+    },
 }
 
 impl PendingStore {
     /// Finishes the store into `home` (the same home given to [`Tiers::store`]); the encoder must be submitted.
+    /// Blocks on the readback and, for a disk home, on the write.
     pub fn complete(self, tiers: &Tiers, home: &mut TensorHome) -> Result<()> {
-        let PendingStore::Readback(readback) = self else {
+        let PendingStore::Readback { readback, offset } = self else {
             return Ok(());
         };
         match home {
             TensorHome::Gpu(_) => Err(TierError::Gpu("a GPU store never needs a readback".into())),
-            TensorHome::Cpu(t) => t.fill_from_readback(readback),
+            TensorHome::Cpu(t) => t.fill_from_readback(readback, offset),
             TensorHome::Disk(t) => {
                 let bytes = readback.wait()?;
-                tiers.disk()?.write_at(t, 0, &bytes)
+                tiers.disk()?.write_at(t, offset, &bytes)
             }
         }
     }
@@ -565,16 +642,36 @@ impl Tiers {
         dst_offset: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
+        self.fetch_range(home, 0, home.len(), dst, dst_offset, encoder)
+    }
+
+    /// [`Tiers::fetch`] of `home[offset .. offset + len]`. Offsets are multiples of 4, and so is `len` unless the
+    /// range ends at the tensor's end; a trailing partial word writes `padded(len)` bytes into `dst`.
+    pub fn fetch_range(
+        &self,
+        home: &TensorHome,
+        offset: u64,
+        len: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
         match home {
             TensorHome::Gpu(t) => {
-                if t.len > 0 {
-                    encoder.copy_buffer_to_buffer(t.buffer(), 0, dst, dst_offset, padded(t.len));
+                check_range("gpu tier fetch", t.len, offset, len)?;
+                check_room("gpu tier fetch destination", dst, dst_offset, len)?;
+                if len > 0 {
+                    encoder.copy_buffer_to_buffer(t.buffer(), offset, dst, dst_offset, padded(len));
                 }
                 Ok(())
             }
-            TensorHome::Cpu(t) => self.cpu.fetch(t, dst, dst_offset, encoder),
+            TensorHome::Cpu(t) => self
+                .cpu
+                .fetch_range(t, offset, len, dst, dst_offset, encoder),
             TensorHome::Disk(t) => {
-                let bytes = self.disk()?.read(t)?;
+                check_range("disk tier fetch", t.len(), offset, len)?;
+                let mut bytes = vec![0u8; len as usize];
+                self.disk()?.read_at(t, offset, &mut bytes)?;
                 self.cpu.fetch_host(&bytes, dst, dst_offset, encoder)
             }
         }
@@ -589,6 +686,15 @@ impl Tiers {
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
         self.cpu.fetch_host(bytes, dst, dst_offset, encoder)
+    }
+
+    /// Starts reading a disk tensor in the background (see [`DiskTier::prefetch_into`]); `None` for tensors in other
+    /// tiers, which need no prefetch.
+    pub fn prefetch(&self, home: &TensorHome, buf: Vec<u8>) -> Result<Option<Ticket<Vec<u8>>>> {
+        match home {
+            TensorHome::Disk(t) => Ok(Some(self.disk()?.prefetch_into(t, buf))),
+            _ => Ok(None),
+        }
     }
 
     /// Must be called on an encoder that received fetches before it is finished and submitted (it unmaps the staging
@@ -607,22 +713,41 @@ impl Tiers {
         home: &mut TensorHome,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingStore> {
+        let len = home.len();
+        self.store_range(src, src_offset, home, 0, len, encoder)
+    }
+
+    /// [`Tiers::store`] of `len` bytes into `home[offset ..]` (appending a token's K/V to an offloaded cache);
+    /// alignment as in [`Tiers::fetch_range`].
+    pub fn store_range(
+        &self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        home: &mut TensorHome,
+        offset: u64,
+        len: u64,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingStore> {
         match home {
             TensorHome::Gpu(t) => {
-                if t.len > 0 {
-                    encoder.copy_buffer_to_buffer(src, src_offset, t.buffer(), 0, padded(t.len));
+                check_range("gpu tier store", t.len, offset, len)?;
+                check_room("gpu tier store source", src, src_offset, len)?;
+                if len > 0 {
+                    encoder.copy_buffer_to_buffer(src, src_offset, t.buffer(), offset, padded(len));
                 }
                 Ok(PendingStore::Done)
             }
-            TensorHome::Cpu(t) => self.cpu.write_back(src, src_offset, t, encoder),
+            TensorHome::Cpu(t) => self
+                .cpu
+                .write_back_range(src, src_offset, t, offset, len, encoder),
             TensorHome::Disk(t) => {
                 self.disk()?;
-                Ok(PendingStore::Readback(self.readbacks.record(
-                    src,
-                    src_offset,
-                    t.len(),
-                    encoder,
-                )?))
+                check_range("disk tier store", t.len(), offset, len)?;
+                check_room("disk tier store source", src, src_offset, len)?;
+                Ok(PendingStore::Readback {
+                    readback: self.readbacks.record(src, src_offset, len, encoder)?,
+                    offset,
+                })
             }
         }
     }
