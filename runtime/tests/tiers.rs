@@ -591,7 +591,16 @@ fn ranged_fetch_and_store_act_like_a_kv_cache() {
                     )
                     .unwrap();
                 queue.submit([enc.finish()]);
-                pending.complete(&tiers, &mut cache).unwrap();
+                // Odd steps write in the background (a disk home's write goes to the I/O threads).
+                if step % 2 == 1 {
+                    let ticket = pending.complete_in_background(&tiers, &mut cache).unwrap();
+                    assert_eq!(ticket.is_some(), tier == Tier::Disk);
+                    if let Some(ticket) = ticket {
+                        assert_eq!(ticket.wait().unwrap(), kv);
+                    }
+                } else {
+                    pending.complete(&tiers, &mut cache).unwrap();
+                }
                 want[(step * token) as usize..((step + 1) * token) as usize].copy_from_slice(&kv);
             }
             // The odd tail, which may end unaligned because it ends the tensor.

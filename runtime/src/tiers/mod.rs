@@ -558,6 +558,26 @@ impl PendingStore {
     }
 }
 
+impl PendingStore {
+    /// Like [`PendingStore::complete`], but a disk home's write runs on the disk tier's threads: waits for the
+    /// readback only and returns the write's ticket (which gives the staging bytes back for reuse). CPU and GPU homes
+    /// complete at once and return `None`.
+    pub fn complete_in_background(
+        self,
+        tiers: &Tiers,
+        home: &mut TensorHome,
+    ) -> Result<Option<Ticket<Vec<u8>>>> {
+        match (self, home) {
+            (PendingStore::Readback { readback, offset }, TensorHome::Disk(t)) => {
+                let disk = tiers.disk()?;
+                let bytes = readback.wait()?;
+                Ok(Some(disk.write_at_async(t, offset, bytes)))
+            }
+            (pending, home) => pending.complete(tiers, home).map(|()| None),
+        }
+    }
+}
+
 /// What each tier holds now, as a report for the profiler and the planner.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TierReport {
