@@ -16,6 +16,33 @@
 //! caller calls [`Tiers::prepare_submit`] before finishing an encoder that received transfers, and completes any
 //! [`PendingStore`] after submitting it.
 //!
+//! A loop over layers that streams weights into a double buffer (the disk read of layer j+1 runs on the I/O threads
+//! while the GPU computes layer j; copies and kernels run in queue order) and writes a KV cache slice back:
+//!
+//! ```no_run
+//! # use strata_runtime::tiers::*;
+//! # fn step(tiers: &Tiers, weights: &[TensorHome], cache: &mut TensorHome, kv: &wgpu::Buffer) -> Result<()> {
+//! let mut slots = DoubleBuffer::new(tiers.gpu(), 64 << 20)?;
+//! let mut ticket = tiers.prefetch(&weights[0], Vec::new())?; // starts a disk read, if weights[0] is on disk
+//! for j in 0..weights.len() {
+//!     let mut enc = tiers.device().create_command_encoder(&Default::default());
+//!     match ticket.take() {
+//!         Some(t) => tiers.fetch_host(&t.wait()?, slots.back().buffer(), 0, &mut enc)?,
+//!         None => tiers.fetch(&weights[j], slots.back().buffer(), 0, &mut enc)?,
+//!     }
+//!     if let Some(next) = weights.get(j + 1) {
+//!         ticket = tiers.prefetch(next, Vec::new())?; // the disk works while the GPU computes layer j
+//!     }
+//!     slots.swap();
+//!     // ... record layer j's kernels reading slots.front() and writing `kv` ...
+//!     let pending = tiers.store_range(kv, 0, cache, 0, 4096, &mut enc)?;
+//!     tiers.prepare_submit(&enc);
+//!     tiers.queue().submit([enc.finish()]);
+//!     pending.complete(tiers, cache)?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! Sizes: every buffer is padded to a multiple of 4 bytes (wgpu's copy alignment); a tensor remembers its logical
 //! length and every read returns exactly that many bytes.
 
