@@ -14,8 +14,9 @@
 //! H200) and costs GPU memory for the chunks in flight. Write-back goes through a readback buffer and a CPU copy.
 //!
 //! Reading a CPU tensor on the CPU ([`CpuTier::read`], [`CpuTier::with_bytes`], for CPU-side attention): on the
-//! host-memory path it is a plain slice. On the DMA path the buffer must be mapped: `map_async` + a device poll that
-//! waits for all submitted GPU work, then reads through the mapping (host memory, but measured at 0.8-1.2 GB/s on the
+//! host-memory path it is a plain slice. On the DMA path the buffer must be mapped: `map_async` + device polls until
+//! the last submission using the buffer has finished (and the buffer must not be in use by a recorded but
+//! unsubmitted encoder meanwhile), then reads through the mapping (host memory, but measured at 0.8-1.2 GB/s on the
 //! H200's driver, where it is likely uncached), then an unmap. For CPU attention over a large cache prefer the
 //! host-memory path for the cache, or copy out once per step.
 
@@ -389,7 +390,7 @@ impl CpuTier {
     }
 
     /// Runs `f` over the tensor's bytes on the CPU. Host-memory path: no copy. DMA path: maps the buffer, which
-    /// waits for all submitted GPU work (see the module docs for the cost), then unmaps.
+    /// waits for the submitted GPU work that uses it (see the module docs for the cost), then unmaps.
     pub fn with_bytes<R>(&self, tensor: &CpuTensor, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         match &tensor.store {
             Store::Host(v) => Ok(f(v)),

@@ -331,22 +331,40 @@ pub(crate) fn wait_idle(device: &wgpu::Device) -> Result<()> {
 }
 
 /// Maps `buffer[..size]` for reading and blocks until the mapping is ready. The caller unmaps.
+///
+/// wgpu maps a buffer once the last submission using it completes, so this waits for the copy that filled it, not
+/// for everything queued after it (a `poll(Wait)` would wait for the latest submission and stall the schedule's
+/// overlap): it polls without blocking, backing off from 10 us to 0.5 ms between polls.
 pub(crate) fn map_read_blocking(
     device: &wgpu::Device,
     buffer: &wgpu::Buffer,
     size: u64,
 ) -> Result<()> {
+    use std::sync::mpsc::TryRecvError;
     let (tx, rx) = std::sync::mpsc::channel();
     buffer.map_async(wgpu::MapMode::Read, 0..size, move |r| {
         let _ = tx.send(r);
     });
-    wait_idle(device)?;
-    match rx.recv() {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(TierError::Gpu(format!(
-            "mapping a buffer for reading failed: {e}"
-        ))),
-        Err(_) => Err(TierError::Gpu("a buffer mapping was never answered".into())),
+    let mut pause = std::time::Duration::from_micros(10);
+    loop {
+        device
+            .poll(wgpu::PollType::Poll)
+            .map_err(|e| TierError::Gpu(e.to_string()))?;
+        match rx.try_recv() {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => {
+                return Err(TierError::Gpu(format!(
+                    "mapping a buffer for reading failed: {e}"
+                )))
+            }
+            Err(TryRecvError::Disconnected) => {
+                return Err(TierError::Gpu("a buffer mapping was never answered".into()))
+            }
+            Err(TryRecvError::Empty) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_micros(500));
+            }
+        }
     }
 }
 
