@@ -663,3 +663,23 @@ fn handles_cross_threads() {
     send::<strata_runtime::tiers::Ticket<Vec<u8>>>();
     send::<PendingStore>();
 }
+
+#[test]
+fn impossible_allocations_are_errors() {
+    let (device, queue) = device(false).unwrap();
+    let cpu = CpuTier::new(&device, &queue, CpuPath::HostMemory).unwrap();
+    // More than any machine has: an error naming the tier, not an abort.
+    let err = cpu.alloc(1 << 62).unwrap_err();
+    assert!(
+        matches!(err, TierError::OutOfMemory { .. }) && err.to_string().contains("cpu tier"),
+        "{err}"
+    );
+    let pool = GpuPool::new(&device);
+    let max = device.limits().max_buffer_size;
+    let err = pool.acquire(max + 4).unwrap_err();
+    assert!(
+        matches!(err, TierError::TooLarge { .. }) && err.to_string().contains("max_buffer_size"),
+        "{err}"
+    );
+    assert_eq!(pool.stats().allocated.current_bytes, 0);
+}

@@ -237,7 +237,17 @@ impl CpuTier {
                 )?,
                 device: self.device.clone(),
             },
-            CpuPath::HostMemory => Store::Host(vec![0u8; len as usize]),
+            CpuPath::HostMemory => {
+                // A failed allocation is an error to report, not an abort: the CPU tier is sized by the user's plan.
+                let mut v = Vec::new();
+                v.try_reserve_exact(len as usize)
+                    .map_err(|_| TierError::OutOfMemory {
+                        what: "cpu tier (host memory)".into(),
+                        bytes: len,
+                    })?;
+                v.resize(len as usize, 0);
+                Store::Host(v)
+            }
         };
         let tensor = CpuTensor {
             len,

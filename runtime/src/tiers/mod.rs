@@ -145,8 +145,8 @@ pub enum TierError {
         /// The device limit.
         max: u64,
     },
-    /// The device could not allocate memory.
-    #[error("{what}: the device is out of memory allocating {bytes} bytes; put less on the GPU/CPU tiers")]
+    /// The device (or, for the host-memory CPU tier, the host) could not allocate memory.
+    #[error("{what}: out of memory allocating {bytes} bytes; put less on this tier (--percent)")]
     OutOfMemory {
         /// What was being allocated.
         what: String,
