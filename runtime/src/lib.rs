@@ -14,6 +14,7 @@ pub mod hardware;
 pub mod npy;
 pub mod planner;
 pub mod policy;
+pub mod tiers;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,539 @@
+//! The disk tier: one file per tensor in an offload directory, read and written by a small thread pool.
+//!
+//! Each large read or write is split into pieces that the pool's threads (4 by default, as FlexLLMGen's copy
+//! threads) move in parallel with positional I/O, so a single tensor uses every thread and several prefetches share
+//! them. [`DiskTier::prefetch`] runs in the background and returns a [`Ticket`]: the schedule prefetches layer j+1's
+//! weights while layer j computes and waits on the ticket when it needs them.
+//!
+//! Files never outlive the run: a new file is written under a `.part` name and renamed only when complete (an error
+//! removes it, so no partial tensor is ever left under its real name); a [`DiskTensor`] deletes its file when dropped;
+//! the directory is removed when the tier and its tensors are gone if strata created it; and every file and created
+//! directory is listed in a process-wide registry that [`cleanup_all`] empties, for the binary's Ctrl-C handler.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::cpu::par_copy_slice;
+use super::{lock, ByteCounter, Result, TierError, TierStats};
+
+/// Pieces each read or write is split into for the thread pool.
+const IO_PIECE: usize = 8 << 20;
+
+/// Where and how the disk tier stores files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// The offload directory.
+    pub dir: PathBuf,
+    /// Create `dir` if it does not exist (its parent must). A directory strata created is removed at the end.
+    pub create_dir: bool,
+    /// I/O threads (at least 1).
+    pub threads: usize,
+}
+
+impl DiskOptions {
+    /// `dir`, created if missing, with 4 I/O threads.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DiskOptions {
+            dir: dir.into(),
+            create_dir: true,
+            threads: 4,
+        }
+    }
+}
+
+/// Every offload file and created directory of this process, for [`cleanup_all`].
+struct Registry {
+    files: BTreeSet<PathBuf>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    files: BTreeSet::new(),
+    dirs: BTreeSet::new(),
+});
+
+/// Distinguishes tiers (and their file names) within one process.
+static NEXT_TIER: AtomicU64 = AtomicU64::new(0);
+
+/// What [`cleanup_all`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Offload files removed.
+    pub files: usize,
+    /// Offload directories (created by strata) removed.
+    pub dirs: usize,
+}
+
+/// Removes every offload file this process has open and every offload directory it created. For a Ctrl-C handler
+/// (`ctrlc::set_handler(|| { strata_runtime::tiers::cleanup_all(); std::process::exit(130) })`): disk tensors still
+/// alive afterwards read and write deleted or missing files, so exit after calling it.
+pub fn cleanup_all() -> Cleanup {
+    let mut reg = lock(&REGISTRY);
+    let mut done = Cleanup::default();
+    for file in std::mem::take(&mut reg.files) {
+        if fs::remove_file(&file).is_ok() {
+            done.files += 1;
+        }
+    }
+    for dir in std::mem::take(&mut reg.dirs) {
+        if fs::remove_dir(&dir).is_ok() {
+            done.dirs += 1;
+        }
+    }
+    done
+}
+
+fn register(path: &Path) {
+    lock(&REGISTRY).files.insert(path.to_owned());
+}
+
+fn unregister(path: &Path) {
+    lock(&REGISTRY).files.remove(path);
+}
+
+/// Whether `e` means "no space left" (or "quota exceeded").
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+fn io_error(op: &'static str, path: &Path, bytes: u64, e: io::Error) -> TierError {
+    if is_disk_full(&e) {
+        TierError::DiskFull {
+            path: path.to_owned(),
+            bytes,
+        }
+    } else {
+        TierError::Io {
+            op,
+            path: path.to_owned(),
+            source: e,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    created_dir: bool,
+    counter: ByteCounter,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.created_dir {
+            let _ = fs::remove_dir(&self.dir);
+            lock(&REGISTRY).dirs.remove(&self.dir);
+        }
+    }
+}
+
+/// The disk tier: an offload directory and its I/O threads.
+#[derive(Debug)]
+pub struct DiskTier {
+    shared: Arc<Shared>,
+    pool: Arc<rayon::ThreadPool>,
+    id: u64,
+    next_file: AtomicU64,
+}
+
+/// A tensor stored in a file; the file is deleted when the tensor is dropped.
+#[derive(Debug)]
+pub struct DiskTensor {
+    file: Arc<DiskFile>,
+}
+
+#[derive(Debug)]
+struct DiskFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for DiskFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        unregister(&self.path);
+        self.shared.counter.sub(self.len);
+    }
+}
+
+impl DiskTensor {
+    /// Logical length in bytes.
+    pub fn len(&self) -> u64 {
+        self.file.len
+    }
+
+    /// Whether the tensor is empty.
+    pub fn is_empty(&self) -> bool {
+        self.file.len == 0
+    }
+
+    /// The file holding it.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+}
+
+/// The answer to a background disk job: [`Ticket::wait`] blocks until it is done.
+#[derive(Debug)]
+#[must_use = "a ticket's job result (and any error) is only seen by waiting on it"]
+pub struct Ticket<T> {
+    rx: mpsc::Receiver<Result<T>>,
+}
+
+impl<T> Ticket<T> {
+    /// Blocks until the job is done and returns its result.
+    pub fn wait(self) -> Result<T> {
+        self.rx.recv().unwrap_or(Err(TierError::JobLost))
+    }
+}
+
+impl DiskTier {
+    /// Opens the offload directory (creating it if asked and missing), checks that a file can be written there, and
+    /// starts the I/O threads.
+    pub fn new(options: DiskOptions) -> Result<Self> {
+        let dir = options.dir;
+        let bad = |reason: String| TierError::OffloadDir {
+            path: dir.clone(),
+            reason,
+        };
+        let created_dir = match fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => false,
+            Ok(_) => return Err(bad("exists but is not a directory".into())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !options.create_dir {
+                    return Err(bad("does not exist".into()));
+                }
+                fs::create_dir(&dir).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => {
+                        bad("does not exist, nor does its parent directory".into())
+                    }
+                    _ => bad(format!("does not exist and cannot be created: {e}")),
+                })?;
+                lock(&REGISTRY).dirs.insert(dir.clone());
+                true
+            }
+            Err(e) => return Err(bad(format!("cannot be inspected: {e}"))),
+        };
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            created_dir,
+            counter: ByteCounter::default(),
+        });
+        let id = NEXT_TIER.fetch_add(1, Ordering::Relaxed);
+        // A real write, since permission bits do not tell the whole story (read-only mounts, ACLs, root).
+        let probe = dir.join(format!(".strata-probe-{}-{id}", std::process::id()));
+        let probed = File::create(&probe).and_then(|f| {
+            use std::io::Write;
+            (&f).write_all(b"strata")
+        });
+        let _ = fs::remove_file(&probe);
+        if let Err(e) = probed {
+            return Err(if is_disk_full(&e) {
+                TierError::DiskFull {
+                    path: probe,
+                    bytes: 6,
+                }
+            } else {
+                bad(format!("is not writable: {e}"))
+            });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads.max(1))
+            .thread_name(move |i| format!("strata-disk-{id}-{i}"))
+            .build()
+            .map_err(|e| bad(format!("cannot start I/O threads: {e}")))?;
+        Ok(DiskTier {
+            shared,
+            pool: Arc::new(pool),
+            id,
+            next_file: AtomicU64::new(0),
+        })
+    }
+
+    /// The offload directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Bytes in files now and at peak.
+    pub fn stats(&self) -> TierStats {
+        self.shared.counter.stats()
+    }
+
+    /// A fresh file name for a tensor called `name` (only its filename-safe characters are kept).
+    fn file_path(&self, name: &str) -> PathBuf {
+        let n = self.next_file.fetch_add(1, Ordering::Relaxed);
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(96)
+            .collect();
+        self.shared.dir.join(format!(
+            "strata-{}-{}-{n}-{safe}.bin",
+            std::process::id(),
+            self.id
+        ))
+    }
+
+    /// Writes `data` to a new file (blocking; the pool's threads write pieces in parallel).
+    pub fn write(&self, name: &str, data: &[u8]) -> Result<DiskTensor> {
+        let path = self.file_path(name);
+        self.pool.install(|| write_new(&self.shared, path, data))
+    }
+
+    /// Overwrites `tensor[offset .. offset + data.len()]` in place (KV cache write-back), blocking.
+    pub fn write_at(&self, tensor: &DiskTensor, offset: u64, data: &[u8]) -> Result<()> {
+        check_bounds("disk write", tensor, offset, data.len())?;
+        let f = &tensor.file;
+        self.pool
+            .install(|| write_pieces(&f.file, offset, data))
+            .map_err(|e| io_error("write", &f.path, data.len() as u64, e))
+    }
+
+    /// [`DiskTier::write_at`] in the background; the ticket gives `data` back for reuse.
+    pub fn write_at_async(
+        &self,
+        tensor: &DiskTensor,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Ticket<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        if let Err(e) = check_bounds("disk write", tensor, offset, data.len()) {
+            let _ = tx.send(Err(e));
+            return Ticket { rx };
+        }
+        let file = Arc::clone(&tensor.file);
+        self.pool.spawn(move || {
+            let result = write_pieces(&file.file, offset, &data)
+                .map(|()| data)
+                .map_err(|e| io_error("write", &file.path, file.len, e));
+            let _ = tx.send(result);
+        });
+        Ticket { rx }
+    }
+
+    /// Reads the whole tensor (blocking).
+    pub fn read(&self, tensor: &DiskTensor) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; tensor.len() as usize];
+        self.read_into(tensor, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads the whole tensor into `out`, which must be exactly its length (blocking).
+    pub fn read_into(&self, tensor: &DiskTensor, out: &mut [u8]) -> Result<()> {
+        if out.len() as u64 != tensor.len() {
+            return Err(TierError::Size {
+                what: "disk read",
+                expected: tensor.len(),
+                found: out.len() as u64,
+            });
+        }
+        self.read_at(tensor, 0, out)
+    }
+
+    /// Reads `tensor[offset .. offset + out.len()]` into `out` (blocking).
+    pub fn read_at(&self, tensor: &DiskTensor, offset: u64, out: &mut [u8]) -> Result<()> {
+        check_bounds("disk read", tensor, offset, out.len())?;
+        let f = &tensor.file;
+        self.pool
+            .install(|| read_pieces(&f.file, offset, out))
+            .map_err(|e| io_error("read", &f.path, f.len, e))
+    }
+
+    /// Starts reading the tensor in the background into a new buffer.
+    pub fn prefetch(&self, tensor: &DiskTensor) -> Ticket<Vec<u8>> {
+        self.prefetch_into(tensor, Vec::new())
+    }
+
+    /// Starts reading the tensor in the background into `buf` (resized to the tensor's length; pass back a buffer
+    /// from an earlier ticket so steady-state prefetches do not allocate).
+    pub fn prefetch_into(&self, tensor: &DiskTensor, buf: Vec<u8>) -> Ticket<Vec<u8>> {
+        self.prefetch_range_into(tensor, 0, tensor.len(), buf)
+    }
+
+    /// Starts reading `tensor[offset .. offset + len]` in the background into `buf` (resized to `len`).
+    pub fn prefetch_range_into(
+        &self,
+        tensor: &DiskTensor,
+        offset: u64,
+        len: u64,
+        mut buf: Vec<u8>,
+    ) -> Ticket<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        if let Err(e) = check_bounds("disk prefetch", tensor, offset, len as usize) {
+            let _ = tx.send(Err(e));
+            return Ticket { rx };
+        }
+        let file = Arc::clone(&tensor.file);
+        self.pool.spawn(move || {
+            buf.resize(len as usize, 0);
+            let result = read_pieces(&file.file, offset, &mut buf)
+                .map(|()| buf)
+                .map_err(|e| io_error("read", &file.path, file.len, e));
+            let _ = tx.send(result);
+        });
+        Ticket { rx }
+    }
+
+    /// Writes a new file in the background (GPU -> disk write-back of a new tensor); the ticket gives the tensor and
+    /// `data` back.
+    pub fn write_async(&self, name: &str, data: Vec<u8>) -> Ticket<(DiskTensor, Vec<u8>)> {
+        let (tx, rx) = mpsc::channel();
+        let path = self.file_path(name);
+        let shared = Arc::clone(&self.shared);
+        self.pool.spawn(move || {
+            let _ = tx.send(write_new(&shared, path, &data).map(|t| (t, data)));
+        });
+        Ticket { rx }
+    }
+
+    /// Copies `src` into a host buffer with the pool's threads (used by the bandwidth probe to stage disk bytes).
+    pub fn copy_host(&self, dst: &mut [u8], src: &[u8]) {
+        self.pool.install(|| par_copy_slice(dst, src));
+    }
+}
+
+/// Writes `data` to a new file at `path` through a `.part` file renamed when complete, on the current rayon pool.
+/// On error nothing is left behind.
+fn write_new(shared: &Arc<Shared>, path: PathBuf, data: &[u8]) -> Result<DiskTensor> {
+    let part = path.with_extension("part");
+    // Registered before they exist, so a Ctrl-C at any point finds them.
+    register(&part);
+    register(&path);
+    let len = data.len() as u64;
+    let written = (|| {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&part)
+            .map_err(|e| io_error("create", &part, len, e))?;
+        write_pieces(&file, 0, data).map_err(|e| io_error("write", &part, len, e))?;
+        fs::rename(&part, &path).map_err(|e| io_error("rename", &part, len, e))?;
+        Ok(file)
+    })();
+    unregister(&part);
+    match written {
+        Ok(file) => {
+            shared.counter.add(len);
+            Ok(DiskTensor {
+                file: Arc::new(DiskFile {
+                    path,
+                    file,
+                    len,
+                    shared: Arc::clone(shared),
+                }),
+            })
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&part);
+            unregister(&path);
+            Err(e)
+        }
+    }
+}
+
+fn check_bounds(what: &'static str, tensor: &DiskTensor, offset: u64, len: usize) -> Result<()> {
+    let end = offset.checked_add(len as u64);
+    if end.is_none_or(|end| end > tensor.len()) {
+        return Err(TierError::Size {
+            what,
+            expected: tensor.len(),
+            found: offset.saturating_add(len as u64),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `data` at `offset` in pieces on the current rayon pool.
+fn write_pieces(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+    data.par_chunks(IO_PIECE)
+        .enumerate()
+        .try_for_each(|(i, piece)| write_all_at(file, piece, offset + (i * IO_PIECE) as u64))
+}
+
+/// Fills `out` from `offset` in pieces on the current rayon pool.
+fn read_pieces(file: &File, offset: u64, out: &mut [u8]) -> io::Result<()> {
+    out.par_chunks_mut(IO_PIECE)
+        .enumerate()
+        .try_for_each(|(i, piece)| read_exact_at(file, piece, offset + (i * IO_PIECE) as u64))
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_write(buf, offset)? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn enospc_and_quota_are_disk_full() {
+        // Linux errno values: ENOSPC 28, EDQUOT 122.
+        assert!(is_disk_full(&io::Error::from_raw_os_error(28)));
+        assert!(is_disk_full(&io::Error::from_raw_os_error(122)));
+        assert!(!is_disk_full(&io::Error::from_raw_os_error(13)));
+        let e = io_error(
+            "write",
+            Path::new("/x/y.bin"),
+            10,
+            io::Error::from_raw_os_error(28),
+        );
+        assert!(matches!(e, TierError::DiskFull { bytes: 10, .. }), "{e}");
+        assert!(e.to_string().contains("disk full"), "{e}");
+    }
+}
