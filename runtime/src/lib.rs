@@ -4,6 +4,7 @@
 //! tensors a config needs and the interface weight sources implement.
 #![deny(missing_docs)]
 
+pub mod compress;
 pub mod config;
 pub mod weights;
 
