@@ -5,7 +5,9 @@
 //! stores its `min` and `step = (max - min) / (2^bits - 1)` (the reciprocal of FlexLLMGen's `scale`) as fp16 and each
 //! element as `q = clamp(round((x - min) / step), 0, 2^bits - 1)`; it decodes as `x' = q * step + min`.
 //! Compressed tensors stay compressed in every tier (GPU, CPU, disk) and move as one blob: the kernels in
-//! `kernels/q4_*.wgsl` ([`GEMV_WGSL`], [`GEMM_WGSL`], [`DEQUANT_WGSL`]) read the packed words directly.
+//! `kernels/q4_*.wgsl` ([`GEMV_WGSL`], [`GEMM_WGSL`], [`DEQUANT_WGSL`], [`ATTENTION_WGSL`]) read the packed words
+//! directly, and [`QUANTIZE_WGSL`] packs new cache rows on the GPU. Each kernel's header documents its bindings,
+//! uniform (mirrored here by a `#[repr(C)]` params struct with its dispatch grid) and the `BITS` pipeline constant.
 //!
 //! # Packed layout (format version 1)
 //!
@@ -25,7 +27,8 @@
 //! `min` is rounded *down* and `step` *up* to fp16, so the stored grid always covers `[min, max]` and the error per
 //! element is at most `step / 2`: `(max - min) / 30` at 4 bits, up to fp16 rounding of the group's min and step
 //! (none when `min` is an fp16 value, as in an fp16 checkpoint, and `step` is too). A constant group stores
-//! `step = 0` and decodes exactly to its (fp16) value.
+//! `step = 0` and decodes exactly to its (fp16) value. Stored values are never fp16 subnormals (some GPUs flush
+//! them): a subnormal min becomes 0 or -2^-14 and a subnormal step 2^-14, still covering `[min, max]`.
 //!
 //! Which tensors are compressed ([`is_compressed`]): every 2-D tensor, as in FlexLLMGen (linear weights, the token
 //! embedding, which is also the tied LM head, the positional table, project_in/out, an untied LM head). Biases and
@@ -46,6 +49,10 @@ pub const GEMV_WGSL: &str = include_str!("kernels/q4_gemv.wgsl");
 pub const GEMM_WGSL: &str = include_str!("kernels/q4_gemm.wgsl");
 /// WGSL that dequantises rows of a packed tensor (a range of cache rows, or gathered embedding rows by id).
 pub const DEQUANT_WGSL: &str = include_str!("kernels/q4_dequant.wgsl");
+/// WGSL that packs f32 rows on the GPU (new K/V rows into a packed cache), by the same rule as [`quantize`].
+pub const QUANTIZE_WGSL: &str = include_str!("kernels/q4_quantize.wgsl");
+/// WGSL of decode attention reading a packed K/V cache directly.
+pub const ATTENTION_WGSL: &str = include_str!("kernels/q4_attention.wgsl");
 
 /// Version of the packed layout and of the file format written by [`save_packed_file`].
 pub const FORMAT_VERSION: u32 = 1;
@@ -560,6 +567,291 @@ impl DequantParams {
     }
 }
 
+/// The uniform of `q4_quantize.wgsl` (48 bytes, `#[repr(C)]`, field order as in the WGSL).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct QuantizeParams {
+    /// Input rows to pack.
+    pub rows: u32,
+    /// Elements per row.
+    pub cols: u32,
+    /// Data words per packed row.
+    pub words_per_row: u32,
+    /// Scale words per packed row.
+    pub groups_per_row: u32,
+    /// Data words per group.
+    pub words_per_group: u32,
+    /// Elements per group.
+    pub group_size: u32,
+    /// Word index of the scale section.
+    pub scale_offset: u32,
+    /// Packed row receiving input row 0.
+    pub first_row: u32,
+    /// Packed rows between consecutive input rows.
+    pub row_stride: u32,
+    /// Elements between input rows.
+    pub in_stride: u32,
+    /// Padding to 16-byte alignment.
+    pub pad: [u32; 2],
+}
+
+impl QuantizeParams {
+    /// The uniform for packing `rows` dense input rows into packed rows `first_row + r * row_stride` of a tensor
+    /// with `layout` and `config`; `None` when a destination row is outside the tensor or an index overflows u32.
+    pub fn new(
+        layout: &PackedLayout,
+        config: CompressionConfig,
+        rows: usize,
+        first_row: usize,
+        row_stride: usize,
+    ) -> Option<QuantizeParams> {
+        let u = |v: usize| u32::try_from(v).ok();
+        u(layout.total_words)?;
+        u(rows.checked_mul(layout.cols)?)?;
+        if rows > 0 && first_row.checked_add((rows - 1).checked_mul(row_stride)?)? >= layout.rows {
+            return None;
+        }
+        Some(QuantizeParams {
+            rows: u(rows)?,
+            cols: u(layout.cols)?,
+            words_per_row: u(layout.words_per_row)?,
+            groups_per_row: u(layout.groups_per_row)?,
+            words_per_group: u(layout.words_per_group)?,
+            group_size: u(config.group_size)?,
+            scale_offset: u(layout.scale_offset)?,
+            first_row: u(first_row)?,
+            row_stride: u(row_stride)?,
+            in_stride: u(layout.cols)?,
+            pad: [0; 2],
+        })
+    }
+
+    /// Workgroups for `q4_quantize.wgsl`: one thread per group of each input row.
+    pub fn grid(&self) -> (u32, u32, u32) {
+        (self.groups_per_row.div_ceil(64).max(1), self.rows.max(1), 1)
+    }
+}
+
+/// Where decode attention finds its cache rows: `batch * heads` (sequence, head) pairs, each with `seq_len`
+/// cached positions; position `t` of pair `bh` is cache row `t * token_stride + bh * bh_stride`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Heads per sequence.
+    pub heads: usize,
+    /// Elements per head (the cache's columns).
+    pub head_dim: usize,
+    /// Positions attended over.
+    pub seq_len: usize,
+    /// Cache rows between consecutive positions of one pair (`batch * heads` in FlexLLMGen's layout).
+    pub token_stride: usize,
+    /// Cache rows between consecutive pairs at one position (1 in FlexLLMGen's layout).
+    pub bh_stride: usize,
+}
+
+impl AttentionShape {
+    /// FlexLLMGen's cache layout `[seq, batch * heads, head_dim]`.
+    pub fn flexllmgen(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        seq_len: usize,
+    ) -> AttentionShape {
+        AttentionShape {
+            batch,
+            heads,
+            head_dim,
+            seq_len,
+            token_stride: batch * heads,
+            bh_stride: 1,
+        }
+    }
+
+    fn check(&self, k: &PackedTensor, v: &PackedTensor) -> Result<(), CompressError> {
+        if k.layout != v.layout || k.config != v.config {
+            return Err(CompressError::Config(
+                "K and V caches must have the same shape and config".into(),
+            ));
+        }
+        if k.cols() != self.head_dim {
+            return Err(CompressError::Config(format!(
+                "cache rows have {} elements but head_dim is {}",
+                k.cols(),
+                self.head_dim
+            )));
+        }
+        let pairs = self.batch * self.heads;
+        if pairs > 0 && self.seq_len > 0 {
+            let last = (self.seq_len - 1) * self.token_stride + (pairs - 1) * self.bh_stride;
+            if last >= k.rows() {
+                return Err(CompressError::Rows {
+                    start: 0,
+                    end: last + 1,
+                    rows: k.rows(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The uniform of `q4_attention.wgsl` (64 bytes, `#[repr(C)]`, field order as in the WGSL).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttentionParams {
+    /// (sequence, head) pairs.
+    pub batch_heads: u32,
+    /// Heads per sequence.
+    pub heads: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// Positions attended over.
+    pub seq_len: u32,
+    /// Cache rows between consecutive positions of one pair.
+    pub token_stride: u32,
+    /// Cache rows between consecutive pairs at one position.
+    pub bh_stride: u32,
+    /// Data words per cache row.
+    pub words_per_row: u32,
+    /// Scale words per cache row.
+    pub groups_per_row: u32,
+    /// Data words per group.
+    pub words_per_group: u32,
+    /// Word index of the scale section.
+    pub scale_offset: u32,
+    /// 1 when binding 4 holds a mask.
+    pub has_mask: u32,
+    /// Mask elements between sequences.
+    pub mask_stride: u32,
+    /// Score multiplier.
+    pub scale: f32,
+    /// Padding to 16-byte alignment.
+    pub pad: [u32; 3],
+}
+
+impl AttentionParams {
+    /// The uniform for `shape` over caches `k` and `v`, with a mask of `mask_stride` entries per sequence (`None`:
+    /// attend to every position). Checks that every addressed row is inside the caches and head_dim <= 256.
+    pub fn new(
+        shape: &AttentionShape,
+        k: &PackedTensor,
+        v: &PackedTensor,
+        mask_stride: Option<usize>,
+        scale: f32,
+    ) -> Result<AttentionParams, CompressError> {
+        shape.check(k, v)?;
+        if shape.head_dim == 0 || shape.head_dim > 256 {
+            return Err(CompressError::Config(format!(
+                "q4_attention supports head_dim 1..=256, not {}",
+                shape.head_dim
+            )));
+        }
+        let l = k.layout;
+        let too_big = || CompressError::Config("attention shape overflows 32-bit indices".into());
+        let u = |v: usize| u32::try_from(v).map_err(|_| too_big());
+        u(l.total_words)?;
+        u(shape.batch * shape.heads * shape.seq_len.max(shape.head_dim))?;
+        Ok(AttentionParams {
+            batch_heads: u(shape.batch * shape.heads)?,
+            heads: u(shape.heads)?,
+            head_dim: u(shape.head_dim)?,
+            seq_len: u(shape.seq_len)?,
+            token_stride: u(shape.token_stride)?,
+            bh_stride: u(shape.bh_stride)?,
+            words_per_row: u(l.words_per_row)?,
+            groups_per_row: u(l.groups_per_row)?,
+            words_per_group: u(l.words_per_group)?,
+            scale_offset: u(l.scale_offset)?,
+            has_mask: mask_stride.is_some() as u32,
+            mask_stride: u(mask_stride.unwrap_or(0))?,
+            scale,
+            pad: [0; 3],
+        })
+    }
+
+    /// Workgroups: one per (sequence, head) pair, spread over x and y.
+    pub fn grid(&self) -> (u32, u32, u32) {
+        let n = self.batch_heads;
+        (n.clamp(1, 65535), n.div_ceil(65535).max(1), 1)
+    }
+}
+
+/// Decode attention on the CPU over packed K/V caches, as `q4_attention.wgsl` computes it (FlexLLMGen's
+/// cpu_cache_compute path, without unpacking the cache): `query` is `[batch * heads, head_dim]`, `mask`
+/// `[batch, mask_stride]` (nonzero = attend) or `None`; returns `[batch * heads, head_dim]`, zeros for a fully
+/// masked sequence.
+pub fn decode_attention(
+    query: &[f32],
+    k: &PackedTensor,
+    v: &PackedTensor,
+    shape: &AttentionShape,
+    mask: Option<(&[u32], usize)>,
+    scale: f32,
+) -> Result<Vec<f32>, CompressError> {
+    shape.check(k, v)?;
+    let (hd, pairs) = (shape.head_dim, shape.batch * shape.heads);
+    if query.len() != pairs * hd {
+        return Err(CompressError::Length {
+            what: "attention query",
+            expected: pairs * hd,
+            found: query.len(),
+        });
+    }
+    if let Some((mask, stride)) = mask {
+        let need = if shape.batch == 0 {
+            0
+        } else {
+            (shape.batch - 1) * stride + shape.seq_len
+        };
+        if mask.len() < need || stride < shape.seq_len {
+            return Err(CompressError::Length {
+                what: "attention mask",
+                expected: need.max(shape.batch * shape.seq_len),
+                found: mask.len(),
+            });
+        }
+    }
+    let mut out = vec![0f32; pairs * hd];
+    if hd == 0 {
+        return Ok(out);
+    }
+    out.par_chunks_mut(hd).enumerate().for_each(|(bh, out)| {
+        let b = bh / shape.heads;
+        let q = &query[bh * hd..(bh + 1) * hd];
+        let mut key = vec![0f32; hd];
+        let mut weights = Vec::with_capacity(shape.seq_len);
+        for t in 0..shape.seq_len {
+            let attend = mask.is_none_or(|(m, stride)| m[b * stride + t] != 0);
+            if attend {
+                let row = t * shape.token_stride + bh * shape.bh_stride;
+                k.decode_row(row, &mut key);
+                let s: f32 = q.iter().zip(&key).map(|(a, b)| a * b).sum();
+                weights.push((row, s * scale));
+            }
+        }
+        let Some(max) = weights.iter().map(|w| w.1).reduce(f32::max) else {
+            return;
+        };
+        let mut total = 0.0;
+        for w in &mut weights {
+            w.1 = (w.1 - max).exp();
+            total += w.1;
+        }
+        let mut value = vec![0f32; hd];
+        for &(row, w) in &weights {
+            v.decode_row(row, &mut value);
+            for (o, x) in out.iter_mut().zip(&value) {
+                *o += w * x;
+            }
+        }
+        for o in out.iter_mut() {
+            *o /= total;
+        }
+    });
+    Ok(out)
+}
+
 /// Compresses a row-major `[rows, cols]` f32 tensor, in parallel over rows. Works on one tensor at a time, so a
 /// checkpoint can be converted tensor by tensor without holding the whole model.
 pub fn quantize(
@@ -628,24 +920,38 @@ fn unpack_scale(word: u32) -> (f32, f32) {
     )
 }
 
-/// The largest fp16 not above `x` (finite `x` within the fp16 range).
-fn f16_down(x: f32) -> f16 {
-    let h = f16::from_f32(x);
-    if h.to_f32() <= x {
-        h
-    } else {
-        f16_step(h, false)
-    }
+/// Whether an fp16 is subnormal (some GPUs flush those to zero when unpacking, so none is ever stored).
+fn is_subnormal(h: f16) -> bool {
+    h.to_bits() & 0x7c00 == 0 && h.to_bits() & 0x03ff != 0
 }
 
-/// The smallest fp16 not below `x` (finite `x` within the fp16 range).
-fn f16_up(x: f32) -> f16 {
-    let h = f16::from_f32(x);
-    if h.to_f32() >= x {
-        h
-    } else {
-        f16_step(h, true)
+/// The largest normal (or zero) fp16 not above `x` (finite `x` within the fp16 range): a subnormal result becomes
+/// 0 when positive and -2^-14 when negative.
+fn f16_down(x: f32) -> f16 {
+    let mut h = f16::from_f32(x);
+    if h.to_f32() > x {
+        h = f16_step(h, false);
     }
+    if is_subnormal(h) {
+        h = if h.is_sign_negative() {
+            f16::from_bits(0x8400)
+        } else {
+            f16::ZERO
+        };
+    }
+    h
+}
+
+/// The smallest normal fp16 not below `x` (positive `x` within the fp16 range): a subnormal result becomes 2^-14.
+fn f16_up(x: f32) -> f16 {
+    let mut h = f16::from_f32(x);
+    if h.to_f32() < x {
+        h = f16_step(h, true);
+    }
+    if is_subnormal(h) {
+        h = f16::MIN_POSITIVE;
+    }
+    h
 }
 
 /// The fp16 next to `h` upwards or downwards (finite, not at the range's edge).
@@ -1028,19 +1334,21 @@ mod tests {
             -0.1,
             1.0 / 3.0,
             -7.77,
-            1e-6,
-            -1e-6,
-            0.0,
             65504.0,
             -65504.0,
-            3.0e-8,
+            6.2e-5,
+            -6.2e-5,
         ] {
             let (d, u) = (f16_down(x).to_f32(), f16_up(x).to_f32());
             assert!(d <= x && x <= u, "{x}: {d} {u}");
-            assert!(
-                u - d <= x.abs() / 512.0 + 6.0e-8,
-                "{x}: {d} {u} are not neighbours"
-            );
+            assert!(u - d <= x.abs() / 512.0, "{x}: {d} {u} are not neighbours");
+        }
+        // Never subnormal: tiny values round to zero or the smallest normal, still on the right side.
+        let tiny = f16::MIN_POSITIVE.to_f32();
+        for x in [1e-6f32, 3e-8, 0.0] {
+            assert_eq!(f16_down(x).to_f32(), 0.0, "{x}");
+            assert_eq!(f16_down(-x - 1e-9).to_f32(), -tiny, "{x}");
+            assert_eq!(f16_up(x + 1e-9).to_f32(), tiny, "{x}");
         }
     }
 

@@ -1,8 +1,9 @@
-//! The q4_* WGSL kernels on a real wgpu device (lavapipe on CPU machines) against `dequantize` + a CPU matmul.
+//! The q4_* WGSL kernels on a real wgpu device (lavapipe on CPU machines) against `dequantize` + CPU references.
 
 use strata_runtime::compress::{
-    dequantize, quantize, CompressionConfig, DequantParams, MatmulParams, PackedTensor,
-    DEQUANT_WGSL, GEMM_WGSL, GEMV_WGSL,
+    decode_attention, dequantize, quantize, AttentionParams, AttentionShape, CompressionConfig,
+    DequantParams, MatmulParams, PackedTensor, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL,
+    GEMM_WGSL, GEMV_WGSL, QUANTIZE_WGSL,
 };
 use wgpu::util::DeviceExt;
 
@@ -82,6 +83,17 @@ impl Gpu {
         buffers: &[&wgpu::Buffer],
         grid: (u32, u32, u32),
     ) -> Vec<f32> {
+        bytemuck::pod_collect_to_vec(&self.run_bytes(pipeline, uniform, buffers, grid))
+    }
+
+    /// Like `run`, returning the last buffer's bytes.
+    fn run_bytes(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        uniform: &[u8],
+        buffers: &[&wgpu::Buffer],
+        grid: (u32, u32, u32),
+    ) -> Vec<u8> {
         let uniform = self
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -125,7 +137,7 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .expect("poll");
         let data = readback.get_mapped_range(..).expect("mapped");
-        bytemuck::pod_collect_to_vec(&data)
+        data.to_vec()
     }
 }
 
@@ -300,4 +312,185 @@ fn dequant_kernel_decodes_cache_ranges_and_gathers_embedding_rows() {
         Some(6)
     )
     .is_none());
+}
+
+#[test]
+fn gpu_quantize_packs_cache_rows_like_the_cpu() {
+    let gpu = gpu();
+    for (bits, group) in [(4u8, 64usize), (8, 32), (2, 64)] {
+        let config = CompressionConfig::new(bits, group).unwrap();
+        let mut rng = Rng(11 + bits as u64);
+        let (rows, cols) = (24, 80);
+        let mut values = rng.vec(rows * cols, 3.0);
+        // A constant group, an outlier-heavy group, a tiny-range group and a tiny-valued group.
+        values[..64].fill(0.75);
+        values[cols * 3 + 5] = 900.0;
+        for (i, x) in values[cols * 5..cols * 5 + 64].iter_mut().enumerate() {
+            *x = 1.0 + i as f32 * 1e-6;
+        }
+        for x in &mut values[cols * 7..cols * 8] {
+            *x *= 1e-6;
+        }
+        // Pack into every other row of a 60-row cache starting at row 9, as the CPU does with write_rows.
+        let capacity = 60;
+        let mut cpu = PackedTensor::zeros(capacity, cols, config).unwrap();
+        for r in 0..rows {
+            cpu.write_rows(9 + 2 * r, &values[r * cols..(r + 1) * cols])
+                .unwrap();
+        }
+        let empty = PackedTensor::zeros(capacity, cols, config).unwrap();
+        let params = QuantizeParams::new(&empty.layout(), config, rows, 9, 2).unwrap();
+        let pipeline = gpu.pipeline(QUANTIZE_WGSL, bits);
+        let input = gpu.storage(bytemuck::cast_slice(&values));
+        let packed = gpu.storage(empty.as_bytes());
+        let bytes = gpu.run_bytes(
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            &[&input, &packed],
+            params.grid(),
+        );
+        let ours = PackedTensor::from_bytes(capacity, cols, config, &bytes).unwrap();
+        let (a, b) = (ours.words(), cpu.words());
+        let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+        // Words may differ only where WGSL's division or tie rounding lands on the other side.
+        assert!(
+            same * 100 >= a.len() * 99,
+            "bits {bits}: only {same} of {} words match the CPU",
+            a.len()
+        );
+        let (got, want) = (dequantize(&ours), dequantize(&cpu));
+        for r in 0..capacity {
+            for c in 0..cols {
+                let (g, w) = (got[r * cols + c], want[r * cols + c]);
+                let (step, _) = cpu.group_params(r, c / group);
+                assert!(
+                    (g - w).abs() <= step * 1.01 + 1e-7,
+                    "bits {bits} ({r}, {c}): gpu {g} cpu {w}"
+                );
+                if r < 9 || r % 2 == 0 {
+                    assert_eq!(g, 0.0, "row {r} was not written and must stay empty");
+                }
+            }
+        }
+    }
+}
+
+/// Naive f64 attention over dequantised caches, independent of `decode_attention`.
+fn attention_reference(
+    query: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &AttentionShape,
+    mask: &[u32],
+    scale: f32,
+) -> Vec<f64> {
+    let hd = shape.head_dim;
+    let mut out = vec![0f64; shape.batch * shape.heads * hd];
+    for bh in 0..shape.batch * shape.heads {
+        let b = bh / shape.heads;
+        let rows: Vec<usize> = (0..shape.seq_len)
+            .filter(|&t| mask[b * shape.seq_len + t] != 0)
+            .map(|t| t * shape.token_stride + bh * shape.bh_stride)
+            .collect();
+        let scores: Vec<f64> = rows
+            .iter()
+            .map(|&r| {
+                (0..hd)
+                    .map(|d| query[bh * hd + d] as f64 * k[r * hd + d] as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        for (&r, w) in rows.iter().zip(&weights) {
+            for d in 0..hd {
+                out[bh * hd + d] += w / total * v[r * hd + d] as f64;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_kernel_reads_the_packed_cache() {
+    let gpu = gpu();
+    for (bits, group, head_dim, flex_layout) in [
+        (4u8, 64usize, 80usize, true),
+        (4, 64, 64, false),
+        (8, 32, 128, true),
+        (2, 64, 64, true),
+    ] {
+        let config = CompressionConfig::new(bits, group).unwrap();
+        let (batch, heads, seq_len, capacity) = (3, 4, 37, 50);
+        let shape = if flex_layout {
+            AttentionShape::flexllmgen(batch, heads, head_dim, seq_len)
+        } else {
+            AttentionShape {
+                batch,
+                heads,
+                head_dim,
+                seq_len,
+                token_stride: 1,
+                bh_stride: capacity,
+            }
+        };
+        let rows = capacity * batch * heads;
+        let mut rng = Rng(21 + head_dim as u64 + bits as u64);
+        let k = quantize(&rng.vec(rows * head_dim, 1.0), rows, head_dim, config).unwrap();
+        let v = quantize(&rng.vec(rows * head_dim, 1.0), rows, head_dim, config).unwrap();
+        let query = rng.vec(batch * heads * head_dim, 1.0);
+        // Sequence 0 attends everywhere, sequence 1 is left-padded by 5, sequence 2 is fully masked.
+        let mask: Vec<u32> = (0..batch * seq_len)
+            .map(|i| match i / seq_len {
+                0 => 1,
+                1 => (i % seq_len >= 5) as u32,
+                _ => 0,
+            })
+            .collect();
+        let scale = (head_dim as f32).powf(-0.5);
+        let cpu = decode_attention(&query, &k, &v, &shape, Some((&mask, seq_len)), scale).unwrap();
+        let want = attention_reference(
+            &query,
+            &dequantize(&k),
+            &dequantize(&v),
+            &shape,
+            &mask,
+            scale,
+        );
+        for (i, (c, w)) in cpu.iter().zip(&want).enumerate() {
+            assert!(
+                (*c as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "cpu decode_attention {i}: {c} vs {w}"
+            );
+        }
+        assert!(
+            cpu[2 * heads * head_dim..].iter().all(|&x| x == 0.0),
+            "a fully masked sequence gives zeros"
+        );
+
+        let params = AttentionParams::new(&shape, &k, &v, Some(seq_len), scale).unwrap();
+        let pipeline = gpu.pipeline(ATTENTION_WGSL, bits);
+        let buffers = [
+            gpu.storage(bytemuck::cast_slice(&query)),
+            gpu.storage(k.as_bytes()),
+            gpu.storage(v.as_bytes()),
+            gpu.storage(bytemuck::cast_slice(&mask)),
+            gpu.storage(&vec![0u8; 4 * batch * heads * seq_len]),
+            gpu.storage(&vec![0xffu8; 4 * batch * heads * head_dim]),
+        ];
+        let refs: Vec<&wgpu::Buffer> = buffers.iter().collect();
+        let got = gpu.run(&pipeline, bytemuck::bytes_of(&params), &refs, params.grid());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "bits {bits} head_dim {head_dim}: output {i}: gpu {g} vs {w}"
+            );
+        }
+    }
+    // Shapes that address rows outside the cache are refused before any dispatch.
+    let small = PackedTensor::zeros(10, 64, CompressionConfig::DEFAULT).unwrap();
+    let shape = AttentionShape::flexllmgen(2, 2, 64, 3);
+    assert!(AttentionParams::new(&shape, &small, &small, None, 1.0).is_err());
 }
