@@ -9,9 +9,10 @@
 //   4 storage  read_write  y: array<f32>   batch rows of `rows` outputs, row b at b * y_stride
 // Pipeline constant: BITS (2, 4 or 8; default 4).
 // Dispatch: ceil(rows / 4) workgroups of 256 threads, laid out as (min(n, 65535), ceil(n / 65535), 1); the kernel
-// linearises the grid. Each workgroup owns 4 output rows, 64 threads per row stride along the row's words, and
-// loops over the batch 4 tokens at a time (the row's words stay in cache), reducing in workgroup memory.
-// f32 accumulation.
+// linearises the grid. Each workgroup owns 4 output rows; 64 threads per row stride along the row's words. The
+// inputs go through workgroup memory 512 columns at a time (coalesced loads, shared by the 4 rows), 4 tokens at a
+// time (one vec4 per column); partial sums are reduced in workgroup memory. f32 accumulation. 12 KiB of
+// workgroup memory.
 
 struct Params {
     rows: u32,            // output features (rows of W)
@@ -32,6 +33,7 @@ override BITS: u32 = 4u;
 
 const ROWS_PER_WG: u32 = 4u;
 const LANES: u32 = 64u;
+const CHUNK: u32 = 512u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -39,6 +41,8 @@ const LANES: u32 = 64u;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
+// Inputs of 4 tokens for CHUNK columns (zero past `cols`, so padded weights contribute nothing).
+var<workgroup> xt: array<vec4<f32>, 512>;
 var<workgroup> partial: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(256)
@@ -65,18 +69,30 @@ fn main(
         let x2 = min(b0 + 2u, last_b) * p.x_stride;
         let x3 = min(b0 + 3u, last_b) * p.x_stride;
         var acc = vec4<f32>(0.0);
-        if live {
-            for (var k = lane; k < n_words; k += LANES) {
-                let word = w[row_words + k];
-                let sm = unpack2x16float(w[row_scales + k / p.words_per_group]);
-                let c0 = k * vpw;
-                let n = min(vpw, p.cols - c0);
-                for (var j = 0u; j < n; j++) {
-                    let v = f32((word >> (j * BITS)) & mask) * sm.x + sm.y;
-                    let c = c0 + j;
-                    acc += v * vec4<f32>(x[x0 + c], x[x1 + c], x[x2 + c], x[x3 + c]);
+        for (var c_base = 0u; c_base < p.cols; c_base += CHUNK) {
+            for (var c = lid; c < CHUNK; c += 256u) {
+                let col = c_base + c;
+                var v = vec4<f32>(0.0);
+                if col < p.cols {
+                    v = vec4<f32>(x[x0 + col], x[x1 + col], x[x2 + col], x[x3 + col]);
+                }
+                xt[c] = v;
+            }
+            workgroupBarrier();
+            if live {
+                let k_begin = c_base / vpw;
+                let k_end = min(k_begin + CHUNK / vpw, n_words);
+                for (var k = k_begin + lane; k < k_end; k += LANES) {
+                    let word = w[row_words + k];
+                    let sm = unpack2x16float(w[row_scales + k / p.words_per_group]);
+                    let lc = k * vpw - c_base;
+                    for (var j = 0u; j < vpw; j++) {
+                        let v = f32((word >> (j * BITS)) & mask) * sm.x + sm.y;
+                        acc += v * xt[lc + j];
+                    }
                 }
             }
+            workgroupBarrier();
         }
         partial[lid] = acc;
         workgroupBarrier();
