@@ -21,8 +21,9 @@
 //!   low half and `min` in the high half, so WGSL's `unpack2x16float(word)` yields `vec2(step, min)`.
 //!
 //! Why this layout: a GEMV workgroup owns a few output rows and its threads stride along the row's words, so
-//! neighbouring threads read neighbouring words (coalesced), each word lies inside one group (`group_size` is a
-//! multiple of `vpw`) and needs exactly one scale word, and power-of-two data rows keep vector loads aligned.
+//! neighbouring threads read neighbouring words (coalesced); each word lies inside one group (`group_size` is a
+//! multiple of `vpw`) and needs exactly one scale word; keeping data and scales in separate sections keeps every
+//! group's data words contiguous and aligned (8 words, 32 bytes, at the default 4 bits / 64).
 //!
 //! `min` is rounded *down* and `step` *up* to fp16, so the stored grid always covers `[min, max]` and the error per
 //! element is at most `step / 2`: `(max - min) / 30` at 4 bits, up to fp16 rounding of the group's min and step
@@ -32,7 +33,18 @@
 //!
 //! Which tensors are compressed ([`is_compressed`]): every 2-D tensor, as in FlexLLMGen (linear weights, the token
 //! embedding, which is also the tied LM head, the positional table, project_in/out, an untied LM head). Biases and
-//! layer norms stay at the model's dtype. The KV cache `[seq * batch * heads, head_dim]` is grouped along head_dim.
+//! layer norms stay at the model's dtype. The KV cache `[seq * batch * heads, head_dim]` is grouped along head_dim:
+//! [`PackedTensor::write_rows`] (CPU) or `q4_quantize.wgsl` (GPU) append a decode step's rows, and
+//! [`decode_attention`] (CPU) or `q4_attention.wgsl` (GPU) attend over the packed cache without unpacking it.
+//!
+//! # Files
+//!
+//! A packed checkpoint is a safetensors file: each packed tensor is a 1-D `U32` array of its words, dense tensors
+//! are ordinary entries, and one metadata key `strata` holds the format name, [`FORMAT_VERSION`] and every packed
+//! tensor's rows, cols, bits and group size. [`write_packed_model`] converts a [`WeightSource`] tensor by tensor;
+//! [`PackedCheckpoint`] maps a file and lends packed tensors as bytes (the disk tier); [`to_packed_bytes`],
+//! [`save_packed_file`], [`from_packed_bytes`] and [`load_packed_file`] handle in-memory sets of tensors. A tensor
+//! larger than one GPU binding is split by rows with [`PackedTensor::row_block`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -354,6 +366,25 @@ impl PackedTensor {
     pub fn group_params(&self, row: usize, group: usize) -> (f32, f32) {
         let word = self.words[self.layout.scale_offset + row * self.layout.groups_per_row + group];
         unpack_scale(word)
+    }
+
+    /// Rows `first_row..first_row + count` as a packed tensor of their own (same config), e.g. to split a tensor
+    /// larger than one GPU binding; a GEMV over the block computes outputs `first_row..first_row + count`.
+    pub fn row_block(&self, first_row: usize, count: usize) -> Result<PackedTensor, CompressError> {
+        let end = first_row
+            .checked_add(count)
+            .filter(|&e| e <= self.layout.rows)
+            .ok_or(CompressError::Rows {
+                start: first_row,
+                end: first_row.saturating_add(count),
+                rows: self.layout.rows,
+            })?;
+        let (wpr, gpr) = (self.layout.words_per_row, self.layout.groups_per_row);
+        let mut words = Vec::with_capacity(count * (wpr + gpr));
+        words.extend_from_slice(&self.words[first_row * wpr..end * wpr]);
+        let scales = &self.words[self.layout.scale_offset..];
+        words.extend_from_slice(&scales[first_row * gpr..end * gpr]);
+        PackedTensor::from_words(count, self.layout.cols, self.config, words)
     }
 
     /// Quantises `values` (`count` whole rows, row-major) into rows `first_row..first_row + count`, e.g. a

@@ -287,6 +287,10 @@ fn cache_rows_append_like_a_whole_tensor() {
         .unwrap()
         .iter()
         .all(|&x| x == 0.0));
+    // A block of rows is a tensor of its own that decodes to the same values.
+    let block = whole.row_block(17, 30).unwrap();
+    assert_eq!(dequantize(&block), whole.dequantize_rows(17, 30).unwrap());
+    assert!(whole.row_block(40, 21).is_err());
     assert!(matches!(
         cache.write_rows(rows + 10, step_of(&values, head_dim, 11)),
         Err(CompressError::Rows { .. })
