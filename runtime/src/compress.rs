@@ -175,6 +175,29 @@ impl PackedLayout {
         }
     }
 
+    /// [`PackedLayout::new`] for shapes from outside (a file header, a caller): validates `config` and refuses
+    /// shapes whose word count overflows.
+    pub fn checked(
+        rows: usize,
+        cols: usize,
+        config: CompressionConfig,
+    ) -> Result<PackedLayout, CompressError> {
+        config.validate()?;
+        let words_per_row = cols
+            .div_ceil(config.group_size)
+            .checked_mul(config.words_per_group());
+        let total = words_per_row
+            .and_then(|w| w.checked_add(cols.div_ceil(config.group_size)))
+            .and_then(|w| w.checked_mul(rows))
+            .and_then(|w| w.checked_mul(4));
+        if total.is_none() {
+            return Err(CompressError::Config(format!(
+                "a packed [{rows}, {cols}] tensor does not fit in memory"
+            )));
+        }
+        Ok(PackedLayout::new(rows, cols, config))
+    }
+
     /// Total bytes.
     pub const fn bytes(&self) -> u64 {
         4 * self.total_words as u64
@@ -266,7 +289,7 @@ impl PackedTensor {
         config: CompressionConfig,
     ) -> Result<PackedTensor, CompressError> {
         config.validate()?;
-        let layout = PackedLayout::new(rows, cols, config);
+        let layout = PackedLayout::checked(rows, cols, config)?;
         Ok(PackedTensor {
             layout,
             config,
@@ -282,7 +305,7 @@ impl PackedTensor {
         words: Vec<u32>,
     ) -> Result<PackedTensor, CompressError> {
         config.validate()?;
-        let layout = PackedLayout::new(rows, cols, config);
+        let layout = PackedLayout::checked(rows, cols, config)?;
         if words.len() != layout.total_words {
             return Err(CompressError::Length {
                 what: "packed words",
@@ -715,9 +738,17 @@ impl AttentionShape {
                 self.head_dim
             )));
         }
-        let pairs = self.batch * self.heads;
+        let overflow = || CompressError::Config(format!("attention shape {self:?} overflows"));
+        let pairs = self.batch.checked_mul(self.heads).ok_or_else(overflow)?;
+        pairs
+            .checked_mul(self.seq_len.max(self.head_dim))
+            .ok_or_else(overflow)?;
         if pairs > 0 && self.seq_len > 0 {
-            let last = (self.seq_len - 1) * self.token_stride + (pairs - 1) * self.bh_stride;
+            let last = (self.seq_len - 1)
+                .checked_mul(self.token_stride)
+                .zip((pairs - 1).checked_mul(self.bh_stride))
+                .and_then(|(a, b)| a.checked_add(b))
+                .ok_or_else(overflow)?;
             if last >= k.rows() {
                 return Err(CompressError::Rows {
                     start: 0,

@@ -331,6 +331,9 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
     .unwrap_err();
     assert!(err.to_string().contains("bits = 5"), "{err}");
     assert!(PackedTensor::from_words(2, 64, config, vec![0; 3]).is_err());
+    // A shape from a corrupt header is an error, not an overflow or a huge allocation.
+    let err = PackedTensor::from_words(usize::MAX / 2, 1 << 20, config, vec![]).unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
 }
 
 fn sample_checkpoint() -> Vec<(String, StoredTensor)> {
