@@ -293,6 +293,68 @@ impl OptConfig {
         }
         Ok(())
     }
+
+    /// Bytes of a `[rows, cols]` tensor in strata's packed format (see `crate::compress`): per row,
+    /// `ceil(cols / group_size)` groups of `group_size * bits / 32` data words plus one word of fp16 (step, min).
+    ///
+    /// # Panics
+    /// When `bits` is not 2, 4 or 8 or `group_size` is not a positive multiple of `32 / bits` (a compile error in
+    /// a const context); `crate::compress::CompressionConfig::new` checks the same values without panicking.
+    pub const fn packed_matrix_bytes(rows: u64, cols: u64, bits: u32, group_size: u64) -> u64 {
+        assert!(
+            (bits == 2 || bits == 4 || bits == 8)
+                && group_size > 0
+                && group_size % (32 / bits as u64) == 0,
+            "compression needs bits of 2, 4 or 8 and group_size a positive multiple of 32 / bits"
+        );
+        let words_per_group = group_size * bits as u64 / 32;
+        4 * rows * cols.div_ceil(group_size) * (words_per_group + 1)
+    }
+
+    /// Exact bytes of every weight with `bits`-bit group-wise compression, as FlexLLMGen's `--compress-weight`:
+    /// every 2-D tensor (linear weights, token embedding, positional table, project_in/out, an untied LM head) is
+    /// packed with groups of `group_size` along its rows' contiguous axis (see `crate::compress`); biases and layer
+    /// norms stay at the config's dtype. Panics as [`Self::packed_matrix_bytes`].
+    pub const fn compressed_model_bytes(&self, bits: u32, group_size: u64) -> u64 {
+        let h = self.hidden_size as u64;
+        let f = self.ffn_embed_dim as u64;
+        let p = self.word_embed_proj_dim as u64;
+        let v = self.vocab_size as u64;
+        let layer_packed = 4 * Self::packed_matrix_bytes(h, h, bits, group_size)
+            + Self::packed_matrix_bytes(f, h, bits, group_size)
+            + Self::packed_matrix_bytes(h, f, bits, group_size);
+        let layer_dense = (self.enable_bias as u64 * (5 * h + f) + 2 * self.layer_norm_params())
+            * self.dtype.size_bytes();
+        let mut total = self.num_hidden_layers as u64 * (layer_packed + layer_dense);
+        total += Self::packed_matrix_bytes(v, p, bits, group_size)
+            + Self::packed_matrix_bytes(self.num_positions() as u64, h, bits, group_size);
+        if self.has_projection() {
+            total += Self::packed_matrix_bytes(h, p, bits, group_size)
+                + Self::packed_matrix_bytes(p, h, bits, group_size);
+        }
+        if self.has_final_layer_norm() {
+            total += self.layer_norm_params() * self.dtype.size_bytes();
+        }
+        if !self.tie_word_embeddings {
+            total += Self::packed_matrix_bytes(v, p, bits, group_size);
+        }
+        total
+    }
+
+    /// KV cache bytes with `bits`-bit compression for `batch_size` sequences of `seq_len` tokens: K and V of every
+    /// layer, each `batch_size * seq_len * n_head` rows of head_dim grouped along head_dim (FlexLLMGen's
+    /// `--compress-cache` grouping). Panics as [`Self::packed_matrix_bytes`].
+    pub const fn compressed_cache_bytes(
+        &self,
+        batch_size: u64,
+        seq_len: u64,
+        bits: u32,
+        group_size: u64,
+    ) -> u64 {
+        let rows = batch_size * seq_len * self.n_head as u64;
+        2 * self.num_hidden_layers as u64
+            * Self::packed_matrix_bytes(rows, self.head_dim() as u64, bits, group_size)
+    }
 }
 
 /// A config whose values cannot describe a runnable model.

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod compress;
 pub mod config;
 pub mod cost_model;
 pub mod dummy;

@@ -1,0 +1,478 @@
+//! Packed checkpoints: safetensors files holding packed tensors as `U32` blobs plus a `strata` metadata entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::{
+    is_compressed, packed_bytes, quantize, CompressError, CompressionConfig, PackedLayout,
+    PackedTensor, FORMAT_NAME, FORMAT_VERSION,
+};
+use crate::config::DType;
+use crate::weights::{model_tensors, HostTensor, WeightSource};
+
+/// One tensor of a packed checkpoint: compressed, or kept at its dtype (biases, layer norms).
+#[derive(Clone, Debug)]
+pub enum StoredTensor {
+    /// A compressed tensor.
+    Packed(PackedTensor),
+    /// An uncompressed tensor.
+    Dense(HostTensor<'static>),
+}
+
+/// Metadata of one packed tensor.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PackedMeta {
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group_size: usize,
+}
+
+/// The JSON stored under the single metadata key [`META_KEY`] (one key, so the header's bytes are deterministic).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FileHeader {
+    format: String,
+    format_version: u32,
+    packed: BTreeMap<String, PackedMeta>,
+}
+
+/// The safetensors metadata key holding [`FileHeader`].
+const META_KEY: &str = "strata";
+
+fn to_safetensors_dtype(dtype: DType) -> safetensors::Dtype {
+    match dtype {
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::F32 => safetensors::Dtype::F32,
+    }
+}
+
+type Views<'a> = Vec<(&'a str, safetensors::tensor::TensorView<'a>)>;
+
+fn views(
+    tensors: &[(String, StoredTensor)],
+) -> Result<(Views<'_>, HashMap<String, String>), CompressError> {
+    let mut header = FileHeader {
+        format: FORMAT_NAME.to_owned(),
+        format_version: FORMAT_VERSION,
+        packed: BTreeMap::new(),
+    };
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let view = match tensor {
+            StoredTensor::Packed(p) => {
+                let meta = PackedMeta {
+                    rows: p.rows(),
+                    cols: p.cols(),
+                    bits: p.config.bits,
+                    group_size: p.config.group_size,
+                };
+                if header.packed.insert(name.clone(), meta).is_some() {
+                    return Err(CompressError::Format(format!(
+                        "tensor `{name}` appears twice"
+                    )));
+                }
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::U32,
+                    vec![p.words.len()],
+                    p.as_bytes(),
+                )
+            }
+            StoredTensor::Dense(t) => safetensors::tensor::TensorView::new(
+                to_safetensors_dtype(t.dtype),
+                t.shape.clone(),
+                &t.bytes,
+            ),
+        }
+        .map_err(|e| CompressError::Format(format!("tensor `{name}`: {e}")))?;
+        out.push((name.as_str(), view));
+    }
+    let json = serde_json::to_string(&header).map_err(|e| CompressError::Format(e.to_string()))?;
+    Ok((out, HashMap::from([(META_KEY.to_owned(), json)])))
+}
+
+/// Serialises named tensors into a packed checkpoint in memory: a safetensors file whose packed tensors are 1-D
+/// `U32` arrays of the packed words (one blob, copied as-is into a GPU buffer), with one metadata key `strata`
+/// holding `{"format":"strata-packed","format_version":1,"packed":{name:{"rows","cols","bits","group_size"}}}`.
+/// Dense tensors are ordinary safetensors entries. The same tensors always give the same bytes.
+pub fn to_packed_bytes(tensors: &[(String, StoredTensor)]) -> Result<Vec<u8>, CompressError> {
+    let (views, metadata) = views(tensors)?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| CompressError::Format(e.to_string()))
+}
+
+/// Writes [`to_packed_bytes`]'s format to `path`, streaming tensor by tensor.
+pub fn save_packed_file(
+    path: &Path,
+    tensors: &[(String, StoredTensor)],
+) -> Result<(), CompressError> {
+    let (views, metadata) = views(tensors)?;
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => CompressError::Io {
+            path: path.display().to_string(),
+            source,
+        },
+        other => CompressError::Format(format!("{}: {other}", path.display())),
+    })
+}
+
+/// Reads and checks the `strata` metadata entry of a packed checkpoint.
+fn parse_header(metadata: Option<&HashMap<String, String>>) -> Result<FileHeader, CompressError> {
+    let bad = |reason: String| CompressError::Format(reason);
+    let Some(json) = metadata.and_then(|m| m.get(META_KEY)) else {
+        return Err(bad(format!(
+            "no `{META_KEY}` metadata: this is not a strata packed checkpoint (convert the model with strata)"
+        )));
+    };
+    let header: FileHeader =
+        serde_json::from_str(json).map_err(|e| bad(format!("metadata `{META_KEY}`: {e}")))?;
+    if header.format != FORMAT_NAME {
+        return Err(bad(format!(
+            "format is \"{}\", expected \"{FORMAT_NAME}\": this is not a strata packed checkpoint",
+            header.format
+        )));
+    }
+    if header.format_version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {} is not supported: this build reads version {FORMAT_VERSION}; \
+             re-create the file with this strata",
+            header.format_version
+        )));
+    }
+    Ok(header)
+}
+
+/// Reads a packed checkpoint from memory, in name order.
+pub fn from_packed_bytes(bytes: &[u8]) -> Result<Vec<(String, StoredTensor)>, CompressError> {
+    let bad = |reason: String| CompressError::Format(reason);
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let header = parse_header(metadata.metadata().as_ref())?;
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in file.iter() {
+        let tensor = match header.packed.get(name) {
+            Some(meta) => {
+                if view.dtype() != safetensors::Dtype::U32 {
+                    return Err(bad(format!(
+                        "packed tensor `{name}` has dtype {:?}, expected U32",
+                        view.dtype()
+                    )));
+                }
+                let config = CompressionConfig {
+                    bits: meta.bits,
+                    group_size: meta.group_size,
+                };
+                StoredTensor::Packed(
+                    PackedTensor::from_bytes(meta.rows, meta.cols, config, view.data())
+                        .map_err(|e| bad(format!("packed tensor `{name}`: {e}")))?,
+                )
+            }
+            None => {
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::F16 => DType::F16,
+                    safetensors::Dtype::BF16 => DType::BF16,
+                    safetensors::Dtype::F32 => DType::F32,
+                    other => {
+                        return Err(bad(format!(
+                            "dense tensor `{name}` has dtype {other:?}; expected F16, BF16 or F32"
+                        )))
+                    }
+                };
+                StoredTensor::Dense(HostTensor {
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    bytes: view.data().to_vec().into(),
+                })
+            }
+        };
+        out.insert(name.to_owned(), tensor);
+    }
+    if let Some(name) = header.packed.keys().find(|n| !out.contains_key(*n)) {
+        return Err(bad(format!(
+            "metadata describes packed tensor `{name}` but the file has no such tensor"
+        )));
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Reads a packed checkpoint written by [`save_packed_file`].
+pub fn load_packed_file(path: &Path) -> Result<Vec<(String, StoredTensor)>, CompressError> {
+    let bytes = std::fs::read(path).map_err(|source| CompressError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    from_packed_bytes(&bytes).map_err(|e| match e {
+        CompressError::Format(reason) => {
+            CompressError::Format(format!("{}: {reason}", path.display()))
+        }
+        other => other,
+    })
+}
+
+/// A tensor's elements as f32 (fp16, bf16 and f32 sources; little-endian bytes).
+pub fn host_tensor_to_f32(tensor: &HostTensor<'_>) -> Result<Vec<f32>, CompressError> {
+    let numel: usize = tensor.shape.iter().product();
+    let size = tensor.dtype.size_bytes() as usize;
+    if tensor.bytes.len() != numel * size {
+        return Err(CompressError::Length {
+            what: "tensor bytes",
+            expected: numel * size,
+            found: tensor.bytes.len(),
+        });
+    }
+    let chunks = tensor.bytes.par_chunks_exact(size);
+    Ok(match tensor.dtype {
+        DType::F16 => chunks
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::BF16 => chunks
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::F32 => chunks
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    })
+}
+
+fn safetensors_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F32 => "F32",
+    }
+}
+
+/// Writes every tensor of `source`'s model to a packed checkpoint at `path`, one tensor at a time: each 2-D
+/// tensor ([`is_compressed`]) is loaded, converted to f32, packed and written before the next is read, so peak
+/// memory is about one tensor in f32, never the whole model. Biases and layer norms are copied at their stored
+/// dtype. The file is written beside `path` and renamed into place when complete. Returns the file's size.
+pub fn write_packed_model(
+    path: &Path,
+    source: &dyn WeightSource,
+    config: CompressionConfig,
+) -> Result<u64, CompressError> {
+    use std::io::Write;
+    config.validate()?;
+    let specs = model_tensors(source.config());
+    let io = |source: std::io::Error| CompressError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    // The header needs every tensor's offsets before any data: packed sizes follow from the shapes, dense sizes
+    // from the dtype the source stores, which the first load of each dense tensor confirms.
+    let dense_dtype = source.config().dtype;
+    let mut header = serde_json::Map::new();
+    let mut packed_meta = BTreeMap::new();
+    let mut offset = 0u64;
+    for spec in &specs {
+        let (dtype, shape, bytes) = if is_compressed(spec.role) {
+            let [rows, cols] = spec.shape[..] else {
+                return Err(CompressError::Format(format!(
+                    "`{}` is not 2-D: {:?}",
+                    spec.name, spec.shape
+                )));
+            };
+            packed_meta.insert(
+                spec.name.clone(),
+                PackedMeta {
+                    rows,
+                    cols,
+                    bits: config.bits,
+                    group_size: config.group_size,
+                },
+            );
+            let bytes = packed_bytes(rows, cols, config);
+            ("U32", vec![bytes as usize / 4], bytes)
+        } else {
+            let bytes = spec.numel() as u64 * dense_dtype.size_bytes();
+            (
+                safetensors_dtype_name(dense_dtype),
+                spec.shape.clone(),
+                bytes,
+            )
+        };
+        header.insert(
+            spec.name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let file_header = FileHeader {
+        format: FORMAT_NAME.to_owned(),
+        format_version: FORMAT_VERSION,
+        packed: packed_meta,
+    };
+    let meta =
+        serde_json::to_string(&file_header).map_err(|e| CompressError::Format(e.to_string()))?;
+    header.insert(
+        "__metadata__".to_owned(),
+        serde_json::json!({ META_KEY: meta }),
+    );
+    let mut json = serde_json::to_vec(&header).map_err(|e| CompressError::Format(e.to_string()))?;
+    // safetensors aligns the data section to 8 bytes by padding the header with spaces.
+    json.resize(json.len().next_multiple_of(8), b' ');
+
+    let partial = path.with_extension("partial");
+    let write = || -> Result<(), CompressError> {
+        let file = std::fs::File::create(&partial).map_err(io)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(&json).map_err(io)?;
+        for spec in &specs {
+            let tensor = source.load(spec)?;
+            if is_compressed(spec.role) {
+                let values = host_tensor_to_f32(&tensor)?;
+                let packed = quantize(&values, spec.shape[0], spec.shape[1], config).map_err(|e| match e {
+                    CompressError::Value { row, col, value } => CompressError::Format(format!(
+                        "`{}` element ({row}, {col}) = {value}: only finite values within +-65504 can be packed",
+                        spec.name
+                    )),
+                    other => other,
+                })?;
+                drop(values);
+                out.write_all(packed.as_bytes()).map_err(io)?;
+            } else {
+                if tensor.dtype != dense_dtype {
+                    return Err(CompressError::Format(format!(
+                        "`{}` is stored as {} but the config says {dense_dtype}; convert the checkpoint's dtype first",
+                        spec.name, tensor.dtype
+                    )));
+                }
+                out.write_all(&tensor.bytes).map_err(io)?;
+            }
+        }
+        out.flush().map_err(io)?;
+        drop(out);
+        std::fs::rename(&partial, path).map_err(io)
+    };
+    if let Err(e) = write() {
+        // Best effort: a half-written file must not be mistaken for a checkpoint.
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    Ok(8 + json.len() as u64 + offset)
+}
+
+/// A packed checkpoint opened by memory map: tensors are read on demand, packed ones as borrowed byte ranges that
+/// can be copied straight into a GPU buffer (the disk tier never unpacks them).
+pub struct PackedCheckpoint {
+    path: String,
+    map: memmap2::Mmap,
+    data_start: usize,
+    metadata: safetensors::tensor::Metadata,
+    header: FileHeader,
+}
+
+/// A packed tensor borrowed from a [`PackedCheckpoint`].
+#[derive(Clone, Copy, Debug)]
+pub struct PackedRef<'a> {
+    /// Its layout.
+    pub layout: PackedLayout,
+    /// Bits and group size.
+    pub config: CompressionConfig,
+    /// The packed words' bytes, as in [`PackedTensor::as_bytes`].
+    pub bytes: &'a [u8],
+}
+
+impl PackedCheckpoint {
+    /// Opens and validates the header of a file written by [`save_packed_file`] or [`write_packed_model`].
+    pub fn open(path: &Path) -> Result<PackedCheckpoint, CompressError> {
+        let shown = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| CompressError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        // SAFETY: the map is read-only; like every checkpoint reader, strata assumes nobody truncates the file
+        // while it is open.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CompressError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let bad = |reason: String| CompressError::Format(format!("{shown}: {reason}"));
+        let (n, metadata) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let header = parse_header(metadata.metadata().as_ref()).map_err(|e| bad(e.to_string()))?;
+        Ok(PackedCheckpoint {
+            path: shown,
+            data_start: 8 + n,
+            map,
+            metadata,
+            header,
+        })
+    }
+
+    /// Names of every tensor in the file.
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.tensors().into_keys().collect()
+    }
+
+    fn info(&self, name: &str) -> Result<(&safetensors::tensor::TensorInfo, &[u8]), CompressError> {
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| CompressError::Format(format!("{}: no tensor `{name}`", self.path)))?;
+        let (a, b) = info.data_offsets;
+        Ok((info, &self.map[self.data_start + a..self.data_start + b]))
+    }
+
+    /// The packed tensor `name`, borrowed from the map.
+    pub fn packed(&self, name: &str) -> Result<PackedRef<'_>, CompressError> {
+        let meta = self.header.packed.get(name).ok_or_else(|| {
+            CompressError::Format(format!("{}: `{name}` is not a packed tensor", self.path))
+        })?;
+        let (_, bytes) = self.info(name)?;
+        let config = CompressionConfig {
+            bits: meta.bits,
+            group_size: meta.group_size,
+        };
+        config.validate()?;
+        let layout = PackedLayout::new(meta.rows, meta.cols, config);
+        if bytes.len() as u64 != layout.bytes() {
+            return Err(CompressError::Format(format!(
+                "{}: packed tensor `{name}` has {} bytes, its shape needs {}",
+                self.path,
+                bytes.len(),
+                layout.bytes()
+            )));
+        }
+        Ok(PackedRef {
+            layout,
+            config,
+            bytes,
+        })
+    }
+
+    /// The tensor `name`, packed or dense, copied out of the map.
+    pub fn tensor(&self, name: &str) -> Result<StoredTensor, CompressError> {
+        if self.header.packed.contains_key(name) {
+            let r = self.packed(name)?;
+            return Ok(StoredTensor::Packed(PackedTensor::from_bytes(
+                r.layout.rows,
+                r.layout.cols,
+                r.config,
+                r.bytes,
+            )?));
+        }
+        let (info, bytes) = self.info(name)?;
+        let dtype = match info.dtype {
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F32 => DType::F32,
+            other => {
+                return Err(CompressError::Format(format!(
+                    "{}: dense tensor `{name}` has dtype {other:?}; expected F16, BF16 or F32",
+                    self.path
+                )))
+            }
+        };
+        Ok(StoredTensor::Dense(HostTensor {
+            dtype,
+            shape: info.shape.clone(),
+            bytes: bytes.to_vec().into(),
+        }))
+    }
+}
