@@ -1,4 +1,6 @@
 //! Every generated model against REFERENCE.md section 1 (Hugging Face's configs and exact parameter counts).
+// The checks cover every spec, so they need them all compiled in.
+#![cfg(feature = "all-models")]
 use strata::models::*;
 use strata::{get_opt_config, Activation, DType, ModelSpec, OptConfig};
 

@@ -215,6 +215,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "opt-30b")]
     fn checked_sizes_agree_with_the_const_fns_and_catch_overflow() {
         let c = strata::get_opt_config("opt-30b").unwrap();
         assert_eq!(
