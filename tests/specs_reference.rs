@@ -8,17 +8,53 @@ use strata::{get_opt_config, Activation, DType, ModelSpec, OptConfig};
 const _: () = assert!(Opt6_7b::CONFIG.model_bytes() < 16 << 30);
 const _: () = assert!(Opt175b::CONFIG.model_bytes() > 300 << 30);
 
+/// One row of REFERENCE.md's table.
+#[derive(Debug, PartialEq)]
+struct Row {
+    name: &'static str,
+    layers: usize,
+    heads: usize,
+    hidden: usize,
+    ffn: usize,
+    head_dim: usize,
+    vocab: usize,
+    params: u64,
+}
+
+#[allow(clippy::too_many_arguments)] // one argument per column of the table keeps the rows readable
+const fn row(
+    name: &'static str,
+    layers: usize,
+    heads: usize,
+    hidden: usize,
+    ffn: usize,
+    head_dim: usize,
+    vocab: usize,
+    params: u64,
+) -> Row {
+    Row {
+        name,
+        layers,
+        heads,
+        hidden,
+        ffn,
+        head_dim,
+        vocab,
+        params,
+    }
+}
+
 /// name, layers, heads, hidden, ffn, head_dim, vocab, exact parameters (REFERENCE.md section 1).
-const TABLE: [(&str, usize, usize, usize, usize, usize, usize, u64); 10] = [
-    ("opt-125m", 12, 12, 768, 3072, 64, 50272, 125_239_296),
-    ("opt-350m", 24, 16, 1024, 4096, 64, 50272, 331_196_416),
-    ("opt-1.3b", 24, 32, 2048, 8192, 64, 50272, 1_315_758_080),
-    ("opt-2.7b", 32, 32, 2560, 10240, 80, 50272, 2_651_596_800),
-    ("opt-6.7b", 32, 32, 4096, 16384, 128, 50272, 6_658_473_984),
-    ("opt-13b", 40, 40, 5120, 20480, 128, 50272, 12_853_473_280),
-    ("opt-30b", 48, 56, 7168, 28672, 128, 50272, 29_974_540_288),
-    ("opt-66b", 64, 72, 9216, 36864, 128, 50272, 65_719_701_504),
-    (
+const TABLE: [Row; 10] = [
+    row("opt-125m", 12, 12, 768, 3072, 64, 50272, 125_239_296),
+    row("opt-350m", 24, 16, 1024, 4096, 64, 50272, 331_196_416),
+    row("opt-1.3b", 24, 32, 2048, 8192, 64, 50272, 1_315_758_080),
+    row("opt-2.7b", 32, 32, 2560, 10240, 80, 50272, 2_651_596_800),
+    row("opt-6.7b", 32, 32, 4096, 16384, 128, 50272, 6_658_473_984),
+    row("opt-13b", 40, 40, 5120, 20480, 128, 50272, 12_853_473_280),
+    row("opt-30b", 48, 56, 7168, 28672, 128, 50272, 29_974_540_288),
+    row("opt-66b", 64, 72, 9216, 36864, 128, 50272, 65_719_701_504),
+    row(
         "opt-175b",
         96,
         96,
@@ -28,7 +64,7 @@ const TABLE: [(&str, usize, usize, usize, usize, usize, usize, u64); 10] = [
         50272,
         174_604_468_224,
     ),
-    (
+    row(
         "galactica-30b",
         48,
         56,
@@ -40,19 +76,9 @@ const TABLE: [(&str, usize, usize, usize, usize, usize, usize, u64); 10] = [
     ),
 ];
 
-/// The consts of one type, read through the trait, in the table's order.
-fn consts<M: ModelSpec>() -> (
-    &'static str,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    u64,
-    OptConfig,
-) {
-    (
+/// The row a type's associated consts give, and its CONFIG.
+fn consts<M: ModelSpec>() -> (Row, OptConfig) {
+    let row = row(
         M::NAME,
         M::NUM_HIDDEN_LAYERS,
         M::N_HEAD,
@@ -61,8 +87,8 @@ fn consts<M: ModelSpec>() -> (
         M::HEAD_DIM,
         M::VOCAB_SIZE,
         M::PARAMS,
-        M::CONFIG,
-    )
+    );
+    (row, M::CONFIG)
 }
 
 #[test]
@@ -79,28 +105,20 @@ fn every_model_matches_the_reference_table() {
         consts::<Opt175b>(),
         consts::<Galactica30b>(),
     ];
-    for (row, got) in TABLE.iter().zip(generated) {
-        let (name, layers, heads, hidden, ffn, head_dim, vocab, params) = *row;
-        let c = got.8;
-        assert_eq!(
-            (got.0, got.1, got.2, got.3, got.4, got.5, got.6, got.7),
-            (name, layers, heads, hidden, ffn, head_dim, vocab, params),
-            "{name}"
+    for (expected, (got, c)) in TABLE.iter().zip(generated) {
+        let name = expected.name;
+        assert_eq!(&got, expected, "{name}: associated consts");
+        let from_config = row(
+            c.name,
+            c.num_hidden_layers,
+            c.n_head,
+            c.hidden_size,
+            c.ffn_embed_dim,
+            c.head_dim(),
+            c.vocab_size,
+            c.params(),
         );
-        assert_eq!(
-            (
-                c.name,
-                c.num_hidden_layers,
-                c.n_head,
-                c.hidden_size,
-                c.ffn_embed_dim,
-                c.head_dim(),
-                c.vocab_size,
-                c.params()
-            ),
-            (name, layers, heads, hidden, ffn, head_dim, vocab, params),
-            "{name}: CONFIG"
-        );
+        assert_eq!(&from_config, expected, "{name}: CONFIG");
         // Shared by the whole family: context 2048 (+2 positional rows), pad 1, BOS/EOS 2, eps 1e-5, fp16.
         assert_eq!((c.max_seq_len, c.num_positions()), (2048, 2050), "{name}");
         assert_eq!(
@@ -113,7 +131,7 @@ fn every_model_matches_the_reference_table() {
             (1e-5, DType::F16, true),
             "{name}"
         );
-        assert_eq!(c.model_bytes(), 2 * params, "{name}: fp16 bytes");
+        assert_eq!(c.model_bytes(), 2 * expected.params, "{name}: fp16 bytes");
         assert_eq!(c.validate(), Ok(()), "{name}");
     }
 }
@@ -169,7 +187,7 @@ fn flexllmgen_model_bytes_in_gib_are_close() {
 #[test]
 fn all_lists_every_spec_in_file_order() {
     let names: Vec<&str> = ALL.iter().map(|c| c.name).collect();
-    let mut expected: Vec<&str> = TABLE.iter().map(|row| row.0).collect();
+    let mut expected: Vec<&str> = TABLE.iter().map(|row| row.name).collect();
     expected.sort();
     assert_eq!(names, expected);
     assert!(ALIASES
