@@ -9,10 +9,12 @@ use crate::OptConfig;
 /// Everything is a constant, so a model can be chosen by type and checked in const context:
 ///
 /// ```
+/// # #[cfg(feature = "opt-125m")] {
 /// use strata::ModelSpec;
 /// type Model = strata::models::Opt125m;
 /// const _: () = assert!(Model::CONFIG.model_bytes() < 1 << 30);
 /// assert_eq!(Model::HEAD_DIM, 64);
+/// # }
 /// ```
 ///
 /// The generated impls give every constant as a literal (shown in the docs); the defaults derive them from

@@ -28,7 +28,8 @@ mod validate;
 ///
 /// For each spec `opt-1.3b` it emits `Opt1_3b` (implementing `strata::ModelSpec`), `Opt1_3bLayerWeights` and
 /// `Opt1_3bWeights` (shape-typed tensors with a checked loader), and for the directory `ALL`, `ALIASES` and
-/// `resolve`. Editing a spec rebuilds the caller; to pick up added or removed files, give the calling crate a
+/// `resolve`. With `features`, each spec's feature and `all-models` must be declared in the caller's `Cargo.toml`
+/// (an undeclared one is a compile error, not a silently missing model). Editing a spec rebuilds the caller; to pick up added or removed files, give the calling crate a
 /// `build.rs` printing `cargo:rerun-if-changed=<dir>`. Call it at most once per module.
 #[proc_macro]
 pub fn include_specs(input: TokenStream) -> TokenStream {

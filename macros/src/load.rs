@@ -72,6 +72,17 @@ pub fn run(args: &Args, root: &Path) -> TokenStream {
         &mut cx,
     );
     let models = pipeline(&files, &mut cx);
+    if args.features {
+        if let Some(declared) = declared_features(&root.join("Cargo.toml")) {
+            validate::validate_features(
+                &models,
+                &files,
+                &declared,
+                expand::ALL_MODELS_FEATURE,
+                &mut cx,
+            );
+        }
+    }
     expand::expand(&Expansion {
         models: models
             .into_iter()
@@ -96,6 +107,19 @@ pub fn pipeline(files: &[SpecFile], cx: &mut Ctxt) -> Vec<(usize, validate::Mode
     }
     validate::validate_set(&models, files, cx);
     models
+}
+
+/// The features declared in a crate's `Cargo.toml`, or `None` if it cannot be read (then nothing is checked: the
+/// compiler's `unexpected_cfgs` lint still warns).
+fn declared_features(manifest: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(manifest).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    let features = table.get("features").and_then(toml::Value::as_table);
+    Some(
+        features
+            .map(|f| f.keys().cloned().collect())
+            .unwrap_or_default(),
+    )
 }
 
 /// The `*.toml` files of a directory, sorted by name, and their absolute paths for `include_str!`.

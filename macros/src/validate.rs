@@ -331,6 +331,36 @@ pub fn validate_set(models: &[(usize, ModelDef)], files: &[SpecFile], cx: &mut C
     }
 }
 
+/// With feature gating on, every model's feature (and `all-models`) must be declared in the calling crate's
+/// `[features]`: an undeclared one would only warn (`unexpected_cfgs`) and silently leave the model out.
+pub fn validate_features(
+    models: &[(usize, ModelDef)],
+    files: &[SpecFile],
+    declared: &[String],
+    all_models: &str,
+    cx: &mut Ctxt,
+) {
+    let is_declared = |f: &str| declared.iter().any(|d| d == f);
+    if !models.is_empty() && !is_declared(all_models) {
+        let (file, m) = &models[0];
+        let reason = format!(
+            "the Cargo feature `{all_models}` that selects every spec is not declared; add `{all_models} = [...]` \
+             to [features] in Cargo.toml"
+        );
+        cx.error_at(&files[*file], m.name_span.clone(), None, reason);
+    }
+    for (file, m) in models {
+        if !is_declared(&m.feature) {
+            let reason = format!(
+                "the Cargo feature `{}` that selects this spec is not declared; add `{} = []` to [features] in \
+                 Cargo.toml (and list it in `{all_models}`)",
+                m.feature, m.feature
+            );
+            cx.error_at(&files[*file], m.name_span.clone(), Some("name"), reason);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +445,40 @@ mod tests {
         assert_eq!(
             errs,
             ["specs/opt-125m.toml:1:8: `name`: name \"opt-13b\" differs from the file name; rename the file to `opt-13b.toml` or fix the name"]
+        );
+    }
+
+    #[test]
+    fn gated_specs_need_declared_features() {
+        let file = SpecFile::new("specs/opt-125m.toml", spec::tests::OPT_125M);
+        let model = check(spec::tests::OPT_125M).0.unwrap();
+        let models = [(0, model)];
+        let mut cx = Ctxt::new();
+        let declared = ["all-models".to_owned(), "opt-125m".to_owned()];
+        validate_features(
+            &models,
+            std::slice::from_ref(&file),
+            &declared,
+            "all-models",
+            &mut cx,
+        );
+        assert!(cx.is_empty());
+        validate_features(
+            &models,
+            std::slice::from_ref(&file),
+            &declared[..1],
+            "all-models",
+            &mut cx,
+        );
+        let errs: Vec<String> = cx
+            .into_diagnostics()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            errs,
+            ["specs/opt-125m.toml:1:8: `name`: the Cargo feature `opt-125m` that selects this spec is not declared; \
+              add `opt-125m = []` to [features] in Cargo.toml (and list it in `all-models`)"]
         );
     }
 
