@@ -22,7 +22,7 @@ pub use strata_macros::include_specs;
 
 /// One type per spec in `model_specs/`, generated at compile time by `include_specs!("model_specs", features)`.
 ///
-/// For each spec (here `opt-1.3b`): `Opt1_3b` implementing [`ModelSpec`](crate::ModelSpec), `Opt1_3bLayerWeights`
+/// For each spec (here `opt-1.3b`): `Opt1_3b` implementing [`ModelSpec`], `Opt1_3bLayerWeights`
 /// and `Opt1_3bWeights` with shape-typed tensors and a checked loader; for the build: [`models::ALL`],
 /// [`models::ALIASES`] and [`models::resolve`]. A spec is compiled in with the Cargo feature `all-models` (the
 /// default) or its own feature (`opt-1-3b`: the name with '.' as '-').

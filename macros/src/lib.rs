@@ -1,9 +1,9 @@
 //! Compiles strata's TOML model specs into typed, const-evaluable Rust.
 //!
 //! The pipeline, one module per stage, all on `proc_macro2` so each is unit tested with `cargo test -p strata-macros`:
-//! [`load`] reads the directory named by the call, [`spec`] parses each file keeping every value's span,
-//! [`validate`] checks the rules a runnable model needs, [`expand`] generates the items. Errors from every stage
-//! are collected in a [`diag::Ctxt`] and reported together as `compile_error!`s naming `file:line:col`, the field
+//! `load` reads the directory named by the call, `spec` parses each file keeping every value's span,
+//! `validate` checks the rules a runnable model needs, `expand` generates the items. Errors from every stage
+//! are collected in a `diag::Ctxt` and reported together as `compile_error!`s naming `file:line:col`, the field
 //! and the reason; the macro never panics on bad input.
 #![deny(missing_docs)]
 
