@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use strata::config::{normalize_model_name, Activation, DType, OptConfig};
+use strata::config::OptConfig;
 use strata::cost_model::{self, Choice, CostModelKind, Problem, SearchKind, DEFAULT_MAX_BLOCK};
 use strata::hardware::HardwareProfile;
 use strata::planner::{Caps, Tier, TierBytes, Workload};
@@ -53,57 +53,9 @@ pub struct Args {
     pub policy: PolicyArgs,
 }
 
-/// TEMPORARY: the architectures of REFERENCE.md section 1, until the lead points this at `strata::get_opt_config`
-/// (the generated specs). Resolves names like FlexLLMGen's get_opt_config (prefix dropped, `-iml(-max)` stripped).
+/// The architecture for a spec name (organisation prefix, case and `-iml(-max)` variants resolved).
 pub fn resolve_model(name: &str) -> anyhow::Result<OptConfig> {
-    let (arch, full) = normalize_model_name(name);
-    // (name, layers, heads, hidden, ffn)
-    const TABLE: [(&str, usize, usize, usize, usize); 10] = [
-        ("opt-125m", 12, 12, 768, 3072),
-        ("opt-350m", 24, 16, 1024, 4096),
-        ("opt-1.3b", 24, 32, 2048, 8192),
-        ("opt-2.7b", 32, 32, 2560, 10240),
-        ("opt-6.7b", 32, 32, 4096, 16384),
-        ("opt-13b", 40, 40, 5120, 20480),
-        ("opt-30b", 48, 56, 7168, 28672),
-        ("opt-66b", 64, 72, 9216, 36864),
-        ("opt-175b", 96, 96, 12288, 49152),
-        ("galactica-30b", 48, 56, 7168, 28672),
-    ];
-    let Some(&(_, layers, heads, hidden, ffn)) = TABLE.iter().find(|row| row.0 == arch) else {
-        let known: Vec<&str> = TABLE.iter().map(|row| row.0).collect();
-        bail!(
-            "unknown model `{name}`: known models are {}",
-            known.join(", ")
-        );
-    };
-    let galactica = arch == "galactica-30b";
-    let opt350 = arch == "opt-350m";
-    Ok(OptConfig {
-        name: strata::config::intern_name(&full),
-        num_hidden_layers: layers,
-        hidden_size: hidden,
-        n_head: heads,
-        ffn_embed_dim: ffn,
-        word_embed_proj_dim: if opt350 { 512 } else { hidden },
-        vocab_size: if galactica { 50000 } else { 50272 },
-        max_seq_len: 2048,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: if galactica {
-            Activation::Gelu
-        } else {
-            Activation::Relu
-        },
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: !opt350,
-        enable_bias: !galactica,
-        layer_norm_elementwise_affine: !galactica,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
-    })
+    Ok(strata::get_opt_config(name)?)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
