@@ -5,6 +5,10 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod generate;
+pub mod gpu;
+pub mod model;
+pub mod reference;
 pub mod weights;
 
 pub use config::{Activation, ConfigError, DType, OptConfig};
