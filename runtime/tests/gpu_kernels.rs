@@ -326,6 +326,7 @@ fn argmax_prefers_the_lowest_id_on_ties() {
     assert_eq!(got, vec![700, 1002, 13]);
 }
 
+#[allow(clippy::too_many_arguments)] // the sampler's parameters plus the device
 fn sample(
     gpu: &Gpu,
     kernels: &Kernels,

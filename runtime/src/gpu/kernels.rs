@@ -347,7 +347,6 @@ impl<'a> Recorder<'a> {
 
     /// Layer norm of `rows` rows of `width`: `y = (x - mean) / sqrt(var + eps)`, then `* gamma + beta` when `affine`
     /// is given. `x` and `y` must be different buffers.
-    #[allow(clippy::too_many_arguments)] // the layer norm's own parameters
     pub fn layer_norm(
         &mut self,
         x: &'a wgpu::Buffer,
