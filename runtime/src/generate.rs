@@ -301,7 +301,6 @@ impl Generator {
         options: &GenerateOptions,
     ) -> Result<GenerateOutput, GenerateError> {
         self.validate(prompts, options)?;
-        let c = self.model.config;
         let batch = prompts.len();
         if options.max_new_tokens == 0 {
             return Ok(GenerateOutput {
@@ -314,6 +313,24 @@ impl Generator {
         let capacity = s + options.max_new_tokens;
         let gbs = self.gpu_batch_size(batch, s, capacity)?;
         let run = self.allocate(batch, gbs, s, capacity)?;
+        let result = self.run(prompts, options, &run, gbs);
+        // The cached bind groups reference this run's buffers: release them with the run.
+        self.kernels.release_cached_bindings();
+        result
+    }
+
+    /// Prefill, then decode steps until every sequence is done.
+    fn run(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        run: &Run,
+        gbs: usize,
+    ) -> Result<GenerateOutput, GenerateError> {
+        let c = self.model.config;
+        let batch = prompts.len();
+        let s = prompts.iter().map(Vec::len).max().unwrap_or(1);
+        let capacity = s + options.max_new_tokens;
         let queue = &self.gpu().queue;
 
         // Prefill inputs: left padding with pad id; positions count real tokens from 2, padding reads row 1.
@@ -341,7 +358,7 @@ impl Generator {
         let mut step = Step { s_new: s, past: 0 };
         let mut t = 0;
         loop {
-            self.record_step(&run, step, t, options);
+            self.record_step(run, step, t, options);
             let mut regions = vec![(&run.next, 0, (batch * 4) as u64)];
             if logits.is_some() {
                 regions.push((&run.logits, 0, (batch * c.vocab_size * 4) as u64));
