@@ -229,17 +229,35 @@ fn gather_reads_rows_across_chunks_and_accumulates() {
     }
 }
 
-/// Attention over a cache holding left-padded sequences: prefill (all queries) and one decode query.
+/// Attention over a cache holding left-padded sequences: prefill (all queries) and decode queries, for head sizes
+/// of 8 to 256 (1 to 4 output elements per thread) and sequences longer than one 64-key block.
 #[test]
 fn attention_with_padding_matches_cpu_and_never_yields_nan() {
     let gpu = gpu();
     let kernels = Kernels::new(&gpu);
-    let (hidden, n_head) = (24, 3);
-    let lens = [5usize, 1, 3];
-    let s = 5;
-    let capacity = 7;
+    // (hidden, n_head, prompt lengths, padded prompt length s)
+    let cases: [(usize, usize, &[usize], usize); 4] = [
+        (24, 3, &[5, 1, 3], 5),
+        (160, 2, &[70, 3], 70),
+        (256, 2, &[130, 129], 130),
+        (256, 1, &[9, 4], 9),
+    ];
+    for (hidden, n_head, lens, s) in cases {
+        check_attention(&gpu, &kernels, hidden, n_head, lens, s);
+    }
+}
+
+fn check_attention(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    hidden: usize,
+    n_head: usize,
+    lens: &[usize],
+    s: usize,
+) {
+    let capacity = s + 2;
     let batch = lens.len();
-    let mut rng = Rng(7);
+    let mut rng = Rng(hidden as u64 + s as u64);
     // Cache rows 0..capacity per sequence; the first s - len rows of each sequence are padding.
     let k = rng.vec(batch * capacity * hidden, 1.5);
     let v = rng.vec(batch * capacity * hidden, 1.0);
@@ -248,7 +266,7 @@ fn attention_with_padding_matches_cpu_and_never_yields_nan() {
     for (b, &len) in lens.iter().enumerate() {
         mask[b * capacity..b * capacity + s - len].fill(0);
     }
-    let (kb, vb) = (upload(&gpu, &k), upload(&gpu, &v));
+    let (kb, vb) = (upload(gpu, &k), upload(gpu, &v));
     let maskb = gpu
         .storage_buffer_init("mask", bytemuck::cast_slice(&mask))
         .unwrap();
@@ -260,8 +278,8 @@ fn attention_with_padding_matches_cpu_and_never_yields_nan() {
                     .to_vec()
             })
             .collect();
-        let qb = upload(&gpu, &q);
-        let out = upload(&gpu, &vec![f32::NAN; batch * s_new * hidden]);
+        let qb = upload(gpu, &q);
+        let out = upload(gpu, &vec![f32::NAN; batch * s_new * hidden]);
         let mut rec = kernels.recorder();
         let shape = AttentionShape {
             batch,
@@ -298,8 +316,8 @@ fn attention_with_padding_matches_cpu_and_never_yields_nan() {
             let got_b = &got[b * s_new * hidden..(b + 1) * s_new * hidden];
             let diff = max_abs_diff(got_b, &want[past * hidden..]);
             assert!(
-                diff < 1e-5,
-                "s_new {s_new} past {past} seq {b}: diff {diff}"
+                diff < 1e-4,
+                "hidden {hidden} heads {n_head} s_new {s_new} past {past} seq {b}: diff {diff}"
             );
         }
     }
