@@ -147,7 +147,9 @@ impl Generator {
                 );
             }
         }
-        let model = GpuModel::upload(gpu, source, options.dtype)?;
+        let model = gpu.catch_oom("the model's weights", || {
+            GpuModel::upload(gpu, source, options.dtype)
+        })?;
         Ok(Generator {
             kernels: Kernels::new(gpu),
             model,
@@ -312,7 +314,9 @@ impl Generator {
         let s = prompts.iter().map(Vec::len).max().unwrap_or(1);
         let capacity = s + options.max_new_tokens;
         let gbs = self.gpu_batch_size(batch, s, capacity)?;
-        let run = self.allocate(batch, gbs, s, capacity)?;
+        let run = self.gpu().catch_oom("the KV cache and activations", || {
+            self.allocate(batch, gbs, s, capacity)
+        })?;
         let result = self.run(prompts, options, &run, gbs);
         // The cached bind groups reference this run's buffers: release them with the run.
         self.kernels.release_cached_bindings();

@@ -50,6 +50,14 @@ pub enum GpuError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// The device ran out of memory.
+    #[error("the GPU ran out of memory while allocating {what}: {reason}; use a smaller model, batch or dtype (--dtype f16)")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// The driver's message.
+        reason: String,
+    },
     /// Writing a buffer through a mapping failed.
     #[error("uploading to the GPU failed: {0}")]
     Upload(String),
@@ -186,6 +194,25 @@ impl Gpu {
             max_binding,
             readback: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Runs `f`, turning an out-of-memory error of the device during it into [`GpuError::OutOfMemory`] (wgpu would
+    /// otherwise report it to its uncaptured-error handler, which panics).
+    pub fn catch_oom<T, E: From<GpuError>>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = f();
+        match pollster::block_on(scope.pop()) {
+            Some(error) => Err(GpuError::OutOfMemory {
+                what: what.to_owned(),
+                reason: error.to_string(),
+            }
+            .into()),
+            None => result,
+        }
     }
 
     /// The largest storage binding (and buffer) strata creates, in bytes: a multiple of 4.
