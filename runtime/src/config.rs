@@ -207,7 +207,11 @@ impl OptConfig {
 
     /// KV cache bytes for `batch_size` sequences of `seq_len` tokens: K and V of every layer (FlexLLMGen's formula).
     pub const fn cache_bytes(&self, batch_size: u64, seq_len: u64) -> u64 {
-        2 * batch_size * seq_len * self.num_hidden_layers as u64 * self.hidden_size as u64 * self.dtype.size_bytes()
+        2 * batch_size
+            * seq_len
+            * self.num_hidden_layers as u64
+            * self.hidden_size as u64
+            * self.dtype.size_bytes()
     }
 
     /// Bytes of one hidden-state activation tensor for `batch_size` x `seq_len` tokens (FlexLLMGen's formula).
@@ -227,7 +231,10 @@ impl OptConfig {
 
     /// The same architecture with a different context length.
     pub const fn with_max_seq_len(self, max_seq_len: usize) -> Self {
-        OptConfig { max_seq_len, ..self }
+        OptConfig {
+            max_seq_len,
+            ..self
+        }
     }
 
     /// The same architecture with a different number of layers (handy for small benchmarks of big shapes).
@@ -277,7 +284,10 @@ impl OptConfig {
             if id as usize >= self.vocab_size {
                 return fail(
                     field,
-                    format!("{field} = {id} is outside the vocabulary of {}", self.vocab_size),
+                    format!(
+                        "{field} = {id} is outside the vocabulary of {}",
+                        self.vocab_size
+                    ),
                 );
             }
         }
@@ -299,7 +309,12 @@ pub struct ConfigError {
 /// drop an organisation prefix (`facebook/opt-30b`), lower-case, and strip `-iml-max` (else `-iml`) to find the
 /// architecture. Returns `(architecture, full_name)`: `opt-iml-max-30b` -> `("opt-30b", "opt-iml-max-30b")`.
 pub fn normalize_model_name(name: &str) -> (String, String) {
-    let base = name.trim().rsplit('/').next().unwrap_or("").to_ascii_lowercase();
+    let base = name
+        .trim()
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let arch = if base.contains("-iml-max") {
         base.replacen("-iml-max", "", 1)
     } else if base.contains("-iml") {
@@ -395,7 +410,9 @@ mod tests {
         };
         let err = bad.validate().unwrap_err();
         assert_eq!(err.field, "n_head");
-        assert!(err.to_string().contains("does not divide hidden_size = 768"));
+        assert!(err
+            .to_string()
+            .contains("does not divide hidden_size = 768"));
         assert!(OPT_125M.validate().is_ok());
     }
 

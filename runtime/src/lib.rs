@@ -4,11 +4,15 @@
 //! tensors a config needs and the interface weight sources implement.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 pub mod config;
+pub mod dummy;
 pub mod generate;
 pub mod gpu;
 pub mod model;
+pub mod npy;
 pub mod reference;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Activation, ConfigError, DType, OptConfig};

@@ -56,12 +56,17 @@ pub fn layer_tensors(config: &OptConfig, i: usize) -> Vec<TensorSpec> {
             layer: Some(i),
         })
     };
-    let linear = |push: &mut dyn FnMut(&str, Vec<usize>, TensorRole), name: &str, o: usize, inp: usize| {
-        push(&format!("{name}.weight"), vec![o, inp], TensorRole::LinearWeight);
-        if config.enable_bias {
-            push(&format!("{name}.bias"), vec![o], TensorRole::Bias);
-        }
-    };
+    let linear =
+        |push: &mut dyn FnMut(&str, Vec<usize>, TensorRole), name: &str, o: usize, inp: usize| {
+            push(
+                &format!("{name}.weight"),
+                vec![o, inp],
+                TensorRole::LinearWeight,
+            );
+            if config.enable_bias {
+                push(&format!("{name}.bias"), vec![o], TensorRole::Bias);
+            }
+        };
     let norm = |push: &mut dyn FnMut(&str, Vec<usize>, TensorRole), name: &str| {
         if config.layer_norm_elementwise_affine {
             push(&format!("{name}.weight"), vec![h], TensorRole::LayerNorm);
@@ -174,7 +179,9 @@ pub enum WeightError {
         found: Vec<usize>,
     },
     /// The tensor's dtype is not one strata reads.
-    #[error("tensor `{name}` has dtype {found}; strata reads float16, bfloat16 and float32 checkpoints")]
+    #[error(
+        "tensor `{name}` has dtype {found}; strata reads float16, bfloat16 and float32 checkpoints"
+    )]
     DType {
         /// Canonical name.
         name: String,
