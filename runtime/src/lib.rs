@@ -2,7 +2,7 @@
 //!
 //! The crate is organised by concern: [`config`] describes an architecture and its memory, [`weights`] lists the
 //! tensors a config needs and the interface weight sources implement. [`gpu`] owns the device and the kernels,
-//! [`model`] is OPT's forward pass on the GPU, [`generate`] the generation loop, and [`reference`] a plain CPU
+//! [`model`] is OPT's forward pass on the GPU, [`generate`] the generation loop, and [`reference`](mod@reference) a plain CPU
 //! forward pass the GPU is tested against.
 #![deny(missing_docs)]
 
