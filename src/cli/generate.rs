@@ -252,3 +252,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_configs_have_the_published_parameter_counts() {
+        // Hugging Face's counts (REFERENCE.md section 1), tied head counted once.
+        for (name, params) in [
+            ("facebook/opt-125m", 125_239_296),
+            ("opt-350m", 331_196_416),
+            ("opt-1.3b", 1_315_758_080),
+            ("opt-6.7b", 6_658_473_984),
+            ("opt-iml-max-30b", 29_974_540_288),
+            ("opt-175b", 174_604_468_224),
+            ("galactica-30b", 29_968_103_424),
+        ] {
+            let config = named_config(name).unwrap();
+            assert_eq!(config.params(), params, "{name}");
+            config.validate().unwrap();
+        }
+        assert_eq!(named_config("opt-iml-max-30b").unwrap().name, "opt-iml-max-30b");
+        assert!(named_config("gpt2").is_none());
+    }
+
+    #[test]
+    fn prompt_ids_and_dtypes_parse_or_explain() {
+        assert_eq!(parse_ids("2, 31414,232"), Ok(vec![2, 31414, 232]));
+        assert!(parse_ids("2,,3").unwrap_err().contains("is not a token id"));
+        assert_eq!(parse_dtype("fp16"), Ok(DType::F16));
+        assert!(parse_dtype("bf16").unwrap_err().contains("use f16 or f32"));
+    }
+}
