@@ -273,7 +273,10 @@ mod tests {
             assert_eq!(config.params(), params, "{name}");
             config.validate().unwrap();
         }
-        assert_eq!(named_config("opt-iml-max-30b").unwrap().name, "opt-iml-max-30b");
+        assert_eq!(
+            named_config("opt-iml-max-30b").unwrap().name,
+            "opt-iml-max-30b"
+        );
         assert!(named_config("gpt2").is_none());
     }
 
