@@ -112,6 +112,8 @@ pub struct RuntimeProbe {
     kernels: Kernels,
     tiers: Tiers,
     sizes: ProbeSizes,
+    /// Both directions at the cache size, from the first of ctog / gtoc_cache (one measurement serves both).
+    cache_transfer: Option<(f64, f64)>,
 }
 
 impl std::fmt::Debug for RuntimeProbe {
@@ -138,6 +140,7 @@ impl RuntimeProbe {
             kernels: Kernels::new(gpu),
             tiers,
             sizes,
+            cache_transfer: None,
         })
     }
 
@@ -265,8 +268,17 @@ impl GpuProbe for RuntimeProbe {
     fn measure(&mut self, field: GpuField) -> Result<f64, String> {
         let s = self.sizes;
         let value = match field {
-            GpuField::Ctog => self.transfer(s.cache_bytes)?.0,
-            GpuField::GtocCache => self.transfer(s.cache_bytes)?.1,
+            GpuField::Ctog | GpuField::GtocCache => {
+                let both = match self.cache_transfer {
+                    Some(both) => both,
+                    None => *self.cache_transfer.insert(self.transfer(s.cache_bytes)?),
+                };
+                if field == GpuField::Ctog {
+                    both.0
+                } else {
+                    both.1
+                }
+            }
             GpuField::GtocHidden => self.transfer(s.hidden_bytes)?.1,
             GpuField::MmFlopsP => self.linear_rate(s.gemm_m)?,
             GpuField::MmFlopsG => self.linear_rate(s.gemv_m)?,
@@ -279,6 +291,47 @@ impl GpuProbe for RuntimeProbe {
             Ok(value)
         } else {
             Err(format!("{}: measured {value}", field.name()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuOptions;
+
+    #[test]
+    fn sizes_fit_the_binding_and_every_field_measures() {
+        // A 2 MiB binding limit: every probe buffer must shrink to fit it.
+        let gpu = Gpu::new(&GpuOptions {
+            adapter: None,
+            max_binding_override: Some(2 << 20),
+        })
+        .expect("tests need a GPU adapter (lavapipe works)");
+        let s = ProbeSizes::for_gpu(&gpu);
+        let max = gpu.max_binding();
+        assert!(
+            s.cache_bytes <= max && s.hidden_bytes <= s.cache_bytes,
+            "{s:?}"
+        );
+        assert!((s.gemm_m.max(s.width) * s.width * 4) as u64 <= max, "{s:?}");
+        assert!(
+            (s.attn_batch * s.attn_seq * s.attn_hidden * 4) as u64 <= max,
+            "{s:?}"
+        );
+        let mut probe = RuntimeProbe::with_sizes(
+            &gpu,
+            ProbeSizes {
+                reps: 1,
+                iters: 1,
+                ..s
+            },
+        )
+        .unwrap();
+        assert_eq!(probe.adapter_name(), gpu.info.name);
+        for field in GpuField::ALL {
+            let v = probe.measure(field).unwrap();
+            assert!(v.is_finite() && v > 0.0, "{}: {v}", field.name());
         }
     }
 }
