@@ -265,6 +265,39 @@ impl GpuProbe for RuntimeProbe {
         self.gpu.info.name.clone()
     }
 
+    fn describe(&self, field: GpuField) -> String {
+        let s = &self.sizes;
+        let path = self.tiers.cpu().path();
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let fmt = match s.format {
+            WeightFormat::F16 => "f16",
+            WeightFormat::F32 => "f32",
+        };
+        match field {
+            GpuField::Ctog => format!("CPU tier ({path}) -> GPU, {:.0} MiB", mib(s.cache_bytes)),
+            GpuField::GtocCache => {
+                format!("GPU -> CPU tier ({path}), {:.0} MiB", mib(s.cache_bytes))
+            }
+            GpuField::GtocHidden => {
+                format!("GPU -> CPU tier ({path}), {:.0} MiB", mib(s.hidden_bytes))
+            }
+            GpuField::MmFlopsP => {
+                format!("GEMM {}x{}x{}, {fmt} weights", s.gemm_m, s.width, s.width)
+            }
+            GpuField::MmFlopsG => {
+                format!("GEMV {}x{}x{}, {fmt} weights", s.gemv_m, s.width, s.width)
+            }
+            GpuField::BmmFlopsP => format!(
+                "attention prefill b {} s {} h {}",
+                s.attn_batch, s.attn_seq, s.attn_hidden
+            ),
+            GpuField::BmmFlopsG => format!(
+                "attention decode b {} ctx {} h {}",
+                s.attn_batch, s.attn_seq, s.attn_hidden
+            ),
+        }
+    }
+
     fn measure(&mut self, field: GpuField) -> Result<f64, String> {
         let s = self.sizes;
         let value = match field {
