@@ -2,7 +2,9 @@
 //! opt-125m on the GPU, the chosen policy offloads, validates, and fits the caps by strata's memory planner; the
 //! profile is measured once, cached, and reused.
 
-use strata::cost_model::auto::{auto_policy, AutoOptions, MachineCaps, ProfileSource};
+use strata::cost_model::auto::{
+    auto_policy, load_or_measure_profile, AutoOptions, MachineCaps, ProfileSource,
+};
 use strata::gpu::{Gpu, GpuOptions};
 use strata::hardware::HardwareProfile;
 use strata::planner::{plan, Caps, Workload};
@@ -121,4 +123,37 @@ fn auto_policy_without_offload_dir_keeps_everything_off_disk() {
         .to_string();
         assert!(e.contains("--gpu-mem"), "{e}");
     }
+}
+
+#[test]
+fn a_cached_profile_gets_disk_speeds_once_an_offload_dir_is_used() {
+    let gpu = Gpu::new(&GpuOptions::default()).expect("tests need a GPU adapter (lavapipe works)");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let t4 = HardwareProfile::t4();
+    t4.save(&path).unwrap();
+    let mut steps = Vec::new();
+    let (p, source) =
+        load_or_measure_profile(&gpu, Some(&path), Some(dir.path()), 8 << 20, &mut |s| {
+            steps.push(s.to_string())
+        })
+        .unwrap();
+    assert_eq!(steps, ["disk read/write"]);
+    assert_eq!(source, ProfileSource::Cached(path.clone()));
+    assert!(
+        p.measured.iter().any(|m| m == "dtoc") && p.dtoc > 0.0,
+        "{p:?}"
+    );
+    // Only the disk was measured: the rest is the cached profile's.
+    assert_eq!(p.mm_flops_p, t4.mm_flops_p);
+    assert_eq!(HardwareProfile::load(&path).unwrap(), p);
+    // The disk test cleaned up: only the profile is left.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // Measured once: the next load measures nothing.
+    let mut steps = Vec::new();
+    load_or_measure_profile(&gpu, Some(&path), Some(dir.path()), 8 << 20, &mut |s| {
+        steps.push(s.to_string())
+    })
+    .unwrap();
+    assert!(steps.is_empty(), "{steps:?}");
 }

@@ -13,7 +13,7 @@ use super::{
 use crate::config::OptConfig;
 use crate::gpu::{Gpu, GpuError};
 use crate::hardware::gpu_probe::RuntimeProbe;
-use crate::hardware::measure::{profile_machine, MeasureError, MeasureOptions};
+use crate::hardware::measure::{disk_bandwidth, profile_machine, MeasureError, MeasureOptions};
 use crate::hardware::{default_profile_path, HardwareError, HardwareProfile};
 use crate::planner::{Caps, Workload};
 use crate::policy::{CompressionConfig, Policy};
@@ -224,7 +224,8 @@ pub fn fill_caps(
 }
 
 /// The profile of `gpu`'s adapter: loaded from `path` (default: [`default_profile_path`]) when it exists, else
-/// measured on `gpu` (disk test in `offload_dir` when given) and written there. `progress` names each step.
+/// measured on `gpu` (disk test in `offload_dir` when given) and written there. A cached profile without measured
+/// disk speeds gets them measured in `offload_dir` when one is given, and is saved again. `progress` names each step.
 pub fn load_or_measure_profile(
     gpu: &Gpu,
     path: Option<&Path>,
@@ -237,7 +238,30 @@ pub fn load_or_measure_profile(
         None => default_profile_path(&gpu.info.name).ok_or(AutoError::NoProfilePath)?,
     };
     if path.exists() {
-        let profile = HardwareProfile::load(&path).map_err(AutoError::Profile)?;
+        let mut profile = HardwareProfile::load(&path).map_err(AutoError::Profile)?;
+        // A profile measured without an offload directory has no disk speeds: measure them now that one is used.
+        if let Some(dir) = offload_dir {
+            if !profile.measured.iter().any(|m| m == "dtoc") {
+                progress("disk read/write");
+                let d = disk_bandwidth(dir, disk_test_bytes, 4).map_err(|source| {
+                    MeasureError::Disk {
+                        dir: dir.to_path_buf(),
+                        source,
+                    }
+                })?;
+                let (read, write) = (d.read / GIB as f64, d.write / GIB as f64);
+                profile.dtoc = read;
+                profile.ctod_cache_p = write;
+                profile.ctod_hidden_p = write;
+                profile.ctod_g = write;
+                for field in ["dtoc", "ctod_cache_p", "ctod_hidden_p", "ctod_g"] {
+                    if !profile.measured.iter().any(|m| m == field) {
+                        profile.measured.push(field.to_string());
+                    }
+                }
+                profile.save(&path).map_err(AutoError::Profile)?;
+            }
+        }
         return Ok((profile, ProfileSource::Cached(path)));
     }
     let mut options =
