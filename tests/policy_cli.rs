@@ -235,6 +235,8 @@ fn profile_writes_a_profile_policy_can_use() {
         "16MiB",
         "--disk-threads",
         "2",
+        // Disk and CPU only (tests/profile_cli.rs measures the GPU fields): the name says no GPU was measured.
+        "--no-gpu",
     ]);
     assert!(ok, "{err}");
     for field in ["dtoc", "ctod_g", "cpu_flops", "cpu_gemv_flops"] {

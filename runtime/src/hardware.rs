@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod gpu_probe;
 pub mod measure;
 
 const GIB: f64 = (1u64 << 30) as f64;

@@ -1,15 +1,18 @@
 //! `strata profile`: measure this machine's transfer and compute speeds and write them as a hardware profile for
 //! `strata policy --hardware FILE`.
 //!
-//! Measured now: disk read/write bandwidth in the offload directory, CPU decode attention and CPU GEMV rates.
-//! The GPU fields (CPU<->GPU bandwidth, GEMM/attention rates) come from a [`GpuProbe`] the GPU runtime provides;
-//! until it is wired in ([`gpu_probe`]), they keep the base profile's values and the file lists what was measured.
+//! Measured: disk read/write bandwidth in the offload directory, CPU decode attention and CPU GEMV rates, and the
+//! GPU fields (CPU<->GPU bandwidth through the CPU tier, GEMM/GEMV and attention rates through the runtime's
+//! kernels) with [`RuntimeProbe`]. Without a usable GPU the GPU fields keep the base profile's values, and the file
+//! lists what was measured.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata::hardware::measure::{profile_machine, step_count, GpuProbe, MeasureOptions};
+use strata::gpu::{Gpu, GpuOptions};
+use strata::hardware::gpu_probe::RuntimeProbe;
+use strata::hardware::measure::{profile_machine, step_count, GpuField, GpuProbe, MeasureOptions};
 use strata::hardware::{default_profile_path, HardwareProfile};
 
 use super::policy_args::parse_size;
@@ -35,14 +38,34 @@ pub struct Args {
     /// Profile whose values fill the fields not measured: a built-in name (t4) or a TOML file.
     #[arg(long, default_value = "t4", value_name = "t4|FILE")]
     pub base: String,
+    /// Measure the first GPU adapter whose name contains NAME [default: WGPU_ADAPTER_NAME, else the default one].
+    #[arg(long, value_name = "NAME")]
+    pub adapter: Option<String>,
+    /// Do not open a GPU: measure disk and CPU only (the GPU fields keep the base profile's values).
+    #[arg(long)]
+    pub no_gpu: bool,
 }
 
-/// The GPU runtime's measurements.
-///
-/// TODO(lead, when merging the GPU runtime): return a probe that measures CPU->GPU / GPU->CPU bandwidth through the
-/// CPU tier's buffers and the GEMM / GEMV / attention kernels' rates (see `strata::hardware::measure::GpuField`).
-fn gpu_probe() -> Option<Box<dyn GpuProbe>> {
-    None
+/// The GPU runtime's measurements: a [`RuntimeProbe`] on the chosen adapter. An adapter asked for by name must open;
+/// otherwise a machine without a GPU still gets its disk and CPU measured, with a warning.
+fn gpu_probe(args: &Args) -> anyhow::Result<Option<Box<dyn GpuProbe>>> {
+    if args.no_gpu {
+        return Ok(None);
+    }
+    let opened = Gpu::new(&GpuOptions {
+        adapter: args.adapter.clone(),
+        ..GpuOptions::default()
+    })
+    .map_err(anyhow::Error::from)
+    .and_then(|gpu| Ok(RuntimeProbe::new(&gpu)?));
+    match opened {
+        Ok(probe) => Ok(Some(Box::new(probe))),
+        Err(e) if args.adapter.is_some() => Err(e.context("opening the GPU to profile")),
+        Err(e) => {
+            eprintln!("warning: no GPU to profile ({e:#}); measuring disk and CPU only");
+            Ok(None)
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -62,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     options.disk_threads = args.disk_threads.max(1);
     options.skip_disk = args.skip_disk;
 
-    let mut probe = gpu_probe();
+    let mut probe = gpu_probe(&args)?;
     let adapter = probe
         .as_ref()
         .map_or_else(|| "no-gpu-probe".to_string(), |p| p.adapter_name());
@@ -95,11 +118,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     println!("{:<16}{:>12}  {:<9}measured", "field", "value", "unit");
     for m in &table {
-        println!("{:<16}{:>12.4}  {:<9}{}", m.field, m.value, m.unit, m.what);
+        println!(
+            "{:<16}{:>12}  {:<9}{}",
+            m.field,
+            format_value(m.value),
+            m.unit,
+            m.what
+        );
+    }
+    let missing: Vec<&str> = GpuField::ALL
+        .iter()
+        .map(|f| f.name())
+        .filter(|name| !profile.measured.iter().any(|m| m == name))
+        .collect();
+    if probe.is_some() && !missing.is_empty() {
+        eprintln!(
+            "warning: the GPU could not measure {}: they keep `{}`'s values",
+            missing.join(", "),
+            base.name
+        );
     }
     if probe.is_none() {
         println!(
-            "GPU fields (ctog, gtoc_*, mm_flops_*, bmm_flops_*) are not measured yet: they keep `{}`'s values",
+            "GPU fields (ctog, gtoc_*, mm_flops_*, bmm_flops_*) were not measured: they keep `{}`'s values",
             base.name
         );
     }
@@ -112,4 +153,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// Four significant digits: CPU drivers measure TFLOP/s in the 1e-4 range, GPUs in the hundreds.
+fn format_value(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
 }

@@ -7,6 +7,7 @@
 //! exactly, and an improved one that evaluates a superset of its points (more batch sizes, a wider scan of
 //! `num_gpu_batches`), so its optimum is never worse on the same formulation.
 
+pub mod auto;
 mod flexllmgen;
 mod lp;
 mod strata;

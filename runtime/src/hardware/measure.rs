@@ -88,6 +88,11 @@ pub trait GpuProbe {
     /// Measures one field, returning it in the profile's unit (GiB/s for bandwidths, TFLOP/s for rates), or a
     /// message saying why it could not.
     fn measure(&mut self, field: GpuField) -> Result<f64, String>;
+
+    /// What was measured for `field` (path, shape), for the table `strata profile` prints.
+    fn describe(&self, field: GpuField) -> String {
+        format!("GPU {}", field.name())
+    }
 }
 
 /// Sizes of the CPU and disk measurements.
@@ -452,13 +457,7 @@ pub fn profile_machine(
                     } else {
                         "TFLOP/s"
                     };
-                    record(
-                        &mut p,
-                        field.name(),
-                        format!("GPU {}", field.name()),
-                        value,
-                        unit,
-                    );
+                    record(&mut p, field.name(), probe.describe(field), value, unit);
                 }
             }
         }

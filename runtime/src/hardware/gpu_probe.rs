@@ -1,0 +1,370 @@
+//! The [`GpuProbe`] over strata's own runtime: transfers through the tiers' CPU paths and kernels through the
+//! [`Recorder`] the forward pass uses, so the profile describes what a run will do, not what the hardware could do.
+//!
+//! Every figure is timed as submit + wait (a blocking device poll) around a batch of identical dispatches or one
+//! transfer, after one warm-up, best of a few tries. FLOP counts follow the cost model's formulas (COST-MODEL.md):
+//! a linear layer of `m` rows is `2 * m * rows * cols`, prefill attention `4 * b * s^2 * h` and decode attention
+//! `4 * b * ctx * h`, so the rates plug straight back into the same formulas. Sizes scale with the adapter
+//! ([`ProbeSizes::for_gpu`]): small on a CPU driver such as lavapipe, GPU-sized elsewhere, always within one binding.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use super::measure::{GpuField, GpuProbe};
+use crate::config::DType;
+use crate::gpu::kernels::{Act, AttentionShape, Kernels, OutRows, GEMV_MAX_ROWS, MAX_HEAD_DIM};
+use crate::gpu::tensor::{GpuMatrix, WeightFormat};
+use crate::gpu::{Gpu, GpuError};
+use crate::tiers::{measure_bandwidth, TierOptions, Tiers};
+use crate::weights::HostTensor;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Shapes and repetitions of each measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSizes {
+    /// Bytes per CPU <-> GPU transfer of the KV cache (a layer's cache block).
+    pub cache_bytes: u64,
+    /// Bytes per CPU <-> GPU transfer of hidden states (one layer's activations).
+    pub hidden_bytes: u64,
+    /// Prefill GEMM: rows of x (tokens of a GPU batch).
+    pub gemm_m: usize,
+    /// Width of the weight matrices (square `width x width`) for both linear shapes.
+    pub width: usize,
+    /// Decode GEMV: rows of x (sequences, at most [`GEMV_MAX_ROWS`]).
+    pub gemv_m: usize,
+    /// Attention: sequences.
+    pub attn_batch: usize,
+    /// Attention: prompt length (prefill) and context length (decode).
+    pub attn_seq: usize,
+    /// Attention: model width.
+    pub attn_hidden: usize,
+    /// Attention: heads.
+    pub attn_heads: usize,
+    /// Dispatches per timed submit.
+    pub reps: usize,
+    /// Timed tries (the best is kept).
+    pub iters: usize,
+    /// Weight storage of the linear layers.
+    pub format: WeightFormat,
+}
+
+impl ProbeSizes {
+    /// Small shapes for a CPU driver (lavapipe: a few GFLOP/s; the whole profile stays well under a minute).
+    pub const CPU_DRIVER: ProbeSizes = ProbeSizes {
+        cache_bytes: 8 << 20,
+        hidden_bytes: 1 << 20,
+        gemm_m: 128,
+        width: 512,
+        gemv_m: GEMV_MAX_ROWS,
+        attn_batch: 2,
+        attn_seq: 128,
+        attn_hidden: 256,
+        attn_heads: 4,
+        reps: 2,
+        iters: 2,
+        format: WeightFormat::F16,
+    };
+
+    /// Shapes of a mid-size OPT layer for a real GPU (OPT-6.7b width, a 2048-token prefill batch).
+    pub const GPU: ProbeSizes = ProbeSizes {
+        cache_bytes: 256 << 20,
+        hidden_bytes: 32 << 20,
+        gemm_m: 2048,
+        width: 4096,
+        gemv_m: GEMV_MAX_ROWS,
+        attn_batch: 16,
+        attn_seq: 512,
+        attn_hidden: 4096,
+        attn_heads: 32,
+        reps: 10,
+        iters: 3,
+        format: WeightFormat::F16,
+    };
+
+    /// The sizes for `gpu`: [`Self::CPU_DRIVER`] on a CPU adapter, else [`Self::GPU`] shrunk until every buffer
+    /// fits one binding.
+    pub fn for_gpu(gpu: &Gpu) -> ProbeSizes {
+        let mut s = if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            Self::CPU_DRIVER
+        } else {
+            Self::GPU
+        };
+        let max = gpu.max_binding();
+        while s.cache_bytes > max {
+            s.cache_bytes /= 2;
+        }
+        s.hidden_bytes = s.hidden_bytes.min(s.cache_bytes);
+        while (s.gemm_m.max(s.width) * s.width * 4) as u64 > max && s.width > 256 {
+            s.width /= 2;
+            s.gemm_m = s.gemm_m.min(s.width);
+        }
+        while (s.attn_batch * s.attn_seq * s.attn_hidden * 4) as u64 > max && s.attn_batch > 1 {
+            s.attn_batch /= 2;
+        }
+        s
+    }
+}
+
+/// Measures [`GpuField`]s on one device through strata's tiers and kernels.
+pub struct RuntimeProbe {
+    gpu: Gpu,
+    kernels: Kernels,
+    tiers: Tiers,
+    sizes: ProbeSizes,
+    /// Both directions at the cache size, from the first of ctog / gtoc_cache (one measurement serves both).
+    cache_transfer: Option<(f64, f64)>,
+}
+
+impl std::fmt::Debug for RuntimeProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeProbe")
+            .field("gpu", &self.gpu)
+            .field("sizes", &self.sizes)
+            .finish()
+    }
+}
+
+impl RuntimeProbe {
+    /// A probe on `gpu` with the sizes [`ProbeSizes::for_gpu`] picks.
+    pub fn new(gpu: &Gpu) -> Result<RuntimeProbe, GpuError> {
+        Self::with_sizes(gpu, ProbeSizes::for_gpu(gpu))
+    }
+
+    /// A probe on `gpu` with explicit sizes.
+    pub fn with_sizes(gpu: &Gpu, sizes: ProbeSizes) -> Result<RuntimeProbe, GpuError> {
+        let tiers = Tiers::new(&gpu.device, &gpu.queue, TierOptions::default())
+            .map_err(|e| GpuError::Upload(format!("setting up the CPU tier: {e}")))?;
+        Ok(RuntimeProbe {
+            gpu: gpu.clone(),
+            kernels: Kernels::new(gpu),
+            tiers,
+            sizes,
+            cache_transfer: None,
+        })
+    }
+
+    /// The sizes this probe measures with.
+    pub fn sizes(&self) -> ProbeSizes {
+        self.sizes
+    }
+
+    /// GiB/s of (CPU tier -> GPU, GPU -> CPU tier) for `bytes`-byte transfers.
+    fn transfer(&self, bytes: u64) -> Result<(f64, f64), String> {
+        let r =
+            measure_bandwidth(&self.tiers, bytes, self.sizes.iters).map_err(|e| e.to_string())?;
+        // The report is in GB/s (10^9); profiles are in GiB/s.
+        Ok((r.cpu_to_gpu * 1e9 / GIB, r.gpu_to_cpu * 1e9 / GIB))
+    }
+
+    /// Best seconds of one submit of `reps` recorded operations, after a warm-up submit.
+    fn time<'a>(
+        &'a self,
+        record: impl Fn(&mut crate::gpu::kernels::Recorder<'a>),
+    ) -> Result<f64, String> {
+        let run = || -> Result<f64, String> {
+            let mut rec = self.kernels.recorder();
+            for _ in 0..self.sizes.reps.max(1) {
+                record(&mut rec);
+            }
+            let start = Instant::now();
+            rec.submit();
+            self.gpu
+                .device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| format!("waiting for the GPU: {e}"))?;
+            Ok(start.elapsed().as_secs_f64())
+        };
+        run()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..self.sizes.iters.max(1) {
+            best = best.min(run()?);
+        }
+        Ok(best.max(1e-9))
+    }
+
+    fn matrix(&self, rows: usize, cols: usize) -> Result<GpuMatrix, String> {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % 17) as f32 - 8.0) * 1e-3)
+            .collect();
+        let tensor = HostTensor {
+            dtype: DType::F32,
+            shape: vec![rows, cols],
+            bytes: Cow::Owned(bytemuck::cast_slice(&values).to_vec()),
+        };
+        GpuMatrix::upload(&self.gpu, "probe weight", &tensor, self.sizes.format)
+            .map_err(|e| e.to_string())
+    }
+
+    fn filled(&self, label: &str, elements: usize) -> Result<wgpu::Buffer, String> {
+        let values: Vec<f32> = (0..elements).map(|i| ((i % 13) as f32) * 1e-2).collect();
+        self.gpu
+            .storage_buffer_init(label, bytemuck::cast_slice(&values))
+            .map_err(|e| e.to_string())
+    }
+
+    /// TFLOP/s of a linear layer with `m` rows of x over a `width x width` weight.
+    fn linear_rate(&self, m: usize) -> Result<f64, String> {
+        let n = self.sizes.width;
+        let w = self.matrix(n, n)?;
+        let x = self.filled("probe x", m * n)?;
+        let out = self.gpu.storage_buffer("probe out", (4 * m * n) as u64);
+        let secs = self.time(|rec| {
+            rec.linear(
+                &x,
+                m,
+                &w,
+                None,
+                Act::None,
+                &out,
+                OutRows::dense(n, 0),
+                false,
+            );
+        })?;
+        Ok(2.0 * (m * n * n * self.sizes.reps.max(1)) as f64 / secs / 1e12)
+    }
+
+    /// TFLOP/s of attention: prefill (`s_new = seq`, causal) or decode (one query over `seq` positions).
+    fn attention_rate(&self, prefill: bool) -> Result<f64, String> {
+        let s = &self.sizes;
+        let (b, seq, h) = (s.attn_batch, s.attn_seq, s.attn_hidden);
+        let heads = s.attn_heads.max(h.div_ceil(MAX_HEAD_DIM));
+        let s_new = if prefill { seq } else { 1 };
+        let past = seq - s_new;
+        let q = self.filled("probe q", b * s_new * h)?;
+        let k = self.filled("probe k", b * seq * h)?;
+        let v = self.filled("probe v", b * seq * h)?;
+        let mask = self
+            .gpu
+            .storage_buffer_init("probe mask", bytemuck::cast_slice(&vec![1u32; b * seq]))
+            .map_err(|e| e.to_string())?;
+        let out = self
+            .gpu
+            .storage_buffer("probe attention out", (4 * b * s_new * h) as u64);
+        let shape = AttentionShape {
+            batch: b,
+            s_new,
+            past,
+            capacity: seq,
+            hidden: h,
+            n_head: heads,
+        };
+        let secs = self.time(|rec| rec.attention(&q, &k, &v, &mask, &out, shape))?;
+        // The cost model's counts: 4 b s^2 h for a prefill, 4 b ctx h for one decode token.
+        let flops = if prefill {
+            4.0 * (b * seq * seq * h) as f64
+        } else {
+            4.0 * (b * seq * h) as f64
+        };
+        Ok(flops * s.reps.max(1) as f64 / secs / 1e12)
+    }
+}
+
+impl GpuProbe for RuntimeProbe {
+    fn adapter_name(&self) -> String {
+        self.gpu.info.name.clone()
+    }
+
+    fn describe(&self, field: GpuField) -> String {
+        let s = &self.sizes;
+        let path = self.tiers.cpu().path();
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let fmt = match s.format {
+            WeightFormat::F16 => "f16",
+            WeightFormat::F32 => "f32",
+        };
+        match field {
+            GpuField::Ctog => format!("CPU tier ({path}) -> GPU, {:.0} MiB", mib(s.cache_bytes)),
+            GpuField::GtocCache => {
+                format!("GPU -> CPU tier ({path}), {:.0} MiB", mib(s.cache_bytes))
+            }
+            GpuField::GtocHidden => {
+                format!("GPU -> CPU tier ({path}), {:.0} MiB", mib(s.hidden_bytes))
+            }
+            GpuField::MmFlopsP => {
+                format!("GEMM {}x{}x{}, {fmt} weights", s.gemm_m, s.width, s.width)
+            }
+            GpuField::MmFlopsG => {
+                format!("GEMV {}x{}x{}, {fmt} weights", s.gemv_m, s.width, s.width)
+            }
+            GpuField::BmmFlopsP => format!(
+                "attention prefill b {} s {} h {}",
+                s.attn_batch, s.attn_seq, s.attn_hidden
+            ),
+            GpuField::BmmFlopsG => format!(
+                "attention decode b {} ctx {} h {}",
+                s.attn_batch, s.attn_seq, s.attn_hidden
+            ),
+        }
+    }
+
+    fn measure(&mut self, field: GpuField) -> Result<f64, String> {
+        let s = self.sizes;
+        let value = match field {
+            GpuField::Ctog | GpuField::GtocCache => {
+                let both = match self.cache_transfer {
+                    Some(both) => both,
+                    None => *self.cache_transfer.insert(self.transfer(s.cache_bytes)?),
+                };
+                if field == GpuField::Ctog {
+                    both.0
+                } else {
+                    both.1
+                }
+            }
+            GpuField::GtocHidden => self.transfer(s.hidden_bytes)?.1,
+            GpuField::MmFlopsP => self.linear_rate(s.gemm_m)?,
+            GpuField::MmFlopsG => self.linear_rate(s.gemv_m)?,
+            GpuField::BmmFlopsP => self.attention_rate(true)?,
+            GpuField::BmmFlopsG => self.attention_rate(false)?,
+        };
+        // Free the bind groups cached for this measurement's buffers.
+        self.kernels.release_cached_bindings();
+        if value.is_finite() && value > 0.0 {
+            Ok(value)
+        } else {
+            Err(format!("{}: measured {value}", field.name()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuOptions;
+
+    #[test]
+    fn sizes_fit_the_binding_and_every_field_measures() {
+        // A 2 MiB binding limit: every probe buffer must shrink to fit it.
+        let gpu = Gpu::new(&GpuOptions {
+            adapter: None,
+            max_binding_override: Some(2 << 20),
+        })
+        .expect("tests need a GPU adapter (lavapipe works)");
+        let s = ProbeSizes::for_gpu(&gpu);
+        let max = gpu.max_binding();
+        assert!(
+            s.cache_bytes <= max && s.hidden_bytes <= s.cache_bytes,
+            "{s:?}"
+        );
+        assert!((s.gemm_m.max(s.width) * s.width * 4) as u64 <= max, "{s:?}");
+        assert!(
+            (s.attn_batch * s.attn_seq * s.attn_hidden * 4) as u64 <= max,
+            "{s:?}"
+        );
+        let mut probe = RuntimeProbe::with_sizes(
+            &gpu,
+            ProbeSizes {
+                reps: 1,
+                iters: 1,
+                ..s
+            },
+        )
+        .unwrap();
+        assert_eq!(probe.adapter_name(), gpu.info.name);
+        for field in GpuField::ALL {
+            let v = probe.measure(field).unwrap();
+            assert!(v.is_finite() && v > 0.0, "{}: {v}", field.name());
+        }
+    }
+}
