@@ -1,0 +1,128 @@
+// Causal self-attention with a padding mask over a KV cache, for prefill (s_new = prompt length, past = 0) and decode
+// (s_new = 1). One workgroup per (query row, head); keys in blocks of 64 with an online softmax, so any sequence
+// length works in fixed workgroup memory. A query with no visible key (a padded row) yields zeros, never NaN.
+
+struct Params {
+    // Queries per sequence in this step, and tokens already in the cache before it.
+    s_new: u32,
+    past: u32,
+    // Cache rows per sequence: k and v are [batch, capacity, hidden]; mask is [batch, capacity] (1 = real token).
+    capacity: u32,
+    hidden: u32,
+    n_head: u32,
+    head_dim: u32,
+    // head_dim^-0.5, applied to q . k (the same as scaling q after its bias).
+    scale: f32,
+    n_rows: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<f32>;
+@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(4) var<storage, read> mask: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+const BLOCK: u32 = 64u;
+// head_dim up to 256: 4 output elements per thread.
+const PER_THREAD: u32 = 4u;
+const NEG: f32 = -1.0e30;
+
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> probs: array<f32, 64>;
+var<workgroup> red: array<f32, 64>;
+
+fn reduce(lid: u32, v: f32, take_max: bool) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var stride = 32u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            if (take_max) {
+                red[lid] = max(red[lid], red[lid + stride]);
+            } else {
+                red[lid] = red[lid] + red[lid + stride];
+            }
+        }
+        workgroupBarrier();
+    }
+    let total = workgroupUniformLoad(&red[0]);
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let item = wid.x + wid.y * nwg.x;
+    if (item >= params.n_rows * params.n_head) {
+        return;
+    }
+    let row = item / params.n_head;
+    let head = item % params.n_head;
+    let b = row / params.s_new;
+    let i = row % params.s_new;
+    // Keys 0 ..= pos are visible (causal), if the mask says they are real tokens.
+    let pos = params.past + i;
+    let d_len = params.head_dim;
+    let q_base = row * params.hidden + head * d_len;
+    for (var d = lid; d < d_len; d += BLOCK) {
+        qs[d] = q[q_base + d];
+    }
+    workgroupBarrier();
+
+    var m_run = NEG;
+    var l_run = 0.0;
+    var acc: array<f32, 4>;
+    for (var c = 0u; c < PER_THREAD; c++) {
+        acc[c] = 0.0;
+    }
+    let seq_base = b * params.capacity;
+    for (var j0 = 0u; j0 <= pos; j0 += BLOCK) {
+        let j = j0 + lid;
+        var valid = false;
+        var s = NEG;
+        if (j <= pos) {
+            valid = mask[seq_base + j] != 0u;
+        }
+        if (valid) {
+            let k_base = (seq_base + j) * params.hidden + head * d_len;
+            var dot = 0.0;
+            for (var d = 0u; d < d_len; d++) {
+                dot = fma(qs[d], kc[k_base + d], dot);
+            }
+            s = dot * params.scale;
+        }
+        let m_new = max(m_run, reduce(lid, s, true));
+        var p = 0.0;
+        if (valid) {
+            p = exp(s - m_new);
+        }
+        probs[lid] = p;
+        let block_sum = reduce(lid, p, false);
+        let correction = exp(m_run - m_new);
+        l_run = l_run * correction + block_sum;
+        let n_keys = min(BLOCK, pos + 1u - j0);
+        for (var c = 0u; c < PER_THREAD; c++) {
+            let d = lid + c * BLOCK;
+            if (d < d_len) {
+                var a = acc[c] * correction;
+                for (var jj = 0u; jj < n_keys; jj++) {
+                    let pj = probs[jj];
+                    if (pj != 0.0) {
+                        a = fma(pj, vc[(seq_base + j0 + jj) * params.hidden + head * d_len + d], a);
+                    }
+                }
+                acc[c] = a;
+            }
+        }
+        m_run = m_new;
+        workgroupBarrier();
+    }
+    let inv = select(0.0, 1.0 / l_run, l_run > 0.0);
+    for (var c = 0u; c < PER_THREAD; c++) {
+        let d = lid + c * BLOCK;
+        if (d < d_len) {
+            out[q_base + d] = acc[c] * inv;
+        }
+    }
+}

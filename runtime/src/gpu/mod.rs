@@ -1,0 +1,350 @@
+//! The GPU: adapter choice, the device and its limits, weight and activation buffers, and the compute kernels.
+//!
+//! [`Gpu`] owns the wgpu device and queue and knows the limits every buffer must respect; [`tensor`] holds weights
+//! in row chunks that each fit one storage binding; [`kernels`] is the one owner of WGSL pipelines and their dispatch
+//! code. The model's forward pass ([`crate::model`]) is written against these three.
+
+pub mod kernels;
+pub mod tensor;
+
+use std::sync::{Arc, Mutex};
+
+/// Why no usable GPU device could be opened, or a GPU operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GpuError {
+    /// No adapter at all (no Vulkan/Metal/DX12 driver).
+    #[error(
+        "no GPU adapter found{backends}. Install a GPU driver with Vulkan support; on Linux without a GPU, \
+         `apt-get install mesa-vulkan-drivers libvulkan1` provides the CPU driver lavapipe"
+    )]
+    NoAdapter {
+        /// Which backends were searched, when WGPU_BACKEND restricted them.
+        backends: String,
+    },
+    /// Adapters exist but none matches the requested name.
+    #[error("no GPU adapter's name contains {wanted:?}; available adapters: {available}")]
+    NoMatchingAdapter {
+        /// The requested substring.
+        wanted: String,
+        /// Names of the adapters found.
+        available: String,
+    },
+    /// The adapter refused to open a device.
+    #[error("could not open a device on adapter {adapter:?}: {reason}")]
+    RequestDevice {
+        /// Adapter name.
+        adapter: String,
+        /// wgpu's reason.
+        reason: String,
+    },
+    /// A buffer is too large for this device.
+    #[error("{what} needs a buffer of {bytes} bytes, more than this device allows ({limit} bytes); {hint}")]
+    BufferTooLarge {
+        /// What the buffer holds.
+        what: String,
+        /// Requested size.
+        bytes: u64,
+        /// The device's limit.
+        limit: u64,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// The device ran out of memory.
+    #[error("the GPU ran out of memory while allocating {what}: {reason}; use a smaller model, batch or dtype (--dtype f16)")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// The driver's message.
+        reason: String,
+    },
+    /// Writing a buffer through a mapping failed.
+    #[error("uploading to the GPU failed: {0}")]
+    Upload(String),
+    /// Mapping a buffer for reading failed (device lost, out of memory).
+    #[error("reading results back from the GPU failed: {0}")]
+    Readback(String),
+}
+
+/// How to pick and configure the GPU.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Pick the first adapter whose name contains this (case-insensitive); `WGPU_ADAPTER_NAME` is used when `None`.
+    pub adapter: Option<String>,
+    /// Pretend storage bindings can be at most this many bytes (tests use it to force weights into row chunks).
+    pub max_binding_override: Option<u64>,
+}
+
+/// An open GPU device with the limits and features strata uses.
+///
+/// Cheap to clone: the device and queue are reference counted.
+#[derive(Clone)]
+pub struct Gpu {
+    /// The wgpu device.
+    pub device: wgpu::Device,
+    /// Its one queue: copies and dispatches run in submission order.
+    pub queue: wgpu::Queue,
+    /// Adapter name, backend and type.
+    pub info: wgpu::AdapterInfo,
+    /// The limits the device was opened with (the adapter's own).
+    pub limits: wgpu::Limits,
+    /// The features enabled on the device.
+    pub features: wgpu::Features,
+    max_binding: u64,
+    readback: Arc<Mutex<Option<wgpu::Buffer>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .field("max_binding", &self.max_binding)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens a device: the adapter named by `options.adapter`, else `WGPU_ADAPTER_NAME`, else the default
+    /// (high-performance) adapter, among the backends `WGPU_BACKEND` allows.
+    pub fn new(options: &GpuOptions) -> Result<Gpu, GpuError> {
+        pollster::block_on(Self::new_async(options))
+    }
+
+    async fn new_async(options: &GpuOptions) -> Result<Gpu, GpuError> {
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = backends;
+        let instance = wgpu::Instance::new(desc);
+        let wanted = options
+            .adapter
+            .clone()
+            .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
+            .filter(|name| !name.is_empty());
+        let backend_note = if std::env::var("WGPU_BACKEND").is_ok() {
+            format!(" among backends {backends:?} (WGPU_BACKEND)")
+        } else {
+            String::new()
+        };
+        let adapter = match wanted {
+            Some(wanted) => {
+                let adapters = instance.enumerate_adapters(backends).await;
+                if adapters.is_empty() {
+                    return Err(GpuError::NoAdapter {
+                        backends: backend_note,
+                    });
+                }
+                let needle = wanted.to_lowercase();
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                match adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+                {
+                    Some(adapter) => adapter,
+                    None => {
+                        return Err(GpuError::NoMatchingAdapter {
+                            wanted,
+                            available: names.join(", "),
+                        })
+                    }
+                }
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::from_env()
+                        .unwrap_or(wgpu::PowerPreference::HighPerformance),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|_| GpuError::NoAdapter {
+                    backends: backend_note,
+                })?,
+        };
+        let info = adapter.get_info();
+        // The adapter's own limits: wgpu's defaults cap bindings at 128 MiB, far below what GPUs allow.
+        let limits = adapter.limits();
+        let wanted_features = wgpu::Features::SHADER_F16 | wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        let features = adapter.features() & wanted_features;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("strata"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| GpuError::RequestDevice {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let device_binding =
+            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding = options
+            .max_binding_override
+            .map_or(device_binding, |o| o.min(device_binding))
+            & !3;
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            max_binding,
+            readback: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Runs `f`, turning an out-of-memory error of the device during it into [`GpuError::OutOfMemory`] (wgpu would
+    /// otherwise report it to its uncaptured-error handler, which panics).
+    pub fn catch_oom<T, E: From<GpuError>>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = f();
+        match pollster::block_on(scope.pop()) {
+            Some(error) => Err(GpuError::OutOfMemory {
+                what: what.to_owned(),
+                reason: error.to_string(),
+            }
+            .into()),
+            None => result,
+        }
+    }
+
+    /// The largest storage binding (and buffer) strata creates, in bytes: a multiple of 4.
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// One line describing the adapter, for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}), max binding {} MiB",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.max_binding >> 20
+        )
+    }
+
+    /// Checks that a buffer of `bytes` fits one binding, naming `what` otherwise.
+    pub fn check_binding(
+        &self,
+        what: &str,
+        bytes: u64,
+        hint: &'static str,
+    ) -> Result<(), GpuError> {
+        if bytes > self.max_binding {
+            return Err(GpuError::BufferTooLarge {
+                what: what.to_owned(),
+                bytes,
+                limit: self.max_binding,
+                hint,
+            });
+        }
+        Ok(())
+    }
+
+    /// A storage buffer of `bytes` (rounded up to 4), usable as a copy source and destination.
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A storage buffer filled with `bytes` (zero-padded to a multiple of 4) without a staging copy.
+    pub fn storage_buffer_init(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer, GpuError> {
+        let size = (bytes.len() as u64).max(4).next_multiple_of(4);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: true,
+        });
+        {
+            let mut view = buffer
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| GpuError::Upload(format!("{label}: {e}")))?;
+            view.slice(..bytes.len()).copy_from_slice(bytes);
+        }
+        buffer.unmap();
+        Ok(buffer)
+    }
+
+    /// Copies `regions` (buffer, offset, bytes; offsets and sizes multiples of 4) into host memory after the GPU
+    /// has finished all work submitted so far, through one pooled map-readable buffer.
+    pub fn read_back(
+        &self,
+        regions: &[(&wgpu::Buffer, u64, u64)],
+    ) -> Result<Vec<Vec<u8>>, GpuError> {
+        if regions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut offsets = Vec::with_capacity(regions.len());
+        let mut total = 0u64;
+        for &(_, _, size) in regions {
+            offsets.push(total);
+            total += size.next_multiple_of(wgpu::MAP_ALIGNMENT);
+        }
+        let mut pool = self.readback.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.as_ref().is_none_or(|b| b.size() < total) {
+            *pool = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: total.next_power_of_two().max(256),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let staging = pool.as_ref().expect("readback buffer was just created");
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        for (&(buffer, offset, size), &dst) in regions.iter().zip(&offsets) {
+            encoder.copy_buffer_to_buffer(buffer, offset, staging, dst, size);
+        }
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, ..total, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| GpuError::Readback(e.to_string()))?
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let out = {
+            let view = staging
+                .get_mapped_range(..total)
+                .map_err(|e| GpuError::Readback(e.to_string()))?;
+            regions
+                .iter()
+                .zip(&offsets)
+                .map(|(&(_, _, size), &dst)| view[dst as usize..(dst + size) as usize].to_vec())
+                .collect()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Reads `count` f32 values starting at element `offset` of `buffer`.
+    pub fn read_f32(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: usize,
+        count: usize,
+    ) -> Result<Vec<f32>, GpuError> {
+        let bytes = self.read_back(&[(buffer, 4 * offset as u64, 4 * count as u64)])?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes[0]))
+    }
+}

@@ -1,0 +1,168 @@
+//! Weights on the GPU: matrices in row chunks that each fit one storage binding, and small f32 vectors.
+//!
+//! A matrix `[rows, cols]` (a linear layer's `[out, in]`, an embedding table) is split into chunks of whole rows,
+//! each its own buffer no larger than [`Gpu::max_binding`]: opt-125m's f32 embedding (154 MB) is two chunks on
+//! lavapipe (128 MiB bindings), opt-175b's fp16 fc1 (1.2 GB) fits one chunk on an H200. Kernels loop over chunks.
+
+use crate::config::DType;
+use crate::gpu::{Gpu, GpuError};
+use crate::weights::HostTensor;
+
+/// How a matrix's elements are stored on the GPU; kernels read both and accumulate in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// One f32 per element.
+    F32,
+    /// IEEE halves packed two per u32 (low half first), read with `unpack2x16float`: works on every adapter.
+    F16,
+}
+
+impl WeightFormat {
+    /// Bytes per element.
+    pub const fn element_bytes(self) -> u64 {
+        match self {
+            WeightFormat::F32 => 4,
+            WeightFormat::F16 => 2,
+        }
+    }
+
+    /// The storage format for weights stored as `stored`, unless `requested` overrides it. bf16 becomes f32
+    /// (exact) since WGSL has no bf16 unpack.
+    pub fn choose(stored: DType, requested: Option<DType>) -> WeightFormat {
+        match requested.unwrap_or(stored) {
+            DType::F16 => WeightFormat::F16,
+            DType::F32 | DType::BF16 => WeightFormat::F32,
+        }
+    }
+}
+
+/// Converts little-endian elements of `dtype` to f32.
+pub fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytemuck::pod_collect_to_vec(bytes),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Converts little-endian elements of `dtype` to the bytes of `format`, borrowing when no conversion is needed.
+fn to_format(dtype: DType, bytes: &[u8], format: WeightFormat) -> std::borrow::Cow<'_, [u8]> {
+    match (dtype, format) {
+        (DType::F32, WeightFormat::F32) | (DType::F16, WeightFormat::F16) => bytes.into(),
+        (_, WeightFormat::F32) => bytemuck::cast_slice::<f32, u8>(&to_f32(dtype, bytes))
+            .to_vec()
+            .into(),
+        (_, WeightFormat::F16) => to_f32(dtype, bytes)
+            .into_iter()
+            .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
+    }
+}
+
+/// A run of whole rows of a matrix in its own buffer.
+#[derive(Debug)]
+pub struct MatrixChunk {
+    /// First row of the matrix this chunk holds.
+    pub row0: usize,
+    /// Number of rows.
+    pub rows: usize,
+    /// The rows, `rows * cols` elements in the matrix's format.
+    pub buffer: wgpu::Buffer,
+}
+
+/// A row-major matrix on the GPU, split into row chunks that each fit one binding.
+#[derive(Debug)]
+pub struct GpuMatrix {
+    /// Rows (a linear layer's output features, an embedding's vocabulary).
+    pub rows: usize,
+    /// Columns (a linear layer's input features, an embedding's width).
+    pub cols: usize,
+    /// Element storage.
+    pub format: WeightFormat,
+    /// The chunks, in row order, covering every row once.
+    pub chunks: Vec<MatrixChunk>,
+}
+
+impl GpuMatrix {
+    /// Uploads a 2-D host tensor named `name` in `format`, splitting it into row chunks of at most
+    /// [`Gpu::max_binding`] bytes.
+    pub fn upload(
+        gpu: &Gpu,
+        name: &str,
+        tensor: &HostTensor<'_>,
+        format: WeightFormat,
+    ) -> Result<Self, GpuError> {
+        let (rows, cols) = match tensor.shape.as_slice() {
+            [r, c] => (*r, *c),
+            [c] => (1, *c),
+            other => {
+                return Err(GpuError::Upload(format!(
+                    "{name}: expected a matrix, found shape {other:?}"
+                )))
+            }
+        };
+        let src_elem = tensor.dtype.size_bytes() as usize;
+        if tensor.bytes.len() != rows * cols * src_elem {
+            return Err(GpuError::Upload(format!(
+                "{name}: {} bytes for shape [{rows}, {cols}] of {}",
+                tensor.bytes.len(),
+                tensor.dtype
+            )));
+        }
+        let row_bytes = cols as u64 * format.element_bytes();
+        gpu.check_binding(
+            &format!("one row of {name}"),
+            row_bytes,
+            "this adapter cannot hold a single row of this tensor in one binding",
+        )?;
+        let rows_per_chunk =
+            ((gpu.max_binding() / row_bytes.max(1)) as usize).clamp(1, rows.max(1));
+        let mut chunks = Vec::new();
+        let mut row0 = 0;
+        while row0 < rows {
+            let n = rows_per_chunk.min(rows - row0);
+            let src = &tensor.bytes[row0 * cols * src_elem..(row0 + n) * cols * src_elem];
+            let bytes = to_format(tensor.dtype, src, format);
+            let buffer = gpu.storage_buffer_init(&format!("{name}[{row0}..]"), &bytes)?;
+            chunks.push(MatrixChunk {
+                row0,
+                rows: n,
+                buffer,
+            });
+            row0 += n;
+        }
+        Ok(GpuMatrix {
+            rows,
+            cols,
+            format,
+            chunks,
+        })
+    }
+
+    /// Bytes the matrix occupies on the GPU.
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.buffer.size()).sum()
+    }
+}
+
+/// Uploads a vector (bias, layer-norm weight) as f32.
+pub fn upload_vector(
+    gpu: &Gpu,
+    name: &str,
+    tensor: &HostTensor<'_>,
+) -> Result<wgpu::Buffer, GpuError> {
+    let values = to_f32(tensor.dtype, &tensor.bytes);
+    gpu.check_binding(
+        name,
+        4 * values.len() as u64,
+        "vectors must fit one binding",
+    )?;
+    gpu.storage_buffer_init(name, bytemuck::cast_slice(&values))
+}

@@ -1,0 +1,561 @@
+//! OPT's forward pass on the GPU, written top to bottom like Hugging Face's `OPTDecoder`.
+//!
+//! The unit of work is one *step* (a prefill of the prompts, or one decode token) for one *GPU batch* of sequences.
+//! Every decoder layer owns its own buffers ([`LayerWeights`]) and its own KV cache ([`KvCache`]), and
+//! [`decoder_layer`] computes one layer from (layer weights, that layer's cache, one GPU batch's activations): an
+//! offloading schedule can stream a layer's weights in, then call it once per GPU batch. Kernel dispatch lives in
+//! [`crate::gpu::kernels`]; this module only says which kernel runs on which buffers.
+
+use crate::config::{Activation, ConfigError, DType, OptConfig};
+use crate::gpu::kernels::{Act, AttentionShape, OutRows, Recorder, MAX_HEAD_DIM};
+use crate::gpu::tensor::{upload_vector, GpuMatrix, WeightFormat};
+use crate::gpu::{Gpu, GpuError};
+use crate::weights::{layer_tensors, model_tensors, TensorSpec, WeightError, WeightSource};
+
+/// Why a model could not be put on the GPU or run there.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The config cannot describe a runnable model.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A weight could not be read.
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    /// The GPU refused a buffer or an operation.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// The architecture is valid but these kernels do not support it.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+}
+
+/// A linear layer: weight `[out, in]` and an optional bias (f32).
+#[derive(Debug)]
+pub struct Linear {
+    /// The weight matrix.
+    pub weight: GpuMatrix,
+    /// The bias, absent when the config has `enable_bias = false`.
+    pub bias: Option<wgpu::Buffer>,
+}
+
+/// A layer norm's elementwise affine (weight, bias), absent when `layer_norm_elementwise_affine = false`.
+#[derive(Debug)]
+pub struct Norm {
+    /// `(gamma, beta)` as f32.
+    pub affine: Option<(wgpu::Buffer, wgpu::Buffer)>,
+}
+
+impl Norm {
+    fn as_refs(&self) -> Option<(&wgpu::Buffer, &wgpu::Buffer)> {
+        self.affine.as_ref().map(|(g, b)| (g, b))
+    }
+}
+
+/// One decoder layer's weights, each tensor in its own buffer(s).
+#[derive(Debug)]
+pub struct LayerWeights {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Attention output projection.
+    pub out_proj: Linear,
+    /// Layer norm before (pre-LN) or after (post-LN) attention.
+    pub self_attn_layer_norm: Norm,
+    /// First feed-forward layer `[ffn, hidden]`.
+    pub fc1: Linear,
+    /// Second feed-forward layer `[hidden, ffn]`.
+    pub fc2: Linear,
+    /// Layer norm before (pre-LN) or after (post-LN) the feed-forward block.
+    pub final_layer_norm: Norm,
+}
+
+/// Loads tensors of one source by name and uploads them in one format.
+struct Uploader<'s> {
+    gpu: &'s Gpu,
+    source: &'s dyn WeightSource,
+    specs: Vec<TensorSpec>,
+    format: WeightFormat,
+}
+
+impl Uploader<'_> {
+    fn spec(&self, name: &str) -> Result<&TensorSpec, ModelError> {
+        self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
+            ModelError::Unsupported(format!("the config implies no tensor named {name}"))
+        })
+    }
+
+    fn matrix(&self, name: &str) -> Result<GpuMatrix, ModelError> {
+        let tensor = self.source.load(self.spec(name)?)?;
+        Ok(GpuMatrix::upload(self.gpu, name, &tensor, self.format)?)
+    }
+
+    fn vector(&self, name: &str) -> Result<wgpu::Buffer, ModelError> {
+        let tensor = self.source.load(self.spec(name)?)?;
+        Ok(upload_vector(self.gpu, name, &tensor)?)
+    }
+
+    fn linear(&self, prefix: &str, bias: bool) -> Result<Linear, ModelError> {
+        Ok(Linear {
+            weight: self.matrix(&format!("{prefix}.weight"))?,
+            bias: if bias {
+                Some(self.vector(&format!("{prefix}.bias"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn norm(&self, prefix: &str, affine: bool) -> Result<Norm, ModelError> {
+        Ok(Norm {
+            affine: if affine {
+                Some((
+                    self.vector(&format!("{prefix}.weight"))?,
+                    self.vector(&format!("{prefix}.bias"))?,
+                ))
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl LayerWeights {
+    /// Uploads decoder layer `i` of `source` in `format`.
+    pub fn upload(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        i: usize,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        let config = *source.config();
+        let up = Uploader {
+            gpu,
+            source,
+            specs: layer_tensors(&config, i),
+            format,
+        };
+        let p = format!("decoder.layers.{i}");
+        let bias = config.enable_bias;
+        let affine = config.layer_norm_elementwise_affine;
+        Ok(LayerWeights {
+            q_proj: up.linear(&format!("{p}.self_attn.q_proj"), bias)?,
+            k_proj: up.linear(&format!("{p}.self_attn.k_proj"), bias)?,
+            v_proj: up.linear(&format!("{p}.self_attn.v_proj"), bias)?,
+            out_proj: up.linear(&format!("{p}.self_attn.out_proj"), bias)?,
+            self_attn_layer_norm: up.norm(&format!("{p}.self_attn_layer_norm"), affine)?,
+            fc1: up.linear(&format!("{p}.fc1"), bias)?,
+            fc2: up.linear(&format!("{p}.fc2"), bias)?,
+            final_layer_norm: up.norm(&format!("{p}.final_layer_norm"), affine)?,
+        })
+    }
+}
+
+/// One layer's key and value cache for one GPU batch: `[batch, capacity, hidden]` f32 each.
+#[derive(Debug)]
+pub struct KvCache {
+    /// Keys.
+    pub k: wgpu::Buffer,
+    /// Values.
+    pub v: wgpu::Buffer,
+    /// Sequences.
+    pub batch: usize,
+    /// Token rows per sequence (prompt + generated).
+    pub capacity: usize,
+}
+
+impl KvCache {
+    /// Allocates a cache for `batch` sequences of up to `capacity` tokens.
+    pub fn new(
+        gpu: &Gpu,
+        config: &OptConfig,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self, ModelError> {
+        let bytes = (batch * capacity * config.hidden_size * 4) as u64;
+        gpu.check_binding(
+            "one layer's KV cache",
+            bytes,
+            "use a smaller GPU batch or shorter sequences",
+        )?;
+        Ok(KvCache {
+            k: gpu.storage_buffer("k cache", bytes),
+            v: gpu.storage_buffer("v cache", bytes),
+            batch,
+            capacity,
+        })
+    }
+}
+
+/// One GPU batch's inputs and residual stream, sized for its longest step.
+#[derive(Debug)]
+pub struct BatchState {
+    /// Sequences in this GPU batch.
+    pub batch: usize,
+    /// Tokens per sequence the mask and caches cover.
+    pub capacity: usize,
+    /// Residual stream `[batch * s_new, hidden]`.
+    pub x: wgpu::Buffer,
+    /// Token ids of this step `[batch * s_new]` (u32).
+    pub ids: wgpu::Buffer,
+    /// Position-table rows of this step `[batch * s_new]` (u32; 2 + index among real tokens, 1 for padding).
+    pub positions: wgpu::Buffer,
+    /// Attention mask `[batch, capacity]` (u32, 1 = real token, 0 = padding).
+    pub mask: wgpu::Buffer,
+}
+
+impl BatchState {
+    /// Buffers for `batch` sequences, steps of at most `max_s_new` tokens, `capacity` tokens in all.
+    pub fn new(
+        gpu: &Gpu,
+        config: &OptConfig,
+        batch: usize,
+        max_s_new: usize,
+        capacity: usize,
+    ) -> Result<Self, ModelError> {
+        let rows = batch * max_s_new;
+        let hint = "use a smaller GPU batch or shorter prompts";
+        gpu.check_binding(
+            "the residual stream",
+            (rows * config.hidden_size * 4) as u64,
+            hint,
+        )?;
+        Ok(BatchState {
+            batch,
+            capacity,
+            x: gpu.storage_buffer("x", (rows * config.hidden_size * 4) as u64),
+            ids: gpu.storage_buffer("ids", (rows * 4) as u64),
+            positions: gpu.storage_buffer("positions", (rows * 4) as u64),
+            mask: gpu.storage_buffer("mask", (batch * capacity * 4) as u64),
+        })
+    }
+}
+
+/// Scratch activations shared by every layer and GPU batch of a step (the queue runs them one after another).
+#[derive(Debug)]
+pub struct Workspace {
+    norm: wgpu::Buffer,
+    q: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    mid: wgpu::Buffer,
+    embed: wgpu::Buffer,
+    last: wgpu::Buffer,
+    last_norm: wgpu::Buffer,
+    last_proj: wgpu::Buffer,
+}
+
+impl Workspace {
+    /// Scratch for GPU batches of up to `batch` sequences and steps of up to `max_s_new` tokens.
+    pub fn new(
+        gpu: &Gpu,
+        config: &OptConfig,
+        batch: usize,
+        max_s_new: usize,
+    ) -> Result<Self, ModelError> {
+        let rows = batch * max_s_new;
+        let h = config.hidden_size;
+        let p = config.word_embed_proj_dim;
+        let hint = "use a smaller GPU batch or shorter prompts";
+        let f32s = |n: usize| (n * 4) as u64;
+        gpu.check_binding(
+            "the feed-forward activations",
+            f32s(rows * config.ffn_embed_dim),
+            hint,
+        )?;
+        gpu.check_binding("the token embeddings", f32s(rows * p), hint)?;
+        Ok(Workspace {
+            norm: gpu.storage_buffer("normed x", f32s(rows * h)),
+            q: gpu.storage_buffer("q", f32s(rows * h)),
+            attn: gpu.storage_buffer("attention output", f32s(rows * h)),
+            mid: gpu.storage_buffer("fc1 output", f32s(rows * config.ffn_embed_dim)),
+            embed: gpu.storage_buffer(
+                "token embeddings",
+                f32s(if config.has_projection() { rows * p } else { 1 }),
+            ),
+            last: gpu.storage_buffer("last hidden", f32s(batch * h)),
+            last_norm: gpu.storage_buffer("last hidden normed", f32s(batch * h)),
+            last_proj: gpu.storage_buffer("last hidden projected", f32s(batch * p)),
+        })
+    }
+}
+
+/// The shape of one step: `s_new` tokens per sequence after `past` cached ones (prefill: past = 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// New tokens per sequence (the padded prompt length at prefill, 1 at decode).
+    pub s_new: usize,
+    /// Tokens already in the cache.
+    pub past: usize,
+}
+
+/// An OPT model's weights on the GPU.
+#[derive(Debug)]
+pub struct GpuModel {
+    /// The architecture.
+    pub config: OptConfig,
+    /// How matrices are stored.
+    pub format: WeightFormat,
+    embed_tokens: GpuMatrix,
+    embed_positions: GpuMatrix,
+    project_in: Option<GpuMatrix>,
+    /// The decoder layers, in order.
+    pub layers: Vec<LayerWeights>,
+    final_layer_norm: Option<Norm>,
+    project_out: Option<GpuMatrix>,
+    lm_head: Option<GpuMatrix>,
+}
+
+impl GpuModel {
+    /// Uploads every weight of `source`, matrices stored as `dtype` (default: the checkpoint's; bf16 becomes f32).
+    pub fn upload(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        dtype: Option<DType>,
+    ) -> Result<Self, ModelError> {
+        let config = *source.config();
+        config.validate()?;
+        if config.head_dim() > MAX_HEAD_DIM {
+            return Err(ModelError::Unsupported(format!(
+                "head_dim {} is larger than the attention kernel's maximum of {MAX_HEAD_DIM}",
+                config.head_dim()
+            )));
+        }
+        let format = WeightFormat::choose(config.dtype, dtype);
+        let up = Uploader {
+            gpu,
+            source,
+            specs: model_tensors(&config),
+            format,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| LayerWeights::upload(gpu, source, i, format))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(GpuModel {
+            embed_tokens: up.matrix("decoder.embed_tokens.weight")?,
+            embed_positions: up.matrix("decoder.embed_positions.weight")?,
+            project_in: config
+                .has_projection()
+                .then(|| up.matrix("decoder.project_in.weight"))
+                .transpose()?,
+            layers,
+            final_layer_norm: config
+                .has_final_layer_norm()
+                .then(|| {
+                    up.norm(
+                        "decoder.final_layer_norm",
+                        config.layer_norm_elementwise_affine,
+                    )
+                })
+                .transpose()?,
+            project_out: config
+                .has_projection()
+                .then(|| up.matrix("decoder.project_out.weight"))
+                .transpose()?,
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| up.matrix("lm_head.weight"))
+                .transpose()?,
+            config,
+            format,
+        })
+    }
+
+    /// `x = project_in(embed_tokens[ids]) + embed_positions[positions]` for one GPU batch.
+    pub fn embed<'a>(
+        &'a self,
+        rec: &mut Recorder<'a>,
+        state: &'a BatchState,
+        ws: &'a Workspace,
+        step: Step,
+    ) {
+        let rows = state.batch * step.s_new;
+        match &self.project_in {
+            Some(project_in) => {
+                rec.gather(&self.embed_tokens, &state.ids, rows, &ws.embed, false);
+                rec.linear(
+                    &ws.embed,
+                    rows,
+                    project_in,
+                    None,
+                    Act::None,
+                    &state.x,
+                    OutRows::dense(self.config.hidden_size, 0),
+                    false,
+                );
+            }
+            None => rec.gather(&self.embed_tokens, &state.ids, rows, &state.x, false),
+        }
+        rec.gather(
+            &self.embed_positions,
+            &state.positions,
+            rows,
+            &state.x,
+            true,
+        );
+    }
+
+    /// The logits of each sequence's last token in this step, written to rows `row0..row0 + batch` of `logits`
+    /// (`[rows, vocab]`): final layer norm, project_out, then `x @ embed_tokens^T` (or the untied `lm_head`).
+    pub fn logits<'a>(
+        &'a self,
+        rec: &mut Recorder<'a>,
+        state: &'a BatchState,
+        ws: &'a Workspace,
+        step: Step,
+        logits: &'a wgpu::Buffer,
+        row0: usize,
+    ) {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let row_bytes = (h * 4) as u64;
+        // Left padding puts every sequence's last token in its last row.
+        for b in 0..state.batch {
+            let src = (b * step.s_new + step.s_new - 1) as u64 * row_bytes;
+            rec.copy(&state.x, src, &ws.last, b as u64 * row_bytes, row_bytes);
+        }
+        let mut hidden = &ws.last;
+        if let Some(norm) = &self.final_layer_norm {
+            rec.layer_norm(
+                &ws.last,
+                state.batch,
+                h,
+                norm.as_refs(),
+                c.layer_norm_eps,
+                &ws.last_norm,
+            );
+            hidden = &ws.last_norm;
+        }
+        if let Some(project_out) = &self.project_out {
+            let p = c.word_embed_proj_dim;
+            rec.linear(
+                hidden,
+                state.batch,
+                project_out,
+                None,
+                Act::None,
+                &ws.last_proj,
+                OutRows::dense(p, 0),
+                false,
+            );
+            hidden = &ws.last_proj;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        rec.linear(
+            hidden,
+            state.batch,
+            head,
+            None,
+            Act::None,
+            logits,
+            OutRows::dense(c.vocab_size, row0),
+            false,
+        );
+    }
+}
+
+/// One decoder layer for one GPU batch: attention (writing this step's keys and values into `cache`) and the
+/// feed-forward block, updating `state.x` in place.
+pub fn decoder_layer<'a>(
+    rec: &mut Recorder<'a>,
+    config: &OptConfig,
+    layer: &'a LayerWeights,
+    cache: &'a KvCache,
+    state: &'a BatchState,
+    ws: &'a Workspace,
+    step: Step,
+) {
+    let h = config.hidden_size;
+    let rows = state.batch * step.s_new;
+    let eps = config.layer_norm_eps;
+    let pre_ln = config.do_layer_norm_before;
+    let act = match config.activation {
+        Activation::Relu => Act::Relu,
+        Activation::Gelu => Act::Gelu,
+    };
+    let dense = OutRows::dense(h, 0);
+    let into_cache = OutRows::cache(step.s_new, step.past, cache.capacity, h);
+
+    // Self-attention block.
+    let attn_in = if pre_ln {
+        rec.layer_norm(
+            &state.x,
+            rows,
+            h,
+            layer.self_attn_layer_norm.as_refs(),
+            eps,
+            &ws.norm,
+        );
+        &ws.norm
+    } else {
+        &state.x
+    };
+    let lin = |l: &'a Linear| (&l.weight, l.bias.as_ref());
+    let (w, b) = lin(&layer.q_proj);
+    rec.linear(attn_in, rows, w, b, Act::None, &ws.q, dense, false);
+    let (w, b) = lin(&layer.k_proj);
+    rec.linear(attn_in, rows, w, b, Act::None, &cache.k, into_cache, false);
+    let (w, b) = lin(&layer.v_proj);
+    rec.linear(attn_in, rows, w, b, Act::None, &cache.v, into_cache, false);
+    let shape = AttentionShape {
+        batch: state.batch,
+        s_new: step.s_new,
+        past: step.past,
+        capacity: cache.capacity,
+        hidden: h,
+        n_head: config.n_head,
+    };
+    rec.attention(&ws.q, &cache.k, &cache.v, &state.mask, &ws.attn, shape);
+    // Residual add fused into out_proj's output.
+    let (w, b) = lin(&layer.out_proj);
+    rec.linear(&ws.attn, rows, w, b, Act::None, &state.x, dense, true);
+    if !pre_ln {
+        post_norm(rec, &layer.self_attn_layer_norm, state, ws, rows, h, eps);
+    }
+
+    // Feed-forward block.
+    let ffn_in = if pre_ln {
+        rec.layer_norm(
+            &state.x,
+            rows,
+            h,
+            layer.final_layer_norm.as_refs(),
+            eps,
+            &ws.norm,
+        );
+        &ws.norm
+    } else {
+        &state.x
+    };
+    let (w, b) = lin(&layer.fc1);
+    rec.linear(
+        ffn_in,
+        rows,
+        w,
+        b,
+        act,
+        &ws.mid,
+        OutRows::dense(config.ffn_embed_dim, 0),
+        false,
+    );
+    let (w, b) = lin(&layer.fc2);
+    rec.linear(&ws.mid, rows, w, b, Act::None, &state.x, dense, true);
+    if !pre_ln {
+        post_norm(rec, &layer.final_layer_norm, state, ws, rows, h, eps);
+    }
+}
+
+/// Post-LN: `x = LN(x)` (through scratch, since a kernel cannot read and write one buffer).
+fn post_norm<'a>(
+    rec: &mut Recorder<'a>,
+    norm: &'a Norm,
+    state: &'a BatchState,
+    ws: &'a Workspace,
+    rows: usize,
+    h: usize,
+    eps: f32,
+) {
+    rec.layer_norm(&state.x, rows, h, norm.as_refs(), eps, &ws.norm);
+    rec.copy(&ws.norm, 0, &state.x, 0, (rows * h * 4) as u64);
+}

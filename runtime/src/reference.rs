@@ -1,0 +1,280 @@
+//! A plain CPU implementation of OPT's forward pass in f32: the oracle the GPU kernels and the offloading runtime
+//! are tested against. It runs one unpadded sequence at a time and recomputes the whole prefix for every token (no
+//! KV cache), so it shares no code path with the GPU runtime. Slow; meant for tiny models.
+
+use std::collections::HashMap;
+
+use crate::config::{Activation, OptConfig};
+use crate::gpu::tensor::to_f32;
+use crate::weights::{model_tensors, WeightError, WeightSource};
+
+/// `y[m, n] = sum_k x[m, k] * w[n, k]` (a linear layer without bias; `w` is `[n, k]`), accumulated in f64.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0.0; m * n];
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        for c in 0..n {
+            let wr = &w[c * k..(c + 1) * k];
+            y[r * n + c] = xr
+                .iter()
+                .zip(wr)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+/// Layer norm of each row of `x` (`width` wide), with an optional `(gamma, beta)`.
+pub fn layer_norm(x: &[f32], width: usize, affine: Option<(&[f32], &[f32])>, eps: f32) -> Vec<f32> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(width) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+        let rstd = 1.0 / (var + eps as f64).sqrt();
+        for (i, &v) in row.iter().enumerate() {
+            let mut n = (v as f64 - mean) * rstd;
+            if let Some((g, b)) = affine {
+                n = n * g[i] as f64 + b[i] as f64;
+            }
+            y.push(n as f32);
+        }
+    }
+    y
+}
+
+/// erf in f64: the Maclaurin series below 3 (error < 1e-12), the asymptotic bound 1 - erfc above (erfc(3) < 2.3e-5
+/// is still resolved by a continued fraction).
+pub fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 3.0 {
+        let mut term = a;
+        let mut sum = a;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -a * a / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(a) = exp(-a^2)/sqrt(pi) * 1/(a + 1/2/(a + 1/(a + 3/2/(a + ...)))) (Lentz-free backward evaluation).
+        let mut f = a;
+        for k in (1..60).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / f
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// The exact GELU, `x/2 (1 + erf(x / sqrt 2))`.
+pub fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+/// Causal attention for one sequence of `len` tokens: q, k, v are `[len, hidden]`; `visible[j]` says whether key j
+/// is a real token. A query that sees no key yields zeros.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    hidden: usize,
+    n_head: usize,
+    visible: &[bool],
+) -> Vec<f32> {
+    let d = hidden / n_head;
+    let scale = (d as f64).powf(-0.5);
+    let mut out = vec![0.0; len * hidden];
+    for h in 0..n_head {
+        for i in 0..len {
+            let qi = &q[i * hidden + h * d..i * hidden + (h + 1) * d];
+            let scores: Vec<Option<f64>> = (0..len)
+                .map(|j| {
+                    (j <= i && visible[j]).then(|| {
+                        let kj = &k[j * hidden + h * d..j * hidden + (h + 1) * d];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                })
+                .collect();
+            let max = scores
+                .iter()
+                .flatten()
+                .fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let total: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+            if total == 0.0 {
+                continue;
+            }
+            for (j, s) in scores.iter().enumerate() {
+                if let Some(s) = s {
+                    let p = (s - max).exp() / total;
+                    for e in 0..d {
+                        out[i * hidden + h * d + e] +=
+                            (p * v[j * hidden + h * d + e] as f64) as f32;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An OPT model's weights in f32 on the CPU.
+#[derive(Debug)]
+pub struct ReferenceModel {
+    /// The architecture.
+    pub config: OptConfig,
+    weights: HashMap<String, Vec<f32>>,
+}
+
+impl ReferenceModel {
+    /// Reads every tensor of `source` into f32.
+    pub fn new(source: &dyn WeightSource) -> Result<Self, WeightError> {
+        let config = *source.config();
+        let mut weights = HashMap::new();
+        for spec in model_tensors(&config) {
+            let t = source.load(&spec)?;
+            weights.insert(spec.name.clone(), to_f32(t.dtype, &t.bytes));
+        }
+        Ok(ReferenceModel { config, weights })
+    }
+
+    fn w(&self, name: &str) -> &[f32] {
+        // model_tensors lists every name this module asks for, so a miss is a bug in this file.
+        self.weights
+            .get(name)
+            .map(Vec::as_slice)
+            .unwrap_or_else(|| panic!("reference model has no {name}"))
+    }
+
+    fn linear(
+        &self,
+        x: &[f32],
+        rows: usize,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Vec<f32> {
+        let mut y = matmul_t(x, rows, in_dim, self.w(&format!("{name}.weight")), out_dim);
+        if self.config.enable_bias {
+            let b = self.w(&format!("{name}.bias"));
+            for row in y.chunks_exact_mut(out_dim) {
+                row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb);
+            }
+        }
+        y
+    }
+
+    fn norm(&self, x: &[f32], name: &str) -> Vec<f32> {
+        let c = &self.config;
+        let affine = c.layer_norm_elementwise_affine.then(|| {
+            (
+                self.w(&format!("{name}.weight")),
+                self.w(&format!("{name}.bias")),
+            )
+        });
+        layer_norm(x, c.hidden_size, affine, c.layer_norm_eps)
+    }
+
+    /// The next-token logits after `tokens` (one unpadded sequence).
+    pub fn next_logits(&self, tokens: &[u32]) -> Vec<f32> {
+        let c = &self.config;
+        let (h, p, f, len) = (
+            c.hidden_size,
+            c.word_embed_proj_dim,
+            c.ffn_embed_dim,
+            tokens.len(),
+        );
+        let embed = self.w("decoder.embed_tokens.weight");
+        let mut e: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| embed[t as usize * p..(t as usize + 1) * p].iter().copied())
+            .collect();
+        if c.has_projection() {
+            e = matmul_t(&e, len, p, self.w("decoder.project_in.weight"), h);
+        }
+        let pos = self.w("decoder.embed_positions.weight");
+        let mut x: Vec<f32> = e
+            .chunks_exact(h)
+            .enumerate()
+            .flat_map(|(i, row)| {
+                row.iter()
+                    .zip(&pos[(i + 2) * h..(i + 3) * h])
+                    .map(|(a, b)| a + b)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let visible = vec![true; len];
+        let add = |x: &mut [f32], y: &[f32]| x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+        for l in 0..c.num_hidden_layers {
+            let pre = |s: &str| format!("decoder.layers.{l}.{s}");
+            let a_in = if c.do_layer_norm_before {
+                self.norm(&x, &pre("self_attn_layer_norm"))
+            } else {
+                x.clone()
+            };
+            let q = self.linear(&a_in, len, &pre("self_attn.q_proj"), h, h);
+            let k = self.linear(&a_in, len, &pre("self_attn.k_proj"), h, h);
+            let v = self.linear(&a_in, len, &pre("self_attn.v_proj"), h, h);
+            let a = attention(&q, &k, &v, len, h, c.n_head, &visible);
+            add(
+                &mut x,
+                &self.linear(&a, len, &pre("self_attn.out_proj"), h, h),
+            );
+            if !c.do_layer_norm_before {
+                x = self.norm(&x, &pre("self_attn_layer_norm"));
+            }
+            let f_in = if c.do_layer_norm_before {
+                self.norm(&x, &pre("final_layer_norm"))
+            } else {
+                x.clone()
+            };
+            let mut mid = self.linear(&f_in, len, &pre("fc1"), h, f);
+            for v in &mut mid {
+                *v = match c.activation {
+                    Activation::Relu => v.max(0.0),
+                    Activation::Gelu => gelu(*v),
+                };
+            }
+            add(&mut x, &self.linear(&mid, len, &pre("fc2"), f, h));
+            if !c.do_layer_norm_before {
+                x = self.norm(&x, &pre("final_layer_norm"));
+            }
+        }
+        let mut last = x[(len - 1) * h..].to_vec();
+        if c.has_final_layer_norm() {
+            last = self.norm(&last, "decoder.final_layer_norm");
+        }
+        if c.has_projection() {
+            last = matmul_t(&last, 1, h, self.w("decoder.project_out.weight"), p);
+        }
+        let head = if c.tie_word_embeddings {
+            embed
+        } else {
+            self.w("lm_head.weight")
+        };
+        matmul_t(&last, 1, p, head, c.vocab_size)
+    }
+
+    /// The logits after each prefix `prompt + continuation[..t]`, for t in 0..=continuation.len() - 1: what a
+    /// generator that produced `continuation` saw at each step.
+    pub fn step_logits(&self, prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
+        (0..continuation.len())
+            .map(|t| {
+                let mut tokens = prompt.to_vec();
+                tokens.extend_from_slice(&continuation[..t]);
+                self.next_logits(&tokens)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,164 @@
+//! Test support: a seeded random weight source and a shared GPU.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use strata_runtime::config::{Activation, DType, OptConfig};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::weights::{
+    model_tensors, HostTensor, TensorRole, TensorSpec, WeightError, WeightSource,
+};
+
+/// splitmix64: a small, seedable generator.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// Encodes f32 values as little-endian bytes of `dtype`.
+pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Rounds values through `dtype` (what the GPU sees when weights are stored in it).
+pub fn round_to(values: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => values.to_vec(),
+        DType::F16 => values
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect(),
+    }
+}
+
+/// Random weights for any config, stored in `config.dtype`. Scales are chosen so activations stay O(1) and logits
+/// are well separated (random tiny models otherwise have near-tied logits).
+pub struct RandomWeights {
+    pub config: OptConfig,
+    tensors: HashMap<String, Vec<u8>>,
+}
+
+impl RandomWeights {
+    pub fn new(config: OptConfig, seed: u64) -> Self {
+        let mut rng = Rng(seed);
+        let mut tensors = HashMap::new();
+        for spec in model_tensors(&config) {
+            let n = spec.numel();
+            let values = match spec.role {
+                TensorRole::TokenEmbedding | TensorRole::PositionEmbedding => rng.vec(n, 1.0),
+                TensorRole::LinearWeight => rng.vec(n, 2.0 / (spec.shape[1] as f32).sqrt()),
+                TensorRole::Bias => rng.vec(n, 0.2),
+                TensorRole::LayerNorm if spec.name.ends_with("weight") => {
+                    rng.vec(n, 0.3).into_iter().map(|v| 1.0 + v).collect()
+                }
+                TensorRole::LayerNorm => rng.vec(n, 0.2),
+            };
+            tensors.insert(spec.name.clone(), encode(&values, config.dtype));
+        }
+        RandomWeights { config, tensors }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn config(&self) -> &OptConfig {
+        &self.config
+    }
+
+    fn load(&self, spec: &TensorSpec) -> Result<HostTensor<'_>, WeightError> {
+        let bytes = self
+            .tensors
+            .get(&spec.name)
+            .ok_or_else(|| WeightError::Missing {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+            })?;
+        Ok(HostTensor {
+            dtype: self.config.dtype,
+            shape: spec.shape.clone(),
+            bytes: Cow::Borrowed(bytes),
+        })
+    }
+}
+
+/// A tiny pre-LN OPT (opt-125m's shape family) to derive variants from.
+pub fn tiny_config() -> OptConfig {
+    OptConfig {
+        name: "tiny-opt",
+        num_hidden_layers: 2,
+        hidden_size: 32,
+        n_head: 4,
+        ffn_embed_dim: 48,
+        word_embed_proj_dim: 32,
+        vocab_size: 61,
+        max_seq_len: 40,
+        pad_token_id: 1,
+        bos_token_id: 2,
+        eos_token_id: 2,
+        activation: Activation::Relu,
+        layer_norm_eps: 1e-5,
+        do_layer_norm_before: true,
+        enable_bias: true,
+        layer_norm_elementwise_affine: true,
+        remove_final_layer_norm: false,
+        tie_word_embeddings: true,
+        dtype: DType::F32,
+    }
+}
+
+/// The device every test shares (lavapipe on CPU machines).
+pub fn gpu() -> Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::new(&GpuOptions::default()).expect("tests need a GPU adapter (lavapipe works)")
+    })
+    .clone()
+}
+
+/// A device whose bindings are capped at `bytes`, to force row chunking.
+pub fn gpu_with_binding(bytes: u64) -> Gpu {
+    Gpu::new(&GpuOptions {
+        adapter: None,
+        max_binding_override: Some(bytes),
+    })
+    .expect("tests need a GPU adapter (lavapipe works)")
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -1,0 +1,418 @@
+//! Each GPU kernel against the CPU reference, on whatever adapter is present (lavapipe on CPU machines).
+
+mod common;
+
+use std::borrow::Cow;
+
+use common::{gpu, gpu_with_binding, max_abs_diff, round_to, Rng};
+use strata_runtime::config::DType;
+use strata_runtime::gpu::kernels::{Act, AttentionShape, Kernels, OutRows};
+use strata_runtime::gpu::tensor::{GpuMatrix, WeightFormat};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::reference;
+use strata_runtime::weights::HostTensor;
+
+fn upload(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
+    gpu.storage_buffer_init("test input", bytemuck::cast_slice(values))
+        .unwrap()
+}
+
+fn matrix(gpu: &Gpu, values: &[f32], rows: usize, cols: usize, format: WeightFormat) -> GpuMatrix {
+    let tensor = HostTensor {
+        dtype: DType::F32,
+        shape: vec![rows, cols],
+        bytes: Cow::Owned(bytemuck::cast_slice(values).to_vec()),
+    };
+    GpuMatrix::upload(gpu, "test matrix", &tensor, format).unwrap()
+}
+
+fn dtype_of(format: WeightFormat) -> DType {
+    match format {
+        WeightFormat::F32 => DType::F32,
+        WeightFormat::F16 => DType::F16,
+    }
+}
+
+/// Runs one linear layer on the GPU and on the CPU; returns the max difference.
+#[allow(clippy::too_many_arguments)]
+fn check_linear(
+    gpu: &Gpu,
+    m: usize,
+    k: usize,
+    n: usize,
+    format: WeightFormat,
+    act: Act,
+    bias: bool,
+    accumulate: bool,
+) -> f32 {
+    let mut rng = Rng(m as u64 * 1000 + k as u64 * 10 + n as u64);
+    let x = rng.vec(m * k, 1.0);
+    let w = rng.vec(n * k, 1.0);
+    let b = rng.vec(n, 1.0);
+    let init = rng.vec(m * n, 1.0);
+    let kernels = Kernels::new(gpu);
+    let wm = matrix(gpu, &w, n, k, format);
+    let (xb, bb, out) = (upload(gpu, &x), upload(gpu, &b), upload(gpu, &init));
+    let mut rec = kernels.recorder();
+    rec.linear(
+        &xb,
+        m,
+        &wm,
+        bias.then_some(&bb),
+        act,
+        &out,
+        OutRows::dense(n, 0),
+        accumulate,
+    );
+    rec.submit();
+    let got = gpu.read_f32(&out, 0, m * n).unwrap();
+
+    let w_seen = round_to(&w, dtype_of(format));
+    let mut want = reference::matmul_t(&x, m, k, &w_seen, n);
+    for r in 0..m {
+        for c in 0..n {
+            let mut v = want[r * n + c] + if bias { b[c] } else { 0.0 };
+            v = match act {
+                Act::None => v,
+                Act::Relu => v.max(0.0),
+                Act::Gelu => reference::gelu(v),
+            };
+            want[r * n + c] = v + if accumulate { init[r * n + c] } else { 0.0 };
+        }
+    }
+    max_abs_diff(&got, &want)
+}
+
+#[test]
+fn linear_matches_cpu_for_odd_shapes_both_formats_and_both_kernels() {
+    let gpu = gpu();
+    // m <= 8 takes the GEMV kernel, larger m the tiled GEMM; none of these is a multiple of the tiles.
+    let shapes = [
+        (1, 7, 5),
+        (3, 64, 130),
+        (8, 33, 17),
+        (9, 70, 65),
+        (67, 129, 131),
+        (130, 16, 64),
+    ];
+    for (m, k, n) in shapes {
+        for format in [WeightFormat::F32, WeightFormat::F16] {
+            for (act, bias, acc) in [
+                (Act::None, false, false),
+                (Act::Relu, true, false),
+                (Act::Gelu, true, true),
+            ] {
+                let diff = check_linear(&gpu, m, k, n, format, act, bias, acc);
+                // Inputs are O(1) and sums run over k terms: f32 accumulation error stays far below 1e-3.
+                assert!(
+                    diff < 1e-3 * (k as f32).sqrt(),
+                    "m={m} k={k} n={n} {format:?} {act:?}: diff {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_works_on_row_chunked_weights() {
+    // 1 KiB bindings: a 70 x 33 f32 matrix (9.2 KB) becomes 10 chunks of 7 rows; f16 5 chunks of 15.
+    let gpu = gpu_with_binding(1024);
+    for format in [WeightFormat::F32, WeightFormat::F16] {
+        let w = vec![0.5; 70 * 33];
+        let wm = matrix(&gpu, &w, 70, 33, format);
+        assert!(wm.chunks.len() > 1, "{format:?} should be chunked");
+        assert_eq!(wm.chunks.iter().map(|c| c.rows).sum::<usize>(), 70);
+        for (m, k, n) in [(2, 33, 70), (20, 33, 70)] {
+            let diff = check_linear(&gpu, m, k, n, format, Act::Relu, true, false);
+            assert!(diff < 1e-3, "chunked {format:?} m={m}: diff {diff}");
+        }
+    }
+}
+
+#[test]
+fn gelu_matches_exact_erf_gelu() {
+    let gpu = gpu();
+    let kernels = Kernels::new(&gpu);
+    let n = 4001;
+    let xs: Vec<f32> = (0..n)
+        .map(|i| -8.0 + 16.0 * i as f32 / (n - 1) as f32)
+        .collect();
+    // x @ [1]^T with the GELU epilogue, k = 1: the output is gelu(x) exactly as the kernel computes it.
+    let one = matrix(&gpu, &[1.0], 1, 1, WeightFormat::F32);
+    let (xb, out) = (upload(&gpu, &xs), upload(&gpu, &vec![0.0; n]));
+    let mut rec = kernels.recorder();
+    rec.linear(
+        &xb,
+        n,
+        &one,
+        None,
+        Act::Gelu,
+        &out,
+        OutRows::dense(1, 0),
+        false,
+    );
+    rec.submit();
+    let got = gpu.read_f32(&out, 0, n).unwrap();
+    let worst = xs
+        .iter()
+        .zip(&got)
+        .map(|(&x, &g)| (g - reference::gelu(x)).abs() / x.abs().max(1.0))
+        .fold(0.0, f32::max);
+    assert!(worst < 1e-6, "GELU error {worst} (relative to max(1, |x|))");
+    // The reference's erf itself: erf(0.5) and erf(2) to 1e-12.
+    assert!((reference::erf(0.5) - 0.520_499_877_813_046_5).abs() < 1e-12);
+    assert!((reference::erf(2.0) - 0.995_322_265_018_952_7).abs() < 1e-12);
+    assert!((reference::erf(3.5) - 0.999_999_256_901_628).abs() < 1e-12);
+}
+
+#[test]
+fn layer_norm_matches_cpu_with_and_without_affine() {
+    let gpu = gpu();
+    let kernels = Kernels::new(&gpu);
+    for width in [7, 256, 1000] {
+        let rows = 5;
+        let mut rng = Rng(width as u64);
+        // An offset mean checks the two-pass variance.
+        let x: Vec<f32> = rng
+            .vec(rows * width, 2.0)
+            .into_iter()
+            .map(|v| v + 30.0)
+            .collect();
+        let g = rng.vec(width, 1.0);
+        let b = rng.vec(width, 1.0);
+        let (xb, gb, bb, out) = (
+            upload(&gpu, &x),
+            upload(&gpu, &g),
+            upload(&gpu, &b),
+            upload(&gpu, &vec![0.0; rows * width]),
+        );
+        for affine in [false, true] {
+            let mut rec = kernels.recorder();
+            rec.layer_norm(&xb, rows, width, affine.then_some((&gb, &bb)), 1e-5, &out);
+            rec.submit();
+            let got = gpu.read_f32(&out, 0, rows * width).unwrap();
+            let want = reference::layer_norm(&x, width, affine.then_some((&g[..], &b[..])), 1e-5);
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-4, "width {width} affine {affine}: diff {diff}");
+        }
+    }
+}
+
+#[test]
+fn gather_reads_rows_across_chunks_and_accumulates() {
+    let gpu = gpu_with_binding(256);
+    let kernels = Kernels::new(&gpu);
+    let (rows, cols) = (37, 10);
+    let table: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.25).collect();
+    for format in [WeightFormat::F32, WeightFormat::F16] {
+        let tm = matrix(&gpu, &table, rows, cols, format);
+        assert!(tm.chunks.len() > 2);
+        let ids = [36u32, 0, 5, 17, 36];
+        let idb = gpu
+            .storage_buffer_init("ids", bytemuck::cast_slice(&ids))
+            .unwrap();
+        let out = upload(&gpu, &vec![1.0; ids.len() * cols]);
+        let mut rec = kernels.recorder();
+        rec.gather(&tm, &idb, ids.len(), &out, true);
+        rec.submit();
+        let got = gpu.read_f32(&out, 0, ids.len() * cols).unwrap();
+        let table_seen = round_to(&table, dtype_of(format));
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| {
+                table_seen[id as usize * cols..(id as usize + 1) * cols]
+                    .iter()
+                    .map(|v| v + 1.0)
+            })
+            .collect();
+        assert_eq!(got, want, "{format:?}");
+    }
+}
+
+/// Attention over a cache holding left-padded sequences: prefill (all queries) and decode queries, for head sizes
+/// of 8 to 256 (1 to 4 output elements per thread) and sequences longer than one 64-key block.
+#[test]
+fn attention_with_padding_matches_cpu_and_never_yields_nan() {
+    let gpu = gpu();
+    let kernels = Kernels::new(&gpu);
+    // (hidden, n_head, prompt lengths, padded prompt length s)
+    let cases: [(usize, usize, &[usize], usize); 4] = [
+        (24, 3, &[5, 1, 3], 5),
+        (160, 2, &[70, 3], 70),
+        (256, 2, &[130, 129], 130),
+        (256, 1, &[9, 4], 9),
+    ];
+    for (hidden, n_head, lens, s) in cases {
+        check_attention(&gpu, &kernels, hidden, n_head, lens, s);
+    }
+}
+
+fn check_attention(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    hidden: usize,
+    n_head: usize,
+    lens: &[usize],
+    s: usize,
+) {
+    let capacity = s + 2;
+    let batch = lens.len();
+    let mut rng = Rng(hidden as u64 + s as u64);
+    // Cache rows 0..capacity per sequence; the first s - len rows of each sequence are padding.
+    let k = rng.vec(batch * capacity * hidden, 1.5);
+    let v = rng.vec(batch * capacity * hidden, 1.0);
+    let q_all = rng.vec(batch * capacity * hidden, 1.5);
+    let mut mask = vec![1u32; batch * capacity];
+    for (b, &len) in lens.iter().enumerate() {
+        mask[b * capacity..b * capacity + s - len].fill(0);
+    }
+    let (kb, vb) = (upload(gpu, &k), upload(gpu, &v));
+    let maskb = gpu
+        .storage_buffer_init("mask", bytemuck::cast_slice(&mask))
+        .unwrap();
+    for (s_new, past) in [(s, 0), (1, s), (2, s)] {
+        // Queries for rows past..past + s_new of each sequence.
+        let q: Vec<f32> = (0..batch)
+            .flat_map(|b| {
+                q_all[(b * capacity + past) * hidden..(b * capacity + past + s_new) * hidden]
+                    .to_vec()
+            })
+            .collect();
+        let qb = upload(gpu, &q);
+        let out = upload(gpu, &vec![f32::NAN; batch * s_new * hidden]);
+        let mut rec = kernels.recorder();
+        let shape = AttentionShape {
+            batch,
+            s_new,
+            past,
+            capacity,
+            hidden,
+            n_head,
+        };
+        rec.attention(&qb, &kb, &vb, &maskb, &out, shape);
+        rec.submit();
+        let got = gpu.read_f32(&out, 0, batch * s_new * hidden).unwrap();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "NaN or inf in attention output"
+        );
+        for b in 0..batch {
+            let total = past + s_new;
+            let rows =
+                |t: &[f32]| t[b * capacity * hidden..(b * capacity + total) * hidden].to_vec();
+            let mut qfull = vec![0.0; total * hidden];
+            qfull[past * hidden..]
+                .copy_from_slice(&q[b * s_new * hidden..(b + 1) * s_new * hidden]);
+            let visible: Vec<bool> = (0..total).map(|j| mask[b * capacity + j] != 0).collect();
+            let want = reference::attention(
+                &qfull,
+                &rows(&k),
+                &rows(&v),
+                total,
+                hidden,
+                n_head,
+                &visible,
+            );
+            let got_b = &got[b * s_new * hidden..(b + 1) * s_new * hidden];
+            let diff = max_abs_diff(got_b, &want[past * hidden..]);
+            assert!(
+                diff < 1e-4,
+                "hidden {hidden} heads {n_head} s_new {s_new} past {past} seq {b}: diff {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn argmax_prefers_the_lowest_id_on_ties() {
+    let gpu = gpu();
+    let kernels = Kernels::new(&gpu);
+    let vocab = 1003;
+    let mut rng = Rng(3);
+    let mut logits = rng.vec(3 * vocab, 1.0);
+    logits[700] = 5.0;
+    logits[900] = 5.0; // tie in row 0: 700 wins
+    logits[vocab + 1002] = 9.0; // last id
+    logits[2 * vocab + 12] = f32::NAN; // NaN never wins
+    logits[2 * vocab + 13] = 3.0;
+    let lb = upload(&gpu, &logits);
+    let next = gpu.storage_buffer("next", 12);
+    let mut rec = kernels.recorder();
+    rec.argmax(&lb, 3, vocab, &next);
+    rec.submit();
+    let got: Vec<u32> = bytemuck::pod_collect_to_vec(&gpu.read_back(&[(&next, 0, 12)]).unwrap()[0]);
+    assert_eq!(got, vec![700, 1002, 13]);
+}
+
+#[allow(clippy::too_many_arguments)] // the sampler's parameters plus the device
+fn sample(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    logits: &[f32],
+    rows: usize,
+    temperature: f32,
+    top_p: f32,
+    seed: u32,
+    step: u32,
+) -> Vec<u32> {
+    let vocab = logits.len() / rows;
+    let lb = upload(gpu, logits);
+    let next = gpu.storage_buffer("next", 4 * rows as u64);
+    let mut rec = kernels.recorder();
+    rec.sample(&lb, rows, vocab, temperature, top_p, seed, step, &next);
+    rec.submit();
+    bytemuck::pod_collect_to_vec(&gpu.read_back(&[(&next, 0, 4 * rows as u64)]).unwrap()[0])
+}
+
+#[test]
+fn sampling_stays_in_the_nucleus_and_is_reproducible() {
+    let gpu = gpu();
+    let kernels = Kernels::new(&gpu);
+    let (rows, vocab) = (64, 500);
+    let mut rng = Rng(11);
+    let logits = rng.vec(rows * vocab, 4.0);
+    // A tiny nucleus keeps only the most likely token.
+    let greedy = sample(&gpu, &kernels, &logits, rows, 1.0, 1e-6, 1, 0);
+    for r in 0..rows {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let best = (0..vocab)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        assert_eq!(greedy[r] as usize, best, "row {r}");
+    }
+    // top_p = 0.5: every draw is inside the CPU-computed nucleus; draws vary across rows and seeds.
+    let top_p = 0.5;
+    let a = sample(&gpu, &kernels, &logits, rows, 0.7, top_p, 42, 3);
+    let b = sample(&gpu, &kernels, &logits, rows, 0.7, top_p, 42, 3);
+    let c = sample(&gpu, &kernels, &logits, rows, 0.7, top_p, 43, 3);
+    assert_eq!(a, b, "same seed and step must give the same tokens");
+    assert_ne!(a, c, "a different seed should change some of 64 draws");
+    let mut not_greedy = 0;
+    for r in 0..rows {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let max = row.iter().copied().fold(f32::MIN, f32::max);
+        let mut p: Vec<(f64, usize)> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (((l - max) as f64 / 0.7).exp(), i))
+            .collect();
+        let z: f64 = p.iter().map(|x| x.0).sum();
+        p.sort_by(|x, y| y.0.total_cmp(&x.0));
+        let mut mass = 0.0;
+        let mut nucleus = Vec::new();
+        for &(pi, i) in &p {
+            nucleus.push(i);
+            mass += pi / z;
+            if mass >= top_p as f64 {
+                break;
+            }
+        }
+        assert!(
+            nucleus.contains(&(a[r] as usize)),
+            "row {r}: token {} outside the nucleus {nucleus:?}",
+            a[r]
+        );
+        not_greedy += (a[r] != greedy[r]) as usize;
+    }
+    assert!(not_greedy > 0, "sampling never left the argmax in 64 rows");
+}
