@@ -245,8 +245,13 @@ impl Generator {
             .max(c.word_embed_proj_dim);
         let per_seq = (4 * (s * widest).max(capacity * c.hidden_size)) as u64;
         let fit = (self.gpu().max_binding() / per_seq) as usize;
+        if self.options.gpu_batch_size == Some(0) {
+            return Err(GenerateError::Capacity(
+                "gpu_batch_size must be at least 1".into(),
+            ));
+        }
         let gbs = self.options.gpu_batch_size.unwrap_or(fit).min(batch);
-        if gbs == 0 || fit == 0 {
+        if gbs == 0 {
             return Err(GenerateError::Capacity(format!(
                 "one sequence of {capacity} tokens needs {per_seq} bytes of activations or cache in one binding, \
                  more than this device's {} bytes; shorten the prompt or max_new_tokens",

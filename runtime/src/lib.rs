@@ -1,12 +1,16 @@
 //! strata's runtime: everything that runs an OPT model.
 //!
-//! The crate is organised by concern: [`config`] describes an architecture and its memory, [`weights`] lists the
-//! tensors a config needs and the interface weight sources implement. [`policy`] is an offloading policy,
-//! [`planner`] its memory per tier (checked before anything is allocated), [`hardware`] a machine's speeds, and
-//! [`cost_model`] chooses the fastest policy that fits.
-//! tensors a config needs and the interface weight sources implement. [`gpu`] owns the device and the kernels,
-//! [`model`] is OPT's forward pass on the GPU, [`generate`] the generation loop, and [`reference`] a plain CPU
-//! forward pass the GPU is tested against.
+//! The crate is organised by concern, one owner each:
+//! - what a model is: [`config`] (an architecture and its memory), [`weights`] (the tensors a config needs and the
+//!   interface weight sources implement), [`checkpoint`] (Hugging Face safetensors directories), [`dummy`]
+//!   (synthetic weights), [`tokenizer`], [`npy`];
+//! - running it: [`gpu`] (the device and the WGSL kernels), [`model`] (OPT's forward pass on the GPU),
+//!   [`generate`] (the generation loop), [`reference`](mod@reference) (a plain CPU forward pass the GPU is tested
+//!   against);
+//! - offloading: [`policy`] (a FlexLLMGen-style placement policy), [`planner`] (its memory per tier, checked before
+//!   anything is allocated), [`tiers`] (GPU / CPU / disk storage and transfers), [`compress`] (group-wise 4-bit
+//!   weights and KV cache);
+//! - choosing a policy: [`hardware`] (a machine's speeds) and [`cost_model`] (the fastest policy that fits).
 #![deny(missing_docs)]
 
 pub mod checkpoint;

@@ -301,7 +301,7 @@ pub struct GpuModel {
     embed_tokens: GpuMatrix,
     embed_positions: GpuMatrix,
     project_in: Option<GpuMatrix>,
-    /// The decoder layers, in order.
+    /// The decoder layers, in order (empty after [`GpuModel::upload_outside_layers`]).
     pub layers: Vec<LayerWeights>,
     final_layer_norm: Option<Norm>,
     project_out: Option<GpuMatrix>,
@@ -311,6 +311,21 @@ pub struct GpuModel {
 impl GpuModel {
     /// Uploads every weight of `source`, matrices stored as `dtype` (default: the checkpoint's; bf16 becomes f32).
     pub fn upload(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        dtype: Option<DType>,
+    ) -> Result<Self, ModelError> {
+        let mut model = Self::upload_outside_layers(gpu, source, dtype)?;
+        model.layers = (0..model.config.num_hidden_layers)
+            .map(|i| LayerWeights::upload(gpu, source, i, model.format))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(model)
+    }
+
+    /// Uploads the weights outside the decoder layers (embeddings, projections, final layer norm, LM head) and
+    /// leaves [`GpuModel::layers`] empty: for a schedule that places and streams layer weights itself
+    /// ([`LayerWeights::upload`], [`decoder_layer`]).
+    pub fn upload_outside_layers(
         gpu: &Gpu,
         source: &dyn WeightSource,
         dtype: Option<DType>,
@@ -330,9 +345,6 @@ impl GpuModel {
             specs: model_tensors(&config),
             format,
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| LayerWeights::upload(gpu, source, i, format))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(GpuModel {
             embed_tokens: up.matrix("decoder.embed_tokens.weight")?,
             embed_positions: up.matrix("decoder.embed_positions.weight")?,
@@ -340,7 +352,7 @@ impl GpuModel {
                 .has_projection()
                 .then(|| up.matrix("decoder.project_in.weight"))
                 .transpose()?,
-            layers,
+            layers: Vec::new(),
             final_layer_norm: config
                 .has_final_layer_norm()
                 .then(|| {

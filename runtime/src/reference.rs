@@ -43,8 +43,8 @@ pub fn layer_norm(x: &[f32], width: usize, affine: Option<(&[f32], &[f32])>, eps
     y
 }
 
-/// erf in f64: the Maclaurin series below 3 (error < 1e-12), the asymptotic bound 1 - erfc above (erfc(3) < 2.3e-5
-/// is still resolved by a continued fraction).
+/// erf in f64, to about 1e-12: the Maclaurin series for |x| < 3, else 1 - erfc(|x|) with erfc from its continued
+/// fraction (accurate there, where the series would cancel badly).
 pub fn erf(x: f64) -> f64 {
     let a = x.abs();
     let r = if a < 3.0 {
@@ -58,7 +58,7 @@ pub fn erf(x: f64) -> f64 {
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
     } else {
-        // erfc(a) = exp(-a^2)/sqrt(pi) * 1/(a + 1/2/(a + 1/(a + 3/2/(a + ...)))) (Lentz-free backward evaluation).
+        // erfc(a) = exp(-a^2)/sqrt(pi) * 1/(a + 1/2/(a + 1/(a + 3/2/(a + ...)))) evaluated from the tail backwards.
         let mut f = a;
         for k in (1..60).rev() {
             f = a + (k as f64 / 2.0) / f;

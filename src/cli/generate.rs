@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use strata::checkpoint::{self, Checkpoint};
-use strata::config::{normalize_model_name, Activation, DType, OptConfig};
+use strata::config::DType;
 use strata::dummy::DummyWeights;
 use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
@@ -78,52 +78,6 @@ fn parse_dtype(text: &str) -> Result<DType, String> {
     }
 }
 
-/// The architecture of a model name (`facebook/opt-1.3b`, `opt-iml-max-30b`), from the table in REFERENCE.md.
-fn named_config(name: &str) -> Option<OptConfig> {
-    let (arch, full) = normalize_model_name(name);
-    // (layers, heads, hidden, ffn, vocab)
-    let (layers, heads, hidden, ffn, vocab) = match arch.as_str() {
-        "opt-125m" => (12, 12, 768, 3072, 50272),
-        "opt-350m" => (24, 16, 1024, 4096, 50272),
-        "opt-1.3b" => (24, 32, 2048, 8192, 50272),
-        "opt-2.7b" => (32, 32, 2560, 10240, 50272),
-        "opt-6.7b" => (32, 32, 4096, 16384, 50272),
-        "opt-13b" => (40, 40, 5120, 20480, 50272),
-        "opt-30b" => (48, 56, 7168, 28672, 50272),
-        "opt-66b" => (64, 72, 9216, 36864, 50272),
-        "opt-175b" => (96, 96, 12288, 49152, 50272),
-        "galactica-30b" => (48, 56, 7168, 28672, 50000),
-        _ => return None,
-    };
-    let post_ln = arch == "opt-350m";
-    let galactica = arch.starts_with("galactica");
-    Some(OptConfig {
-        name: strata::config::intern_name(&full),
-        num_hidden_layers: layers,
-        hidden_size: hidden,
-        n_head: heads,
-        ffn_embed_dim: ffn,
-        word_embed_proj_dim: if post_ln { 512 } else { hidden },
-        vocab_size: vocab,
-        max_seq_len: 2048,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: if galactica {
-            Activation::Gelu
-        } else {
-            Activation::Relu
-        },
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: !post_ln,
-        enable_bias: !galactica,
-        layer_norm_elementwise_affine: !galactica,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
-    })
-}
-
 /// The weights and, when the directory has one, the tokenizer.
 fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Tokenizer>)> {
     let as_dir = Path::new(&args.model);
@@ -134,17 +88,14 @@ fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Toke
     };
     let source: Box<dyn WeightSource> = match (&dir, args.dummy) {
         (Some(dir), true) => Box::new(DummyWeights::new(checkpoint::read_config(dir)?)),
-        (None, true) => Box::new(DummyWeights::new(named_config(&args.model).with_context(|| {
-            format!(
-                "`{}` is neither a directory with config.json nor a known model name (opt-125m ... opt-175b, \
-                 galactica-30b)",
-                args.model
-            )
-        })?)),
+        (None, true) => Box::new(DummyWeights::new(strata::get_opt_config(&args.model)?)),
         (Some(dir), false) => Box::new(Checkpoint::open(dir)?),
         (None, false) => {
             if as_dir.is_dir() {
-                bail!("{} has no config.json: pass a Hugging Face model directory", as_dir.display());
+                bail!(
+                    "{} has no config.json: pass a Hugging Face model directory",
+                    as_dir.display()
+                );
             }
             bail!(
                 "`{}` is not a model directory: give a directory with config.json, or a model name with \
@@ -251,4 +202,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_ids_and_dtypes_parse_or_explain() {
+        assert_eq!(parse_ids("2, 31414,232"), Ok(vec![2, 31414, 232]));
+        assert!(parse_ids("2,,3").unwrap_err().contains("is not a token id"));
+        assert_eq!(parse_dtype("fp16"), Ok(DType::F16));
+        assert!(parse_dtype("bf16").unwrap_err().contains("use f16 or f32"));
+    }
 }

@@ -9,7 +9,7 @@
 //! All activations are f32; weights are f32 or packed f16 ([`WeightFormat`]) and every kernel accumulates in f32.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::gpu::tensor::{GpuMatrix, WeightFormat};
 use crate::gpu::Gpu;
@@ -106,7 +106,8 @@ pub struct Kernels {
     gpu: Gpu,
     gather: [Kernel; 2],
     gemm: [Kernel; 2],
-    gemv: [Kernel; 2],
+    /// Per format, per row count 1..=8 (a pipeline constant), built on first use.
+    gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 2],
     layer_norm: Kernel,
     attention: Kernel,
     argmax: Kernel,
@@ -146,27 +147,8 @@ fn format_index(format: WeightFormat) -> usize {
 impl Kernels {
     /// Compiles every kernel for `gpu`.
     pub fn new(gpu: &Gpu) -> Kernels {
-        let build = |label: &str, parts: &[&str], entry: &str| {
-            let source: String = parts.join("\n");
-            let module = gpu
-                .device
-                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(label),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
-                });
-            let pipeline = gpu
-                .device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(label),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some(entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                });
-            let layout = pipeline.get_bind_group_layout(0);
-            Kernel { pipeline, layout }
-        };
+        let build =
+            |label: &str, parts: &[&str], entry: &str| build_kernel(gpu, label, parts, entry, &[]);
         let by_format = |label: &str, parts: &[&str]| {
             [WEIGHTS_F32, WEIGHTS_F16].map(|weights| {
                 let mut all = vec![weights];
@@ -178,7 +160,7 @@ impl Kernels {
         Kernels {
             gather: by_format("gather", &[GATHER]),
             gemm: by_format("gemm", &[EPILOGUE, GEMM]),
-            gemv: by_format("gemv", &[EPILOGUE, GEMV]),
+            gemv: Default::default(),
             layer_norm: build("layer_norm", &[LAYER_NORM], "main"),
             attention: build("attention", &[ATTENTION], "main"),
             argmax: build("argmax", &[SELECT], "argmax"),
@@ -189,6 +171,22 @@ impl Kernels {
             bind_groups: Mutex::new(HashMap::new()),
             gpu: gpu.clone(),
         }
+    }
+
+    fn gemv(&self, format: WeightFormat, m: usize) -> &Kernel {
+        self.gemv[format_index(format)][m - 1].get_or_init(|| {
+            let weights = match format {
+                WeightFormat::F32 => WEIGHTS_F32,
+                WeightFormat::F16 => WEIGHTS_F16,
+            };
+            build_kernel(
+                &self.gpu,
+                "gemv",
+                &[weights, EPILOGUE, GEMV],
+                "main",
+                &[("M", m as f64)],
+            )
+        })
     }
 
     /// Drops every cached bind group, releasing the buffers they reference (call when a run's buffers are freed).
@@ -212,6 +210,37 @@ impl Kernels {
             uniforms: Vec::new(),
         }
     }
+}
+
+fn build_kernel(
+    gpu: &Gpu,
+    label: &str,
+    parts: &[&str],
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> Kernel {
+    let source: String = parts.join("\n");
+    let module = gpu
+        .device
+        .create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+    let pipeline = gpu
+        .device
+        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(label),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                ..Default::default()
+            },
+            cache: None,
+        });
+    let layout = pipeline.get_bind_group_layout(0);
+    Kernel { pipeline, layout }
 }
 
 enum Op<'a> {
@@ -331,7 +360,7 @@ impl<'a> Recorder<'a> {
     ) {
         let gemv = m <= GEMV_MAX_ROWS;
         let kernel = if gemv {
-            &self.kernels.gemv[format_index(w.format)]
+            self.kernels.gemv(w.format, m.max(1))
         } else {
             &self.kernels.gemm[format_index(w.format)]
         };

@@ -112,7 +112,9 @@ impl Gpu {
     }
 
     async fn new_async(options: &GpuOptions) -> Result<Gpu, GpuError> {
-        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        // Vulkan, Metal and DX12 by default: the GL backend lacks the compute features the kernels need, and probing
+        // it through EGL prints display-server noise on headless machines. WGPU_BACKEND=gl still selects it.
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         desc.backends = backends;
         let instance = wgpu::Instance::new(desc);

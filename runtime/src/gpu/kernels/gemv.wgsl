@@ -3,6 +3,8 @@
 // workgroup memory.
 
 const MAX_M: u32 = 8u;
+// Rows of x, fixed per pipeline (1..=8) so every loop over rows unrolls and the accumulators stay in registers.
+override M: u32 = 1u;
 
 var<workgroup> partial: array<f32, 2048>;
 
@@ -13,9 +15,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let slot = lid / 64u;
     let c = (wid.x + wid.y * nwg.x) * 4u + slot;
     let k = params.k;
-    let m = params.m;
+    let m = M;
     var acc: array<f32, 8>;
-    for (var r = 0u; r < MAX_M; r++) {
+    for (var r = 0u; r < M; r++) {
         acc[r] = 0.0;
     }
     if (c < params.n) {
@@ -39,13 +41,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
         }
     }
-    for (var r = 0u; r < MAX_M; r++) {
+    for (var r = 0u; r < M; r++) {
         partial[r * 256u + lid] = acc[r];
     }
     workgroupBarrier();
     for (var stride = 32u; stride > 0u; stride = stride / 2u) {
         if (lane < stride) {
-            for (var r = 0u; r < MAX_M; r++) {
+            for (var r = 0u; r < M; r++) {
                 partial[r * 256u + lid] += partial[r * 256u + lid + stride];
             }
         }
