@@ -64,6 +64,8 @@ pub struct GenerateOutput {
     pub logits: Option<Vec<f32>>,
     /// Steps run (the longest generated sequence).
     pub steps: usize,
+    /// Wall-clock seconds of each step (step 0 is the prefill), each ending when its token ids are read back.
+    pub step_seconds: Vec<f64>,
 }
 
 /// Why generation could not run.
@@ -427,6 +429,16 @@ impl Generator {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
     ) -> Result<GenerateOutput, GenerateError> {
+        self.generate_with_progress(prompts, options, &|_| {})
+    }
+
+    /// [`Generator::generate`], calling `progress(t)` after step `t` (0 = prefill) finished.
+    pub fn generate_with_progress(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        progress: &dyn Fn(usize),
+    ) -> Result<GenerateOutput, GenerateError> {
         self.validate(prompts, options)?;
         let batch = prompts.len();
         if options.max_new_tokens == 0 {
@@ -434,6 +446,7 @@ impl Generator {
                 generated_ids: vec![Vec::new(); batch],
                 logits: options.record_logits.then(Vec::new),
                 steps: 0,
+                step_seconds: Vec::new(),
             });
         }
         let s = prompts.iter().map(Vec::len).max().unwrap_or(1);
@@ -461,7 +474,7 @@ impl Generator {
         let mut run = self.gpu().catch_oom("the KV cache and activations", || {
             self.allocate(batch, gbs, s, capacity)
         })?;
-        let result = self.run(prompts, options, &mut run, gbs);
+        let result = self.run(prompts, options, &mut run, gbs, progress);
         // The cached bind groups reference this run's buffers: release them with the run.
         self.kernels.release_cached_bindings();
         result
@@ -474,6 +487,7 @@ impl Generator {
         options: &GenerateOptions,
         run: &mut Run,
         gbs: usize,
+        progress: &dyn Fn(usize),
     ) -> Result<GenerateOutput, GenerateError> {
         let c = self.model.config;
         let batch = prompts.len();
@@ -505,13 +519,17 @@ impl Generator {
         let mut logits = options.record_logits.then(Vec::new);
         let mut step = Step { s_new: s, past: 0 };
         let mut t = 0;
+        let mut step_seconds = Vec::with_capacity(options.max_new_tokens);
         loop {
+            let started = std::time::Instant::now();
             self.record_step(run, step, t, options)?;
             let mut regions = vec![(&run.next, 0, (batch * 4) as u64)];
             if logits.is_some() {
                 regions.push((&run.logits, 0, (batch * c.vocab_size * 4) as u64));
             }
             let out = self.gpu().read_back(&regions)?;
+            step_seconds.push(started.elapsed().as_secs_f64());
+            progress(t);
             let next: Vec<u32> = bytemuck::pod_collect_to_vec(&out[0]);
             if let Some(all) = logits.as_mut() {
                 all.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&out[1]));
@@ -547,6 +565,7 @@ impl Generator {
             generated_ids: generated,
             logits,
             steps: t,
+            step_seconds,
         })
     }
 

@@ -34,6 +34,15 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C: remove every offload file and directory this process made, then exit as a shell expects.
+    if let Err(e) = ctrlc::set_handler(|| {
+        strata::tiers::cleanup_all();
+        std::process::exit(130);
+    }) {
+        eprintln!(
+            "warning: no Ctrl-C handler ({e}): offload files may be left behind if interrupted"
+        );
+    }
     let result = match cli.command {
         Command::Specs(args) => specs::run(args),
         Command::Generate(args) => generate::run(args),
