@@ -62,7 +62,26 @@ fn run_policy(
 ) -> Result<GenerateOutput, GenerateError> {
     let checkpoint = Checkpoint::open(dir).unwrap();
     let gen = Generator::with_policy(gpu, &checkpoint, &GeneratorOptions::default(), p, &|_| {})?;
-    gen.generate(prompts, &options(new))
+    let out = gen.generate(prompts, &options(new))?;
+    // The placement really used the tiers it names.
+    let report = gen.tiers().expect("a policy run has tiers").report();
+    let pct = &p.percent;
+    let off_cpu = [pct.weights.cpu, pct.cache.cpu, pct.act.cpu]
+        .iter()
+        .any(|&x| x >= 50.0);
+    let off_disk = [pct.weights, pct.cache, pct.act]
+        .iter()
+        .any(|s| s.disk() >= 50.0);
+    if off_cpu {
+        assert!(report.cpu.peak_bytes > 0, "{p:?} placed nothing on the CPU");
+    }
+    if off_disk {
+        assert!(report.disk.peak_bytes > 0, "{p:?} placed nothing on disk");
+    }
+    if !p.percent.uses_disk() {
+        assert_eq!(report.disk.peak_bytes, 0);
+    }
+    Ok(out)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
