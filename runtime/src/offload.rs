@@ -452,3 +452,122 @@ impl RunHomes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Activation, DType};
+    use crate::planner::{plan, weight_groups, Workload};
+    use crate::policy::Percent;
+
+    const OPT_125M: OptConfig = OptConfig {
+        name: "opt-125m",
+        num_hidden_layers: 12,
+        hidden_size: 768,
+        n_head: 12,
+        ffn_embed_dim: 3072,
+        word_embed_proj_dim: 768,
+        vocab_size: 50272,
+        max_seq_len: 2048,
+        pad_token_id: 1,
+        bos_token_id: 2,
+        eos_token_id: 2,
+        activation: Activation::Relu,
+        layer_norm_eps: 1e-5,
+        do_layer_norm_before: true,
+        enable_bias: true,
+        layer_norm_elementwise_affine: true,
+        remove_final_layer_norm: false,
+        tie_word_embeddings: true,
+        dtype: DType::F16,
+    };
+
+    fn policy(p: [f64; 6], gbs: usize, sep_layer: bool) -> Policy {
+        Policy {
+            gpu_batch_size: gbs,
+            num_gpu_batches: 2,
+            percent: Percent::from_array(p),
+            sep_layer,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn layer_weight_placement_agrees_with_the_planner() {
+        let c = OPT_125M;
+        let w = Workload {
+            prompt_len: 8,
+            gen_len: 4,
+        };
+        for sep_layer in [false, true] {
+            let groups = weight_groups(&c, sep_layer, None);
+            let outside: u64 =
+                groups[0].iter().sum::<u64>() + groups[groups.len() - 1].iter().sum::<u64>();
+            for p in [
+                [100.0, 0.0],
+                [0.0, 100.0],
+                [0.0, 0.0],
+                [30.0, 40.0],
+                [50.0, 25.0],
+                [20.0, 60.0],
+            ] {
+                let pol = policy([p[0], p[1], 100.0, 0.0, 100.0, 0.0], 4, sep_layer);
+                let planned = plan(&c, &pol, w).unwrap().weights;
+                let mut mine = [0u64; 3];
+                for i in 0..c.num_hidden_layers {
+                    let tiers = layer_weight_tiers(&c, &pol, i);
+                    for t in layer_tensors(&c, i) {
+                        let at = match tiers[&t.name] {
+                            Tier::Gpu => 0,
+                            Tier::Cpu => 1,
+                            Tier::Disk => 2,
+                        };
+                        mine[at] += t.numel() as u64 * c.dtype.size_bytes();
+                    }
+                }
+                // The planner also places the embedding and output groups; every layer byte is placed alike.
+                for (tier, planned) in [planned.gpu, planned.cpu, planned.disk]
+                    .into_iter()
+                    .enumerate()
+                {
+                    assert!(
+                        mine[tier] <= planned && planned <= mine[tier] + outside,
+                        "{p:?} sep_layer={sep_layer}: tier {tier}: layers {} vs plan {planned}",
+                        mine[tier]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sequence_split_matches_the_planners_counts() {
+        let w = Workload {
+            prompt_len: 8,
+            gen_len: 4,
+        };
+        for gbs in 1..=8 {
+            for (g, cpu) in [
+                (100.0, 0.0),
+                (0.0, 100.0),
+                (0.0, 0.0),
+                (30.0, 40.0),
+                (50.0, 25.0),
+                (20.0, 60.0),
+            ] {
+                let pol = policy([100.0, 0.0, g, cpu, g, cpu], gbs, true);
+                let planned = plan(&OPT_125M, &pol, w).unwrap();
+                let mut mine = [0usize; 3];
+                for i in 0..gbs {
+                    mine[match sequence_tier(pol.percent.cache, gbs, i) {
+                        Tier::Gpu => 0,
+                        Tier::Cpu => 1,
+                        Tier::Disk => 2,
+                    }] += pol.num_gpu_batches;
+                }
+                assert_eq!(mine, planned.cache_sequences, "gbs {gbs}, {g} {cpu}");
+                assert_eq!(mine, planned.act_sequences, "gbs {gbs}, {g} {cpu}");
+            }
+        }
+    }
+}
