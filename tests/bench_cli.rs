@@ -124,3 +124,59 @@ fn bench_refuses_over_cap_and_missing_offload_dir() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--offload-dir"), "{err}");
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_removes_offload_files_and_exits_130() {
+    let offload = tempfile::tempdir().unwrap();
+    let mut child = strata()
+        .args([
+            "bench",
+            "--model",
+            "opt-125m",
+            "--dummy",
+            "--prompt-len",
+            "8",
+            "--gen-len",
+            "64",
+        ])
+        .args([
+            "--percent",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "0",
+            "--gpu-batch-size",
+            "1",
+        ])
+        .arg("--offload-dir")
+        .arg(offload.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until weights are on disk, then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_dir(offload.path()).unwrap().next().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no offload file appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bench ended before writing offload files"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
+}
