@@ -84,6 +84,11 @@ fn run_policy(
     Ok(out)
 }
 
+fn cpu_compute(mut p: Policy) -> Policy {
+    p.cpu_cache_compute = true;
+    p
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -145,6 +150,56 @@ fn every_policy_matches_the_all_gpu_run() {
                 "2 x 2 GPU batches, split cache and activations",
                 policy([100.0, 0.0, 50.0, 50.0, 50.0, 0.0], 2, 2, true, disk),
             ),
+            (
+                "cpu cache compute",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],
+                    n,
+                    1,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, 1 x 3",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],
+                    1,
+                    3,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, offloaded activations (GPU attention path)",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 0.0, 100.0],
+                    n,
+                    1,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, 1 x 3, offloaded weights and activations (GPU attention path)",
+                cpu_compute(policy(
+                    [20.0, 60.0, 0.0, 100.0, 0.0, 100.0],
+                    1,
+                    3,
+                    false,
+                    disk,
+                )),
+            ),
+            (
+                "cpu cache compute over a partly GPU cache (GPU attention path)",
+                cpu_compute(policy(
+                    [100.0, 0.0, 50.0, 50.0, 100.0, 0.0],
+                    2,
+                    2,
+                    true,
+                    None,
+                )),
+            ),
         ];
         for (what, p) in cases {
             let out = run_policy(&gpu, &dir, &prompts, new, &p)
@@ -170,11 +225,11 @@ fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("pre-ln-relu");
     let mut p = policy([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 4, 1, true, None);
-    p.cpu_cache_compute = true;
+    p.attn_sparsity = 0.5;
     let err = run_policy(&gpu, &dir, &prompts, new, &p)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("--cpu-cache-compute"), "{err}");
+    assert!(err.contains("--attn-sparsity"), "{err}");
 
     let mut p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 4, 1, true, None);
     p.gpu_mem = Some(1024);

@@ -203,13 +203,6 @@ impl Generator {
         policy
             .validate()
             .map_err(|e| GenerateError::Policy(e.to_string()))?;
-        if policy.cpu_cache_compute {
-            return Err(GenerateError::Policy(
-                "--cpu-cache-compute is not yet supported by strata's schedule: drop the flag (offloaded caches are \
-                 streamed to the GPU instead)"
-                    .into(),
-            ));
-        }
         if policy.attn_sparsity < 1.0 {
             return Err(GenerateError::Policy(format!(
                 "--attn-sparsity {} is not yet supported: use 1 (dense attention)",
@@ -587,6 +580,7 @@ impl Generator {
             logits: &run.logits,
             next: &run.next,
             overlap: self.policy.as_ref().is_some_and(|p| p.overlap),
+            cpu_cache_compute: self.policy.as_ref().is_some_and(|p| p.cpu_cache_compute),
         };
         run_step(&inputs, &mut run.homes, step, options.sampling, t)?;
         Ok(())

@@ -19,14 +19,20 @@
 //! whose completion needs the CPU (read-back into host memory or disk) are completed lazily, right before the next
 //! fetch is recorded, so they never hold the GPU up more than the data dependency requires. With `overlap` false the
 //! same steps run in order with one weight slot.
+//!
+//! `cpu_cache_compute`: at decode, a GPU batch whose KV cache lives wholly in CPU memory (and whose activations stay
+//! on the GPU) runs attention on the CPU instead ([`cpu_attention`], rayon over sequence x head): q, k, v are
+//! projected on the GPU and read back, the new k, v rows appended to the CPU cache, the attention output uploaded,
+//! and the rest of the layer runs on the GPU. Other batches (and every prefill) take the GPU path.
 
 use std::collections::HashMap;
 
 use crate::generate::Sampling;
+use crate::gpu::kernels::{Act, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{decoder_layer, BatchState, GpuModel, KvCache, LayerWeights, Step, Workspace};
 use crate::offload::{BatchAct, BatchCache, LayerStore, OffloadError, PartHome, RunHomes};
-use crate::tiers::{PendingStore, Ticket, Tiers};
+use crate::tiers::{PendingStore, TensorHome, Ticket, Tiers};
 
 /// Everything one step reads (the mutable homes are passed separately).
 pub struct StepInputs<'a> {
@@ -48,6 +54,98 @@ pub struct StepInputs<'a> {
     pub next: &'a wgpu::Buffer,
     /// Fetch ahead into double-buffered weight slots.
     pub overlap: bool,
+    /// Decode attention on the CPU for GPU batches whose cache lives wholly in CPU memory.
+    pub cpu_cache_compute: bool,
+}
+
+/// Scratch of the CPU-attention layer path (decode: one row per sequence).
+struct CpuAttn {
+    norm: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    mid: wgpu::Buffer,
+    /// Each GPU batch's attention mask, `[batch, capacity]`.
+    masks: Vec<Vec<u32>>,
+}
+
+impl CpuAttn {
+    fn new(inp: &StepInputs) -> Result<CpuAttn, OffloadError> {
+        let gpu = inp.kernels.gpu();
+        let c = &inp.model.config;
+        let rows = inp.states.iter().map(|s| s.batch).max().unwrap_or(1);
+        let f32s = |n: usize| (n * F32) as u64;
+        let h = c.hidden_size;
+        let regions: Vec<_> = inp
+            .states
+            .iter()
+            .map(|s| (&s.mask, 0, f32s(s.batch * s.capacity)))
+            .collect();
+        let masks = gpu
+            .read_back(&regions)?
+            .iter()
+            .map(|b| bytemuck::pod_collect_to_vec(b))
+            .collect();
+        Ok(CpuAttn {
+            norm: gpu.storage_buffer("cpu attention: normed x", f32s(rows * h)),
+            q: gpu.storage_buffer("cpu attention: q", f32s(rows * h)),
+            k: gpu.storage_buffer("cpu attention: new k", f32s(rows * h)),
+            v: gpu.storage_buffer("cpu attention: new v", f32s(rows * h)),
+            attn: gpu.storage_buffer("cpu attention: output", f32s(rows * h)),
+            mid: gpu.storage_buffer("cpu attention: fc1 output", f32s(rows * c.ffn_embed_dim)),
+            masks,
+        })
+    }
+}
+
+fn norm_refs(n: &crate::model::Norm) -> Option<(&wgpu::Buffer, &wgpu::Buffer)> {
+    n.affine.as_ref().map(|(g, b)| (g, b))
+}
+
+/// Decode attention of one GPU batch on the CPU: `q` `[b, hidden]`, every sequence's keys and values
+/// `[len, hidden]` (the new token last), `masks[i][t]` whether position t of sequence i is a real token.
+pub fn cpu_attention(
+    q: &[f32],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    masks: &[&[u32]],
+    n_head: usize,
+    len: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let h = if keys.is_empty() {
+        0
+    } else {
+        q.len() / keys.len()
+    };
+    let d = h / n_head.max(1);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(d.max(1))
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (i, head) = (idx / n_head, idx % n_head);
+            let qh = &q[i * h + head * d..i * h + head * d + d];
+            let visible: Vec<usize> = (0..len).filter(|&t| masks[i][t] != 0).collect();
+            let scores: Vec<f32> = visible
+                .iter()
+                .map(|&t| {
+                    let kr = &keys[i][t * h + head * d..t * h + head * d + d];
+                    qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            for (&t, w) in visible.iter().zip(&weights) {
+                let vr = &values[i][t * h + head * d..t * h + head * d + d];
+                for (acc, v) in o.iter_mut().zip(vr) {
+                    *acc += w / total * v;
+                }
+            }
+        });
+    out
 }
 
 /// Which home a pending store writes.
@@ -235,6 +333,26 @@ pub fn run_step(
         tickets: HashMap::new(),
     };
     let kernels = inp.kernels;
+    let cpu_batches: Vec<bool> = (0..nb)
+        .map(|k| {
+            inp.cpu_cache_compute
+                && step.past > 0
+                && step.s_new == 1
+                // Offloaded activations with CPU attention do not yet reproduce the GPU path: those batches take it.
+                && matches!(homes.acts[k], BatchAct::Resident)
+                && homes.caches.iter().all(|row| match &row[k] {
+                    BatchCache::Homes(seqs) => seqs
+                        .iter()
+                        .all(|s| matches!((&s.k, &s.v), (TensorHome::Cpu(_), TensorHome::Cpu(_)))),
+                    BatchCache::Resident(_) => false,
+                })
+        })
+        .collect();
+    let cpu_attn = if cpu_batches.iter().any(|&b| b) {
+        Some(CpuAttn::new(inp)?)
+    } else {
+        None
+    };
     let mut rec = kernels.recorder();
 
     // With overlap, layer 0's weights are queued first and layer 1's disk reads start now.
@@ -262,7 +380,8 @@ pub fn run_step(
         let fetch_layer = if inp.overlap { j + 1 } else { j };
         let fetch_weights = fetch_layer < n_layers && inp.layers.is_offloaded(fetch_layer);
         for k in 0..nb {
-            let cache_off = matches!(homes.caches[j][k], BatchCache::Homes(_));
+            let on_cpu = cpu_batches[k];
+            let cache_off = matches!(homes.caches[j][k], BatchCache::Homes(_)) && !on_cpu;
             let weights_now = k == 0 && fetch_weights;
             if weights_now || cache_off || act_off[k] {
                 // Transfers go in their own submit, after the compute queued so far and before (j, k)'s.
@@ -295,15 +414,30 @@ pub fn run_step(
                     io.prefetch_layer(inp.layers, fetch_layer + 1)?;
                 }
             }
-            decoder_layer(
-                &mut rec,
-                c,
-                &layer_views[j],
-                &cache_views[j][k],
-                &state_views[k],
-                inp.ws,
-                step,
-            );
+            match (&cpu_attn, on_cpu) {
+                (Some(sc), true) => {
+                    rec = cpu_attention_layer(
+                        inp,
+                        homes,
+                        sc,
+                        rec,
+                        &layer_views[j],
+                        &state_views[k],
+                        j,
+                        k,
+                        step,
+                    )?;
+                }
+                _ => decoder_layer(
+                    &mut rec,
+                    c,
+                    &layer_views[j],
+                    &cache_views[j][k],
+                    &state_views[k],
+                    inp.ws,
+                    step,
+                ),
+            }
             if cache_off || act_off[k] {
                 rec = flush(rec, kernels);
                 let tiers = io.tiers()?;
@@ -368,4 +502,154 @@ pub fn run_step(
     rec.submit();
     io.complete(homes)?;
     Ok(())
+}
+
+/// One decoder layer of a decode step with attention on the CPU: q, k, v projected on the GPU and read back, the new
+/// k, v rows appended to the CPU-resident cache, attention computed on the CPU (rayon), its output uploaded, and the
+/// rest of the layer on the GPU. Mirrors [`decoder_layer`] around the attention.
+#[allow(clippy::too_many_arguments)]
+fn cpu_attention_layer<'r>(
+    inp: &StepInputs<'r>,
+    homes: &mut RunHomes,
+    sc: &'r CpuAttn,
+    mut rec: Recorder<'r>,
+    layer: &'r LayerWeights,
+    state: &'r BatchState,
+    j: usize,
+    k: usize,
+    step: Step,
+) -> Result<Recorder<'r>, OffloadError> {
+    let c = &inp.model.config;
+    let (h, rows, eps) = (c.hidden_size, state.batch, c.layer_norm_eps);
+    let pre_ln = c.do_layer_norm_before;
+    let dense = OutRows::dense(h, 0);
+    let x = &state.x;
+    let attn_in = if pre_ln {
+        rec.layer_norm(
+            x,
+            rows,
+            h,
+            norm_refs(&layer.self_attn_layer_norm),
+            eps,
+            &sc.norm,
+        );
+        &sc.norm
+    } else {
+        x
+    };
+    for (l, out) in [
+        (&layer.q_proj, &sc.q),
+        (&layer.k_proj, &sc.k),
+        (&layer.v_proj, &sc.v),
+    ] {
+        rec.linear(
+            attn_in,
+            rows,
+            &l.weight,
+            l.bias.as_ref(),
+            Act::None,
+            out,
+            dense,
+            false,
+        );
+    }
+    let rec_done = flush(rec, inp.kernels);
+    let bytes = (rows * h * F32) as u64;
+    let gpu = inp.kernels.gpu();
+    let back = gpu.read_back(&[(&sc.q, 0, bytes), (&sc.k, 0, bytes), (&sc.v, 0, bytes)])?;
+    let tiers = inp.tiers.ok_or_else(no_tiers)?;
+    let len = step.past + 1;
+    let row = h * F32;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    if let BatchCache::Homes(seqs) = &mut homes.caches[j][k] {
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            for (home, new, all) in [
+                (&mut seq.k, &back[1], &mut keys),
+                (&mut seq.v, &back[2], &mut values),
+            ] {
+                if let TensorHome::Cpu(t) = home {
+                    let new_row = &new[i * row..(i + 1) * row];
+                    // Read the cached rows first: on the DMA path a write lands only at the next submit.
+                    let mut rows: Vec<f32> = tiers
+                        .cpu()
+                        .with_bytes(t, |b| bytemuck::pod_collect_to_vec(&b[..step.past * row]))?;
+                    rows.extend_from_slice(bytemuck::cast_slice::<u8, f32>(new_row));
+                    all.push(rows);
+                    tiers.cpu().write(t, (step.past * row) as u64, new_row)?;
+                }
+            }
+        }
+    }
+    let capacity = state.capacity;
+    let masks: Vec<&[u32]> = (0..rows)
+        .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
+        .collect();
+    let q: Vec<f32> = bytemuck::pod_collect_to_vec(&back[0]);
+    let out = cpu_attention(&q, &keys, &values, &masks, c.n_head, len);
+    tiers
+        .queue()
+        .write_buffer(&sc.attn, 0, bytemuck::cast_slice(&out));
+
+    let mut rec = rec_done;
+    let act = match c.activation {
+        crate::config::Activation::Relu => Act::Relu,
+        crate::config::Activation::Gelu => Act::Gelu,
+    };
+    let post = |rec: &mut Recorder<'r>, n: &'r crate::model::Norm| {
+        rec.layer_norm(x, rows, h, norm_refs(n), eps, &sc.norm);
+        rec.copy(&sc.norm, 0, x, 0, bytes);
+    };
+    let l = &layer.out_proj;
+    rec.linear(
+        &sc.attn,
+        rows,
+        &l.weight,
+        l.bias.as_ref(),
+        Act::None,
+        x,
+        dense,
+        true,
+    );
+    if !pre_ln {
+        post(&mut rec, &layer.self_attn_layer_norm);
+    }
+    let ffn_in = if pre_ln {
+        rec.layer_norm(
+            x,
+            rows,
+            h,
+            norm_refs(&layer.final_layer_norm),
+            eps,
+            &sc.norm,
+        );
+        &sc.norm
+    } else {
+        x
+    };
+    let l = &layer.fc1;
+    rec.linear(
+        ffn_in,
+        rows,
+        &l.weight,
+        l.bias.as_ref(),
+        act,
+        &sc.mid,
+        OutRows::dense(c.ffn_embed_dim, 0),
+        false,
+    );
+    let l = &layer.fc2;
+    rec.linear(
+        &sc.mid,
+        rows,
+        &l.weight,
+        l.bias.as_ref(),
+        Act::None,
+        x,
+        dense,
+        true,
+    );
+    if !pre_ln {
+        post(&mut rec, &layer.final_layer_norm);
+    }
+    Ok(rec)
 }
