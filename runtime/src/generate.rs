@@ -7,7 +7,12 @@
 use crate::config::{DType, OptConfig};
 use crate::gpu::kernels::Kernels;
 use crate::gpu::{Gpu, GpuError};
-use crate::model::{decoder_layer, BatchState, GpuModel, KvCache, ModelError, Step, Workspace};
+use crate::model::{BatchState, GpuModel, ModelError, Step, Workspace};
+use crate::offload::{LayerStore, OffloadError, RunHomes};
+use crate::planner::{plan, Caps, Workload};
+use crate::policy::Policy;
+use crate::schedule::{run_step, StepInputs};
+use crate::tiers::{DiskOptions, TierOptions, Tiers};
 use crate::weights::WeightSource;
 
 /// How the next token is chosen.
@@ -59,6 +64,8 @@ pub struct GenerateOutput {
     pub logits: Option<Vec<f32>>,
     /// Steps run (the longest generated sequence).
     pub steps: usize,
+    /// Wall-clock seconds of each step (step 0 is the prefill), each ending when its token ids are read back.
+    pub step_seconds: Vec<f64>,
 }
 
 /// Why generation could not run.
@@ -113,6 +120,18 @@ pub enum GenerateError {
     /// The batch does not fit the device.
     #[error("{0}")]
     Capacity(String),
+    /// Placing or moving offloaded tensors failed.
+    #[error(transparent)]
+    Offload(#[from] OffloadError),
+    /// The offloading policy cannot run (over a memory cap, or a feature not supported yet).
+    #[error("{0}")]
+    Policy(String),
+}
+
+impl From<crate::tiers::TierError> for GenerateError {
+    fn from(e: crate::tiers::TierError) -> Self {
+        GenerateError::Offload(e.into())
+    }
 }
 
 /// The model on the GPU with its kernels, ready to generate.
@@ -121,13 +140,19 @@ pub struct Generator {
     kernels: Kernels,
     model: GpuModel,
     options: GeneratorOptions,
+    /// The decoder layers' weights, resident or offloaded.
+    layers: LayerStore,
+    /// The offloading policy (`None`: everything on the GPU, GPU batch size from `options`).
+    policy: Option<Policy>,
+    /// The memory tiers offloaded tensors live in (with a policy).
+    tiers: Option<Tiers>,
 }
 
 /// Sequences and per-GPU-batch buffers of one `generate` call.
 struct Run {
     states: Vec<BatchState>,
-    /// caches[layer][gpu batch]
-    caches: Vec<Vec<KvCache>>,
+    /// Caches and activations, resident or offloaded.
+    homes: RunHomes,
     ws: Workspace,
     logits: wgpu::Buffer,
     next: wgpu::Buffer,
@@ -152,9 +177,95 @@ impl Generator {
         })?;
         Ok(Generator {
             kernels: Kernels::new(gpu),
+            layers: LayerStore::resident(&model.layers),
             model,
             options: *options,
+            policy: None,
+            tiers: None,
         })
+    }
+
+    /// Places the weights of `source` by `policy` (GPU, CPU memory, or files in its offload directory) and compiles
+    /// the kernels; [`Generator::generate`] then runs the policy's block schedule. `progress(i)` is called after
+    /// decoder layer `i` is placed. The policy's GPU batch size overrides `options.gpu_batch_size`.
+    pub fn with_policy(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        options: &GeneratorOptions,
+        policy: &Policy,
+        progress: &dyn Fn(usize),
+    ) -> Result<Self, GenerateError> {
+        if let Some(DType::BF16) = options.dtype {
+            return Err(
+                ModelError::Unsupported("bfloat16 storage: choose f16 or f32".into()).into(),
+            );
+        }
+        policy
+            .validate()
+            .map_err(|e| GenerateError::Policy(e.to_string()))?;
+        if policy.attn_sparsity < 1.0 {
+            return Err(GenerateError::Policy(format!(
+                "--attn-sparsity {} is not yet supported: use 1 (dense attention)",
+                policy.attn_sparsity
+            )));
+        }
+        if policy.compress_weight || policy.compress_cache {
+            return Err(GenerateError::Policy(
+                "--compress-weight / --compress-cache are not yet supported by the offloading schedule".into(),
+            ));
+        }
+        let config = *source.config();
+        // Weights do not depend on the workload: refuse an over-cap weight placement before allocating anything.
+        let tiny = Workload {
+            prompt_len: 1,
+            gen_len: 1,
+        };
+        plan(&config, policy, tiny)
+            .map_err(|e| GenerateError::Policy(e.to_string()))?
+            .check(&Caps::of(policy))
+            .map_err(|e| GenerateError::Policy(e.to_string()))?;
+        let disk = if policy.percent.uses_disk() {
+            policy.offload_dir.clone().map(DiskOptions::new)
+        } else {
+            None
+        };
+        let tiers = Tiers::new(
+            &gpu.device,
+            &gpu.queue,
+            TierOptions {
+                cpu_path: None,
+                disk,
+            },
+        )?;
+        let model = gpu.catch_oom("the model's weights", || {
+            GpuModel::upload_outside_layers(gpu, source, options.dtype)
+        })?;
+        let slots = if policy.overlap { 2 } else { 1 };
+        let layers = gpu.catch_oom("the model's weights", || {
+            LayerStore::load(gpu, &tiers, source, model.format, policy, slots, progress)
+                .map_err(GenerateError::from)
+        })?;
+        Ok(Generator {
+            kernels: Kernels::new(gpu),
+            model,
+            options: GeneratorOptions {
+                gpu_batch_size: Some(policy.gpu_batch_size),
+                ..*options
+            },
+            layers,
+            policy: Some(policy.clone()),
+            tiers: Some(tiers),
+        })
+    }
+
+    /// The memory tiers (with a policy): their [`Tiers::report`] gives each tier's peak bytes.
+    pub fn tiers(&self) -> Option<&Tiers> {
+        self.tiers.as_ref()
+    }
+
+    /// The offloading policy, if any.
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_ref()
     }
 
     /// The model's architecture.
@@ -278,14 +389,18 @@ impl Generator {
             .iter()
             .map(|&b| BatchState::new(gpu, c, b, s, capacity))
             .collect::<Result<Vec<_>, _>>()?;
-        let caches = (0..c.num_hidden_layers)
-            .map(|_| {
-                sizes
-                    .iter()
-                    .map(|&b| KvCache::new(gpu, c, b, capacity))
-                    .collect()
-            })
-            .collect::<Result<Vec<Vec<_>>, _>>()?;
+        let default_policy = Policy::default();
+        let policy = self.policy.as_ref().unwrap_or(&default_policy);
+        let homes = RunHomes::new(
+            gpu,
+            self.tiers.as_ref(),
+            c,
+            policy,
+            &sizes,
+            gbs,
+            s,
+            capacity,
+        )?;
         let logits_bytes = (batch * c.vocab_size * 4) as u64;
         gpu.check_binding(
             "the logits",
@@ -294,7 +409,7 @@ impl Generator {
         )?;
         Ok(Run {
             states,
-            caches,
+            homes,
             ws: Workspace::new(gpu, c, gbs, s)?,
             logits: gpu.storage_buffer("logits", logits_bytes),
             next: gpu.storage_buffer("next ids", (batch * 4) as u64),
@@ -307,6 +422,16 @@ impl Generator {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
     ) -> Result<GenerateOutput, GenerateError> {
+        self.generate_with_progress(prompts, options, &|_| {})
+    }
+
+    /// [`Generator::generate`], calling `progress(t)` after step `t` (0 = prefill) finished.
+    pub fn generate_with_progress(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        progress: &dyn Fn(usize),
+    ) -> Result<GenerateOutput, GenerateError> {
         self.validate(prompts, options)?;
         let batch = prompts.len();
         if options.max_new_tokens == 0 {
@@ -314,15 +439,35 @@ impl Generator {
                 generated_ids: vec![Vec::new(); batch],
                 logits: options.record_logits.then(Vec::new),
                 steps: 0,
+                step_seconds: Vec::new(),
             });
         }
         let s = prompts.iter().map(Vec::len).max().unwrap_or(1);
         let capacity = s + options.max_new_tokens;
         let gbs = self.gpu_batch_size(batch, s, capacity)?;
-        let run = self.gpu().catch_oom("the KV cache and activations", || {
+        if let Some(policy) = &self.policy {
+            if batch > policy.effective_batch() {
+                return Err(GenerateError::Policy(format!(
+                    "{batch} prompts exceed the effective batch of {} ({} x {}): raise --num-gpu-batches or \
+                     --gpu-batch-size, or pass fewer prompts",
+                    policy.effective_batch(),
+                    policy.gpu_batch_size,
+                    policy.num_gpu_batches
+                )));
+            }
+            let workload = Workload {
+                prompt_len: s,
+                gen_len: options.max_new_tokens,
+            };
+            plan(&self.model.config, policy, workload)
+                .map_err(|e| GenerateError::Policy(e.to_string()))?
+                .check(&Caps::of(policy))
+                .map_err(|e| GenerateError::Policy(e.to_string()))?;
+        }
+        let mut run = self.gpu().catch_oom("the KV cache and activations", || {
             self.allocate(batch, gbs, s, capacity)
         })?;
-        let result = self.run(prompts, options, &run, gbs);
+        let result = self.run(prompts, options, &mut run, gbs, progress);
         // The cached bind groups reference this run's buffers: release them with the run.
         self.kernels.release_cached_bindings();
         result
@@ -333,8 +478,9 @@ impl Generator {
         &self,
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
-        run: &Run,
+        run: &mut Run,
         gbs: usize,
+        progress: &dyn Fn(usize),
     ) -> Result<GenerateOutput, GenerateError> {
         let c = self.model.config;
         let batch = prompts.len();
@@ -366,13 +512,17 @@ impl Generator {
         let mut logits = options.record_logits.then(Vec::new);
         let mut step = Step { s_new: s, past: 0 };
         let mut t = 0;
+        let mut step_seconds = Vec::with_capacity(options.max_new_tokens);
         loop {
-            self.record_step(run, step, t, options);
+            let started = std::time::Instant::now();
+            self.record_step(run, step, t, options)?;
             let mut regions = vec![(&run.next, 0, (batch * 4) as u64)];
             if logits.is_some() {
                 regions.push((&run.logits, 0, (batch * c.vocab_size * 4) as u64));
             }
             let out = self.gpu().read_back(&regions)?;
+            step_seconds.push(started.elapsed().as_secs_f64());
+            progress(t);
             let next: Vec<u32> = bytemuck::pod_collect_to_vec(&out[0]);
             if let Some(all) = logits.as_mut() {
                 all.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&out[1]));
@@ -408,44 +558,31 @@ impl Generator {
             generated_ids: generated,
             logits,
             steps: t,
+            step_seconds,
         })
     }
 
-    /// Records and submits one step: embeddings, every layer for every GPU batch, logits and the token choice.
-    fn record_step(&self, run: &Run, step: Step, t: usize, options: &GenerateOptions) {
-        let c = &self.model.config;
-        let mut rec = self.kernels.recorder();
-        for state in &run.states {
-            self.model.embed(&mut rec, state, &run.ws, step);
-        }
-        for (layer, caches) in self.model.layers.iter().zip(&run.caches) {
-            for (state, cache) in run.states.iter().zip(caches) {
-                decoder_layer(&mut rec, c, layer, cache, state, &run.ws, step);
-            }
-        }
-        let mut row0 = 0;
-        for state in &run.states {
-            self.model
-                .logits(&mut rec, state, &run.ws, step, &run.logits, row0);
-            row0 += state.batch;
-        }
-        match options.sampling {
-            Sampling::Greedy => rec.argmax(&run.logits, row0, c.vocab_size, &run.next),
-            Sampling::Sample {
-                temperature,
-                top_p,
-                seed,
-            } => rec.sample(
-                &run.logits,
-                row0,
-                c.vocab_size,
-                temperature,
-                top_p,
-                (seed ^ (seed >> 32)) as u32,
-                t as u32,
-                &run.next,
-            ),
-        }
-        rec.submit();
+    /// Runs one step through the block schedule ([`crate::schedule`]).
+    fn record_step(
+        &self,
+        run: &mut Run,
+        step: Step,
+        t: usize,
+        options: &GenerateOptions,
+    ) -> Result<(), GenerateError> {
+        let inputs = StepInputs {
+            kernels: &self.kernels,
+            model: &self.model,
+            layers: &self.layers,
+            tiers: self.tiers.as_ref(),
+            states: &run.states,
+            ws: &run.ws,
+            logits: &run.logits,
+            next: &run.next,
+            overlap: self.policy.as_ref().is_some_and(|p| p.overlap),
+            cpu_cache_compute: self.policy.as_ref().is_some_and(|p| p.cpu_cache_compute),
+        };
+        run_step(&inputs, &mut run.homes, step, options.sampling, t)?;
+        Ok(())
     }
 }

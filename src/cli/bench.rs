@@ -1,9 +1,237 @@
-//! `strata bench`.
+//! `strata bench`: FlexLLMGen's benchmark workload (an effective batch of dummy prompts of `--prompt-len` tokens,
+//! `--gen-len` tokens each, EOS ignored) under an offloading policy, reporting what FlexLLMGen reports: sizes,
+//! prefill / decode / total latency and throughput, and every tier's peak bytes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use strata::checkpoint::{self, Checkpoint};
+use strata::config::DType;
+use strata::dummy::DummyWeights;
+use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
+use strata::gpu::{Gpu, GpuOptions};
+use strata::planner::{plan, Workload};
+use strata::policy::format_bytes;
+use strata::weights::WeightSource;
+
+use super::policy_args::PolicyArgs;
 
 /// Arguments of `strata bench`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A model name such as `opt-1.3b` (or a model directory with config.json).
+    #[arg(long, value_name = "NAME_OR_DIR")]
+    model: String,
+    /// Checkpoint directory for a model given by name (default: dummy weights).
+    #[arg(long, value_name = "DIR", conflicts_with = "dummy")]
+    weights: Option<PathBuf>,
+    /// Use synthetic weights (the default when no checkpoint is given).
+    #[arg(long)]
+    dummy: bool,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    prompt_len: usize,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    gen_len: usize,
+    /// Store weights on the GPU as f16 or f32 (default: the checkpoint's dtype).
+    #[arg(long, value_name = "f16|f32", value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// Use the first GPU adapter whose name contains this.
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`strata bench` is not built yet")
+fn parse_dtype(text: &str) -> Result<DType, String> {
+    match DType::parse(text) {
+        Some(d @ (DType::F16 | DType::F32)) => Ok(d),
+        _ => Err(format!("`{text}` is not a storage dtype: use f16 or f32")),
+    }
+}
+
+fn open_source(args: &Args) -> anyhow::Result<Box<dyn WeightSource>> {
+    let as_dir = Path::new(&args.model);
+    let dir = if as_dir.join(checkpoint::CONFIG_FILE).is_file() {
+        Some(as_dir.to_path_buf())
+    } else {
+        args.weights.clone()
+    };
+    Ok(match (dir, args.dummy) {
+        (Some(dir), false) => Box::new(Checkpoint::open(&dir)?),
+        (Some(dir), true) => Box::new(DummyWeights::new(checkpoint::read_config(&dir)?)),
+        (None, _) => Box::new(DummyWeights::new(strata::get_opt_config(&args.model)?)),
+    })
+}
+
+/// The benchmark's prompts: `count` deterministic sequences of `len` tokens, each starting with BOS.
+fn dummy_prompts(count: usize, len: usize, vocab: usize, bos: u32) -> Vec<Vec<u32>> {
+    let span = vocab.saturating_sub(4).max(1);
+    (0..count)
+        .map(|i| {
+            std::iter::once(bos)
+                .chain((1..len).map(|j| (4 + (i * 31 + j * 17) % span) as u32))
+                .collect()
+        })
+        .collect()
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    // indicatif draws to stderr only when it is a terminal.
+    let bar = ProgressBar::new(len as u64);
+    if let Ok(style) = ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.prompt_len == 0 || args.gen_len == 0 {
+        bail!("--prompt-len and --gen-len must be at least 1");
+    }
+    let policy = args.policy.to_policy()?;
+    let source = open_source(&args)?;
+    let config = *source.config();
+    let workload = Workload {
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+    };
+    let memory = plan(&config, &policy, workload)?;
+    memory
+        .check(&strata::planner::Caps::of(&policy))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let gpu = Gpu::new(&GpuOptions {
+        adapter: args.adapter.clone(),
+        max_binding_override: None,
+    })?;
+    let adapter = gpu.describe();
+    if !args.json {
+        eprintln!("strata bench: {} on {adapter}", config.name);
+    }
+    let loading = bar(config.num_hidden_layers, "weights");
+    let generator = Generator::with_policy(
+        &gpu,
+        source.as_ref(),
+        &GeneratorOptions {
+            dtype: args.dtype,
+            gpu_batch_size: None,
+        },
+        &policy,
+        &|_| loading.inc(1),
+    )?;
+    loading.finish_and_clear();
+    drop(source);
+
+    let batch = policy.effective_batch();
+    let prompts = dummy_prompts(
+        batch,
+        args.prompt_len,
+        config.vocab_size,
+        config.bos_token_id,
+    );
+    let generating = bar(args.gen_len, "generate");
+    let output = generator
+        .generate_with_progress(
+            &prompts,
+            &GenerateOptions {
+                max_new_tokens: args.gen_len,
+                sampling: Sampling::Greedy,
+                ignore_eos: true,
+                record_logits: false,
+            },
+            &|_| generating.inc(1),
+        )
+        .context("running the benchmark")?;
+    generating.finish_and_clear();
+
+    let prefill = output.step_seconds.first().copied().unwrap_or(0.0);
+    let decode: f64 = output.step_seconds.iter().skip(1).sum();
+    let n = batch as f64;
+    let per_sec = |tokens: f64, secs: f64| if secs > 0.0 { tokens / secs } else { 0.0 };
+    let prefill_tput = per_sec(n * args.prompt_len as f64, prefill);
+    let decode_tput = per_sec(n * (args.gen_len - 1) as f64, decode);
+    let total_tput = per_sec(n * args.gen_len as f64, prefill + decode);
+    let seq_len = (args.prompt_len + args.gen_len) as u64;
+    let model_bytes = config.model_bytes();
+    let cache_bytes = config.cache_bytes(batch as u64, seq_len);
+    let hidden_bytes = config.hidden_bytes(batch as u64, seq_len);
+    let report = generator.tiers().map(|t| t.report());
+    let peak_gpu_pool = report.as_ref().map_or(0, |r| r.gpu.allocated.peak_bytes);
+    let peak_cpu = report.as_ref().map_or(0, |r| r.cpu.peak_bytes);
+    let peak_disk = report.as_ref().map_or(0, |r| r.disk.peak_bytes);
+    let planned = memory.peak();
+
+    if args.json {
+        let object = serde_json::json!({
+            "model": config.name,
+            "adapter": adapter,
+            "policy": policy.to_flags(),
+            "prompts": batch,
+            "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len,
+            "model_bytes": model_bytes,
+            "cache_bytes": cache_bytes,
+            "hidden_bytes": hidden_bytes,
+            "prefill_latency_s": prefill,
+            "prefill_throughput_tok_s": prefill_tput,
+            "decode_latency_s": decode,
+            "decode_throughput_tok_s": decode_tput,
+            "total_latency_s": prefill + decode,
+            "total_throughput_tok_s": total_tput,
+            "peak_bytes": {"gpu_pool": peak_gpu_pool, "cpu": peak_cpu, "disk": peak_disk},
+            "planned_peak_bytes": {"gpu": planned.gpu, "cpu": planned.cpu, "disk": planned.disk},
+        });
+        println!("{object}");
+    } else {
+        println!("model: {}  adapter: {adapter}", config.name);
+        println!("policy: {}", policy.to_flags());
+        println!(
+            "model size: {}  cache size: {}  hidden size (prefill): {}",
+            format_bytes(model_bytes),
+            format_bytes(cache_bytes),
+            format_bytes(hidden_bytes)
+        );
+        println!(
+            "prompts: {batch} x {} tokens, generating {}",
+            args.prompt_len, args.gen_len
+        );
+        println!("prefill latency: {prefill:.3} s  prefill throughput: {prefill_tput:.3} token/s");
+        println!("decode latency: {decode:.3} s  decode throughput: {decode_tput:.3} token/s");
+        println!(
+            "total latency: {:.3} s  total throughput: {total_tput:.3} token/s",
+            prefill + decode
+        );
+        println!(
+            "peak tier bytes: gpu pool {}  cpu {}  disk {}",
+            format_bytes(peak_gpu_pool),
+            format_bytes(peak_cpu),
+            format_bytes(peak_disk)
+        );
+        println!(
+            "planned peak bytes: gpu {}  cpu {}  disk {}",
+            format_bytes(planned.gpu),
+            format_bytes(planned.cpu),
+            format_bytes(planned.disk)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dummy_prompts_have_the_requested_shape_and_valid_ids() {
+        let p = dummy_prompts(3, 5, 50, 2);
+        assert_eq!(p.len(), 3);
+        assert!(p.iter().all(|s| s.len() == 5 && s[0] == 2));
+        assert!(p.iter().flatten().all(|&id| (id as usize) < 50));
+    }
 }

@@ -11,6 +11,8 @@ use strata::gpu::{Gpu, GpuOptions};
 use strata::tokenizer::Tokenizer;
 use strata::weights::WeightSource;
 
+use super::policy_args::PolicyArgs;
+
 /// Arguments of `strata generate`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -59,6 +61,9 @@ pub struct Args {
     /// Use the first GPU adapter whose name contains this (default: WGPU_ADAPTER_NAME, else the fastest).
     #[arg(long, value_name = "NAME")]
     adapter: Option<String>,
+    /// Offloading policy; without placement or batching flags everything stays on the GPU.
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
@@ -149,14 +154,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_binding_override: None,
     })?;
     eprintln!("strata: {} on {}", source.config().name, gpu.describe());
-    let generator = Generator::new(
-        &gpu,
-        source.as_ref(),
-        &GeneratorOptions {
-            dtype: args.dtype,
-            gpu_batch_size: None,
-        },
-    )?;
+    let options = GeneratorOptions {
+        dtype: args.dtype,
+        gpu_batch_size: None,
+    };
+    let offload = !args.policy.placement_flags_given().is_empty()
+        || args.policy.offload_dir.is_some()
+        || args.policy.gpu_mem.is_some()
+        || args.policy.cpu_mem.is_some();
+    let generator = if offload {
+        let mut policy = args.policy.to_policy()?;
+        // Without an explicit batching, one GPU batch holds every prompt.
+        if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
+            policy.gpu_batch_size = prompts.len();
+        }
+        Generator::with_policy(&gpu, source.as_ref(), &options, &policy, &|_| {})?
+    } else {
+        Generator::new(&gpu, source.as_ref(), &options)?
+    };
     drop(source);
     let output = generator.generate(
         &prompts,

@@ -35,8 +35,34 @@ enum Command {
     Policy(policy::Args),
 }
 
+/// Ends the process at once. `std::process::exit` runs the C atexit handlers first (the Vulkan driver's teardown can
+/// take a while), during which the main thread keeps running and may write new offload files after the cleanup; so a
+/// second cleanup runs right before `_exit`, which skips them.
+fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    {
+        unsafe extern "C" {
+            fn _exit(status: i32) -> !;
+        }
+        strata::tiers::cleanup_all();
+        // SAFETY: _exit takes any status and never returns; no Rust state is used afterwards.
+        unsafe { _exit(code) }
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C: remove every offload file and directory this process made, then exit as a shell expects.
+    if let Err(e) = ctrlc::set_handler(|| {
+        strata::tiers::cleanup_all();
+        exit_now(130);
+    }) {
+        eprintln!(
+            "warning: no Ctrl-C handler ({e}): offload files may be left behind if interrupted"
+        );
+    }
     let result = match cli.command {
         Command::Specs(args) => specs::run(args),
         Command::Generate(args) => generate::run(args),

@@ -1,0 +1,573 @@
+//! Where each piece of an offloaded run lives: every decoder layer's weight buffers, every GPU batch's KV cache
+//! (by whole sequences) and every GPU batch's hidden state between layers (by whole sequences).
+//!
+//! This module only places bytes and hands out GPU *views* ([`LayerWeights`], [`KvCache`], [`BatchState`] whose
+//! buffers are either resident or a reusable GPU slot); the order of the transfers that fill the slots is the block
+//! schedule's business ([`crate::schedule`]).
+//!
+//! Placement rules, the planner's ([`crate::planner::plan`]):
+//! - weights: within each placement group (a layer, or its attention and MLP halves with `sep_layer`) a tensor goes
+//!   to disk when the midpoint of its cumulative byte range falls in the first `w_disk`%, to the CPU in the next
+//!   `w_cpu`%, else to the GPU;
+//! - KV cache and activations: within each GPU batch the first `gpu`% of sequences stay on the GPU, the next `cpu`%
+//!   on the CPU, the rest on disk.
+
+use std::collections::HashMap;
+
+use crate::config::OptConfig;
+use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
+use crate::gpu::Gpu;
+use crate::model::{BatchState, KvCache, LayerWeights, Linear, ModelError, Norm};
+use crate::policy::{Policy, TierSplit};
+use crate::tiers::{TensorHome, Tier, TierError, Tiers};
+use crate::weights::{layer_tensors, WeightSource};
+
+/// Why offloaded state could not be placed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OffloadError {
+    /// Uploading or reading a layer failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tier refused a tensor.
+    #[error(transparent)]
+    Tier(#[from] TierError),
+    /// Reading weights back from the GPU failed.
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+}
+
+/// Visits every buffer of a layer in a fixed order with its tensor name suffix (e.g. `self_attn.q_proj.weight`) and
+/// builds a layer of the same shape from the buffers `f` returns.
+pub fn map_layer_buffers(
+    layer: &LayerWeights,
+    mut f: impl FnMut(usize, &str, &wgpu::Buffer) -> wgpu::Buffer,
+) -> LayerWeights {
+    let mut index = 0;
+    let mut next = |name: &str, b: &wgpu::Buffer| {
+        let out = f(index, name, b);
+        index += 1;
+        out
+    };
+    let linear =
+        |l: &Linear, name: &str, next: &mut dyn FnMut(&str, &wgpu::Buffer) -> wgpu::Buffer| {
+            let weight_name = format!("{name}.weight");
+            let chunks = l
+                .weight
+                .chunks
+                .iter()
+                .map(|c| MatrixChunk {
+                    row0: c.row0,
+                    rows: c.rows,
+                    buffer: next(&weight_name, &c.buffer),
+                })
+                .collect();
+            Linear {
+                weight: GpuMatrix {
+                    rows: l.weight.rows,
+                    cols: l.weight.cols,
+                    format: l.weight.format,
+                    chunks,
+                },
+                bias: l.bias.as_ref().map(|b| next(&format!("{name}.bias"), b)),
+            }
+        };
+    let norm =
+        |n: &Norm, name: &str, next: &mut dyn FnMut(&str, &wgpu::Buffer) -> wgpu::Buffer| Norm {
+            affine: n.affine.as_ref().map(|(g, b)| {
+                (
+                    next(&format!("{name}.weight"), g),
+                    next(&format!("{name}.bias"), b),
+                )
+            }),
+        };
+    LayerWeights {
+        q_proj: linear(&layer.q_proj, "self_attn.q_proj", &mut next),
+        k_proj: linear(&layer.k_proj, "self_attn.k_proj", &mut next),
+        v_proj: linear(&layer.v_proj, "self_attn.v_proj", &mut next),
+        out_proj: linear(&layer.out_proj, "self_attn.out_proj", &mut next),
+        self_attn_layer_norm: norm(
+            &layer.self_attn_layer_norm,
+            "self_attn_layer_norm",
+            &mut next,
+        ),
+        fc1: linear(&layer.fc1, "fc1", &mut next),
+        fc2: linear(&layer.fc2, "fc2", &mut next),
+        final_layer_norm: norm(&layer.final_layer_norm, "final_layer_norm", &mut next),
+    }
+}
+
+/// The tier of every tensor of decoder layer `i` (full names) under the policy's weight percents.
+pub fn layer_weight_tiers(config: &OptConfig, policy: &Policy, i: usize) -> HashMap<String, Tier> {
+    let w = policy.percent.weights;
+    let tensors = layer_tensors(config, i);
+    let groups: Vec<Vec<_>> = if policy.sep_layer {
+        let (attn, mlp): (Vec<_>, Vec<_>) = tensors
+            .into_iter()
+            .partition(|t| t.name.contains(".self_attn"));
+        vec![attn, mlp]
+    } else {
+        vec![tensors]
+    };
+    let mut out = HashMap::new();
+    for group in groups {
+        let sizes: Vec<u64> = group
+            .iter()
+            .map(|t| t.numel() as u64 * config.dtype.size_bytes())
+            .collect();
+        let total: u64 = sizes.iter().sum();
+        let mut cum = 0u64;
+        for (t, &size) in group.iter().zip(&sizes) {
+            let mid = if total == 0 {
+                0.0
+            } else {
+                (cum as f64 + size as f64 / 2.0) / total as f64 * 100.0
+            };
+            cum += size;
+            let tier = if mid < w.disk() {
+                Tier::Disk
+            } else if mid < w.disk() + w.cpu {
+                Tier::Cpu
+            } else {
+                Tier::Gpu
+            };
+            out.insert(t.name.clone(), tier);
+        }
+    }
+    out
+}
+
+/// The tier of sequence `index` of a GPU batch of `gbs` sequences under `split` (whole sequences, GPU first).
+pub fn sequence_tier(split: TierSplit, gbs: usize, index: usize) -> Tier {
+    let g = ((gbs as f64 * split.gpu / 100.0).round() as usize).min(gbs);
+    let gc = ((gbs as f64 * (split.gpu + split.cpu) / 100.0).round() as usize).clamp(g, gbs);
+    if index < g {
+        Tier::Gpu
+    } else if index < gc {
+        Tier::Cpu
+    } else {
+        Tier::Disk
+    }
+}
+
+/// Where one buffer of a layer lives between uses.
+#[derive(Debug)]
+pub enum PartHome {
+    /// On the GPU for the whole run: the view uses it directly.
+    Resident(wgpu::Buffer),
+    /// In a tier: fetched into a weight slot before the layer computes.
+    Off(TensorHome),
+}
+
+/// Every decoder layer's weights, each buffer resident or offloaded, and the GPU slots offloaded buffers stream into.
+#[derive(Debug)]
+pub struct LayerStore {
+    /// `parts[layer][buffer]`, in [`map_layer_buffers`] order.
+    pub parts: Vec<Vec<PartHome>>,
+    /// The shape every layer shares (its buffers are placeholders).
+    template: Option<LayerWeights>,
+    /// `slots[slot][buffer]`: a GPU buffer for every buffer that is offloaded in some layer.
+    slots: Vec<Vec<Option<wgpu::Buffer>>>,
+}
+
+impl LayerStore {
+    /// Layers already on the GPU (the all-GPU path): every buffer resident.
+    pub fn resident(layers: &[LayerWeights]) -> LayerStore {
+        let mut parts = Vec::new();
+        for layer in layers {
+            let mut p = Vec::new();
+            map_layer_buffers(layer, |_, _, b| {
+                p.push(PartHome::Resident(b.clone()));
+                b.clone()
+            });
+            parts.push(p);
+        }
+        LayerStore {
+            parts,
+            template: layers
+                .first()
+                .map(|l| map_layer_buffers(l, |_, _, b| b.clone())),
+            slots: Vec::new(),
+        }
+    }
+
+    /// Uploads every decoder layer of `source`, then moves each buffer the policy places off the GPU into its tier
+    /// (read back once at load time). `slot_count` weight slots (2 with overlap) are allocated for offloaded buffers.
+    /// `progress(i)` is called after layer `i`.
+    pub fn load(
+        gpu: &Gpu,
+        tiers: &Tiers,
+        source: &dyn WeightSource,
+        format: WeightFormat,
+        policy: &Policy,
+        slot_count: usize,
+        progress: &dyn Fn(usize),
+    ) -> Result<LayerStore, OffloadError> {
+        let config = *source.config();
+        let mut store = LayerStore {
+            parts: Vec::new(),
+            template: None,
+            slots: vec![Vec::new(); slot_count.max(1)],
+        };
+        for i in 0..config.num_hidden_layers {
+            let tiers_of = layer_weight_tiers(&config, policy, i);
+            let uploaded = LayerWeights::upload(gpu, source, i, format)?;
+            let mut parts = Vec::new();
+            let mut off = Vec::new();
+            map_layer_buffers(&uploaded, |index, name, b| {
+                let full = format!("decoder.layers.{i}.{name}");
+                match tiers_of.get(&full).copied().unwrap_or(Tier::Gpu) {
+                    Tier::Gpu => parts.push(Some(PartHome::Resident(b.clone()))),
+                    tier => {
+                        off.push((index, tier, full, b.clone()));
+                        parts.push(None);
+                    }
+                }
+                b.clone()
+            });
+            if !off.is_empty() {
+                let regions: Vec<_> = off.iter().map(|(_, _, _, b)| (b, 0, b.size())).collect();
+                let bytes = gpu.read_back(&regions)?;
+                for ((index, tier, name, buffer), data) in off.into_iter().zip(bytes) {
+                    parts[index] = Some(PartHome::Off(tiers.place(tier, &name, &data)?));
+                    for slot in &mut store.slots {
+                        if slot.len() <= index {
+                            slot.resize(index + 1, None);
+                        }
+                        if slot[index].is_none() {
+                            slot[index] = Some(gpu.storage_buffer("weight slot", buffer.size()));
+                        }
+                    }
+                }
+            }
+            if store.template.is_none() {
+                store.template = Some(map_layer_buffers(&uploaded, |_, _, b| b.clone()));
+            }
+            drop(uploaded);
+            store.parts.push(parts.into_iter().flatten().collect());
+            progress(i);
+        }
+        // The template only gives shapes: point its offloaded buffers at slot buffers so it holds no layer alive.
+        if let Some(t) = &store.template {
+            let slots = &store.slots[0];
+            store.template = Some(map_layer_buffers(t, |index, _, b| {
+                slots
+                    .get(index)
+                    .cloned()
+                    .flatten()
+                    .unwrap_or_else(|| b.clone())
+            }));
+        }
+        Ok(store)
+    }
+
+    /// Whether any buffer of layer `j` lives off the GPU.
+    pub fn is_offloaded(&self, j: usize) -> bool {
+        self.parts[j].iter().any(|p| matches!(p, PartHome::Off(_)))
+    }
+
+    /// The weights of layer `j` as the kernels see them: resident buffers, and weight slot `slot` for the rest.
+    pub fn view(&self, j: usize, slot: usize) -> LayerWeights {
+        let template = self
+            .template
+            .as_ref()
+            .expect("a model has at least one layer");
+        map_layer_buffers(template, |index, _, b| match &self.parts[j][index] {
+            PartHome::Resident(buf) => buf.clone(),
+            PartHome::Off(_) => self.slot_buffer(slot, index).unwrap_or_else(|| b.clone()),
+        })
+    }
+
+    /// GPU buffer `index` of weight slot `slot`.
+    pub fn slot_buffer(&self, slot: usize, index: usize) -> Option<wgpu::Buffer> {
+        let slots = &self.slots[slot % self.slots.len().max(1)];
+        slots.get(index).cloned().flatten()
+    }
+
+    /// Weight slots allocated.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// One sequence's K and V rows of one layer, `[capacity, hidden]` f32 each, in a tier.
+#[derive(Debug)]
+pub struct SeqCache {
+    /// Keys.
+    pub k: TensorHome,
+    /// Values.
+    pub v: TensorHome,
+}
+
+/// One layer's cache for one GPU batch: resident when every sequence of the batch stays on the GPU, else one home
+/// per sequence (streamed through the cache slot).
+#[derive(Debug)]
+pub enum BatchCache {
+    /// The whole batch's cache on the GPU.
+    Resident(KvCache),
+    /// One home per sequence.
+    Homes(Vec<SeqCache>),
+}
+
+/// One GPU batch's hidden state: in its [`BatchState`] on the GPU, or one home per sequence (streamed through the
+/// shared activation slot).
+#[derive(Debug)]
+pub enum BatchAct {
+    /// In the batch state's own buffer.
+    Resident,
+    /// `[s_max, hidden]` f32 rows per sequence.
+    Homes(Vec<TensorHome>),
+}
+
+/// Caches and activations of one run, with their GPU slots.
+#[derive(Debug)]
+pub struct RunHomes {
+    /// `caches[layer][gpu batch]`.
+    pub caches: Vec<Vec<BatchCache>>,
+    /// Per GPU batch.
+    pub acts: Vec<BatchAct>,
+    /// The GPU cache slot off-GPU batches compute in (`gbs` sequences).
+    pub cache_slot: Option<KvCache>,
+    /// The GPU activation slot off-GPU batches compute in.
+    pub act_slot: Option<wgpu::Buffer>,
+}
+
+impl RunHomes {
+    /// Places caches and activations for GPU batches of `sizes` sequences (at most `gbs` each), `capacity` cached
+    /// tokens and steps of at most `s_max` tokens per sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gpu: &Gpu,
+        tiers: Option<&Tiers>,
+        config: &OptConfig,
+        policy: &Policy,
+        sizes: &[usize],
+        gbs: usize,
+        s_max: usize,
+        capacity: usize,
+    ) -> Result<RunHomes, OffloadError> {
+        let h = config.hidden_size;
+        let cache_tier = |i| sequence_tier(policy.percent.cache, gbs, i);
+        let act_tier = |i| sequence_tier(policy.percent.act, gbs, i);
+        let all_gpu = |b: usize, tier: &dyn Fn(usize) -> Tier| (0..b).all(|i| tier(i) == Tier::Gpu);
+        let need_tiers = || {
+            tiers.ok_or_else(|| {
+                OffloadError::Model(ModelError::Unsupported(
+                    "offloading needs the memory tiers".into(),
+                ))
+            })
+        };
+        let seq_bytes = vec![0u8; capacity * h * 4];
+        let mut caches = Vec::new();
+        let mut cache_slot = None;
+        for j in 0..config.num_hidden_layers {
+            let mut row = Vec::new();
+            for (k, &b) in sizes.iter().enumerate() {
+                if all_gpu(b, &cache_tier) {
+                    row.push(BatchCache::Resident(KvCache::new(
+                        gpu, config, b, capacity,
+                    )?));
+                } else {
+                    let t = need_tiers()?;
+                    let mut seqs = Vec::new();
+                    for i in 0..b {
+                        let tier = cache_tier(i);
+                        seqs.push(SeqCache {
+                            k: t.place(tier, &format!("cache.{j}.{k}.{i}.k"), &seq_bytes)?,
+                            v: t.place(tier, &format!("cache.{j}.{k}.{i}.v"), &seq_bytes)?,
+                        });
+                    }
+                    if cache_slot.is_none() {
+                        cache_slot = Some(KvCache::new(gpu, config, gbs, capacity)?);
+                    }
+                    row.push(BatchCache::Homes(seqs));
+                }
+            }
+            caches.push(row);
+        }
+        let act_bytes = vec![0u8; s_max * h * 4];
+        let mut acts = Vec::new();
+        let mut act_slot = None;
+        for (k, &b) in sizes.iter().enumerate() {
+            if all_gpu(b, &act_tier) {
+                acts.push(BatchAct::Resident);
+            } else {
+                let t = need_tiers()?;
+                let homes = (0..b)
+                    .map(|i| t.place(act_tier(i), &format!("act.{k}.{i}"), &act_bytes))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if act_slot.is_none() {
+                    act_slot =
+                        Some(gpu.storage_buffer("activation slot", (gbs * s_max * h * 4) as u64));
+                }
+                acts.push(BatchAct::Homes(homes));
+            }
+        }
+        Ok(RunHomes {
+            caches,
+            acts,
+            cache_slot,
+            act_slot,
+        })
+    }
+
+    /// The cache of layer `j`, GPU batch `k` (of `batch` sequences) as the kernels see it.
+    pub fn cache_view(&self, j: usize, k: usize, batch: usize) -> KvCache {
+        match &self.caches[j][k] {
+            BatchCache::Resident(c) => KvCache {
+                k: c.k.clone(),
+                v: c.v.clone(),
+                batch: c.batch,
+                capacity: c.capacity,
+            },
+            BatchCache::Homes(_) => {
+                let slot = self
+                    .cache_slot
+                    .as_ref()
+                    .expect("a cache slot exists for offloaded caches");
+                KvCache {
+                    k: slot.k.clone(),
+                    v: slot.v.clone(),
+                    batch,
+                    capacity: slot.capacity,
+                }
+            }
+        }
+    }
+
+    /// GPU batch `k`'s state as the kernels see it: its own buffers, with the residual stream in the activation slot
+    /// when its activations are offloaded.
+    pub fn state_view(&self, k: usize, state: &BatchState) -> BatchState {
+        let x = match (&self.acts[k], &self.act_slot) {
+            (BatchAct::Homes(_), Some(slot)) => slot.clone(),
+            _ => state.x.clone(),
+        };
+        BatchState {
+            batch: state.batch,
+            capacity: state.capacity,
+            x,
+            ids: state.ids.clone(),
+            positions: state.positions.clone(),
+            mask: state.mask.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Activation, DType};
+    use crate::planner::{plan, weight_groups, Workload};
+    use crate::policy::Percent;
+
+    const OPT_125M: OptConfig = OptConfig {
+        name: "opt-125m",
+        num_hidden_layers: 12,
+        hidden_size: 768,
+        n_head: 12,
+        ffn_embed_dim: 3072,
+        word_embed_proj_dim: 768,
+        vocab_size: 50272,
+        max_seq_len: 2048,
+        pad_token_id: 1,
+        bos_token_id: 2,
+        eos_token_id: 2,
+        activation: Activation::Relu,
+        layer_norm_eps: 1e-5,
+        do_layer_norm_before: true,
+        enable_bias: true,
+        layer_norm_elementwise_affine: true,
+        remove_final_layer_norm: false,
+        tie_word_embeddings: true,
+        dtype: DType::F16,
+    };
+
+    fn policy(p: [f64; 6], gbs: usize, sep_layer: bool) -> Policy {
+        Policy {
+            gpu_batch_size: gbs,
+            num_gpu_batches: 2,
+            percent: Percent::from_array(p),
+            sep_layer,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn layer_weight_placement_agrees_with_the_planner() {
+        let c = OPT_125M;
+        let w = Workload {
+            prompt_len: 8,
+            gen_len: 4,
+        };
+        for sep_layer in [false, true] {
+            let groups = weight_groups(&c, sep_layer, None);
+            let outside: u64 =
+                groups[0].iter().sum::<u64>() + groups[groups.len() - 1].iter().sum::<u64>();
+            for p in [
+                [100.0, 0.0],
+                [0.0, 100.0],
+                [0.0, 0.0],
+                [30.0, 40.0],
+                [50.0, 25.0],
+                [20.0, 60.0],
+            ] {
+                let pol = policy([p[0], p[1], 100.0, 0.0, 100.0, 0.0], 4, sep_layer);
+                let planned = plan(&c, &pol, w).unwrap().weights;
+                let mut mine = [0u64; 3];
+                for i in 0..c.num_hidden_layers {
+                    let tiers = layer_weight_tiers(&c, &pol, i);
+                    for t in layer_tensors(&c, i) {
+                        let at = match tiers[&t.name] {
+                            Tier::Gpu => 0,
+                            Tier::Cpu => 1,
+                            Tier::Disk => 2,
+                        };
+                        mine[at] += t.numel() as u64 * c.dtype.size_bytes();
+                    }
+                }
+                // The planner also places the embedding and output groups; every layer byte is placed alike.
+                for (tier, planned) in [planned.gpu, planned.cpu, planned.disk]
+                    .into_iter()
+                    .enumerate()
+                {
+                    assert!(
+                        mine[tier] <= planned && planned <= mine[tier] + outside,
+                        "{p:?} sep_layer={sep_layer}: tier {tier}: layers {} vs plan {planned}",
+                        mine[tier]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sequence_split_matches_the_planners_counts() {
+        let w = Workload {
+            prompt_len: 8,
+            gen_len: 4,
+        };
+        for gbs in 1..=8 {
+            for (g, cpu) in [
+                (100.0, 0.0),
+                (0.0, 100.0),
+                (0.0, 0.0),
+                (30.0, 40.0),
+                (50.0, 25.0),
+                (20.0, 60.0),
+            ] {
+                let pol = policy([100.0, 0.0, g, cpu, g, cpu], gbs, true);
+                let planned = plan(&OPT_125M, &pol, w).unwrap();
+                let mut mine = [0usize; 3];
+                for i in 0..gbs {
+                    mine[match sequence_tier(pol.percent.cache, gbs, i) {
+                        Tier::Gpu => 0,
+                        Tier::Cpu => 1,
+                        Tier::Disk => 2,
+                    }] += pol.num_gpu_batches;
+                }
+                assert_eq!(mine, planned.cache_sequences, "gbs {gbs}, {g} {cpu}");
+                assert_eq!(mine, planned.act_sequences, "gbs {gbs}, {g} {cpu}");
+            }
+        }
+    }
+}

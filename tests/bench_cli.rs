@@ -1,0 +1,182 @@
+//! `strata bench --json` on a tiny committed checkpoint: every FlexLLMGen figure present and consistent with the
+//! workload, offload files removed afterwards, and bad policies refused with the flag to change.
+
+use std::path::Path;
+use std::process::Command;
+
+fn strata() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+fn fixture() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/pre-ln-relu")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn bench_json_reports_every_figure_consistently() {
+    let offload = tempfile::tempdir().unwrap();
+    let out = strata()
+        .args([
+            "bench",
+            "--model",
+            &fixture(),
+            "--prompt-len",
+            "6",
+            "--gen-len",
+            "4",
+            "--json",
+        ])
+        .args([
+            "--percent",
+            "30",
+            "40",
+            "0",
+            "100",
+            "50",
+            "0",
+            "--gpu-batch-size",
+            "2",
+            "--num-gpu-batches",
+            "2",
+        ])
+        .arg("--offload-dir")
+        .arg(offload.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let f = |k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {v}"))
+    };
+    assert_eq!(f("prompts"), 4.0);
+    let (prefill, decode) = (f("prefill_latency_s"), f("decode_latency_s"));
+    assert!(prefill > 0.0 && decode > 0.0);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+    assert!(close(f("prefill_throughput_tok_s"), 4.0 * 6.0 / prefill));
+    assert!(close(f("decode_throughput_tok_s"), 4.0 * 3.0 / decode));
+    assert!(close(
+        f("total_throughput_tok_s"),
+        4.0 * 4.0 / (prefill + decode)
+    ));
+    assert!(close(f("total_latency_s"), prefill + decode));
+    // The config's own formulas (FlexLLMGen's): 4 prompts of 6 + 4 positions.
+    let config = strata::checkpoint::read_config(Path::new(&fixture())).unwrap();
+    assert_eq!(v["model_bytes"].as_u64(), Some(config.model_bytes()));
+    assert_eq!(v["cache_bytes"].as_u64(), Some(config.cache_bytes(4, 10)));
+    assert_eq!(v["hidden_bytes"].as_u64(), Some(config.hidden_bytes(4, 10)));
+    // Weights, cache and activations went to CPU and disk.
+    assert!(v["peak_bytes"]["cpu"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["peak_bytes"]["disk"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["adapter"].as_str().is_some_and(|a| !a.is_empty()));
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
+}
+
+#[test]
+fn bench_refuses_over_cap_and_missing_offload_dir() {
+    let out = strata()
+        .args([
+            "bench",
+            "--model",
+            &fixture(),
+            "--prompt-len",
+            "4",
+            "--gen-len",
+            "2",
+            "--gpu-mem",
+            "1KiB",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--gpu-mem"), "{err}");
+
+    let out = strata()
+        .args([
+            "bench",
+            "--model",
+            &fixture(),
+            "--prompt-len",
+            "4",
+            "--gen-len",
+            "2",
+            "--percent",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--offload-dir"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_removes_offload_files_and_exits_130() {
+    let offload = tempfile::tempdir().unwrap();
+    let mut child = strata()
+        .args([
+            "bench",
+            "--model",
+            "opt-125m",
+            "--dummy",
+            "--prompt-len",
+            "8",
+            "--gen-len",
+            "64",
+        ])
+        .args([
+            "--percent",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "0",
+            "--gpu-batch-size",
+            "1",
+        ])
+        .arg("--offload-dir")
+        .arg(offload.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until weights are on disk, then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_dir(offload.path()).unwrap().next().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no offload file appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bench ended before writing offload files"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
+}

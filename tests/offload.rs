@@ -1,0 +1,246 @@
+//! The offloading invariant: every policy produces the all-GPU run's tokens (identical greedy ids, logits within
+//! 1e-4 for f32 checkpoints), on the committed f32 fixtures, for a matrix of placements, batchings and overlap.
+
+use std::path::{Path, PathBuf};
+
+use strata::checkpoint::Checkpoint;
+use strata::generate::{
+    GenerateError, GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling,
+};
+use strata::gpu::{Gpu, GpuOptions};
+use strata::policy::{Percent, Policy};
+
+const F32_FIXTURES: [&str; 3] = ["pre-ln-relu", "post-ln-proj", "gelu-no-bias"];
+
+fn gpu() -> Gpu {
+    Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)")
+}
+
+fn fixture(name: &str) -> (PathBuf, Vec<Vec<u32>>, usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
+    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    (dir, prompts, new)
+}
+
+fn options(new: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: new,
+        sampling: Sampling::Greedy,
+        ignore_eos: true,
+        record_logits: true,
+    }
+}
+
+fn policy(
+    percent: [f64; 6],
+    gbs: usize,
+    batches: usize,
+    overlap: bool,
+    dir: Option<&Path>,
+) -> Policy {
+    Policy {
+        gpu_batch_size: gbs,
+        num_gpu_batches: batches,
+        percent: Percent::from_array(percent),
+        overlap,
+        offload_dir: dir.map(Path::to_path_buf),
+        ..Policy::default()
+    }
+}
+
+fn run_policy(
+    gpu: &Gpu,
+    dir: &Path,
+    prompts: &[Vec<u32>],
+    new: usize,
+    p: &Policy,
+) -> Result<GenerateOutput, GenerateError> {
+    let checkpoint = Checkpoint::open(dir).unwrap();
+    let gen = Generator::with_policy(gpu, &checkpoint, &GeneratorOptions::default(), p, &|_| {})?;
+    let out = gen.generate(prompts, &options(new))?;
+    // The placement really used the tiers it names.
+    let report = gen.tiers().expect("a policy run has tiers").report();
+    let pct = &p.percent;
+    let off_cpu = [pct.weights.cpu, pct.cache.cpu, pct.act.cpu]
+        .iter()
+        .any(|&x| x >= 50.0);
+    let off_disk = [pct.weights, pct.cache, pct.act]
+        .iter()
+        .any(|s| s.disk() >= 50.0);
+    if off_cpu {
+        assert!(report.cpu.peak_bytes > 0, "{p:?} placed nothing on the CPU");
+    }
+    if off_disk {
+        assert!(report.disk.peak_bytes > 0, "{p:?} placed nothing on disk");
+    }
+    if !p.percent.uses_disk() {
+        assert_eq!(report.disk.peak_bytes, 0);
+    }
+    Ok(out)
+}
+
+fn cpu_compute(mut p: Policy) -> Policy {
+    p.cpu_cache_compute = true;
+    p
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn every_policy_matches_the_all_gpu_run() {
+    let gpu = gpu();
+    let offload = tempfile::tempdir().unwrap();
+    let disk = Some(offload.path());
+    for name in F32_FIXTURES {
+        let (dir, prompts, new) = fixture(name);
+        let n = prompts.len();
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let baseline = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default())
+            .unwrap()
+            .generate(&prompts, &options(new))
+            .unwrap();
+        let all_gpu = [100.0, 0.0, 100.0, 0.0, 100.0, 0.0];
+        let cases: Vec<(&str, Policy)> = vec![
+            ("all on GPU", policy(all_gpu, n, 1, true, None)),
+            (
+                "weights on CPU",
+                policy([0.0, 100.0, 100.0, 0.0, 100.0, 0.0], n, 1, true, None),
+            ),
+            ("all on disk", policy([0.0; 6], n, 1, true, disk)),
+            (
+                "all on disk, no overlap",
+                policy([0.0; 6], n, 1, false, disk),
+            ),
+            (
+                "30 40 mixed",
+                policy([30.0, 40.0, 30.0, 40.0, 30.0, 40.0], n, 1, true, disk),
+            ),
+            (
+                "50 25 mixed",
+                policy([50.0, 25.0, 50.0, 25.0, 50.0, 25.0], n, 1, false, disk),
+            ),
+            (
+                "20 60 mixed",
+                policy([20.0, 60.0, 20.0, 60.0, 20.0, 60.0], n, 1, true, disk),
+            ),
+            (
+                "1 x 3 GPU batches, all on GPU",
+                policy(all_gpu, 1, 3, true, None),
+            ),
+            (
+                "1 x 3 GPU batches, weights and cache on CPU",
+                policy([0.0, 100.0, 0.0, 100.0, 100.0, 0.0], 1, 3, true, None),
+            ),
+            (
+                "1 x 3 GPU batches, no overlap, mixed",
+                policy([30.0, 40.0, 0.0, 100.0, 0.0, 0.0], 1, 3, false, disk),
+            ),
+            (
+                "2 x 2 GPU batches, split cache and activations",
+                policy([100.0, 0.0, 50.0, 50.0, 50.0, 0.0], 2, 2, true, disk),
+            ),
+            (
+                "cpu cache compute",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],
+                    n,
+                    1,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, 1 x 3",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],
+                    1,
+                    3,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, offloaded activations (GPU attention path)",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 0.0, 100.0],
+                    n,
+                    1,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, 1 x 3, offloaded weights and activations (GPU attention path)",
+                cpu_compute(policy(
+                    [20.0, 60.0, 0.0, 100.0, 0.0, 100.0],
+                    1,
+                    3,
+                    false,
+                    disk,
+                )),
+            ),
+            (
+                "cpu cache compute over a partly GPU cache (GPU attention path)",
+                cpu_compute(policy(
+                    [100.0, 0.0, 50.0, 50.0, 100.0, 0.0],
+                    2,
+                    2,
+                    true,
+                    None,
+                )),
+            ),
+        ];
+        for (what, p) in cases {
+            let out = run_policy(&gpu, &dir, &prompts, new, &p)
+                .unwrap_or_else(|e| panic!("{name}, {what}: {e}"));
+            assert_eq!(
+                out.generated_ids, baseline.generated_ids,
+                "{name}, {what}: tokens differ"
+            );
+            let diff = max_abs_diff(
+                out.logits.as_ref().unwrap(),
+                baseline.logits.as_ref().unwrap(),
+            );
+            assert!(diff <= 1e-4, "{name}, {what}: logits differ by {diff}");
+        }
+    }
+    // Every offload file is gone once the generators are dropped.
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
+}
+
+#[test]
+fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
+    let gpu = gpu();
+    let (dir, prompts, new) = fixture("pre-ln-relu");
+    let mut p = policy([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 4, 1, true, None);
+    p.attn_sparsity = 0.5;
+    let err = run_policy(&gpu, &dir, &prompts, new, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--attn-sparsity"), "{err}");
+
+    let mut p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 4, 1, true, None);
+    p.gpu_mem = Some(1024);
+    let err = run_policy(&gpu, &dir, &prompts, new, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--gpu-mem"), "{err}");
+
+    let p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 1, 2, true, None);
+    let err = run_policy(&gpu, &dir, &prompts, new, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--num-gpu-batches"), "{err}");
+}
