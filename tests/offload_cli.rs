@@ -48,3 +48,65 @@ fn generate_with_offloading_flags_matches_the_reference_tokens() {
         "offload files left behind"
     );
 }
+
+#[test]
+fn generate_with_policy_auto_matches_the_reference_tokens() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pre-ln-relu");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
+    // The measured profile is cached per adapter under XDG_CACHE_HOME: keep it inside the test's own directory.
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    cmd.env("XDG_CACHE_HOME", cache.path())
+        .args(["generate", "--model"])
+        .arg(&dir);
+    for p in &prompts {
+        let ids: Vec<String> = p.iter().map(u32::to_string).collect();
+        cmd.args(["--prompt-ids", &ids.join(",")]);
+    }
+    let new = reference["max_new_tokens"].as_u64().unwrap().to_string();
+    cmd.args(["--max-new-tokens", &new, "--ignore-eos", "--json"])
+        .args(["--policy", "auto", "--gpu-mem", "1GiB"]);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--policy auto for pre-ln-relu"),
+        "auto should print its choice: {stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["generated_ids"], reference["generated_ids"]);
+    let profiles: Vec<_> = std::fs::read_dir(cache.path().join("strata/profiles"))
+        .unwrap()
+        .collect();
+    assert_eq!(profiles.len(), 1, "one cached profile for the adapter");
+}
+
+#[test]
+fn policy_auto_refuses_placement_flags() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pre-ln-relu");
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .env("XDG_CACHE_HOME", cache.path())
+        .args(["generate", "--model"])
+        .arg(&dir)
+        .args(["--prompt-ids", "2,5", "--max-new-tokens", "2"])
+        .args([
+            "--policy",
+            "auto",
+            "--gpu-mem",
+            "1GiB",
+            "--gpu-batch-size",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--gpu-batch-size cannot be combined with --policy auto"),
+        "{stderr}"
+    );
+}

@@ -15,6 +15,7 @@ use strata::planner::{plan, Workload};
 use strata::policy::format_bytes;
 use strata::weights::WeightSource;
 
+use super::auto::resolve_auto;
 use super::policy_args::PolicyArgs;
 
 /// Arguments of `strata bench`.
@@ -44,6 +45,9 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// With `--policy auto`: the most sequences one block (gpu batch size x GPU batches) may hold.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    max_batch: usize,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -95,21 +99,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.prompt_len == 0 || args.gen_len == 0 {
         bail!("--prompt-len and --gen-len must be at least 1");
     }
-    let policy = args.policy.to_policy()?;
     let source = open_source(&args)?;
     let config = *source.config();
     let workload = Workload {
         prompt_len: args.prompt_len,
         gen_len: args.gen_len,
     };
-    let memory = plan(&config, &policy, workload)?;
-    memory
-        .check(&strata::planner::Caps::of(&policy))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let gpu = Gpu::new(&GpuOptions {
         adapter: args.adapter.clone(),
         max_binding_override: None,
     })?;
+    let policy = if args.policy.is_auto() {
+        resolve_auto(
+            &gpu,
+            &config,
+            args.prompt_len,
+            args.gen_len,
+            args.max_batch,
+            &args.policy,
+        )?
+    } else {
+        args.policy.to_policy()?
+    };
+    let memory = plan(&config, &policy, workload)?;
+    memory
+        .check(&strata::planner::Caps::of(&policy))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let adapter = gpu.describe();
     if !args.json {
         eprintln!("strata bench: {} on {adapter}", config.name);

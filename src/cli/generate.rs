@@ -11,6 +11,7 @@ use strata::gpu::{Gpu, GpuOptions};
 use strata::tokenizer::Tokenizer;
 use strata::weights::WeightSource;
 
+use super::auto::resolve_auto;
 use super::policy_args::PolicyArgs;
 
 /// Arguments of `strata generate`.
@@ -162,7 +163,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         || args.policy.offload_dir.is_some()
         || args.policy.gpu_mem.is_some()
         || args.policy.cpu_mem.is_some();
-    let generator = if offload {
+    let generator = if args.policy.is_auto() {
+        let config = *source.config();
+        let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut policy = resolve_auto(
+            &gpu,
+            &config,
+            prompt_len,
+            args.max_new_tokens,
+            prompts.len(),
+            &args.policy,
+        )?;
+        // The search may choose a block smaller than the batch; every prompt must run, so add GPU batches (the
+        // planner checks the caps again before anything is allocated).
+        policy.num_gpu_batches = policy
+            .num_gpu_batches
+            .max(prompts.len().div_ceil(policy.gpu_batch_size));
+        Generator::with_policy(&gpu, source.as_ref(), &options, &policy, &|_| {})?
+    } else if offload {
         let mut policy = args.policy.to_policy()?;
         // Without an explicit batching, one GPU batch holds every prompt.
         if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {

@@ -3,8 +3,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// Until bench and generate call resolve_auto for `--policy auto`.
-#[allow(dead_code)]
 mod auto;
 mod bench;
 mod generate;

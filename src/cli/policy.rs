@@ -68,6 +68,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let pa = &args.policy;
+    if pa.is_auto() {
+        bail!(
+            "`strata policy` always searches for the best policy: drop --policy auto (it is for bench and generate)"
+        );
+    }
     if !args.evaluate {
         let given = pa.placement_flags_given();
         if !given.is_empty() {

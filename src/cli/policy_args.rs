@@ -15,9 +15,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     parse_bytes(s).map_err(|e| e.to_string())
 }
 
+/// How the policy is chosen.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyMode {
+    /// Profile the machine and solve the cost model for the fastest policy that fits.
+    Auto,
+}
+
 /// The offloading policy as command-line flags (FlexLLMGen's names, plus memory caps).
 #[derive(clap::Args, Clone, Debug, Default, PartialEq)]
 pub struct PolicyArgs {
+    /// `auto`: measure this machine (once; the profile is cached per adapter) and let the cost model choose batch
+    /// sizes and placement within the memory caps. Placement flags cannot be combined with it.
+    #[arg(long = "policy", value_enum, value_name = "MODE")]
+    pub mode: Option<PolicyMode>,
     /// Sequences the GPU computes at once [default: 4].
     #[arg(long, value_name = "N")]
     pub gpu_batch_size: Option<usize>,
@@ -96,6 +107,11 @@ impl PolicyArgs {
             }
         }
         given
+    }
+
+    /// Whether `--policy auto` was given.
+    pub fn is_auto(&self) -> bool {
+        self.mode == Some(PolicyMode::Auto)
     }
 
     /// The policy these flags describe, validated (including the offload directory rule).
