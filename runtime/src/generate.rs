@@ -4,10 +4,13 @@
 //! the left-padded prompts, then one decode step per new token, each step one GPU submit (embedding, every layer for
 //! every GPU batch, logits, next-token choice) followed by a read-back of the chosen ids.
 
+use crate::compress::CompressionConfig;
 use crate::config::{DType, OptConfig};
 use crate::gpu::kernels::Kernels;
 use crate::gpu::{Gpu, GpuError};
-use crate::model::{decoder_layer, BatchState, GpuModel, KvCache, ModelError, Step, Workspace};
+use crate::model::{
+    decoder_layer, BatchState, CacheScratch, GpuModel, KvCache, ModelError, Step, Workspace,
+};
 use crate::weights::WeightSource;
 
 /// How the next token is chosen.
@@ -47,6 +50,10 @@ pub struct GeneratorOptions {
     pub dtype: Option<DType>,
     /// Sequences per GPU batch; by default as many as fit the device's binding limit.
     pub gpu_batch_size: Option<usize>,
+    /// Quantise every weight matrix while loading and keep it packed on the GPU (biases and norms stay f32).
+    pub compress_weight: Option<CompressionConfig>,
+    /// Keep the KV cache packed on the GPU (grouped along head_dim).
+    pub compress_cache: Option<CompressionConfig>,
 }
 
 /// What [`Generator::generate`] produced.
@@ -148,7 +155,7 @@ impl Generator {
             }
         }
         let model = gpu.catch_oom("the model's weights", || {
-            GpuModel::upload(gpu, source, options.dtype)
+            GpuModel::upload_compressed(gpu, source, options.dtype, options.compress_weight)
         })?;
         Ok(Generator {
             kernels: Kernels::new(gpu),
@@ -278,11 +285,19 @@ impl Generator {
             .iter()
             .map(|&b| BatchState::new(gpu, c, b, s, capacity))
             .collect::<Result<Vec<_>, _>>()?;
+        let scratch = self
+            .options
+            .compress_cache
+            .map(|cc| CacheScratch::new(gpu, c, gbs, capacity).map(|s| (cc, s)))
+            .transpose()?;
         let caches = (0..c.num_hidden_layers)
             .map(|_| {
                 sizes
                     .iter()
-                    .map(|&b| KvCache::new(gpu, c, b, capacity))
+                    .map(|&b| {
+                        let packed = scratch.as_ref().map(|(cc, s)| (*cc, s));
+                        KvCache::with_compression(gpu, c, b, capacity, packed)
+                    })
                     .collect()
             })
             .collect::<Result<Vec<Vec<_>>, _>>()?;

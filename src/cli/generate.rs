@@ -59,6 +59,18 @@ pub struct Args {
     /// Use the first GPU adapter whose name contains this (default: WGPU_ADAPTER_NAME, else the fastest).
     #[arg(long, value_name = "NAME")]
     adapter: Option<String>,
+    /// Quantise weight matrices group-wise while loading and keep them packed on the GPU.
+    #[arg(long)]
+    compress_weight: bool,
+    /// Keep the KV cache group-wise quantised on the GPU.
+    #[arg(long)]
+    compress_cache: bool,
+    /// Bits per element for --compress-weight / --compress-cache (2, 4 or 8).
+    #[arg(long, value_name = "BITS", default_value_t = 4)]
+    compress_bits: u8,
+    /// Elements per quantisation group (a multiple of 32 / bits).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    compress_group_size: usize,
 }
 
 fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
@@ -134,6 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Sampling::Greedy
     };
+    let compression =
+        strata::compress::CompressionConfig::new(args.compress_bits, args.compress_group_size)
+            .context("--compress-bits / --compress-group-size")?;
     let (source, tokenizer) = open_model(&args)?;
     let mut prompts = Vec::new();
     for text in &args.prompt {
@@ -155,6 +170,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &GeneratorOptions {
             dtype: args.dtype,
             gpu_batch_size: None,
+            compress_weight: args.compress_weight.then_some(compression),
+            compress_cache: args.compress_cache.then_some(compression),
         },
     )?;
     drop(source);
