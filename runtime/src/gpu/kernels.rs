@@ -529,14 +529,61 @@ impl<'a> Recorder<'a> {
         let kernel = self
             .kernels
             .q4(if gemv { Q4::Gemv } else { Q4::Gemm }, config.bits);
-        let widest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
-        let staging = self.kernels.staging(0, (m * widest * 4) as u64);
-        let bias_buffer = bias.unwrap_or(&self.kernels.dummy);
+        let widest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0).max(1);
+        // Rows of x per pass, so that a pass's rows of x and its [piece, chunk.rows] result each fit one binding.
+        let widest_row = 4 * widest.max(w.cols) as u64;
+        let piece = ((self.kernels.gpu.max_binding() / widest_row) as usize).clamp(1, m.max(1));
+        let staging = self.kernels.staging(0, (piece * widest * 4) as u64);
+        let x_row_bytes = (w.cols * 4) as u64;
         let act_code = match act {
             Act::None => 0,
             Act::Relu => 1,
             Act::Gelu => 2,
         };
+        let mut r0 = 0;
+        while r0 < m {
+            let pm = piece.min(m - r0);
+            // The q4 kernels take no x offset: a piece past the first is copied to the front of staging slot 1.
+            let xs = if r0 == 0 {
+                x.clone()
+            } else {
+                let s = self.kernels.staging(1, pm as u64 * x_row_bytes);
+                self.copy_owned(
+                    x.clone(),
+                    r0 as u64 * x_row_bytes,
+                    s.clone(),
+                    0,
+                    pm as u64 * x_row_bytes,
+                );
+                s
+            };
+            self.linear_packed_piece(
+                &xs, r0, pm, w, config, kernel, gemv, &staging, bias, act_code, out, rows,
+                accumulate,
+            );
+            r0 += pm;
+        }
+    }
+
+    /// Rows `r0..r0 + m` of a packed linear layer (`x` holds just those rows) through `staging`.
+    #[allow(clippy::too_many_arguments)] // linear_packed's state for one piece of x
+    fn linear_packed_piece(
+        &mut self,
+        x: &wgpu::Buffer,
+        r0: usize,
+        m: usize,
+        w: &'a GpuMatrix,
+        config: CompressionConfig,
+        kernel: &'a Kernel,
+        gemv: bool,
+        staging: &wgpu::Buffer,
+        bias: Option<&'a wgpu::Buffer>,
+        act_code: u32,
+        out: &'a wgpu::Buffer,
+        rows: OutRows,
+        accumulate: bool,
+    ) {
+        let bias_buffer = bias.unwrap_or(&self.kernels.dummy);
         for chunk in &w.chunks {
             let l = PackedLayout::new(chunk.rows, w.cols, config);
             // Dense [m, chunk.rows] into staging; the scatter pass adds bias and places the rows.
@@ -569,7 +616,7 @@ impl<'a> Recorder<'a> {
                     (1, &chunk.buffer),
                     (2, x),
                     (3, &self.kernels.dummy),
-                    (4, &staging),
+                    (4, staging),
                 ],
                 groups,
             );
@@ -585,13 +632,13 @@ impl<'a> Recorder<'a> {
                 bias.is_some() as u32,
                 act_code,
                 accumulate as u32,
-                0,
+                u32_of(r0),
             ];
             let groups = self.grid((m * chunk.rows).div_ceil(256));
             self.dispatch(
                 self.kernels.scatter(),
                 &epilogue,
-                vec![(2, &staging), (3, bias_buffer), (4, out)],
+                vec![(2, staging), (3, bias_buffer), (4, out)],
                 groups,
             );
         }
