@@ -373,3 +373,41 @@ fn packed_weight_kernels_match_cpu_dequantised_weights() {
         }
     }
 }
+
+#[test]
+fn packed_cache_gives_the_same_logits_in_gpu_batches_of_one() {
+    // Several GPU batches share one cache scratch; each has its own packed caches.
+    let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+    let f = fixture("pre-ln-relu");
+    let config = CompressionConfig::DEFAULT;
+    let checkpoint = Checkpoint::open(&f.dir).unwrap();
+    let logits = |gpu_batch_size| {
+        let options = GeneratorOptions {
+            compress_weight: Some(config),
+            compress_cache: Some(config),
+            gpu_batch_size,
+            ..Default::default()
+        };
+        let gen = Generator::new(&gpu, &checkpoint, &options).unwrap();
+        let options = GenerateOptions {
+            max_new_tokens: STEPS,
+            sampling: Sampling::Greedy,
+            ignore_eos: true,
+            record_logits: true,
+        };
+        gen.generate(&f.prompt_ids, &options)
+            .unwrap()
+            .logits
+            .unwrap()
+    };
+    let (whole, ones) = (logits(None), logits(Some(1)));
+    let diff = whole
+        .iter()
+        .zip(&ones)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "GPU batches of one change the logits by {diff}"
+    );
+}
