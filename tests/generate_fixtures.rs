@@ -63,6 +63,7 @@ fn check(gpu: &Gpu, f: &Fixture, dtype: Option<DType>, tol: f32) {
         &GeneratorOptions {
             dtype,
             gpu_batch_size: None,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -4,10 +4,11 @@
 //! the left-padded prompts, then one decode step per new token, each step one GPU submit (embedding, every layer for
 //! every GPU batch, logits, next-token choice) followed by a read-back of the chosen ids.
 
+use crate::compress::CompressionConfig;
 use crate::config::{DType, OptConfig};
 use crate::gpu::kernels::Kernels;
 use crate::gpu::{Gpu, GpuError};
-use crate::model::{BatchState, GpuModel, ModelError, Step, Workspace};
+use crate::model::{BatchState, CacheScratch, GpuModel, ModelError, Step, Workspace};
 use crate::offload::{LayerStore, OffloadError, RunHomes};
 use crate::planner::{plan, Caps, Workload};
 use crate::policy::Policy;
@@ -52,6 +53,10 @@ pub struct GeneratorOptions {
     pub dtype: Option<DType>,
     /// Sequences per GPU batch; by default as many as fit the device's binding limit.
     pub gpu_batch_size: Option<usize>,
+    /// Quantise every weight matrix while loading and keep it packed on the GPU (biases and norms stay f32).
+    pub compress_weight: Option<CompressionConfig>,
+    /// Keep the KV cache packed on the GPU (grouped along head_dim).
+    pub compress_cache: Option<CompressionConfig>,
 }
 
 /// What [`Generator::generate`] produced.
@@ -173,7 +178,7 @@ impl Generator {
             }
         }
         let model = gpu.catch_oom("the model's weights", || {
-            GpuModel::upload(gpu, source, options.dtype)
+            GpuModel::upload_compressed(gpu, source, options.dtype, options.compress_weight)
         })?;
         Ok(Generator {
             kernels: Kernels::new(gpu),
@@ -391,6 +396,12 @@ impl Generator {
             .collect::<Result<Vec<_>, _>>()?;
         let default_policy = Policy::default();
         let policy = self.policy.as_ref().unwrap_or(&default_policy);
+        // A compressed cache computes through f32 scratch shared by every layer of the run.
+        let scratch = self
+            .options
+            .compress_cache
+            .map(|cc| CacheScratch::new(gpu, c, gbs, capacity).map(|s| (cc, s)))
+            .transpose()?;
         let homes = RunHomes::new(
             gpu,
             self.tiers.as_ref(),
@@ -400,6 +411,7 @@ impl Generator {
             gbs,
             s,
             capacity,
+            scratch.as_ref().map(|(cc, s)| (*cc, s)),
         )?;
         let logits_bytes = (batch * c.vocab_size * 4) as u64;
         gpu.check_binding(

@@ -5,7 +5,14 @@
 //! [`decoder_layer`] computes one layer from (layer weights, that layer's cache, one GPU batch's activations): an
 //! offloading schedule can stream a layer's weights in, then call it once per GPU batch. Kernel dispatch lives in
 //! [`crate::gpu::kernels`]; this module only says which kernel runs on which buffers.
+//!
+//! Compression: weights uploaded as [`WeightFormat::Packed`] stay packed on the GPU (biases and layer norms stay
+//! f32). A compressed [`KvCache`] holds packed K and V rows in pair-major order (`[batch, heads, capacity]` rows of
+//! head_dim, grouped along head_dim): a decode step packs its new rows with `q4_quantize` and attends with
+//! `q4_attention` over the packed words; a prefill writes f32 K/V into a [`CacheScratch`] shared by all layers, runs
+//! the f32 attention kernel there, then packs the rows into the cache.
 
+use crate::compress::{AttentionParams, CompressionConfig, PackedLayout};
 use crate::config::{Activation, ConfigError, DType, OptConfig};
 use crate::gpu::kernels::{Act, AttentionShape, OutRows, Recorder, MAX_HEAD_DIM};
 use crate::gpu::tensor::{upload_vector, GpuMatrix, WeightFormat};
@@ -154,7 +161,9 @@ impl LayerWeights {
     }
 }
 
-/// One layer's key and value cache for one GPU batch: `[batch, capacity, hidden]` f32 each.
+/// One layer's key and value cache for one GPU batch: `[batch, capacity, hidden]` f32 each, or, when
+/// `compression` is set, packed tensors of `batch * heads * capacity` rows of head_dim in pair-major order (row
+/// `(b * heads + h) * capacity + t`), the buffers holding the packed words (data, then scales).
 #[derive(Debug)]
 pub struct KvCache {
     /// Keys.
@@ -165,9 +174,104 @@ pub struct KvCache {
     pub batch: usize,
     /// Token rows per sequence (prompt + generated).
     pub capacity: usize,
+    /// How K and V are packed; `None`: f32.
+    pub compression: Option<CompressionConfig>,
+    /// The f32 scratch a packed cache computes through (shared by every layer of a run); `None` for f32 caches.
+    pub scratch: Option<CacheScratch>,
+}
+
+/// f32 scratch a compressed [`KvCache`] computes through, shared by every layer's cache of a run (the queue runs
+/// layers one after another): the keys and values of one layer `[batch, capacity, hidden]`, their pair-major copy,
+/// and the decode attention's scores.
+#[derive(Clone, Debug)]
+pub struct CacheScratch {
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    pairs: wgpu::Buffer,
+    scores: wgpu::Buffer,
+    batch: usize,
+    capacity: usize,
+}
+
+impl CacheScratch {
+    /// Scratch for compressed caches of up to `batch` sequences of `capacity` tokens.
+    pub fn new(
+        gpu: &Gpu,
+        config: &OptConfig,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self, ModelError> {
+        let bytes = (batch * capacity * config.hidden_size * 4) as u64;
+        gpu.check_binding(
+            "one layer's uncompressed KV scratch",
+            bytes,
+            "use a smaller GPU batch or shorter sequences",
+        )?;
+        Ok(CacheScratch {
+            k: gpu.storage_buffer("k scratch", bytes),
+            v: gpu.storage_buffer("v scratch", bytes),
+            pairs: gpu.storage_buffer("pair-major kv scratch", bytes),
+            scores: gpu.storage_buffer(
+                "packed attention scores",
+                (batch * config.n_head * capacity * 4).max(4) as u64,
+            ),
+            batch,
+            capacity,
+        })
+    }
 }
 
 impl KvCache {
+    /// Allocates a cache for `batch` sequences of up to `capacity` tokens, packed under `compression` (computing
+    /// through `scratch`, which must cover `batch` and `capacity`) or f32 when `None`.
+    pub fn with_compression(
+        gpu: &Gpu,
+        config: &OptConfig,
+        batch: usize,
+        capacity: usize,
+        compression: Option<(CompressionConfig, &CacheScratch)>,
+    ) -> Result<Self, ModelError> {
+        let Some((cc, scratch)) = compression else {
+            return Self::new(gpu, config, batch, capacity);
+        };
+        cc.validate()
+            .map_err(|e| ModelError::Unsupported(format!("--compress-cache: {e}")))?;
+        if scratch.batch < batch || scratch.capacity != capacity {
+            return Err(ModelError::Unsupported(format!(
+                "cache scratch for {} sequences of {} tokens cannot serve {batch} of {capacity}",
+                scratch.batch, scratch.capacity
+            )));
+        }
+        let layout = Self::layout(config, batch, capacity, cc);
+        gpu.check_binding(
+            "one layer's packed KV cache",
+            layout.bytes(),
+            "use a smaller GPU batch or shorter sequences",
+        )?;
+        Ok(KvCache {
+            k: gpu.storage_buffer("packed k cache", layout.bytes()),
+            v: gpu.storage_buffer("packed v cache", layout.bytes()),
+            batch,
+            capacity,
+            compression: Some(cc),
+            scratch: Some(scratch.clone()),
+        })
+    }
+
+    fn layout(
+        config: &OptConfig,
+        batch: usize,
+        capacity: usize,
+        cc: CompressionConfig,
+    ) -> PackedLayout {
+        PackedLayout::new(batch * config.n_head * capacity, config.head_dim(), cc)
+    }
+
+    /// Bytes K and V occupy on the GPU.
+    pub fn bytes(&self) -> u64 {
+        self.k.size() + self.v.size()
+    }
+
     /// Allocates a cache for `batch` sequences of up to `capacity` tokens.
     pub fn new(
         gpu: &Gpu,
@@ -186,6 +290,8 @@ impl KvCache {
             v: gpu.storage_buffer("v cache", bytes),
             batch,
             capacity,
+            compression: None,
+            scratch: None,
         })
     }
 }
@@ -315,7 +421,18 @@ impl GpuModel {
         source: &dyn WeightSource,
         dtype: Option<DType>,
     ) -> Result<Self, ModelError> {
-        let mut model = Self::upload_outside_layers(gpu, source, dtype)?;
+        Self::upload_compressed(gpu, source, dtype, None)
+    }
+
+    /// [`GpuModel::upload`], with every matrix quantised under `compress` while loading (tensor by tensor) and kept
+    /// packed on the GPU; biases and layer norms stay f32.
+    pub fn upload_compressed(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        dtype: Option<DType>,
+        compress: Option<CompressionConfig>,
+    ) -> Result<Self, ModelError> {
+        let mut model = Self::upload_outside_layers_compressed(gpu, source, dtype, compress)?;
         model.layers = (0..model.config.num_hidden_layers)
             .map(|i| LayerWeights::upload(gpu, source, i, model.format))
             .collect::<Result<Vec<_>, _>>()?;
@@ -330,6 +447,17 @@ impl GpuModel {
         source: &dyn WeightSource,
         dtype: Option<DType>,
     ) -> Result<Self, ModelError> {
+        Self::upload_outside_layers_compressed(gpu, source, dtype, None)
+    }
+
+    /// [`GpuModel::upload_outside_layers`] with matrices packed under `compress`; [`GpuModel::format`] then says
+    /// [`WeightFormat::Packed`], the format to pass to [`LayerWeights::upload`].
+    pub fn upload_outside_layers_compressed(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        dtype: Option<DType>,
+        compress: Option<CompressionConfig>,
+    ) -> Result<Self, ModelError> {
         let config = *source.config();
         config.validate()?;
         if config.head_dim() > MAX_HEAD_DIM {
@@ -338,14 +466,21 @@ impl GpuModel {
                 config.head_dim()
             )));
         }
-        let format = WeightFormat::choose(config.dtype, dtype);
+        let format = match compress {
+            Some(c) => {
+                c.validate()
+                    .map_err(|e| ModelError::Unsupported(format!("--compress-weight: {e}")))?;
+                WeightFormat::Packed(c)
+            }
+            None => WeightFormat::choose(config.dtype, dtype),
+        };
         let up = Uploader {
             gpu,
             source,
             specs: model_tensors(&config),
             format,
         };
-        Ok(GpuModel {
+        let model = GpuModel {
             embed_tokens: up.matrix("decoder.embed_tokens.weight")?,
             embed_positions: up.matrix("decoder.embed_positions.weight")?,
             project_in: config
@@ -371,7 +506,43 @@ impl GpuModel {
                 .transpose()?,
             config,
             format,
-        })
+        };
+        // q4_dequant looks ids up in one buffer: a packed table must not be split into row chunks.
+        for table in [&model.embed_tokens, &model.embed_positions] {
+            if format.compression().is_some() && table.chunks.len() > 1 {
+                return Err(ModelError::Unsupported(format!(
+                    "the packed embedding table [{}, {}] needs {} bytes, more than one GPU binding ({} bytes)",
+                    table.rows,
+                    table.cols,
+                    table.bytes(),
+                    gpu.max_binding()
+                )));
+            }
+        }
+        Ok(model)
+    }
+
+    /// Bytes of the matrices, biases and norms outside and inside the layers held on the GPU (packed words for a
+    /// packed model).
+    pub fn gpu_bytes(&self) -> u64 {
+        let norm = |n: &Norm| n.affine.as_ref().map_or(0, |(g, b)| g.size() + b.size());
+        let lin = |l: &Linear| l.weight.bytes() + l.bias.as_ref().map_or(0, |b| b.size());
+        let mut total = self.embed_tokens.bytes() + self.embed_positions.bytes();
+        for m in [&self.project_in, &self.project_out, &self.lm_head]
+            .into_iter()
+            .flatten()
+        {
+            total += m.bytes();
+        }
+        total += self.final_layer_norm.as_ref().map_or(0, norm);
+        for l in &self.layers {
+            total += [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2]
+                .into_iter()
+                .map(lin)
+                .sum::<u64>();
+            total += norm(&l.self_attn_layer_norm) + norm(&l.final_layer_norm);
+        }
+        total
     }
 
     /// `x = project_in(embed_tokens[ids]) + embed_positions[positions]` for one GPU batch.
@@ -506,10 +677,6 @@ pub fn decoder_layer<'a>(
     let lin = |l: &'a Linear| (&l.weight, l.bias.as_ref());
     let (w, b) = lin(&layer.q_proj);
     rec.linear(attn_in, rows, w, b, Act::None, &ws.q, dense, false);
-    let (w, b) = lin(&layer.k_proj);
-    rec.linear(attn_in, rows, w, b, Act::None, &cache.k, into_cache, false);
-    let (w, b) = lin(&layer.v_proj);
-    rec.linear(attn_in, rows, w, b, Act::None, &cache.v, into_cache, false);
     let shape = AttentionShape {
         batch: state.batch,
         s_new: step.s_new,
@@ -518,7 +685,18 @@ pub fn decoder_layer<'a>(
         hidden: h,
         n_head: config.n_head,
     };
-    rec.attention(&ws.q, &cache.k, &cache.v, &state.mask, &ws.attn, shape);
+    match (cache.compression, &cache.scratch) {
+        (Some(cc), Some(scratch)) => packed_attention(
+            rec, config, layer, cache, cc, scratch, state, ws, step, attn_in,
+        ),
+        _ => {
+            let (w, b) = lin(&layer.k_proj);
+            rec.linear(attn_in, rows, w, b, Act::None, &cache.k, into_cache, false);
+            let (w, b) = lin(&layer.v_proj);
+            rec.linear(attn_in, rows, w, b, Act::None, &cache.v, into_cache, false);
+            rec.attention(&ws.q, &cache.k, &cache.v, &state.mask, &ws.attn, shape);
+        }
+    }
     // Residual add fused into out_proj's output.
     let (w, b) = lin(&layer.out_proj);
     rec.linear(&ws.attn, rows, w, b, Act::None, &state.x, dense, true);
@@ -555,6 +733,118 @@ pub fn decoder_layer<'a>(
     rec.linear(&ws.mid, rows, w, b, Act::None, &state.x, dense, true);
     if !pre_ln {
         post_norm(rec, &layer.final_layer_norm, state, ws, rows, h, eps);
+    }
+}
+
+/// Attention over a packed cache: this step's K and V rows are packed into `cache`, and `ws.attn` receives the
+/// attention of `ws.q`. Decode (one new token) attends over the packed words with `q4_attention`; a longer step
+/// (prefill) computes in f32 scratch (after unpacking the `past` rows already cached) and packs the result.
+#[allow(clippy::too_many_arguments)] // decoder_layer's inputs, split by cache kind
+fn packed_attention<'a>(
+    rec: &mut Recorder<'a>,
+    config: &OptConfig,
+    layer: &'a LayerWeights,
+    cache: &'a KvCache,
+    cc: CompressionConfig,
+    scratch: &'a CacheScratch,
+    state: &'a BatchState,
+    ws: &'a Workspace,
+    step: Step,
+    attn_in: &'a wgpu::Buffer,
+) {
+    let h = config.hidden_size;
+    let heads = config.n_head;
+    let hd = config.head_dim();
+    let (batch, cap) = (state.batch, cache.capacity);
+    let rows = batch * step.s_new;
+    let layout = KvCache::layout(config, cache.batch, cap, cc);
+    let pairs = batch * heads;
+    let kv = [
+        (&layer.k_proj, &scratch.k, &cache.k),
+        (&layer.v_proj, &scratch.v, &cache.v),
+    ];
+    if step.s_new == 1 {
+        for (proj, dense, packed) in kv {
+            rec.linear(
+                attn_in,
+                rows,
+                &proj.weight,
+                proj.bias.as_ref(),
+                Act::None,
+                dense,
+                OutRows::dense(h, 0),
+                false,
+            );
+            // Pair p's new row goes to packed row p * capacity + past.
+            rec.quantize_rows(dense, pairs, packed, layout, cc, step.past, cap);
+        }
+        let params = AttentionParams {
+            batch_heads: pairs as u32,
+            heads: heads as u32,
+            head_dim: hd as u32,
+            seq_len: (step.past + 1) as u32,
+            token_stride: 1,
+            bh_stride: cap as u32,
+            words_per_row: layout.words_per_row as u32,
+            groups_per_row: layout.groups_per_row as u32,
+            words_per_group: layout.words_per_group as u32,
+            scale_offset: layout.scale_offset as u32,
+            has_mask: 1,
+            mask_stride: cap as u32,
+            scale: (hd as f32).powf(-0.5),
+            pad: [0; 3],
+        };
+        rec.packed_attention(
+            &ws.q,
+            &cache.k,
+            &cache.v,
+            &state.mask,
+            &scratch.scores,
+            &ws.attn,
+            cc,
+            params,
+        );
+        return;
+    }
+    let end = step.past + step.s_new;
+    for (proj, dense, packed) in kv {
+        if step.past > 0 {
+            rec.dequantize_rows(packed, layout, cc, pairs * cap, &scratch.pairs);
+            rec.permute_cache(
+                &scratch.pairs,
+                dense,
+                batch,
+                cap,
+                heads,
+                hd,
+                0..step.past,
+                false,
+            );
+        }
+        rec.linear(
+            attn_in,
+            rows,
+            &proj.weight,
+            proj.bias.as_ref(),
+            Act::None,
+            dense,
+            OutRows::cache(step.s_new, step.past, cap, h),
+            false,
+        );
+    }
+    let shape = AttentionShape {
+        batch,
+        s_new: step.s_new,
+        past: step.past,
+        capacity: cap,
+        hidden: h,
+        n_head: heads,
+    };
+    rec.attention(&ws.q, &scratch.k, &scratch.v, &state.mask, &ws.attn, shape);
+    for (_, dense, packed) in kv {
+        rec.permute_cache(dense, &scratch.pairs, batch, cap, heads, hd, 0..end, true);
+        // Every row of every pair (positions past `end` hold finite leftovers that decode overwrites before use).
+        rec.quantize_rows(&scratch.pairs, pairs * cap, packed, layout, cc, 0, 1);
     }
 }
 

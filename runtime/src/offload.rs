@@ -14,10 +14,11 @@
 
 use std::collections::HashMap;
 
+use crate::compress::CompressionConfig;
 use crate::config::OptConfig;
 use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
-use crate::model::{BatchState, KvCache, LayerWeights, Linear, ModelError, Norm};
+use crate::model::{BatchState, CacheScratch, KvCache, LayerWeights, Linear, ModelError, Norm};
 use crate::policy::{Policy, TierSplit};
 use crate::tiers::{TensorHome, Tier, TierError, Tiers};
 use crate::weights::{layer_tensors, WeightSource};
@@ -345,6 +346,7 @@ impl RunHomes {
         gbs: usize,
         s_max: usize,
         capacity: usize,
+        cache_compression: Option<(CompressionConfig, &CacheScratch)>,
     ) -> Result<RunHomes, OffloadError> {
         let h = config.hidden_size;
         let cache_tier = |i| sequence_tier(policy.percent.cache, gbs, i);
@@ -364,9 +366,17 @@ impl RunHomes {
             let mut row = Vec::new();
             for (k, &b) in sizes.iter().enumerate() {
                 if all_gpu(b, &cache_tier) {
-                    row.push(BatchCache::Resident(KvCache::new(
-                        gpu, config, b, capacity,
+                    row.push(BatchCache::Resident(KvCache::with_compression(
+                        gpu,
+                        config,
+                        b,
+                        capacity,
+                        cache_compression,
                     )?));
+                } else if cache_compression.is_some() {
+                    return Err(OffloadError::Model(ModelError::Unsupported(
+                        "a compressed KV cache must stay on the GPU for now: use --percent with C_GPU 100".into(),
+                    )));
                 } else {
                     let t = need_tiers()?;
                     let mut seqs = Vec::new();
@@ -419,6 +429,8 @@ impl RunHomes {
                 v: c.v.clone(),
                 batch: c.batch,
                 capacity: c.capacity,
+                compression: c.compression,
+                scratch: c.scratch.clone(),
             },
             BatchCache::Homes(_) => {
                 let slot = self
@@ -430,6 +442,8 @@ impl RunHomes {
                     v: slot.v.clone(),
                     batch,
                     capacity: slot.capacity,
+                    compression: None,
+                    scratch: None,
                 }
             }
         }

@@ -43,6 +43,7 @@ fn check_against_reference(
         &GeneratorOptions {
             dtype: storage,
             gpu_batch_size,
+            ..Default::default()
         },
     )
     .unwrap();

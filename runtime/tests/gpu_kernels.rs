@@ -28,7 +28,7 @@ fn matrix(gpu: &Gpu, values: &[f32], rows: usize, cols: usize, format: WeightFor
 
 fn dtype_of(format: WeightFormat) -> DType {
     match format {
-        WeightFormat::F32 => DType::F32,
+        WeightFormat::F32 | WeightFormat::Packed(_) => DType::F32,
         WeightFormat::F16 => DType::F16,
     }
 }

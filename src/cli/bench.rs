@@ -136,6 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &GeneratorOptions {
             dtype: args.dtype,
             gpu_batch_size: None,
+            ..GeneratorOptions::default()
         },
         &policy,
         &|_| loading.inc(1),

@@ -67,6 +67,23 @@ pub struct Args {
     policy: PolicyArgs,
 }
 
+/// The packed format `--compress-weight` / `--compress-cache` ask for, checked (`None` when the flag is off).
+fn compression(
+    on: bool,
+    bits: u32,
+    group_size: usize,
+    flag: &str,
+) -> anyhow::Result<Option<strata::compress::CompressionConfig>> {
+    if !on {
+        return Ok(None);
+    }
+    let bits =
+        u8::try_from(bits).map_err(|_| anyhow::anyhow!("{flag}: {bits} bits: use 2, 4 or 8"))?;
+    let config = strata::compress::CompressionConfig::new(bits, group_size)
+        .with_context(|| format!("{flag} with {bits} bits in groups of {group_size}"))?;
+    Ok(Some(config))
+}
+
 fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
     text.split(',')
         .map(|part| {
@@ -140,6 +157,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Sampling::Greedy
     };
+    let p = &args.policy;
+    let compress_weight = compression(
+        p.compress_weight,
+        p.compress_weight_bits,
+        p.compress_weight_group_size,
+        "--compress-weight",
+    )?;
+    let compress_cache = compression(
+        p.compress_cache,
+        p.compress_cache_bits,
+        p.compress_cache_group_size,
+        "--compress-cache",
+    )?;
     let (source, tokenizer) = open_model(&args)?;
     let mut prompts = Vec::new();
     for text in &args.prompt {
@@ -158,6 +188,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = GeneratorOptions {
         dtype: args.dtype,
         gpu_batch_size: None,
+        compress_weight,
+        compress_cache,
     };
     let offload = !args.policy.placement_flags_given().is_empty()
         || args.policy.offload_dir.is_some()

@@ -6,11 +6,27 @@
 //! Bind groups are cached by (pipeline, parameter slot, buffers): decode steps record the same dispatches on the
 //! same buffers with only parameter values changing, so after the first decode step no bind group is created.
 //!
-//! All activations are f32; weights are f32 or packed f16 ([`WeightFormat`]) and every kernel accumulates in f32.
+//! All activations are f32; weights are f32, packed f16 or group-wise quantised ([`WeightFormat`]) and every kernel
+//! accumulates in f32.
+//!
+//! # Packed (compressed) weights and caches
+//!
+//! A [`WeightFormat::Packed`] matrix is read by the compress module's kernels (`runtime/src/kernels/q4_*.wgsl`,
+//! compiled here per bit width on first use): [`Recorder::linear`] runs `q4_gemv` (m <= [`GEMV_MAX_ROWS`]) or
+//! `q4_gemm` into a staging buffer, then `scatter.wgsl` applies bias, activation, output placement and accumulation
+//! with the same epilogue as the dense kernels; [`Recorder::gather`] decodes embedding rows by id with `q4_dequant`.
+//! [`Recorder::quantize_rows`] and [`Recorder::packed_attention`] append to and attend over a packed KV cache.
+//! The q4 kernels take no input or output offsets, so work beyond one dispatch's grid (65535 rows) goes through
+//! staging buffers with buffer-to-buffer copies. Staging buffers are owned by [`Kernels`], grown on demand (the first
+//! step sizes them) and shared by every dispatch of a step: the queue runs dispatches one after another.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
+use crate::compress::{
+    CompressionConfig, DequantParams, MatmulParams, PackedLayout, QuantizeParams, ATTENTION_WGSL,
+    DEQUANT_WGSL, GEMM_WGSL, GEMV_WGSL, QUANTIZE_WGSL,
+};
 use crate::gpu::tensor::{GpuMatrix, WeightFormat};
 use crate::gpu::Gpu;
 
@@ -23,6 +39,24 @@ const GEMV: &str = include_str!("kernels/gemv.wgsl");
 const LAYER_NORM: &str = include_str!("kernels/layer_norm.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
+const SCATTER: &str = include_str!("kernels/scatter.wgsl");
+const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
+
+/// Rows one q4 dispatch handles along its grid's y dimension (the common per-dimension limit).
+const MAX_GRID_ROWS: usize = 65535;
+
+/// The compress module's kernels, each compiled per bit width.
+#[derive(Clone, Copy)]
+enum Q4 {
+    Gemv,
+    Gemm,
+    Dequant,
+    Quantize,
+    Attention,
+}
+
+/// Staging buffers: slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to quantise).
+const STAGING_SLOTS: usize = 2;
 
 /// Largest number of x rows the GEMV kernel handles (its register array); more rows use the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -112,6 +146,11 @@ pub struct Kernels {
     attention: Kernel,
     argmax: Kernel,
     sample: Kernel,
+    /// q4 kernels by [`Q4`] and bit width (2, 4, 8), built on first use.
+    q4: [[OnceLock<Kernel>; 3]; 5],
+    scatter: OnceLock<Kernel>,
+    cache_rows: OnceLock<Kernel>,
+    staging: Mutex<[Option<wgpu::Buffer>; STAGING_SLOTS]>,
     /// Bound where an optional input (bias, layer-norm affine) is absent.
     dummy: wgpu::Buffer,
     uniforms: Mutex<Option<wgpu::Buffer>>,
@@ -137,9 +176,10 @@ impl std::fmt::Debug for Kernels {
     }
 }
 
+/// Index of a dense format's pipelines (packed matrices take the q4 path before this is asked).
 fn format_index(format: WeightFormat) -> usize {
     match format {
-        WeightFormat::F32 => 0,
+        WeightFormat::F32 | WeightFormat::Packed(_) => 0,
         WeightFormat::F16 => 1,
     }
 }
@@ -165,6 +205,10 @@ impl Kernels {
             attention: build("attention", &[ATTENTION], "main"),
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
+            q4: Default::default(),
+            scatter: OnceLock::new(),
+            cache_rows: OnceLock::new(),
+            staging: Mutex::new(Default::default()),
             dummy: gpu.storage_buffer("absent input", 16),
             uniforms: Mutex::new(None),
             slot,
@@ -176,7 +220,7 @@ impl Kernels {
     fn gemv(&self, format: WeightFormat, m: usize) -> &Kernel {
         self.gemv[format_index(format)][m - 1].get_or_init(|| {
             let weights = match format {
-                WeightFormat::F32 => WEIGHTS_F32,
+                WeightFormat::F32 | WeightFormat::Packed(_) => WEIGHTS_F32,
                 WeightFormat::F16 => WEIGHTS_F16,
             };
             build_kernel(
@@ -187,6 +231,60 @@ impl Kernels {
                 &[("M", m as f64)],
             )
         })
+    }
+
+    fn q4(&self, which: Q4, bits: u8) -> &Kernel {
+        let b = match bits {
+            2 => 0,
+            4 => 1,
+            _ => 2,
+        };
+        self.q4[which as usize][b].get_or_init(|| {
+            let (label, source) = match which {
+                Q4::Gemv => ("q4_gemv", GEMV_WGSL),
+                Q4::Gemm => ("q4_gemm", GEMM_WGSL),
+                Q4::Dequant => ("q4_dequant", DEQUANT_WGSL),
+                Q4::Quantize => ("q4_quantize", QUANTIZE_WGSL),
+                Q4::Attention => ("q4_attention", ATTENTION_WGSL),
+            };
+            build_kernel(
+                &self.gpu,
+                label,
+                &[source],
+                "main",
+                &[("BITS", bits as f64)],
+            )
+        })
+    }
+
+    fn scatter(&self) -> &Kernel {
+        self.scatter
+            .get_or_init(|| build_kernel(&self.gpu, "scatter", &[EPILOGUE, SCATTER], "main", &[]))
+    }
+
+    fn cache_rows(&self) -> &Kernel {
+        self.cache_rows
+            .get_or_init(|| build_kernel(&self.gpu, "cache_rows", &[CACHE_ROWS], "main", &[]))
+    }
+
+    /// Staging buffer `slot` of at least `bytes` bytes (a new, larger one replaces a smaller one; dispatches
+    /// recorded earlier keep the buffer they were given).
+    fn staging(&self, slot: usize, bytes: u64) -> wgpu::Buffer {
+        let mut pool = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        match &pool[slot] {
+            Some(b) if b.size() >= bytes => b.clone(),
+            _ => {
+                let buffer = self.gpu.storage_buffer(
+                    "packed kernels' staging",
+                    bytes
+                        .max(16)
+                        .next_power_of_two()
+                        .min(self.gpu.max_binding()),
+                );
+                pool[slot] = Some(buffer.clone());
+                buffer
+            }
+        }
     }
 
     /// Drops every cached bind group, releasing the buffers they reference (call when a run's buffers are freed).
@@ -247,13 +345,13 @@ enum Op<'a> {
     Dispatch {
         kernel: &'a Kernel,
         slot: u64,
-        bindings: Vec<(u32, &'a wgpu::Buffer)>,
+        bindings: Vec<(u32, wgpu::Buffer)>,
         groups: [u32; 3],
     },
     Copy {
-        src: &'a wgpu::Buffer,
+        src: wgpu::Buffer,
         src_offset: u64,
-        dst: &'a wgpu::Buffer,
+        dst: wgpu::Buffer,
         dst_offset: u64,
         size: u64,
     },
@@ -266,6 +364,12 @@ pub struct Recorder<'a> {
     kernels: &'a Kernels,
     ops: Vec<Op<'a>>,
     uniforms: Vec<u8>,
+}
+
+/// An all-zero uniform: a no-op dispatch, for shapes the params constructors refuse (they fit by construction:
+/// every dimension is bounded by a binding's size).
+fn zeroed<T: bytemuck::Zeroable>() -> T {
+    T::zeroed()
 }
 
 fn u32_of(n: usize) -> u32 {
@@ -301,19 +405,20 @@ impl<'a> Recorder<'a> {
         &mut self,
         kernel: &'a Kernel,
         params: &[u32],
-        bindings: Vec<(u32, &'a wgpu::Buffer)>,
+        bindings: Vec<(u32, &wgpu::Buffer)>,
         groups: [u32; 3],
     ) {
         let slot = self.params(params);
         self.ops.push(Op::Dispatch {
             kernel,
             slot,
-            bindings,
+            bindings: bindings.into_iter().map(|(i, b)| (i, b.clone())).collect(),
             groups,
         });
     }
 
-    /// `out[t, :] = table[ids[t], :]` (or `+=` when `accumulate`), for `n_ids` ids: embedding lookups.
+    /// `out[t, :] = table[ids[t], :]` (or `+=` when `accumulate`), for `n_ids` ids: embedding lookups. A packed table
+    /// must be one chunk (checked when the model is uploaded); its rows are decoded by `q4_dequant`.
     pub fn gather(
         &mut self,
         table: &'a GpuMatrix,
@@ -322,6 +427,10 @@ impl<'a> Recorder<'a> {
         out: &'a wgpu::Buffer,
         accumulate: bool,
     ) {
+        if let Some(config) = table.format.compression() {
+            self.gather_packed(table, config, ids, n_ids, out, accumulate);
+            return;
+        }
         let kernel = &self.kernels.gather[format_index(table.format)];
         for chunk in &table.chunks {
             let params = [
@@ -358,6 +467,10 @@ impl<'a> Recorder<'a> {
         rows: OutRows,
         accumulate: bool,
     ) {
+        if let Some(config) = w.format.compression() {
+            self.linear_packed(x, m, w, config, bias, act, out, rows, accumulate);
+            return;
+        }
         let gemv = m <= GEMV_MAX_ROWS;
         let kernel = if gemv {
             self.kernels.gemv(w.format, m.max(1))
@@ -397,6 +510,368 @@ impl<'a> Recorder<'a> {
                 groups,
             );
         }
+    }
+
+    #[allow(clippy::too_many_arguments)] // Recorder::linear's arguments plus the config
+    fn linear_packed(
+        &mut self,
+        x: &'a wgpu::Buffer,
+        m: usize,
+        w: &'a GpuMatrix,
+        config: CompressionConfig,
+        bias: Option<&'a wgpu::Buffer>,
+        act: Act,
+        out: &'a wgpu::Buffer,
+        rows: OutRows,
+        accumulate: bool,
+    ) {
+        let gemv = m <= GEMV_MAX_ROWS;
+        let kernel = self
+            .kernels
+            .q4(if gemv { Q4::Gemv } else { Q4::Gemm }, config.bits);
+        let widest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0).max(1);
+        // Rows of x per pass, so that a pass's rows of x and its [piece, chunk.rows] result each fit one binding.
+        let widest_row = 4 * widest.max(w.cols) as u64;
+        let piece = ((self.kernels.gpu.max_binding() / widest_row) as usize).clamp(1, m.max(1));
+        let staging = self.kernels.staging(0, (piece * widest * 4) as u64);
+        let x_row_bytes = (w.cols * 4) as u64;
+        let act_code = match act {
+            Act::None => 0,
+            Act::Relu => 1,
+            Act::Gelu => 2,
+        };
+        let mut r0 = 0;
+        while r0 < m {
+            let pm = piece.min(m - r0);
+            // The q4 kernels take no x offset: a piece past the first is copied to the front of staging slot 1.
+            let xs = if r0 == 0 {
+                x.clone()
+            } else {
+                let s = self.kernels.staging(1, pm as u64 * x_row_bytes);
+                self.copy_owned(
+                    x.clone(),
+                    r0 as u64 * x_row_bytes,
+                    s.clone(),
+                    0,
+                    pm as u64 * x_row_bytes,
+                );
+                s
+            };
+            self.linear_packed_piece(
+                &xs, r0, pm, w, config, kernel, gemv, &staging, bias, act_code, out, rows,
+                accumulate,
+            );
+            r0 += pm;
+        }
+    }
+
+    /// Rows `r0..r0 + m` of a packed linear layer (`x` holds just those rows) through `staging`.
+    #[allow(clippy::too_many_arguments)] // linear_packed's state for one piece of x
+    fn linear_packed_piece(
+        &mut self,
+        x: &wgpu::Buffer,
+        r0: usize,
+        m: usize,
+        w: &'a GpuMatrix,
+        config: CompressionConfig,
+        kernel: &'a Kernel,
+        gemv: bool,
+        staging: &wgpu::Buffer,
+        bias: Option<&'a wgpu::Buffer>,
+        act_code: u32,
+        out: &'a wgpu::Buffer,
+        rows: OutRows,
+        accumulate: bool,
+    ) {
+        let bias_buffer = bias.unwrap_or(&self.kernels.dummy);
+        for chunk in &w.chunks {
+            let l = PackedLayout::new(chunk.rows, w.cols, config);
+            // Dense [m, chunk.rows] into staging; the scatter pass adds bias and places the rows.
+            let params = MatmulParams {
+                rows: u32_of(chunk.rows),
+                cols: u32_of(w.cols),
+                batch: u32_of(m),
+                words_per_row: u32_of(l.words_per_row),
+                groups_per_row: u32_of(l.groups_per_row),
+                words_per_group: u32_of(l.words_per_group),
+                scale_offset: u32_of(l.scale_offset),
+                has_bias: 0,
+                x_stride: u32_of(w.cols),
+                y_stride: u32_of(chunk.rows),
+                pad: [0; 2],
+            };
+            let groups = if gemv {
+                self.grid(chunk.rows.div_ceil(4))
+            } else {
+                [
+                    u32_of(chunk.rows.div_ceil(64).max(1)),
+                    u32_of(m.div_ceil(64).max(1)),
+                    1,
+                ]
+            };
+            self.dispatch(
+                kernel,
+                bytemuck::cast_slice(std::slice::from_ref(&params)),
+                vec![
+                    (1, &chunk.buffer),
+                    (2, x),
+                    (3, &self.kernels.dummy),
+                    (4, staging),
+                ],
+                groups,
+            );
+            let epilogue = [
+                u32_of(m),
+                u32_of(chunk.rows),
+                u32_of(w.cols),
+                u32_of(chunk.row0),
+                u32_of(rows.ldo),
+                u32_of(rows.seg_len),
+                u32_of(rows.seg_stride),
+                u32_of(rows.seg_off),
+                bias.is_some() as u32,
+                act_code,
+                accumulate as u32,
+                u32_of(r0),
+            ];
+            let groups = self.grid((m * chunk.rows).div_ceil(256));
+            self.dispatch(
+                self.kernels.scatter(),
+                &epilogue,
+                vec![(2, staging), (3, bias_buffer), (4, out)],
+                groups,
+            );
+        }
+    }
+
+    fn gather_packed(
+        &mut self,
+        table: &'a GpuMatrix,
+        config: CompressionConfig,
+        ids: &'a wgpu::Buffer,
+        n_ids: usize,
+        out: &'a wgpu::Buffer,
+        accumulate: bool,
+    ) {
+        let Some(chunk) = table.chunks.first() else {
+            return;
+        };
+        let l = PackedLayout::new(chunk.rows, table.cols, config);
+        let kernel = self.kernels.q4(Q4::Dequant, config.bits);
+        let row_bytes = (table.cols * 4) as u64;
+        let mut start = 0;
+        while start < n_ids {
+            let n = (n_ids - start).min(MAX_GRID_ROWS);
+            // The kernel has no input or output offset: a piece past the first goes through staging.
+            let direct = start == 0 && !accumulate;
+            let piece_ids = if start == 0 {
+                ids.clone()
+            } else {
+                let s = self.kernels.staging(1, (n * 4) as u64);
+                self.copy_owned(
+                    ids.clone(),
+                    (start * 4) as u64,
+                    s.clone(),
+                    0,
+                    (n * 4) as u64,
+                );
+                s
+            };
+            let target = if direct {
+                out.clone()
+            } else {
+                self.kernels.staging(0, n as u64 * row_bytes)
+            };
+            let mut params = DequantParams::new(&l, n, None).unwrap_or_else(zeroed);
+            params.out_rows = u32_of(n);
+            let groups = params.grid(config);
+            self.dispatch(
+                kernel,
+                bytemuck::cast_slice(std::slice::from_ref(&params)),
+                vec![(1, &chunk.buffer), (2, &piece_ids), (3, &target)],
+                [groups.0, groups.1, groups.2],
+            );
+            if accumulate {
+                self.add(&target, out, start * table.cols, n * table.cols);
+            } else if !direct {
+                self.copy_owned(
+                    target,
+                    0,
+                    out.clone(),
+                    start as u64 * row_bytes,
+                    n as u64 * row_bytes,
+                );
+            }
+            start += n;
+        }
+    }
+
+    /// `dst[dst_off + i] += src[i]` for `i < n`.
+    fn add(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, dst_off: usize, n: usize) {
+        let params = [0, 0, 0, 0, 0, 0, 2, u32_of(n), u32_of(dst_off), 0, 0, 0];
+        let groups = self.grid(n.div_ceil(256));
+        self.dispatch(
+            self.kernels.cache_rows(),
+            &params,
+            vec![(1, src), (2, dst)],
+            groups,
+        );
+    }
+
+    /// Moves positions `t0..t0 + t_len` of `batch` sequences between the attention kernel's cache layout
+    /// `[batch, capacity, heads * head_dim]` and the pair-major `[batch, heads, capacity, head_dim]` row order of a
+    /// packed cache (f32 both): `to_pairs` reads `src` in the former and writes `dst` in the latter.
+    #[allow(clippy::too_many_arguments)] // the two buffers and the shape of the move
+    pub fn permute_cache(
+        &mut self,
+        src: &'a wgpu::Buffer,
+        dst: &'a wgpu::Buffer,
+        batch: usize,
+        capacity: usize,
+        heads: usize,
+        head_dim: usize,
+        positions: std::ops::Range<usize>,
+        to_pairs: bool,
+    ) {
+        let t_len = positions.len();
+        let n = batch * t_len * heads * head_dim;
+        if n == 0 {
+            return;
+        }
+        let params = [
+            u32_of(batch),
+            u32_of(capacity),
+            u32_of(heads),
+            u32_of(head_dim),
+            u32_of(positions.start),
+            u32_of(t_len),
+            if to_pairs { 0 } else { 1 },
+            u32_of(n),
+            0,
+            0,
+            0,
+            0,
+        ];
+        let groups = self.grid(n.div_ceil(256));
+        self.dispatch(
+            self.kernels.cache_rows(),
+            &params,
+            vec![(1, src), (2, dst)],
+            groups,
+        );
+    }
+
+    /// Packs `rows` f32 rows of `input` (`[rows, layout.cols]`, dense) into `packed` (a tensor of `layout` under
+    /// `config`): input row `r` becomes packed row `first_row + r * row_stride`, quantised by `q4_quantize` with the
+    /// same rule as [`crate::compress::quantize`].
+    #[allow(clippy::too_many_arguments)] // the source, the destination and its layout, and the row mapping
+    pub fn quantize_rows(
+        &mut self,
+        input: &'a wgpu::Buffer,
+        rows: usize,
+        packed: &'a wgpu::Buffer,
+        layout: PackedLayout,
+        config: CompressionConfig,
+        first_row: usize,
+        row_stride: usize,
+    ) {
+        let kernel = self.kernels.q4(Q4::Quantize, config.bits);
+        let row_bytes = (layout.cols * 4) as u64;
+        let mut start = 0;
+        while start < rows {
+            let n = (rows - start).min(MAX_GRID_ROWS);
+            let src = if start == 0 {
+                input.clone()
+            } else {
+                let s = self.kernels.staging(1, n as u64 * row_bytes);
+                self.copy_owned(
+                    input.clone(),
+                    start as u64 * row_bytes,
+                    s.clone(),
+                    0,
+                    n as u64 * row_bytes,
+                );
+                s
+            };
+            let dest_row = first_row + start * row_stride;
+            let params = QuantizeParams::new(&layout, config, n, dest_row, row_stride)
+                .unwrap_or_else(zeroed);
+            let groups = params.grid();
+            self.dispatch(
+                kernel,
+                bytemuck::cast_slice(std::slice::from_ref(&params)),
+                vec![(1, &src), (2, packed)],
+                [groups.0, groups.1, groups.2],
+            );
+            start += n;
+        }
+    }
+
+    /// Decodes rows `0..rows` of `packed` (a tensor of `layout` under `config`) into `out` (`[rows, layout.cols]`
+    /// f32) with `q4_dequant`.
+    pub fn dequantize_rows(
+        &mut self,
+        packed: &'a wgpu::Buffer,
+        layout: PackedLayout,
+        config: CompressionConfig,
+        rows: usize,
+        out: &'a wgpu::Buffer,
+    ) {
+        let kernel = self.kernels.q4(Q4::Dequant, config.bits);
+        let row_bytes = (layout.cols * 4) as u64;
+        let mut start = 0;
+        while start < rows {
+            let n = (rows - start).min(MAX_GRID_ROWS);
+            // The output has no offset: pieces past the first decode into staging and are copied into place.
+            let target = if start == 0 {
+                out.clone()
+            } else {
+                self.kernels.staging(0, n as u64 * row_bytes)
+            };
+            let params = DequantParams::new(&layout, n, Some(start)).unwrap_or_else(zeroed);
+            let groups = params.grid(config);
+            self.dispatch(
+                kernel,
+                bytemuck::cast_slice(std::slice::from_ref(&params)),
+                vec![(1, packed), (2, &self.kernels.dummy), (3, &target)],
+                [groups.0, groups.1, groups.2],
+            );
+            if start > 0 {
+                self.copy_owned(
+                    target,
+                    0,
+                    out.clone(),
+                    start as u64 * row_bytes,
+                    n as u64 * row_bytes,
+                );
+            }
+            start += n;
+        }
+    }
+
+    /// Decode attention over a packed K/V cache (`q4_attention`): `q` is `[batch * heads, head_dim]`, the caches
+    /// hold `params`' rows, `mask` is `[batch, params.mask_stride]`, `scores` is scratch of at least
+    /// `batch * heads * seq_len` f32, `out` is `[batch * heads, head_dim]`.
+    #[allow(clippy::too_many_arguments)] // the kernel's bindings
+    pub fn packed_attention(
+        &mut self,
+        q: &'a wgpu::Buffer,
+        k: &'a wgpu::Buffer,
+        v: &'a wgpu::Buffer,
+        mask: &'a wgpu::Buffer,
+        scores: &'a wgpu::Buffer,
+        out: &'a wgpu::Buffer,
+        config: CompressionConfig,
+        params: crate::compress::AttentionParams,
+    ) {
+        let kernel = self.kernels.q4(Q4::Attention, config.bits);
+        let groups = self.grid(params.batch_heads as usize);
+        self.dispatch(
+            kernel,
+            bytemuck::cast_slice(std::slice::from_ref(&params)),
+            vec![(1, q), (2, k), (3, v), (4, mask), (5, scores), (6, out)],
+            groups,
+        );
     }
 
     /// Layer norm of `rows` rows of `width`: `y = (x - mean) / sqrt(var + eps)`, then `* gamma + beta` when `affine`
@@ -518,6 +993,17 @@ impl<'a> Recorder<'a> {
         dst_offset: u64,
         size: u64,
     ) {
+        self.copy_owned(src.clone(), src_offset, dst.clone(), dst_offset, size);
+    }
+
+    fn copy_owned(
+        &mut self,
+        src: wgpu::Buffer,
+        src_offset: u64,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    ) {
         self.ops.push(Op::Copy {
             src,
             src_offset,
@@ -576,10 +1062,7 @@ impl<'a> Recorder<'a> {
                         pipeline: kernel.pipeline.clone(),
                         uniforms: uniforms.clone(),
                         slot: *slot,
-                        buffers: bindings
-                            .iter()
-                            .map(|&(b, buffer)| (b, buffer.clone()))
-                            .collect(),
+                        buffers: bindings.clone(),
                     };
                     let group = cache.entry(key).or_insert_with(|| {
                         let mut entries = vec![wgpu::BindGroupEntry {

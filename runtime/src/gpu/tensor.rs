@@ -3,26 +3,51 @@
 //! A matrix `[rows, cols]` (a linear layer's `[out, in]`, an embedding table) is split into chunks of whole rows,
 //! each its own buffer no larger than [`Gpu::max_binding`]: opt-125m's f32 embedding (154 MB) is two chunks on
 //! lavapipe (128 MiB bindings), opt-175b's fp16 fc1 (1.2 GB) fits one chunk on an H200. Kernels loop over chunks.
+//!
+//! A [`WeightFormat::Packed`] matrix is quantised on the host while loading (one tensor at a time, with
+//! [`crate::compress::quantize`]) and each chunk holds its rows as a packed tensor of its own (data section, then
+//! scale section, [`crate::compress::PackedLayout`] of `chunk.rows` rows): only the packed words reach the GPU, and
+//! the q4_* kernels read them directly.
 
+use crate::compress::{quantize, CompressionConfig, PackedLayout};
 use crate::config::DType;
 use crate::gpu::{Gpu, GpuError};
 use crate::weights::HostTensor;
 
-/// How a matrix's elements are stored on the GPU; kernels read both and accumulate in f32.
+/// How a matrix's elements are stored on the GPU; kernels read every format and accumulate in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     /// One f32 per element.
     F32,
     /// IEEE halves packed two per u32 (low half first), read with `unpack2x16float`: works on every adapter.
     F16,
+    /// Group-wise quantised ([`crate::compress`]'s packed layout), grouped along each row; read by the q4_* kernels.
+    Packed(CompressionConfig),
 }
 
 impl WeightFormat {
-    /// Bytes per element.
+    /// Bytes per element (for a packed format: the data bits rounded up to a byte; use [`WeightFormat::row_bytes`]).
     pub const fn element_bytes(self) -> u64 {
         match self {
             WeightFormat::F32 => 4,
             WeightFormat::F16 => 2,
+            WeightFormat::Packed(c) => (c.bits as u64).div_ceil(8),
+        }
+    }
+
+    /// Bytes one row of `cols` elements occupies on the GPU (a packed row counts its data and scale words).
+    pub const fn row_bytes(self, cols: usize) -> u64 {
+        match self {
+            WeightFormat::Packed(c) => PackedLayout::new(1, cols, c).bytes(),
+            _ => cols as u64 * self.element_bytes(),
+        }
+    }
+
+    /// The compression config of a packed format.
+    pub const fn compression(self) -> Option<CompressionConfig> {
+        match self {
+            WeightFormat::Packed(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -63,6 +88,7 @@ fn to_format(dtype: DType, bytes: &[u8], format: WeightFormat) -> std::borrow::C
             .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
             .collect::<Vec<u8>>()
             .into(),
+        (_, WeightFormat::Packed(_)) => unreachable!("packed chunks are quantised, not converted"),
     }
 }
 
@@ -116,7 +142,7 @@ impl GpuMatrix {
                 tensor.dtype
             )));
         }
-        let row_bytes = cols as u64 * format.element_bytes();
+        let row_bytes = format.row_bytes(cols);
         gpu.check_binding(
             &format!("one row of {name}"),
             row_bytes,
@@ -129,8 +155,16 @@ impl GpuMatrix {
         while row0 < rows {
             let n = rows_per_chunk.min(rows - row0);
             let src = &tensor.bytes[row0 * cols * src_elem..(row0 + n) * cols * src_elem];
-            let bytes = to_format(tensor.dtype, src, format);
-            let buffer = gpu.storage_buffer_init(&format!("{name}[{row0}..]"), &bytes)?;
+            let label = format!("{name}[{row0}..]");
+            let buffer = match format {
+                // Quantised chunk by chunk: the host holds one chunk's f32 values at a time, the GPU only words.
+                WeightFormat::Packed(config) => {
+                    let packed = quantize(&to_f32(tensor.dtype, src), n, cols, config)
+                        .map_err(|e| GpuError::Upload(format!("{name}: {e}")))?;
+                    gpu.storage_buffer_init(&label, packed.as_bytes())?
+                }
+                _ => gpu.storage_buffer_init(&label, &to_format(tensor.dtype, src, format))?,
+            };
             chunks.push(MatrixChunk {
                 row0,
                 rows: n,
@@ -144,6 +178,13 @@ impl GpuMatrix {
             format,
             chunks,
         })
+    }
+
+    /// The packed layout of `chunk` (its own data and scale sections) when the matrix is packed.
+    pub fn chunk_layout(&self, chunk: &MatrixChunk) -> Option<PackedLayout> {
+        self.format
+            .compression()
+            .map(|c| PackedLayout::new(chunk.rows, self.cols, c))
     }
 
     /// Bytes the matrix occupies on the GPU.

@@ -272,6 +272,7 @@ impl GpuProbe for RuntimeProbe {
         let fmt = match s.format {
             WeightFormat::F16 => "f16",
             WeightFormat::F32 => "f32",
+            WeightFormat::Packed(_) => "packed",
         };
         match field {
             GpuField::Ctog => format!("CPU tier ({path}) -> GPU, {:.0} MiB", mib(s.cache_bytes)),

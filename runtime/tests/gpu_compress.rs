@@ -1,0 +1,269 @@
+//! The GPU runtime's packed (compressed) paths against the CPU: linear layers over packed weights in row blocks
+//! (GEMV and GEMM, bias, activation, accumulation, scattered output rows), packed embedding lookups, and what a
+//! packed model really occupies on the GPU.
+
+mod common;
+
+use std::borrow::Cow;
+
+use common::{gpu, gpu_with_binding, max_abs_diff, Rng};
+use strata_runtime::compress::{
+    dequantize, is_compressed, packed_bytes, quantize, CompressionConfig,
+};
+use strata_runtime::config::DType;
+use strata_runtime::dummy::DummyWeights;
+use strata_runtime::gpu::kernels::{Act, Kernels, OutRows};
+use strata_runtime::gpu::tensor::{GpuMatrix, WeightFormat};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::model::GpuModel;
+use strata_runtime::reference;
+use strata_runtime::weights::{model_tensors, HostTensor};
+
+fn upload(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
+    gpu.storage_buffer_init("test input", bytemuck::cast_slice(values))
+        .unwrap()
+}
+
+fn packed_matrix(
+    gpu: &Gpu,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    c: CompressionConfig,
+) -> GpuMatrix {
+    let tensor = HostTensor {
+        dtype: DType::F32,
+        shape: vec![rows, cols],
+        bytes: Cow::Owned(bytemuck::cast_slice(values).to_vec()),
+    };
+    GpuMatrix::upload(gpu, "packed test matrix", &tensor, WeightFormat::Packed(c)).unwrap()
+}
+
+/// A packed linear layer on the GPU against the CPU over the CPU-dequantised weight; returns the max difference.
+#[allow(clippy::too_many_arguments)]
+fn check_linear(
+    gpu: &Gpu,
+    m: usize,
+    k: usize,
+    n: usize,
+    c: CompressionConfig,
+    act: Act,
+    bias: bool,
+    acc: bool,
+) -> f32 {
+    let mut rng = Rng(m as u64 * 7919 + k as u64 * 31 + n as u64);
+    let x = rng.vec(m * k, 1.0);
+    let w = rng.vec(n * k, 1.0);
+    let b = rng.vec(n, 1.0);
+    let init = rng.vec(m * n, 1.0);
+    let kernels = Kernels::new(gpu);
+    let wm = packed_matrix(gpu, &w, n, k, c);
+    let (xb, bb, out) = (upload(gpu, &x), upload(gpu, &b), upload(gpu, &init));
+    let mut rec = kernels.recorder();
+    rec.linear(
+        &xb,
+        m,
+        &wm,
+        bias.then_some(&bb),
+        act,
+        &out,
+        OutRows::dense(n, 0),
+        acc,
+    );
+    rec.submit();
+    let got = gpu.read_f32(&out, 0, m * n).unwrap();
+    let w_seen = dequantize(&quantize(&w, n, k, c).unwrap());
+    let mut want = reference::matmul_t(&x, m, k, &w_seen, n);
+    for r in 0..m {
+        for col in 0..n {
+            let mut v = want[r * n + col] + if bias { b[col] } else { 0.0 };
+            v = match act {
+                Act::None => v,
+                Act::Relu => v.max(0.0),
+                Act::Gelu => reference::gelu(v),
+            };
+            want[r * n + col] = v + if acc { init[r * n + col] } else { 0.0 };
+        }
+    }
+    max_abs_diff(&got, &want)
+}
+
+#[test]
+fn packed_linear_matches_cpu_in_row_blocks_for_gemv_and_gemm() {
+    // 2 KiB bindings cut the larger weights into several packed row blocks; k = 70 and 33 pad their last group.
+    for gpu in [gpu(), gpu_with_binding(2048)] {
+        for (m, k, n) in [
+            (1, 70, 65),
+            (3, 64, 130),
+            (8, 33, 17),
+            (9, 70, 65),
+            (67, 129, 131),
+        ] {
+            for c in [
+                CompressionConfig::DEFAULT,
+                CompressionConfig::new(4, 32).unwrap(),
+                CompressionConfig::new(8, 64).unwrap(),
+            ] {
+                for (act, bias, acc) in [
+                    (Act::None, false, false),
+                    (Act::Relu, true, false),
+                    (Act::Gelu, true, true),
+                ] {
+                    let diff = check_linear(&gpu, m, k, n, c, act, bias, acc);
+                    assert!(
+                        diff < 1e-4 * k as f32,
+                        "m={m} k={k} n={n} {c:?} {act:?} bias={bias} acc={acc}: {diff}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_linear_scatters_rows_into_a_cache_layout() {
+    let gpu = gpu();
+    let c = CompressionConfig::DEFAULT;
+    let (batch, s_new, past, capacity, k, n) = (2, 3, 1, 6, 40, 24);
+    let m = batch * s_new;
+    let mut rng = Rng(5);
+    let x = rng.vec(m * k, 1.0);
+    let w = rng.vec(n * k, 1.0);
+    let kernels = Kernels::new(&gpu);
+    let wm = packed_matrix(&gpu, &w, n, k, c);
+    let xb = upload(&gpu, &x);
+    let out = upload(&gpu, &vec![0.0; batch * capacity * n]);
+    let mut rec = kernels.recorder();
+    rec.linear(
+        &xb,
+        m,
+        &wm,
+        None,
+        Act::None,
+        &out,
+        OutRows::cache(s_new, past, capacity, n),
+        false,
+    );
+    rec.submit();
+    let got = gpu.read_f32(&out, 0, batch * capacity * n).unwrap();
+    let want_rows = reference::matmul_t(&x, m, k, &dequantize(&quantize(&w, n, k, c).unwrap()), n);
+    for b in 0..batch {
+        for t in 0..capacity {
+            let row = &got[(b * capacity + t) * n..][..n];
+            if t >= past && t < past + s_new {
+                let want = &want_rows[(b * s_new + t - past) * n..][..n];
+                assert!(max_abs_diff(row, want) < 1e-4, "sequence {b} position {t}");
+            } else {
+                assert!(
+                    row.iter().all(|v| *v == 0.0),
+                    "sequence {b} position {t} was written"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_gather_decodes_rows_by_id_and_accumulates() {
+    let gpu = gpu();
+    let c = CompressionConfig::DEFAULT;
+    let (rows, cols) = (50, 100);
+    let mut rng = Rng(9);
+    let table = rng.vec(rows * cols, 2.0);
+    let decoded = dequantize(&quantize(&table, rows, cols, c).unwrap());
+    let ids: Vec<u32> = vec![3, 49, 0, 3, 17];
+    let init = rng.vec(ids.len() * cols, 1.0);
+    let kernels = Kernels::new(&gpu);
+    let wm = packed_matrix(&gpu, &table, rows, cols, c);
+    let idb = gpu
+        .storage_buffer_init("ids", bytemuck::cast_slice(&ids))
+        .unwrap();
+    let set = upload(&gpu, &init);
+    let add = upload(&gpu, &init);
+    let mut rec = kernels.recorder();
+    rec.gather(&wm, &idb, ids.len(), &set, false);
+    rec.gather(&wm, &idb, ids.len(), &add, true);
+    rec.submit();
+    let got_set = gpu.read_f32(&set, 0, ids.len() * cols).unwrap();
+    let got_add = gpu.read_f32(&add, 0, ids.len() * cols).unwrap();
+    for (t, &id) in ids.iter().enumerate() {
+        let want = &decoded[id as usize * cols..][..cols];
+        assert!(
+            max_abs_diff(&got_set[t * cols..][..cols], want) < 1e-6,
+            "id {id}"
+        );
+        let summed: Vec<f32> = want
+            .iter()
+            .zip(&init[t * cols..])
+            .map(|(a, b)| a + b)
+            .collect();
+        assert!(
+            max_abs_diff(&got_add[t * cols..][..cols], &summed) < 1e-5,
+            "id {id} accumulated"
+        );
+    }
+}
+
+/// What a packed model occupies on the GPU: packed words for every matrix, f32 for biases and norms. Compared with
+/// an independent sum over the config's tensor list and with `OptConfig::compressed_model_bytes` (which counts the
+/// dense tensors at the checkpoint's dtype; the GPU keeps them as f32).
+fn check_model_bytes(config: strata_runtime::OptConfig, c: CompressionConfig) -> (u64, u64) {
+    let gpu = gpu();
+    let source = DummyWeights::new(config);
+    let model = GpuModel::upload_compressed(&gpu, &source, None, Some(c)).unwrap();
+    let mut expected = 0u64;
+    let mut dense_elements = 0u64;
+    for spec in model_tensors(&config) {
+        if is_compressed(spec.role) {
+            expected += packed_bytes(spec.shape[0], spec.shape[1], c);
+        } else {
+            let n: usize = spec.shape.iter().product();
+            expected += 4 * n as u64;
+            dense_elements += n as u64;
+        }
+    }
+    let on_gpu = model.gpu_bytes();
+    assert_eq!(on_gpu, expected, "{}", config.name);
+    let formula = config.compressed_model_bytes(c.bits as u32, c.group_size as u64);
+    assert_eq!(
+        on_gpu,
+        formula + dense_elements * (4 - config.dtype.size_bytes()),
+        "{}: the packed part differs from compressed_model_bytes",
+        config.name
+    );
+    let uncompressed = model_tensors(&config)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64 * config.dtype.size_bytes())
+        .sum::<u64>();
+    eprintln!(
+        "{}: {on_gpu} bytes on the GPU with 4-bit/{} weights (compressed_model_bytes {formula}, dense {dense_elements} \
+         f32 elements; uncompressed {uncompressed} bytes at {:?})",
+        config.name, c.group_size, config.dtype
+    );
+    (on_gpu, formula)
+}
+
+#[test]
+fn packed_model_bytes_on_the_gpu_match_the_formula() {
+    check_model_bytes(common::tiny_config(), CompressionConfig::DEFAULT);
+    check_model_bytes(
+        common::tiny_config(),
+        CompressionConfig::new(4, 32).unwrap(),
+    );
+    // opt-125m's shape (Hugging Face's config), with dummy weights.
+    let opt125m = strata_runtime::OptConfig {
+        name: "opt-125m",
+        num_hidden_layers: 12,
+        hidden_size: 768,
+        n_head: 12,
+        ffn_embed_dim: 3072,
+        word_embed_proj_dim: 768,
+        vocab_size: 50272,
+        max_seq_len: 2048,
+        dtype: DType::F16,
+        ..common::tiny_config()
+    };
+    let (on_gpu, formula) = check_model_bytes(opt125m, CompressionConfig::DEFAULT);
+    // The packed model is about a quarter of the fp16 one.
+    assert!(on_gpu < opt125m.model_bytes() / 3, "{on_gpu} vs {formula}");
+}
