@@ -1,6 +1,8 @@
 //! Issue 5's validation: the cost model's predicted throughput, from a profile measured in this same run with the
-//! runtime's own probe, against the measured throughput of real generation, for a few all-GPU policies of a small
-//! OPT model. The printed ratios are the information; the assertion is only a sanity bound.
+//! runtime's own probe, against the measured throughput of real generation through the offloading schedule (the
+//! engine `strata bench` drives), for a few policies of a small OPT model: all on GPU at three batchings, weights
+//! streamed from the CPU tier, and a mixed placement. The printed ratios are the information; the assertion is only
+//! a sanity bound.
 //!
 //! Bound: measured / predicted within [0.02, 50]. The cost model counts matmul, attention and transfer time only;
 //! on a CPU driver (lavapipe) per-dispatch and per-submit costs, layer norms, embedding and sampling are a large
@@ -19,7 +21,7 @@ use strata_runtime::hardware::gpu_probe::RuntimeProbe;
 use strata_runtime::hardware::measure::{profile_machine, MeasureOptions};
 use strata_runtime::hardware::HardwareProfile;
 use strata_runtime::planner::{Caps, Workload};
-use strata_runtime::policy::Policy;
+use strata_runtime::policy::{Percent, Policy};
 
 /// opt-125m's layer structure at a third of its width, 2 layers and a small vocabulary, so a run takes seconds on
 /// lavapipe.
@@ -53,7 +55,7 @@ fn measured_throughput_is_within_a_stated_factor_of_the_prediction() {
     let start = Instant::now();
     let mut probe = RuntimeProbe::new(&gpu).unwrap();
     let mut options = MeasureOptions::new(std::env::temp_dir());
-    // All-GPU policies move nothing to disk: its speed does not enter the prediction.
+    // No policy below moves anything to disk: its speed does not enter the prediction.
     options.skip_disk = true;
     let (profile, _) = profile_machine(
         &HardwareProfile::t4(),
@@ -91,22 +93,42 @@ fn measured_throughput_is_within_a_stated_factor_of_the_prediction() {
     };
     let source = DummyWeights::new(config);
     let mut ratios = Vec::new();
-    for (gbs, ngb) in [(1, 1), (4, 1), (2, 2)] {
+    let policies = [
+        (1, 1, Percent::ALL_GPU, "all on GPU"),
+        (4, 1, Percent::ALL_GPU, "all on GPU"),
+        (2, 2, Percent::ALL_GPU, "all on GPU"),
+        (
+            2,
+            2,
+            Percent::from_array([0.0, 100.0, 100.0, 0.0, 100.0, 0.0]),
+            "weights on CPU",
+        ),
+        (
+            2,
+            2,
+            Percent::from_array([50.0, 50.0, 50.0, 50.0, 100.0, 0.0]),
+            "weights and cache half on CPU",
+        ),
+    ];
+    for (gbs, ngb, percent, what) in policies {
         let policy = Policy {
             gpu_batch_size: gbs,
             num_gpu_batches: ngb,
+            percent,
             ..Policy::default()
         };
         let problem = Problem::new(&config, workload, &profile, Caps::default());
         let predicted = evaluate(problem, &policy).unwrap().total_throughput;
 
-        let gen = Generator::new(
+        let gen = Generator::with_policy(
             &gpu,
             &source,
             &GeneratorOptions {
                 dtype: Some(DType::F16),
-                gpu_batch_size: Some(gbs),
+                ..GeneratorOptions::default()
             },
+            &policy,
+            &|_| {},
         )
         .unwrap();
         let prompts: Vec<Vec<u32>> = (0..gbs * ngb)
@@ -137,16 +159,16 @@ fn measured_throughput_is_within_a_stated_factor_of_the_prediction() {
         let measured = (prompts.len() * workload.gen_len) as f64 / secs;
         let ratio = measured / predicted;
         eprintln!(
-            "policy gbs {gbs} x {ngb} (all on GPU): measured {measured:.2} token/s, predicted {predicted:.2} \
+            "policy gbs {gbs} x {ngb} ({what}): measured {measured:.2} token/s, predicted {predicted:.2} \
              token/s, measured/predicted = {ratio:.3}"
         );
-        ratios.push(((gbs, ngb), ratio));
+        ratios.push(((gbs, ngb, what), ratio));
     }
     eprintln!("total {:.1} s", start.elapsed().as_secs_f64());
-    for ((gbs, ngb), ratio) in ratios {
+    for ((gbs, ngb, what), ratio) in ratios {
         assert!(
             (0.02..=50.0).contains(&ratio),
-            "gbs {gbs} x {ngb}: measured/predicted = {ratio:.3}, outside the sanity bound [0.02, 50]"
+            "gbs {gbs} x {ngb} ({what}): measured/predicted = {ratio:.3}, outside the sanity bound [0.02, 50]"
         );
     }
 }
