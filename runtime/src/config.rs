@@ -133,6 +133,40 @@ pub struct OptConfig {
 }
 
 impl OptConfig {
+    /// An OPT architecture with OPT's standard values for everything but its size: vocabulary 50272, 2048
+    /// positions, pad 1, bos/eos 2, ReLU, layer norm eps 1e-5, pre-LN with affine layer norms, biases, a tied LM
+    /// head, no projection (`word_embed_proj_dim = hidden_size`) and f16 weights. Vary the rest with struct update
+    /// syntax (`OptConfig { vocab_size: 50, ..OptConfig::opt("tiny", 2, 4, 16, 32) }`).
+    pub const fn opt(
+        name: &'static str,
+        num_hidden_layers: usize,
+        n_head: usize,
+        hidden_size: usize,
+        ffn_embed_dim: usize,
+    ) -> OptConfig {
+        OptConfig {
+            name,
+            num_hidden_layers,
+            hidden_size,
+            n_head,
+            ffn_embed_dim,
+            word_embed_proj_dim: hidden_size,
+            vocab_size: 50272,
+            max_seq_len: 2048,
+            pad_token_id: 1,
+            bos_token_id: 2,
+            eos_token_id: 2,
+            activation: Activation::Relu,
+            layer_norm_eps: 1e-5,
+            do_layer_norm_before: true,
+            enable_bias: true,
+            layer_norm_elementwise_affine: true,
+            remove_final_layer_norm: false,
+            tie_word_embeddings: true,
+            dtype: DType::F16,
+        }
+    }
+
     /// Width of one attention head.
     pub const fn head_dim(&self) -> usize {
         self.hidden_size / self.n_head
@@ -409,27 +443,7 @@ pub fn intern_name(name: &str) -> &'static str {
 mod tests {
     use super::*;
 
-    const OPT_125M: OptConfig = OptConfig {
-        name: "opt-125m",
-        num_hidden_layers: 12,
-        hidden_size: 768,
-        n_head: 12,
-        ffn_embed_dim: 3072,
-        word_embed_proj_dim: 768,
-        vocab_size: 50272,
-        max_seq_len: 2048,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: true,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
-    };
+    const OPT_125M: OptConfig = OptConfig::opt("opt-125m", 12, 12, 768, 3072);
 
     #[test]
     fn opt_125m_params_match_hugging_face() {

@@ -218,29 +218,13 @@ fn fill_uniform<const E: usize>(
 mod tests {
     use super::*;
     use crate::checkpoint::to_f32;
-    use crate::config::Activation;
 
     fn tiny(dtype: DType) -> OptConfig {
         OptConfig {
-            name: "tiny-dummy",
-            num_hidden_layers: 2,
-            hidden_size: 64,
-            n_head: 4,
-            ffn_embed_dim: 256,
-            word_embed_proj_dim: 64,
             vocab_size: 1000,
             max_seq_len: 64,
-            pad_token_id: 1,
-            bos_token_id: 2,
-            eos_token_id: 2,
-            activation: Activation::Relu,
-            layer_norm_eps: 1e-5,
-            do_layer_norm_before: true,
-            enable_bias: true,
-            layer_norm_elementwise_affine: true,
-            remove_final_layer_norm: false,
-            tie_word_embeddings: true,
             dtype,
+            ..OptConfig::opt("tiny-dummy", 2, 4, 64, 256)
         }
     }
 

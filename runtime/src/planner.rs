@@ -674,32 +674,7 @@ pub fn linear_terms_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Activation, DType};
     use crate::policy::Percent;
-
-    fn opt(name: &'static str, layers: usize, heads: usize, hidden: usize) -> OptConfig {
-        OptConfig {
-            name,
-            num_hidden_layers: layers,
-            hidden_size: hidden,
-            n_head: heads,
-            ffn_embed_dim: 4 * hidden,
-            word_embed_proj_dim: hidden,
-            vocab_size: 50272,
-            max_seq_len: 2048,
-            pad_token_id: 1,
-            bos_token_id: 2,
-            eos_token_id: 2,
-            activation: Activation::Relu,
-            layer_norm_eps: 1e-5,
-            do_layer_norm_before: true,
-            enable_bias: true,
-            layer_norm_elementwise_affine: true,
-            remove_final_layer_norm: false,
-            tie_word_embeddings: true,
-            dtype: DType::F16,
-        }
-    }
 
     const W: Workload = Workload {
         prompt_len: 512,
@@ -708,7 +683,7 @@ mod tests {
 
     #[test]
     fn all_gpu_plan_holds_model_cache_and_activations() {
-        let c = opt("opt-6.7b", 32, 32, 4096);
+        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
         let p = Policy {
             gpu_batch_size: 8,
             num_gpu_batches: 2,
@@ -750,7 +725,7 @@ mod tests {
 
     #[test]
     fn weights_split_by_cumulative_size_per_layer() {
-        let c = opt("opt-30b", 48, 56, 7168);
+        let c = OptConfig::opt("opt-30b", 48, 56, 7168, 28672);
         let p = Policy {
             percent: Percent::from_array([20.0, 80.0, 0.0, 100.0, 0.0, 100.0]),
             sep_layer: false,
@@ -778,7 +753,7 @@ mod tests {
 
     #[test]
     fn sequences_split_whole_and_activations_may_mix() {
-        let c = opt("opt-1.3b", 24, 32, 2048);
+        let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
         let p = Policy {
             gpu_batch_size: 4,
             num_gpu_batches: 3,
@@ -802,7 +777,7 @@ mod tests {
 
     #[test]
     fn compression_shrinks_weights_about_three_and_a_half_times() {
-        let c = opt("opt-6.7b", 32, 32, 4096);
+        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
         let p = Policy {
             compress_weight: true,
             ..Policy::default()
@@ -815,7 +790,7 @@ mod tests {
 
     #[test]
     fn caps_are_checked_with_tier_amount_and_flag() {
-        let c = opt("opt-6.7b", 32, 32, 4096);
+        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
         let p = Policy {
             gpu_batch_size: 32,
             ..Policy::default()
@@ -840,7 +815,7 @@ mod tests {
 
     #[test]
     fn bad_workloads_are_refused() {
-        let c = opt("opt-125m", 12, 12, 768);
+        let c = OptConfig::opt("opt-125m", 12, 12, 768, 3072);
         let e = plan(
             &c,
             &Policy::default(),
@@ -868,7 +843,7 @@ mod tests {
 
     #[test]
     fn linear_terms_match_the_plan_where_no_rounding_happens() {
-        let c = opt("opt-6.7b", 32, 32, 4096);
+        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
         for percent in [
             [100.0, 0.0, 100.0, 0.0, 100.0, 0.0],
             [0.0, 100.0, 0.0, 100.0, 0.0, 100.0],

@@ -220,29 +220,17 @@ pub trait WeightSource: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Activation;
 
     fn tiny(proj: usize, bias: bool, affine: bool, pre_ln: bool) -> OptConfig {
         OptConfig {
-            name: "tiny",
-            num_hidden_layers: 2,
-            hidden_size: 16,
-            n_head: 4,
-            ffn_embed_dim: 24,
             word_embed_proj_dim: proj,
             vocab_size: 50,
             max_seq_len: 30,
-            pad_token_id: 1,
-            bos_token_id: 2,
-            eos_token_id: 2,
-            activation: Activation::Relu,
-            layer_norm_eps: 1e-5,
             do_layer_norm_before: pre_ln,
             enable_bias: bias,
             layer_norm_elementwise_affine: affine,
-            remove_final_layer_norm: false,
-            tie_word_embeddings: true,
             dtype: DType::F32,
+            ..OptConfig::opt("tiny", 2, 4, 16, 24)
         }
     }
 

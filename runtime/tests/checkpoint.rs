@@ -15,25 +15,9 @@ use strata_runtime::weights::{model_tensors, WeightError, WeightSource};
 
 fn tiny() -> OptConfig {
     OptConfig {
-        name: "tiny-opt",
-        num_hidden_layers: 2,
-        hidden_size: 16,
-        n_head: 4,
-        ffn_embed_dim: 32,
-        word_embed_proj_dim: 16,
         vocab_size: 40,
         max_seq_len: 20,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: true,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
+        ..OptConfig::opt("tiny-opt", 2, 4, 16, 32)
     }
 }
 

@@ -3,32 +3,12 @@
 
 use std::time::Instant;
 
-use strata_runtime::config::{Activation, DType, OptConfig};
+use strata_runtime::config::OptConfig;
 use strata_runtime::dummy::DummyWeights;
 use strata_runtime::weights::{model_tensors, WeightSource};
 
 /// opt-6.7b's architecture (REFERENCE.md section 1).
-const OPT_6_7B: OptConfig = OptConfig {
-    name: "opt-6.7b",
-    num_hidden_layers: 32,
-    hidden_size: 4096,
-    n_head: 32,
-    ffn_embed_dim: 16384,
-    word_embed_proj_dim: 4096,
-    vocab_size: 50272,
-    max_seq_len: 2048,
-    pad_token_id: 1,
-    bos_token_id: 2,
-    eos_token_id: 2,
-    activation: Activation::Relu,
-    layer_norm_eps: 1e-5,
-    do_layer_norm_before: true,
-    enable_bias: true,
-    layer_norm_elementwise_affine: true,
-    remove_final_layer_norm: false,
-    tie_word_embeddings: true,
-    dtype: DType::F16,
-};
+const OPT_6_7B: OptConfig = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
 
 #[test]
 #[ignore = "benchmark: generates opt-6.7b's 13 GB tensor by tensor"]

@@ -431,27 +431,12 @@ fn foreign_or_future_files_are_refused() {
     assert!(missing.to_string().contains("/nonexistent/x.safetensors"));
 }
 
+/// An OPT of hidden width `h` with embeddings of width `proj`; a projected model is post-LN like opt-350m.
 fn opt(name: &'static str, layers: usize, h: usize, heads: usize, proj: usize) -> OptConfig {
     OptConfig {
-        name,
-        num_hidden_layers: layers,
-        hidden_size: h,
-        n_head: heads,
-        ffn_embed_dim: 4 * h,
         word_embed_proj_dim: proj,
-        vocab_size: 50272,
-        max_seq_len: 2048,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
         do_layer_norm_before: proj == h,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
+        ..OptConfig::opt(name, layers, heads, h, 4 * h)
     }
 }
 

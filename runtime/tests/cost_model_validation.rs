@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use strata_runtime::config::{Activation, DType, OptConfig};
+use strata_runtime::config::{DType, OptConfig};
 use strata_runtime::cost_model::{evaluate, Problem};
 use strata_runtime::dummy::DummyWeights;
 use strata_runtime::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
@@ -27,25 +27,9 @@ use strata_runtime::policy::{Percent, Policy};
 /// lavapipe.
 fn small_opt() -> OptConfig {
     OptConfig {
-        name: "small-opt",
-        num_hidden_layers: 2,
-        hidden_size: 256,
-        n_head: 4,
-        ffn_embed_dim: 1024,
-        word_embed_proj_dim: 256,
         vocab_size: 2048,
         max_seq_len: 128,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: true,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
+        ..OptConfig::opt("small-opt", 2, 4, 256, 1024)
     }
 }
 

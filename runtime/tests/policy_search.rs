@@ -6,37 +6,13 @@ use std::time::{Duration, Instant};
 use strata_runtime::cost_model::{search, CostModelKind, Problem, SearchKind};
 use strata_runtime::hardware::HardwareProfile;
 use strata_runtime::planner::{Caps, Workload};
-use strata_runtime::{Activation, DType, OptConfig};
-
-fn opt(name: &'static str, layers: usize, heads: usize, hidden: usize, ffn: usize) -> OptConfig {
-    OptConfig {
-        name,
-        num_hidden_layers: layers,
-        hidden_size: hidden,
-        n_head: heads,
-        ffn_embed_dim: ffn,
-        word_embed_proj_dim: hidden,
-        vocab_size: 50272,
-        max_seq_len: 2048,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: true,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
-    }
-}
+use strata_runtime::OptConfig;
 
 fn models() -> [OptConfig; 3] {
     [
-        opt("opt-6.7b", 32, 32, 4096, 16384),
-        opt("opt-30b", 48, 56, 7168, 28672),
-        opt("opt-175b", 96, 96, 12288, 49152),
+        OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384),
+        OptConfig::opt("opt-30b", 48, 56, 7168, 28672),
+        OptConfig::opt("opt-175b", 96, 96, 12288, 49152),
     ]
 }
 

@@ -3,7 +3,6 @@
 //! profile (measured with a progress bar the first time).
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 use strata::config::OptConfig;
 use strata::cost_model::auto::{auto_policy, AutoChoice, AutoOptions, ProfileSource};
 use strata::gpu::Gpu;
@@ -12,6 +11,7 @@ use strata::planner::{Caps, Workload};
 use strata::policy::{format_bytes, CompressionConfig, Policy};
 
 use super::policy_args::PolicyArgs;
+use super::profile::step_progress;
 
 /// The policy `--policy auto` runs: caps, compression and the offload directory come from `flags` (open caps are
 /// filled from the machine), batch sizes and placement from the cost model's search for `config` generating
@@ -61,19 +61,11 @@ pub fn resolve_auto(
     // The bar only shows while a profile is being measured (the first run on this adapter).
     let mut measure = MeasureOptions::new(".");
     measure.skip_disk = options.offload_dir.is_none();
-    let bar = ProgressBar::new(step_count(&measure, true) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("profiling this machine {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let (bar, mut progress) = step_progress(
+        step_count(&measure, true),
+        "profiling this machine {bar:30} {pos}/{len} {msg}",
+        "",
     );
-    let mut started = false;
-    let mut progress = |step: &str| {
-        if started {
-            bar.inc(1);
-        }
-        started = true;
-        bar.set_message(step.to_string());
-    };
     let result = auto_policy(gpu, config, workload, caps, &options, &mut progress);
     bar.finish_and_clear();
     let choice = result.context("--policy auto")?;

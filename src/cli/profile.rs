@@ -95,19 +95,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .context("neither XDG_CACHE_HOME nor HOME is set: pass --out FILE")?,
     };
 
-    let bar = ProgressBar::new(step_count(&options, probe.is_some()) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let (bar, mut progress) = step_progress(
+        step_count(&options, probe.is_some()),
+        "{bar:30} {pos}/{len} {msg}",
+        "measuring ",
     );
-    let mut started = false;
-    let mut progress = |step: &str| {
-        if started {
-            bar.inc(1);
-        }
-        started = true;
-        bar.set_message(format!("measuring {step}"));
-    };
     let gpu: Option<&mut dyn GpuProbe> = match probe.as_mut() {
         Some(p) => Some(p.as_mut()),
         None => None,
@@ -162,4 +154,27 @@ fn format_value(v: f64) -> String {
     } else {
         format!("{v:.4}")
     }
+}
+
+/// A progress bar of `steps` measurement steps drawn with `template`, and the reporter that `profile_machine` calls
+/// as each step starts: it counts the previous step as done and shows `message_prefix` followed by the step's name.
+pub(super) fn step_progress(
+    steps: usize,
+    template: &str,
+    message_prefix: &'static str,
+) -> (ProgressBar, impl FnMut(&str)) {
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let shown = bar.clone();
+    let mut started = false;
+    let progress = move |step: &str| {
+        if started {
+            shown.inc(1);
+        }
+        started = true;
+        shown.set_message(format!("{message_prefix}{step}"));
+    };
+    (bar, progress)
 }

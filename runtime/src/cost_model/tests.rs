@@ -1,29 +1,4 @@
 use super::*;
-use crate::config::{Activation, DType};
-
-pub(crate) fn opt(name: &'static str, layers: usize, heads: usize, hidden: usize) -> OptConfig {
-    OptConfig {
-        name,
-        num_hidden_layers: layers,
-        hidden_size: hidden,
-        n_head: heads,
-        ffn_embed_dim: 4 * hidden,
-        word_embed_proj_dim: hidden,
-        vocab_size: 50272,
-        max_seq_len: 2048,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: true,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
-    }
-}
 
 const GIB: u64 = 1 << 30;
 
@@ -75,7 +50,7 @@ fn all_gpu_objective(
 #[test]
 fn with_room_to_spare_everything_stays_on_the_gpu_at_compute_speed() {
     let hw = HardwareProfile::t4();
-    let c = opt("opt-1.3b", 24, 32, 2048);
+    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
     let caps = Caps {
         gpu: Some(80 * GIB),
         cpu: Some(200 * GIB),
@@ -103,7 +78,7 @@ fn strata_serialises_copies_with_compute_where_flexllmgen_overlaps_them() {
     // Weights on the CPU: FlexLLMGen's decode takes max-ish(ctog + comp) too, but its prefill overlaps the copy
     // with compute while strata's one queue adds them. Compare prefill per layer at a fixed placement.
     let hw = HardwareProfile::t4();
-    let c = opt("opt-6.7b", 32, 32, 4096);
+    let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
     let caps = Caps {
         gpu: Some(2 * GIB),
         cpu: Some(200 * GIB),
@@ -126,7 +101,7 @@ fn strata_serialises_copies_with_compute_where_flexllmgen_overlaps_them() {
 #[test]
 fn a_model_that_fits_nowhere_says_what_capacity_would_do() {
     let hw = HardwareProfile::t4();
-    let c = opt("opt-175b", 96, 96, 12288);
+    let c = OptConfig::opt("opt-175b", 96, 96, 12288, 49152);
     for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
         let caps = Caps {
             gpu: Some(15 * GIB),
@@ -166,7 +141,7 @@ fn a_model_that_fits_nowhere_says_what_capacity_would_do() {
 #[test]
 fn a_gpu_too_small_for_working_buffers_is_named() {
     let hw = HardwareProfile::t4();
-    let c = opt("opt-175b", 96, 96, 12288);
+    let c = OptConfig::opt("opt-175b", 96, 96, 12288, 49152);
     let mut caps = Caps {
         gpu: Some(GIB),
         cpu: Some(200 * GIB),
@@ -208,7 +183,7 @@ fn a_gpu_too_small_for_working_buffers_is_named() {
 #[test]
 fn bad_headroom_and_workload_are_refused() {
     let hw = HardwareProfile::t4();
-    let c = opt("opt-1.3b", 24, 32, 2048);
+    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
     let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
     p.headroom = 1.5;
     assert!(search(p, SearchKind::Improved)
@@ -226,7 +201,7 @@ fn bad_headroom_and_workload_are_refused() {
 #[test]
 fn weight_compression_helps_an_offloaded_model() {
     let hw = HardwareProfile::t4();
-    let c = opt("opt-30b", 48, 56, 7168);
+    let c = OptConfig::opt("opt-30b", 48, 56, 7168, 28672);
     for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
         let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
         p.kind = kind;
@@ -241,7 +216,10 @@ fn weight_compression_helps_an_offloaded_model() {
 #[test]
 fn strata_choices_fit_the_planner() {
     let hw = HardwareProfile::t4();
-    for c in [opt("opt-6.7b", 32, 32, 4096), opt("opt-30b", 48, 56, 7168)] {
+    for c in [
+        OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384),
+        OptConfig::opt("opt-30b", 48, 56, 7168, 28672),
+    ] {
         let choice = search(
             Problem::new(&c, W, &hw, flexllmgen_caps()),
             SearchKind::Improved,
@@ -260,7 +238,7 @@ fn strata_choices_fit_the_planner() {
 #[test]
 fn evaluating_the_chosen_policy_predicts_what_the_search_did() {
     let hw = HardwareProfile::t4();
-    let c = opt("opt-30b", 48, 56, 7168);
+    let c = OptConfig::opt("opt-30b", 48, 56, 7168, 28672);
     for kind in [CostModelKind::FlexLlmGen, CostModelKind::Strata] {
         let mut p = Problem::new(&c, W, &hw, flexllmgen_caps());
         p.kind = kind;

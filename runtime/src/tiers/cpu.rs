@@ -27,8 +27,9 @@ use wgpu::util::StagingBelt;
 use wgpu::WriteOnly;
 
 use super::{
-    check_range, check_room, create_buffer, lock, map_read_blocking, padded, wait_idle,
-    ByteCounter, PendingStore, Readback, ReadbackPool, Result, TierError, TierStats, COPY_ALIGN,
+    check_range, check_room, create_buffer, lock, map_read_blocking, padded, record_copy,
+    wait_idle, ByteCounter, PendingStore, Readback, ReadbackPool, Result, TierError, TierStats,
+    COPY_ALIGN,
 };
 
 /// How the CPU tier stores tensors and moves them to the GPU.
@@ -317,9 +318,7 @@ impl CpuTier {
         check_room("cpu tier fetch destination", dst, dst_offset, len)?;
         match &tensor.store {
             Store::Dma { buffer, .. } => {
-                if len > 0 {
-                    encoder.copy_buffer_to_buffer(buffer, offset, dst, dst_offset, padded(len));
-                }
+                record_copy(encoder, buffer, offset, dst, dst_offset, len);
                 Ok(())
             }
             Store::Host(v) => self.fetch_host(
@@ -387,9 +386,7 @@ impl CpuTier {
         check_room("cpu tier write-back source", src, src_offset, len)?;
         match &tensor.store {
             Store::Dma { buffer, .. } => {
-                if len > 0 {
-                    encoder.copy_buffer_to_buffer(src, src_offset, buffer, offset, padded(len));
-                }
+                record_copy(encoder, src, src_offset, buffer, offset, len);
                 Ok(PendingStore::Done)
             }
             Store::Host(_) => Ok(PendingStore::Readback {

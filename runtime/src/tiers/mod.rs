@@ -322,6 +322,21 @@ pub(crate) fn check_room(
     Ok(())
 }
 
+/// Records "copy `src[src_offset ..]` into `dst[dst_offset ..]`" of `len` bytes, rounded up to whole words as
+/// wgpu requires; nothing for an empty range. Callers check both ranges first ([`check_range`], [`check_room`]).
+pub(crate) fn record_copy(
+    encoder: &mut wgpu::CommandEncoder,
+    src: &wgpu::Buffer,
+    src_offset: u64,
+    dst: &wgpu::Buffer,
+    dst_offset: u64,
+    len: u64,
+) {
+    if len > 0 {
+        encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, padded(len));
+    }
+}
+
 /// Blocks until the GPU has finished all submitted work (and mapping callbacks have run).
 pub(crate) fn wait_idle(device: &wgpu::Device) -> Result<()> {
     device
@@ -419,9 +434,7 @@ impl ReadbackPool {
                 false,
             )?,
         };
-        if len > 0 {
-            encoder.copy_buffer_to_buffer(src, src_offset, &buffer, 0, padded(len));
-        }
+        record_copy(encoder, src, src_offset, &buffer, 0, len);
         Ok(Readback {
             buffer: Some(buffer),
             len,
@@ -725,9 +738,7 @@ impl Tiers {
             TensorHome::Gpu(t) => {
                 check_range("gpu tier fetch", t.len, offset, len)?;
                 check_room("gpu tier fetch destination", dst, dst_offset, len)?;
-                if len > 0 {
-                    encoder.copy_buffer_to_buffer(t.buffer(), offset, dst, dst_offset, padded(len));
-                }
+                record_copy(encoder, t.buffer(), offset, dst, dst_offset, len);
                 Ok(())
             }
             TensorHome::Cpu(t) => self
@@ -797,9 +808,7 @@ impl Tiers {
             TensorHome::Gpu(t) => {
                 check_range("gpu tier store", t.len, offset, len)?;
                 check_room("gpu tier store source", src, src_offset, len)?;
-                if len > 0 {
-                    encoder.copy_buffer_to_buffer(src, src_offset, t.buffer(), offset, padded(len));
-                }
+                record_copy(encoder, src, src_offset, t.buffer(), offset, len);
                 Ok(PendingStore::Done)
             }
             TensorHome::Cpu(t) => self

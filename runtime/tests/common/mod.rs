@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use strata_runtime::config::{Activation, DType, OptConfig};
+use strata_runtime::config::{DType, OptConfig};
 use strata_runtime::gpu::{Gpu, GpuOptions};
 use strata_runtime::weights::{
     model_tensors, HostTensor, TensorRole, TensorSpec, WeightError, WeightSource,
@@ -115,25 +115,10 @@ impl WeightSource for RandomWeights {
 /// A tiny pre-LN OPT (opt-125m's shape family) to derive variants from.
 pub fn tiny_config() -> OptConfig {
     OptConfig {
-        name: "tiny-opt",
-        num_hidden_layers: 2,
-        hidden_size: 32,
-        n_head: 4,
-        ffn_embed_dim: 48,
-        word_embed_proj_dim: 32,
         vocab_size: 61,
         max_seq_len: 40,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: true,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
         dtype: DType::F32,
+        ..OptConfig::opt("tiny-opt", 2, 4, 32, 48)
     }
 }
 
