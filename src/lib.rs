@@ -62,3 +62,8 @@ pub mod __macro_support {
         out
     }
 }
+
+// The README's Rust examples are compiled and run as doctests, so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
