@@ -305,7 +305,7 @@ pub struct SeqCache {
 #[derive(Debug)]
 pub enum BatchCache {
     /// The whole batch's cache on the GPU.
-    Resident(KvCache),
+    Resident(Box<KvCache>),
     /// One home per sequence.
     Homes(Vec<SeqCache>),
 }
@@ -366,13 +366,13 @@ impl RunHomes {
             let mut row = Vec::new();
             for (k, &b) in sizes.iter().enumerate() {
                 if all_gpu(b, &cache_tier) {
-                    row.push(BatchCache::Resident(KvCache::with_compression(
+                    row.push(BatchCache::Resident(Box::new(KvCache::with_compression(
                         gpu,
                         config,
                         b,
                         capacity,
                         cache_compression,
-                    )?));
+                    )?)));
                 } else if cache_compression.is_some() {
                     return Err(OffloadError::Model(ModelError::Unsupported(
                         "a compressed KV cache must stay on the GPU for now: use --percent with C_GPU 100".into(),
