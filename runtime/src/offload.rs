@@ -470,31 +470,10 @@ impl RunHomes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Activation, DType};
     use crate::planner::{plan, weight_groups, Workload};
     use crate::policy::Percent;
 
-    const OPT_125M: OptConfig = OptConfig {
-        name: "opt-125m",
-        num_hidden_layers: 12,
-        hidden_size: 768,
-        n_head: 12,
-        ffn_embed_dim: 3072,
-        word_embed_proj_dim: 768,
-        vocab_size: 50272,
-        max_seq_len: 2048,
-        pad_token_id: 1,
-        bos_token_id: 2,
-        eos_token_id: 2,
-        activation: Activation::Relu,
-        layer_norm_eps: 1e-5,
-        do_layer_norm_before: true,
-        enable_bias: true,
-        layer_norm_elementwise_affine: true,
-        remove_final_layer_norm: false,
-        tie_word_embeddings: true,
-        dtype: DType::F16,
-    };
+    const OPT_125M: OptConfig = OptConfig::opt("opt-125m", 12, 12, 768, 3072);
 
     fn policy(p: [f64; 6], gbs: usize, sep_layer: bool) -> Policy {
         Policy {
