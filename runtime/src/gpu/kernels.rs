@@ -27,7 +27,7 @@ use crate::compress::{
     CompressionConfig, DequantParams, MatmulParams, PackedLayout, QuantizeParams, ATTENTION_WGSL,
     DEQUANT_WGSL, GEMM_WGSL, GEMV_WGSL, QUANTIZE_WGSL,
 };
-use crate::gpu::tensor::{GpuMatrix, WeightFormat};
+use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 
 const WEIGHTS_F32: &str = include_str!("kernels/weights_f32.wgsl");
@@ -72,6 +72,17 @@ pub enum Act {
     Relu,
     /// Exact GELU, `x/2 (1 + erf(x/sqrt 2))`, with erf approximated to 1.5e-7.
     Gelu,
+}
+
+impl Act {
+    /// The activation's number in the linear epilogue's parameters.
+    fn code(self) -> u32 {
+        match self {
+            Act::None => 0,
+            Act::Relu => 1,
+            Act::Gelu => 2,
+        }
+    }
 }
 
 /// Where a linear layer writes output row `r`: element `(r, c)` goes to
@@ -372,6 +383,35 @@ fn zeroed<T: bytemuck::Zeroable>() -> T {
     T::zeroed()
 }
 
+/// The linear epilogue's parameters (shared by the dense kernels and the packed path's scatter pass): the output
+/// shape of one weight chunk, where its rows go, bias, activation, accumulation and the first input row.
+#[allow(clippy::too_many_arguments)]
+fn epilogue_params(
+    m: usize,
+    chunk: &MatrixChunk,
+    cols: usize,
+    rows: OutRows,
+    has_bias: bool,
+    act_code: u32,
+    accumulate: bool,
+    first_row: usize,
+) -> [u32; 12] {
+    [
+        u32_of(m),
+        u32_of(chunk.rows),
+        u32_of(cols),
+        u32_of(chunk.row0),
+        u32_of(rows.ldo),
+        u32_of(rows.seg_len),
+        u32_of(rows.seg_stride),
+        u32_of(rows.seg_off),
+        has_bias as u32,
+        act_code,
+        accumulate as u32,
+        u32_of(first_row),
+    ]
+}
+
 fn u32_of(n: usize) -> u32 {
     // Shapes are bounded by binding sizes (< 2^32 bytes), so element counts fit in u32.
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -477,27 +517,19 @@ impl<'a> Recorder<'a> {
         } else {
             &self.kernels.gemm[format_index(w.format)]
         };
-        let act_code = match act {
-            Act::None => 0,
-            Act::Relu => 1,
-            Act::Gelu => 2,
-        };
+        let act_code = act.code();
         let bias_buffer = bias.unwrap_or(&self.kernels.dummy);
         for chunk in &w.chunks {
-            let params = [
-                u32_of(m),
-                u32_of(chunk.rows),
-                u32_of(w.cols),
-                u32_of(chunk.row0),
-                u32_of(rows.ldo),
-                u32_of(rows.seg_len),
-                u32_of(rows.seg_stride),
-                u32_of(rows.seg_off),
-                bias.is_some() as u32,
+            let params = epilogue_params(
+                m,
+                chunk,
+                w.cols,
+                rows,
+                bias.is_some(),
                 act_code,
-                accumulate as u32,
+                accumulate,
                 0,
-            ];
+            );
             let groups = if gemv {
                 self.grid(chunk.rows.div_ceil(4))
             } else {
@@ -535,11 +567,7 @@ impl<'a> Recorder<'a> {
         let piece = ((self.kernels.gpu.max_binding() / widest_row) as usize).clamp(1, m.max(1));
         let staging = self.kernels.staging(0, (piece * widest * 4) as u64);
         let x_row_bytes = (w.cols * 4) as u64;
-        let act_code = match act {
-            Act::None => 0,
-            Act::Relu => 1,
-            Act::Gelu => 2,
-        };
+        let act_code = act.code();
         let mut r0 = 0;
         while r0 < m {
             let pm = piece.min(m - r0);
@@ -620,20 +648,16 @@ impl<'a> Recorder<'a> {
                 ],
                 groups,
             );
-            let epilogue = [
-                u32_of(m),
-                u32_of(chunk.rows),
-                u32_of(w.cols),
-                u32_of(chunk.row0),
-                u32_of(rows.ldo),
-                u32_of(rows.seg_len),
-                u32_of(rows.seg_stride),
-                u32_of(rows.seg_off),
-                bias.is_some() as u32,
+            let epilogue = epilogue_params(
+                m,
+                chunk,
+                w.cols,
+                rows,
+                bias.is_some(),
                 act_code,
-                accumulate as u32,
-                u32_of(r0),
-            ];
+                accumulate,
+                r0,
+            );
             let groups = self.grid((m * chunk.rows).div_ceil(256));
             self.dispatch(
                 self.kernels.scatter(),
