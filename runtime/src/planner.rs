@@ -17,8 +17,9 @@
 
 use std::fmt;
 
+use crate::compress::{packed_bytes, CompressionConfig};
 use crate::config::OptConfig;
-use crate::policy::{format_bytes, CompressionConfig, Policy, PolicyError};
+use crate::policy::{format_bytes, Policy, PolicyError};
 use crate::weights::{layer_tensors, model_tensors, TensorSpec};
 
 /// Prompt and generation lengths of a run (every sequence padded to the same prompt length).
@@ -121,8 +122,9 @@ impl TierBytes {
 pub struct GpuWorking {
     /// Slots for weights streamed from CPU/disk: the largest placement group's off-GPU bytes, twice with overlap.
     pub weight_slots: u64,
-    /// Full-precision copy of the largest matrix, when weights are compressed.
-    pub decompress: u64,
+    /// The f32 scratch a compressed KV cache computes through (keys, values and their pair-major copy for one GPU
+    /// batch and layer, plus the decode attention's scores); packed weights need none (the kernels read them).
+    pub cache_scratch: u64,
     /// One GPU batch's input and output hidden states at the prompt length.
     pub batch_io: u64,
     /// The larger of attention scratch (q, k, v, fp32 scores, output) and MLP scratch, at prefill shapes.
@@ -137,7 +139,7 @@ impl GpuWorking {
     /// Sum of the buffers.
     pub fn total(&self) -> u64 {
         self.weight_slots
-            + self.decompress
+            + self.cache_scratch
             + self.batch_io
             + self.scratch
             + self.cache_slots
@@ -295,12 +297,12 @@ fn check_workload(config: &OptConfig, w: Workload) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// Bytes of a weight tensor as stored: quantised when `compress` holds and it is a matrix.
+/// Bytes of a weight tensor as stored: a matrix `[rows, cols]` under `compress` in strata's packed layout (groups
+/// along each row, the last one padded: exactly what the GPU, CPU and disk tiers allocate), else at the dtype.
 fn stored_bytes(config: &OptConfig, spec: &TensorSpec, compress: Option<CompressionConfig>) -> u64 {
-    let numel = spec.numel() as u64;
-    match compress {
-        Some(c) if spec.shape.len() >= 2 => c.compressed_bytes(numel, spec.shape[0] as u64),
-        _ => numel * config.dtype.size_bytes(),
+    match (compress, spec.shape.as_slice()) {
+        (Some(c), &[rows, cols]) => packed_bytes(rows, cols, c),
+        _ => spec.numel() as u64 * config.dtype.size_bytes(),
     }
 }
 
@@ -389,10 +391,10 @@ impl Sizes {
         let h = config.hidden_size as u64;
         let dt = config.dtype.size_bytes();
         let kv = 2 * w.seq_len() as u64 * h;
+        // A packed sequence home holds K and V as `heads * seq_len` rows of head_dim each.
         let cache_seq_layer = if policy.compress_cache {
-            policy
-                .compress_cache_config
-                .compressed_bytes(kv, config.head_dim() as u64)
+            let rows = config.n_head * w.seq_len();
+            2 * packed_bytes(rows, config.head_dim(), policy.compress_cache_config)
         } else {
             kv * dt
         };
@@ -405,13 +407,8 @@ impl Sizes {
     }
 }
 
-/// GPU buffers that do not depend on placement: decompression copy, batch I/O, scratch, logits.
-fn fixed_gpu_working(
-    config: &OptConfig,
-    policy: &Policy,
-    w: Workload,
-    largest_matrix: u64,
-) -> (u64, u64, u64, u64) {
+/// GPU buffers that do not depend on placement: compressed-cache scratch, batch I/O, scratch, logits.
+fn fixed_gpu_working(config: &OptConfig, policy: &Policy, w: Workload) -> (u64, u64, u64, u64) {
     let g = policy.gpu_batch_size as u64;
     let h = config.hidden_size as u64;
     let f = config.ffn_embed_dim as u64;
@@ -419,8 +416,9 @@ fn fixed_gpu_working(
     let s = w.prompt_len as u64;
     let t = w.seq_len() as u64;
     let dt = config.dtype.size_bytes();
-    let decompress = if policy.compress_weight {
-        largest_matrix
+    // CacheScratch: k, v and their pair-major copy `[gbs, seq, hidden]` f32, scores `[gbs, heads, seq]` f32.
+    let cache_scratch = if policy.compress_cache {
+        3 * 4 * g * t * h + 4 * g * nh * t
     } else {
         0
     };
@@ -430,7 +428,7 @@ fn fixed_gpu_working(
     let attention_decode = 4 * g * h * dt + 4 * g * nh * t;
     let scratch = attention_prefill.max(mlp_prefill).max(attention_decode);
     let logits = 4 * g * config.vocab_size as u64;
-    (decompress, batch_io, scratch, logits)
+    (cache_scratch, batch_io, scratch, logits)
 }
 
 /// CPU scratch for attention on the CPU: fp32 scores and output of one GPU batch.
@@ -486,8 +484,7 @@ pub fn plan(
         disk: act_sequences[2] as u64 * sz.act_seq,
     };
 
-    let (decompress, batch_io, scratch, logits) =
-        fixed_gpu_working(config, policy, workload, largest_matrix_bytes(config));
+    let (cache_scratch, batch_io, scratch, logits) = fixed_gpu_working(config, policy, workload);
     let off_gpu_cache_in_batch = (per_batch_cache[1] + per_batch_cache[2]) as u64;
     let cache_slots = if policy.cpu_cache_compute {
         0
@@ -496,7 +493,7 @@ pub fn plan(
     };
     let gpu_working = GpuWorking {
         weight_slots: sz.slots * max_off_gpu,
-        decompress,
+        cache_scratch,
         batch_io,
         scratch,
         cache_slots,
@@ -554,8 +551,6 @@ pub struct WeightSummary {
     pub layer: u64,
     /// Stored bytes the logits read every step: the LM head (the token embedding when tied) and project_out.
     pub head: u64,
-    /// Full-precision bytes of the largest matrix (the decompression buffer).
-    pub largest_matrix: u64,
 }
 
 impl WeightSummary {
@@ -592,18 +587,8 @@ impl WeightSummary {
                 .max()
                 .unwrap_or(0),
             layer,
-            largest_matrix: largest_matrix_bytes(config),
         }
     }
-}
-
-fn largest_matrix_bytes(config: &OptConfig) -> u64 {
-    model_tensors(config)
-        .iter()
-        .filter(|t| t.shape.len() >= 2)
-        .map(|t| t.numel() as u64 * config.dtype.size_bytes())
-        .max()
-        .unwrap_or(0)
 }
 
 /// The continuous relaxation of [`plan`]'s peak bytes per tier, as affine functions of the placement fractions
@@ -634,11 +619,10 @@ pub fn linear_terms_with(
     let act_total = b * sz.act_seq as f64;
     let slots = sz.slots as f64;
     let g = sz.gbs as f64;
-    let (decompress, batch_io, scratch, logits) =
-        fixed_gpu_working(config, policy, workload, weights.largest_matrix);
+    let (cache_scratch, batch_io, scratch, logits) = fixed_gpu_working(config, policy, workload);
 
     let mut gpu = Affine {
-        constant: (decompress + batch_io + scratch + logits) as f64,
+        constant: (cache_scratch + batch_io + scratch + logits) as f64,
         ..Affine::default()
     };
     gpu.coef[0] += w_total as f64;
@@ -785,7 +769,32 @@ mod tests {
         let plan = plan(&c, &p, W).unwrap();
         let ratio = c.model_bytes() as f64 / plan.weights.gpu as f64;
         assert!((3.4..3.56).contains(&ratio), "{ratio}");
-        assert!(plan.gpu_working.decompress > 0);
+        // Exactly the packed bytes the tiers allocate; the kernels read packed weights, so no decompression buffer.
+        assert_eq!(plan.weights.gpu, c.compressed_model_bytes(4, 64));
+        assert_eq!(plan.gpu_working.cache_scratch, 0);
+    }
+
+    #[test]
+    fn a_compressed_cache_counts_its_packed_homes_and_f32_scratch() {
+        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
+        let p = Policy {
+            gpu_batch_size: 4,
+            num_gpu_batches: 2,
+            percent: Percent::from_array([100.0, 0.0, 50.0, 50.0, 100.0, 0.0]),
+            compress_cache: true,
+            compress_cache_config: CompressionConfig::new(4, 32).unwrap(),
+            ..Policy::default()
+        };
+        let plan = plan(&c, &p, W).unwrap();
+        assert_eq!(plan.cache.gpu, c.compressed_cache_bytes(4, 544, 4, 32));
+        assert_eq!(plan.cache.cpu, c.compressed_cache_bytes(4, 544, 4, 32));
+        let ratio = c.cache_bytes(8, 544) as f64 / plan.cache.total() as f64;
+        assert!((3.0..3.6).contains(&ratio), "{ratio}");
+        let (g, t, h) = (4u64, 544u64, 4096u64);
+        assert_eq!(
+            plan.gpu_working.cache_scratch,
+            3 * 4 * g * t * h + 4 * g * 32 * t
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+pub use crate::compress::CompressionConfig;
+
 /// How a policy splits one kind of tensor (weights, KV cache or activations) between the tiers, in percent.
 /// Disk gets `100 - gpu - cpu`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -85,46 +87,6 @@ impl Percent {
         [self.weights, self.cache, self.act]
             .iter()
             .any(|s| s.disk() > 0.0)
-    }
-}
-
-/// Group-wise quantisation settings (FlexLLMGen's asymmetric min/max scheme).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CompressionConfig {
-    /// Bits per stored value.
-    pub num_bits: u32,
-    /// Values per group; each group stores an fp16 scale and an fp16 minimum.
-    pub group_size: usize,
-}
-
-impl CompressionConfig {
-    /// 4 bits per value in groups of 64, FlexLLMGen's setting.
-    pub const DEFAULT: CompressionConfig = CompressionConfig {
-        num_bits: 4,
-        group_size: 64,
-    };
-
-    /// Bytes of `numel` values stored in groups of `group_size` along an axis of length `axis_len` (the other axes
-    /// multiply to `numel / axis_len`): packed values plus two fp16 numbers per group. A short last group still
-    /// stores its two numbers.
-    pub fn compressed_bytes(&self, numel: u64, axis_len: u64) -> u64 {
-        if numel == 0 || axis_len == 0 {
-            return 0;
-        }
-        let gs = self.group_size.max(1) as u64;
-        let groups = axis_len.div_ceil(gs) * (numel / axis_len);
-        (numel * self.num_bits as u64).div_ceil(8) + groups * 4
-    }
-
-    /// Bytes per value on average for long axes, e.g. 4.5 / 8 = 0.5625 for 4 bits in groups of 64.
-    pub fn bytes_per_value(&self) -> f64 {
-        self.num_bits as f64 / 8.0 + 4.0 / self.group_size.max(1) as f64
-    }
-}
-
-impl Default for CompressionConfig {
-    fn default() -> Self {
-        Self::DEFAULT
     }
 }
 
@@ -307,18 +269,10 @@ impl Policy {
             if !on {
                 continue;
             }
-            if !(1..=8).contains(&c.num_bits) {
-                return Err(PolicyError::Compression {
-                    flag,
-                    reason: format!("{} bits per value is not in 1..=8", c.num_bits),
-                });
-            }
-            if c.group_size == 0 {
-                return Err(PolicyError::Compression {
-                    flag,
-                    reason: "group size must be at least 1".into(),
-                });
-            }
+            c.validate().map_err(|e| PolicyError::Compression {
+                flag,
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -363,8 +317,8 @@ impl Policy {
                 continue;
             }
             f.push(format!("--compress-{name}"));
-            if c.num_bits != CompressionConfig::DEFAULT.num_bits {
-                f.push(format!("--compress-{name}-bits {}", c.num_bits));
+            if c.bits != CompressionConfig::DEFAULT.bits {
+                f.push(format!("--compress-{name}-bits {}", c.bits));
             }
             if c.group_size != CompressionConfig::DEFAULT.group_size {
                 f.push(format!("--compress-{name}-group-size {}", c.group_size));
@@ -557,18 +511,6 @@ mod tests {
     }
 
     #[test]
-    fn compressed_size_is_four_bits_plus_two_halves_per_group() {
-        let c = CompressionConfig::DEFAULT;
-        // 4096 x 4096 grouped along the first axis: 64 groups per column.
-        let n = 4096u64 * 4096;
-        assert_eq!(c.compressed_bytes(n, 4096), n / 2 + (4096 / 64) * 4096 * 4);
-        let ratio = (2 * n) as f64 / c.compressed_bytes(n, 4096) as f64;
-        assert!((ratio - 16.0 / 4.5).abs() < 1e-9, "{ratio}");
-        // A short last group still stores its scale and minimum.
-        assert_eq!(c.compressed_bytes(65, 65), 33 + 2 * 4);
-    }
-
-    #[test]
     fn validation_catches_each_bad_field() {
         let ok = Policy::default();
         assert!(ok.validate().is_ok());
@@ -614,12 +556,16 @@ mod tests {
         let bits = Policy {
             compress_weight: true,
             compress_weight_config: CompressionConfig {
-                num_bits: 9,
+                bits: 9,
                 group_size: 64,
             },
             ..ok
         };
-        assert!(bad(bits).contains("--compress-weight: 9 bits"));
+        let e = bad(bits);
+        assert!(
+            e.contains("--compress-weight") && e.contains("bits = 9"),
+            "{e}"
+        );
     }
 
     #[test]

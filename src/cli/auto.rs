@@ -39,11 +39,11 @@ pub fn resolve_auto(
         offload_dir: flags.offload_dir.clone(),
         max_block: max_batch,
         compress_weight: flags.compress_weight.then_some(CompressionConfig {
-            num_bits: flags.compress_weight_bits,
+            bits: flags.compress_weight_bits,
             group_size: flags.compress_weight_group_size,
         }),
         compress_cache: flags.compress_cache.then_some(CompressionConfig {
-            num_bits: flags.compress_cache_bits,
+            bits: flags.compress_cache_bits,
             group_size: flags.compress_cache_group_size,
         }),
         ..AutoOptions::default()

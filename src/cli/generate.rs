@@ -70,15 +70,13 @@ pub struct Args {
 /// The packed format `--compress-weight` / `--compress-cache` ask for, checked (`None` when the flag is off).
 fn compression(
     on: bool,
-    bits: u32,
+    bits: u8,
     group_size: usize,
     flag: &str,
 ) -> anyhow::Result<Option<strata::compress::CompressionConfig>> {
     if !on {
         return Ok(None);
     }
-    let bits =
-        u8::try_from(bits).map_err(|_| anyhow::anyhow!("{flag}: {bits} bits: use 2, 4 or 8"))?;
     let config = strata::compress::CompressionConfig::new(bits, group_size)
         .with_context(|| format!("{flag} with {bits} bits in groups of {group_size}"))?;
     Ok(Some(config))

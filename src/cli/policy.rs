@@ -99,10 +99,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     problem.headroom = args.headroom;
     problem.max_block = args.max_batch;
     problem.compress_weight = pa.compress_weight;
-    problem.compress_weight_config.num_bits = pa.compress_weight_bits;
+    problem.compress_weight_config.bits = pa.compress_weight_bits;
     problem.compress_weight_config.group_size = pa.compress_weight_group_size;
     problem.compress_cache = pa.compress_cache;
-    problem.compress_cache_config.num_bits = pa.compress_cache_bits;
+    problem.compress_cache_config.bits = pa.compress_cache_bits;
     problem.compress_cache_config.group_size = pa.compress_cache_group_size;
 
     let start = Instant::now();

@@ -58,8 +58,8 @@ pub struct PolicyArgs {
     #[arg(long)]
     pub compress_weight: bool,
     /// Bits per weight value with --compress-weight.
-    #[arg(long, default_value_t = CompressionConfig::DEFAULT.num_bits, value_name = "BITS")]
-    pub compress_weight_bits: u32,
+    #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS")]
+    pub compress_weight_bits: u8,
     /// Values per quantisation group with --compress-weight.
     #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N")]
     pub compress_weight_group_size: usize,
@@ -67,8 +67,8 @@ pub struct PolicyArgs {
     #[arg(long)]
     pub compress_cache: bool,
     /// Bits per cache value with --compress-cache.
-    #[arg(long, default_value_t = CompressionConfig::DEFAULT.num_bits, value_name = "BITS")]
-    pub compress_cache_bits: u32,
+    #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS")]
+    pub compress_cache_bits: u8,
     /// Values per quantisation group with --compress-cache.
     #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N")]
     pub compress_cache_group_size: usize,
@@ -133,12 +133,12 @@ impl PolicyArgs {
             attn_sparsity: self.attn_sparsity.unwrap_or(d.attn_sparsity),
             compress_weight: self.compress_weight,
             compress_weight_config: CompressionConfig {
-                num_bits: self.compress_weight_bits,
+                bits: self.compress_weight_bits,
                 group_size: self.compress_weight_group_size,
             },
             compress_cache: self.compress_cache,
             compress_cache_config: CompressionConfig {
-                num_bits: self.compress_cache_bits,
+                bits: self.compress_cache_bits,
                 group_size: self.compress_cache_group_size,
             },
             gpu_mem: self.gpu_mem,
@@ -183,7 +183,7 @@ mod tests {
                 compress_weight: true,
                 compress_cache: true,
                 compress_cache_config: CompressionConfig {
-                    num_bits: 8,
+                    bits: 8,
                     group_size: 32,
                 },
                 gpu_mem: Some(15 << 30),

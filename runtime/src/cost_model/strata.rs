@@ -74,7 +74,8 @@ pub(crate) fn build(
     let head_flops_per_layer = 2.0 * b * h * v / l;
     // Bytes per cached value: fp16, or packed nibbles plus per-group scale and minimum.
     let cv = if p.compress_cache {
-        p.compress_cache_config.bytes_per_value()
+        let c = p.compress_cache_config;
+        crate::compress::packed_bytes(1, c.group_size, c) as f64 / c.group_size as f64
     } else {
         dt
     };
