@@ -16,12 +16,12 @@ use std::collections::HashMap;
 
 use crate::compress::CompressionConfig;
 use crate::config::OptConfig;
-use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
+use crate::gpu::tensor::{vector_values, GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 use crate::model::{BatchState, CacheScratch, KvCache, LayerWeights, Linear, ModelError, Norm};
 use crate::policy::{Policy, TierSplit};
 use crate::tiers::{TensorHome, Tier, TierError, Tiers};
-use crate::weights::{layer_tensors, WeightSource};
+use crate::weights::{layer_tensors, HostTensor, TensorSpec, WeightSource};
 
 /// Why offloaded state could not be placed.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +96,116 @@ pub fn map_layer_buffers(
         fc2: linear(&layer.fc2, "fc2", &mut next),
         final_layer_norm: norm(&layer.final_layer_norm, "final_layer_norm", &mut next),
     }
+}
+
+/// Where [`build_layer`] puts one buffer: `(index in map_layer_buffers order, full tensor name, label, bytes)` in,
+/// the buffer the kernels will read out.
+type PlaceBuffer<'a> =
+    dyn FnMut(usize, &str, &str, &[u8]) -> Result<wgpu::Buffer, OffloadError> + 'a;
+
+/// Builds one decoder layer buffer by buffer, numbering them in [`map_layer_buffers`] order.
+struct LayerBuilder<'a, 'p> {
+    gpu: &'a Gpu,
+    source: &'a dyn WeightSource,
+    specs: Vec<TensorSpec>,
+    format: WeightFormat,
+    place: &'a mut PlaceBuffer<'p>,
+    index: usize,
+}
+
+impl LayerBuilder<'_, '_> {
+    fn load(&self, name: &str) -> Result<HostTensor<'_>, OffloadError> {
+        let spec = self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
+            ModelError::Unsupported(format!("the config implies no tensor named {name}"))
+        })?;
+        Ok(self.source.load(spec).map_err(ModelError::from)?)
+    }
+
+    fn put(
+        &mut self,
+        tensor: &str,
+        label: &str,
+        bytes: &[u8],
+    ) -> Result<wgpu::Buffer, OffloadError> {
+        let buffer = (self.place)(self.index, tensor, label, bytes)?;
+        self.index += 1;
+        Ok(buffer)
+    }
+
+    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer, OffloadError> {
+        let values = vector_values(self.gpu, name, &self.load(name)?)?;
+        self.put(name, name, bytemuck::cast_slice(&values))
+    }
+
+    fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, OffloadError> {
+        let name = format!("{prefix}.weight");
+        let (gpu, format) = (self.gpu, self.format);
+        let source = self.source;
+        let spec = self
+            .specs
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                ModelError::Unsupported(format!("the config implies no tensor named {name}"))
+            })?;
+        let tensor = source.load(&spec).map_err(ModelError::from)?;
+        let weight = GpuMatrix::build(gpu, &name, &tensor, format, |chunk| {
+            self.put(&name, &chunk.label, chunk.bytes)
+        })?;
+        drop(tensor);
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&mut self, prefix: &str, affine: bool) -> Result<Norm, OffloadError> {
+        Ok(Norm {
+            affine: if affine {
+                Some((
+                    self.vector(&format!("{prefix}.weight"))?,
+                    self.vector(&format!("{prefix}.bias"))?,
+                ))
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// Builds decoder layer `i` of `source` in `format`, one tensor (and one row chunk) at a time, visiting its buffers
+/// in [`map_layer_buffers`] order and letting `place` decide where each one's bytes go.
+fn build_layer(
+    gpu: &Gpu,
+    source: &dyn WeightSource,
+    i: usize,
+    format: WeightFormat,
+    place: &mut PlaceBuffer<'_>,
+) -> Result<LayerWeights, OffloadError> {
+    let config = *source.config();
+    let mut b = LayerBuilder {
+        gpu,
+        source,
+        specs: layer_tensors(&config, i),
+        format,
+        place,
+        index: 0,
+    };
+    let p = format!("decoder.layers.{i}");
+    let (bias, affine) = (config.enable_bias, config.layer_norm_elementwise_affine);
+    Ok(LayerWeights {
+        q_proj: b.linear(&format!("{p}.self_attn.q_proj"), bias)?,
+        k_proj: b.linear(&format!("{p}.self_attn.k_proj"), bias)?,
+        v_proj: b.linear(&format!("{p}.self_attn.v_proj"), bias)?,
+        out_proj: b.linear(&format!("{p}.self_attn.out_proj"), bias)?,
+        self_attn_layer_norm: b.norm(&format!("{p}.self_attn_layer_norm"), affine)?,
+        fc1: b.linear(&format!("{p}.fc1"), bias)?,
+        fc2: b.linear(&format!("{p}.fc2"), bias)?,
+        final_layer_norm: b.norm(&format!("{p}.final_layer_norm"), affine)?,
+    })
 }
 
 /// The tier of every tensor of decoder layer `i` (full names) under the policy's weight percents.
@@ -192,9 +302,12 @@ impl LayerStore {
         }
     }
 
-    /// Uploads every decoder layer of `source`, then moves each buffer the policy places off the GPU into its tier
-    /// (read back once at load time). `slot_count` weight slots (2 with overlap) are allocated for offloaded buffers.
-    /// `progress(i)` is called after layer `i`.
+    /// Places every decoder layer of `source` straight into its tiers, tensor by tensor: each buffer's bytes are
+    /// built on the host in the GPU's format (f32, f16 pairs, or packed words, quantised here when `format` is
+    /// packed), uploaded when the policy keeps it on the GPU and otherwise written to its CPU or disk home, never
+    /// passing through the GPU. Offloaded weights thus live and move in the GPU's format (packed under weight
+    /// compression), and the host holds one row chunk of one tensor at a time. `slot_count` weight slots (2 with
+    /// overlap) are allocated for offloaded buffers. `progress(i)` is called after layer `i`.
     pub fn load(
         gpu: &Gpu,
         tiers: &Tiers,
@@ -205,61 +318,59 @@ impl LayerStore {
         progress: &dyn Fn(usize),
     ) -> Result<LayerStore, OffloadError> {
         let config = *source.config();
-        let mut store = LayerStore {
-            parts: Vec::new(),
-            template: None,
-            slots: vec![Vec::new(); slot_count.max(1)],
-        };
+        let mut slots: Vec<Vec<Option<wgpu::Buffer>>> = vec![Vec::new(); slot_count.max(1)];
+        let mut all_parts = Vec::new();
+        let mut template = None;
         for i in 0..config.num_hidden_layers {
             let tiers_of = layer_weight_tiers(&config, policy, i);
-            let uploaded = LayerWeights::upload(gpu, source, i, format)?;
             let mut parts = Vec::new();
-            let mut off = Vec::new();
-            map_layer_buffers(&uploaded, |index, name, b| {
-                let full = format!("decoder.layers.{i}.{name}");
-                match tiers_of.get(&full).copied().unwrap_or(Tier::Gpu) {
-                    Tier::Gpu => parts.push(Some(PartHome::Resident(b.clone()))),
-                    tier => {
-                        off.push((index, tier, full, b.clone()));
-                        parts.push(None);
-                    }
-                }
-                b.clone()
-            });
-            if !off.is_empty() {
-                let regions: Vec<_> = off.iter().map(|(_, _, _, b)| (b, 0, b.size())).collect();
-                let bytes = gpu.read_back(&regions)?;
-                for ((index, tier, name, buffer), data) in off.into_iter().zip(bytes) {
-                    parts[index] = Some(PartHome::Off(tiers.place(tier, &name, &data)?));
-                    for slot in &mut store.slots {
-                        if slot.len() <= index {
-                            slot.resize(index + 1, None);
+            let layer = build_layer(
+                gpu,
+                source,
+                i,
+                format,
+                &mut |index, tensor, label, bytes| {
+                    match tiers_of.get(tensor).copied().unwrap_or(Tier::Gpu) {
+                        Tier::Gpu => {
+                            let buffer = gpu.storage_buffer_init(label, bytes)?;
+                            parts.push(PartHome::Resident(buffer.clone()));
+                            Ok(buffer)
                         }
-                        if slot[index].is_none() {
-                            slot[index] = Some(gpu.storage_buffer("weight slot", buffer.size()));
+                        tier => {
+                            // Homes hold what the slot receives: the GPU buffer's bytes, padded to whole words.
+                            let len = (bytes.len() as u64).max(4).next_multiple_of(4);
+                            let home = if len == bytes.len() as u64 {
+                                tiers.place(tier, label, bytes)?
+                            } else {
+                                let mut padded = bytes.to_vec();
+                                padded.resize(len as usize, 0);
+                                tiers.place(tier, label, &padded)?
+                            };
+                            parts.push(PartHome::Off(home));
+                            for slot in &mut slots {
+                                if slot.len() <= index {
+                                    slot.resize(index + 1, None);
+                                }
+                                if slot[index].as_ref().is_none_or(|b| b.size() < len) {
+                                    slot[index] = Some(gpu.storage_buffer("weight slot", len));
+                                }
+                            }
+                            Ok(slots[0][index].clone().expect("allocated just above"))
                         }
                     }
-                }
-            }
-            if store.template.is_none() {
-                store.template = Some(map_layer_buffers(&uploaded, |_, _, b| b.clone()));
-            }
-            drop(uploaded);
-            store.parts.push(parts.into_iter().flatten().collect());
+                },
+            )?;
+            // The first layer gives every layer's shape; its offloaded buffers are slot buffers, so it holds no
+            // offloaded layer alive.
+            template.get_or_insert(layer);
+            all_parts.push(parts);
             progress(i);
         }
-        // The template only gives shapes: point its offloaded buffers at slot buffers so it holds no layer alive.
-        if let Some(t) = &store.template {
-            let slots = &store.slots[0];
-            store.template = Some(map_layer_buffers(t, |index, _, b| {
-                slots
-                    .get(index)
-                    .cloned()
-                    .flatten()
-                    .unwrap_or_else(|| b.clone())
-            }));
-        }
-        Ok(store)
+        Ok(LayerStore {
+            parts: all_parts,
+            template,
+            slots,
+        })
     }
 
     /// Whether any buffer of layer `j` lives off the GPU.

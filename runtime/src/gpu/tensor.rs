@@ -103,6 +103,15 @@ pub struct MatrixChunk {
     pub buffer: wgpu::Buffer,
 }
 
+/// One row chunk of a matrix converted on the host to its GPU format, handed to [`GpuMatrix::build`]'s `place`.
+#[derive(Debug)]
+pub struct HostChunk<'a> {
+    /// `name[row0..]`: a buffer label, or a file name for a disk home.
+    pub label: String,
+    /// The chunk's bytes as the GPU buffer holds them (a GPU buffer pads them to a multiple of 4).
+    pub bytes: &'a [u8],
+}
+
 /// A row-major matrix on the GPU, split into row chunks that each fit one binding.
 #[derive(Debug)]
 pub struct GpuMatrix {
@@ -125,13 +134,31 @@ impl GpuMatrix {
         tensor: &HostTensor<'_>,
         format: WeightFormat,
     ) -> Result<Self, GpuError> {
+        Self::build(gpu, name, tensor, format, |chunk| {
+            gpu.storage_buffer_init(&chunk.label, chunk.bytes)
+        })
+    }
+
+    /// Converts a 2-D host tensor to `format` one row chunk at a time (the chunks [`GpuMatrix::upload`] would make)
+    /// and hands each chunk's bytes, exactly as the GPU buffer holds them, to `place`, which returns the buffer the
+    /// kernels will read for it: the chunk uploaded, or a slot it is streamed into from a CPU or disk home. The host
+    /// holds one chunk's converted bytes at a time, so a model is placed tensor by tensor without ever being whole
+    /// in memory.
+    pub fn build<E: From<GpuError>>(
+        gpu: &Gpu,
+        name: &str,
+        tensor: &HostTensor<'_>,
+        format: WeightFormat,
+        mut place: impl FnMut(HostChunk<'_>) -> Result<wgpu::Buffer, E>,
+    ) -> Result<Self, E> {
         let (rows, cols) = match tensor.shape.as_slice() {
             [r, c] => (*r, *c),
             [c] => (1, *c),
             other => {
                 return Err(GpuError::Upload(format!(
                     "{name}: expected a matrix, found shape {other:?}"
-                )))
+                ))
+                .into())
             }
         };
         let src_elem = tensor.dtype.size_bytes() as usize;
@@ -140,7 +167,8 @@ impl GpuMatrix {
                 "{name}: {} bytes for shape [{rows}, {cols}] of {}",
                 tensor.bytes.len(),
                 tensor.dtype
-            )));
+            ))
+            .into());
         }
         let row_bytes = format.row_bytes(cols);
         gpu.check_binding(
@@ -161,9 +189,15 @@ impl GpuMatrix {
                 WeightFormat::Packed(config) => {
                     let packed = quantize(&to_f32(tensor.dtype, src), n, cols, config)
                         .map_err(|e| GpuError::Upload(format!("{name}: {e}")))?;
-                    gpu.storage_buffer_init(&label, packed.as_bytes())?
+                    place(HostChunk {
+                        label,
+                        bytes: packed.as_bytes(),
+                    })?
                 }
-                _ => gpu.storage_buffer_init(&label, &to_format(tensor.dtype, src, format))?,
+                _ => place(HostChunk {
+                    label,
+                    bytes: &to_format(tensor.dtype, src, format),
+                })?,
             };
             chunks.push(MatrixChunk {
                 row0,
@@ -199,11 +233,17 @@ pub fn upload_vector(
     name: &str,
     tensor: &HostTensor<'_>,
 ) -> Result<wgpu::Buffer, GpuError> {
+    let values = vector_values(gpu, name, tensor)?;
+    gpu.storage_buffer_init(name, bytemuck::cast_slice(&values))
+}
+
+/// A vector's values as its GPU buffer holds them (f32, whatever the stored dtype), checked to fit one binding.
+pub fn vector_values(gpu: &Gpu, name: &str, tensor: &HostTensor<'_>) -> Result<Vec<f32>, GpuError> {
     let values = to_f32(tensor.dtype, &tensor.bytes);
     gpu.check_binding(
         name,
         4 * values.len() as u64,
         "vectors must fit one binding",
     )?;
-    gpu.storage_buffer_init(name, bytemuck::cast_slice(&values))
+    Ok(values)
 }
