@@ -192,7 +192,9 @@ impl Generator {
 
     /// Places the weights of `source` by `policy` (GPU, CPU memory, or files in its offload directory) and compiles
     /// the kernels; [`Generator::generate`] then runs the policy's block schedule. `progress(i)` is called after
-    /// decoder layer `i` is placed. The policy's GPU batch size overrides `options.gpu_batch_size`.
+    /// decoder layer `i` is placed. The policy's GPU batch size overrides `options.gpu_batch_size`. Compression
+    /// comes from the policy (`compress_weight` / `compress_cache`) or `options` (an error when both set different
+    /// values): packed weights and a packed cache work in every tier.
     pub fn with_policy(
         gpu: &Gpu,
         source: &dyn WeightSource,
@@ -214,11 +216,42 @@ impl Generator {
                 policy.attn_sparsity
             )));
         }
-        if policy.compress_weight || policy.compress_cache {
-            return Err(GenerateError::Policy(
-                "--compress-weight / --compress-cache are not yet supported by the offloading schedule".into(),
-            ));
+        // Compression comes from the policy or the options (the same setting from both is fine); the policy then
+        // carries it, so every plan counts packed bytes.
+        let merge = |on: bool, in_policy: CompressionConfig, in_options, flag: &str| {
+            match (
+            on.then_some(in_policy),
+            in_options,
+        ) {
+            (Some(a), Some(b)) if a != b => Err(GenerateError::Policy(format!(
+                "{flag}: the policy asks for {} bits in groups of {} but the generator options for {} bits in \
+                 groups of {}: give one setting",
+                a.bits, a.group_size, b.bits, b.group_size
+            ))),
+            (a, b) => Ok(a.or(b)),
         }
+        };
+        let compress_weight = merge(
+            policy.compress_weight,
+            policy.compress_weight_config,
+            options.compress_weight,
+            "--compress-weight",
+        )?;
+        let compress_cache = merge(
+            policy.compress_cache,
+            policy.compress_cache_config,
+            options.compress_cache,
+            "--compress-cache",
+        )?;
+        let mut policy = policy.clone();
+        policy.compress_weight = compress_weight.is_some();
+        policy.compress_weight_config = compress_weight.unwrap_or_default();
+        policy.compress_cache = compress_cache.is_some();
+        policy.compress_cache_config = compress_cache.unwrap_or_default();
+        policy
+            .validate()
+            .map_err(|e| GenerateError::Policy(e.to_string()))?;
+        let policy = &policy;
         let config = *source.config();
         // Weights do not depend on the workload: refuse an over-cap weight placement before allocating anything.
         let tiny = Workload {
@@ -243,7 +276,7 @@ impl Generator {
             },
         )?;
         let model = gpu.catch_oom("the model's weights", || {
-            GpuModel::upload_outside_layers(gpu, source, options.dtype)
+            GpuModel::upload_outside_layers_compressed(gpu, source, options.dtype, compress_weight)
         })?;
         let slots = if policy.overlap { 2 } else { 1 };
         let layers = gpu.catch_oom("the model's weights", || {
@@ -255,6 +288,8 @@ impl Generator {
             model,
             options: GeneratorOptions {
                 gpu_batch_size: Some(policy.gpu_batch_size),
+                compress_weight,
+                compress_cache,
                 ..*options
             },
             layers,

@@ -486,7 +486,8 @@ pub fn plan(
 
     let (cache_scratch, batch_io, scratch, logits) = fixed_gpu_working(config, policy, workload);
     let off_gpu_cache_in_batch = (per_batch_cache[1] + per_batch_cache[2]) as u64;
-    let cache_slots = if policy.cpu_cache_compute {
+    // CPU attention reads f32 homes only: a packed cache still streams through the GPU slot.
+    let cache_slots = if policy.cpu_cache_compute && !policy.compress_cache {
         0
     } else {
         sz.slots * off_gpu_cache_in_batch * sz.cache_seq_layer
@@ -631,7 +632,7 @@ pub fn linear_terms_with(
     // Slots for the off-GPU share of the largest group: slots * Wmax * (1 - wg).
     gpu.constant += slots * w_group_max;
     gpu.coef[0] -= slots * w_group_max;
-    if !policy.cpu_cache_compute {
+    if !policy.cpu_cache_compute || policy.compress_cache {
         let per_batch = slots * g * sz.cache_seq_layer as f64;
         gpu.constant += per_batch;
         gpu.coef[3] -= per_batch;

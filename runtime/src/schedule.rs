@@ -340,6 +340,8 @@ pub fn run_step(
                 && step.s_new == 1
                 // Offloaded activations with CPU attention do not yet reproduce the GPU path: those batches take it.
                 && matches!(homes.acts[k], BatchAct::Resident)
+                // The CPU attention reads f32 homes; a packed cache attends on the GPU.
+                && !homes.cache_packed()
                 && homes.caches.iter().all(|row| match &row[k] {
                     BatchCache::Homes(seqs) => seqs
                         .iter()
@@ -395,13 +397,10 @@ pub fn run_step(
                 if let (BatchCache::Homes(seqs), Some(slot)) =
                     (&homes.caches[j][k], &homes.cache_slot)
                 {
-                    let seq_bytes = (slot.capacity * h * F32) as u64;
-                    let past_bytes = (step.past * h * F32) as u64;
-                    if past_bytes > 0 {
-                        for (i, seq) in seqs.iter().enumerate() {
-                            let at = i as u64 * seq_bytes;
-                            tiers.fetch_range(&seq.k, 0, past_bytes, &slot.k, at, &mut enc)?;
-                            tiers.fetch_range(&seq.v, 0, past_bytes, &slot.v, at, &mut enc)?;
+                    for (i, seq) in seqs.iter().enumerate() {
+                        for r in homes.cache_rows.fetch_ranges(i, step) {
+                            tiers.fetch_range(&seq.k, r.home, r.len, &slot.k, r.slot, &mut enc)?;
+                            tiers.fetch_range(&seq.v, r.home, r.len, &slot.v, r.slot, &mut enc)?;
                         }
                     }
                 }
@@ -442,22 +441,21 @@ pub fn run_step(
                 rec = flush(rec, kernels);
                 let tiers = io.tiers()?;
                 let mut enc = encoder(tiers.device());
+                let rows = homes.cache_rows;
                 if let (BatchCache::Homes(seqs), Some(slot)) =
                     (&mut homes.caches[j][k], &homes.cache_slot)
                 {
-                    let seq_bytes = (slot.capacity * h * F32) as u64;
-                    let past_bytes = (step.past * h * F32) as u64;
-                    let new_bytes = (step.s_new * h * F32) as u64;
                     for (i, seq) in seqs.iter_mut().enumerate() {
-                        let at = i as u64 * seq_bytes + past_bytes;
-                        let pk = tiers.store_range(
-                            &slot.k, at, &mut seq.k, past_bytes, new_bytes, &mut enc,
-                        )?;
-                        io.pending.push((Target::CacheK(j, k, i), pk));
-                        let pv = tiers.store_range(
-                            &slot.v, at, &mut seq.v, past_bytes, new_bytes, &mut enc,
-                        )?;
-                        io.pending.push((Target::CacheV(j, k, i), pv));
+                        for r in rows.store_ranges(i, step) {
+                            let pk = tiers.store_range(
+                                &slot.k, r.slot, &mut seq.k, r.home, r.len, &mut enc,
+                            )?;
+                            io.pending.push((Target::CacheK(j, k, i), pk));
+                            let pv = tiers.store_range(
+                                &slot.v, r.slot, &mut seq.v, r.home, r.len, &mut enc,
+                            )?;
+                            io.pending.push((Target::CacheV(j, k, i), pv));
+                        }
                     }
                 }
                 if act_off[k] {

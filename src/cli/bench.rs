@@ -177,6 +177,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model_bytes = config.model_bytes();
     let cache_bytes = config.cache_bytes(batch as u64, seq_len);
     let hidden_bytes = config.hidden_bytes(batch as u64, seq_len);
+    // What the packed formats really allocate (the policy was validated, so the const fns' checks hold).
+    let compressed_model_bytes = policy.compress_weight.then(|| {
+        let c = policy.compress_weight_config;
+        config.compressed_model_bytes(c.bits.into(), c.group_size as u64)
+    });
+    let compressed_cache_bytes = policy.compress_cache.then(|| {
+        let c = policy.compress_cache_config;
+        config.compressed_cache_bytes(batch as u64, seq_len, c.bits.into(), c.group_size as u64)
+    });
     let report = generator.tiers().map(|t| t.report());
     let peak_gpu_pool = report.as_ref().map_or(0, |r| r.gpu.allocated.peak_bytes);
     let peak_cpu = report.as_ref().map_or(0, |r| r.cpu.peak_bytes);
@@ -194,6 +203,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "model_bytes": model_bytes,
             "cache_bytes": cache_bytes,
             "hidden_bytes": hidden_bytes,
+            "compressed_model_bytes": compressed_model_bytes,
+            "compressed_cache_bytes": compressed_cache_bytes,
             "prefill_latency_s": prefill,
             "prefill_throughput_tok_s": prefill_tput,
             "decode_latency_s": decode,
@@ -213,6 +224,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format_bytes(cache_bytes),
             format_bytes(hidden_bytes)
         );
+        if let Some(bytes) = compressed_model_bytes {
+            println!("compressed model size: {}", format_bytes(bytes));
+        }
+        if let Some(bytes) = compressed_cache_bytes {
+            println!("compressed cache size: {}", format_bytes(bytes));
+        }
         println!(
             "prompts: {batch} x {} tokens, generating {}",
             args.prompt_len, args.gen_len
