@@ -11,6 +11,7 @@ use strata::compress::{packed_bytes, CompressionConfig};
 use strata::config::OptConfig;
 use strata::generate::{GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
+use strata::planner::{plan, Workload};
 use strata::policy::{Percent, Policy};
 use strata::weights::layer_tensors;
 
@@ -245,6 +246,23 @@ fn run_policy(
             expected(pct.weights.disk(), pct.cache.disk()),
             "{label}: disk tier bytes"
         );
+        // The planner counts the same packed cache homes (it plans for the whole effective batch).
+        if p.effective_batch() == prompts.len() {
+            let w = Workload {
+                prompt_len: s,
+                gen_len: new,
+            };
+            let planned = plan(&config, p, w).unwrap().cache;
+            let homes = cache_home_bytes(&config, seqs, s + new, z.cache);
+            assert_eq!(
+                [planned.cpu, planned.disk],
+                [
+                    weights_on(pct.cache.cpu) * homes,
+                    weights_on(pct.cache.disk()) * homes
+                ],
+                "{label}: planned cache bytes"
+            );
+        }
     }
     out
 }
@@ -401,4 +419,51 @@ fn bench_cli_runs_compressed_with_everything_offloaded_and_prints_packed_sizes()
         text.contains("compressed model size:") && text.contains("compressed cache size:"),
         "{text}"
     );
+}
+
+#[test]
+fn generate_cli_runs_compressed_under_a_policy_like_the_library_on_the_gpu() {
+    let gpu = gpu();
+    let (dir, prompts, new) = fixture("gelu-no-bias");
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let z = Some(CompressionConfig::DEFAULT);
+    let reference = Generator::new(
+        &gpu,
+        &checkpoint,
+        &GeneratorOptions {
+            compress_weight: z,
+            compress_cache: z,
+            ..GeneratorOptions::default()
+        },
+    )
+    .unwrap()
+    .generate(&prompts, &options(new))
+    .unwrap();
+    let offload = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    cmd.args(["generate", "--model"]).arg(&dir);
+    for p in &prompts {
+        let ids: Vec<String> = p.iter().map(u32::to_string).collect();
+        cmd.args(["--prompt-ids", &ids.join(",")]);
+    }
+    cmd.args([
+        "--max-new-tokens",
+        &new.to_string(),
+        "--ignore-eos",
+        "--json",
+    ])
+    .args(["--percent", "20", "60", "0", "50", "100", "0"])
+    .args(["--compress-weight", "--compress-cache", "--offload-dir"])
+    .arg(offload.path());
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ids: Vec<Vec<u32>> = serde_json::from_value(v["generated_ids"].clone()).unwrap();
+    assert_eq!(ids, reference.generated_ids);
+    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
 }
