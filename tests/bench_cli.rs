@@ -4,10 +4,6 @@
 use std::path::Path;
 use std::process::Command;
 
-fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
-
 fn fixture() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/pre-ln-relu")
@@ -15,33 +11,33 @@ fn fixture() -> String {
         .into_owned()
 }
 
+/// `strata bench --model <model> --prompt-len <prompt_len> --gen-len <gen_len>`, more arguments to follow.
+fn bench(model: &str, prompt_len: u32, gen_len: u32) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    cmd.args(["bench", "--model", model])
+        .args(["--prompt-len", &prompt_len.to_string()])
+        .args(["--gen-len", &gen_len.to_string()]);
+    cmd
+}
+
+/// Runs `cmd`, which must fail; returns its stderr.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_no_files_left(offload_dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(offload_dir).unwrap().collect();
+    assert!(left.is_empty(), "offload files left behind: {left:?}");
+}
+
 #[test]
 fn bench_json_reports_every_figure_consistently() {
     let offload = tempfile::tempdir().unwrap();
-    let out = strata()
-        .args([
-            "bench",
-            "--model",
-            &fixture(),
-            "--prompt-len",
-            "6",
-            "--gen-len",
-            "4",
-            "--json",
-        ])
-        .args([
-            "--percent",
-            "30",
-            "40",
-            "0",
-            "100",
-            "50",
-            "0",
-            "--gpu-batch-size",
-            "2",
-            "--num-gpu-batches",
-            "2",
-        ])
+    let out = bench(&fixture(), 6, 4)
+        .arg("--json")
+        .args("--percent 30 40 0 100 50 0 --gpu-batch-size 2 --num-gpu-batches 2".split(' '))
         .arg("--offload-dir")
         .arg(offload.path())
         .output()
@@ -77,51 +73,15 @@ fn bench_json_reports_every_figure_consistently() {
     assert!(v["peak_bytes"]["cpu"].as_u64().unwrap() > 0, "{v}");
     assert!(v["peak_bytes"]["disk"].as_u64().unwrap() > 0, "{v}");
     assert!(v["adapter"].as_str().is_some_and(|a| !a.is_empty()));
-    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
-    assert!(left.is_empty(), "offload files left behind: {left:?}");
+    assert_no_files_left(offload.path());
 }
 
 #[test]
 fn bench_refuses_over_cap_and_missing_offload_dir() {
-    let out = strata()
-        .args([
-            "bench",
-            "--model",
-            &fixture(),
-            "--prompt-len",
-            "4",
-            "--gen-len",
-            "2",
-            "--gpu-mem",
-            "1KiB",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(bench(&fixture(), 4, 2).args(["--gpu-mem", "1KiB"]));
     assert!(err.contains("--gpu-mem"), "{err}");
 
-    let out = strata()
-        .args([
-            "bench",
-            "--model",
-            &fixture(),
-            "--prompt-len",
-            "4",
-            "--gen-len",
-            "2",
-            "--percent",
-            "0",
-            "0",
-            "100",
-            "0",
-            "100",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(bench(&fixture(), 4, 2).args("--percent 0 0 100 0 100 0".split(' ')));
     assert!(err.contains("--offload-dir"), "{err}");
 }
 
@@ -129,28 +89,9 @@ fn bench_refuses_over_cap_and_missing_offload_dir() {
 #[test]
 fn ctrl_c_removes_offload_files_and_exits_130() {
     let offload = tempfile::tempdir().unwrap();
-    let mut child = strata()
-        .args([
-            "bench",
-            "--model",
-            "opt-125m",
-            "--dummy",
-            "--prompt-len",
-            "8",
-            "--gen-len",
-            "64",
-        ])
-        .args([
-            "--percent",
-            "0",
-            "0",
-            "100",
-            "0",
-            "100",
-            "0",
-            "--gpu-batch-size",
-            "1",
-        ])
+    let mut child = bench("opt-125m", 8, 64)
+        .arg("--dummy")
+        .args("--percent 0 0 100 0 100 0 --gpu-batch-size 1".split(' '))
         .arg("--offload-dir")
         .arg(offload.path())
         .stdout(std::process::Stdio::null())
@@ -177,6 +118,5 @@ fn ctrl_c_removes_offload_files_and_exits_130() {
     assert!(killed.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{status:?}");
-    let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
-    assert!(left.is_empty(), "offload files left behind: {left:?}");
+    assert_no_files_left(offload.path());
 }

@@ -1,4 +1,7 @@
 //! The q4_* WGSL kernels on a real wgpu device (lavapipe on CPU machines) against `dequantize` + CPU references.
+//! Each kernel is dispatched directly with its uniform and grid, so these tests pin the WGSL files' own contracts.
+
+mod common;
 
 use strata_runtime::compress::{
     decode_attention, dequantize, quantize, AttentionParams, AttentionShape, CompressionConfig,
@@ -7,72 +10,37 @@ use strata_runtime::compress::{
 };
 use wgpu::util::DeviceExt;
 
-struct Gpu {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
+/// The shared test device, for raw dispatches of one WGSL kernel outside the runtime's `Recorder`.
+struct Device(strata_runtime::gpu::Gpu);
+
+fn gpu() -> Device {
+    Device(common::gpu())
 }
 
-fn gpu() -> Gpu {
-    pollster::block_on(async {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = instance
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
-                ..Default::default()
-            })
-            .await
-            .expect("no wgpu adapter: install a Vulkan driver (mesa-vulkan-drivers gives lavapipe on a CPU machine)");
-        eprintln!("adapter: {:?}", adapter.get_info().name);
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                label: Some("compress tests"),
-                required_limits: adapter.limits(),
-                ..Default::default()
-            })
-            .await
-            .expect("device");
-        Gpu { device, queue }
-    })
-}
-
-impl Gpu {
+impl Device {
+    /// The kernel's `main`, compiled with pipeline constant `BITS`.
     fn pipeline(&self, source: &str, bits: u8) -> wgpu::ComputePipeline {
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: None,
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        self.device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: None,
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &[("BITS", bits as f64)],
-                    ..Default::default()
-                },
-                cache: None,
-            })
+        let device = &self.0.device;
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: None,
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[("BITS", bits as f64)],
+                ..Default::default()
+            },
+            cache: None,
+        })
     }
 
+    /// A storage buffer holding `bytes` (at least 4: a binding may not be empty).
     fn storage(&self, bytes: &[u8]) -> wgpu::Buffer {
-        // A binding may not be empty.
-        let padded;
-        let contents = if bytes.is_empty() {
-            padded = [0u8; 4];
-            &padded[..]
-        } else {
-            bytes
-        };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            })
+        self.0.storage_buffer_init("compress test", bytes).unwrap()
     }
 
     /// Runs `pipeline` with a uniform at binding 0 and `buffers` at 1.., and reads back the last buffer as f32.
@@ -94,13 +62,12 @@ impl Gpu {
         buffers: &[&wgpu::Buffer],
         grid: (u32, u32, u32),
     ) -> Vec<u8> {
-        let uniform = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: uniform,
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let device = &self.0.device;
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: uniform,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: uniform.as_entire_binding(),
@@ -111,33 +78,21 @@ impl Gpu {
                 resource: b.as_entire_binding(),
             });
         }
-        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let out = buffers.last().expect("an output buffer");
-        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: out.size(),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = self.device.create_command_encoder(&Default::default());
+        let mut encoder = device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(grid.0, grid.1, grid.2);
         }
-        encoder.copy_buffer_to_buffer(out, 0, &readback, 0, out.size());
-        self.queue.submit([encoder.finish()]);
-        readback.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .expect("poll");
-        let data = readback.get_mapped_range(..).expect("mapped");
-        data.to_vec()
+        self.0.queue.submit([encoder.finish()]);
+        let out = buffers.last().expect("an output buffer");
+        self.0.read_back(&[(out, 0, out.size())]).unwrap().remove(0)
     }
 }
 
@@ -194,7 +149,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], mag: &[f64]) {
 }
 
 fn matmul_case(
-    gpu: &Gpu,
+    gpu: &Device,
     source: &str,
     gemm: bool,
     bits: u8,
@@ -253,6 +208,13 @@ fn packed_kernels_match_dequantize_and_a_cpu_matmul() {
     matmul_case(&gpu, GEMM_WGSL, true, 4, 64, (96, 3072, 768));
 }
 
+/// Whether GPU-decoded values equal the CPU's `dequantize` to f32 rounding.
+fn decodes_like(got: &[f32], want: &[f32]) -> bool {
+    got.iter()
+        .zip(want)
+        .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0))
+}
+
 #[test]
 fn dequant_kernel_decodes_cache_ranges_and_gathers_embedding_rows() {
     let gpu = gpu();
@@ -276,12 +238,7 @@ fn dequant_kernel_decodes_cache_ranges_and_gathers_embedding_rows() {
             params.grid(config),
         );
         let want = &decoded[13 * cols..33 * cols];
-        assert!(
-            got.iter()
-                .zip(want)
-                .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)),
-            "bits {bits}: cache range"
-        );
+        assert!(decodes_like(&got, want), "bits {bits}: cache range");
 
         let ids: Vec<u32> = vec![49, 0, 7, 7, 31];
         let params = DequantParams::new(&packed.layout(), ids.len(), None).unwrap();
@@ -296,12 +253,7 @@ fn dequant_kernel_decodes_cache_ranges_and_gathers_embedding_rows() {
         for (r, &id) in ids.iter().enumerate() {
             let want = &decoded[id as usize * cols..(id as usize + 1) * cols];
             let row = &got[r * cols..(r + 1) * cols];
-            assert!(
-                row.iter()
-                    .zip(want)
-                    .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)),
-                "bits {bits}: id {id}"
-            );
+            assert!(decodes_like(row, want), "bits {bits}: id {id}");
         }
     }
     assert!(DequantParams::new(

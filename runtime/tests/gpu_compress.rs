@@ -4,88 +4,27 @@
 
 mod common;
 
-use std::borrow::Cow;
-
-use common::{gpu, gpu_with_binding, max_abs_diff, Rng};
+use common::{
+    gpu, gpu_with_binding, matrix, max_abs_diff, upload, upload_u32, LinearCase, Rng, EPILOGUES,
+};
 use strata_runtime::compress::{
     dequantize, is_compressed, packed_bytes, quantize, CompressionConfig,
 };
-use strata_runtime::config::DType;
 use strata_runtime::dummy::DummyWeights;
 use strata_runtime::gpu::kernels::{Act, Kernels, OutRows};
-use strata_runtime::gpu::tensor::{GpuMatrix, WeightFormat};
+use strata_runtime::gpu::tensor::WeightFormat;
 use strata_runtime::gpu::Gpu;
 use strata_runtime::model::GpuModel;
 use strata_runtime::reference;
-use strata_runtime::weights::{model_tensors, HostTensor};
-
-fn upload(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
-    gpu.storage_buffer_init("test input", bytemuck::cast_slice(values))
-        .unwrap()
-}
-
-fn packed_matrix(
-    gpu: &Gpu,
-    values: &[f32],
-    rows: usize,
-    cols: usize,
-    c: CompressionConfig,
-) -> GpuMatrix {
-    let tensor = HostTensor {
-        dtype: DType::F32,
-        shape: vec![rows, cols],
-        bytes: Cow::Owned(bytemuck::cast_slice(values).to_vec()),
-    };
-    GpuMatrix::upload(gpu, "packed test matrix", &tensor, WeightFormat::Packed(c)).unwrap()
-}
+use strata_runtime::weights::model_tensors;
 
 /// A packed linear layer on the GPU against the CPU over the CPU-dequantised weight; returns the max difference.
-#[allow(clippy::too_many_arguments)]
-fn check_linear(
-    gpu: &Gpu,
-    m: usize,
-    k: usize,
-    n: usize,
-    c: CompressionConfig,
-    act: Act,
-    bias: bool,
-    acc: bool,
-) -> f32 {
-    let mut rng = Rng(m as u64 * 7919 + k as u64 * 31 + n as u64);
-    let x = rng.vec(m * k, 1.0);
-    let w = rng.vec(n * k, 1.0);
-    let b = rng.vec(n, 1.0);
-    let init = rng.vec(m * n, 1.0);
-    let kernels = Kernels::new(gpu);
-    let wm = packed_matrix(gpu, &w, n, k, c);
-    let (xb, bb, out) = (upload(gpu, &x), upload(gpu, &b), upload(gpu, &init));
-    let mut rec = kernels.recorder();
-    rec.linear(
-        &xb,
-        m,
-        &wm,
-        bias.then_some(&bb),
-        act,
-        &out,
-        OutRows::dense(n, 0),
-        acc,
-    );
-    rec.submit();
-    let got = gpu.read_f32(&out, 0, m * n).unwrap();
-    let w_seen = dequantize(&quantize(&w, n, k, c).unwrap());
-    let mut want = reference::matmul_t(&x, m, k, &w_seen, n);
-    for r in 0..m {
-        for col in 0..n {
-            let mut v = want[r * n + col] + if bias { b[col] } else { 0.0 };
-            v = match act {
-                Act::None => v,
-                Act::Relu => v.max(0.0),
-                Act::Gelu => reference::gelu(v),
-            };
-            want[r * n + col] = v + if acc { init[r * n + col] } else { 0.0 };
-        }
-    }
-    max_abs_diff(&got, &want)
+fn check_linear(gpu: &Gpu, case: LinearCase, c: CompressionConfig) -> f32 {
+    let LinearCase { m, k, n, .. } = case;
+    let seed = m as u64 * 7919 + k as u64 * 31 + n as u64;
+    case.max_diff(gpu, WeightFormat::Packed(c), seed, |w| {
+        dequantize(&quantize(w, n, k, c).unwrap())
+    })
 }
 
 #[test]
@@ -104,12 +43,8 @@ fn packed_linear_matches_cpu_in_row_blocks_for_gemv_and_gemm() {
                 CompressionConfig::new(4, 32).unwrap(),
                 CompressionConfig::new(8, 64).unwrap(),
             ] {
-                for (act, bias, acc) in [
-                    (Act::None, false, false),
-                    (Act::Relu, true, false),
-                    (Act::Gelu, true, true),
-                ] {
-                    let diff = check_linear(&gpu, m, k, n, c, act, bias, acc);
+                for epilogue @ (act, bias, acc) in EPILOGUES {
+                    let diff = check_linear(&gpu, LinearCase::new((m, k, n), epilogue), c);
                     assert!(
                         diff < 1e-4 * k as f32,
                         "m={m} k={k} n={n} {c:?} {act:?} bias={bias} acc={acc}: {diff}"
@@ -130,7 +65,7 @@ fn packed_linear_scatters_rows_into_a_cache_layout() {
     let x = rng.vec(m * k, 1.0);
     let w = rng.vec(n * k, 1.0);
     let kernels = Kernels::new(&gpu);
-    let wm = packed_matrix(&gpu, &w, n, k, c);
+    let wm = matrix(&gpu, &w, n, k, WeightFormat::Packed(c));
     let xb = upload(&gpu, &x);
     let out = upload(&gpu, &vec![0.0; batch * capacity * n]);
     let mut rec = kernels.recorder();
@@ -174,10 +109,8 @@ fn packed_gather_decodes_rows_by_id_and_accumulates() {
     let ids: Vec<u32> = vec![3, 49, 0, 3, 17];
     let init = rng.vec(ids.len() * cols, 1.0);
     let kernels = Kernels::new(&gpu);
-    let wm = packed_matrix(&gpu, &table, rows, cols, c);
-    let idb = gpu
-        .storage_buffer_init("ids", bytemuck::cast_slice(&ids))
-        .unwrap();
+    let wm = matrix(&gpu, &table, rows, cols, WeightFormat::Packed(c));
+    let idb = upload_u32(&gpu, &ids);
     let set = upload(&gpu, &init);
     let add = upload(&gpu, &init);
     let mut rec = kernels.recorder();
@@ -251,18 +184,7 @@ fn packed_model_bytes_on_the_gpu_match_the_formula() {
         CompressionConfig::new(4, 32).unwrap(),
     );
     // opt-125m's shape (Hugging Face's config), with dummy weights.
-    let opt125m = strata_runtime::OptConfig {
-        name: "opt-125m",
-        num_hidden_layers: 12,
-        hidden_size: 768,
-        n_head: 12,
-        ffn_embed_dim: 3072,
-        word_embed_proj_dim: 768,
-        vocab_size: 50272,
-        max_seq_len: 2048,
-        dtype: DType::F16,
-        ..common::tiny_config()
-    };
+    let opt125m = strata_runtime::OptConfig::opt("opt-125m", 12, 12, 768, 3072);
     let (on_gpu, formula) = check_model_bytes(opt125m, CompressionConfig::DEFAULT);
     // The packed model is about a quarter of the fp16 one.
     assert!(on_gpu < opt125m.model_bytes() / 3, "{on_gpu} vs {formula}");

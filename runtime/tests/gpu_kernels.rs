@@ -2,29 +2,15 @@
 
 mod common;
 
-use std::borrow::Cow;
-
-use common::{gpu, gpu_with_binding, max_abs_diff, round_to, Rng};
+use common::{
+    gpu, gpu_with_binding, matrix, max_abs_diff, read_u32, round_to, upload, upload_u32,
+    LinearCase, Rng, EPILOGUES,
+};
 use strata_runtime::config::DType;
 use strata_runtime::gpu::kernels::{Act, AttentionShape, Kernels, OutRows};
-use strata_runtime::gpu::tensor::{GpuMatrix, WeightFormat};
+use strata_runtime::gpu::tensor::WeightFormat;
 use strata_runtime::gpu::Gpu;
 use strata_runtime::reference;
-use strata_runtime::weights::HostTensor;
-
-fn upload(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
-    gpu.storage_buffer_init("test input", bytemuck::cast_slice(values))
-        .unwrap()
-}
-
-fn matrix(gpu: &Gpu, values: &[f32], rows: usize, cols: usize, format: WeightFormat) -> GpuMatrix {
-    let tensor = HostTensor {
-        dtype: DType::F32,
-        shape: vec![rows, cols],
-        bytes: Cow::Owned(bytemuck::cast_slice(values).to_vec()),
-    };
-    GpuMatrix::upload(gpu, "test matrix", &tensor, format).unwrap()
-}
 
 fn dtype_of(format: WeightFormat) -> DType {
     match format {
@@ -33,54 +19,11 @@ fn dtype_of(format: WeightFormat) -> DType {
     }
 }
 
-/// Runs one linear layer on the GPU and on the CPU; returns the max difference.
-#[allow(clippy::too_many_arguments)]
-fn check_linear(
-    gpu: &Gpu,
-    m: usize,
-    k: usize,
-    n: usize,
-    format: WeightFormat,
-    act: Act,
-    bias: bool,
-    accumulate: bool,
-) -> f32 {
-    let mut rng = Rng(m as u64 * 1000 + k as u64 * 10 + n as u64);
-    let x = rng.vec(m * k, 1.0);
-    let w = rng.vec(n * k, 1.0);
-    let b = rng.vec(n, 1.0);
-    let init = rng.vec(m * n, 1.0);
-    let kernels = Kernels::new(gpu);
-    let wm = matrix(gpu, &w, n, k, format);
-    let (xb, bb, out) = (upload(gpu, &x), upload(gpu, &b), upload(gpu, &init));
-    let mut rec = kernels.recorder();
-    rec.linear(
-        &xb,
-        m,
-        &wm,
-        bias.then_some(&bb),
-        act,
-        &out,
-        OutRows::dense(n, 0),
-        accumulate,
-    );
-    rec.submit();
-    let got = gpu.read_f32(&out, 0, m * n).unwrap();
-
-    let w_seen = round_to(&w, dtype_of(format));
-    let mut want = reference::matmul_t(&x, m, k, &w_seen, n);
-    for r in 0..m {
-        for c in 0..n {
-            let mut v = want[r * n + c] + if bias { b[c] } else { 0.0 };
-            v = match act {
-                Act::None => v,
-                Act::Relu => v.max(0.0),
-                Act::Gelu => reference::gelu(v),
-            };
-            want[r * n + c] = v + if accumulate { init[r * n + c] } else { 0.0 };
-        }
-    }
-    max_abs_diff(&got, &want)
+/// Runs one linear layer on the GPU and on the CPU (over the weight rounded to the format); returns the max
+/// difference.
+fn check_linear(gpu: &Gpu, case: LinearCase, format: WeightFormat) -> f32 {
+    let seed = case.m as u64 * 1000 + case.k as u64 * 10 + case.n as u64;
+    case.max_diff(gpu, format, seed, |w| round_to(w, dtype_of(format)))
 }
 
 #[test]
@@ -97,12 +40,8 @@ fn linear_matches_cpu_for_odd_shapes_both_formats_and_both_kernels() {
     ];
     for (m, k, n) in shapes {
         for format in [WeightFormat::F32, WeightFormat::F16] {
-            for (act, bias, acc) in [
-                (Act::None, false, false),
-                (Act::Relu, true, false),
-                (Act::Gelu, true, true),
-            ] {
-                let diff = check_linear(&gpu, m, k, n, format, act, bias, acc);
+            for epilogue @ (act, _, _) in EPILOGUES {
+                let diff = check_linear(&gpu, LinearCase::new((m, k, n), epilogue), format);
                 // Inputs are O(1) and sums run over k terms: f32 accumulation error stays far below 1e-3.
                 assert!(
                     diff < 1e-3 * (k as f32).sqrt(),
@@ -123,7 +62,8 @@ fn linear_works_on_row_chunked_weights() {
         assert!(wm.chunks.len() > 1, "{format:?} should be chunked");
         assert_eq!(wm.chunks.iter().map(|c| c.rows).sum::<usize>(), 70);
         for (m, k, n) in [(2, 33, 70), (20, 33, 70)] {
-            let diff = check_linear(&gpu, m, k, n, format, Act::Relu, true, false);
+            let case = LinearCase::new((m, k, n), (Act::Relu, true, false));
+            let diff = check_linear(&gpu, case, format);
             assert!(diff < 1e-3, "chunked {format:?} m={m}: diff {diff}");
         }
     }
@@ -208,9 +148,7 @@ fn gather_reads_rows_across_chunks_and_accumulates() {
         let tm = matrix(&gpu, &table, rows, cols, format);
         assert!(tm.chunks.len() > 2);
         let ids = [36u32, 0, 5, 17, 36];
-        let idb = gpu
-            .storage_buffer_init("ids", bytemuck::cast_slice(&ids))
-            .unwrap();
+        let idb = upload_u32(&gpu, &ids);
         let out = upload(&gpu, &vec![1.0; ids.len() * cols]);
         let mut rec = kernels.recorder();
         rec.gather(&tm, &idb, ids.len(), &out, true);
@@ -267,9 +205,7 @@ fn check_attention(
         mask[b * capacity..b * capacity + s - len].fill(0);
     }
     let (kb, vb) = (upload(gpu, &k), upload(gpu, &v));
-    let maskb = gpu
-        .storage_buffer_init("mask", bytemuck::cast_slice(&mask))
-        .unwrap();
+    let maskb = upload_u32(gpu, &mask);
     for (s_new, past) in [(s, 0), (1, s), (2, s)] {
         // Queries for rows past..past + s_new of each sequence.
         let q: Vec<f32> = (0..batch)
@@ -340,8 +276,7 @@ fn argmax_prefers_the_lowest_id_on_ties() {
     let mut rec = kernels.recorder();
     rec.argmax(&lb, 3, vocab, &next);
     rec.submit();
-    let got: Vec<u32> = bytemuck::pod_collect_to_vec(&gpu.read_back(&[(&next, 0, 12)]).unwrap()[0]);
-    assert_eq!(got, vec![700, 1002, 13]);
+    assert_eq!(read_u32(&gpu, &next, 3), vec![700, 1002, 13]);
 }
 
 #[allow(clippy::too_many_arguments)] // the sampler's parameters plus the device
@@ -361,7 +296,7 @@ fn sample(
     let mut rec = kernels.recorder();
     rec.sample(&lb, rows, vocab, temperature, top_p, seed, step, &next);
     rec.submit();
-    bytemuck::pod_collect_to_vec(&gpu.read_back(&[(&next, 0, 4 * rows as u64)]).unwrap()[0])
+    read_u32(gpu, &next, rows)
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Test support: a seeded random weight source and a shared GPU.
+//! Test support: a seeded random weight source, a shared GPU, buffer upload / read-back helpers and the linear-layer
+//! check the dense and packed kernel tests share.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::borrow::Cow;
@@ -6,7 +7,10 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use strata_runtime::config::{DType, OptConfig};
+use strata_runtime::gpu::kernels::{Act, Kernels, OutRows};
+use strata_runtime::gpu::tensor::{GpuMatrix, WeightFormat};
 use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::reference;
 use strata_runtime::weights::{
     model_tensors, HostTensor, TensorRole, TensorSpec, WeightError, WeightSource,
 };
@@ -146,4 +150,126 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A storage buffer holding `values`.
+pub fn upload(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
+    gpu.storage_buffer_init("test input", bytemuck::cast_slice(values))
+        .unwrap()
+}
+
+/// A storage buffer holding u32 `values` (token ids, masks).
+pub fn upload_u32(gpu: &Gpu, values: &[u32]) -> wgpu::Buffer {
+    gpu.storage_buffer_init("test ids", bytemuck::cast_slice(values))
+        .unwrap()
+}
+
+/// The first `count` u32 values of `buffer`.
+pub fn read_u32(gpu: &Gpu, buffer: &wgpu::Buffer, count: usize) -> Vec<u32> {
+    bytemuck::pod_collect_to_vec(&gpu.read_back(&[(buffer, 0, 4 * count as u64)]).unwrap()[0])
+}
+
+/// A `[rows, cols]` f32 host matrix uploaded in `format` (rounded to f16 or quantised on the way, as for weights).
+pub fn matrix(
+    gpu: &Gpu,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    format: WeightFormat,
+) -> GpuMatrix {
+    let tensor = HostTensor {
+        dtype: DType::F32,
+        shape: vec![rows, cols],
+        bytes: Cow::Owned(bytemuck::cast_slice(values).to_vec()),
+    };
+    GpuMatrix::upload(gpu, "test matrix", &tensor, format).unwrap()
+}
+
+/// The (activation, bias, accumulate) epilogues every linear-layer test covers.
+pub const EPILOGUES: [(Act, bool, bool); 3] = [
+    (Act::None, false, false),
+    (Act::Relu, true, false),
+    (Act::Gelu, true, true),
+];
+
+/// One linear layer: `x [m, k] @ w [n, k]^T`, then bias, activation and accumulation into the output's old values.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearCase {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub act: Act,
+    pub bias: bool,
+    pub accumulate: bool,
+}
+
+impl LinearCase {
+    /// The case for shape `(m, k, n)` and one of [`EPILOGUES`].
+    pub fn new(
+        (m, k, n): (usize, usize, usize),
+        (act, bias, accumulate): (Act, bool, bool),
+    ) -> Self {
+        LinearCase {
+            m,
+            k,
+            n,
+            act,
+            bias,
+            accumulate,
+        }
+    }
+
+    /// Runs the layer on the GPU with random inputs from `Rng(seed)` and the weight uploaded in `format`, and on the
+    /// CPU over `seen(w)` (the weight as the GPU holds it); returns the largest difference.
+    pub fn max_diff(
+        &self,
+        gpu: &Gpu,
+        format: WeightFormat,
+        seed: u64,
+        seen: impl FnOnce(&[f32]) -> Vec<f32>,
+    ) -> f32 {
+        let LinearCase {
+            m,
+            k,
+            n,
+            act,
+            bias,
+            accumulate,
+        } = *self;
+        let mut rng = Rng(seed);
+        let x = rng.vec(m * k, 1.0);
+        let w = rng.vec(n * k, 1.0);
+        let b = rng.vec(n, 1.0);
+        let init = rng.vec(m * n, 1.0);
+        let kernels = Kernels::new(gpu);
+        let wm = matrix(gpu, &w, n, k, format);
+        let (xb, bb, out) = (upload(gpu, &x), upload(gpu, &b), upload(gpu, &init));
+        let mut rec = kernels.recorder();
+        rec.linear(
+            &xb,
+            m,
+            &wm,
+            bias.then_some(&bb),
+            act,
+            &out,
+            OutRows::dense(n, 0),
+            accumulate,
+        );
+        rec.submit();
+        let got = gpu.read_f32(&out, 0, m * n).unwrap();
+
+        let mut want = reference::matmul_t(&x, m, k, &seen(&w), n);
+        for r in 0..m {
+            for c in 0..n {
+                let mut v = want[r * n + c] + if bias { b[c] } else { 0.0 };
+                v = match act {
+                    Act::None => v,
+                    Act::Relu => v.max(0.0),
+                    Act::Gelu => reference::gelu(v),
+                };
+                want[r * n + c] = v + if accumulate { init[r * n + c] } else { 0.0 };
+            }
+        }
+        max_abs_diff(&got, &want)
+    }
 }
