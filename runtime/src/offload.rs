@@ -121,12 +121,14 @@ struct LayerBuilder<'a, 'p> {
     index: usize,
 }
 
-impl LayerBuilder<'_, '_> {
-    fn load(&self, name: &str) -> Result<HostTensor<'_>, OffloadError> {
+impl<'a> LayerBuilder<'a, '_> {
+    /// Reads one tensor (borrowed from the source's memory map where it can be).
+    fn load(&self, name: &str) -> Result<HostTensor<'a>, OffloadError> {
         let spec = self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
             ModelError::Unsupported(format!("the config implies no tensor named {name}"))
         })?;
-        Ok(self.source.load(spec).map_err(ModelError::from)?)
+        let source: &'a dyn WeightSource = self.source;
+        Ok(source.load(spec).map_err(ModelError::from)?)
     }
 
     fn put(
@@ -147,17 +149,8 @@ impl LayerBuilder<'_, '_> {
 
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, OffloadError> {
         let name = format!("{prefix}.weight");
+        let tensor = self.load(&name)?;
         let (gpu, format) = (self.gpu, self.format);
-        let source = self.source;
-        let spec = self
-            .specs
-            .iter()
-            .find(|s| s.name == name)
-            .cloned()
-            .ok_or_else(|| {
-                ModelError::Unsupported(format!("the config implies no tensor named {name}"))
-            })?;
-        let tensor = source.load(&spec).map_err(ModelError::from)?;
         let weight = GpuMatrix::build(gpu, &name, &tensor, format, |chunk| {
             self.put(&name, &chunk.label, chunk.bytes)
         })?;
