@@ -95,7 +95,7 @@ const fn case(
     }
 }
 
-const CASES: [Case; 9] = [
+const CASES: [Case; 10] = [
     case(
         "weights on CPU",
         [0.0, 100.0, 100.0, 0.0, 100.0, 0.0],
@@ -106,6 +106,13 @@ const CASES: [Case; 9] = [
     case(
         "weights and cache on CPU",
         [0.0, 100.0, 0.0, 100.0, 100.0, 0.0],
+        None,
+        1,
+        true,
+    ),
+    case(
+        "weights and cache on disk",
+        [0.0, 0.0, 0.0, 0.0, 100.0, 0.0],
         None,
         1,
         true,

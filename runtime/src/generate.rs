@@ -53,9 +53,9 @@ pub struct GeneratorOptions {
     pub dtype: Option<DType>,
     /// Sequences per GPU batch; by default as many as fit the device's binding limit.
     pub gpu_batch_size: Option<usize>,
-    /// Quantise every weight matrix while loading and keep it packed on the GPU (biases and norms stay f32).
+    /// Quantise every weight matrix while loading and keep it packed in every tier (biases and norms stay f32).
     pub compress_weight: Option<CompressionConfig>,
-    /// Keep the KV cache packed on the GPU (grouped along head_dim).
+    /// Keep the KV cache packed in every tier (grouped along head_dim).
     pub compress_cache: Option<CompressionConfig>,
 }
 

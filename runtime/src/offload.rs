@@ -7,10 +7,15 @@
 //!
 //! Placement rules, the planner's ([`crate::planner::plan`]):
 //! - weights: within each placement group (a layer, or its attention and MLP halves with `sep_layer`) a tensor goes
-//!   to disk when the midpoint of its cumulative byte range falls in the first `w_disk`%, to the CPU in the next
-//!   `w_cpu`%, else to the GPU;
+//!   to disk when the midpoint of its cumulative byte range (stored bytes: packed under weight compression) falls in
+//!   the first `w_disk`%, to the CPU in the next `w_cpu`%, else to the GPU;
 //! - KV cache and activations: within each GPU batch the first `gpu`% of sequences stay on the GPU, the next `cpu`%
 //!   on the CPU, the rest on disk.
+//!
+//! Every home holds its bytes in the GPU's format, so a transfer is a plain copy: [`LayerStore::load`] builds each
+//! weight buffer on the host (f32, f16 pairs or packed words) and writes it straight into its tier; a packed KV
+//! cache's homes hold packed words in the slot's pair-major order, and [`CacheRows`] says which byte ranges move
+//! before and after each step (the schedule only copies them).
 
 use std::collections::HashMap;
 
@@ -21,6 +26,7 @@ use crate::gpu::Gpu;
 use crate::model::{
     BatchState, CacheScratch, KvCache, LayerWeights, Linear, ModelError, Norm, Step,
 };
+use crate::planner::stored_bytes;
 use crate::policy::{Policy, TierSplit};
 use crate::tiers::{TensorHome, Tier, TierError, Tiers};
 use crate::weights::{layer_tensors, HostTensor, TensorSpec, WeightSource};
@@ -115,12 +121,14 @@ struct LayerBuilder<'a, 'p> {
     index: usize,
 }
 
-impl LayerBuilder<'_, '_> {
-    fn load(&self, name: &str) -> Result<HostTensor<'_>, OffloadError> {
+impl<'a> LayerBuilder<'a, '_> {
+    /// Reads one tensor (borrowed from the source's memory map where it can be).
+    fn load(&self, name: &str) -> Result<HostTensor<'a>, OffloadError> {
         let spec = self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
             ModelError::Unsupported(format!("the config implies no tensor named {name}"))
         })?;
-        Ok(self.source.load(spec).map_err(ModelError::from)?)
+        let source: &'a dyn WeightSource = self.source;
+        Ok(source.load(spec).map_err(ModelError::from)?)
     }
 
     fn put(
@@ -141,17 +149,8 @@ impl LayerBuilder<'_, '_> {
 
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, OffloadError> {
         let name = format!("{prefix}.weight");
+        let tensor = self.load(&name)?;
         let (gpu, format) = (self.gpu, self.format);
-        let source = self.source;
-        let spec = self
-            .specs
-            .iter()
-            .find(|s| s.name == name)
-            .cloned()
-            .ok_or_else(|| {
-                ModelError::Unsupported(format!("the config implies no tensor named {name}"))
-            })?;
-        let tensor = source.load(&spec).map_err(ModelError::from)?;
         let weight = GpuMatrix::build(gpu, &name, &tensor, format, |chunk| {
             self.put(&name, &chunk.label, chunk.bytes)
         })?;
@@ -224,9 +223,12 @@ pub fn layer_weight_tiers(config: &OptConfig, policy: &Policy, i: usize) -> Hash
     };
     let mut out = HashMap::new();
     for group in groups {
+        let compress = policy
+            .compress_weight
+            .then_some(policy.compress_weight_config);
         let sizes: Vec<u64> = group
             .iter()
-            .map(|t| t.numel() as u64 * config.dtype.size_bytes())
+            .map(|t| stored_bytes(config, t, compress))
             .collect();
         let total: u64 = sizes.iter().sum();
         let mut cum = 0u64;
@@ -763,8 +765,13 @@ mod tests {
             prompt_len: 8,
             gen_len: 4,
         };
-        for sep_layer in [false, true] {
-            let groups = weight_groups(&c, sep_layer, None);
+        for (sep_layer, compress) in [
+            (false, None),
+            (true, None),
+            (true, Some(CompressionConfig::DEFAULT)),
+            (false, Some(CompressionConfig::new(2, 32).unwrap())),
+        ] {
+            let groups = weight_groups(&c, sep_layer, compress);
             let outside: u64 =
                 groups[0].iter().sum::<u64>() + groups[groups.len() - 1].iter().sum::<u64>();
             for p in [
@@ -775,7 +782,11 @@ mod tests {
                 [50.0, 25.0],
                 [20.0, 60.0],
             ] {
-                let pol = policy([p[0], p[1], 100.0, 0.0, 100.0, 0.0], 4, sep_layer);
+                let pol = Policy {
+                    compress_weight: compress.is_some(),
+                    compress_weight_config: compress.unwrap_or_default(),
+                    ..policy([p[0], p[1], 100.0, 0.0, 100.0, 0.0], 4, sep_layer)
+                };
                 let planned = plan(&c, &pol, w).unwrap().weights;
                 let mut mine = [0u64; 3];
                 for i in 0..c.num_hidden_layers {
@@ -786,7 +797,7 @@ mod tests {
                             Tier::Cpu => 1,
                             Tier::Disk => 2,
                         };
-                        mine[at] += t.numel() as u64 * c.dtype.size_bytes();
+                        mine[at] += stored_bytes(&c, &t, compress);
                     }
                 }
                 // The planner also places the embedding and output groups; every layer byte is placed alike.
@@ -796,7 +807,7 @@ mod tests {
                 {
                     assert!(
                         mine[tier] <= planned && planned <= mine[tier] + outside,
-                        "{p:?} sep_layer={sep_layer}: tier {tier}: layers {} vs plan {planned}",
+                        "{p:?} sep_layer={sep_layer} {compress:?}: tier {tier}: layers {} vs plan {planned}",
                         mine[tier]
                     );
                 }

@@ -299,7 +299,11 @@ fn check_workload(config: &OptConfig, w: Workload) -> Result<(), PlanError> {
 
 /// Bytes of a weight tensor as stored: a matrix `[rows, cols]` under `compress` in strata's packed layout (groups
 /// along each row, the last one padded: exactly what the GPU, CPU and disk tiers allocate), else at the dtype.
-fn stored_bytes(config: &OptConfig, spec: &TensorSpec, compress: Option<CompressionConfig>) -> u64 {
+pub fn stored_bytes(
+    config: &OptConfig,
+    spec: &TensorSpec,
+    compress: Option<CompressionConfig>,
+) -> u64 {
     match (compress, spec.shape.as_slice()) {
         (Some(c), &[rows, cols]) => packed_bytes(rows, cols, c),
         _ => spec.numel() as u64 * config.dtype.size_bytes(),

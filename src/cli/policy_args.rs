@@ -57,19 +57,19 @@ pub struct PolicyArgs {
     /// Store weights quantised (group-wise, 4 bits in groups of 64 unless set below).
     #[arg(long)]
     pub compress_weight: bool,
-    /// Bits per weight value with --compress-weight.
+    /// Bits per weight value with --compress-weight: 2, 4 or 8.
     #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS")]
     pub compress_weight_bits: u8,
-    /// Values per quantisation group with --compress-weight.
+    /// Values per quantisation group with --compress-weight (a multiple of 32 / bits).
     #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N")]
     pub compress_weight_group_size: usize,
-    /// Store the KV cache quantised.
+    /// Store the KV cache quantised (group-wise along head_dim, 4 bits in groups of 64 unless set below).
     #[arg(long)]
     pub compress_cache: bool,
-    /// Bits per cache value with --compress-cache.
+    /// Bits per cache value with --compress-cache: 2, 4 or 8.
     #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS")]
     pub compress_cache_bits: u8,
-    /// Values per quantisation group with --compress-cache.
+    /// Values per quantisation group with --compress-cache (a multiple of 32 / bits).
     #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N")]
     pub compress_cache_group_size: usize,
     /// Most GPU memory to use (e.g. 15GiB).
