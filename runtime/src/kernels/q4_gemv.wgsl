@@ -53,6 +53,26 @@ const MAX_TOKENS: u32 = 8u;
 // Partial sums: token t of thread lid at t * 256 + lid (consecutive threads, consecutive addresses).
 var<workgroup> partial: array<f32, MAX_TOKENS * 256u>;
 
+// Adds the first `count` values of data word `k` of a row, times each token's x, to the token's sum.
+fn add_word(
+    row_words: u32,
+    row_scales: u32,
+    k: u32,
+    count: u32,
+    xrow: ptr<function, array<u32, MAX_TOKENS>>,
+    acc: ptr<function, array<f32, MAX_TOKENS>>,
+) {
+    let word = w[row_words + k];
+    let sm = unpack2x16float(w[row_scales + k / p.words_per_group]);
+    let c0 = k * (32u / BITS);
+    for (var j = 0u; j < count; j++) {
+        let v = f32((word >> (j * BITS)) & ((1u << BITS) - 1u)) * sm.x + sm.y;
+        for (var t = 0u; t < TOKENS; t++) {
+            (*acc)[t] += v * x[(*xrow)[t] + c0 + j];
+        }
+    }
+}
+
 @compute @workgroup_size(256)
 fn main(
     @builtin(local_invocation_index) lid: u32,
@@ -60,7 +80,6 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let vpw = 32u / BITS;
-    let mask = (1u << BITS) - 1u;
     let lane = lid % LANES;
     let row = (wid.x + wid.y * nwg.x) * ROWS_PER_WG + lid / LANES;
     let live = row < p.rows;
@@ -83,26 +102,10 @@ fn main(
     }
     if live {
         for (var k = lane; k < full_words; k += LANES) {
-            let word = w[row_words + k];
-            let sm = unpack2x16float(w[row_scales + k / p.words_per_group]);
-            let c0 = k * vpw;
-            for (var j = 0u; j < vpw; j++) {
-                let v = f32((word >> (j * BITS)) & mask) * sm.x + sm.y;
-                for (var t = 0u; t < TOKENS; t++) {
-                    acc[t] += v * x[xrow[t] + c0 + j];
-                }
-            }
+            add_word(row_words, row_scales, k, vpw, &xrow, &acc);
         }
         if tail != 0u && lane == full_words % LANES {
-            let word = w[row_words + full_words];
-            let sm = unpack2x16float(w[row_scales + full_words / p.words_per_group]);
-            let c0 = full_words * vpw;
-            for (var j = 0u; j < tail; j++) {
-                let v = f32((word >> (j * BITS)) & mask) * sm.x + sm.y;
-                for (var t = 0u; t < TOKENS; t++) {
-                    acc[t] += v * x[xrow[t] + c0 + j];
-                }
-            }
+            add_word(row_words, row_scales, full_words, tail, &xrow, &acc);
         }
     }
     for (var t = 0u; t < TOKENS; t++) {
