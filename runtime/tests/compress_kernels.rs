@@ -20,6 +20,11 @@ fn gpu() -> Device {
 impl Device {
     /// The kernel's `main`, compiled with pipeline constant `BITS`.
     fn pipeline(&self, source: &str, bits: u8) -> wgpu::ComputePipeline {
+        self.pipeline_with(source, &[("BITS", bits as f64)])
+    }
+
+    /// The kernel's `main`, compiled with pipeline `constants`.
+    fn pipeline_with(&self, source: &str, constants: &[(&str, f64)]) -> wgpu::ComputePipeline {
         let device = &self.0.device;
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: None,
@@ -31,7 +36,7 @@ impl Device {
             module: &module,
             entry_point: Some("main"),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[("BITS", bits as f64)],
+                constants,
                 ..Default::default()
             },
             cache: None,
@@ -148,10 +153,18 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], mag: &[f64]) {
     }
 }
 
+/// Which packed matmul kernel a case runs.
+#[derive(Clone, Copy, Debug)]
+enum Matmul {
+    /// `q4_gemv.wgsl` compiled for `tokens` tokens per workgroup.
+    Gemv { tokens: u32 },
+    /// `q4_gemm.wgsl`.
+    Gemm,
+}
+
 fn matmul_case(
     gpu: &Device,
-    source: &str,
-    gemm: bool,
+    kernel: Matmul,
     bits: u8,
     group: usize,
     (m, rows, cols): (usize, usize, usize),
@@ -163,13 +176,18 @@ fn matmul_case(
     let bias = rng.vec(rows, 0.1);
     let packed = quantize(&w, rows, cols, config).unwrap();
     let decoded = dequantize(&packed);
-    let pipeline = gpu.pipeline(source, bits);
+    let pipeline = match kernel {
+        Matmul::Gemv { tokens } => gpu.pipeline_with(
+            GEMV_WGSL,
+            &[("BITS", bits as f64), ("TOKENS", tokens as f64)],
+        ),
+        Matmul::Gemm => gpu.pipeline(GEMM_WGSL, bits),
+    };
     for with_bias in [true, false] {
         let params = MatmulParams::new(&packed.layout(), m, with_bias).unwrap();
-        let grid = if gemm {
-            params.gemm_grid()
-        } else {
-            params.gemv_grid()
+        let grid = match kernel {
+            Matmul::Gemv { tokens } => params.gemv_grid(tokens),
+            Matmul::Gemm => params.gemm_grid(),
         };
         let wbuf = gpu.storage(packed.as_bytes());
         let xbuf = gpu.storage(bytemuck::cast_slice(&x));
@@ -186,8 +204,7 @@ fn matmul_case(
             grid,
         );
         let (want, mag) = reference(&x, &decoded, with_bias.then_some(&bias[..]), m, rows, cols);
-        let kind = if gemm { "gemm" } else { "gemv" };
-        assert_close(&format!("{kind} bits {bits} group {group} [{m}x{cols}] x [{rows}x{cols}]^T bias {with_bias}"), &got, &want, &mag);
+        assert_close(&format!("{kernel:?} bits {bits} group {group} [{m}x{cols}] x [{rows}x{cols}]^T bias {with_bias}"), &got, &want, &mag);
     }
 }
 
@@ -197,15 +214,19 @@ fn packed_kernels_match_dequantize_and_a_cpu_matmul() {
     // Shapes with ragged last groups, words and tiles; batches that are not multiples of 4 (GEMV) or 64 (GEMM).
     for (bits, group) in [(4u8, 64usize), (8, 64), (2, 32), (4, 32)] {
         for &(m, rows, cols) in &[(1, 37, 100), (3, 64, 256), (5, 130, 200), (8, 9, 7)] {
-            matmul_case(&gpu, GEMV_WGSL, false, bits, group, (m, rows, cols));
+            // TOKENS = batch as the runtime compiles it, fewer (several passes, the last one partial) and more
+            // (tokens past the batch are computed but never written).
+            for tokens in [m as u32, 2, 8] {
+                matmul_case(&gpu, Matmul::Gemv { tokens }, bits, group, (m, rows, cols));
+            }
         }
         for &(m, rows, cols) in &[(70, 130, 100), (64, 64, 64), (3, 200, 333), (129, 17, 40)] {
-            matmul_case(&gpu, GEMM_WGSL, true, bits, group, (m, rows, cols));
+            matmul_case(&gpu, Matmul::Gemm, bits, group, (m, rows, cols));
         }
     }
     // A decode-sized layer: opt-125m's fc1 [3072, 768] at the default config, batch 4.
-    matmul_case(&gpu, GEMV_WGSL, false, 4, 64, (4, 3072, 768));
-    matmul_case(&gpu, GEMM_WGSL, true, 4, 64, (96, 3072, 768));
+    matmul_case(&gpu, Matmul::Gemv { tokens: 4 }, 4, 64, (4, 3072, 768));
+    matmul_case(&gpu, Matmul::Gemm, 4, 64, (96, 3072, 768));
 }
 
 /// Whether GPU-decoded values equal the CPU's `dequantize` to f32 rounding.

@@ -2,7 +2,8 @@
 
 use super::{AttentionShape, CompressError, CompressionConfig, PackedLayout, PackedTensor};
 
-/// WGSL of the packed GEMV (decode): see the file's header for bindings, uniform layout and dispatch grid.
+/// WGSL of the packed GEMV (decode): see the file's header for bindings, uniform layout, pipeline constants (`BITS`,
+/// `TOKENS` 1..=8) and dispatch grid.
 pub const GEMV_WGSL: &str = include_str!("../kernels/q4_gemv.wgsl");
 /// WGSL of the packed tiled GEMM (prefill): see the file's header for bindings, uniform layout and dispatch grid.
 pub const GEMM_WGSL: &str = include_str!("../kernels/q4_gemm.wgsl");
@@ -12,6 +13,9 @@ pub const DEQUANT_WGSL: &str = include_str!("../kernels/q4_dequant.wgsl");
 pub const QUANTIZE_WGSL: &str = include_str!("../kernels/q4_quantize.wgsl");
 /// WGSL of decode attention reading a packed K/V cache directly.
 pub const ATTENTION_WGSL: &str = include_str!("../kernels/q4_attention.wgsl");
+/// Output rows one `q4_gemv.wgsl` workgroup computes (`ROWS_PER_WG` in the WGSL).
+const GEMV_ROWS_PER_WORKGROUP: u32 = 8;
+
 /// The uniform of `q4_gemv.wgsl` and `q4_gemm.wgsl` (48 bytes, `#[repr(C)]`, field order as in the WGSL).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -62,10 +66,20 @@ impl MatmulParams {
         })
     }
 
-    /// Workgroups for `q4_gemv.wgsl`: `ceil(rows / 4)` spread over x and y (at most 65535 per dimension).
-    pub fn gemv_grid(&self) -> (u32, u32, u32) {
-        let n = self.rows.div_ceil(4);
-        (n.clamp(1, 65535), n.div_ceil(65535).max(1), 1)
+    /// Workgroups of one `q4_gemv.wgsl` pass: one per [`GEMV_ROWS_PER_WORKGROUP`] output rows.
+    pub fn gemv_workgroups(&self) -> u32 {
+        self.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP)
+    }
+
+    /// Workgroups for `q4_gemv.wgsl` compiled with `TOKENS = tokens`: [`MatmulParams::gemv_workgroups`] spread over
+    /// x and y (at most 65535 per dimension), one z slice per pass of `tokens` tokens (one when `tokens >= batch`).
+    pub fn gemv_grid(&self, tokens: u32) -> (u32, u32, u32) {
+        let n = self.gemv_workgroups();
+        (
+            n.clamp(1, 65535),
+            n.div_ceil(65535).max(1),
+            self.batch.div_ceil(tokens.max(1)).max(1),
+        )
     }
 
     /// Workgroups for `q4_gemm.wgsl`: 64 x 64 output tiles.

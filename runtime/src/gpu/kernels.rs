@@ -45,10 +45,9 @@ const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
 /// Rows one q4 dispatch handles along its grid's y dimension (the common per-dimension limit).
 const MAX_GRID_ROWS: usize = 65535;
 
-/// The compress module's kernels, each compiled per bit width.
+/// The compress module's kernels, each compiled per bit width (q4_gemv also per token count: `Kernels::q4_gemv`).
 #[derive(Clone, Copy)]
 enum Q4 {
-    Gemv,
     Gemm,
     Dequant,
     Quantize,
@@ -158,7 +157,9 @@ pub struct Kernels {
     argmax: Kernel,
     sample: Kernel,
     /// q4 kernels by [`Q4`] and bit width (2, 4, 8), built on first use.
-    q4: [[OnceLock<Kernel>; 3]; 5],
+    q4: [[OnceLock<Kernel>; 3]; 4],
+    /// q4_gemv by bit width and token count 1..=8 (a pipeline constant), built on first use.
+    q4_gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 3],
     scatter: OnceLock<Kernel>,
     cache_rows: OnceLock<Kernel>,
     staging: Mutex<[Option<wgpu::Buffer>; STAGING_SLOTS]>,
@@ -184,6 +185,15 @@ const MAX_CACHED_BIND_GROUPS: usize = 1 << 16;
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kernels").field("gpu", &self.gpu).finish()
+    }
+}
+
+/// Index of a bit width's q4 pipelines.
+fn bits_index(bits: u8) -> usize {
+    match bits {
+        2 => 0,
+        4 => 1,
+        _ => 2,
     }
 }
 
@@ -217,6 +227,7 @@ impl Kernels {
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
             q4: Default::default(),
+            q4_gemv: Default::default(),
             scatter: OnceLock::new(),
             cache_rows: OnceLock::new(),
             staging: Mutex::new(Default::default()),
@@ -245,14 +256,8 @@ impl Kernels {
     }
 
     fn q4(&self, which: Q4, bits: u8) -> &Kernel {
-        let b = match bits {
-            2 => 0,
-            4 => 1,
-            _ => 2,
-        };
-        self.q4[which as usize][b].get_or_init(|| {
+        self.q4[which as usize][bits_index(bits)].get_or_init(|| {
             let (label, source) = match which {
-                Q4::Gemv => ("q4_gemv", GEMV_WGSL),
                 Q4::Gemm => ("q4_gemm", GEMM_WGSL),
                 Q4::Dequant => ("q4_dequant", DEQUANT_WGSL),
                 Q4::Quantize => ("q4_quantize", QUANTIZE_WGSL),
@@ -264,6 +269,19 @@ impl Kernels {
                 &[source],
                 "main",
                 &[("BITS", bits as f64)],
+            )
+        })
+    }
+
+    /// q4_gemv for `tokens` (1..=8) rows of x at a time.
+    fn q4_gemv(&self, bits: u8, tokens: usize) -> &Kernel {
+        self.q4_gemv[bits_index(bits)][tokens - 1].get_or_init(|| {
+            build_kernel(
+                &self.gpu,
+                "q4_gemv",
+                &[GEMV_WGSL],
+                "main",
+                &[("BITS", bits as f64), ("TOKENS", tokens as f64)],
             )
         })
     }
@@ -558,9 +576,6 @@ impl<'a> Recorder<'a> {
         accumulate: bool,
     ) {
         let gemv = m <= GEMV_MAX_ROWS;
-        let kernel = self
-            .kernels
-            .q4(if gemv { Q4::Gemv } else { Q4::Gemm }, config.bits);
         let widest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0).max(1);
         // Rows of x per pass, so that a pass's rows of x and its [piece, chunk.rows] result each fit one binding.
         let widest_row = 4 * widest.max(w.cols) as u64;
@@ -571,6 +586,11 @@ impl<'a> Recorder<'a> {
         let mut r0 = 0;
         while r0 < m {
             let pm = piece.min(m - r0);
+            let kernel = if gemv {
+                self.kernels.q4_gemv(config.bits, pm)
+            } else {
+                self.kernels.q4(Q4::Gemm, config.bits)
+            };
             // The q4 kernels take no x offset: a piece past the first is copied to the front of staging slot 1.
             let xs = if r0 == 0 {
                 x.clone()
@@ -629,7 +649,7 @@ impl<'a> Recorder<'a> {
                 pad: [0; 2],
             };
             let groups = if gemv {
-                self.grid(chunk.rows.div_ceil(4))
+                self.grid(params.gemv_workgroups() as usize)
             } else {
                 [
                     u32_of(chunk.rows.div_ceil(64).max(1)),
