@@ -9,7 +9,8 @@ Regenerate every fixture (from the repository root):
 
 Everything runs on the CPU in about ten seconds and is deterministic: each fixture's weights come from a fixed seed
 (the first seed at or after the fixture's base seed whose greedy steps all have a clear top-1 over top-2 logit gap, so
-tests are not decided by rounding, and whose generated tokens vary). Each fixture is checked before it is kept: the
+tests are not decided by rounding, and whose generated tokens vary; moderate-64, made for lossy compression, asks
+for a wide gap at step 0 instead of varied tokens). Each fixture is checked before it is kept: the
 batched, left-padded generate() against one unpadded forward pass per sequence, against a float64 numpy forward pass
 written from OPT's formulas, and the files read back against the config. The contract of the files written is
 tests/fixtures/README.md.
@@ -47,8 +48,10 @@ POS_STD = 1.0
 # ignored its KV cache and echoed the last token could not pass).
 MAX_REPEAT = 0.35
 SEED_TRIES = 200
-# Each fixture directory stays under this many bytes (the repository carries them all).
-MAX_FIXTURE_BYTES = 200 * 1024
+# The "moderate" weights (see build_model): Hugging Face's init (zero biases, unit layer norms) with linear weights of
+# std gain / sqrt(fan_in): gain 1 for q/k/v_proj and fc1 (what std 0.02 gives at fan-in 2500, about opt-2.7b's
+# width: soft attention, no block amplifies an error), MODERATE_OUT_GAIN for out_proj and fc2.
+MODERATE_OUT_GAIN = 3.0
 
 # Text the fixture tokenizer is trained on (written for this project).
 TOKENIZER_CORPUS = """\
@@ -80,6 +83,10 @@ class Fixture:
     max_shard_size: str | None = None
     tokenizer_files: str | None = None  # "json" (tokenizer.json) or "vocab-merges" (vocab.json + merges.txt)
     min_gap: float = 0.1  # wider for f16 / bf16, where a runtime's arithmetic may differ more from the reference
+    weights: str = "large"  # "large" (every fixture but one) or "moderate" (see build_model)
+    first_gap: float = 0.0  # smallest step-0 top-1 minus top-2 logit gap per sequence
+    max_repeat: float = MAX_REPEAT  # largest share of generated tokens equal to the one before
+    max_bytes: int = 200 * 1024  # each fixture directory stays under this (the repository carries them all)
 
 
 def base_config(**overrides) -> dict:
@@ -219,6 +226,33 @@ def fixtures(tokenizer_vocab: int) -> list[Fixture]:
             max_new_tokens=8,
             tokenizer_files="vocab-merges",
         ),
+        Fixture(
+            name="moderate-64",
+            description=(
+                "Pre-LN ReLU OPT at a width the default 4-bit groups fit without padding: hidden 64, one head of "
+                "head_dim 64 (OPT's head_dim), ffn 256 (4 * hidden, as OPT), stored in float16 as released OPT "
+                "checkpoints are. Its weights are not made large like the other fixtures' (whose nearly hard "
+                "attention and out_proj / fc2 gain 5 turn a 4-bit weight error into a different model): "
+                "Hugging Face's init (zero biases, unit layer norms) with linear weights of std gain / sqrt(fan_in), "
+                "gain 1 for q/k/v_proj and fc1 (std 0.02 at fan-in 2500, about opt-2.7b's width: soft attention) "
+                f"and {MODERATE_OUT_GAIN} for out_proj and fc2 (so the blocks outweigh the embedding; with gain 1 "
+                "there too the tied head mostly predicts the last prompt token again), token and position "
+                "embeddings std 1 (logits of std ~8); the seed is the first whose step-0 top-1 leads its runner-up "
+                "by 3 for every sequence. Meant for measuring lossy compression (tests/compress_e2e.rs), which uses "
+                "steps 0..2; the greedy continuations settle on one token. Greedy generation by transformers on "
+                "the CPU with left padding (pad id 1) and an attention mask, EOS ignored."
+            ),
+            config=base_config(hidden_size=64, num_attention_heads=1, ffn_dim=256, word_embed_proj_dim=64),
+            base_seed=7000,
+            prompts=p(5, 9, 12),
+            max_new_tokens=8,
+            store_dtype=torch.float16,
+            min_gap=0.25,
+            weights="moderate",
+            first_gap=3.0,
+            max_repeat=1.0,  # its continuations settle on one token; the compression tests use steps 0..2 only
+            max_bytes=300 * 1024,
+        ),
     ]
 
 
@@ -257,7 +291,7 @@ def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
 # Model
 
 
-def build_model(cfg: dict, seed: int) -> OPTForCausalLM:
+def build_model(cfg: dict, seed: int, weights: str = "large") -> OPTForCausalLM:
     """A random float32 OPT in which every parameter matters and whose greedy choices are far from ties.
 
     Hugging Face's init (std 0.02 matrices, zero biases, unit layer norms) gives logits of std ~0.1 with near-tied
@@ -266,12 +300,28 @@ def build_model(cfg: dict, seed: int) -> OPTForCausalLM:
     std gain / sqrt(in) (gain 2, and 5 for out_proj and fc2 so the attention and MLP outputs outweigh the
     embedding; attention is far from uniform), token embeddings and an untied LM head with std 1 (logits of std ~5),
     positions with std 1, biases with std 0.2, layer-norm weights 1 + 0.2 * N(0, 1) and biases 0.2 * N(0, 1).
+
+    Those gains make the models very sensitive to small weight errors (attention is nearly hard, and out_proj / fc2
+    amplify whatever the attention picked), which is what lossy compression produces. weights="moderate" is Hugging
+    Face's init instead (zero biases, unit layer norms) with linear weights of std gain / sqrt(in): gain 1 for
+    q/k/v_proj and fc1, MODERATE_OUT_GAIN for out_proj and fc2; token and position embeddings std 1.
     """
     torch.manual_seed(seed)
     model = OPTForCausalLM(OPTConfig(**cfg, attn_implementation="eager")).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn_like(param)
+            if weights == "moderate":
+                if "layer_norm" in name:
+                    param.copy_(torch.ones_like(param) if name.endswith(".weight") else torch.zeros_like(param))
+                elif name.endswith(".bias"):
+                    param.zero_()
+                elif "embed" in name or name.startswith("lm_head"):
+                    param.copy_(noise)
+                else:
+                    gain = MODERATE_OUT_GAIN if "out_proj" in name or "fc2" in name else 1.0
+                    param.copy_(gain / param.shape[1] ** 0.5 * noise)
+                continue
             if "layer_norm" in name:
                 param.copy_(1.0 + 0.2 * noise if name.endswith(".weight") else 0.2 * noise)
             elif name.endswith(".bias"):
@@ -506,7 +556,7 @@ def verify(fx: Fixture, out: Path) -> None:
     assert logits.dtype == np.float32 and logits.shape == (n, batch, fx.config["vocab_size"]), f"{fx.name}: logits"
     assert all(len(g) == n for g in ref["generated_ids"]) and all(p[0] == BOS for p in ref["prompt_ids"])
     size = sum(f.stat().st_size for f in out.iterdir())
-    assert size < MAX_FIXTURE_BYTES, f"{fx.name}: {size} bytes on disk, over the {MAX_FIXTURE_BYTES} budget"
+    assert size < fx.max_bytes, f"{fx.name}: {size} bytes on disk, over the {fx.max_bytes} budget"
 
 
 def make(fx: Fixture, tok: Tokenizer) -> dict:
@@ -527,16 +577,20 @@ def make(fx: Fixture, tok: Tokenizer) -> dict:
 
     # Pick the first seed whose reference (on the stored weights) has no near-tie anywhere.
     for seed in range(fx.base_seed, fx.base_seed + SEED_TRIES):
-        model = build_model(fx.config, seed)
+        model = build_model(fx.config, seed, fx.weights)
         for f in out.iterdir():
             f.unlink()
         ref_model = save_checkpoint(model, fx, out)
         generated, logits = generate(ref_model, prompts, fx.max_new_tokens)
         gap = min_top2_gap(logits)
-        if gap >= fx.min_gap and repeat_fraction(generated) <= MAX_REPEAT:
+        first = min_top2_gap(logits[:1])
+        if gap >= fx.min_gap and first >= fx.first_gap and repeat_fraction(generated) <= fx.max_repeat:
             break
     else:
-        raise SystemExit(f"{fx.name}: no seed in {SEED_TRIES} tries has a top-2 gap >= {fx.min_gap} and few repeats")
+        raise SystemExit(
+            f"{fx.name}: no seed in {SEED_TRIES} tries has a top-2 gap >= {fx.min_gap} (step 0: >= {fx.first_gap}) "
+            "and few repeats"
+        )
 
     # Independent check: unpadded single-sequence forward passes give the same logits as the batched padded run.
     single = recompute(ref_model, prompts, generated)
