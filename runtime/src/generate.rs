@@ -137,18 +137,12 @@ pub enum GenerateError {
     Policy(String),
 }
 
-/// Refuses an attention sparsity outside (0, 1], and sparsity below 1 with a packed cache.
-fn check_sparsity(sparsity: f64, compress_cache: bool) -> Result<(), GenerateError> {
+/// Refuses an attention sparsity outside (0, 1].
+fn check_sparsity(sparsity: f64) -> Result<(), GenerateError> {
     if !(sparsity > 0.0 && sparsity <= 1.0) {
         return Err(GenerateError::Policy(
             PolicyError::AttnSparsity(sparsity).to_string(),
         ));
-    }
-    if sparsity < 1.0 && compress_cache {
-        return Err(GenerateError::Policy(format!(
-            "--attn-sparsity {sparsity} with --compress-cache is not supported: sparse attention reads an f32 cache; \
-             drop --compress-cache or use --attn-sparsity 1"
-        )));
     }
     Ok(())
 }
@@ -198,7 +192,7 @@ impl Generator {
             }
         }
         if let Some(sparsity) = options.attn_sparsity {
-            check_sparsity(sparsity, options.compress_cache.is_some())?;
+            check_sparsity(sparsity)?;
         }
         let model = gpu.catch_oom("the model's weights", || {
             GpuModel::upload_compressed(gpu, source, options.dtype, options.compress_weight)
@@ -231,10 +225,7 @@ impl Generator {
         policy
             .validate()
             .map_err(|e| GenerateError::Policy(e.to_string()))?;
-        check_sparsity(
-            policy.attn_sparsity,
-            policy.compress_cache || options.compress_cache.is_some(),
-        )?;
+        check_sparsity(policy.attn_sparsity)?;
         if policy.compress_weight || policy.compress_cache {
             return Err(GenerateError::Policy(
                 "--compress-weight / --compress-cache are not yet supported by the offloading schedule".into(),

@@ -14,7 +14,8 @@
 //!
 //! Attention sparsity ([`Step::attn_sparsity`] below 1, `--attn-sparsity`): a decode step over an f32 cache keeps,
 //! per (sequence, head), the new token and the top fraction of the earlier real tokens by score
-//! ([`Recorder::sparse_attention`]); prefill stays dense, as in FlexLLMGen.
+//! ([`Recorder::sparse_attention`]); prefill stays dense, as in FlexLLMGen. A packed cache is decoded into its f32
+//! [`CacheScratch`] for such a step (the new rows packed first, so the keys attended are the packed ones).
 
 use crate::compress::{AttentionParams, CompressionConfig, PackedLayout};
 use crate::config::{Activation, ConfigError, DType, OptConfig};
@@ -400,9 +401,8 @@ pub struct Step {
     /// Tokens already in the cache.
     pub past: usize,
     /// Fraction of attention positions a decode step keeps per head, in (0, 1] (`--attn-sparsity`; 1: dense). Like
-    /// FlexLLMGen, only decode steps (`s_new == 1`) are sparse; prefill is always dense. An f32 cache runs
-    /// [`Recorder::sparse_attention`] when it is below 1; a packed cache does not support it (the generator
-    /// refuses `--compress-cache` with `--attn-sparsity` below 1) and attends densely.
+    /// FlexLLMGen, only decode steps (`s_new == 1`) are sparse; prefill is always dense. Below 1, a decode step runs
+    /// [`Recorder::sparse_attention`] over the f32 cache, or over a packed cache decoded into its f32 scratch.
     pub attn_sparsity: f32,
 }
 
@@ -814,6 +814,41 @@ fn packed_attention<'a>(
             );
             // Pair p's new row goes to packed row p * capacity + past.
             rec.quantize_rows(dense, pairs, packed, layout, cc, step.past, cap);
+        }
+        if step.is_sparse() {
+            // Top-k attention reads f32: decode every cached row (the new one included) into the scratch, in the
+            // f32 kernels' layout, and attend there. Costs a pass over the whole cache per layer and step.
+            for (_, dense, packed) in kv {
+                rec.dequantize_rows(packed, layout, cc, pairs * cap, &scratch.pairs);
+                rec.permute_cache(
+                    &scratch.pairs,
+                    dense,
+                    batch,
+                    cap,
+                    heads,
+                    hd,
+                    0..step.past + 1,
+                    false,
+                );
+            }
+            let shape = AttentionShape {
+                batch,
+                s_new: 1,
+                past: step.past,
+                capacity: cap,
+                hidden: h,
+                n_head: heads,
+            };
+            rec.sparse_attention(
+                &ws.q,
+                &scratch.k,
+                &scratch.v,
+                &state.mask,
+                &ws.attn,
+                shape,
+                step.attn_sparsity,
+            );
+            return;
         }
         let params = AttentionParams {
             batch_heads: pairs as u32,

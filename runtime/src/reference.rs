@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::compress::{dequantize, quantize_cache, CompressError, CompressionConfig};
 use crate::config::{Activation, OptConfig};
 use crate::gpu::tensor::to_f32;
 use crate::weights::{model_tensors, WeightError, WeightSource};
@@ -195,6 +196,9 @@ pub fn sparse_attention(
     out
 }
 
+/// What a packed KV cache does to keys or values (`[len, hidden]`): quantise, then decode.
+type RoundTrip<'a> = &'a dyn Fn(&[f32]) -> Vec<f32>;
+
 /// An OPT model's weights in f32 on the CPU.
 #[derive(Debug)]
 pub struct ReferenceModel {
@@ -254,18 +258,26 @@ impl ReferenceModel {
 
     /// The next-token logits after `tokens` (one unpadded sequence).
     pub fn next_logits(&self, tokens: &[u32]) -> Vec<f32> {
-        self.forward(tokens, tokens.len(), 1.0)
+        self.forward(tokens, tokens.len(), 1.0, None)
     }
 
     /// The next-token logits after `tokens` whose first `prompt_len` were the prompt, as a generator with
     /// `--attn-sparsity sparsity` computes them: the prompt's rows attend densely (prefill), every later row with
     /// [`sparse_attention`] (one decode step each).
     pub fn next_logits_sparse(&self, tokens: &[u32], prompt_len: usize, sparsity: f32) -> Vec<f32> {
-        self.forward(tokens, prompt_len, sparsity)
+        self.forward(tokens, prompt_len, sparsity, None)
     }
 
-    /// The forward pass: rows from `dense_rows` on attend with `sparsity` (dense when it is 1).
-    fn forward(&self, tokens: &[u32], dense_rows: usize, sparsity: f32) -> Vec<f32> {
+    /// The forward pass: rows from `dense_rows` on attend with `sparsity` (dense when it is 1) and, when `packed` is
+    /// given, over keys and values passed through it (a packed cache's round trip); earlier rows attend densely
+    /// over the f32 keys and values (a prefill).
+    fn forward(
+        &self,
+        tokens: &[u32],
+        dense_rows: usize,
+        sparsity: f32,
+        packed: Option<RoundTrip>,
+    ) -> Vec<f32> {
         let c = &self.config;
         let (h, p, f, len) = (
             c.hidden_size,
@@ -304,11 +316,18 @@ impl ReferenceModel {
             let q = self.linear(&a_in, len, &pre("self_attn.q_proj"), h, h);
             let k = self.linear(&a_in, len, &pre("self_attn.k_proj"), h, h);
             let v = self.linear(&a_in, len, &pre("self_attn.v_proj"), h, h);
-            let a = if sparsity < 1.0 {
-                sparse_attention(&q, &k, &v, len, h, c.n_head, &visible, dense_rows, sparsity)
-            } else {
-                attention(&q, &k, &v, len, h, c.n_head, &visible)
+            let attend = |k: &[f32], v: &[f32]| {
+                if sparsity < 1.0 {
+                    sparse_attention(&q, k, v, len, h, c.n_head, &visible, dense_rows, sparsity)
+                } else {
+                    attention(&q, k, v, len, h, c.n_head, &visible)
+                }
             };
+            let mut a = attend(&k, &v);
+            if let (Some(round_trip), true) = (packed, len > dense_rows) {
+                let decoded = attend(&round_trip(&k), &round_trip(&v));
+                a[dense_rows * h..].copy_from_slice(&decoded[dense_rows * h..]);
+            }
             add(
                 &mut x,
                 &self.linear(&a, len, &pre("self_attn.out_proj"), h, h),
@@ -358,6 +377,31 @@ impl ReferenceModel {
                 self.next_logits(&tokens)
             })
             .collect()
+    }
+
+    /// [`ReferenceModel::step_logits_sparse`] with the KV cache packed under `cache` (`--compress-cache`): the prompt
+    /// attends over f32 keys and values (a prefill computes before it packs), every generated token over keys and
+    /// values quantised and decoded by [`crate::compress`]'s CPU functions (groups along head_dim).
+    pub fn step_logits_packed_cache(
+        &self,
+        prompt: &[u32],
+        continuation: &[u32],
+        sparsity: f32,
+        cache: CompressionConfig,
+    ) -> Result<Vec<Vec<f32>>, CompressError> {
+        let head_dim = self.config.head_dim();
+        // Every later call quantises whole rows of head_dim: if one row works, all do.
+        quantize_cache(&vec![0.0; head_dim], head_dim, cache)?;
+        let round_trip = |values: &[f32]| {
+            dequantize(&quantize_cache(values, head_dim, cache).expect("checked on one row above"))
+        };
+        Ok((0..continuation.len())
+            .map(|t| {
+                let mut tokens = prompt.to_vec();
+                tokens.extend_from_slice(&continuation[..t]);
+                self.forward(&tokens, prompt.len(), sparsity, Some(&round_trip))
+            })
+            .collect())
     }
 
     /// [`ReferenceModel::step_logits`] under `--attn-sparsity sparsity` ([`ReferenceModel::next_logits_sparse`]).
