@@ -9,6 +9,10 @@
 //! All activations are f32; weights are f32, packed f16 or group-wise quantised ([`WeightFormat`]) and every kernel
 //! accumulates in f32.
 //!
+//! Attention sparsity: [`Recorder::sparse_attention`] (`sparse_attention.wgsl`) is the decode attention of
+//! `--attn-sparsity` below 1, keeping per (sequence, head) the new token and the [`sparse_top_k`] best-scoring
+//! earlier real tokens; its scores go through a third staging slot.
+//!
 //! # Packed (compressed) weights and caches
 //!
 //! A [`WeightFormat::Packed`] matrix is read by the compress module's kernels (`runtime/src/kernels/q4_*.wgsl`,
