@@ -225,7 +225,7 @@ fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("pre-ln-relu");
     let mut p = policy([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 4, 1, true, None);
-    p.attn_sparsity = 0.5;
+    p.attn_sparsity = 1.5;
     let err = run_policy(&gpu, &dir, &prompts, new, &p)
         .unwrap_err()
         .to_string();

@@ -11,7 +11,7 @@ use crate::gpu::{Gpu, GpuError};
 use crate::model::{BatchState, CacheScratch, GpuModel, ModelError, Step, Workspace};
 use crate::offload::{LayerStore, OffloadError, RunHomes};
 use crate::planner::{plan, Caps, Workload};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 use crate::schedule::{run_step, StepInputs};
 use crate::tiers::{DiskOptions, TierOptions, Tiers};
 use crate::weights::WeightSource;
@@ -57,6 +57,10 @@ pub struct GeneratorOptions {
     pub compress_weight: Option<CompressionConfig>,
     /// Keep the KV cache packed in every tier (grouped along head_dim).
     pub compress_cache: Option<CompressionConfig>,
+    /// Attention sparsity of decode steps, in (0, 1] (`--attn-sparsity`): keep per head the new token and the top
+    /// fraction of earlier real tokens by score ([`crate::model::Step::attn_sparsity`]). `None`: 1, dense. With a
+    /// policy ([`Generator::with_policy`]) the policy's `attn_sparsity` is used instead.
+    pub attn_sparsity: Option<f64>,
 }
 
 /// What [`Generator::generate`] produced.
@@ -133,6 +137,16 @@ pub enum GenerateError {
     Policy(String),
 }
 
+/// Refuses an attention sparsity outside (0, 1].
+fn check_sparsity(sparsity: f64) -> Result<(), GenerateError> {
+    if !(sparsity > 0.0 && sparsity <= 1.0) {
+        return Err(GenerateError::Policy(
+            PolicyError::AttnSparsity(sparsity).to_string(),
+        ));
+    }
+    Ok(())
+}
+
 impl From<crate::tiers::TierError> for GenerateError {
     fn from(e: crate::tiers::TierError) -> Self {
         GenerateError::Offload(e.into())
@@ -177,6 +191,9 @@ impl Generator {
                 );
             }
         }
+        if let Some(sparsity) = options.attn_sparsity {
+            check_sparsity(sparsity)?;
+        }
         let model = gpu.catch_oom("the model's weights", || {
             GpuModel::upload_compressed(gpu, source, options.dtype, options.compress_weight)
         })?;
@@ -210,12 +227,7 @@ impl Generator {
         policy
             .validate()
             .map_err(|e| GenerateError::Policy(e.to_string()))?;
-        if policy.attn_sparsity < 1.0 {
-            return Err(GenerateError::Policy(format!(
-                "--attn-sparsity {} is not yet supported: use 1 (dense attention)",
-                policy.attn_sparsity
-            )));
-        }
+        check_sparsity(policy.attn_sparsity)?;
         // Compression comes from the policy or the options (the same setting from both is fine); the policy then
         // carries it, so every plan counts packed bytes.
         let merge = |on: bool, in_policy: CompressionConfig, in_options, flag: &str| {
@@ -290,6 +302,7 @@ impl Generator {
                 gpu_batch_size: Some(policy.gpu_batch_size),
                 compress_weight,
                 compress_cache,
+                attn_sparsity: Some(policy.attn_sparsity),
                 ..*options
             },
             layers,
@@ -557,7 +570,12 @@ impl Generator {
         let mut generated = vec![Vec::with_capacity(options.max_new_tokens); batch];
         let mut finished = vec![false; batch];
         let mut logits = options.record_logits.then(Vec::new);
-        let mut step = Step { s_new: s, past: 0 };
+        // Decode steps keep the top fraction of attention positions; prefill is dense (Step::is_sparse).
+        let attn_sparsity = self.options.attn_sparsity.unwrap_or(1.0) as f32;
+        let mut step = Step {
+            attn_sparsity,
+            ..Step::new(s, 0)
+        };
         let mut t = 0;
         let mut step_seconds = Vec::with_capacity(options.max_new_tokens);
         loop {
@@ -597,8 +615,8 @@ impl Generator {
                 queue.write_buffer(&state.positions, 0, bytemuck::cast_slice(&positions));
             }
             step = Step {
-                s_new: 1,
-                past: s + t - 1,
+                attn_sparsity,
+                ..Step::new(1, s + t - 1)
             };
         }
         Ok(GenerateOutput {

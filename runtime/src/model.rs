@@ -11,6 +11,11 @@
 //! head_dim, grouped along head_dim): a decode step packs its new rows with `q4_quantize` and attends with
 //! `q4_attention` over the packed words; a prefill writes f32 K/V into a [`CacheScratch`] shared by all layers, runs
 //! the f32 attention kernel there, then packs the rows into the cache.
+//!
+//! Attention sparsity ([`Step::attn_sparsity`] below 1, `--attn-sparsity`): a decode step over an f32 cache keeps,
+//! per (sequence, head), the new token and the top fraction of the earlier real tokens by score
+//! ([`Recorder::sparse_attention`]); prefill stays dense, as in FlexLLMGen. A packed cache is decoded into its f32
+//! [`CacheScratch`] for such a step (the new rows packed first, so the keys attended are the packed ones).
 
 use crate::compress::{AttentionParams, CompressionConfig, PackedLayout};
 use crate::config::{Activation, ConfigError, DType, OptConfig};
@@ -389,12 +394,32 @@ impl Workspace {
 }
 
 /// The shape of one step: `s_new` tokens per sequence after `past` cached ones (prefill: past = 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Step {
     /// New tokens per sequence (the padded prompt length at prefill, 1 at decode).
     pub s_new: usize,
     /// Tokens already in the cache.
     pub past: usize,
+    /// Fraction of attention positions a decode step keeps per head, in (0, 1] (`--attn-sparsity`; 1: dense). Like
+    /// FlexLLMGen, only decode steps (`s_new == 1`) are sparse; prefill is always dense. Below 1, a decode step runs
+    /// [`Recorder::sparse_attention`] over the f32 cache, or over a packed cache decoded into its f32 scratch.
+    pub attn_sparsity: f32,
+}
+
+impl Step {
+    /// A dense step (`attn_sparsity` 1).
+    pub fn new(s_new: usize, past: usize) -> Step {
+        Step {
+            s_new,
+            past,
+            attn_sparsity: 1.0,
+        }
+    }
+
+    /// Whether this step's attention keeps only the top positions ([`Recorder::sparse_attention`]).
+    pub fn is_sparse(&self) -> bool {
+        self.s_new == 1 && self.attn_sparsity < 1.0
+    }
 }
 
 /// An OPT model's weights on the GPU.
@@ -694,7 +719,19 @@ pub fn decoder_layer<'a>(
             rec.linear(attn_in, rows, w, b, Act::None, &cache.k, into_cache, false);
             let (w, b) = lin(&layer.v_proj);
             rec.linear(attn_in, rows, w, b, Act::None, &cache.v, into_cache, false);
-            rec.attention(&ws.q, &cache.k, &cache.v, &state.mask, &ws.attn, shape);
+            if step.is_sparse() {
+                rec.sparse_attention(
+                    &ws.q,
+                    &cache.k,
+                    &cache.v,
+                    &state.mask,
+                    &ws.attn,
+                    shape,
+                    step.attn_sparsity,
+                );
+            } else {
+                rec.attention(&ws.q, &cache.k, &cache.v, &state.mask, &ws.attn, shape);
+            }
         }
     }
     // Residual add fused into out_proj's output.
@@ -777,6 +814,41 @@ fn packed_attention<'a>(
             );
             // Pair p's new row goes to packed row p * capacity + past.
             rec.quantize_rows(dense, pairs, packed, layout, cc, step.past, cap);
+        }
+        if step.is_sparse() {
+            // Top-k attention reads f32: decode every cached row (the new one included) into the scratch, in the
+            // f32 kernels' layout, and attend there. Costs a pass over the whole cache per layer and step.
+            for (_, dense, packed) in kv {
+                rec.dequantize_rows(packed, layout, cc, pairs * cap, &scratch.pairs);
+                rec.permute_cache(
+                    &scratch.pairs,
+                    dense,
+                    batch,
+                    cap,
+                    heads,
+                    hd,
+                    0..step.past + 1,
+                    false,
+                );
+            }
+            let shape = AttentionShape {
+                batch,
+                s_new: 1,
+                past: step.past,
+                capacity: cap,
+                hidden: h,
+                n_head: heads,
+            };
+            rec.sparse_attention(
+                &ws.q,
+                &scratch.k,
+                &scratch.v,
+                &state.mask,
+                &ws.attn,
+                shape,
+                step.attn_sparsity,
+            );
+            return;
         }
         let params = AttentionParams {
             batch_heads: pairs as u32,

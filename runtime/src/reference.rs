@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::compress::{dequantize, quantize_cache, CompressError, CompressionConfig};
 use crate::config::{Activation, OptConfig};
 use crate::gpu::tensor::to_f32;
 use crate::weights::{model_tensors, WeightError, WeightSource};
@@ -129,6 +130,75 @@ pub fn attention(
     out
 }
 
+/// [`attention`] with FlexLLMGen's top-k attention sparsity on the query rows from `dense_rows` on (the decode
+/// steps; rows before it are the prompt, attended densely). For such a row i and head: the softmax is over every
+/// visible key `j <= i`; the output sums the value rows of key i itself and of the `floor(sparsity * n)` (in f32)
+/// highest-scoring of the n visible keys before it (equal scores, -0 = +0: the earlier position), each weighted by its
+/// softmax probability, not renormalised. With sparsity 1 every key counts.
+#[allow(clippy::too_many_arguments)] // attention's inputs plus the sparsity and where it starts
+pub fn sparse_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    hidden: usize,
+    n_head: usize,
+    visible: &[bool],
+    dense_rows: usize,
+    sparsity: f32,
+) -> Vec<f32> {
+    let d = hidden / n_head;
+    let scale = (d as f64).powf(-0.5);
+    let mut out = vec![0.0; len * hidden];
+    for h in 0..n_head {
+        for i in 0..len {
+            let qi = &q[i * hidden + h * d..i * hidden + (h + 1) * d];
+            let score = |j: usize| {
+                let kj = &k[j * hidden + h * d..j * hidden + (h + 1) * d];
+                qi.iter()
+                    .zip(kj)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    * scale
+            };
+            let keys: Vec<(usize, f64)> = (0..=i)
+                .filter(|&j| visible[j])
+                .map(|j| (j, score(j)))
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let max = keys.iter().fold(f64::NEG_INFINITY, |a, &(_, s)| a.max(s));
+            let total: f64 = keys.iter().map(|&(_, s)| (s - max).exp()).sum();
+            // The candidates, best first; ties keep position order (a stable sort over ascending positions).
+            let mut earlier: Vec<(usize, f64)> =
+                keys.iter().copied().filter(|&(j, _)| j < i).collect();
+            let n = earlier.len();
+            let top = if i < dense_rows {
+                n
+            } else {
+                ((sparsity * n as f32).floor() as usize).min(n)
+            };
+            // Adding 0 turns -0 into +0: zero scores tie whatever their sign.
+            earlier.sort_by(|a, b| (b.1 + 0.0).total_cmp(&(a.1 + 0.0)));
+            let mut kept: Vec<(usize, f64)> = earlier[..top].to_vec();
+            kept.extend(keys.iter().copied().filter(|&(j, _)| j == i));
+            // Summed in position order, as attention() does.
+            kept.sort_by_key(|&(j, _)| j);
+            for (j, s) in kept {
+                let p = (s - max).exp() / total;
+                for e in 0..d {
+                    out[i * hidden + h * d + e] += (p * v[j * hidden + h * d + e] as f64) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What a packed KV cache does to keys or values (`[len, hidden]`): quantise, then decode.
+type RoundTrip<'a> = &'a dyn Fn(&[f32]) -> Vec<f32>;
+
 /// An OPT model's weights in f32 on the CPU.
 #[derive(Debug)]
 pub struct ReferenceModel {
@@ -188,6 +258,26 @@ impl ReferenceModel {
 
     /// The next-token logits after `tokens` (one unpadded sequence).
     pub fn next_logits(&self, tokens: &[u32]) -> Vec<f32> {
+        self.forward(tokens, tokens.len(), 1.0, None)
+    }
+
+    /// The next-token logits after `tokens` whose first `prompt_len` were the prompt, as a generator with
+    /// `--attn-sparsity sparsity` computes them: the prompt's rows attend densely (prefill), every later row with
+    /// [`sparse_attention`] (one decode step each).
+    pub fn next_logits_sparse(&self, tokens: &[u32], prompt_len: usize, sparsity: f32) -> Vec<f32> {
+        self.forward(tokens, prompt_len, sparsity, None)
+    }
+
+    /// The forward pass: rows from `dense_rows` on attend with `sparsity` (dense when it is 1) and, when `packed` is
+    /// given, over keys and values passed through it (a packed cache's round trip); earlier rows attend densely
+    /// over the f32 keys and values (a prefill).
+    fn forward(
+        &self,
+        tokens: &[u32],
+        dense_rows: usize,
+        sparsity: f32,
+        packed: Option<RoundTrip>,
+    ) -> Vec<f32> {
         let c = &self.config;
         let (h, p, f, len) = (
             c.hidden_size,
@@ -226,7 +316,18 @@ impl ReferenceModel {
             let q = self.linear(&a_in, len, &pre("self_attn.q_proj"), h, h);
             let k = self.linear(&a_in, len, &pre("self_attn.k_proj"), h, h);
             let v = self.linear(&a_in, len, &pre("self_attn.v_proj"), h, h);
-            let a = attention(&q, &k, &v, len, h, c.n_head, &visible);
+            let attend = |k: &[f32], v: &[f32]| {
+                if sparsity < 1.0 {
+                    sparse_attention(&q, k, v, len, h, c.n_head, &visible, dense_rows, sparsity)
+                } else {
+                    attention(&q, k, v, len, h, c.n_head, &visible)
+                }
+            };
+            let mut a = attend(&k, &v);
+            if let (Some(round_trip), true) = (packed, len > dense_rows) {
+                let decoded = attend(&round_trip(&k), &round_trip(&v));
+                a[dense_rows * h..].copy_from_slice(&decoded[dense_rows * h..]);
+            }
             add(
                 &mut x,
                 &self.linear(&a, len, &pre("self_attn.out_proj"), h, h),
@@ -276,5 +377,100 @@ impl ReferenceModel {
                 self.next_logits(&tokens)
             })
             .collect()
+    }
+
+    /// [`ReferenceModel::step_logits_sparse`] with the KV cache packed under `cache` (`--compress-cache`): the prompt
+    /// attends over f32 keys and values (a prefill computes before it packs), every generated token over keys and
+    /// values quantised and decoded by [`crate::compress`]'s CPU functions (groups along head_dim).
+    pub fn step_logits_packed_cache(
+        &self,
+        prompt: &[u32],
+        continuation: &[u32],
+        sparsity: f32,
+        cache: CompressionConfig,
+    ) -> Result<Vec<Vec<f32>>, CompressError> {
+        let head_dim = self.config.head_dim();
+        // Every later call quantises whole rows of head_dim: if one row works, all do.
+        quantize_cache(&vec![0.0; head_dim], head_dim, cache)?;
+        let round_trip = |values: &[f32]| {
+            dequantize(&quantize_cache(values, head_dim, cache).expect("checked on one row above"))
+        };
+        Ok((0..continuation.len())
+            .map(|t| {
+                let mut tokens = prompt.to_vec();
+                tokens.extend_from_slice(&continuation[..t]);
+                self.forward(&tokens, prompt.len(), sparsity, Some(&round_trip))
+            })
+            .collect())
+    }
+
+    /// [`ReferenceModel::step_logits`] under `--attn-sparsity sparsity` ([`ReferenceModel::next_logits_sparse`]).
+    pub fn step_logits_sparse(
+        &self,
+        prompt: &[u32],
+        continuation: &[u32],
+        sparsity: f32,
+    ) -> Vec<Vec<f32>> {
+        (0..continuation.len())
+            .map(|t| {
+                let mut tokens = prompt.to_vec();
+                tokens.extend_from_slice(&continuation[..t]);
+                self.next_logits_sparse(&tokens, prompt.len(), sparsity)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // A fixed, irregular sequence in [-1, 1).
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32
+                    / (1 << 23) as f32
+                    - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sparse_attention_at_one_is_dense_attention() {
+        let (len, hidden, heads) = (9, 12, 3);
+        let (q, k, v) = (
+            values(len * hidden, 1),
+            values(len * hidden, 2),
+            values(len * hidden, 3),
+        );
+        let visible: Vec<bool> = (0..len).map(|j| j != 2).collect();
+        let dense = attention(&q, &k, &v, len, hidden, heads, &visible);
+        let sparse = sparse_attention(&q, &k, &v, len, hidden, heads, &visible, 0, 1.0);
+        assert_eq!(dense, sparse);
+    }
+
+    /// One head, head_dim 1: scores are q * k, so the kept keys are plain to see.
+    #[test]
+    fn sparse_attention_keeps_the_new_token_and_the_top_earlier_keys() {
+        let scale = 1.0f64; // head_dim 1
+        let k = [0.5f32, 2.0, -1.0, 2.0, 0.0, 1.0];
+        let v = [1.0f32, 10.0, 100.0, 1000.0, 10_000.0, 100_000.0];
+        let q = [1.0f32; 6];
+        let visible = [true, true, true, false, true, true];
+        // Row 5 (the last): candidates 0, 1, 2, 4 (3 is masked); 0.5 keeps floor(0.5 * 4) = 2: keys 1 (2.0) and
+        // 0 (0.5); key 5 is the new token.
+        let out = sparse_attention(&q, &k, &v, 6, 1, 1, &visible, 5, 0.5);
+        let e = |s: f64| (s * scale).exp();
+        let total = e(0.5) + e(2.0) + e(-1.0) + e(0.0) + e(1.0);
+        let want = (e(0.5) * 1.0 + e(2.0) * 10.0 + e(1.0) * 100_000.0) / total;
+        assert!(
+            (out[5] as f64 - want).abs() < 1e-3 * want,
+            "{} vs {want}",
+            out[5]
+        );
+        // Rows before dense_rows are dense.
+        let dense = attention(&q, &k, &v, 6, 1, 1, &visible);
+        assert_eq!(out[..5], dense[..5]);
     }
 }

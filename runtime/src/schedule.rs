@@ -105,6 +105,10 @@ fn norm_refs(n: &crate::model::Norm) -> Option<(&wgpu::Buffer, &wgpu::Buffer)> {
 
 /// Decode attention of one GPU batch on the CPU: `q` `[b, hidden]`, every sequence's keys and values
 /// `[len, hidden]` (the new token last), `masks[i][t]` whether position t of sequence i is a real token.
+///
+/// `attn_sparsity` below 1 follows [`Recorder::sparse_attention`]'s rule: softmax over every visible key, output
+/// from the new token and the [`crate::gpu::kernels::sparse_top_k`] highest-scoring earlier visible keys (equal
+/// scores: the earlier position), weights not renormalised. At 1 every key counts.
 pub fn cpu_attention(
     q: &[f32],
     keys: &[Vec<f32>],
@@ -112,6 +116,7 @@ pub fn cpu_attention(
     masks: &[&[u32]],
     n_head: usize,
     len: usize,
+    attn_sparsity: f32,
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let h = if keys.is_empty() {
@@ -138,7 +143,26 @@ pub fn cpu_attention(
             let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let weights: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
             let total: f32 = weights.iter().sum();
-            for (&t, w) in visible.iter().zip(&weights) {
+            // Which visible keys contribute: all, or the new token (the last) and the top k before it.
+            let mut keep = vec![true; visible.len()];
+            let before = visible.iter().filter(|&&t| t + 1 < len).count();
+            let top = crate::gpu::kernels::sparse_top_k(attn_sparsity, before);
+            if top < before {
+                let mut order: Vec<usize> = (0..before).collect();
+                // Visible positions ascend, so on equal scores the stable sort keeps the earlier one first.
+                // Adding 0 turns -0 into +0: zero scores tie whatever their sign, as in the kernel.
+                order.sort_by(|&a, &b| (scores[b] + 0.0).total_cmp(&(scores[a] + 0.0)));
+                keep[..before].fill(false);
+                for &r in &order[..top] {
+                    keep[r] = true;
+                }
+            }
+            for ((&t, w), _) in visible
+                .iter()
+                .zip(&weights)
+                .zip(&keep)
+                .filter(|(_, &kept)| kept)
+            {
                 let vr = &values[i][t * h + head * d..t * h + head * d + d];
                 for (acc, v) in o.iter_mut().zip(vr) {
                     *acc += w / total * v;
@@ -583,7 +607,15 @@ fn cpu_attention_layer<'r>(
         .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
         .collect();
     let q: Vec<f32> = bytemuck::pod_collect_to_vec(&back[0]);
-    let out = cpu_attention(&q, &keys, &values, &masks, c.n_head, len);
+    let out = cpu_attention(
+        &q,
+        &keys,
+        &values,
+        &masks,
+        c.n_head,
+        len,
+        step.attn_sparsity,
+    );
     tiers
         .queue()
         .write_buffer(&sc.attn, 0, bytemuck::cast_slice(&out));

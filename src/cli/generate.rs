@@ -188,6 +188,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gpu_batch_size: None,
         compress_weight,
         compress_cache,
+        // The all-GPU path takes the flag here; an offloading policy carries its own copy.
+        attn_sparsity: args.policy.attn_sparsity,
     };
     let offload = !args.policy.placement_flags_given().is_empty()
         || args.policy.offload_dir.is_some()

@@ -9,6 +9,10 @@
 //! All activations are f32; weights are f32, packed f16 or group-wise quantised ([`WeightFormat`]) and every kernel
 //! accumulates in f32.
 //!
+//! Attention sparsity: [`Recorder::sparse_attention`] (`sparse_attention.wgsl`) is the decode attention of
+//! `--attn-sparsity` below 1, keeping per (sequence, head) the new token and the [`sparse_top_k`] best-scoring
+//! earlier real tokens; its scores go through a third staging slot.
+//!
 //! # Packed (compressed) weights and caches
 //!
 //! A [`WeightFormat::Packed`] matrix is read by the compress module's kernels (`runtime/src/kernels/q4_*.wgsl`,
@@ -41,6 +45,7 @@ const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
 const SCATTER: &str = include_str!("kernels/scatter.wgsl");
 const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
+const SPARSE_ATTENTION: &str = include_str!("kernels/sparse_attention.wgsl");
 
 /// Rows one q4 dispatch handles along its grid's y dimension (the common per-dimension limit).
 const MAX_GRID_ROWS: usize = 65535;
@@ -54,13 +59,24 @@ enum Q4 {
     Attention,
 }
 
-/// Staging buffers: slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to quantise).
-const STAGING_SLOTS: usize = 2;
+/// Staging buffers: slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to quantise), slot 2 the
+/// sparse attention's scores.
+const STAGING_SLOTS: usize = 3;
+/// The staging slot of [`Recorder::sparse_attention`]'s scores.
+const SCORES_SLOT: usize = 2;
 
 /// Largest number of x rows the GEMV kernel handles (its register array); more rows use the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Largest head_dim the attention kernel handles (its workgroup memory).
 pub const MAX_HEAD_DIM: usize = 256;
+
+/// How many of `candidates` earlier positions top-k sparse attention keeps at `sparsity`:
+/// `floor(sparsity * candidates)` computed in f32 exactly as [`Recorder::sparse_attention`]'s kernel does, at most
+/// `candidates` (0 for a sparsity that is not positive). FlexLLMGen keeps `int(sparsity * (s - 1))` of the `s - 1`
+/// cached positions, padding included; strata counts only real tokens, so padding never changes a sequence's result.
+pub fn sparse_top_k(sparsity: f32, candidates: usize) -> usize {
+    ((sparsity * candidates as f32).floor() as usize).min(candidates)
+}
 
 /// Activation fused into a linear layer's output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +178,7 @@ pub struct Kernels {
     q4_gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 3],
     scatter: OnceLock<Kernel>,
     cache_rows: OnceLock<Kernel>,
+    sparse_attention: OnceLock<Kernel>,
     staging: Mutex<[Option<wgpu::Buffer>; STAGING_SLOTS]>,
     /// Bound where an optional input (bias, layer-norm affine) is absent.
     dummy: wgpu::Buffer,
@@ -230,6 +247,7 @@ impl Kernels {
             q4_gemv: Default::default(),
             scatter: OnceLock::new(),
             cache_rows: OnceLock::new(),
+            sparse_attention: OnceLock::new(),
             staging: Mutex::new(Default::default()),
             dummy: gpu.storage_buffer("absent input", 16),
             uniforms: Mutex::new(None),
@@ -294,6 +312,18 @@ impl Kernels {
     fn cache_rows(&self) -> &Kernel {
         self.cache_rows
             .get_or_init(|| build_kernel(&self.gpu, "cache_rows", &[CACHE_ROWS], "main", &[]))
+    }
+
+    fn sparse_attention(&self) -> &Kernel {
+        self.sparse_attention.get_or_init(|| {
+            build_kernel(
+                &self.gpu,
+                "sparse_attention",
+                &[SPARSE_ATTENTION],
+                "main",
+                &[],
+            )
+        })
     }
 
     /// Staging buffer `slot` of at least `bytes` bytes (a new, larger one replaces a smaller one; dispatches
@@ -975,6 +1005,52 @@ impl<'a> Recorder<'a> {
             &self.kernels.attention,
             &params,
             vec![(1, q), (2, k), (3, v), (4, mask), (5, out)],
+            groups,
+        );
+    }
+
+    /// Top-k sparse decode attention (`--attn-sparsity`): `q` is `[batch, hidden]`, one new token per sequence whose
+    /// key and value are already at row `shape.past` of the caches `k`, `v` (`[batch, capacity, hidden]`), `mask` is
+    /// `[batch, capacity]` (1 = real token), `out` is `[batch, hidden]`.
+    ///
+    /// Per (sequence, head), FlexLLMGen's rule: the softmax is taken over every visible key; the output sums the
+    /// value rows of the new token and of the [`sparse_top_k`]`(sparsity, n)` highest-scoring of the `n` visible
+    /// keys before it (equal scores: the earlier position first), each weighted by its softmax probability (no
+    /// renormalisation). With `sparsity` 1 every key is kept, which [`Recorder::attention`] computes faster.
+    /// Scores go through a staging buffer of `batch * heads * capacity` f32 owned by the kernels (sized once per
+    /// run). `shape.s_new` must be 1.
+    #[allow(clippy::too_many_arguments)] // Recorder::attention's inputs plus the sparsity
+    pub fn sparse_attention(
+        &mut self,
+        q: &'a wgpu::Buffer,
+        k: &'a wgpu::Buffer,
+        v: &'a wgpu::Buffer,
+        mask: &'a wgpu::Buffer,
+        out: &'a wgpu::Buffer,
+        shape: AttentionShape,
+        sparsity: f32,
+    ) {
+        debug_assert_eq!(shape.s_new, 1, "sparse attention is for decode steps");
+        let head_dim = shape.hidden / shape.n_head;
+        let pairs = shape.batch * shape.n_head;
+        let scores = self
+            .kernels
+            .staging(SCORES_SLOT, (pairs * shape.capacity * 4) as u64);
+        let params = [
+            u32_of(shape.past),
+            u32_of(shape.capacity),
+            u32_of(shape.hidden),
+            u32_of(shape.n_head),
+            u32_of(head_dim),
+            (head_dim as f32).powf(-0.5).to_bits(),
+            u32_of(shape.batch),
+            sparsity.to_bits(),
+        ];
+        let groups = self.grid(pairs);
+        self.dispatch(
+            self.kernels.sparse_attention(),
+            &params,
+            vec![(1, q), (2, k), (3, v), (4, mask), (5, &scores), (6, out)],
             groups,
         );
     }
