@@ -41,6 +41,9 @@ const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
 const SCATTER: &str = include_str!("kernels/scatter.wgsl");
 const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
+const CACHE_F32: &str = include_str!("kernels/cache_f32.wgsl");
+const CACHE_F16: &str = include_str!("kernels/cache_f16.wgsl");
+const CACHE_STORE_F16: &str = include_str!("kernels/cache_store_f16.wgsl");
 
 /// Rows one q4 dispatch handles along its grid's y dimension (the common per-dimension limit).
 const MAX_GRID_ROWS: usize = 65535;
@@ -124,6 +127,34 @@ impl OutRows {
     }
 }
 
+/// How an uncompressed KV cache stores its values (a compressed one is packed: [`crate::compress`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheDtype {
+    /// One f32 per value: what an f32 model's cache needs to match its reference within 1e-4.
+    #[default]
+    F32,
+    /// IEEE halves packed two per u32 (low half first): an f16 model's cache, half the bytes of f32 in every tier
+    /// and transfer (FlexLLMGen's cache is fp16 too).
+    F16,
+}
+
+impl CacheDtype {
+    /// Bytes per cached value.
+    pub const fn bytes(self) -> usize {
+        match self {
+            CacheDtype::F32 => 4,
+            CacheDtype::F16 => 2,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            CacheDtype::F32 => 0,
+            CacheDtype::F16 => 1,
+        }
+    }
+}
+
 /// Shape of one attention dispatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -154,13 +185,15 @@ pub struct Kernels {
     /// Per format, per row count 1..=8 (a pipeline constant), built on first use.
     gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 2],
     layer_norm: Kernel,
-    attention: Kernel,
+    /// Per [`CacheDtype`].
+    attention: [Kernel; 2],
     argmax: Kernel,
     sample: Kernel,
     /// q4 kernels by [`Q4`] and bit width (2, 4, 8), built on first use.
     q4: [[OnceLock<Kernel>; 3]; 5],
     scatter: OnceLock<Kernel>,
     cache_rows: OnceLock<Kernel>,
+    cache_store_f16: OnceLock<Kernel>,
     staging: Mutex<[Option<wgpu::Buffer>; STAGING_SLOTS]>,
     /// Bound where an optional input (bias, layer-norm affine) is absent.
     dummy: wgpu::Buffer,
@@ -213,12 +246,14 @@ impl Kernels {
             gemm: by_format("gemm", &[EPILOGUE, GEMM]),
             gemv: Default::default(),
             layer_norm: build("layer_norm", &[LAYER_NORM], "main"),
-            attention: build("attention", &[ATTENTION], "main"),
+            attention: [CACHE_F32, CACHE_F16]
+                .map(|cache| build("attention", &[cache, ATTENTION], "main")),
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
             q4: Default::default(),
             scatter: OnceLock::new(),
             cache_rows: OnceLock::new(),
+            cache_store_f16: OnceLock::new(),
             staging: Mutex::new(Default::default()),
             dummy: gpu.storage_buffer("absent input", 16),
             uniforms: Mutex::new(None),
@@ -276,6 +311,18 @@ impl Kernels {
     fn cache_rows(&self) -> &Kernel {
         self.cache_rows
             .get_or_init(|| build_kernel(&self.gpu, "cache_rows", &[CACHE_ROWS], "main", &[]))
+    }
+
+    fn cache_store_f16(&self) -> &Kernel {
+        self.cache_store_f16.get_or_init(|| {
+            build_kernel(
+                &self.gpu,
+                "cache_store_f16",
+                &[CACHE_STORE_F16],
+                "main",
+                &[],
+            )
+        })
     }
 
     /// Staging buffer `slot` of at least `bytes` bytes (a new, larger one replaces a smaller one; dispatches
@@ -925,12 +972,45 @@ impl<'a> Recorder<'a> {
         );
     }
 
-    /// Causal attention of `q` (`[batch * s_new, hidden]`) over the caches `k`, `v` (`[batch, capacity, hidden]`,
-    /// already holding this step's keys and values) under `mask` (`[batch, capacity]` u32, 1 = real token), into
-    /// `out` (`[batch * s_new, hidden]`). Scores are scaled by head_dim^-0.5.
+    /// Writes one step's keys or values `src` (`[batch * s_new, hidden]` f32) into the f16 cache `dst`
+    /// (`[batch, capacity, hidden]` halves) at positions `past..past + s_new` of each sequence. (An f32 cache is
+    /// written directly by the projection's epilogue, [`OutRows::cache`].)
+    pub fn store_cache_rows_f16(
+        &mut self,
+        src: &'a wgpu::Buffer,
+        dst: &'a wgpu::Buffer,
+        shape: AttentionShape,
+    ) {
+        let n = shape.batch * shape.s_new * shape.hidden / 2;
+        if n == 0 {
+            return;
+        }
+        let params = [
+            u32_of(shape.batch),
+            u32_of(shape.s_new),
+            u32_of(shape.past),
+            u32_of(shape.capacity),
+            u32_of(shape.hidden),
+            u32_of(n),
+            0,
+            0,
+        ];
+        let groups = self.grid(n.div_ceil(256));
+        self.dispatch(
+            self.kernels.cache_store_f16(),
+            &params,
+            vec![(1, src), (2, dst)],
+            groups,
+        );
+    }
+
+    /// Causal attention of `q` (`[batch * s_new, hidden]`) over the caches `k`, `v` (`[batch, capacity, hidden]`
+    /// values stored as `dtype`, already holding this step's keys and values) under `mask` (`[batch, capacity]`
+    /// u32, 1 = real token), into `out` (`[batch * s_new, hidden]`). Scores are scaled by head_dim^-0.5.
     #[allow(clippy::too_many_arguments)] // q, k, v, mask, out and the shape are all distinct inputs
     pub fn attention(
         &mut self,
+        dtype: CacheDtype,
         q: &'a wgpu::Buffer,
         k: &'a wgpu::Buffer,
         v: &'a wgpu::Buffer,
@@ -952,7 +1032,7 @@ impl<'a> Recorder<'a> {
         ];
         let groups = self.grid(rows * shape.n_head);
         self.dispatch(
-            &self.kernels.attention,
+            &self.kernels.attention[dtype.index()],
             &params,
             vec![(1, q), (2, k), (3, v), (4, mask), (5, out)],
             groups,
