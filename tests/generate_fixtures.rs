@@ -101,7 +101,15 @@ fn check(gpu: &Gpu, f: &Fixture, dtype: Option<DType>, tol: f32) {
 fn library_matches_transformers_on_every_fixture() {
     let gpu = Gpu::new(&GpuOptions::default()).unwrap();
     for f in fixtures() {
-        check(&gpu, &f, None, 1e-4);
+        // An f16 checkpoint keeps its KV cache in f16 (as transformers' own f16 inference does), while the reference
+        // computes in f32 over the f16-rounded weights: cached keys and values differ by half an f16 ulp (2^-12
+        // relative), which reaches the logits at a few 1e-4 of their scale. f32 checkpoints match within 1e-4.
+        let tol = if f.reference["dtype"] == "float16" {
+            2e-3
+        } else {
+            1e-4
+        };
+        check(&gpu, &f, None, tol);
     }
 }
 

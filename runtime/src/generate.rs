@@ -459,6 +459,7 @@ impl Generator {
             gbs,
             s,
             capacity,
+            self.model.cache_dtype(),
             scratch.as_ref().map(|(cc, s)| (*cc, s)),
         )?;
         let logits_bytes = (batch * c.vocab_size * 4) as u64;

@@ -19,7 +19,7 @@
 
 use crate::compress::{AttentionParams, CompressionConfig, PackedLayout};
 use crate::config::{Activation, ConfigError, DType, OptConfig};
-use crate::gpu::kernels::{Act, AttentionShape, OutRows, Recorder, MAX_HEAD_DIM};
+use crate::gpu::kernels::{Act, AttentionShape, CacheDtype, OutRows, Recorder, MAX_HEAD_DIM};
 use crate::gpu::tensor::{upload_vector, GpuMatrix, WeightFormat};
 use crate::gpu::{Gpu, GpuError};
 use crate::weights::{layer_tensors, model_tensors, TensorSpec, WeightError, WeightSource};
@@ -179,7 +179,9 @@ pub struct KvCache {
     pub batch: usize,
     /// Token rows per sequence (prompt + generated).
     pub capacity: usize,
-    /// How K and V are packed; `None`: f32.
+    /// How K and V are stored when not packed (f16 halves the bytes of every tier and transfer).
+    pub dtype: CacheDtype,
+    /// How K and V are packed; `None`: stored as `dtype`.
     pub compression: Option<CompressionConfig>,
     /// The f32 scratch a packed cache computes through (shared by every layer of a run); `None` for f32 caches.
     pub scratch: Option<CacheScratch>,
@@ -228,16 +230,17 @@ impl CacheScratch {
 
 impl KvCache {
     /// Allocates a cache for `batch` sequences of up to `capacity` tokens, packed under `compression` (computing
-    /// through `scratch`, which must cover `batch` and `capacity`) or f32 when `None`.
+    /// through `scratch`, which must cover `batch` and `capacity`) or stored as `dtype` when `None`.
     pub fn with_compression(
         gpu: &Gpu,
         config: &OptConfig,
         batch: usize,
         capacity: usize,
+        dtype: CacheDtype,
         compression: Option<(CompressionConfig, &CacheScratch)>,
     ) -> Result<Self, ModelError> {
         let Some((cc, scratch)) = compression else {
-            return Self::new(gpu, config, batch, capacity);
+            return Self::new(gpu, config, batch, capacity, dtype);
         };
         cc.validate()
             .map_err(|e| ModelError::Unsupported(format!("--compress-cache: {e}")))?;
@@ -258,6 +261,7 @@ impl KvCache {
             v: gpu.storage_buffer("packed v cache", layout.bytes()),
             batch,
             capacity,
+            dtype: CacheDtype::F32,
             compression: Some(cc),
             scratch: Some(scratch.clone()),
         })
@@ -277,14 +281,17 @@ impl KvCache {
         self.k.size() + self.v.size()
     }
 
-    /// Allocates a cache for `batch` sequences of up to `capacity` tokens.
+    /// Allocates a cache for `batch` sequences of up to `capacity` tokens, values stored as `dtype`.
     pub fn new(
         gpu: &Gpu,
         config: &OptConfig,
         batch: usize,
         capacity: usize,
+        dtype: CacheDtype,
     ) -> Result<Self, ModelError> {
-        let bytes = (batch * capacity * config.hidden_size * 4) as u64;
+        // Whole u32 words for f16 (an odd hidden size is refused by `GpuModel::cache_dtype`).
+        let bytes =
+            ((batch * capacity * config.hidden_size * dtype.bytes()) as u64).next_multiple_of(4);
         gpu.check_binding(
             "one layer's KV cache",
             bytes,
@@ -295,6 +302,7 @@ impl KvCache {
             v: gpu.storage_buffer("v cache", bytes),
             batch,
             capacity,
+            dtype,
             compression: None,
             scratch: None,
         })
@@ -547,6 +555,22 @@ impl GpuModel {
         Ok(model)
     }
 
+    /// How this model's uncompressed KV cache stores values: halves when its matrices are f16 (stored so, or an f16
+    /// checkpoint quantised), as the reference computes an f16 model's cache; f32 otherwise, so f32 checkpoints
+    /// match their reference within 1e-4. An odd hidden size keeps f32 (halves are written in pairs).
+    pub fn cache_dtype(&self) -> CacheDtype {
+        let f16 = match self.format {
+            WeightFormat::F16 => true,
+            WeightFormat::F32 => false,
+            WeightFormat::Packed(_) => self.config.dtype == DType::F16,
+        };
+        if f16 && self.config.hidden_size % 2 == 0 {
+            CacheDtype::F16
+        } else {
+            CacheDtype::F32
+        }
+    }
+
     /// Bytes of the matrices, biases and norms outside and inside the layers held on the GPU (packed words for a
     /// packed model).
     pub fn gpu_bytes(&self) -> u64 {
@@ -715,22 +739,25 @@ pub fn decoder_layer<'a>(
             rec, config, layer, cache, cc, scratch, state, ws, step, attn_in,
         ),
         _ => {
-            let (w, b) = lin(&layer.k_proj);
-            rec.linear(attn_in, rows, w, b, Act::None, &cache.k, into_cache, false);
-            let (w, b) = lin(&layer.v_proj);
-            rec.linear(attn_in, rows, w, b, Act::None, &cache.v, into_cache, false);
+            for (proj, dst) in [(&layer.k_proj, &cache.k), (&layer.v_proj, &cache.v)] {
+                let (w, b) = lin(proj);
+                match cache.dtype {
+                    CacheDtype::F32 => {
+                        rec.linear(attn_in, rows, w, b, Act::None, dst, into_cache, false)
+                    }
+                    CacheDtype::F16 => {
+                        // Through ws.attn (free until the attention writes it), then halved into the cache.
+                        rec.linear(attn_in, rows, w, b, Act::None, &ws.attn, dense, false);
+                        rec.store_cache_rows_f16(&ws.attn, dst, shape);
+                    }
+                }
+            }
+            let (k, v, mask) = (&cache.k, &cache.v, &state.mask);
             if step.is_sparse() {
-                rec.sparse_attention(
-                    &ws.q,
-                    &cache.k,
-                    &cache.v,
-                    &state.mask,
-                    &ws.attn,
-                    shape,
-                    step.attn_sparsity,
-                );
+                let sparsity = step.attn_sparsity;
+                rec.sparse_attention(cache.dtype, &ws.q, k, v, mask, &ws.attn, shape, sparsity);
             } else {
-                rec.attention(&ws.q, &cache.k, &cache.v, &state.mask, &ws.attn, shape);
+                rec.attention(cache.dtype, &ws.q, k, v, mask, &ws.attn, shape);
             }
         }
     }
@@ -840,6 +867,7 @@ fn packed_attention<'a>(
                 n_head: heads,
             };
             rec.sparse_attention(
+                CacheDtype::F32,
                 &ws.q,
                 &scratch.k,
                 &scratch.v,
@@ -912,7 +940,15 @@ fn packed_attention<'a>(
         hidden: h,
         n_head: heads,
     };
-    rec.attention(&ws.q, &scratch.k, &scratch.v, &state.mask, &ws.attn, shape);
+    rec.attention(
+        CacheDtype::F32,
+        &ws.q,
+        &scratch.k,
+        &scratch.v,
+        &state.mask,
+        &ws.attn,
+        shape,
+    );
     for (_, dense, packed) in kv {
         rec.permute_cache(dense, &scratch.pairs, batch, cap, heads, hd, 0..end, true);
         // Every row of every pair (positions past `end` hold finite leftovers that decode overwrites before use).

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 use crate::compress::{CompressionConfig, PackedLayout};
 use crate::config::OptConfig;
+use crate::gpu::kernels::CacheDtype;
 use crate::gpu::tensor::{vector_values, GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 use crate::model::{
@@ -423,12 +424,15 @@ pub struct CacheRange {
 /// slot's order, so a fetch or store is a set of plain copies with no repacking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheRows {
-    /// f32: the slot is `[batch, capacity, hidden]`, a home `[capacity, hidden]`; a token's row is contiguous.
-    F32 {
-        /// Floats per token row (hidden size).
+    /// Uncompressed: the slot is `[batch, capacity, hidden]`, a home `[capacity, hidden]` of `dtype` values; a
+    /// token's row is contiguous.
+    Dense {
+        /// Values per token row (hidden size).
         hidden: usize,
         /// Token rows per sequence.
         capacity: usize,
+        /// How values are stored.
+        dtype: CacheDtype,
     },
     /// Packed pair-major (see [`KvCache`]): the slot is `batch * heads * capacity` packed rows of head_dim (row
     /// `(i * heads + h) * capacity + t`, data section then scale section), a home the `heads * capacity` rows of
@@ -452,17 +456,20 @@ pub enum CacheRows {
 }
 
 impl CacheRows {
-    /// The layout of a cache slot for `gbs` sequences of `capacity` tokens, packed under `compression` or f32.
+    /// The layout of a cache slot for `gbs` sequences of `capacity` tokens, packed under `compression` or stored
+    /// as `dtype`.
     pub fn new(
         config: &OptConfig,
         gbs: usize,
         capacity: usize,
+        dtype: CacheDtype,
         compression: Option<CompressionConfig>,
     ) -> CacheRows {
         match compression {
-            None => CacheRows::F32 {
+            None => CacheRows::Dense {
                 hidden: config.hidden_size,
                 capacity,
+                dtype,
             },
             Some(cc) => {
                 let heads = config.n_head;
@@ -480,7 +487,11 @@ impl CacheRows {
     /// Bytes of one sequence's home (K or V).
     pub fn home_bytes(&self) -> u64 {
         match *self {
-            CacheRows::F32 { hidden, capacity } => (capacity * hidden * 4) as u64,
+            CacheRows::Dense {
+                hidden,
+                capacity,
+                dtype,
+            } => ((capacity * hidden * dtype.bytes()) as u64).next_multiple_of(4),
             CacheRows::Packed { home, .. } => home.bytes(),
         }
     }
@@ -511,8 +522,13 @@ impl CacheRows {
             _ => out.push(r),
         };
         match *self {
-            CacheRows::F32 { hidden, capacity } => {
-                let row = (hidden * 4) as u64;
+            CacheRows::Dense {
+                hidden,
+                capacity,
+                dtype,
+            } => {
+                // Whole u32 words: f16 rows have an even hidden size (`GpuModel::cache_dtype`).
+                let row = (hidden * dtype.bytes()) as u64;
                 push(CacheRange {
                     home: tokens.start as u64 * row,
                     slot: (i * capacity + tokens.start) as u64 * row,
@@ -604,6 +620,7 @@ impl RunHomes {
         gbs: usize,
         s_max: usize,
         capacity: usize,
+        cache_dtype: CacheDtype,
         cache_compression: Option<(CompressionConfig, &CacheScratch)>,
     ) -> Result<RunHomes, OffloadError> {
         let h = config.hidden_size;
@@ -617,7 +634,13 @@ impl RunHomes {
                 ))
             })
         };
-        let cache_rows = CacheRows::new(config, gbs, capacity, cache_compression.map(|(c, _)| c));
+        let cache_rows = CacheRows::new(
+            config,
+            gbs,
+            capacity,
+            cache_dtype,
+            cache_compression.map(|(c, _)| c),
+        );
         // Zero words decode to 0 in the packed format too.
         let seq_bytes = vec![0u8; cache_rows.home_bytes() as usize];
         let mut caches = Vec::new();
@@ -631,6 +654,7 @@ impl RunHomes {
                         config,
                         b,
                         capacity,
+                        cache_dtype,
                         cache_compression,
                     )?)));
                 } else {
@@ -649,6 +673,7 @@ impl RunHomes {
                             config,
                             gbs,
                             capacity,
+                            cache_dtype,
                             cache_compression,
                         )?);
                     }
@@ -692,6 +717,7 @@ impl RunHomes {
                 v: c.v.clone(),
                 batch: c.batch,
                 capacity: c.capacity,
+                dtype: c.dtype,
                 compression: c.compression,
                 scratch: c.scratch.clone(),
             },
@@ -710,10 +736,19 @@ impl RunHomes {
                         batch
                     },
                     capacity: slot.capacity,
+                    dtype: slot.dtype,
                     compression: slot.compression,
                     scratch: slot.scratch.clone(),
                 }
             }
+        }
+    }
+
+    /// How offloaded caches store their values when not packed.
+    pub fn cache_dtype(&self) -> CacheDtype {
+        match self.cache_rows {
+            CacheRows::Dense { dtype, .. } => dtype,
+            CacheRows::Packed { .. } => CacheDtype::F32,
         }
     }
 
@@ -817,7 +852,7 @@ mod tests {
 
     #[test]
     fn f32_cache_ranges_are_whole_token_rows() {
-        let rows = CacheRows::new(&OPT_125M, 4, 10, None);
+        let rows = CacheRows::new(&OPT_125M, 4, 10, CacheDtype::F32, None);
         let row = 768 * 4;
         assert_eq!(rows.home_bytes(), 10 * row);
         let decode = Step { s_new: 1, past: 7 };
@@ -844,7 +879,7 @@ mod tests {
     fn packed_cache_ranges_cover_each_heads_rows_in_both_sections() {
         let cc = CompressionConfig::DEFAULT;
         let (gbs, cap, heads) = (3, 10, OPT_125M.n_head);
-        let rows = CacheRows::new(&OPT_125M, gbs, cap, Some(cc));
+        let rows = CacheRows::new(&OPT_125M, gbs, cap, CacheDtype::F32, Some(cc));
         let slot = PackedLayout::new(gbs * heads * cap, 64, cc);
         let home = PackedLayout::new(heads * cap, 64, cc);
         assert_eq!(rows.home_bytes(), home.bytes());

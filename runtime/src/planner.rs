@@ -380,6 +380,18 @@ fn split_sequences(n: usize, gpu: f64, cpu: f64) -> [usize; 3] {
     [g, gc - g, n - gc]
 }
 
+/// Bytes per activation value: hidden states and scratch are f32 on the GPU and in every tier.
+const ACT_BYTES: u64 = 4;
+
+/// Bytes per uncompressed KV cache value as the runtime stores it: halves for an f16 model, f32 otherwise
+/// (`GpuModel::cache_dtype`).
+pub fn cache_value_bytes(config: &OptConfig) -> u64 {
+    match config.dtype {
+        crate::config::DType::F16 if config.hidden_size % 2 == 0 => 2,
+        _ => 4,
+    }
+}
+
 /// Per-sequence sizes the formulas share.
 struct Sizes {
     /// KV cache bytes of one sequence in one layer (K and V over prompt + gen positions).
@@ -393,18 +405,17 @@ struct Sizes {
 impl Sizes {
     fn new(config: &OptConfig, policy: &Policy, w: Workload) -> Sizes {
         let h = config.hidden_size as u64;
-        let dt = config.dtype.size_bytes();
         let kv = 2 * w.seq_len() as u64 * h;
         // A packed sequence home holds K and V as `heads * seq_len` rows of head_dim each.
         let cache_seq_layer = if policy.compress_cache {
             let rows = config.n_head * w.seq_len();
             2 * packed_bytes(rows, config.head_dim(), policy.compress_cache_config)
         } else {
-            kv * dt
+            kv * cache_value_bytes(config)
         };
         Sizes {
             cache_seq_layer,
-            act_seq: w.prompt_len as u64 * h * dt,
+            act_seq: w.prompt_len as u64 * h * ACT_BYTES,
             slots: if policy.overlap { 2 } else { 1 },
             gbs: policy.gpu_batch_size as u64,
         }
@@ -419,7 +430,7 @@ fn fixed_gpu_working(config: &OptConfig, policy: &Policy, w: Workload) -> (u64, 
     let nh = config.n_head as u64;
     let s = w.prompt_len as u64;
     let t = w.seq_len() as u64;
-    let dt = config.dtype.size_bytes();
+    let dt = ACT_BYTES;
     // CacheScratch: k, v and their pair-major copy `[gbs, seq, hidden]` f32, scores `[gbs, heads, seq]` f32.
     let cache_scratch = if policy.compress_cache {
         3 * 4 * g * t * h + 4 * g * nh * t
@@ -681,7 +692,8 @@ mod tests {
         let plan = plan(&c, &p, W).unwrap();
         assert_eq!(plan.weights.gpu, c.model_bytes());
         assert_eq!(plan.cache.gpu, c.cache_bytes(16, 544));
-        assert_eq!(plan.activations.gpu, c.hidden_bytes(16, 512));
+        // Activations are f32: twice FlexLLMGen's fp16 hidden bytes.
+        assert_eq!(plan.activations.gpu, 2 * c.hidden_bytes(16, 512));
         assert_eq!(
             plan.weights.cpu + plan.weights.disk + plan.cache.cpu + plan.activations.disk,
             0
@@ -697,7 +709,7 @@ mod tests {
             peak.gpu,
             c.model_bytes()
                 + c.cache_bytes(16, 544)
-                + c.hidden_bytes(16, 512)
+                + 2 * c.hidden_bytes(16, 512)
                 + plan.gpu_working.total()
         );
         // The summary the cost model uses: the tied LM head is the token embedding.
@@ -708,7 +720,7 @@ mod tests {
         // The scratch is the fp32 prefill attention scores of one GPU batch plus q, k, v, output.
         assert_eq!(
             plan.gpu_working.scratch,
-            4 * c.hidden_bytes(8, 512) + 4 * 8 * 32 * 512 * 512
+            8 * c.hidden_bytes(8, 512) + 4 * 8 * 32 * 512 * 512
         );
     }
 
@@ -735,7 +747,7 @@ mod tests {
         let positions = (c.num_positions() * c.hidden_size) as u64 * 2;
         assert_eq!(plan.weights.gpu, 48 * (fc2 + ln) + positions);
         assert_eq!(plan.cache.cpu, c.cache_bytes(4, 544), "default batch 4 x 1");
-        assert_eq!(plan.activations.cpu, c.hidden_bytes(4, 512));
+        assert_eq!(plan.activations.cpu, 2 * c.hidden_bytes(4, 512));
         // Double-buffered slots for the largest group's off-GPU part.
         assert!(plan.gpu_working.weight_slots >= 2 * c.layer_bytes() / 2);
     }
@@ -754,7 +766,7 @@ mod tests {
         assert_eq!(plan.cache_sequences, [6, 3, 3]);
         assert_eq!(plan.act_sequences, [6, 6, 0]);
         assert_eq!(plan.cache.disk, c.cache_bytes(3, 544));
-        assert_eq!(plan.activations.cpu, c.hidden_bytes(6, 512));
+        assert_eq!(plan.activations.cpu, 2 * c.hidden_bytes(6, 512));
         // Slots for a batch's 2 off-GPU sequences of one layer, double-buffered.
         assert_eq!(
             plan.gpu_working.cache_slots,

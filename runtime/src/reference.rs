@@ -245,6 +245,16 @@ impl ReferenceModel {
         y
     }
 
+    /// Keys or values as the runtime's KV cache holds them: rounded to halves for an f16 model (see
+    /// `planner::cache_value_bytes`), unchanged otherwise.
+    fn cached(&self, mut x: Vec<f32>) -> Vec<f32> {
+        if crate::planner::cache_value_bytes(&self.config) == 2 {
+            x.iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+        }
+        x
+    }
+
     fn norm(&self, x: &[f32], name: &str) -> Vec<f32> {
         let c = &self.config;
         let affine = c.layer_norm_elementwise_affine.then(|| {
@@ -314,8 +324,14 @@ impl ReferenceModel {
                 x.clone()
             };
             let q = self.linear(&a_in, len, &pre("self_attn.q_proj"), h, h);
-            let k = self.linear(&a_in, len, &pre("self_attn.k_proj"), h, h);
-            let v = self.linear(&a_in, len, &pre("self_attn.v_proj"), h, h);
+            let (mut k, mut v) = (
+                self.linear(&a_in, len, &pre("self_attn.k_proj"), h, h),
+                self.linear(&a_in, len, &pre("self_attn.v_proj"), h, h),
+            );
+            if packed.is_none() {
+                // A dense cache holds them as the runtime stores them (a packed one: round_trip below).
+                (k, v) = (self.cached(k), self.cached(v));
+            }
             let attend = |k: &[f32], v: &[f32]| {
                 if sparsity < 1.0 {
                     sparse_attention(&q, k, v, len, h, c.n_head, &visible, dense_rows, sparsity)

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 
 use crate::generate::Sampling;
-use crate::gpu::kernels::{Act, OutRows};
+use crate::gpu::kernels::{Act, CacheDtype, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{decoder_layer, BatchState, GpuModel, KvCache, LayerWeights, Step, Workspace};
 use crate::offload::{BatchAct, BatchCache, LayerStore, OffloadError, PartHome, RunHomes};
@@ -526,6 +526,30 @@ pub fn run_step(
     Ok(())
 }
 
+/// Cached values `bytes` (stored as `dtype`) as f32.
+fn decode_cache_values(bytes: &[u8], dtype: CacheDtype) -> Vec<f32> {
+    match dtype {
+        CacheDtype::F32 => bytemuck::pod_collect_to_vec(bytes),
+        CacheDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|p| half::f16::from_le_bytes([p[0], p[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// f32 values `bytes` in the cache's storage `dtype` (round to nearest, as the GPU's pack2x16float).
+fn encode_cache_values(bytes: &[u8], dtype: CacheDtype) -> Vec<u8> {
+    match dtype {
+        CacheDtype::F32 => bytes.to_vec(),
+        CacheDtype::F16 => bytes
+            .chunks_exact(4)
+            .flat_map(|v| {
+                half::f16::from_f32(f32::from_le_bytes([v[0], v[1], v[2], v[3]])).to_le_bytes()
+            })
+            .collect(),
+    }
+}
+
 /// One decoder layer of a decode step with attention on the CPU: q, k, v projected on the GPU and read back, the new
 /// k, v rows appended to the CPU-resident cache, attention computed on the CPU (rayon), its output uploaded, and the
 /// rest of the layer on the GPU. Mirrors [`decoder_layer`] around the attention.
@@ -581,7 +605,8 @@ fn cpu_attention_layer<'r>(
     let back = gpu.read_back(&[(&sc.q, 0, bytes), (&sc.k, 0, bytes), (&sc.v, 0, bytes)])?;
     let tiers = inp.tiers.ok_or_else(no_tiers)?;
     let len = step.past + 1;
-    let row = h * F32;
+    let dtype = homes.cache_dtype();
+    let (row, home_row) = (h * F32, h * dtype.bytes());
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     if let BatchCache::Homes(seqs) = &mut homes.caches[j][k] {
         for (i, seq) in seqs.iter_mut().enumerate() {
@@ -590,14 +615,17 @@ fn cpu_attention_layer<'r>(
                 (&mut seq.v, &back[2], &mut values),
             ] {
                 if let TensorHome::Cpu(t) = home {
-                    let new_row = &new[i * row..(i + 1) * row];
+                    // The new row as the cache stores it, so the CPU attends over what the GPU path would.
+                    let new_row = encode_cache_values(&new[i * row..(i + 1) * row], dtype);
                     // Read the cached rows first: on the DMA path a write lands only at the next submit.
-                    let mut rows: Vec<f32> = tiers
-                        .cpu()
-                        .with_bytes(t, |b| bytemuck::pod_collect_to_vec(&b[..step.past * row]))?;
-                    rows.extend_from_slice(bytemuck::cast_slice::<u8, f32>(new_row));
+                    let mut rows: Vec<f32> = tiers.cpu().with_bytes(t, |b| {
+                        decode_cache_values(&b[..step.past * home_row], dtype)
+                    })?;
+                    rows.extend(decode_cache_values(&new_row, dtype));
                     all.push(rows);
-                    tiers.cpu().write(t, (step.past * row) as u64, new_row)?;
+                    tiers
+                        .cpu()
+                        .write(t, (step.past * home_row) as u64, &new_row)?;
                 }
             }
         }

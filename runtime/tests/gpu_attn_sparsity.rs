@@ -4,7 +4,7 @@
 mod common;
 
 use common::{gpu, max_abs_diff, Rng};
-use strata_runtime::gpu::kernels::{sparse_top_k, AttentionShape, Kernels};
+use strata_runtime::gpu::kernels::{sparse_top_k, AttentionShape, CacheDtype::F32, Kernels};
 use strata_runtime::gpu::Gpu;
 use strata_runtime::reference;
 use strata_runtime::schedule::cpu_attention;
@@ -112,8 +112,8 @@ impl Case {
         };
         let mut rec = kernels.recorder();
         match sparsity {
-            Some(s) => rec.sparse_attention(&qb, &kb, &vb, &maskb, &out, shape, s),
-            None => rec.attention(&qb, &kb, &vb, &maskb, &out, shape),
+            Some(s) => rec.sparse_attention(F32, &qb, &kb, &vb, &maskb, &out, shape, s),
+            None => rec.attention(F32, &qb, &kb, &vb, &maskb, &out, shape),
         }
         rec.submit();
         gpu.read_f32(&out, 0, n).unwrap()

@@ -52,7 +52,8 @@ pub(crate) fn build(
     let h = c.hidden_size as f64;
     let f = c.ffn_embed_dim as f64;
     let b = (gbs * ngb) as f64;
-    let dt = c.dtype.size_bytes() as f64;
+    // Offloaded hidden states are f32 in the runtime; the cache is stored as the runtime stores it.
+    let act_bytes = 4.0;
     let bw = HardwareProfile::bytes_per_s;
     let fl = HardwareProfile::flop_per_s;
     let ctog = bw(hw.ctog);
@@ -77,7 +78,7 @@ pub(crate) fn build(
         let c = p.compress_cache_config;
         crate::compress::packed_bytes(1, c.group_size, c) as f64 / c.group_size as f64
     } else {
-        dt
+        crate::planner::cache_value_bytes(c) as f64
     };
 
     let mut lp = Lp::default();
@@ -89,7 +90,7 @@ pub(crate) fn build(
 
     // Prefill, per layer. GPU queue: weights and input activations up, output activations and new cache down,
     // then compute. CPU side: disk reads of weights and activations, disk writes of activations and cache.
-    let act_p = s * h * dt * b;
+    let act_p = s * h * act_bytes * b;
     let kv_p = 2.0 * s * h * cv * b;
     // Prefill computes logits at the last position only.
     let comp_p = b * (8.0 * s * h * h + 4.0 * s * h * f) / mm_p
@@ -115,7 +116,7 @@ pub(crate) fn build(
 
     // Decode, per layer and token, over the average context s + n/2.
     let ctx = s + n / 2.0;
-    let act_g = h * dt * b;
+    let act_g = h * act_bytes * b;
     let kv_new = 2.0 * h * cv * b;
     let kv_ctx = 2.0 * ctx * h * cv * b;
     let attn_flops = 4.0 * b * ctx * h;

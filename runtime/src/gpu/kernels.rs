@@ -46,6 +46,9 @@ const SELECT: &str = include_str!("kernels/select.wgsl");
 const SCATTER: &str = include_str!("kernels/scatter.wgsl");
 const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
 const SPARSE_ATTENTION: &str = include_str!("kernels/sparse_attention.wgsl");
+const CACHE_F32: &str = include_str!("kernels/cache_f32.wgsl");
+const CACHE_F16: &str = include_str!("kernels/cache_f16.wgsl");
+const CACHE_STORE_F16: &str = include_str!("kernels/cache_store_f16.wgsl");
 
 /// Rows one q4 dispatch handles along its grid's y dimension (the common per-dimension limit).
 const MAX_GRID_ROWS: usize = 65535;
@@ -139,6 +142,34 @@ impl OutRows {
     }
 }
 
+/// How an uncompressed KV cache stores its values (a compressed one is packed: [`crate::compress`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheDtype {
+    /// One f32 per value: what an f32 model's cache needs to match its reference within 1e-4.
+    #[default]
+    F32,
+    /// IEEE halves packed two per u32 (low half first): an f16 model's cache, half the bytes of f32 in every tier
+    /// and transfer (FlexLLMGen's cache is fp16 too).
+    F16,
+}
+
+impl CacheDtype {
+    /// Bytes per cached value.
+    pub const fn bytes(self) -> usize {
+        match self {
+            CacheDtype::F32 => 4,
+            CacheDtype::F16 => 2,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            CacheDtype::F32 => 0,
+            CacheDtype::F16 => 1,
+        }
+    }
+}
+
 /// Shape of one attention dispatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -169,7 +200,8 @@ pub struct Kernels {
     /// Per format, per row count 1..=8 (a pipeline constant), built on first use.
     gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 2],
     layer_norm: Kernel,
-    attention: Kernel,
+    /// Per [`CacheDtype`].
+    attention: [Kernel; 2],
     argmax: Kernel,
     sample: Kernel,
     /// q4 kernels by [`Q4`] and bit width (2, 4, 8), built on first use.
@@ -178,7 +210,9 @@ pub struct Kernels {
     q4_gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 3],
     scatter: OnceLock<Kernel>,
     cache_rows: OnceLock<Kernel>,
-    sparse_attention: OnceLock<Kernel>,
+    /// Per [`CacheDtype`], built on first use.
+    sparse_attention: [OnceLock<Kernel>; 2],
+    cache_store_f16: OnceLock<Kernel>,
     staging: Mutex<[Option<wgpu::Buffer>; STAGING_SLOTS]>,
     /// Bound where an optional input (bias, layer-norm affine) is absent.
     dummy: wgpu::Buffer,
@@ -240,14 +274,16 @@ impl Kernels {
             gemm: by_format("gemm", &[EPILOGUE, GEMM]),
             gemv: Default::default(),
             layer_norm: build("layer_norm", &[LAYER_NORM], "main"),
-            attention: build("attention", &[ATTENTION], "main"),
+            attention: [CACHE_F32, CACHE_F16]
+                .map(|cache| build("attention", &[cache, ATTENTION], "main")),
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
             q4: Default::default(),
             q4_gemv: Default::default(),
             scatter: OnceLock::new(),
             cache_rows: OnceLock::new(),
-            sparse_attention: OnceLock::new(),
+            sparse_attention: Default::default(),
+            cache_store_f16: OnceLock::new(),
             staging: Mutex::new(Default::default()),
             dummy: gpu.storage_buffer("absent input", 16),
             uniforms: Mutex::new(None),
@@ -314,12 +350,28 @@ impl Kernels {
             .get_or_init(|| build_kernel(&self.gpu, "cache_rows", &[CACHE_ROWS], "main", &[]))
     }
 
-    fn sparse_attention(&self) -> &Kernel {
-        self.sparse_attention.get_or_init(|| {
+    fn sparse_attention(&self, dtype: CacheDtype) -> &Kernel {
+        self.sparse_attention[dtype.index()].get_or_init(|| {
+            let cache = match dtype {
+                CacheDtype::F32 => CACHE_F32,
+                CacheDtype::F16 => CACHE_F16,
+            };
             build_kernel(
                 &self.gpu,
                 "sparse_attention",
-                &[SPARSE_ATTENTION],
+                &[cache, SPARSE_ATTENTION],
+                "main",
+                &[],
+            )
+        })
+    }
+
+    fn cache_store_f16(&self) -> &Kernel {
+        self.cache_store_f16.get_or_init(|| {
+            build_kernel(
+                &self.gpu,
+                "cache_store_f16",
+                &[CACHE_STORE_F16],
                 "main",
                 &[],
             )
@@ -975,12 +1027,45 @@ impl<'a> Recorder<'a> {
         );
     }
 
-    /// Causal attention of `q` (`[batch * s_new, hidden]`) over the caches `k`, `v` (`[batch, capacity, hidden]`,
-    /// already holding this step's keys and values) under `mask` (`[batch, capacity]` u32, 1 = real token), into
-    /// `out` (`[batch * s_new, hidden]`). Scores are scaled by head_dim^-0.5.
+    /// Writes one step's keys or values `src` (`[batch * s_new, hidden]` f32) into the f16 cache `dst`
+    /// (`[batch, capacity, hidden]` halves) at positions `past..past + s_new` of each sequence. (An f32 cache is
+    /// written directly by the projection's epilogue, [`OutRows::cache`].)
+    pub fn store_cache_rows_f16(
+        &mut self,
+        src: &'a wgpu::Buffer,
+        dst: &'a wgpu::Buffer,
+        shape: AttentionShape,
+    ) {
+        let n = shape.batch * shape.s_new * shape.hidden / 2;
+        if n == 0 {
+            return;
+        }
+        let params = [
+            u32_of(shape.batch),
+            u32_of(shape.s_new),
+            u32_of(shape.past),
+            u32_of(shape.capacity),
+            u32_of(shape.hidden),
+            u32_of(n),
+            0,
+            0,
+        ];
+        let groups = self.grid(n.div_ceil(256));
+        self.dispatch(
+            self.kernels.cache_store_f16(),
+            &params,
+            vec![(1, src), (2, dst)],
+            groups,
+        );
+    }
+
+    /// Causal attention of `q` (`[batch * s_new, hidden]`) over the caches `k`, `v` (`[batch, capacity, hidden]`
+    /// values stored as `dtype`, already holding this step's keys and values) under `mask` (`[batch, capacity]`
+    /// u32, 1 = real token), into `out` (`[batch * s_new, hidden]`). Scores are scaled by head_dim^-0.5.
     #[allow(clippy::too_many_arguments)] // q, k, v, mask, out and the shape are all distinct inputs
     pub fn attention(
         &mut self,
+        dtype: CacheDtype,
         q: &'a wgpu::Buffer,
         k: &'a wgpu::Buffer,
         v: &'a wgpu::Buffer,
@@ -1002,7 +1087,7 @@ impl<'a> Recorder<'a> {
         ];
         let groups = self.grid(rows * shape.n_head);
         self.dispatch(
-            &self.kernels.attention,
+            &self.kernels.attention[dtype.index()],
             &params,
             vec![(1, q), (2, k), (3, v), (4, mask), (5, out)],
             groups,
@@ -1010,7 +1095,8 @@ impl<'a> Recorder<'a> {
     }
 
     /// Top-k sparse decode attention (`--attn-sparsity`): `q` is `[batch, hidden]`, one new token per sequence whose
-    /// key and value are already at row `shape.past` of the caches `k`, `v` (`[batch, capacity, hidden]`), `mask` is
+    /// key and value are already at row `shape.past` of the caches `k`, `v` (`[batch, capacity, hidden]` values
+    /// stored as `dtype`), `mask` is
     /// `[batch, capacity]` (1 = real token), `out` is `[batch, hidden]`.
     ///
     /// Per (sequence, head), FlexLLMGen's rule: the softmax is taken over every visible key; the output sums the
@@ -1022,6 +1108,7 @@ impl<'a> Recorder<'a> {
     #[allow(clippy::too_many_arguments)] // Recorder::attention's inputs plus the sparsity
     pub fn sparse_attention(
         &mut self,
+        dtype: CacheDtype,
         q: &'a wgpu::Buffer,
         k: &'a wgpu::Buffer,
         v: &'a wgpu::Buffer,
@@ -1048,7 +1135,7 @@ impl<'a> Recorder<'a> {
         ];
         let groups = self.grid(pairs);
         self.dispatch(
-            self.kernels.sparse_attention(),
+            self.kernels.sparse_attention(dtype),
             &params,
             vec![(1, q), (2, k), (3, v), (4, mask), (5, &scores), (6, out)],
             groups,

@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use super::measure::{GpuField, GpuProbe};
 use crate::config::DType;
-use crate::gpu::kernels::{Act, AttentionShape, Kernels, OutRows, GEMV_MAX_ROWS, MAX_HEAD_DIM};
+use crate::gpu::kernels::{
+    Act, AttentionShape, CacheDtype, Kernels, OutRows, GEMV_MAX_ROWS, MAX_HEAD_DIM,
+};
 use crate::gpu::tensor::{GpuMatrix, WeightFormat};
 use crate::gpu::{Gpu, GpuError};
 use crate::tiers::{measure_bandwidth, TierOptions, Tiers};
@@ -249,7 +251,9 @@ impl RuntimeProbe {
             hidden: h,
             n_head: heads,
         };
-        let secs = self.time(|rec| rec.attention(&q, &k, &v, &mask, &out, shape))?;
+        // An f16 cache, as the f16 models the profile plans for keep (the f32 buffers are only partly read).
+        let dtype = CacheDtype::F16;
+        let secs = self.time(|rec| rec.attention(dtype, &q, &k, &v, &mask, &out, shape))?;
         // The cost model's counts: 4 b s^2 h for a prefill, 4 b ctx h for one decode token.
         let flops = if prefill {
             4.0 * (b * seq * seq * h) as f64

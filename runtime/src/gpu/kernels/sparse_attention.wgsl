@@ -26,8 +26,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> kc: array<f32>;
-@group(0) @binding(3) var<storage, read> vc: array<f32>;
+// Bindings 2 and 3, the keys and values, come with load_k / load_v from cache_f32.wgsl or cache_f16.wgsl.
 @group(0) @binding(4) var<storage, read> mask: array<u32>;
 @group(0) @binding(5) var<storage, read_write> scores: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
@@ -110,7 +109,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let k_base = (seq + j) * params.hidden + head * d_len;
             var dot = 0.0;
             for (var d = 0u; d < d_len; d++) {
-                dot = fma(qs[d], kc[k_base + d], dot);
+                dot = fma(qs[d], load_k(k_base + d), dot);
             }
             s = dot * params.scale;
             m_local = max(m_local, s);
@@ -211,7 +210,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 for (var jj = 0u; jj < n_keys; jj++) {
                     let pj = probs[jj];
                     if (pj != 0.0) {
-                        a = fma(pj, vc[(seq + j0 + jj) * params.hidden + head * d_len + d], a);
+                        a = fma(pj, load_v((seq + j0 + jj) * params.hidden + head * d_len + d), a);
                     }
                 }
                 acc[c] = a;

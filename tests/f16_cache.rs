@@ -1,0 +1,149 @@
+//! An f16 checkpoint keeps its KV cache in f16: half the bytes of an f32 cache in every tier, and every offloading
+//! policy (the cache on the CPU or disk, attention on the GPU or, with `cpu_cache_compute`, on the CPU) still
+//! reproduces the all-GPU run: identical greedy ids and logits within 1e-4 of it.
+
+use std::path::{Path, PathBuf};
+
+use strata::checkpoint::Checkpoint;
+use strata::generate::{GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling};
+use strata::gpu::kernels::CacheDtype;
+use strata::gpu::{Gpu, GpuOptions};
+use strata::policy::{Percent, Policy};
+
+fn fixture() -> (PathBuf, Vec<Vec<u32>>, usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/f16");
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(reference["dtype"], "float16");
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
+    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    (dir, prompts, new)
+}
+
+fn options(new: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: new,
+        sampling: Sampling::Greedy,
+        ignore_eos: true,
+        record_logits: true,
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
+    let gpu = Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)");
+    let (dir, prompts, new) = fixture();
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let all_gpu = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default()).unwrap();
+    assert_eq!(all_gpu.model().cache_dtype(), CacheDtype::F16);
+    let baseline = all_gpu.generate(&prompts, &options(new)).unwrap();
+    let c = *all_gpu.config();
+    let n = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let offload = tempfile::tempdir().unwrap();
+
+    for (what, percent, cpu_cache_compute, batches) in [
+        (
+            "cache on CPU",
+            [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],
+            false,
+            1,
+        ),
+        (
+            "cache on CPU, attention on the CPU",
+            [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],
+            true,
+            1,
+        ),
+        (
+            "weights and cache on disk, 2 GPU batches",
+            [0.0, 0.0, 0.0, 0.0, 100.0, 0.0],
+            false,
+            2,
+        ),
+    ] {
+        let policy = Policy {
+            gpu_batch_size: n.div_ceil(batches),
+            num_gpu_batches: batches,
+            percent: Percent::from_array(percent),
+            cpu_cache_compute,
+            offload_dir: Some(offload.path().to_path_buf()),
+            ..Policy::default()
+        };
+        let gen = Generator::with_policy(
+            &gpu,
+            &checkpoint,
+            &GeneratorOptions::default(),
+            &policy,
+            &|_| {},
+        )
+        .unwrap();
+        let out: GenerateOutput = gen.generate(&prompts, &options(new)).unwrap();
+        assert_eq!(out.generated_ids, baseline.generated_ids, "{what}");
+        let diff = max_abs_diff(
+            out.logits.as_ref().unwrap(),
+            baseline.logits.as_ref().unwrap(),
+        );
+        assert!(diff < 1e-4, "{what}: logits differ by {diff}");
+        if percent[3] == 100.0 {
+            // Every sequence's K and V of every layer on the CPU, as halves: capacity tokens x hidden x 2 bytes.
+            let report = gen.tiers().unwrap().report();
+            let capacity = longest + new - 1;
+            let f16_cache = (2 * c.num_hidden_layers * n * capacity * c.hidden_size * 2) as u64;
+            assert!(
+                report.cpu.peak_bytes >= f16_cache && report.cpu.peak_bytes < 2 * f16_cache,
+                "{what}: CPU tier peak {} B for an f16 cache of {f16_cache} B",
+                report.cpu.peak_bytes
+            );
+        }
+    }
+
+    // Sparse decode attention over the f16 cache: the GPU kernel (all on the GPU) and the CPU path (cache on the
+    // CPU, cpu_cache_compute) read the same halves and keep the same positions.
+    let sparse = GeneratorOptions {
+        attn_sparsity: Some(0.5),
+        ..Default::default()
+    };
+    let gpu_sparse = Generator::new(&gpu, &checkpoint, &sparse)
+        .unwrap()
+        .generate(&prompts, &options(new))
+        .unwrap();
+    let policy = Policy {
+        gpu_batch_size: n,
+        num_gpu_batches: 1,
+        percent: Percent::from_array([100.0, 0.0, 0.0, 100.0, 100.0, 0.0]),
+        cpu_cache_compute: true,
+        attn_sparsity: 0.5,
+        ..Policy::default()
+    };
+    let cpu_sparse = Generator::with_policy(&gpu, &checkpoint, &sparse, &policy, &|_| {})
+        .unwrap()
+        .generate(&prompts, &options(new))
+        .unwrap();
+    assert_eq!(cpu_sparse.generated_ids, gpu_sparse.generated_ids);
+    let diff = max_abs_diff(
+        cpu_sparse.logits.as_ref().unwrap(),
+        gpu_sparse.logits.as_ref().unwrap(),
+    );
+    assert!(diff < 1e-4, "sparse attention: logits differ by {diff}");
+    // And sparsity changed something, so the comparison above is not the dense one again.
+    let dense_diff = max_abs_diff(
+        gpu_sparse.logits.as_ref().unwrap(),
+        baseline.logits.as_ref().unwrap(),
+    );
+    assert!(dense_diff > 1e-3, "sparsity 0.5 left the logits unchanged");
+
+    assert_eq!(
+        std::fs::read_dir(offload.path()).unwrap().count(),
+        0,
+        "offload files left behind"
+    );
+}
