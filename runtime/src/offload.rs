@@ -855,7 +855,7 @@ mod tests {
         let rows = CacheRows::new(&OPT_125M, 4, 10, CacheDtype::F32, None);
         let row = 768 * 4;
         assert_eq!(rows.home_bytes(), 10 * row);
-        let decode = Step { s_new: 1, past: 7 };
+        let decode = Step::new(1, 7);
         assert_eq!(
             rows.fetch_ranges(2, decode),
             [CacheRange {
@@ -872,7 +872,7 @@ mod tests {
                 len: row
             }]
         );
-        assert!(rows.fetch_ranges(0, Step { s_new: 6, past: 0 }).is_empty());
+        assert!(rows.fetch_ranges(0, Step::new(6, 0)).is_empty());
     }
 
     #[test]
@@ -886,7 +886,7 @@ mod tests {
         // head_dim 64 at 4 bits / 64: 8 data words and 1 scale word per row.
         let (wpr, gpr) = (8u64, 1u64);
         let i = 1;
-        let decode = Step { s_new: 1, past: 4 };
+        let decode = Step::new(1, 4);
         let store = rows.store_ranges(i, decode);
         assert_eq!(
             store.len(),
@@ -914,24 +914,12 @@ mod tests {
             );
         }
         // A step covering every row of a sequence is one run per section: the sequence's whole block.
-        let all = rows.store_ranges(
-            i,
-            Step {
-                s_new: cap,
-                past: 0,
-            },
-        );
+        let all = rows.store_ranges(i, Step::new(cap, 0));
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].len + all[1].len, home.bytes());
         assert_eq!(all[0].slot, 4 * (i * heads * cap) as u64 * wpr);
         // Every range stays inside its home and the slot.
-        for r in rows.fetch_ranges(
-            gbs - 1,
-            Step {
-                s_new: 1,
-                past: cap - 1,
-            },
-        ) {
+        for r in rows.fetch_ranges(gbs - 1, Step::new(1, cap - 1)) {
             assert!(r.home + r.len <= home.bytes() && r.slot + r.len <= slot.bytes());
         }
     }
