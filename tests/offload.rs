@@ -105,6 +105,8 @@ fn every_policy_matches_the_all_gpu_run() {
     for name in F32_FIXTURES {
         let (dir, prompts, new) = fixture(name);
         let n = prompts.len();
+        // Two GPU batches for every fixture (they have 2 or 3 prompts).
+        let half = n.div_ceil(2);
         let checkpoint = Checkpoint::open(&dir).unwrap();
         let baseline = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default())
             .unwrap()
@@ -171,7 +173,7 @@ fn every_policy_matches_the_all_gpu_run() {
                 )),
             ),
             (
-                "cpu cache compute, offloaded activations (GPU attention path)",
+                "cpu cache compute, activations on CPU",
                 cpu_compute(policy(
                     [100.0, 0.0, 0.0, 100.0, 0.0, 100.0],
                     n,
@@ -181,7 +183,27 @@ fn every_policy_matches_the_all_gpu_run() {
                 )),
             ),
             (
-                "cpu cache compute, 1 x 3, offloaded weights and activations (GPU attention path)",
+                "cpu cache compute, 2 GPU batches, activations on CPU",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 0.0, 100.0],
+                    half,
+                    2,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, 2 GPU batches, activations on disk, no overlap",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 0.0, 0.0],
+                    half,
+                    2,
+                    false,
+                    disk,
+                )),
+            ),
+            (
+                "cpu cache compute, 1 x 3, offloaded weights and activations",
                 cpu_compute(policy(
                     [20.0, 60.0, 0.0, 100.0, 0.0, 100.0],
                     1,

@@ -20,8 +20,8 @@
 //! fetch is recorded, so they never hold the GPU up more than the data dependency requires. With `overlap` false the
 //! same steps run in order with one weight slot.
 //!
-//! `cpu_cache_compute`: at decode, a GPU batch whose KV cache lives wholly in CPU memory (and whose activations stay
-//! on the GPU) runs attention on the CPU instead ([`cpu_attention`], rayon over sequence x head): q, k, v are
+//! `cpu_cache_compute`: at decode, a GPU batch whose KV cache lives wholly in CPU memory runs attention on the CPU
+//! instead ([`cpu_attention`], rayon over sequence x head): q, k, v are
 //! projected on the GPU and read back, the new k, v rows appended to the CPU cache, the attention output uploaded,
 //! and the rest of the layer runs on the GPU. Other batches (and every prefill) take the GPU path.
 
@@ -338,8 +338,6 @@ pub fn run_step(
             inp.cpu_cache_compute
                 && step.past > 0
                 && step.s_new == 1
-                // Offloaded activations with CPU attention do not yet reproduce the GPU path: those batches take it.
-                && matches!(homes.acts[k], BatchAct::Resident)
                 && homes.caches.iter().all(|row| match &row[k] {
                     BatchCache::Homes(seqs) => seqs
                         .iter()
@@ -442,8 +440,10 @@ pub fn run_step(
                 rec = flush(rec, kernels);
                 let tiers = io.tiers()?;
                 let mut enc = encoder(tiers.device());
-                if let (BatchCache::Homes(seqs), Some(slot)) =
-                    (&mut homes.caches[j][k], &homes.cache_slot)
+                // Only a batch that computed in the cache slot has new rows there: a CPU-attention batch appended
+                // its rows to the homes itself (storing the slot would overwrite them with stale rows).
+                if let (true, BatchCache::Homes(seqs), Some(slot)) =
+                    (cache_off, &mut homes.caches[j][k], &homes.cache_slot)
                 {
                     let seq_bytes = (slot.capacity * h * F32) as u64;
                     let past_bytes = (step.past * h * F32) as u64;
