@@ -81,6 +81,24 @@ fn run_policy(
     if !p.percent.uses_disk() {
         assert_eq!(report.disk.peak_bytes, 0);
     }
+    // Slot buffers come from the GPU tier's pool, so its report counts them: with no sequence's cache (activations)
+    // on the GPU, every GPU batch computes through the cache slots (activation slot).
+    let c = checkpoint.config();
+    let s = prompts.iter().map(Vec::len).max().unwrap();
+    let f32_rows = |rows: usize| (rows * c.hidden_size * 4) as u64;
+    let cache_slots = if p.overlap { 2 } else { 1 };
+    let mut slots = 0;
+    if pct.cache.gpu == 0.0 {
+        slots += cache_slots * 2 * f32_rows(p.gpu_batch_size * (s + new));
+    }
+    if pct.act.gpu == 0.0 {
+        slots += f32_rows(p.gpu_batch_size * s);
+    }
+    assert!(
+        report.gpu.allocated.peak_bytes >= slots,
+        "{p:?}: the GPU pool's peak {} misses slot buffers of {slots} bytes",
+        report.gpu.allocated.peak_bytes
+    );
     Ok(out)
 }
 
