@@ -284,3 +284,50 @@ fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
         .to_string();
     assert!(err.contains("--num-gpu-batches"), "{err}");
 }
+
+#[test]
+fn an_offloaded_homes_write_back_lands_before_it_is_read() {
+    use strata::offload::Home;
+    use strata::tiers::{DiskOptions, TensorHome, Tier, TierOptions, Tiers};
+    let gpu = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let tiers = Tiers::new(
+        &gpu.device,
+        &gpu.queue,
+        TierOptions {
+            cpu_path: None,
+            disk: Some(DiskOptions::new(dir.path())),
+        },
+    )
+    .unwrap();
+    // Large enough that a read racing the disk write would see a partly written file.
+    let len = 24 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let src = gpu.storage_buffer_init("source rows", &data).unwrap();
+    for tier in [Tier::Gpu, Tier::Cpu, Tier::Disk] {
+        let mut home = Home::new(tiers.place(tier, "home", &vec![0u8; len]).unwrap());
+        for round in 0..2 {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            let pending = tiers.store(&src, 0, home.for_store(), &mut enc).unwrap();
+            tiers.prepare_submit(&enc);
+            gpu.queue.submit([enc.finish()]);
+            home.stored(&tiers, pending).unwrap();
+            // Moving a store on more than once (the schedule's drain, then a read) keeps its write in flight.
+            if round == 0 {
+                home.start_write(&tiers).unwrap();
+                home.start_write(&tiers).unwrap();
+            }
+            let settled = home.settle(&tiers).unwrap();
+            // A disk home is read straight from its file, on this thread, so nothing queues the read behind the
+            // write on the disk tier's threads.
+            let bytes = match &*settled {
+                TensorHome::Disk(t) => std::fs::read(t.path()).unwrap(),
+                other => tiers.read(other).unwrap(),
+            };
+            assert!(
+                bytes == data,
+                "{tier} home, round {round}: read before its write-back landed"
+            );
+        }
+    }
+}
