@@ -171,6 +171,10 @@ fn every_policy_matches_the_all_gpu_run() {
                 policy([100.0, 0.0, 50.0, 50.0, 50.0, 0.0], 2, 2, true, disk),
             ),
             (
+                "2 GPU batches, cache on disk, read ahead",
+                policy([100.0, 0.0, 0.0, 0.0, 100.0, 0.0], half, 2, true, disk),
+            ),
+            (
                 "cpu cache compute",
                 cpu_compute(policy(
                     [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],

@@ -10,7 +10,8 @@
 //!                                                                      --   disk reads of layer j+2 start on threads
 //!         (j, k)'s KV rows [0, past) into cache slot n % 2             --   unless fetched ahead by item n-1
 //!         (j, k)'s hidden rows into the activation slot
-//!         overlap: item n+1's KV rows into the other cache slot        --   (j, k+1), or (j+1, 0)
+//!         overlap: item n+1's KV rows into the other cache slot        --   (j, k+1), or (j+1, 0); disk reads of
+//!                                                                      --   item n+2's rows start on threads
 //!       compute(j, k): decoder_layer, or CPU attention                 -- weights loaded once, reused for every k
 //!       store(j, k): new KV rows [past, past + s_new), hidden rows     -- streamed back behind the compute
 //!   logits of every GPU batch (fetching offloaded hidden rows), token choice
@@ -216,6 +217,8 @@ struct Schedule<'v, 'a> {
     on_cpu: Vec<bool>,
     /// Disk reads of offloaded weights started ahead, by (layer, buffer).
     tickets: HashMap<(usize, usize), Ticket<Vec<u8>>>,
+    /// Disk reads of KV rows started ahead, by (item, sequence, keys).
+    cache_reads: HashMap<(usize, usize, bool), Ticket<Vec<u8>>>,
     /// The homes of each submitted item's stores, oldest first, not yet moved on ([`crate::offload::Home`]).
     stores: VecDeque<Vec<Target>>,
     /// Homes whose writes the last drain started.
@@ -263,6 +266,7 @@ pub fn run_step(
         rec: inp.kernels.recorder(),
         on_cpu,
         tickets: HashMap::new(),
+        cache_reads: HashMap::new(),
         stores: VecDeque::new(),
         writing: Vec::new(),
         prefetched: None,
@@ -421,7 +425,8 @@ impl<'v> Schedule<'v, '_> {
         Ok(())
     }
 
-    /// With overlap, layer 0's weights are queued first and layer 1's disk reads start now.
+    /// With overlap, layer 0's weights are queued first, and the disk reads of layer 1's weights and of the first
+    /// two items' KV rows start now.
     fn prologue(&mut self) -> Result<(), OffloadError> {
         if self.inp.overlap && self.inp.layers.is_offloaded(0) {
             let mut enc = self.transfers()?;
@@ -429,7 +434,8 @@ impl<'v> Schedule<'v, '_> {
             self.submit(enc, Vec::new())?;
             self.prefetch_layer(1)?;
         }
-        Ok(())
+        self.read_ahead(0)?;
+        self.read_ahead(1)
     }
 
     /// Embeds GPU batch `k` and stores its offloaded hidden rows.
@@ -461,6 +467,8 @@ impl<'v> Schedule<'v, '_> {
             && self.homes.cache_slot_count() >= 2
             && n + 1 < items
             && self.cache_in(n + 1);
+        // The disk reads the item after next's KV rows while this one's transfers and compute run.
+        self.read_ahead(n + 2)?;
         if !(weights || cache_now || self.act_off[k] || cache_next) {
             return Ok(());
         }
@@ -655,8 +663,39 @@ impl<'v> Schedule<'v, '_> {
         if let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] {
             for (i, seq) in seqs.iter_mut().enumerate() {
                 let at = i as u64 * seq_bytes;
-                tiers.fetch_range(seq.k.settle(tiers)?, 0, past_bytes, &slot.k, at, enc)?;
-                tiers.fetch_range(seq.v.settle(tiers)?, 0, past_bytes, &slot.v, at, enc)?;
+                for (keys, home, dst) in [(true, &mut seq.k, &slot.k), (false, &mut seq.v, &slot.v)]
+                {
+                    match self.cache_reads.remove(&(n, i, keys)) {
+                        Some(read) => tiers.fetch_host(&read.wait()?, dst, at, enc)?,
+                        None => {
+                            tiers.fetch_range(home.settle(tiers)?, 0, past_bytes, dst, at, enc)?
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With overlap, starts reading item `n`'s disk-resident KV rows [0, past) on the disk tier's threads; its fetch
+    /// takes the bytes. Nothing writes those homes in between: an item's rows are stored only after its compute.
+    fn read_ahead(&mut self, n: usize) -> Result<(), OffloadError> {
+        let nb = self.batches();
+        if !self.inp.overlap || n >= self.homes.caches.len() * nb || !self.cache_in(n) {
+            return Ok(());
+        }
+        let tiers = self.tiers()?;
+        let past_bytes = (self.step.past * self.inp.model.config.hidden_size * F32) as u64;
+        if let BatchCache::Homes(seqs) = &mut self.homes.caches[n / nb][n % nb] {
+            for (i, seq) in seqs.iter_mut().enumerate() {
+                for (keys, home) in [(true, &mut seq.k), (false, &mut seq.v)] {
+                    if let TensorHome::Disk(t) = home.settle(tiers)? {
+                        let read = tiers
+                            .disk()?
+                            .prefetch_range_into(t, 0, past_bytes, Vec::new());
+                        self.cache_reads.insert((n, i, keys), read);
+                    }
+                }
             }
         }
         Ok(())
