@@ -81,6 +81,24 @@ fn run_policy(
     if !p.percent.uses_disk() {
         assert_eq!(report.disk.peak_bytes, 0);
     }
+    // Slot buffers come from the GPU tier's pool, so its report counts them: with no sequence's cache (activations)
+    // on the GPU, every GPU batch computes through the cache slots (activation slot).
+    let c = checkpoint.config();
+    let s = prompts.iter().map(Vec::len).max().unwrap();
+    let f32_rows = |rows: usize| (rows * c.hidden_size * 4) as u64;
+    let cache_slots = if p.overlap { 2 } else { 1 };
+    let mut slots = 0;
+    if pct.cache.gpu == 0.0 {
+        slots += cache_slots * 2 * f32_rows(p.gpu_batch_size * (s + new));
+    }
+    if pct.act.gpu == 0.0 {
+        slots += f32_rows(p.gpu_batch_size * s);
+    }
+    assert!(
+        report.gpu.allocated.peak_bytes >= slots,
+        "{p:?}: the GPU pool's peak {} misses slot buffers of {slots} bytes",
+        report.gpu.allocated.peak_bytes
+    );
     Ok(out)
 }
 
@@ -105,6 +123,8 @@ fn every_policy_matches_the_all_gpu_run() {
     for name in F32_FIXTURES {
         let (dir, prompts, new) = fixture(name);
         let n = prompts.len();
+        // Two GPU batches for every fixture (they have 2 or 3 prompts).
+        let half = n.div_ceil(2);
         let checkpoint = Checkpoint::open(&dir).unwrap();
         let baseline = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default())
             .unwrap()
@@ -151,6 +171,10 @@ fn every_policy_matches_the_all_gpu_run() {
                 policy([100.0, 0.0, 50.0, 50.0, 50.0, 0.0], 2, 2, true, disk),
             ),
             (
+                "2 GPU batches, cache on disk, read ahead",
+                policy([100.0, 0.0, 0.0, 0.0, 100.0, 0.0], half, 2, true, disk),
+            ),
+            (
                 "cpu cache compute",
                 cpu_compute(policy(
                     [100.0, 0.0, 0.0, 100.0, 100.0, 0.0],
@@ -171,7 +195,7 @@ fn every_policy_matches_the_all_gpu_run() {
                 )),
             ),
             (
-                "cpu cache compute, offloaded activations (GPU attention path)",
+                "cpu cache compute, activations on CPU",
                 cpu_compute(policy(
                     [100.0, 0.0, 0.0, 100.0, 0.0, 100.0],
                     n,
@@ -181,7 +205,27 @@ fn every_policy_matches_the_all_gpu_run() {
                 )),
             ),
             (
-                "cpu cache compute, 1 x 3, offloaded weights and activations (GPU attention path)",
+                "cpu cache compute, 2 GPU batches, activations on CPU",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 0.0, 100.0],
+                    half,
+                    2,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "cpu cache compute, 2 GPU batches, activations on disk, no overlap",
+                cpu_compute(policy(
+                    [100.0, 0.0, 0.0, 100.0, 0.0, 0.0],
+                    half,
+                    2,
+                    false,
+                    disk,
+                )),
+            ),
+            (
+                "cpu cache compute, 1 x 3, offloaded weights and activations",
                 cpu_compute(policy(
                     [20.0, 60.0, 0.0, 100.0, 0.0, 100.0],
                     1,
@@ -243,4 +287,51 @@ fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("--num-gpu-batches"), "{err}");
+}
+
+#[test]
+fn an_offloaded_homes_write_back_lands_before_it_is_read() {
+    use strata::offload::Home;
+    use strata::tiers::{DiskOptions, TensorHome, Tier, TierOptions, Tiers};
+    let gpu = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let tiers = Tiers::new(
+        &gpu.device,
+        &gpu.queue,
+        TierOptions {
+            cpu_path: None,
+            disk: Some(DiskOptions::new(dir.path())),
+        },
+    )
+    .unwrap();
+    // Large enough that a read racing the disk write would see a partly written file.
+    let len = 24 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let src = gpu.storage_buffer_init("source rows", &data).unwrap();
+    for tier in [Tier::Gpu, Tier::Cpu, Tier::Disk] {
+        let mut home = Home::new(tiers.place(tier, "home", &vec![0u8; len]).unwrap());
+        for round in 0..2 {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            let pending = tiers.store(&src, 0, home.for_store(), &mut enc).unwrap();
+            tiers.prepare_submit(&enc);
+            gpu.queue.submit([enc.finish()]);
+            home.stored(&tiers, pending).unwrap();
+            // Moving a store on more than once (the schedule's drain, then a read) keeps its write in flight.
+            if round == 0 {
+                home.start_write(&tiers).unwrap();
+                home.start_write(&tiers).unwrap();
+            }
+            let settled = home.settle(&tiers).unwrap();
+            // A disk home is read straight from its file, on this thread, so nothing queues the read behind the
+            // write on the disk tier's threads.
+            let bytes = match &*settled {
+                TensorHome::Disk(t) => std::fs::read(t.path()).unwrap(),
+                other => tiers.read(other).unwrap(),
+            };
+            assert!(
+                bytes == data,
+                "{tier} home, round {round}: read before its write-back landed"
+            );
+        }
+    }
 }

@@ -29,7 +29,7 @@ use crate::model::{
 };
 use crate::planner::stored_bytes;
 use crate::policy::{Policy, TierSplit};
-use crate::tiers::{TensorHome, Tier, TierError, Tiers};
+use crate::tiers::{GpuSlot, PendingStore, TensorHome, Ticket, Tier, TierError, Tiers};
 use crate::weights::{layer_tensors, HostTensor, TensorSpec, WeightSource};
 
 /// Why offloaded state could not be placed.
@@ -484,6 +484,19 @@ impl CacheRows {
         }
     }
 
+    /// Bytes of a cache slot's K (or V) buffer for `gbs` sequences.
+    pub fn slot_bytes(&self, gbs: usize) -> u64 {
+        match *self {
+            CacheRows::Dense { .. } => self.home_bytes() * gbs as u64,
+            CacheRows::Packed { slot, .. } => slot.bytes(),
+        }
+    }
+
+    /// Whether the rows are packed.
+    pub fn is_packed(&self) -> bool {
+        matches!(self, CacheRows::Packed { .. })
+    }
+
     /// Bytes of one sequence's home (K or V).
     pub fn home_bytes(&self) -> u64 {
         match *self {
@@ -563,17 +576,105 @@ impl CacheRows {
     }
 }
 
+/// An offloaded tensor and the write-back into it that may still be in flight.
+///
+/// A store from the GPU into host memory or a file finishes on the CPU once its submission has run. The block
+/// schedule hands each such store to its home ([`Home::stored`]), moves it on once the GPU is past it
+/// ([`Home::start_write`]: the bytes into host memory, or a write on the disk tier's I/O threads) and waits for it only
+/// right before the home is read again ([`Home::settle`]). Stores that are one GPU copy (GPU homes, DMA-path CPU
+/// homes) have nothing left to do and leave the home idle.
+#[derive(Debug)]
+pub struct Home {
+    tensor: TensorHome,
+    inflight: Inflight,
+}
+
+#[derive(Debug, Default)]
+enum Inflight {
+    /// Every write has landed.
+    #[default]
+    Idle,
+    /// Submitted; the bytes still have to come back through its readback buffer.
+    Store(PendingStore),
+    /// On its way into the file.
+    Write(Ticket<Vec<u8>>),
+}
+
+impl Home {
+    /// A home with nothing in flight.
+    pub fn new(tensor: TensorHome) -> Home {
+        Home {
+            tensor,
+            inflight: Inflight::Idle,
+        }
+    }
+
+    /// The tier it lives in.
+    pub fn tier(&self) -> Tier {
+        self.tensor.tier()
+    }
+
+    /// The tensor as a store's destination ([`Tiers::store_range`]): recording a store reads nothing, so nothing in
+    /// flight needs to finish first; hand the store to [`Home::stored`] once its encoder is submitted.
+    pub fn for_store(&mut self) -> &mut TensorHome {
+        &mut self.tensor
+    }
+
+    /// Takes charge of `pending`, a store into this home whose encoder has been submitted. A write-back still in
+    /// flight lands first, so writes land in the order they were recorded.
+    pub fn stored(&mut self, tiers: &Tiers, pending: PendingStore) -> Result<(), TierError> {
+        self.settle(tiers)?;
+        if !matches!(pending, PendingStore::Done) {
+            self.inflight = Inflight::Store(pending);
+        }
+        Ok(())
+    }
+
+    /// Moves a submitted store on: copies its bytes into host memory, or starts its write on the disk tier's
+    /// threads. Waits for the GPU to reach the store's copy, so call it once the GPU is (about) past it.
+    pub fn start_write(&mut self, tiers: &Tiers) -> Result<(), TierError> {
+        if !matches!(self.inflight, Inflight::Store(_)) {
+            // Idle, or a write already running (whose ticket must stay for `settle`).
+            return Ok(());
+        }
+        if let Inflight::Store(pending) = std::mem::take(&mut self.inflight) {
+            if let Some(ticket) = pending.complete_in_background(tiers, &mut self.tensor)? {
+                self.inflight = Inflight::Write(ticket);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every write into this home has landed and returns the tensor, ready to be read.
+    pub fn settle(&mut self, tiers: &Tiers) -> Result<&mut TensorHome, TierError> {
+        self.start_write(tiers)?;
+        if let Inflight::Write(ticket) = std::mem::take(&mut self.inflight) {
+            ticket.wait()?;
+        }
+        Ok(&mut self.tensor)
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        // A write still running holds the file open: let it finish, so the file is gone once the home is.
+        if let Inflight::Write(ticket) = std::mem::take(&mut self.inflight) {
+            let _ = ticket.wait();
+        }
+    }
+}
+
 /// One sequence's K and V rows of one layer in a tier, laid out as [`CacheRows`] says.
 #[derive(Debug)]
 pub struct SeqCache {
     /// Keys.
-    pub k: TensorHome,
+    pub k: Home,
     /// Values.
-    pub v: TensorHome,
+    pub v: Home,
 }
 
 /// One layer's cache for one GPU batch: resident when every sequence of the batch stays on the GPU, else one home
-/// per sequence (streamed through the cache slot).
+/// per sequence (streamed through a cache slot).
 #[derive(Debug)]
 pub enum BatchCache {
     /// The whole batch's cache on the GPU.
@@ -589,22 +690,41 @@ pub enum BatchAct {
     /// In the batch state's own buffer.
     Resident,
     /// `[s_max, hidden]` f32 rows per sequence.
-    Homes(Vec<TensorHome>),
+    Homes(Vec<Home>),
 }
 
-/// Caches and activations of one run, with their GPU slots.
+/// One GPU cache slot: K and V for `gbs` sequences of `capacity` tokens (as [`CacheRows`] lays them out), lent by
+/// the GPU tier's pool.
+#[derive(Debug)]
+struct CacheSlot {
+    k: GpuSlot,
+    v: GpuSlot,
+    capacity: usize,
+    gbs: usize,
+    dtype: CacheDtype,
+    /// A packed slot's format and the f32 scratch it computes through.
+    compression: Option<(CompressionConfig, CacheScratch)>,
+}
+
+/// Caches and activations of one run, with the GPU slots off-GPU ones compute in.
+///
+/// Every slot buffer (cache slots, the activation slot, CPU attention's scratch) comes from the GPU tier's pool
+/// ([`Tiers::gpu`]), so [`Tiers::report`] counts it; they go back to the pool when the run ends.
 #[derive(Debug)]
 pub struct RunHomes {
     /// `caches[layer][gpu batch]`.
     pub caches: Vec<Vec<BatchCache>>,
     /// Per GPU batch.
     pub acts: Vec<BatchAct>,
-    /// The GPU cache slot off-GPU batches compute in (`gbs` sequences).
-    pub cache_slot: Option<KvCache>,
-    /// Where each sequence's rows lie in its home and in the cache slot.
+    /// Cache slots: two with overlap (the schedule fills one while the other computes), else one; none when every
+    /// cache is resident.
+    cache_slots: Vec<CacheSlot>,
+    /// Where each sequence's rows lie in its home and in a cache slot.
     pub cache_rows: CacheRows,
-    /// The GPU activation slot off-GPU batches compute in.
-    pub act_slot: Option<wgpu::Buffer>,
+    /// The activation slot off-GPU batches compute in (`gbs * s_max` rows).
+    act_slot: Option<GpuSlot>,
+    /// CPU attention's GPU scratch (with `cpu_cache_compute` and a cache wholly in CPU memory somewhere).
+    pub(crate) cpu_attn: Option<crate::schedule::CpuAttn>,
 }
 
 impl RunHomes {
@@ -644,7 +764,6 @@ impl RunHomes {
         // Zero words decode to 0 in the packed format too.
         let seq_bytes = vec![0u8; cache_rows.home_bytes() as usize];
         let mut caches = Vec::new();
-        let mut cache_slot = None;
         for j in 0..config.num_hidden_layers {
             let mut row = Vec::new();
             for (k, &b) in sizes.iter().enumerate() {
@@ -662,25 +781,43 @@ impl RunHomes {
                     let mut seqs = Vec::new();
                     for i in 0..b {
                         let tier = cache_tier(i);
+                        let place = |kv: &str| {
+                            t.place(tier, &format!("cache.{j}.{k}.{i}.{kv}"), &seq_bytes)
+                                .map(Home::new)
+                        };
                         seqs.push(SeqCache {
-                            k: t.place(tier, &format!("cache.{j}.{k}.{i}.k"), &seq_bytes)?,
-                            v: t.place(tier, &format!("cache.{j}.{k}.{i}.v"), &seq_bytes)?,
+                            k: place("k")?,
+                            v: place("v")?,
                         });
-                    }
-                    if cache_slot.is_none() {
-                        cache_slot = Some(KvCache::with_compression(
-                            gpu,
-                            config,
-                            gbs,
-                            capacity,
-                            cache_dtype,
-                            cache_compression,
-                        )?);
                     }
                     row.push(BatchCache::Homes(seqs));
                 }
             }
             caches.push(row);
+        }
+        let any_cache_off = caches
+            .iter()
+            .flatten()
+            .any(|c| matches!(c, BatchCache::Homes(_)));
+        let mut cache_slots = Vec::new();
+        if any_cache_off {
+            let pool = need_tiers()?.gpu();
+            let bytes = cache_rows.slot_bytes(gbs);
+            gpu.check_binding(
+                "one layer's KV cache slot",
+                bytes,
+                "use a smaller GPU batch or shorter sequences",
+            )?;
+            for _ in 0..if policy.overlap { 2 } else { 1 } {
+                cache_slots.push(CacheSlot {
+                    k: pool.acquire_exact(bytes)?,
+                    v: pool.acquire_exact(bytes)?,
+                    capacity,
+                    gbs,
+                    dtype: cache_dtype,
+                    compression: cache_compression.map(|(cc, scratch)| (cc, scratch.clone())),
+                });
+            }
         }
         let act_bytes = vec![0u8; s_max * h * 4];
         let mut acts = Vec::new();
@@ -691,26 +828,73 @@ impl RunHomes {
             } else {
                 let t = need_tiers()?;
                 let homes = (0..b)
-                    .map(|i| t.place(act_tier(i), &format!("act.{k}.{i}"), &act_bytes))
+                    .map(|i| {
+                        t.place(act_tier(i), &format!("act.{k}.{i}"), &act_bytes)
+                            .map(Home::new)
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 if act_slot.is_none() {
-                    act_slot =
-                        Some(gpu.storage_buffer("activation slot", (gbs * s_max * h * 4) as u64));
+                    act_slot = Some(t.gpu().acquire_exact((gbs * s_max * h * 4) as u64)?);
                 }
                 acts.push(BatchAct::Homes(homes));
             }
         }
+        let cpu_attn_batches = (0..sizes.len()).any(|k| {
+            caches.iter().all(|row| match &row[k] {
+                BatchCache::Homes(seqs) => seqs
+                    .iter()
+                    .all(|s| s.k.tier() == Tier::Cpu && s.v.tier() == Tier::Cpu),
+                BatchCache::Resident(_) => false,
+            })
+        });
+        // The CPU attention reads dense homes; a packed cache attends on the GPU.
+        let cpu_attn_batches = cpu_attn_batches && !cache_rows.is_packed();
+        let cpu_attn = match (policy.cpu_cache_compute && cpu_attn_batches, tiers) {
+            (true, Some(t)) => Some(crate::schedule::CpuAttn::new(t.gpu(), config, gbs)?),
+            _ => None,
+        };
         Ok(RunHomes {
             caches,
             acts,
-            cache_slot,
+            cache_slots,
             cache_rows,
             act_slot,
+            cpu_attn,
         })
     }
 
-    /// The cache of layer `j`, GPU batch `k` (of `batch` sequences) as the kernels see it.
-    pub fn cache_view(&self, j: usize, k: usize, batch: usize) -> KvCache {
+    /// Cache slots allocated (two with overlap when some cache is off the GPU).
+    pub fn cache_slot_count(&self) -> usize {
+        self.cache_slots.len()
+    }
+
+    /// Cache slot `slot` (modulo the number of slots) for a GPU batch of `batch` sequences, as the kernels see it.
+    pub fn cache_slot(&self, slot: usize, batch: usize) -> Option<KvCache> {
+        let s = self.cache_slots.get(slot % self.cache_slots.len().max(1))?;
+        Some(KvCache {
+            k: s.k.buffer().clone(),
+            v: s.v.buffer().clone(),
+            // A packed slot's layout (where its scale section starts) is that of all its sequences.
+            batch: if s.compression.is_some() {
+                s.gbs
+            } else {
+                batch
+            },
+            capacity: s.capacity,
+            dtype: s.dtype,
+            compression: s.compression.as_ref().map(|(cc, _)| *cc),
+            scratch: s.compression.as_ref().map(|(_, scratch)| scratch.clone()),
+        })
+    }
+
+    /// The activation slot, when some GPU batch's activations are offloaded.
+    pub fn act_slot(&self) -> Option<&wgpu::Buffer> {
+        self.act_slot.as_ref().map(GpuSlot::buffer)
+    }
+
+    /// The cache of layer `j`, GPU batch `k` (of `batch` sequences) as the kernels see it: its own buffers, or cache
+    /// slot `slot` when it is offloaded.
+    pub fn cache_view(&self, j: usize, k: usize, batch: usize, slot: usize) -> KvCache {
         match &self.caches[j][k] {
             BatchCache::Resident(c) => KvCache {
                 k: c.k.clone(),
@@ -721,26 +905,9 @@ impl RunHomes {
                 compression: c.compression,
                 scratch: c.scratch.clone(),
             },
-            BatchCache::Homes(_) => {
-                let slot = self
-                    .cache_slot
-                    .as_ref()
-                    .expect("a cache slot exists for offloaded caches");
-                KvCache {
-                    k: slot.k.clone(),
-                    v: slot.v.clone(),
-                    // A packed slot's layout (where its scale section starts) is that of all its sequences.
-                    batch: if slot.compression.is_some() {
-                        slot.batch
-                    } else {
-                        batch
-                    },
-                    capacity: slot.capacity,
-                    dtype: slot.dtype,
-                    compression: slot.compression,
-                    scratch: slot.scratch.clone(),
-                }
-            }
+            BatchCache::Homes(_) => self
+                .cache_slot(slot, batch)
+                .expect("a cache slot exists for offloaded caches"),
         }
     }
 
@@ -752,15 +919,15 @@ impl RunHomes {
         }
     }
 
-    /// Whether offloaded caches are packed (the CPU attention path reads only f32 homes).
+    /// Whether offloaded caches are packed (the CPU attention path reads only dense homes).
     pub fn cache_packed(&self) -> bool {
-        matches!(self.cache_rows, CacheRows::Packed { .. })
+        self.cache_rows.is_packed()
     }
 
     /// GPU batch `k`'s state as the kernels see it: its own buffers, with the residual stream in the activation slot
     /// when its activations are offloaded.
     pub fn state_view(&self, k: usize, state: &BatchState) -> BatchState {
-        let x = match (&self.acts[k], &self.act_slot) {
+        let x = match (&self.acts[k], self.act_slot()) {
             (BatchAct::Homes(_), Some(slot)) => slot.clone(),
             _ => state.x.clone(),
         };

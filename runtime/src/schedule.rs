@@ -1,38 +1,49 @@
 //! The block schedule: the one place that decides in which order one token step's compute and transfers run.
 //!
 //! ```text
-//! for each token step (prefill, then one per generated token)      -- generate.rs
-//!   embed every GPU batch (store offloaded activations)
+//! for each token step (prefill, then one per generated token)        -- generate.rs
+//!   embed every GPU batch k; store offloaded hidden rows               -- Schedule::embed
 //!   for layer j in 0..layers
-//!     (k == 0) fetch layer j's offloaded weights into a weight slot  -- overlap: layer j+1's, into the other slot,
-//!                                                                       queued before layer j's compute, with the
-//!                                                                       disk reads of layer j+2 started on threads
-//!     for GPU batch k in 0..num_gpu_batches
-//!       fetch (j, k)'s offloaded KV rows [0, past) and hidden rows into the cache / activation slots
-//!       decoder_layer(j, k)                                         -- weights loaded once, reused for every k
-//!       store (j, k)'s new KV rows [past, past + s_new) and hidden rows back to their tiers
+//!     for GPU batch k in 0..num_gpu_batches                            -- item n = j * num_gpu_batches + k
+//!       load(j, k)                                                     -- one transfer submit, before (j, k)'s compute:
+//!         k == 0: layer j's offloaded weights into a weight slot       --   overlap: layer j+1's into the other slot,
+//!                                                                      --   disk reads of layer j+2 start on threads
+//!         (j, k)'s KV rows [0, past) into cache slot n % 2             --   unless fetched ahead by item n-1
+//!         (j, k)'s hidden rows into the activation slot
+//!         overlap: item n+1's KV rows into the other cache slot        --   (j, k+1), or (j+1, 0); disk reads of
+//!                                                                      --   item n+2's rows start on threads
+//!       compute(j, k): decoder_layer, or CPU attention                 -- weights loaded once, reused for every k
+//!       store(j, k): new KV rows [past, past + s_new), hidden rows     -- streamed back behind the compute
 //!   logits of every GPU batch (fetching offloaded hidden rows), token choice
 //! ```
 //!
 //! wgpu has one queue, so "overlap" means ordering: a transfer is recorded into a submit that precedes the compute
-//! needing it, and CPU-side work (disk reads on the tier's I/O threads, staging) runs while the GPU works. Stores
-//! whose completion needs the CPU (read-back into host memory or disk) are completed lazily, right before the next
-//! fetch is recorded, so they never hold the GPU up more than the data dependency requires. With `overlap` false the
-//! same steps run in order with one weight slot.
+//! needing it, while the slot it fills is not the one the preceding compute reads, and CPU-side work (disk reads on
+//! the tier's I/O threads, staging copies) runs while the GPU works. With `overlap` false the same steps run in
+//! order through one weight slot and one cache slot, each fetch right before the compute that needs it.
 //!
-//! `cpu_cache_compute`: at decode, a GPU batch whose KV cache lives wholly in CPU memory (and whose activations stay
-//! on the GPU) runs attention on the CPU instead ([`cpu_attention`], rayon over sequence x head): q, k, v are
-//! projected on the GPU and read back, the new k, v rows appended to the CPU cache, the attention output uploaded,
-//! and the rest of the layer runs on the GPU. Other batches (and every prefill) take the GPU path.
+//! A store into host memory or a file finishes on the CPU once the GPU has run it (see [`crate::offload::Home`]).
+//! Each store goes to its home when submitted; one item later (when the GPU has moved on to the next compute) its
+//! bytes are copied into host memory or handed to the disk tier's threads, and a home waits for its writes only
+//! right before it is read again (the next step's fetch of a cache, the next layer's fetch of hidden rows). At most
+//! two items' stores are in flight, which bounds the readback and write buffers.
+//!
+//! `cpu_cache_compute`: at decode, a GPU batch whose KV cache lives wholly in CPU memory runs attention on the CPU
+//! instead ([`cpu_attention`], rayon over sequence x head): q, k, v are projected on the GPU and read back, the new
+//! k, v rows appended to the CPU cache, the attention output uploaded, and the rest of the layer runs on the GPU.
+//! Other batches (and every prefill) take the GPU path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
+use crate::config::OptConfig;
 use crate::generate::Sampling;
 use crate::gpu::kernels::{Act, CacheDtype, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{decoder_layer, BatchState, GpuModel, KvCache, LayerWeights, Step, Workspace};
-use crate::offload::{BatchAct, BatchCache, LayerStore, OffloadError, PartHome, RunHomes};
-use crate::tiers::{PendingStore, TensorHome, Ticket, Tiers};
+use crate::offload::{
+    BatchAct, BatchCache, CacheRange, Home, LayerStore, OffloadError, PartHome, RunHomes,
+};
+use crate::tiers::{GpuPool, GpuSlot, PendingStore, TensorHome, Ticket, TierError, Tiers};
 
 /// Everything one step reads (the mutable homes are passed separately).
 pub struct StepInputs<'a> {
@@ -52,51 +63,53 @@ pub struct StepInputs<'a> {
     pub logits: &'a wgpu::Buffer,
     /// Chosen ids.
     pub next: &'a wgpu::Buffer,
-    /// Fetch ahead into double-buffered weight slots.
+    /// Fetch ahead into double-buffered weight and cache slots.
     pub overlap: bool,
     /// Decode attention on the CPU for GPU batches whose cache lives wholly in CPU memory.
     pub cpu_cache_compute: bool,
 }
 
-/// Scratch of the CPU-attention layer path (decode: one row per sequence).
-struct CpuAttn {
+/// GPU scratch of the CPU-attention layer path (decode: one row per sequence), allocated once per run from the GPU
+/// tier's pool (it lives in [`RunHomes`]).
+#[derive(Debug)]
+pub(crate) struct CpuAttn {
+    norm: GpuSlot,
+    q: GpuSlot,
+    k: GpuSlot,
+    v: GpuSlot,
+    attn: GpuSlot,
+    mid: GpuSlot,
+    /// Each GPU batch's attention mask, `[batch, capacity]`: generate.rs writes it once per run, at prefill, so the
+    /// first decode step reads it back and later ones reuse it.
+    masks: Option<Vec<Vec<u32>>>,
+}
+
+impl CpuAttn {
+    /// Scratch for GPU batches of up to `rows` sequences.
+    pub(crate) fn new(pool: &GpuPool, c: &OptConfig, rows: usize) -> Result<CpuAttn, TierError> {
+        let f32s = |n: usize| (n * F32) as u64;
+        let h = f32s(rows * c.hidden_size);
+        Ok(CpuAttn {
+            norm: pool.acquire_exact(h)?,
+            q: pool.acquire_exact(h)?,
+            k: pool.acquire_exact(h)?,
+            v: pool.acquire_exact(h)?,
+            attn: pool.acquire_exact(h)?,
+            mid: pool.acquire_exact(f32s(rows * c.ffn_embed_dim))?,
+            masks: None,
+        })
+    }
+}
+
+/// The scratch buffers of [`CpuAttn`], cloned so that the step's recorder can borrow them while the homes change.
+struct CpuAttnViews {
     norm: wgpu::Buffer,
     q: wgpu::Buffer,
     k: wgpu::Buffer,
     v: wgpu::Buffer,
     attn: wgpu::Buffer,
     mid: wgpu::Buffer,
-    /// Each GPU batch's attention mask, `[batch, capacity]`.
     masks: Vec<Vec<u32>>,
-}
-
-impl CpuAttn {
-    fn new(inp: &StepInputs) -> Result<CpuAttn, OffloadError> {
-        let gpu = inp.kernels.gpu();
-        let c = &inp.model.config;
-        let rows = inp.states.iter().map(|s| s.batch).max().unwrap_or(1);
-        let f32s = |n: usize| (n * F32) as u64;
-        let h = c.hidden_size;
-        let regions: Vec<_> = inp
-            .states
-            .iter()
-            .map(|s| (&s.mask, 0, f32s(s.batch * s.capacity)))
-            .collect();
-        let masks = gpu
-            .read_back(&regions)?
-            .iter()
-            .map(|b| bytemuck::pod_collect_to_vec(b))
-            .collect();
-        Ok(CpuAttn {
-            norm: gpu.storage_buffer("cpu attention: normed x", f32s(rows * h)),
-            q: gpu.storage_buffer("cpu attention: q", f32s(rows * h)),
-            k: gpu.storage_buffer("cpu attention: new k", f32s(rows * h)),
-            v: gpu.storage_buffer("cpu attention: new v", f32s(rows * h)),
-            attn: gpu.storage_buffer("cpu attention: output", f32s(rows * h)),
-            mid: gpu.storage_buffer("cpu attention: fc1 output", f32s(rows * c.ffn_embed_dim)),
-            masks,
-        })
-    }
 }
 
 fn norm_refs(n: &crate::model::Norm) -> Option<(&wgpu::Buffer, &wgpu::Buffer)> {
@@ -172,359 +185,10 @@ pub fn cpu_attention(
     out
 }
 
-/// Which home a pending store writes.
-enum Target {
-    CacheK(usize, usize, usize),
-    CacheV(usize, usize, usize),
-    Act(usize, usize),
-}
-
-/// Transfers in flight during one step.
-struct Io<'a> {
-    tiers: Option<&'a Tiers>,
-    pending: Vec<(Target, PendingStore)>,
-    tickets: HashMap<(usize, usize), Ticket<Vec<u8>>>,
-}
-
-fn no_tiers() -> OffloadError {
-    OffloadError::Model(crate::model::ModelError::Unsupported(
-        "an offloaded tensor without memory tiers".into(),
-    ))
-}
-
-impl<'a> Io<'a> {
-    fn tiers(&self) -> Result<&'a Tiers, OffloadError> {
-        self.tiers.ok_or_else(no_tiers)
-    }
-
-    /// Completes every store recorded so far (their homes are read by the next fetch).
-    fn complete(&mut self, homes: &mut RunHomes) -> Result<(), OffloadError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let tiers = self.tiers()?;
-        for (target, pending) in self.pending.drain(..) {
-            let home = match target {
-                Target::CacheK(j, k, i) | Target::CacheV(j, k, i) => {
-                    match &mut homes.caches[j][k] {
-                        BatchCache::Homes(seqs) => {
-                            if matches!(target, Target::CacheK(..)) {
-                                &mut seqs[i].k
-                            } else {
-                                &mut seqs[i].v
-                            }
-                        }
-                        BatchCache::Resident(_) => continue,
-                    }
-                }
-                Target::Act(k, i) => match &mut homes.acts[k] {
-                    BatchAct::Homes(h) => &mut h[i],
-                    BatchAct::Resident => continue,
-                },
-            };
-            pending.complete(tiers, home)?;
-        }
-        Ok(())
-    }
-
-    /// Starts the disk reads of layer `j`'s disk-resident buffers.
-    fn prefetch_layer(&mut self, layers: &LayerStore, j: usize) -> Result<(), OffloadError> {
-        let Some(parts) = layers.parts.get(j) else {
-            return Ok(());
-        };
-        for (index, part) in parts.iter().enumerate() {
-            if let PartHome::Off(home) = part {
-                if let Some(ticket) = self.tiers()?.prefetch(home, Vec::new())? {
-                    self.tickets.insert((j, index), ticket);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Records layer `j`'s offloaded buffers into weight slot `slot`.
-    fn fetch_layer(
-        &mut self,
-        layers: &LayerStore,
-        j: usize,
-        slot: usize,
-        enc: &mut wgpu::CommandEncoder,
-    ) -> Result<(), OffloadError> {
-        for (index, part) in layers.parts[j].iter().enumerate() {
-            if let PartHome::Off(home) = part {
-                let dst = layers.slot_buffer(slot, index).ok_or_else(no_tiers)?;
-                match self.tickets.remove(&(j, index)) {
-                    Some(ticket) => self.tiers()?.fetch_host(&ticket.wait()?, &dst, 0, enc)?,
-                    None => self.tiers()?.fetch(home, &dst, 0, enc)?,
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn encoder(device: &wgpu::Device) -> wgpu::CommandEncoder {
-    device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some("strata offload transfers"),
-    })
-}
-
-fn submit(tiers: &Tiers, enc: wgpu::CommandEncoder) {
-    tiers.prepare_submit(&enc);
-    tiers.queue().submit([enc.finish()]);
-}
-
-/// Submits what `rec` holds (queue order puts it before whatever is submitted next) and starts a new recorder.
-fn flush<'r>(rec: Recorder<'r>, kernels: &'r Kernels) -> Recorder<'r> {
-    if !rec.is_empty() {
-        rec.submit();
-    }
-    kernels.recorder()
-}
-
 const F32: usize = 4;
 
-/// Records "copy GPU batch `k`'s offloaded hidden rows into the activation slot".
-fn fetch_act(
-    homes: &RunHomes,
-    tiers: &Tiers,
-    k: usize,
-    row_bytes: u64,
-    enc: &mut wgpu::CommandEncoder,
-) -> Result<(), OffloadError> {
-    if let (BatchAct::Homes(h), Some(slot)) = (&homes.acts[k], &homes.act_slot) {
-        for (i, home) in h.iter().enumerate() {
-            tiers.fetch_range(home, 0, row_bytes, slot, i as u64 * row_bytes, enc)?;
-        }
-    }
-    Ok(())
-}
-
-/// Records "write the activation slot's rows of GPU batch `k` back to their homes".
-fn store_act(
-    homes: &mut RunHomes,
-    io: &mut Io,
-    k: usize,
-    row_bytes: u64,
-    enc: &mut wgpu::CommandEncoder,
-) -> Result<(), OffloadError> {
-    let tiers = io.tiers()?;
-    if let (BatchAct::Homes(h), Some(slot)) = (&mut homes.acts[k], &homes.act_slot) {
-        for (i, home) in h.iter_mut().enumerate() {
-            let p = tiers.store_range(slot, i as u64 * row_bytes, home, 0, row_bytes, enc)?;
-            io.pending.push((Target::Act(k, i), p));
-        }
-    }
-    Ok(())
-}
-
-/// Runs one token step for every GPU batch through the block schedule and records the token choice into `next`.
-pub fn run_step(
-    inp: &StepInputs,
-    homes: &mut RunHomes,
-    step: Step,
-    sampling: Sampling,
-    t: usize,
-) -> Result<(), OffloadError> {
-    let c = &inp.model.config;
-    let h = c.hidden_size;
-    let n_layers = c.num_hidden_layers;
-    let nb = inp.states.len();
-    let slot_of = |j: usize| if inp.overlap { j % 2 } else { 0 };
-    // Views own clones of the buffers, so the recorder can borrow them for the whole step while homes change.
-    let layer_views: Vec<LayerWeights> = (0..n_layers)
-        .map(|j| inp.layers.view(j, slot_of(j)))
-        .collect();
-    let state_views: Vec<BatchState> = (0..nb)
-        .map(|k| homes.state_view(k, &inp.states[k]))
-        .collect();
-    let cache_views: Vec<Vec<KvCache>> = (0..n_layers)
-        .map(|j| {
-            (0..nb)
-                .map(|k| homes.cache_view(j, k, inp.states[k].batch))
-                .collect()
-        })
-        .collect();
-    let act_off: Vec<bool> = homes
-        .acts
-        .iter()
-        .map(|a| matches!(a, BatchAct::Homes(_)))
-        .collect();
-    let row_bytes = (step.s_new * h * F32) as u64;
-    let mut io = Io {
-        tiers: inp.tiers,
-        pending: Vec::new(),
-        tickets: HashMap::new(),
-    };
-    let kernels = inp.kernels;
-    let cpu_batches: Vec<bool> = (0..nb)
-        .map(|k| {
-            inp.cpu_cache_compute
-                && step.past > 0
-                && step.s_new == 1
-                // Offloaded activations with CPU attention do not yet reproduce the GPU path: those batches take it.
-                && matches!(homes.acts[k], BatchAct::Resident)
-                // The CPU attention reads f32 homes; a packed cache attends on the GPU.
-                && !homes.cache_packed()
-                && homes.caches.iter().all(|row| match &row[k] {
-                    BatchCache::Homes(seqs) => seqs
-                        .iter()
-                        .all(|s| matches!((&s.k, &s.v), (TensorHome::Cpu(_), TensorHome::Cpu(_)))),
-                    BatchCache::Resident(_) => false,
-                })
-        })
-        .collect();
-    let cpu_attn = if cpu_batches.iter().any(|&b| b) {
-        Some(CpuAttn::new(inp)?)
-    } else {
-        None
-    };
-    let mut rec = kernels.recorder();
-
-    // With overlap, layer 0's weights are queued first and layer 1's disk reads start now.
-    if inp.overlap && inp.layers.is_offloaded(0) {
-        let tiers = io.tiers()?;
-        let mut enc = encoder(tiers.device());
-        io.fetch_layer(inp.layers, 0, slot_of(0), &mut enc)?;
-        submit(tiers, enc);
-        io.prefetch_layer(inp.layers, 1)?;
-    }
-
-    for k in 0..nb {
-        inp.model.embed(&mut rec, &state_views[k], inp.ws, step);
-        if act_off[k] {
-            rec = flush(rec, kernels);
-            let tiers = io.tiers()?;
-            let mut enc = encoder(tiers.device());
-            store_act(homes, &mut io, k, row_bytes, &mut enc)?;
-            submit(tiers, enc);
-        }
-    }
-
-    for j in 0..n_layers {
-        // The layer whose weights are fetched at this layer's first GPU batch.
-        let fetch_layer = if inp.overlap { j + 1 } else { j };
-        let fetch_weights = fetch_layer < n_layers && inp.layers.is_offloaded(fetch_layer);
-        for k in 0..nb {
-            let on_cpu = cpu_batches[k];
-            let cache_off = matches!(homes.caches[j][k], BatchCache::Homes(_)) && !on_cpu;
-            let weights_now = k == 0 && fetch_weights;
-            if weights_now || cache_off || act_off[k] {
-                // Transfers go in their own submit, after the compute queued so far and before (j, k)'s.
-                rec = flush(rec, kernels);
-                io.complete(homes)?;
-                let tiers = io.tiers()?;
-                let mut enc = encoder(tiers.device());
-                if weights_now {
-                    io.fetch_layer(inp.layers, fetch_layer, slot_of(fetch_layer), &mut enc)?;
-                }
-                if let (BatchCache::Homes(seqs), Some(slot)) =
-                    (&homes.caches[j][k], &homes.cache_slot)
-                {
-                    for (i, seq) in seqs.iter().enumerate() {
-                        for r in homes.cache_rows.fetch_ranges(i, step) {
-                            tiers.fetch_range(&seq.k, r.home, r.len, &slot.k, r.slot, &mut enc)?;
-                            tiers.fetch_range(&seq.v, r.home, r.len, &slot.v, r.slot, &mut enc)?;
-                        }
-                    }
-                }
-                if act_off[k] {
-                    fetch_act(homes, tiers, k, row_bytes, &mut enc)?;
-                }
-                submit(tiers, enc);
-                if weights_now && inp.overlap {
-                    // The disk works on the layer after next while the GPU computes this one.
-                    io.prefetch_layer(inp.layers, fetch_layer + 1)?;
-                }
-            }
-            match (&cpu_attn, on_cpu) {
-                (Some(sc), true) => {
-                    rec = cpu_attention_layer(
-                        inp,
-                        homes,
-                        sc,
-                        rec,
-                        &layer_views[j],
-                        &state_views[k],
-                        j,
-                        k,
-                        step,
-                    )?;
-                }
-                _ => decoder_layer(
-                    &mut rec,
-                    c,
-                    &layer_views[j],
-                    &cache_views[j][k],
-                    &state_views[k],
-                    inp.ws,
-                    step,
-                ),
-            }
-            if cache_off || act_off[k] {
-                rec = flush(rec, kernels);
-                let tiers = io.tiers()?;
-                let mut enc = encoder(tiers.device());
-                let rows = homes.cache_rows;
-                if let (BatchCache::Homes(seqs), Some(slot)) =
-                    (&mut homes.caches[j][k], &homes.cache_slot)
-                {
-                    for (i, seq) in seqs.iter_mut().enumerate() {
-                        for r in rows.store_ranges(i, step) {
-                            let pk = tiers.store_range(
-                                &slot.k, r.slot, &mut seq.k, r.home, r.len, &mut enc,
-                            )?;
-                            io.pending.push((Target::CacheK(j, k, i), pk));
-                            let pv = tiers.store_range(
-                                &slot.v, r.slot, &mut seq.v, r.home, r.len, &mut enc,
-                            )?;
-                            io.pending.push((Target::CacheV(j, k, i), pv));
-                        }
-                    }
-                }
-                if act_off[k] {
-                    store_act(homes, &mut io, k, row_bytes, &mut enc)?;
-                }
-                submit(tiers, enc);
-            }
-        }
-    }
-
-    let mut row0 = 0;
-    for k in 0..nb {
-        if act_off[k] {
-            rec = flush(rec, kernels);
-            io.complete(homes)?;
-            let tiers = io.tiers()?;
-            let mut enc = encoder(tiers.device());
-            fetch_act(homes, tiers, k, row_bytes, &mut enc)?;
-            submit(tiers, enc);
-        }
-        inp.model
-            .logits(&mut rec, &state_views[k], inp.ws, step, inp.logits, row0);
-        row0 += state_views[k].batch;
-    }
-    match sampling {
-        Sampling::Greedy => rec.argmax(inp.logits, row0, c.vocab_size, inp.next),
-        Sampling::Sample {
-            temperature,
-            top_p,
-            seed,
-        } => rec.sample(
-            inp.logits,
-            row0,
-            c.vocab_size,
-            temperature,
-            top_p,
-            (seed ^ (seed >> 32)) as u32,
-            t as u32,
-            inp.next,
-        ),
-    }
-    rec.submit();
-    io.complete(homes)?;
-    Ok(())
-}
+/// A KV cache range being read from disk ahead of its fetch.
+type RangeRead = (CacheRange, Ticket<Vec<u8>>);
 
 /// Cached values `bytes` (stored as `dtype`) as f32.
 fn decode_cache_values(bytes: &[u8], dtype: CacheDtype) -> Vec<f32> {
@@ -550,164 +214,745 @@ fn encode_cache_values(bytes: &[u8], dtype: CacheDtype) -> Vec<u8> {
     }
 }
 
-/// One decoder layer of a decode step with attention on the CPU: q, k, v projected on the GPU and read back, the new
-/// k, v rows appended to the CPU-resident cache, attention computed on the CPU (rayon), its output uploaded, and the
-/// rest of the layer on the GPU. Mirrors [`decoder_layer`] around the attention.
-#[allow(clippy::too_many_arguments)]
-fn cpu_attention_layer<'r>(
-    inp: &StepInputs<'r>,
-    homes: &mut RunHomes,
-    sc: &'r CpuAttn,
-    mut rec: Recorder<'r>,
-    layer: &'r LayerWeights,
-    state: &'r BatchState,
-    j: usize,
-    k: usize,
+/// Which home a store writes.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// Layer, GPU batch, sequence, keys (else values).
+    Cache(usize, usize, usize, bool),
+    /// GPU batch, sequence.
+    Act(usize, usize),
+}
+
+impl Target {
+    fn home(self, homes: &mut RunHomes) -> Option<&mut Home> {
+        match self {
+            Target::Cache(j, k, i, keys) => match &mut homes.caches[j][k] {
+                BatchCache::Homes(seqs) => {
+                    let seq = seqs.get_mut(i)?;
+                    Some(if keys { &mut seq.k } else { &mut seq.v })
+                }
+                BatchCache::Resident(_) => None,
+            },
+            Target::Act(k, i) => match &mut homes.acts[k] {
+                BatchAct::Homes(h) => h.get_mut(i),
+                BatchAct::Resident => None,
+            },
+        }
+    }
+}
+
+fn no_tiers() -> OffloadError {
+    OffloadError::Model(crate::model::ModelError::Unsupported(
+        "an offloaded tensor without memory tiers".into(),
+    ))
+}
+
+/// GPU views of one step's buffers: clones of the buffer handles, so the recorder can borrow them for the whole step
+/// while the homes change.
+struct Views {
+    layers: Vec<LayerWeights>,
+    states: Vec<BatchState>,
+    /// `caches[j][k]`: resident, or the cache slot of item `j * num_gpu_batches + k`.
+    caches: Vec<Vec<KvCache>>,
+    cpu: Option<CpuAttnViews>,
+}
+
+/// One step in flight: the views, the homes, the recorder of compute not yet submitted, and the transfers.
+struct Schedule<'v, 'a> {
+    inp: &'v StepInputs<'a>,
+    views: &'v Views,
+    homes: &'v mut RunHomes,
     step: Step,
-) -> Result<Recorder<'r>, OffloadError> {
+    rec: Recorder<'v>,
+    /// Per GPU batch: hidden rows offloaded.
+    act_off: Vec<bool>,
+    /// Per GPU batch: attention on the CPU this step.
+    on_cpu: Vec<bool>,
+    /// Disk reads of offloaded weights started ahead, by (layer, buffer).
+    tickets: HashMap<(usize, usize), Ticket<Vec<u8>>>,
+    /// Disk reads of KV rows started ahead, by (item, sequence, keys).
+    cache_reads: HashMap<(usize, usize, bool), Vec<RangeRead>>,
+    /// The homes of each submitted item's stores, oldest first, not yet moved on ([`crate::offload::Home`]).
+    stores: VecDeque<Vec<Target>>,
+    /// Homes whose writes the last drain started.
+    writing: Vec<Target>,
+    /// The item whose KV rows were fetched ahead into its cache slot.
+    prefetched: Option<usize>,
+}
+
+/// Runs one token step for every GPU batch through the block schedule and records the token choice into `next`.
+pub fn run_step(
+    inp: &StepInputs,
+    homes: &mut RunHomes,
+    step: Step,
+    sampling: Sampling,
+    t: usize,
+) -> Result<(), OffloadError> {
     let c = &inp.model.config;
-    let (h, rows, eps) = (c.hidden_size, state.batch, c.layer_norm_eps);
-    let pre_ln = c.do_layer_norm_before;
-    let dense = OutRows::dense(h, 0);
-    let x = &state.x;
-    let attn_in = if pre_ln {
-        rec.layer_norm(
-            x,
-            rows,
-            h,
-            norm_refs(&layer.self_attn_layer_norm),
-            eps,
-            &sc.norm,
-        );
-        &sc.norm
-    } else {
-        x
+    let nb = inp.states.len();
+    let on_cpu: Vec<bool> = (0..nb)
+        .map(|k| {
+            inp.cpu_cache_compute
+                && step.past > 0
+                && step.s_new == 1
+                && homes.cpu_attn.is_some()
+                && homes.caches.iter().all(|row| match &row[k] {
+                    BatchCache::Homes(seqs) => seqs.iter().all(|s| {
+                        s.k.tier() == crate::tiers::Tier::Cpu
+                            && s.v.tier() == crate::tiers::Tier::Cpu
+                    }),
+                    BatchCache::Resident(_) => false,
+                })
+        })
+        .collect();
+    let views = Views::new(inp, homes, on_cpu.iter().any(|&b| b))?;
+    let mut s = Schedule {
+        inp,
+        views: &views,
+        act_off: homes
+            .acts
+            .iter()
+            .map(|a| matches!(a, BatchAct::Homes(_)))
+            .collect(),
+        homes,
+        step,
+        rec: inp.kernels.recorder(),
+        on_cpu,
+        tickets: HashMap::new(),
+        cache_reads: HashMap::new(),
+        stores: VecDeque::new(),
+        writing: Vec::new(),
+        prefetched: None,
     };
-    for (l, out) in [
-        (&layer.q_proj, &sc.q),
-        (&layer.k_proj, &sc.k),
-        (&layer.v_proj, &sc.v),
-    ] {
+    s.prologue()?;
+    for k in 0..nb {
+        s.embed(k)?;
+    }
+    for j in 0..c.num_hidden_layers {
+        for k in 0..nb {
+            s.load(j, k)?;
+            s.compute(j, k)?;
+            s.store(j, k)?;
+        }
+    }
+    let mut row0 = 0;
+    for k in 0..nb {
+        s.logits(k, row0)?;
+        row0 += inp.states[k].batch;
+    }
+    s.choose(sampling, t, row0);
+    s.finish()
+}
+
+impl Views {
+    fn new(inp: &StepInputs, homes: &mut RunHomes, cpu: bool) -> Result<Views, OffloadError> {
+        let c = &inp.model.config;
+        let nb = inp.states.len();
+        let weight_slot = |j: usize| if inp.overlap { j % 2 } else { 0 };
+        let cpu = match (&mut homes.cpu_attn, cpu) {
+            (Some(sc), true) => {
+                if sc.masks.is_none() {
+                    let regions: Vec<_> = inp
+                        .states
+                        .iter()
+                        .map(|s| (&s.mask, 0, (s.batch * s.capacity * F32) as u64))
+                        .collect();
+                    let masks = inp.kernels.gpu().read_back(&regions)?;
+                    sc.masks = Some(
+                        masks
+                            .iter()
+                            .map(|b| bytemuck::pod_collect_to_vec(b))
+                            .collect(),
+                    );
+                }
+                Some(CpuAttnViews {
+                    norm: sc.norm.buffer().clone(),
+                    q: sc.q.buffer().clone(),
+                    k: sc.k.buffer().clone(),
+                    v: sc.v.buffer().clone(),
+                    attn: sc.attn.buffer().clone(),
+                    mid: sc.mid.buffer().clone(),
+                    masks: sc.masks.clone().unwrap_or_default(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Views {
+            layers: (0..c.num_hidden_layers)
+                .map(|j| inp.layers.view(j, weight_slot(j)))
+                .collect(),
+            states: (0..nb)
+                .map(|k| homes.state_view(k, &inp.states[k]))
+                .collect(),
+            caches: (0..c.num_hidden_layers)
+                .map(|j| {
+                    (0..nb)
+                        .map(|k| homes.cache_view(j, k, inp.states[k].batch, j * nb + k))
+                        .collect()
+                })
+                .collect(),
+            cpu,
+        })
+    }
+}
+
+impl<'v> Schedule<'v, '_> {
+    fn tiers(&self) -> Result<&'v Tiers, OffloadError> {
+        self.inp.tiers.ok_or_else(no_tiers)
+    }
+
+    fn batches(&self) -> usize {
+        self.inp.states.len()
+    }
+
+    /// Whether item `n`'s KV rows stream through a cache slot and it has rows to fetch.
+    fn cache_in(&self, n: usize) -> bool {
+        let nb = self.batches();
+        let (j, k) = (n / nb, n % nb);
+        self.step.past > 0 && self.cache_off(j, k)
+    }
+
+    /// Whether (j, k) computes in a cache slot (its cache is offloaded and its attention runs on the GPU).
+    fn cache_off(&self, j: usize, k: usize) -> bool {
+        matches!(self.homes.caches[j][k], BatchCache::Homes(_)) && !self.on_cpu[k]
+    }
+
+    /// Submits the compute recorded so far: queue order puts it before whatever is submitted next.
+    fn flush(&mut self) {
+        let rec = std::mem::replace(&mut self.rec, self.inp.kernels.recorder());
+        if !rec.is_empty() {
+            rec.submit();
+        }
+    }
+
+    /// Flushes the compute and starts a transfer encoder queued after it.
+    fn transfers(&mut self) -> Result<wgpu::CommandEncoder, OffloadError> {
+        self.flush();
+        Ok(self
+            .tiers()?
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("strata offload transfers"),
+            }))
+    }
+
+    /// Submits a transfer encoder and hands its stores to their homes, as one item of the store queue.
+    fn submit(
+        &mut self,
+        enc: wgpu::CommandEncoder,
+        stores: Vec<(Target, PendingStore)>,
+    ) -> Result<(), OffloadError> {
+        let tiers = self.tiers()?;
+        tiers.prepare_submit(&enc);
+        tiers.queue().submit([enc.finish()]);
+        if !stores.is_empty() {
+            let mut targets = Vec::with_capacity(stores.len());
+            for (target, pending) in stores {
+                if let Some(home) = target.home(self.homes) {
+                    home.stored(tiers, pending)?;
+                }
+                targets.push(target);
+            }
+            self.stores.push_back(targets);
+        }
+        Ok(())
+    }
+
+    /// Moves every submitted item's stores but the newest `keep` on (waiting for the disk writes the previous drain
+    /// started, so at most one item's writes run at a time).
+    fn drain(&mut self, keep: usize) -> Result<(), OffloadError> {
+        let tiers = self.tiers()?;
+        for target in std::mem::take(&mut self.writing) {
+            if let Some(home) = target.home(self.homes) {
+                home.settle(tiers)?;
+            }
+        }
+        while self.stores.len() > keep {
+            for target in self.stores.pop_front().unwrap_or_default() {
+                if let Some(home) = target.home(self.homes) {
+                    home.start_write(tiers)?;
+                    self.writing.push(target);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With overlap, layer 0's weights are queued first, and the disk reads of layer 1's weights and of the first
+    /// two items' KV rows start now.
+    fn prologue(&mut self) -> Result<(), OffloadError> {
+        if self.inp.overlap && self.inp.layers.is_offloaded(0) {
+            let mut enc = self.transfers()?;
+            self.fetch_layer(0, &mut enc)?;
+            self.submit(enc, Vec::new())?;
+            self.prefetch_layer(1)?;
+        }
+        self.read_ahead(0)?;
+        self.read_ahead(1)
+    }
+
+    /// Embeds GPU batch `k` and stores its offloaded hidden rows.
+    fn embed(&mut self, k: usize) -> Result<(), OffloadError> {
+        let views = self.views;
+        let inp = self.inp;
+        inp.model
+            .embed(&mut self.rec, &views.states[k], inp.ws, self.step);
+        if self.act_off[k] {
+            let mut enc = self.transfers()?;
+            let stores = self.store_act(k, &mut enc)?;
+            self.submit(enc, stores)?;
+        }
+        Ok(())
+    }
+
+    /// The transfers (j, k)'s compute needs, in one submit queued before it: layer weights at k == 0, its KV rows
+    /// (unless fetched ahead) and hidden rows, and with overlap the next item's KV rows into the other cache slot.
+    fn load(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
+        let inp = self.inp;
+        let n_layers = inp.model.config.num_hidden_layers;
+        let n = j * self.batches() + k;
+        let weight_layer = if inp.overlap { j + 1 } else { j };
+        let weights = k == 0 && weight_layer < n_layers && inp.layers.is_offloaded(weight_layer);
+        let cache_now = self.cache_in(n) && self.prefetched != Some(n);
+        let items = n_layers * self.batches();
+        // Ahead only into the other slot: with one slot the next item's rows would overwrite this item's.
+        let cache_next = inp.overlap
+            && self.homes.cache_slot_count() >= 2
+            && n + 1 < items
+            && self.cache_in(n + 1);
+        // The disk reads the item after next's KV rows while this one's transfers and compute run.
+        self.read_ahead(n + 2)?;
+        if !(weights || cache_now || self.act_off[k] || cache_next) {
+            return Ok(());
+        }
+        let mut enc = self.transfers()?;
+        if weights {
+            self.fetch_layer(weight_layer, &mut enc)?;
+        }
+        if cache_now {
+            self.fetch_cache(n, &mut enc)?;
+        }
+        if self.act_off[k] {
+            self.fetch_act(k, &mut enc)?;
+        }
+        if cache_next {
+            self.fetch_cache(n + 1, &mut enc)?;
+            self.prefetched = Some(n + 1);
+        }
+        self.submit(enc, Vec::new())?;
+        if weights && inp.overlap {
+            // The disk works on the layer after next while the GPU computes this one.
+            self.prefetch_layer(weight_layer + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Records (j, k)'s decoder layer: on the GPU, or with attention on the CPU.
+    fn compute(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
+        let views = self.views;
+        let inp = self.inp;
+        if self.on_cpu[k] {
+            return self.cpu_attention_layer(j, k);
+        }
+        decoder_layer(
+            &mut self.rec,
+            &inp.model.config,
+            &views.layers[j],
+            &views.caches[j][k],
+            &views.states[k],
+            inp.ws,
+            self.step,
+        );
+        Ok(())
+    }
+
+    /// Streams (j, k)'s new KV rows (when it computed in a cache slot) and hidden rows back to their homes, in a
+    /// submit queued right behind its compute.
+    fn store(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
+        let cache_off = self.cache_off(j, k);
+        if !(cache_off || self.act_off[k]) {
+            return Ok(());
+        }
+        let mut enc = self.transfers()?;
+        let mut stores = Vec::new();
+        if cache_off {
+            // A CPU-attention batch appended its rows to the homes itself: only a slot holds rows to store.
+            let tiers = self.tiers()?;
+            let slot = &self.views.caches[j][k];
+            let rows = self.homes.cache_rows;
+            if let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] {
+                for (i, seq) in seqs.iter_mut().enumerate() {
+                    for (keys, src, home) in
+                        [(true, &slot.k, &mut seq.k), (false, &slot.v, &mut seq.v)]
+                    {
+                        // A home takes its ranges' stores in order (`Home::stored`).
+                        for r in rows.store_ranges(i, self.step) {
+                            let p = tiers.store_range(
+                                src,
+                                r.slot,
+                                home.for_store(),
+                                r.home,
+                                r.len,
+                                &mut enc,
+                            )?;
+                            stores.push((Target::Cache(j, k, i, keys), p));
+                        }
+                    }
+                }
+            }
+        }
+        if self.act_off[k] {
+            stores.extend(self.store_act(k, &mut enc)?);
+        }
+        self.submit(enc, stores)?;
+        // The GPU now has this item's compute: move the previous item's stores on meanwhile.
+        self.drain(1)
+    }
+
+    /// Fetches GPU batch `k`'s hidden rows and records its logits into rows `row0..` of the logits.
+    fn logits(&mut self, k: usize, row0: usize) -> Result<(), OffloadError> {
+        if self.act_off[k] {
+            let mut enc = self.transfers()?;
+            self.fetch_act(k, &mut enc)?;
+            self.submit(enc, Vec::new())?;
+        }
+        let views = self.views;
+        let inp = self.inp;
+        inp.model.logits(
+            &mut self.rec,
+            &views.states[k],
+            inp.ws,
+            self.step,
+            inp.logits,
+            row0,
+        );
+        Ok(())
+    }
+
+    /// Records the token choice over the `rows` logits rows.
+    fn choose(&mut self, sampling: Sampling, t: usize, rows: usize) {
+        let inp = self.inp;
+        let vocab = inp.model.config.vocab_size;
+        match sampling {
+            Sampling::Greedy => self.rec.argmax(inp.logits, rows, vocab, inp.next),
+            Sampling::Sample {
+                temperature,
+                top_p,
+                seed,
+            } => self.rec.sample(
+                inp.logits,
+                rows,
+                vocab,
+                temperature,
+                top_p,
+                (seed ^ (seed >> 32)) as u32,
+                t as u32,
+                inp.next,
+            ),
+        }
+    }
+
+    /// Submits the rest and moves every store on (their writes finish behind the token read-back, or at the homes'
+    /// next read).
+    fn finish(mut self) -> Result<(), OffloadError> {
+        self.flush();
+        if !self.stores.is_empty() || !self.writing.is_empty() {
+            self.drain(0)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the disk reads of layer `j`'s disk-resident buffers.
+    fn prefetch_layer(&mut self, j: usize) -> Result<(), OffloadError> {
+        let layers = self.inp.layers;
+        let Some(parts) = layers.parts.get(j) else {
+            return Ok(());
+        };
+        for (index, part) in parts.iter().enumerate() {
+            if let PartHome::Off(home) = part {
+                if let Some(ticket) = self.tiers()?.prefetch(home, Vec::new())? {
+                    self.tickets.insert((j, index), ticket);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records layer `j`'s offloaded buffers into its weight slot.
+    fn fetch_layer(
+        &mut self,
+        j: usize,
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<(), OffloadError> {
+        let layers = self.inp.layers;
+        let slot = if self.inp.overlap { j % 2 } else { 0 };
+        let tiers = self.tiers()?;
+        for (index, part) in layers.parts[j].iter().enumerate() {
+            if let PartHome::Off(home) = part {
+                let dst = layers.slot_buffer(slot, index).ok_or_else(no_tiers)?;
+                match self.tickets.remove(&(j, index)) {
+                    Some(ticket) => tiers.fetch_host(&ticket.wait()?, &dst, 0, enc)?,
+                    None => tiers.fetch(home, &dst, 0, enc)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records "copy item `n`'s KV rows [0, past) into its cache slot" (the ranges [`crate::offload::CacheRows`]
+    /// gives; bytes read ahead from disk where [`Schedule::read_ahead`] started them).
+    fn fetch_cache(
+        &mut self,
+        n: usize,
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<(), OffloadError> {
+        let nb = self.batches();
+        let (j, k) = (n / nb, n % nb);
+        let tiers = self.tiers()?;
+        let slot = &self.views.caches[j][k];
+        let rows = self.homes.cache_rows;
+        if let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] {
+            for (i, seq) in seqs.iter_mut().enumerate() {
+                for (keys, home, dst) in [(true, &mut seq.k, &slot.k), (false, &mut seq.v, &slot.v)]
+                {
+                    match self.cache_reads.remove(&(n, i, keys)) {
+                        Some(reads) => {
+                            for (r, read) in reads {
+                                tiers.fetch_host(&read.wait()?, dst, r.slot, enc)?;
+                            }
+                        }
+                        None => {
+                            let home = home.settle(tiers)?;
+                            for r in rows.fetch_ranges(i, self.step) {
+                                tiers.fetch_range(home, r.home, r.len, dst, r.slot, enc)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With overlap, starts reading item `n`'s disk-resident KV rows [0, past) on the disk tier's threads; its fetch
+    /// takes the bytes. Nothing writes those homes in between: an item's rows are stored only after its compute.
+    fn read_ahead(&mut self, n: usize) -> Result<(), OffloadError> {
+        let nb = self.batches();
+        if !self.inp.overlap || n >= self.homes.caches.len() * nb || !self.cache_in(n) {
+            return Ok(());
+        }
+        let tiers = self.tiers()?;
+        let rows = self.homes.cache_rows;
+        if let BatchCache::Homes(seqs) = &mut self.homes.caches[n / nb][n % nb] {
+            for (i, seq) in seqs.iter_mut().enumerate() {
+                for (keys, home) in [(true, &mut seq.k), (false, &mut seq.v)] {
+                    if let TensorHome::Disk(t) = home.settle(tiers)? {
+                        let reads = rows
+                            .fetch_ranges(i, self.step)
+                            .into_iter()
+                            .map(|r| {
+                                let read =
+                                    tiers
+                                        .disk()?
+                                        .prefetch_range_into(t, r.home, r.len, Vec::new());
+                                Ok((r, read))
+                            })
+                            .collect::<Result<Vec<_>, OffloadError>>()?;
+                        self.cache_reads.insert((n, i, keys), reads);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records "copy GPU batch `k`'s offloaded hidden rows into the activation slot".
+    fn fetch_act(&mut self, k: usize, enc: &mut wgpu::CommandEncoder) -> Result<(), OffloadError> {
+        let tiers = self.tiers()?;
+        let row_bytes = (self.step.s_new * self.inp.model.config.hidden_size * F32) as u64;
+        let slot = &self.views.states[k].x;
+        if let BatchAct::Homes(h) = &mut self.homes.acts[k] {
+            for (i, home) in h.iter_mut().enumerate() {
+                let home = home.settle(tiers)?;
+                tiers.fetch_range(home, 0, row_bytes, slot, i as u64 * row_bytes, enc)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records "write the activation slot's rows of GPU batch `k` back to their homes".
+    fn store_act(
+        &mut self,
+        k: usize,
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<Vec<(Target, PendingStore)>, OffloadError> {
+        let tiers = self.tiers()?;
+        let row_bytes = (self.step.s_new * self.inp.model.config.hidden_size * F32) as u64;
+        let slot = &self.views.states[k].x;
+        let mut stores = Vec::new();
+        if let BatchAct::Homes(h) = &mut self.homes.acts[k] {
+            for (i, home) in h.iter_mut().enumerate() {
+                let at = i as u64 * row_bytes;
+                let p = tiers.store_range(slot, at, home.for_store(), 0, row_bytes, enc)?;
+                stores.push((Target::Act(k, i), p));
+            }
+        }
+        Ok(stores)
+    }
+
+    /// One decoder layer of a decode step with attention on the CPU: q, k, v projected on the GPU and read back, the
+    /// new k, v rows appended to the CPU-resident cache, attention computed on the CPU (rayon), its output uploaded,
+    /// and the rest of the layer on the GPU. Mirrors [`decoder_layer`] around the attention.
+    fn cpu_attention_layer(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
+        let inp = self.inp;
+        let views = self.views;
+        let sc = views.cpu.as_ref().ok_or_else(no_tiers)?;
+        let (layer, state, step) = (&views.layers[j], &views.states[k], self.step);
+        let c = &inp.model.config;
+        let (h, rows, eps) = (c.hidden_size, state.batch, c.layer_norm_eps);
+        let pre_ln = c.do_layer_norm_before;
+        let dense = OutRows::dense(h, 0);
+        let x = &state.x;
+        let rec = &mut self.rec;
+        let attn_in = if pre_ln {
+            rec.layer_norm(
+                x,
+                rows,
+                h,
+                norm_refs(&layer.self_attn_layer_norm),
+                eps,
+                &sc.norm,
+            );
+            &sc.norm
+        } else {
+            x
+        };
+        for (l, out) in [
+            (&layer.q_proj, &sc.q),
+            (&layer.k_proj, &sc.k),
+            (&layer.v_proj, &sc.v),
+        ] {
+            rec.linear(
+                attn_in,
+                rows,
+                &l.weight,
+                l.bias.as_ref(),
+                Act::None,
+                out,
+                dense,
+                false,
+            );
+        }
+        self.flush();
+        let bytes = (rows * h * F32) as u64;
+        let gpu = inp.kernels.gpu();
+        let back = gpu.read_back(&[(&sc.q, 0, bytes), (&sc.k, 0, bytes), (&sc.v, 0, bytes)])?;
+        let tiers = self.tiers()?;
+        let len = step.past + 1;
+        let dtype = self.homes.cache_dtype();
+        let (row, home_row) = (h * F32, h * dtype.bytes());
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        if let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] {
+            for (i, seq) in seqs.iter_mut().enumerate() {
+                for (home, new, all) in [
+                    (&mut seq.k, &back[1], &mut keys),
+                    (&mut seq.v, &back[2], &mut values),
+                ] {
+                    if let TensorHome::Cpu(t) = home.settle(tiers)? {
+                        // The new row as the cache stores it, so the CPU attends over what the GPU path would.
+                        let new_row = encode_cache_values(&new[i * row..(i + 1) * row], dtype);
+                        // Read the cached rows first: on the DMA path a write lands only at the next submit.
+                        let mut rows: Vec<f32> = tiers.cpu().with_bytes(t, |b| {
+                            decode_cache_values(&b[..step.past * home_row], dtype)
+                        })?;
+                        rows.extend(decode_cache_values(&new_row, dtype));
+                        all.push(rows);
+                        tiers
+                            .cpu()
+                            .write(t, (step.past * home_row) as u64, &new_row)?;
+                    }
+                }
+            }
+        }
+        let capacity = state.capacity;
+        let masks: Vec<&[u32]> = (0..rows)
+            .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
+            .collect();
+        let q: Vec<f32> = bytemuck::pod_collect_to_vec(&back[0]);
+        let out = cpu_attention(
+            &q,
+            &keys,
+            &values,
+            &masks,
+            c.n_head,
+            len,
+            step.attn_sparsity,
+        );
+        tiers
+            .queue()
+            .write_buffer(&sc.attn, 0, bytemuck::cast_slice(&out));
+
+        let rec = &mut self.rec;
+        let act = match c.activation {
+            crate::config::Activation::Relu => Act::Relu,
+            crate::config::Activation::Gelu => Act::Gelu,
+        };
+        let post = |rec: &mut Recorder<'v>, n: &'v crate::model::Norm| {
+            rec.layer_norm(x, rows, h, norm_refs(n), eps, &sc.norm);
+            rec.copy(&sc.norm, 0, x, 0, bytes);
+        };
+        let l = &layer.out_proj;
         rec.linear(
-            attn_in,
+            &sc.attn,
             rows,
             &l.weight,
             l.bias.as_ref(),
             Act::None,
-            out,
+            x,
             dense,
+            true,
+        );
+        if !pre_ln {
+            post(rec, &layer.self_attn_layer_norm);
+        }
+        let ffn_in = if pre_ln {
+            rec.layer_norm(
+                x,
+                rows,
+                h,
+                norm_refs(&layer.final_layer_norm),
+                eps,
+                &sc.norm,
+            );
+            &sc.norm
+        } else {
+            x
+        };
+        let l = &layer.fc1;
+        rec.linear(
+            ffn_in,
+            rows,
+            &l.weight,
+            l.bias.as_ref(),
+            act,
+            &sc.mid,
+            OutRows::dense(c.ffn_embed_dim, 0),
             false,
         );
-    }
-    let rec_done = flush(rec, inp.kernels);
-    let bytes = (rows * h * F32) as u64;
-    let gpu = inp.kernels.gpu();
-    let back = gpu.read_back(&[(&sc.q, 0, bytes), (&sc.k, 0, bytes), (&sc.v, 0, bytes)])?;
-    let tiers = inp.tiers.ok_or_else(no_tiers)?;
-    let len = step.past + 1;
-    let dtype = homes.cache_dtype();
-    let (row, home_row) = (h * F32, h * dtype.bytes());
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    if let BatchCache::Homes(seqs) = &mut homes.caches[j][k] {
-        for (i, seq) in seqs.iter_mut().enumerate() {
-            for (home, new, all) in [
-                (&mut seq.k, &back[1], &mut keys),
-                (&mut seq.v, &back[2], &mut values),
-            ] {
-                if let TensorHome::Cpu(t) = home {
-                    // The new row as the cache stores it, so the CPU attends over what the GPU path would.
-                    let new_row = encode_cache_values(&new[i * row..(i + 1) * row], dtype);
-                    // Read the cached rows first: on the DMA path a write lands only at the next submit.
-                    let mut rows: Vec<f32> = tiers.cpu().with_bytes(t, |b| {
-                        decode_cache_values(&b[..step.past * home_row], dtype)
-                    })?;
-                    rows.extend(decode_cache_values(&new_row, dtype));
-                    all.push(rows);
-                    tiers
-                        .cpu()
-                        .write(t, (step.past * home_row) as u64, &new_row)?;
-                }
-            }
-        }
-    }
-    let capacity = state.capacity;
-    let masks: Vec<&[u32]> = (0..rows)
-        .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
-        .collect();
-    let q: Vec<f32> = bytemuck::pod_collect_to_vec(&back[0]);
-    let out = cpu_attention(
-        &q,
-        &keys,
-        &values,
-        &masks,
-        c.n_head,
-        len,
-        step.attn_sparsity,
-    );
-    tiers
-        .queue()
-        .write_buffer(&sc.attn, 0, bytemuck::cast_slice(&out));
-
-    let mut rec = rec_done;
-    let act = match c.activation {
-        crate::config::Activation::Relu => Act::Relu,
-        crate::config::Activation::Gelu => Act::Gelu,
-    };
-    let post = |rec: &mut Recorder<'r>, n: &'r crate::model::Norm| {
-        rec.layer_norm(x, rows, h, norm_refs(n), eps, &sc.norm);
-        rec.copy(&sc.norm, 0, x, 0, bytes);
-    };
-    let l = &layer.out_proj;
-    rec.linear(
-        &sc.attn,
-        rows,
-        &l.weight,
-        l.bias.as_ref(),
-        Act::None,
-        x,
-        dense,
-        true,
-    );
-    if !pre_ln {
-        post(&mut rec, &layer.self_attn_layer_norm);
-    }
-    let ffn_in = if pre_ln {
-        rec.layer_norm(
-            x,
+        let l = &layer.fc2;
+        rec.linear(
+            &sc.mid,
             rows,
-            h,
-            norm_refs(&layer.final_layer_norm),
-            eps,
-            &sc.norm,
+            &l.weight,
+            l.bias.as_ref(),
+            Act::None,
+            x,
+            dense,
+            true,
         );
-        &sc.norm
-    } else {
-        x
-    };
-    let l = &layer.fc1;
-    rec.linear(
-        ffn_in,
-        rows,
-        &l.weight,
-        l.bias.as_ref(),
-        act,
-        &sc.mid,
-        OutRows::dense(c.ffn_embed_dim, 0),
-        false,
-    );
-    let l = &layer.fc2;
-    rec.linear(
-        &sc.mid,
-        rows,
-        &l.weight,
-        l.bias.as_ref(),
-        Act::None,
-        x,
-        dense,
-        true,
-    );
-    if !pre_ln {
-        post(&mut rec, &layer.final_layer_norm);
+        if !pre_ln {
+            post(rec, &layer.final_layer_norm);
+        }
+        Ok(())
     }
-    Ok(rec)
 }

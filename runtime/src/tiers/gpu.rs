@@ -104,6 +104,23 @@ impl GpuPool {
         })
     }
 
+    /// A slot of exactly `padded(len)` bytes: a free buffer of that size if there is one, else a new one. For
+    /// buffers a kernel binds whole (a KV cache slot, the residual stream), which must stay within the device's
+    /// binding limit that a size class could pass.
+    pub fn acquire_exact(&self, len: u64) -> Result<GpuSlot> {
+        let size = padded(len).max(COPY_ALIGN);
+        let reused = lock(&self.inner.free).get_mut(&size).and_then(Vec::pop);
+        let buffer = match reused {
+            Some(b) => b,
+            None => self.create(size)?,
+        };
+        self.inner.in_use.add(buffer.size());
+        Ok(GpuSlot {
+            buffer: Some(buffer),
+            pool: Arc::clone(&self.inner),
+        })
+    }
+
     /// Frees every buffer not handed out (after a phase that needed more memory than the next).
     pub fn trim(&self) {
         let drained = std::mem::take(&mut *lock(&self.inner.free));
