@@ -555,20 +555,9 @@ impl GpuModel {
         Ok(model)
     }
 
-    /// How this model's uncompressed KV cache stores values: halves when its matrices are f16 (stored so, or an f16
-    /// checkpoint quantised), as the reference computes an f16 model's cache; f32 otherwise, so f32 checkpoints
-    /// match their reference within 1e-4. An odd hidden size keeps f32 (halves are written in pairs).
+    /// How this model's uncompressed KV cache stores values ([`CacheDtype::for_model`]).
     pub fn cache_dtype(&self) -> CacheDtype {
-        let f16 = match self.format {
-            WeightFormat::F16 => true,
-            WeightFormat::F32 => false,
-            WeightFormat::Packed(_) => self.config.dtype == DType::F16,
-        };
-        if f16 && self.config.hidden_size % 2 == 0 {
-            CacheDtype::F16
-        } else {
-            CacheDtype::F32
-        }
+        CacheDtype::for_model(&self.config)
     }
 
     /// Bytes of the matrices, biases and norms outside and inside the layers held on the GPU (packed words for a

@@ -19,6 +19,7 @@ use std::fmt;
 
 use crate::compress::{packed_bytes, CompressionConfig};
 use crate::config::OptConfig;
+use crate::gpu::kernels::CacheDtype;
 use crate::policy::{format_bytes, Policy, PolicyError};
 use crate::weights::{layer_tensors, model_tensors, TensorSpec};
 
@@ -383,13 +384,9 @@ fn split_sequences(n: usize, gpu: f64, cpu: f64) -> [usize; 3] {
 /// Bytes per activation value: hidden states and scratch are f32 on the GPU and in every tier.
 const ACT_BYTES: u64 = 4;
 
-/// Bytes per uncompressed KV cache value as the runtime stores it: halves for an f16 model, f32 otherwise
-/// (`GpuModel::cache_dtype`).
+/// Bytes per uncompressed KV cache value as the runtime stores it ([`CacheDtype::for_model`]).
 pub fn cache_value_bytes(config: &OptConfig) -> u64 {
-    match config.dtype {
-        crate::config::DType::F16 if config.hidden_size % 2 == 0 => 2,
-        _ => 4,
-    }
+    CacheDtype::for_model(config).bytes() as u64
 }
 
 /// Per-sequence sizes the formulas share.

@@ -154,6 +154,17 @@ pub enum CacheDtype {
 }
 
 impl CacheDtype {
+    /// The cache an OPT model keeps: halves for an f16 checkpoint (as its reference implementation caches, whatever
+    /// storage `--dtype` picks for the weights), f32 otherwise, so f32 checkpoints match their reference within
+    /// 1e-4. An odd hidden size keeps f32 (halves are written in pairs). The planner counts the same bytes.
+    pub fn for_model(config: &crate::config::OptConfig) -> CacheDtype {
+        if config.dtype == crate::config::DType::F16 && config.hidden_size % 2 == 0 {
+            CacheDtype::F16
+        } else {
+            CacheDtype::F32
+        }
+    }
+
     /// Bytes per cached value.
     pub const fn bytes(self) -> usize {
         match self {
