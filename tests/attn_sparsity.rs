@@ -3,43 +3,19 @@
 //! top half of the earlier real tokens per head): greedy tokens equal, logits within 1e-4, on the all-GPU path, with
 //! an offloaded cache, with `--cpu-cache-compute`, with a packed cache (`--compress-cache`), and through the CLI.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
+
+use std::path::Path;
 use std::process::Command;
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::CompressionConfig;
-use strata::generate::{
-    GenerateError, GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling,
-};
-use strata::gpu::{Gpu, GpuOptions};
+use strata::generate::{GenerateError, GenerateOutput, Generator, GeneratorOptions};
+use strata::gpu::Gpu;
 use strata::policy::{Percent, Policy};
 use strata::reference::ReferenceModel;
-
-const F32_FIXTURES: [&str; 3] = ["pre-ln-relu", "post-ln-proj", "gelu-no-bias"];
-
-fn gpu() -> Gpu {
-    Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)")
-}
-
-fn fixture(name: &str) -> (PathBuf, Vec<Vec<u32>>, usize) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
-    (dir, prompts, new)
-}
-
-fn options(new: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: new,
-        sampling: Sampling::Greedy,
-        ignore_eos: true,
-        record_logits: true,
-    }
-}
 
 fn sparse(attn_sparsity: Option<f64>) -> GeneratorOptions {
     GeneratorOptions {
@@ -87,14 +63,6 @@ fn cache_on_cpu(batch: usize, attn_sparsity: f64, cpu_cache_compute: bool) -> Po
         attn_sparsity,
         ..Policy::default()
     }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The lowest id among the largest logits (greedy search's choice).

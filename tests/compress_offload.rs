@@ -3,43 +3,21 @@
 //! greedy ids, f32 logits within 1e-5), on the committed f32 fixtures. Offloading only moves packed words, so the
 //! kernels see the same bytes either way. The tiers really hold the packed bytes, and no offload file remains.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
+
+use std::path::Path;
 use std::process::Command;
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::{packed_bytes, CompressionConfig};
 use strata::config::OptConfig;
-use strata::generate::{GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling};
-use strata::gpu::{Gpu, GpuOptions};
+use strata::generate::{GenerateOutput, Generator, GeneratorOptions};
+use strata::gpu::Gpu;
 use strata::planner::{plan, Workload};
 use strata::policy::{Percent, Policy};
 use strata::weights::layer_tensors;
-
-const F32_FIXTURES: [&str; 3] = ["pre-ln-relu", "post-ln-proj", "gelu-no-bias"];
-
-fn gpu() -> Gpu {
-    Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)")
-}
-
-fn fixture(name: &str) -> (PathBuf, Vec<Vec<u32>>, usize) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
-    (dir, prompts, new)
-}
-
-fn options(new: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: new,
-        sampling: Sampling::Greedy,
-        ignore_eos: true,
-        record_logits: true,
-    }
-}
 
 /// What is compressed: weights, cache, or both (with a second grouping, several groups per row).
 #[derive(Clone, Copy, Debug)]
@@ -272,14 +250,6 @@ fn run_policy(
         }
     }
     out
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -2,45 +2,18 @@
 //! policy (the cache on the CPU or disk, attention on the GPU or, with `cpu_cache_compute`, on the CPU) still
 //! reproduces the all-GPU run: identical greedy ids and logits within 1e-4 of it.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::{fixture, gpu, max_abs_diff, options};
 use strata::checkpoint::Checkpoint;
-use strata::generate::{GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling};
+use strata::generate::{GenerateOutput, Generator, GeneratorOptions};
 use strata::gpu::kernels::CacheDtype;
-use strata::gpu::{Gpu, GpuOptions};
 use strata::policy::{Percent, Policy};
-
-fn fixture() -> (PathBuf, Vec<Vec<u32>>, usize) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/f16");
-    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(reference["dtype"], "float16");
-    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
-    (dir, prompts, new)
-}
-
-fn options(new: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: new,
-        sampling: Sampling::Greedy,
-        ignore_eos: true,
-        record_logits: true,
-    }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
-    let gpu = Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)");
-    let (dir, prompts, new) = fixture();
+    let gpu = gpu();
+    let (dir, prompts, new) = fixture("f16");
     let checkpoint = Checkpoint::open(&dir).unwrap();
     let all_gpu = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default()).unwrap();
     assert_eq!(all_gpu.model().cache_dtype(), CacheDtype::F16);

@@ -1,40 +1,16 @@
 //! The offloading invariant: every policy produces the all-GPU run's tokens (identical greedy ids, logits within
 //! 1e-4 for f32 checkpoints), on the committed f32 fixtures, for a matrix of placements, batchings and overlap.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
+
+use std::path::Path;
 
 use strata::checkpoint::Checkpoint;
-use strata::generate::{
-    GenerateError, GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling,
-};
-use strata::gpu::{Gpu, GpuOptions};
+use strata::generate::{GenerateError, GenerateOutput, Generator, GeneratorOptions};
+use strata::gpu::Gpu;
 use strata::policy::{Percent, Policy};
-
-const F32_FIXTURES: [&str; 3] = ["pre-ln-relu", "post-ln-proj", "gelu-no-bias"];
-
-fn gpu() -> Gpu {
-    Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)")
-}
-
-fn fixture(name: &str) -> (PathBuf, Vec<Vec<u32>>, usize) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
-    (dir, prompts, new)
-}
-
-fn options(new: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: new,
-        sampling: Sampling::Greedy,
-        ignore_eos: true,
-        record_logits: true,
-    }
-}
 
 fn policy(
     percent: [f64; 6],
@@ -105,14 +81,6 @@ fn run_policy(
 fn cpu_compute(mut p: Policy) -> Policy {
     p.cpu_cache_compute = true;
     p
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
