@@ -72,6 +72,15 @@ fn json_output_has_the_policy_prediction_and_peaks() {
             .sum();
         // opt-30b's exact parameter count at fp16.
         assert_eq!(total_weights, 2 * 29_974_540_288);
+        // The embeddings (tied LM head) and final layer norm stay on the GPU whatever the percents say:
+        // (vocab + positions + 2) * hidden fp16 values.
+        let outside = 2 * (50272 + 2050 + 2) * 7168;
+        assert_eq!(v["outside_layer_weight_bytes"].as_u64(), Some(outside));
+        assert!(
+            v["weights_bytes"]["gpu"].as_u64().unwrap() >= outside,
+            "{}",
+            v["weights_bytes"]
+        );
         if cost_model == "strata" {
             assert!(peak["gpu"].as_u64().unwrap() <= 15 << 30, "{peak}");
             assert!(peak["cpu"].as_u64().unwrap() <= 200 << 30, "{peak}");

@@ -331,6 +331,11 @@ impl Generator {
         &self.model
     }
 
+    /// The decoder layers' weights: resident buffers, offloaded homes and weight slots.
+    pub fn layers(&self) -> &LayerStore {
+        &self.layers
+    }
+
     fn gpu(&self) -> &Gpu {
         self.kernels.gpu()
     }

@@ -282,8 +282,9 @@ pub struct LayerStore {
     pub parts: Vec<Vec<PartHome>>,
     /// The shape every layer shares (its buffers are placeholders).
     template: Option<LayerWeights>,
-    /// `slots[slot][buffer]`: a GPU buffer for every buffer that is offloaded in some layer.
-    slots: Vec<Vec<Option<wgpu::Buffer>>>,
+    /// `slots[slot][buffer]`: a GPU buffer for every buffer that is offloaded in some layer, lent by the GPU tier's
+    /// pool (exactly the buffer's padded size), so [`Tiers::report`] counts it.
+    slots: Vec<Vec<Option<GpuSlot>>>,
 }
 
 impl LayerStore {
@@ -312,7 +313,8 @@ impl LayerStore {
     /// packed), uploaded when the policy keeps it on the GPU and otherwise written to its CPU or disk home, never
     /// passing through the GPU. Offloaded weights thus live and move in the GPU's format (packed under weight
     /// compression), and the host holds one row chunk of one tensor at a time. `slot_count` weight slots (2 with
-    /// overlap) are allocated for offloaded buffers. `progress(i)` is called after layer `i`.
+    /// overlap) are taken from the GPU tier's pool for offloaded buffers, each exactly its buffer's padded size.
+    /// `progress(i)` is called after layer `i`.
     pub fn load(
         gpu: &Gpu,
         tiers: &Tiers,
@@ -323,7 +325,8 @@ impl LayerStore {
         progress: &dyn Fn(usize),
     ) -> Result<LayerStore, OffloadError> {
         let config = *source.config();
-        let mut slots: Vec<Vec<Option<wgpu::Buffer>>> = vec![Vec::new(); slot_count.max(1)];
+        let mut slots: Vec<Vec<Option<GpuSlot>>> =
+            (0..slot_count.max(1)).map(|_| Vec::new()).collect();
         let mut all_parts = Vec::new();
         let mut template = None;
         for i in 0..config.num_hidden_layers {
@@ -354,13 +357,18 @@ impl LayerStore {
                             parts.push(PartHome::Off(home));
                             for slot in &mut slots {
                                 if slot.len() <= index {
-                                    slot.resize(index + 1, None);
+                                    slot.resize_with(index + 1, || None);
                                 }
-                                if slot[index].as_ref().is_none_or(|b| b.size() < len) {
-                                    slot[index] = Some(gpu.storage_buffer("weight slot", len));
+                                if slot[index].as_ref().is_none_or(|b| b.buffer().size() < len) {
+                                    // Exact: a kernel binds the slot whole, within the device's binding limit.
+                                    slot[index] = Some(tiers.gpu().acquire_exact(len)?);
                                 }
                             }
-                            Ok(slots[0][index].clone().expect("allocated just above"))
+                            Ok(slots[0][index]
+                                .as_ref()
+                                .expect("allocated just above")
+                                .buffer()
+                                .clone())
                         }
                     }
                 },
@@ -397,8 +405,33 @@ impl LayerStore {
 
     /// GPU buffer `index` of weight slot `slot`.
     pub fn slot_buffer(&self, slot: usize, index: usize) -> Option<wgpu::Buffer> {
-        let slots = &self.slots[slot % self.slots.len().max(1)];
-        slots.get(index).cloned().flatten()
+        let slots = self.slots.get(slot % self.slots.len().max(1))?;
+        slots
+            .get(index)
+            .and_then(Option::as_ref)
+            .map(|s| s.buffer().clone())
+    }
+
+    /// Bytes of the weight slots (they come from the GPU tier's pool, which counts them too).
+    pub fn slot_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|s| s.buffer().size())
+            .sum()
+    }
+
+    /// Bytes of the decoder-layer buffers resident on the GPU (outside the pool).
+    pub fn resident_bytes(&self) -> u64 {
+        self.parts
+            .iter()
+            .flatten()
+            .map(|p| match p {
+                PartHome::Resident(b) => b.size(),
+                PartHome::Off(_) => 0,
+            })
+            .sum()
     }
 
     /// Weight slots allocated.

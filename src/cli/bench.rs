@@ -1,6 +1,7 @@
 //! `strata bench`: FlexLLMGen's benchmark workload (an effective batch of dummy prompts of `--prompt-len` tokens,
 //! `--gen-len` tokens each, EOS ignored) under an offloading policy, reporting what FlexLLMGen reports: sizes,
-//! prefill / decode / total latency and throughput, and every tier's peak bytes.
+//! prefill / decode / total latency and throughput, and every tier's peak bytes (the GPU's as resident weights plus
+//! the GPU tier pool's peak) next to the planner's.
 
 use std::path::{Path, PathBuf};
 
@@ -188,6 +189,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     let report = generator.tiers().map(|t| t.report());
     let peak_gpu_pool = report.as_ref().map_or(0, |r| r.gpu.allocated.peak_bytes);
+    // The GPU's real total: weights resident for the whole run (outside the layers plus the layers' GPU share) and
+    // the pool's peak (weight, cache and activation slots, GPU homes of partly offloaded batches). Caches of wholly
+    // GPU batches and the per-step scratch are allocated outside the tiers and are not in it.
+    let gpu_weights = generator.model().gpu_bytes() + generator.layers().resident_bytes();
+    let peak_gpu = gpu_weights + peak_gpu_pool;
     let peak_cpu = report.as_ref().map_or(0, |r| r.cpu.peak_bytes);
     let peak_disk = report.as_ref().map_or(0, |r| r.disk.peak_bytes);
     let planned = memory.peak();
@@ -211,8 +217,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "decode_throughput_tok_s": decode_tput,
             "total_latency_s": prefill + decode,
             "total_throughput_tok_s": total_tput,
-            "peak_bytes": {"gpu_pool": peak_gpu_pool, "cpu": peak_cpu, "disk": peak_disk},
+            "peak_bytes": {
+                "gpu": peak_gpu,
+                "gpu_weights": gpu_weights,
+                "gpu_pool": peak_gpu_pool,
+                "cpu": peak_cpu,
+                "disk": peak_disk,
+            },
             "planned_peak_bytes": {"gpu": planned.gpu, "cpu": planned.cpu, "disk": planned.disk},
+            // What the measured GPU figures correspond to in the plan.
+            "planned_gpu_weights": memory.weights.gpu,
+            "planned_gpu_pool_slots": memory.gpu_working.pool_slots(),
         });
         println!("{object}");
     } else {
@@ -241,7 +256,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prefill + decode
         );
         println!(
-            "peak tier bytes: gpu pool {}  cpu {}  disk {}",
+            "peak tier bytes: gpu {} (resident weights {} + pool {})  cpu {}  disk {}",
+            format_bytes(peak_gpu),
+            format_bytes(gpu_weights),
             format_bytes(peak_gpu_pool),
             format_bytes(peak_cpu),
             format_bytes(peak_disk)

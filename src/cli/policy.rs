@@ -10,7 +10,7 @@ use serde_json::json;
 use strata::config::OptConfig;
 use strata::cost_model::{self, Choice, CostModelKind, Problem, SearchKind, DEFAULT_MAX_BLOCK};
 use strata::hardware::HardwareProfile;
-use strata::planner::{Caps, Tier, TierBytes, Workload};
+use strata::planner::{outside_layer_bytes, Caps, Tier, TierBytes, Workload};
 use strata::policy::format_bytes;
 
 use super::policy_args::PolicyArgs;
@@ -171,6 +171,11 @@ fn to_json(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile) ->
         "predicted_decode_s": c.decode_s,
         "peak_bytes": tier_json(peak),
         "weights_bytes": tier_json(c.plan.weights),
+        // Part of weights_bytes.gpu under every policy: the percents place the decoder layers only.
+        "outside_layer_weight_bytes": outside_layer_bytes(
+            config,
+            p.compress_weight.then_some(p.compress_weight_config)
+        ),
         "cache_bytes": tier_json(c.plan.cache),
         "activation_bytes": tier_json(c.plan.activations),
         "gpu_working_bytes": c.plan.gpu_working.total(),
@@ -228,5 +233,13 @@ fn print_text(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile,
         cap(Tier::Gpu),
         cap(Tier::Cpu),
         cap(Tier::Disk)
+    );
+    let compress = c
+        .policy
+        .compress_weight
+        .then_some(c.policy.compress_weight_config);
+    println!(
+        "the weight percents place the decoder layers; the embeddings, final norm and LM head ({}) stay on the GPU",
+        format_bytes(outside_layer_bytes(config, compress))
     );
 }

@@ -36,6 +36,7 @@ pub struct PolicyArgs {
     #[arg(long, value_name = "K")]
     pub num_gpu_batches: Option<usize>,
     /// Percent of weights, KV cache and activations on GPU and on CPU; disk gets the rest of each
+    /// (the weight percents place the decoder layers: embeddings and LM head always stay on the GPU)
     /// [default: 100 0 100 0 100 0].
     #[arg(long, num_args = 6, value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"])]
     pub percent: Option<Vec<f64>>,

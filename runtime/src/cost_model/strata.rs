@@ -9,8 +9,11 @@
 //!   fp16), for weights and, when enabled, the KV cache.
 //! - `cpu_cache_compute` is a choice: either the off-GPU cache streams up and attention runs on the GPU, or the CPU
 //!   attends over it (q, new K/V down, output up). The search solves both and keeps the faster.
-//! - The logits are part of the model: every step reads the LM head (the tied token embedding, as large as a layer
-//!   of opt-6.7b) and multiplies by it. Its bytes and FLOPs are spread evenly over the layers.
+//! - The logits are part of the model: every step multiplies by the LM head (the tied token embedding, as large as a
+//!   layer of opt-6.7b); its FLOPs are spread evenly over the layers. Like every tensor outside the decoder layers,
+//!   the head stays resident on the GPU (a constant in the GPU's memory row, no transfer time): every GPU batch
+//!   reads it at the end of every step, so streaming it would move the largest matrix per batch and step. The
+//!   weight fractions place the decoder layers only.
 //! - Memory is [`crate::planner::linear_terms_with`], the continuous form of the planner that checks a run before
 //!   it allocates, so a chosen policy is one the runtime accepts.
 
@@ -69,8 +72,8 @@ pub(crate) fn build(
     );
     let cpu_rate = hw.cpu_rate(gbs, c.hidden_size);
 
-    // A layer's weights plus its share of the LM head, which streams like a layer's when offloaded.
-    let wl = weights.layer as f64 + weights.head as f64 / l;
+    // A layer's weights: what streams when offloaded (the LM head and embeddings are resident on the GPU).
+    let wl = weights.layer as f64;
     let v = c.vocab_size as f64;
     let head_flops_per_layer = 2.0 * b * h * v / l;
     // Bytes per cached value: fp16, or packed nibbles plus per-group scale and minimum.

@@ -79,8 +79,9 @@ fn strata_serialises_copies_with_compute_where_flexllmgen_overlaps_them() {
     // with compute while strata's one queue adds them. Compare prefill per layer at a fixed placement.
     let hw = HardwareProfile::t4();
     let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
+    // 3 GiB: the resident embeddings (about 0.4 GiB), working buffers and whole-batch slots, then a few layers.
     let caps = Caps {
-        gpu: Some(2 * GIB),
+        gpu: Some(3 * GIB),
         cpu: Some(200 * GIB),
         disk: None,
     };
@@ -89,7 +90,7 @@ fn strata_serialises_copies_with_compute_where_flexllmgen_overlaps_them() {
     let strata = Problem::new(&c, W, &hw, caps);
     let f = Evaluator::new(flex).eval(8, 1).unwrap();
     let s = Evaluator::new(strata).eval(8, 1).unwrap();
-    // With 2 GiB of GPU almost every weight streams; strata's prefill is slower by about the copy time.
+    // With 3 GiB of GPU almost every weight streams; strata's prefill is slower by about the copy time.
     let copy =
         0.9 * (8.0 * 4096f64.powi(2) + 4.0 * 4096.0 * 16384.0) / (hw.ctog * (1u64 << 30) as f64);
     assert!(
@@ -269,4 +270,46 @@ fn evaluating_the_chosen_policy_predicts_what_the_search_did() {
     p.kind = CostModelKind::Strata;
     let e = evaluate(p, &on_disk).unwrap();
     assert!(e.plan.activations.disk > 0 && e.total_throughput > 0.0);
+}
+
+#[test]
+fn strata_streams_layers_but_keeps_the_lm_head_resident() {
+    // Weights on the CPU, cache and activations on the GPU, no caps: one layer's time is its weights' copy plus its
+    // compute. The LM head (opt-6.7b's tied embedding, 0.4 GiB) costs FLOPs but never streams: it is resident.
+    let hw = HardwareProfile::t4();
+    let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
+    let policy = Policy {
+        gpu_batch_size: 4,
+        num_gpu_batches: 1,
+        percent: crate::policy::Percent::from_array([0.0, 100.0, 100.0, 0.0, 100.0, 0.0]),
+        ..Policy::default()
+    };
+    let choice = evaluate(Problem::new(&c, W, &hw, Caps::default()), &policy).unwrap();
+    let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
+    let (h, f, l, b) = (4096.0, 16384.0, 32.0, 4.0);
+    let copy = c.layer_bytes() as f64 / (hw.ctog * GIB as f64);
+    let head = 2.0 * b * h * c.vocab_size as f64 / l;
+    let prefill = b * (8.0 * s * h * h + 4.0 * s * h * f) / (hw.mm_flops_p * 1e12)
+        + 4.0 * b * s * s * h / (hw.bmm_flops_p * 1e12)
+        + head / (hw.mm_flops_p * 1e12);
+    let decode = b * (8.0 * h * h + 4.0 * h * f) / (hw.mm_flops_g * 1e12)
+        + 4.0 * b * (s + n / 2.0) * h / (hw.bmm_flops_g * 1e12)
+        + head / (hw.mm_flops_g * 1e12);
+    let cand = choice.candidate;
+    let close = |a: f64, e: f64| (a - e).abs() <= 1e-9 * e;
+    assert!(close(cand.prefill_layer_s, copy + prefill), "{cand:?}");
+    assert!(close(cand.decode_layer_s, copy + decode), "{cand:?}");
+    // In memory the head and embeddings are a GPU constant, whatever the weight fractions.
+    let [gpu, ..] = crate::planner::linear_terms(&c, &policy, W);
+    let mut none_on_gpu = [0.0; 9];
+    none_on_gpu[WC] = 1.0;
+    none_on_gpu[CG] = 1.0;
+    none_on_gpu[HG] = 1.0;
+    let outside = crate::planner::outside_layer_bytes(&c, None) as f64;
+    assert!(gpu.eval(&none_on_gpu) > outside);
+    assert_eq!(
+        gpu.coef[WG],
+        (c.model_bytes() as f64 - outside) - 2.0 * c.layer_bytes() as f64,
+        "the fraction on the GPU places the layers (minus the two weight slots it saves)"
+    );
 }
