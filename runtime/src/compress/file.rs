@@ -542,9 +542,11 @@ impl PackedWeights {
                     // Checks that the blob's length matches its shape.
                     file.packed(name)?;
                 }
-                (true, None) => return Err(differs(format!(
+                (true, None) => {
+                    return Err(differs(format!(
                     "`{name}` is stored uncompressed there; a packed checkpoint packs every matrix"
-                ))),
+                )))
+                }
                 (false, Some(_)) => {
                     return Err(differs(format!(
                         "`{name}` is packed there; biases and layer norms are never compressed"
