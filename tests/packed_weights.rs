@@ -217,6 +217,15 @@ fn a_file_packed_with_other_settings_or_for_another_model_is_refused() {
             && err.contains("another model"),
         "{err}"
     );
+    // The same architecture with other weights (synthetic ones): the shared biases and norms tell them apart.
+    let packed = PackedWeights::open(&path, checkpoint.config(), packing).unwrap();
+    packed.check_source(&checkpoint).unwrap();
+    let other = strata::dummy::DummyWeights::new(*checkpoint.config());
+    let err = packed.check_source(&other).unwrap_err().to_string();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("other weights"),
+        "{err}"
+    );
     // One layer fewer: the file has tensors the model does not.
     let mut smaller = *checkpoint.config();
     smaller.num_hidden_layers -= 1;
@@ -315,6 +324,15 @@ fn the_cli_writes_the_packed_file_once_and_reuses_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("model.packed") && err.contains("groups of 32"),
+        "{err}"
+    );
+    // The same architecture's synthetic weights: the file was packed from other weights.
+    let mut dummy = compress.to_vec();
+    dummy.push("--dummy");
+    let out = cli(&packed, &dummy, &tmp.path().join("z.npy"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("other weights"),
         "{err}"
     );
     // Without --compress-weight the flag says what to add.

@@ -78,7 +78,8 @@ fn packed_source(
     source: Box<dyn WeightSource>,
     packed: strata::compress::CompressionConfig,
 ) -> anyhow::Result<Box<dyn WeightSource>> {
-    if !path.exists() {
+    let existed = path.exists();
+    if !existed {
         eprintln!(
             "strata: writing packed weights ({} bits, groups of {}) to {}",
             packed.bits,
@@ -90,6 +91,11 @@ fn packed_source(
     }
     let weights = strata::compress::PackedWeights::open(path, source.config(), packed)
         .with_context(|| format!("--packed-weights {}", path.display()))?;
+    if existed {
+        weights
+            .check_source(source.as_ref())
+            .with_context(|| format!("--packed-weights {}", path.display()))?;
+    }
     Ok(Box::new(weights))
 }
 

@@ -582,6 +582,27 @@ impl PackedWeights {
         })
     }
 
+    /// Checks that the file was written from `source`'s weights, not another checkpoint of the same architecture:
+    /// every uncompressed tensor (biases, layer norms; small) must equal `source`'s byte for byte. A model without
+    /// any has nothing to compare, so this proves nothing for it.
+    pub fn check_source(&self, source: &dyn WeightSource) -> Result<(), CompressError> {
+        for spec in model_tensors(&self.config) {
+            if is_compressed(spec.role) {
+                continue;
+            }
+            let ours = self.load(&spec).map_err(CompressError::from)?;
+            let theirs = source.load(&spec)?;
+            if ours.dtype != theirs.dtype || ours.bytes != theirs.bytes {
+                return Err(CompressError::Format(format!(
+                    "{}: `{}` differs from the model's: the file was packed from other weights; delete it to \
+                     write it again from these",
+                    self.file.path, spec.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The settings every matrix of the file is packed with.
     pub fn compression(&self) -> CompressionConfig {
         self.compression
