@@ -129,6 +129,8 @@ fn a_packed_file_generates_exactly_what_quantising_while_loading_does() {
         // The all-GPU upload takes every matrix as packed words.
         Generator::new(&gpu, &WordsOnly(&packed), &options).unwrap();
 
+        // Offloaded placement (LayerStore) takes the file's matrices through `load`, decoded to f32, and packs them
+        // again until it builds through `GpuMatrix::build_from_source`; the words come out the same here either way.
         let batch = prompts().len();
         let policy = cpu_weights_policy(packing, batch, tmp.path());
         let offloaded_quantised = generate(
