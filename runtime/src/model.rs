@@ -101,8 +101,8 @@ impl Uploader<'_> {
     }
 
     fn matrix(&self, name: &str) -> Result<GpuMatrix, ModelError> {
-        let tensor = self.source.load(self.spec(name)?)?;
-        Ok(GpuMatrix::upload(self.gpu, name, &tensor, self.format)?)
+        // Packed words straight from a packed checkpoint, else loaded and converted.
+        GpuMatrix::upload_from_source(self.gpu, self.source, self.spec(name)?, self.format)
     }
 
     fn vector(&self, name: &str) -> Result<wgpu::Buffer, ModelError> {

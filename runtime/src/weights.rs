@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 
+use crate::compress::{CompressionConfig, PackedRef};
 use crate::config::{DType, OptConfig};
 
 /// Which part of the model a tensor belongs to; decides where placement puts it and whether compression applies.
@@ -215,6 +216,20 @@ pub trait WeightSource: Send + Sync {
     /// The tensor `spec.name`, checked against `spec.shape`. Implementations return it in the dtype stored
     /// (callers convert); a missing tensor, wrong shape or unsupported dtype is an error naming the tensor.
     fn load(&self, spec: &TensorSpec) -> Result<HostTensor<'_>, WeightError>;
+
+    /// The matrix `spec.name` already packed under `config` (a packed checkpoint), so loading skips quantisation:
+    /// `None` when this source does not store it packed (the caller loads and quantises it), `Some(Err)` when it
+    /// stores it packed but not as `config` or `spec` ask (the error names the file and what differs). The bytes
+    /// are the whole tensor's words in [`crate::compress::PackedLayout`] order (every row's data, then every row's
+    /// scales).
+    fn packed(
+        &self,
+        spec: &TensorSpec,
+        config: CompressionConfig,
+    ) -> Option<Result<PackedRef<'_>, WeightError>> {
+        let _ = (spec, config);
+        None
+    }
 }
 
 #[cfg(test)]

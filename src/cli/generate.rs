@@ -63,8 +63,40 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     adapter: Option<String>,
     /// Offloading policy; without placement or batching flags everything stays on the GPU.
+    /// A packed checkpoint to load the quantised weights from (needs --compress-weight, with the bits and group size
+    /// it was written with). Written from the model first when FILE does not exist, so later runs skip quantising.
+    #[arg(long, value_name = "FILE")]
+    packed_weights: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
+}
+
+/// The weight source that serves `packed`'s words: the file at `path`, written from `source` first when missing.
+/// `source` still gives the config; its tensors are read only to write the file.
+fn packed_source(
+    path: &Path,
+    source: Box<dyn WeightSource>,
+    packed: strata::compress::CompressionConfig,
+) -> anyhow::Result<Box<dyn WeightSource>> {
+    let existed = path.exists();
+    if !existed {
+        eprintln!(
+            "strata: writing packed weights ({} bits, groups of {}) to {}",
+            packed.bits,
+            packed.group_size,
+            path.display()
+        );
+        strata::compress::write_packed_model(path, source.as_ref(), packed)
+            .with_context(|| format!("writing packed weights to {}", path.display()))?;
+    }
+    let weights = strata::compress::PackedWeights::open(path, source.config(), packed)
+        .with_context(|| format!("--packed-weights {}", path.display()))?;
+    if existed {
+        weights
+            .check_source(source.as_ref())
+            .with_context(|| format!("--packed-weights {}", path.display()))?;
+    }
+    Ok(Box::new(weights))
 }
 
 /// The packed format `--compress-weight` / `--compress-cache` ask for, checked (`None` when the flag is off).
@@ -168,7 +200,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         p.compress_cache_group_size,
         "--compress-cache",
     )?;
+    if args.packed_weights.is_some() && compress_weight.is_none() {
+        bail!(
+            "--packed-weights holds quantised weights: add --compress-weight (with the --compress-weight-bits and \
+             --compress-weight-group-size the file is, or is to be, packed with)"
+        );
+    }
     let (source, tokenizer) = open_model(&args)?;
+    let source = match (&args.packed_weights, compress_weight) {
+        (Some(path), Some(packed)) => packed_source(path, source, packed)?,
+        _ => source,
+    };
     let mut prompts = Vec::new();
     for text in &args.prompt {
         let tokenizer = tokenizer

@@ -10,8 +10,8 @@ use super::{
     is_compressed, packed_bytes, quantize, CompressError, CompressionConfig, PackedLayout,
     PackedTensor, FORMAT_NAME, FORMAT_VERSION,
 };
-use crate::config::DType;
-use crate::weights::{model_tensors, HostTensor, WeightSource};
+use crate::config::{DType, OptConfig};
+use crate::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 
 /// One tensor of a packed checkpoint: compressed, or kept at its dtype (biases, layer norms).
 #[derive(Clone, Debug)]
@@ -248,7 +248,8 @@ fn safetensors_dtype_name(dtype: DType) -> &'static str {
 /// Writes every tensor of `source`'s model to a packed checkpoint at `path`, one tensor at a time: each 2-D
 /// tensor ([`is_compressed`]) is loaded, converted to f32, packed and written before the next is read, so peak
 /// memory is about one tensor in f32, never the whole model. Biases and layer norms are copied at their stored
-/// dtype. The file is written beside `path` and renamed into place when complete. Returns the file's size.
+/// dtype. The file is written as `path` + `.part` and renamed into place when complete, so an interrupted write
+/// never leaves a file at `path`. Returns the file's size.
 pub fn write_packed_model(
     path: &Path,
     source: &dyn WeightSource,
@@ -315,7 +316,10 @@ pub fn write_packed_model(
     // safetensors aligns the data section to 8 bytes by padding the header with spaces.
     json.resize(json.len().next_multiple_of(8), b' ');
 
-    let partial = path.with_extension("partial");
+    // `FILE.part` beside `FILE` (not a replaced extension, so `a.x` and `a.y` never share one).
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".part");
+    let partial = std::path::PathBuf::from(partial);
     let write = || -> Result<(), CompressError> {
         let file = std::fs::File::create(&partial).map_err(io)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -474,5 +478,242 @@ impl PackedCheckpoint {
             shape: info.shape.clone(),
             bytes: bytes.to_vec().into(),
         }))
+    }
+}
+
+/// A [`WeightSource`] serving a model from a packed checkpoint ([`write_packed_model`]'s file): matrices as their
+/// packed words ([`WeightSource::packed`], copied into GPU buffers without quantising again), biases and layer norms
+/// borrowed from the map at their stored dtype. [`WeightSource::load`] of a matrix decodes its words to f32 (the
+/// values the kernels compute with), for consumers that want numbers, e.g. the CPU reference.
+pub struct PackedWeights {
+    file: PackedCheckpoint,
+    config: OptConfig,
+    compression: CompressionConfig,
+}
+
+fn shape_text(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+impl PackedWeights {
+    /// Opens the packed checkpoint at `path` for the model `config`, whose matrices must be packed under
+    /// `compression`. The whole header is checked before any weight is read: a file made with other bits or group
+    /// size, or for another model (a tensor missing, extra, or of another shape), is an error naming the file and
+    /// what differs.
+    pub fn open(
+        path: &Path,
+        config: &OptConfig,
+        compression: CompressionConfig,
+    ) -> Result<PackedWeights, CompressError> {
+        let file = PackedCheckpoint::open(path)?;
+        let differs = |what: String| {
+            CompressError::Format(format!(
+                "{}: {what}; delete the file to write it again for this model and settings",
+                file.path
+            ))
+        };
+        let model = &config.name;
+        let specs = model_tensors(config);
+        for spec in &specs {
+            let name = &spec.name;
+            let Some(info) = file.metadata.info(name) else {
+                return Err(differs(format!(
+                    "it has no tensor `{name}`, which {model} needs (shape {}): it was written for another model",
+                    shape_text(&spec.shape)
+                )));
+            };
+            match (is_compressed(spec.role), file.header.packed.get(name)) {
+                (true, Some(meta)) => {
+                    if meta.bits != compression.bits || meta.group_size != compression.group_size {
+                        return Err(differs(format!(
+                            "it is packed with {} bits in groups of {}, but this run asks for {} bits in groups \
+                             of {} (`{name}`)",
+                            meta.bits, meta.group_size, compression.bits, compression.group_size
+                        )));
+                    }
+                    if [meta.rows, meta.cols][..] != spec.shape[..] {
+                        return Err(differs(format!(
+                            "`{name}` is [{}, {}] there, but {model} needs {}: it was written for another model",
+                            meta.rows,
+                            meta.cols,
+                            shape_text(&spec.shape)
+                        )));
+                    }
+                    // Checks that the blob's length matches its shape.
+                    file.packed(name)?;
+                }
+                (true, None) => {
+                    return Err(differs(format!(
+                    "`{name}` is stored uncompressed there; a packed checkpoint packs every matrix"
+                )))
+                }
+                (false, Some(_)) => {
+                    return Err(differs(format!(
+                        "`{name}` is packed there; biases and layer norms are never compressed"
+                    )))
+                }
+                (false, None) => {
+                    if info.shape != spec.shape {
+                        return Err(differs(format!(
+                            "`{name}` is {} there, but {model} needs {}: it was written for another model",
+                            shape_text(&info.shape),
+                            shape_text(&spec.shape)
+                        )));
+                    }
+                }
+            }
+        }
+        let needed: std::collections::HashSet<&str> =
+            specs.iter().map(|s| s.name.as_str()).collect();
+        if let Some(extra) = file
+            .metadata
+            .tensors()
+            .into_keys()
+            .find(|n| !needed.contains(n.as_str()))
+        {
+            return Err(differs(format!(
+                "it has tensor `{extra}`, which {model} does not have: it was written for another model"
+            )));
+        }
+        Ok(PackedWeights {
+            file,
+            config: *config,
+            compression,
+        })
+    }
+
+    /// Checks that the file was written from `source`'s weights, not another checkpoint of the same architecture:
+    /// every uncompressed tensor (biases, layer norms; small) must equal `source`'s byte for byte. A model without
+    /// any has nothing to compare, so this proves nothing for it.
+    pub fn check_source(&self, source: &dyn WeightSource) -> Result<(), CompressError> {
+        for spec in model_tensors(&self.config) {
+            if is_compressed(spec.role) {
+                continue;
+            }
+            let ours = self.load(&spec).map_err(CompressError::from)?;
+            let theirs = source.load(&spec)?;
+            if ours.dtype != theirs.dtype || ours.bytes != theirs.bytes {
+                return Err(CompressError::Format(format!(
+                    "{}: `{}` differs from the model's: the file was packed from other weights; delete it to \
+                     write it again from these",
+                    self.file.path, spec.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings every matrix of the file is packed with.
+    pub fn compression(&self) -> CompressionConfig {
+        self.compression
+    }
+
+    /// The file's path, as shown in messages.
+    pub fn path(&self) -> &str {
+        &self.file.path
+    }
+
+    /// A [`CompressError`] from the file as a [`WeightError`] (its message already names the file).
+    fn weight_error(&self, e: CompressError) -> WeightError {
+        let text = e.to_string();
+        let prefix = format!("{}: ", self.file.path);
+        WeightError::Corrupt {
+            path: self.file.path.clone(),
+            reason: text.strip_prefix(&prefix).unwrap_or(&text).to_owned(),
+        }
+    }
+
+    fn check_shape(&self, spec: &TensorSpec, found: &[usize]) -> Result<(), WeightError> {
+        if found != spec.shape {
+            return Err(WeightError::Shape {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                found: found.to_vec(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl WeightSource for PackedWeights {
+    fn config(&self) -> &OptConfig {
+        &self.config
+    }
+
+    fn load(&self, spec: &TensorSpec) -> Result<HostTensor<'_>, WeightError> {
+        if self.file.header.packed.contains_key(&spec.name) {
+            let packed = self
+                .file
+                .packed(&spec.name)
+                .map_err(|e| self.weight_error(e))?;
+            self.check_shape(spec, &[packed.layout.rows, packed.layout.cols])?;
+            let tensor = PackedTensor::from_bytes(
+                packed.layout.rows,
+                packed.layout.cols,
+                packed.config,
+                packed.bytes,
+            )
+            .map_err(|e| self.weight_error(e))?;
+            let values = super::dequantize(&tensor);
+            return Ok(HostTensor {
+                dtype: DType::F32,
+                shape: spec.shape.clone(),
+                bytes: bytemuck::cast_slice::<f32, u8>(&values).to_vec().into(),
+            });
+        }
+        let Some(info) = self.file.metadata.info(&spec.name) else {
+            return Err(WeightError::Missing {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+            });
+        };
+        self.check_shape(spec, &info.shape)?;
+        let dtype = match info.dtype {
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F32 => DType::F32,
+            other => {
+                return Err(WeightError::DType {
+                    name: spec.name.clone(),
+                    found: format!("{other:?}"),
+                })
+            }
+        };
+        let (_, bytes) = self
+            .file
+            .info(&spec.name)
+            .map_err(|e| self.weight_error(e))?;
+        Ok(HostTensor {
+            dtype,
+            shape: spec.shape.clone(),
+            bytes: bytes.into(),
+        })
+    }
+
+    fn packed(
+        &self,
+        spec: &TensorSpec,
+        config: CompressionConfig,
+    ) -> Option<Result<PackedRef<'_>, WeightError>> {
+        if !self.file.header.packed.contains_key(&spec.name) {
+            return None;
+        }
+        Some((|| {
+            let packed = self
+                .file
+                .packed(&spec.name)
+                .map_err(|e| self.weight_error(e))?;
+            if packed.config != config {
+                return Err(WeightError::Corrupt {
+                    path: self.file.path.clone(),
+                    reason: format!(
+                        "`{}` is packed with {} bits in groups of {}, but {} bits in groups of {} were asked for",
+                        spec.name, packed.config.bits, packed.config.group_size, config.bits, config.group_size
+                    ),
+                });
+            }
+            self.check_shape(spec, &[packed.layout.rows, packed.layout.cols])?;
+            Ok(packed)
+        })())
     }
 }

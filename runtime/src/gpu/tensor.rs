@@ -7,12 +7,14 @@
 //! A [`WeightFormat::Packed`] matrix is quantised on the host while loading (one tensor at a time, with
 //! [`crate::compress::quantize`]) and each chunk holds its rows as a packed tensor of its own (data section, then
 //! scale section, [`crate::compress::PackedLayout`] of `chunk.rows` rows): only the packed words reach the GPU, and
-//! the q4_* kernels read them directly.
+//! the q4_* kernels read them directly. A source that stores the matrix packed already (a packed checkpoint,
+//! [`WeightSource::packed`]) skips quantisation: [`GpuMatrix::build_from_source`] slices its words into the same
+//! chunks.
 
-use crate::compress::{quantize, CompressionConfig, PackedLayout};
+use crate::compress::{quantize, CompressionConfig, PackedLayout, PackedRef};
 use crate::config::DType;
 use crate::gpu::{Gpu, GpuError};
-use crate::weights::HostTensor;
+use crate::weights::{HostTensor, TensorSpec, WeightError, WeightSource};
 
 /// How a matrix's elements are stored on the GPU; kernels read every format and accumulate in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -170,14 +172,7 @@ impl GpuMatrix {
             ))
             .into());
         }
-        let row_bytes = format.row_bytes(cols);
-        gpu.check_binding(
-            &format!("one row of {name}"),
-            row_bytes,
-            "this adapter cannot hold a single row of this tensor in one binding",
-        )?;
-        let rows_per_chunk =
-            ((gpu.max_binding() / row_bytes.max(1)) as usize).clamp(1, rows.max(1));
+        let rows_per_chunk = rows_per_chunk(gpu, name, rows, cols, format)?;
         let mut chunks = Vec::new();
         let mut row0 = 0;
         while row0 < rows {
@@ -214,6 +209,96 @@ impl GpuMatrix {
         })
     }
 
+    /// [`GpuMatrix::build`] for the matrix `spec` of `source`: when `format` is packed and the source stores the
+    /// matrix packed ([`WeightSource::packed`]), its words go to `place` as they are, sliced into the same row chunks
+    /// (so nothing is quantised again and the buffers are byte for byte what quantising while loading gives);
+    /// otherwise the tensor is loaded and converted as [`GpuMatrix::build`] does.
+    pub fn build_from_source<E: From<GpuError> + From<WeightError>>(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        spec: &TensorSpec,
+        format: WeightFormat,
+        place: impl FnMut(HostChunk<'_>) -> Result<wgpu::Buffer, E>,
+    ) -> Result<Self, E> {
+        if let WeightFormat::Packed(config) = format {
+            if let Some(packed) = source.packed(spec, config) {
+                let packed = packed?;
+                if [packed.layout.rows, packed.layout.cols][..] != spec.shape[..] {
+                    return Err(WeightError::Shape {
+                        name: spec.name.clone(),
+                        expected: spec.shape.clone(),
+                        found: vec![packed.layout.rows, packed.layout.cols],
+                    }
+                    .into());
+                }
+                return Self::build_packed(gpu, &spec.name, &packed, place);
+            }
+        }
+        let tensor = source.load(spec)?;
+        Self::build(gpu, &spec.name, &tensor, format, place)
+    }
+
+    /// [`GpuMatrix::upload`] of the matrix `spec` of `source`, through [`GpuMatrix::build_from_source`].
+    pub fn upload_from_source<E: From<GpuError> + From<WeightError>>(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        spec: &TensorSpec,
+        format: WeightFormat,
+    ) -> Result<Self, E> {
+        Self::build_from_source(gpu, source, spec, format, |chunk| {
+            Ok(gpu.storage_buffer_init(&chunk.label, chunk.bytes)?)
+        })
+    }
+
+    /// Hands a packed matrix's row chunks to `place`: chunk `[row0, row0 + n)` is those rows' data words followed by
+    /// their scale words (a [`PackedLayout`] of `n` rows), exactly what quantising those rows alone gives.
+    pub fn build_packed<E: From<GpuError>>(
+        gpu: &Gpu,
+        name: &str,
+        packed: &PackedRef<'_>,
+        mut place: impl FnMut(HostChunk<'_>) -> Result<wgpu::Buffer, E>,
+    ) -> Result<Self, E> {
+        let layout = packed.layout;
+        let (rows, cols) = (layout.rows, layout.cols);
+        if packed.bytes.len() as u64 != layout.bytes() {
+            return Err(GpuError::Upload(format!(
+                "{name}: {} packed bytes for shape [{rows}, {cols}], which needs {}",
+                packed.bytes.len(),
+                layout.bytes()
+            ))
+            .into());
+        }
+        let format = WeightFormat::Packed(packed.config);
+        let rows_per_chunk = rows_per_chunk(gpu, name, rows, cols, format)?;
+        let (data, scales) = packed.bytes.split_at(4 * layout.scale_offset);
+        let (data_row, scale_row) = (4 * layout.words_per_row, 4 * layout.groups_per_row);
+        let mut bytes = Vec::new();
+        let mut chunks = Vec::new();
+        let mut row0 = 0;
+        while row0 < rows {
+            let n = rows_per_chunk.min(rows - row0);
+            bytes.clear();
+            bytes.extend_from_slice(&data[row0 * data_row..(row0 + n) * data_row]);
+            bytes.extend_from_slice(&scales[row0 * scale_row..(row0 + n) * scale_row]);
+            let buffer = place(HostChunk {
+                label: format!("{name}[{row0}..]"),
+                bytes: &bytes,
+            })?;
+            chunks.push(MatrixChunk {
+                row0,
+                rows: n,
+                buffer,
+            });
+            row0 += n;
+        }
+        Ok(GpuMatrix {
+            rows,
+            cols,
+            format,
+            chunks,
+        })
+    }
+
     /// The packed layout of `chunk` (its own data and scale sections) when the matrix is packed.
     pub fn chunk_layout(&self, chunk: &MatrixChunk) -> Option<PackedLayout> {
         self.format
@@ -225,6 +310,23 @@ impl GpuMatrix {
     pub fn bytes(&self) -> u64 {
         self.chunks.iter().map(|c| c.buffer.size()).sum()
     }
+}
+
+/// Rows per chunk of a `[rows, cols]` matrix in `format`: as many whole rows as one binding holds.
+fn rows_per_chunk(
+    gpu: &Gpu,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    format: WeightFormat,
+) -> Result<usize, GpuError> {
+    let row_bytes = format.row_bytes(cols);
+    gpu.check_binding(
+        &format!("one row of {name}"),
+        row_bytes,
+        "this adapter cannot hold a single row of this tensor in one binding",
+    )?;
+    Ok(((gpu.max_binding() / row_bytes.max(1)) as usize).clamp(1, rows.max(1)))
 }
 
 /// Uploads a vector (bias, layer-norm weight) as f32.
