@@ -129,8 +129,7 @@ fn a_packed_file_generates_exactly_what_quantising_while_loading_does() {
         // The all-GPU upload takes every matrix as packed words.
         Generator::new(&gpu, &WordsOnly(&packed), &options).unwrap();
 
-        // Offloaded placement (LayerStore) takes the file's matrices through `load`, decoded to f32, and packs them
-        // again until it builds through `GpuMatrix::build_from_source`; the words come out the same here either way.
+        // Offloaded placement (LayerStore) takes the file's words too, straight into the CPU tier.
         let batch = prompts().len();
         let policy = cpu_weights_policy(packing, batch, tmp.path());
         let offloaded_quantised = generate(
@@ -143,6 +142,7 @@ fn a_packed_file_generates_exactly_what_quantising_while_loading_does() {
             &offloaded_quantised,
             &format!("weights on CPU, {packing:?}"),
         );
+        Generator::with_policy(&gpu, &WordsOnly(&packed), &options, &policy, &|_| {}).unwrap();
     }
 }
 

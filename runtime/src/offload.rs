@@ -47,6 +47,12 @@ pub enum OffloadError {
     Gpu(#[from] crate::gpu::GpuError),
 }
 
+impl From<crate::weights::WeightError> for OffloadError {
+    fn from(e: crate::weights::WeightError) -> Self {
+        OffloadError::Model(e.into())
+    }
+}
+
 /// Visits every buffer of a layer in a fixed order with its tensor name suffix (e.g. `self_attn.q_proj.weight`) and
 /// builds a layer of the same shape from the buffers `f` returns.
 pub fn map_layer_buffers(
@@ -150,12 +156,19 @@ impl<'a> LayerBuilder<'a, '_> {
 
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, OffloadError> {
         let name = format!("{prefix}.weight");
-        let tensor = self.load(&name)?;
-        let (gpu, format) = (self.gpu, self.format);
-        let weight = GpuMatrix::build(gpu, &name, &tensor, format, |chunk| {
+        let spec = self
+            .specs
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                ModelError::Unsupported(format!("the config implies no tensor named {name}"))
+            })?;
+        let (gpu, source, format) = (self.gpu, self.source, self.format);
+        // Stored packed words when the source has them (a saved packed checkpoint), else loaded and converted.
+        let weight = GpuMatrix::build_from_source(gpu, source, &spec, format, |chunk| {
             self.put(&name, &chunk.label, chunk.bytes)
         })?;
-        drop(tensor);
         let bias = if bias {
             Some(self.vector(&format!("{prefix}.bias"))?)
         } else {
