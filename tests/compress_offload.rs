@@ -444,3 +444,42 @@ fn generate_cli_runs_compressed_under_a_policy_like_the_library_on_the_gpu() {
     let left: Vec<_> = std::fs::read_dir(offload.path()).unwrap().collect();
     assert!(left.is_empty(), "offload files left behind: {left:?}");
 }
+
+/// A packed cache on disk is stored as many small per-head ranges, each through a readback buffer: the tiers keep
+/// what a step needed, so a second identical run creates no readback buffers at all (and gives the same result).
+#[test]
+fn repeated_runs_allocate_no_new_readbacks() {
+    let gpu = gpu();
+    let (dir, prompts, new) = fixture("pre-ln-relu");
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let offload = tempfile::tempdir().unwrap();
+    let policy = Policy {
+        gpu_batch_size: prompts.len().div_ceil(2),
+        num_gpu_batches: 2,
+        percent: Percent::from_array([100.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+        compress_cache: true,
+        compress_cache_config: CompressionConfig::DEFAULT,
+        offload_dir: Some(offload.path().to_path_buf()),
+        ..Policy::default()
+    };
+    let gen = Generator::with_policy(
+        &gpu,
+        &checkpoint,
+        &GeneratorOptions::default(),
+        &policy,
+        &|_| {},
+    )
+    .unwrap();
+    let first = gen.generate(&prompts, &options(new)).unwrap();
+    let tiers = gen.tiers().unwrap();
+    let created = tiers.readbacks_created();
+    assert!(created > 0, "cache and activations on disk need readbacks");
+    let second = gen.generate(&prompts, &options(new)).unwrap();
+    assert_eq!(second.generated_ids, first.generated_ids);
+    assert_eq!(second.logits, first.logits);
+    assert_eq!(
+        tiers.readbacks_created(),
+        created,
+        "the second run allocated readback buffers"
+    );
+}

@@ -383,15 +383,19 @@ pub(crate) fn map_read_blocking(
     }
 }
 
-/// Free readback buffers kept for reuse.
+/// Free readback buffers of one size always kept for reuse (more after a step that needed more at once).
 const READBACKS_KEPT: usize = 16;
 
 /// Buffers the CPU can read (`MAP_READ | COPY_DST`), kept by size and reused so that steady-state write-backs do not
-/// allocate.
+/// allocate: the pool keeps, per size, as many free buffers as were ever lent at once (at least
+/// [`READBACKS_KEPT`]), so a schedule that repeats the same stores every step (a packed cache's per-head ranges,
+/// many sequences' rows) allocates only in its first steps. What it keeps is bounded by what a step had in flight.
 #[derive(Debug)]
 pub(crate) struct ReadbackPool {
     device: wgpu::Device,
     free: Mutex<BTreeMap<u64, Vec<wgpu::Buffer>>>,
+    /// Buffers lent now, the most ever lent at once, and buffers created.
+    lent: Mutex<(usize, usize, usize)>,
 }
 
 impl ReadbackPool {
@@ -399,7 +403,13 @@ impl ReadbackPool {
         Arc::new(ReadbackPool {
             device: device.clone(),
             free: Mutex::new(BTreeMap::new()),
+            lent: Mutex::new((0, 0, 0)),
         })
+    }
+
+    /// Readback buffers created so far (a steady-state step creates none).
+    pub(crate) fn created(&self) -> usize {
+        lock(&self.lent).2
     }
 
     /// Records a copy of `src[src_offset .. src_offset + padded(len)]` into a readback buffer.
@@ -420,6 +430,14 @@ impl ReadbackPool {
                 .map(|(k, _)| *k);
             key.and_then(|k| free.get_mut(&k).and_then(Vec::pop))
         };
+        {
+            let mut lent = lock(&self.lent);
+            lent.0 += 1;
+            lent.1 = lent.1.max(lent.0);
+            if reused.is_none() {
+                lent.2 += 1;
+            }
+        }
         let buffer = match reused {
             Some(b) => b,
             None => create_buffer(
@@ -501,13 +519,19 @@ impl Readback {
 
 impl Drop for Readback {
     fn drop(&mut self) {
+        let most_lent = {
+            let mut lent = lock(&self.pool.lent);
+            lent.0 = lent.0.saturating_sub(1);
+            lent.1
+        };
         if let Some(buffer) = self.buffer.take() {
             // Only unmapped buffers get here: `read_into` unmaps before putting its buffer back and drops it on error.
             let mut free = lock(&self.pool.free);
-            let kept: usize = free.values().map(Vec::len).sum();
-            // A bounded number stay (enough for a layer's write-backs in flight); the rest are freed.
-            if kept < READBACKS_KEPT {
-                free.entry(buffer.size()).or_default().push(buffer);
+            let same_size = free.entry(buffer.size()).or_default();
+            // Per size, as many stay as were ever lent at once, so the next step's stores (prefill's large rows,
+            // decode's small ones) find theirs; the rest are freed.
+            if same_size.len() < READBACKS_KEPT.max(most_lent) {
+                same_size.push(buffer);
             }
         }
     }
@@ -852,6 +876,12 @@ impl Tiers {
         let bytes = self.read(&home)?;
         drop(home);
         self.place(tier, name, &bytes)
+    }
+
+    /// Readback buffers (GPU -> host copies for host-memory and disk stores) created so far: a run that repeats
+    /// the same steps creates them in its first steps only.
+    pub fn readbacks_created(&self) -> usize {
+        self.readbacks.created()
     }
 
     /// Bytes held by each tier now and at peak.
