@@ -110,3 +110,60 @@ fn policy_auto_refuses_placement_flags() {
         "{stderr}"
     );
 }
+
+/// `--attn-sparsity` is not a placement flag: `--policy auto` keeps it, and the run equals the all-GPU sparse run.
+#[test]
+fn policy_auto_keeps_attention_sparsity() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pre-ln-relu");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
+    let new = reference["max_new_tokens"].as_u64().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], npy: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+        cmd.env("XDG_CACHE_HOME", tmp.path())
+            .args(["generate", "--model"])
+            .arg(&dir);
+        for p in &prompts {
+            let ids: Vec<String> = p.iter().map(u32::to_string).collect();
+            cmd.args(["--prompt-ids", &ids.join(",")]);
+        }
+        cmd.args(["--max-new-tokens", &new, "--ignore-eos", "--json"])
+            .args(["--attn-sparsity", "0.5", "--dump-logits"])
+            .arg(tmp.path().join(npy))
+            .args(extra);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let logits = strata::npy::read_f32(tmp.path().join(npy)).unwrap().data;
+        (v["generated_ids"].clone(), logits)
+    };
+    let (auto_ids, auto_logits) = run(&["--policy", "auto", "--gpu-mem", "1GiB"], "auto.npy");
+    let (gpu_ids, gpu_logits) = run(&[], "gpu.npy");
+    assert_eq!(auto_ids, gpu_ids);
+    let diff = auto_logits
+        .iter()
+        .zip(&gpu_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "auto vs all-GPU sparse logits differ by {diff}"
+    );
+    // Sparsity really applied: the dense reference's logits are elsewhere.
+    let dense = strata::npy::read_f32(dir.join(reference["logits"].as_str().unwrap()))
+        .unwrap()
+        .data;
+    let from_dense = auto_logits
+        .iter()
+        .zip(&dense)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(from_dense > 1e-3, "sparsity 0.5 left the logits dense");
+}

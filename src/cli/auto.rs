@@ -16,7 +16,7 @@ use super::profile::step_progress;
 /// The policy `--policy auto` runs: caps, compression and the offload directory come from `flags` (open caps are
 /// filled from the machine), batch sizes and placement from the cost model's search for `config` generating
 /// `gen_len` tokens after `prompt_len`-token prompts, with at most `max_batch` sequences per block (the prompts the
-/// run has). Placement flags are refused: auto chooses them. Prints the choice and its prediction to stderr.
+/// run has). Placement flags are refused: auto chooses them; `--attn-sparsity` is kept. Prints the choice and its prediction to stderr.
 pub fn resolve_auto(
     gpu: &Gpu,
     config: &OptConfig,
@@ -25,7 +25,13 @@ pub fn resolve_auto(
     max_batch: usize,
     flags: &PolicyArgs,
 ) -> anyhow::Result<Policy> {
-    let given = flags.placement_flags_given();
+    // Attention sparsity is the user's accuracy trade-off, not a placement: auto keeps it (and predicts as if
+    // attention were dense).
+    let given: Vec<&str> = flags
+        .placement_flags_given()
+        .into_iter()
+        .filter(|&f| f != "--attn-sparsity")
+        .collect();
     if !given.is_empty() {
         bail!(
             "{} cannot be combined with --policy auto, which chooses them (drop them, or drop --policy auto)",
@@ -70,7 +76,11 @@ pub fn resolve_auto(
     bar.finish_and_clear();
     let choice = result.context("--policy auto")?;
     eprintln!("{}", describe(config, &choice));
-    Ok(choice.policy)
+    let mut policy = choice.policy;
+    if let Some(sparsity) = flags.attn_sparsity {
+        policy.attn_sparsity = sparsity;
+    }
+    Ok(policy)
 }
 
 /// What auto chose and why, in a few lines.
