@@ -41,6 +41,7 @@ const GATHER: &str = include_str!("kernels/gather.wgsl");
 const GEMM: &str = include_str!("kernels/gemm.wgsl");
 const GEMV: &str = include_str!("kernels/gemv.wgsl");
 const LAYER_NORM: &str = include_str!("kernels/layer_norm.wgsl");
+const ATTENTION_COMMON: &str = include_str!("kernels/attention_common.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
 const SCATTER: &str = include_str!("kernels/scatter.wgsl");
@@ -286,7 +287,7 @@ impl Kernels {
             gemv: Default::default(),
             layer_norm: build("layer_norm", &[LAYER_NORM], "main"),
             attention: [CACHE_F32, CACHE_F16]
-                .map(|cache| build("attention", &[cache, ATTENTION], "main")),
+                .map(|cache| build("attention", &[cache, ATTENTION_COMMON, ATTENTION], "main")),
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
             q4: Default::default(),
@@ -370,7 +371,7 @@ impl Kernels {
             build_kernel(
                 &self.gpu,
                 "sparse_attention",
-                &[cache, SPARSE_ATTENTION],
+                &[cache, ATTENTION_COMMON, SPARSE_ATTENTION],
                 "main",
                 &[],
             )

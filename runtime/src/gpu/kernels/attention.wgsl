@@ -22,32 +22,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> mask: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-const BLOCK: u32 = 64u;
-// head_dim up to 256: 4 output elements per thread.
-const PER_THREAD: u32 = 4u;
-const NEG: f32 = -1.0e30;
-
-var<workgroup> qs: array<f32, 256>;
-var<workgroup> probs: array<f32, 64>;
-var<workgroup> red: array<f32, 64>;
-
-fn reduce(lid: u32, v: f32, take_max: bool) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var stride = 32u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            if (take_max) {
-                red[lid] = max(red[lid], red[lid + stride]);
-            } else {
-                red[lid] = red[lid] + red[lid + stride];
-            }
-        }
-        workgroupBarrier();
-    }
-    let total = workgroupUniformLoad(&red[0]);
-    workgroupBarrier();
-    return total;
-}
+// WG, PER_THREAD, NEG, qs, probs and reduce_f come from attention_common.wgsl.
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -64,7 +39,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let pos = params.past + i;
     let d_len = params.head_dim;
     let q_base = row * params.hidden + head * d_len;
-    for (var d = lid; d < d_len; d += BLOCK) {
+    for (var d = lid; d < d_len; d += WG) {
         qs[d] = q[q_base + d];
     }
     workgroupBarrier();
@@ -76,7 +51,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         acc[c] = 0.0;
     }
     let seq_base = b * params.capacity;
-    for (var j0 = 0u; j0 <= pos; j0 += BLOCK) {
+    for (var j0 = 0u; j0 <= pos; j0 += WG) {
         let j = j0 + lid;
         var valid = false;
         var s = NEG;
@@ -91,18 +66,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             s = dot * params.scale;
         }
-        let m_new = max(m_run, reduce(lid, s, true));
+        let m_new = max(m_run, reduce_f(lid, s, true));
         var p = 0.0;
         if (valid) {
             p = exp(s - m_new);
         }
         probs[lid] = p;
-        let block_sum = reduce(lid, p, false);
+        let block_sum = reduce_f(lid, p, false);
         let correction = exp(m_run - m_new);
         l_run = l_run * correction + block_sum;
-        let n_keys = min(BLOCK, pos + 1u - j0);
+        let n_keys = min(WG, pos + 1u - j0);
         for (var c = 0u; c < PER_THREAD; c++) {
-            let d = lid + c * BLOCK;
+            let d = lid + c * WG;
             if (d < d_len) {
                 var a = acc[c] * correction;
                 for (var jj = 0u; jj < n_keys; jj++) {
@@ -119,7 +94,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let inv = select(0.0, 1.0 / l_run, l_run > 0.0);
     for (var c = 0u; c < PER_THREAD; c++) {
-        let d = lid + c * BLOCK;
+        let d = lid + c * WG;
         if (d < d_len) {
             out[q_base + d] = acc[c] * inv;
         }

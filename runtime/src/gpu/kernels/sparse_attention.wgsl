@@ -31,14 +31,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> scores: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
-const WG: u32 = 64u;
-// head_dim up to 256: 4 output elements per thread.
-const PER_THREAD: u32 = 4u;
-const NEG: f32 = -1.0e30;
-
-var<workgroup> qs: array<f32, 256>;
-var<workgroup> probs: array<f32, 64>;
-var<workgroup> red_f: array<f32, 64>;
+// WG, PER_THREAD, NEG, qs, probs and reduce_f come from attention_common.wgsl.
 var<workgroup> red_u: array<u32, 64>;
 
 // Monotone map of f32 onto u32 (Rust's f32::total_cmp order, with -0 taken as +0 so that zero scores tie): flip
@@ -46,24 +39,6 @@ var<workgroup> red_u: array<u32, 64>;
 fn order_key(s: f32) -> u32 {
     let b = select(bitcast<u32>(s), 0u, bitcast<u32>(s) == 0x80000000u);
     return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
-}
-
-fn reduce_f(lid: u32, v: f32, take_max: bool) -> f32 {
-    red_f[lid] = v;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            if (take_max) {
-                red_f[lid] = max(red_f[lid], red_f[lid + stride]);
-            } else {
-                red_f[lid] = red_f[lid] + red_f[lid + stride];
-            }
-        }
-        workgroupBarrier();
-    }
-    let total = workgroupUniformLoad(&red_f[0]);
-    workgroupBarrier();
-    return total;
 }
 
 fn sum_u(lid: u32, v: u32) -> u32 {
