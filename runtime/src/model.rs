@@ -689,29 +689,11 @@ pub fn decoder_layer<'a>(
 ) {
     let h = config.hidden_size;
     let rows = state.batch * step.s_new;
-    let eps = config.layer_norm_eps;
-    let pre_ln = config.do_layer_norm_before;
-    let act = match config.activation {
-        Activation::Relu => Act::Relu,
-        Activation::Gelu => Act::Gelu,
-    };
     let dense = OutRows::dense(h, 0);
     let into_cache = OutRows::cache(step.s_new, step.past, cache.capacity, h);
 
     // Self-attention block.
-    let attn_in = if pre_ln {
-        rec.layer_norm(
-            &state.x,
-            rows,
-            h,
-            layer.self_attn_layer_norm.as_refs(),
-            eps,
-            &ws.norm,
-        );
-        &ws.norm
-    } else {
-        &state.x
-    };
+    let attn_in = attention_input(rec, config, layer, &state.x, rows, &ws.norm);
     let lin = |l: &'a Linear| (&l.weight, l.bias.as_ref());
     let (w, b) = lin(&layer.q_proj);
     rec.linear(attn_in, rows, w, b, Act::None, &ws.q, dense, false);
@@ -750,42 +732,106 @@ pub fn decoder_layer<'a>(
             }
         }
     }
+    finish_layer(
+        rec, config, layer, &state.x, &ws.attn, rows, &ws.norm, &ws.mid,
+    );
+}
+
+/// The self-attention block's input for `rows` rows of the residual stream `x`: `LN(x)` into `norm` for a pre-LN
+/// model, else `x` itself.
+pub fn attention_input<'a>(
+    rec: &mut Recorder<'a>,
+    config: &OptConfig,
+    layer: &'a LayerWeights,
+    x: &'a wgpu::Buffer,
+    rows: usize,
+    norm: &'a wgpu::Buffer,
+) -> &'a wgpu::Buffer {
+    if !config.do_layer_norm_before {
+        return x;
+    }
+    let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+    rec.layer_norm(x, rows, h, layer.self_attn_layer_norm.as_refs(), eps, norm);
+    norm
+}
+
+/// The rest of a decoder layer once `attn` holds the attention output of `rows` rows: out_proj with the residual
+/// add into `x`, the feed-forward block with its residual add, and post-LN normalisation after each add. `norm`
+/// (`[rows, hidden]`) and `mid` (`[rows, ffn]`) are scratch. Shared by the GPU path and the CPU-attention path.
+#[allow(clippy::too_many_arguments)] // the layer, its stream, the attention output and two scratch buffers
+pub fn finish_layer<'a>(
+    rec: &mut Recorder<'a>,
+    config: &OptConfig,
+    layer: &'a LayerWeights,
+    x: &'a wgpu::Buffer,
+    attn: &'a wgpu::Buffer,
+    rows: usize,
+    norm: &'a wgpu::Buffer,
+    mid: &'a wgpu::Buffer,
+) {
+    let (h, eps, pre_ln) = (
+        config.hidden_size,
+        config.layer_norm_eps,
+        config.do_layer_norm_before,
+    );
+    let act = match config.activation {
+        Activation::Relu => Act::Relu,
+        Activation::Gelu => Act::Gelu,
+    };
+    let dense = OutRows::dense(h, 0);
+    // Post-LN: `x = LN(x)` (through `norm`, since a kernel cannot read and write one buffer).
+    let post_norm = |rec: &mut Recorder<'a>, n: &'a Norm| {
+        rec.layer_norm(x, rows, h, n.as_refs(), eps, norm);
+        rec.copy(norm, 0, x, 0, (rows * h * 4) as u64);
+    };
     // Residual add fused into out_proj's output.
-    let (w, b) = lin(&layer.out_proj);
-    rec.linear(&ws.attn, rows, w, b, Act::None, &state.x, dense, true);
+    let l = &layer.out_proj;
+    rec.linear(
+        attn,
+        rows,
+        &l.weight,
+        l.bias.as_ref(),
+        Act::None,
+        x,
+        dense,
+        true,
+    );
     if !pre_ln {
-        post_norm(rec, &layer.self_attn_layer_norm, state, ws, rows, h, eps);
+        post_norm(rec, &layer.self_attn_layer_norm);
     }
 
     // Feed-forward block.
     let ffn_in = if pre_ln {
-        rec.layer_norm(
-            &state.x,
-            rows,
-            h,
-            layer.final_layer_norm.as_refs(),
-            eps,
-            &ws.norm,
-        );
-        &ws.norm
+        rec.layer_norm(x, rows, h, layer.final_layer_norm.as_refs(), eps, norm);
+        norm
     } else {
-        &state.x
+        x
     };
-    let (w, b) = lin(&layer.fc1);
+    let ffn = OutRows::dense(config.ffn_embed_dim, 0);
+    let l = &layer.fc1;
     rec.linear(
         ffn_in,
         rows,
-        w,
-        b,
+        &l.weight,
+        l.bias.as_ref(),
         act,
-        &ws.mid,
-        OutRows::dense(config.ffn_embed_dim, 0),
+        mid,
+        ffn,
         false,
     );
-    let (w, b) = lin(&layer.fc2);
-    rec.linear(&ws.mid, rows, w, b, Act::None, &state.x, dense, true);
+    let l = &layer.fc2;
+    rec.linear(
+        mid,
+        rows,
+        &l.weight,
+        l.bias.as_ref(),
+        Act::None,
+        x,
+        dense,
+        true,
+    );
     if !pre_ln {
-        post_norm(rec, &layer.final_layer_norm, state, ws, rows, h, eps);
+        post_norm(rec, &layer.final_layer_norm);
     }
 }
 
@@ -943,18 +989,4 @@ fn packed_attention<'a>(
         // Every row of every pair (positions past `end` hold finite leftovers that decode overwrites before use).
         rec.quantize_rows(&scratch.pairs, pairs * cap, packed, layout, cc, 0, 1);
     }
-}
-
-/// Post-LN: `x = LN(x)` (through scratch, since a kernel cannot read and write one buffer).
-fn post_norm<'a>(
-    rec: &mut Recorder<'a>,
-    norm: &'a Norm,
-    state: &'a BatchState,
-    ws: &'a Workspace,
-    rows: usize,
-    h: usize,
-    eps: f32,
-) {
-    rec.layer_norm(&state.x, rows, h, norm.as_refs(), eps, &ws.norm);
-    rec.copy(&ws.norm, 0, &state.x, 0, (rows * h * 4) as u64);
 }

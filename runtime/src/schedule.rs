@@ -39,7 +39,10 @@ use crate::config::OptConfig;
 use crate::generate::Sampling;
 use crate::gpu::kernels::{Act, CacheDtype, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
-use crate::model::{decoder_layer, BatchState, GpuModel, KvCache, LayerWeights, Step, Workspace};
+use crate::model::{
+    attention_input, decoder_layer, finish_layer, BatchState, GpuModel, KvCache, LayerWeights,
+    Step, Workspace,
+};
 use crate::offload::{
     BatchAct, BatchCache, CacheRange, Home, LayerStore, OffloadError, PartHome, RunHomes,
 };
@@ -110,10 +113,6 @@ struct CpuAttnViews {
     attn: wgpu::Buffer,
     mid: wgpu::Buffer,
     masks: Vec<Vec<u32>>,
-}
-
-fn norm_refs(n: &crate::model::Norm) -> Option<(&wgpu::Buffer, &wgpu::Buffer)> {
-    n.affine.as_ref().map(|(g, b)| (g, b))
 }
 
 /// Decode attention of one GPU batch on the CPU: `q` `[b, hidden]`, every sequence's keys and values
@@ -809,24 +808,11 @@ impl<'v> Schedule<'v, '_> {
         let sc = views.cpu.as_ref().ok_or_else(no_tiers)?;
         let (layer, state, step) = (&views.layers[j], &views.states[k], self.step);
         let c = &inp.model.config;
-        let (h, rows, eps) = (c.hidden_size, state.batch, c.layer_norm_eps);
-        let pre_ln = c.do_layer_norm_before;
+        let (h, rows) = (c.hidden_size, state.batch);
         let dense = OutRows::dense(h, 0);
         let x = &state.x;
         let rec = &mut self.rec;
-        let attn_in = if pre_ln {
-            rec.layer_norm(
-                x,
-                rows,
-                h,
-                norm_refs(&layer.self_attn_layer_norm),
-                eps,
-                &sc.norm,
-            );
-            &sc.norm
-        } else {
-            x
-        };
+        let attn_in = attention_input(rec, c, layer, x, rows, &sc.norm);
         for (l, out) in [
             (&layer.q_proj, &sc.q),
             (&layer.k_proj, &sc.k),
@@ -892,67 +878,16 @@ impl<'v> Schedule<'v, '_> {
             .queue()
             .write_buffer(&sc.attn, 0, bytemuck::cast_slice(&out));
 
-        let rec = &mut self.rec;
-        let act = match c.activation {
-            crate::config::Activation::Relu => Act::Relu,
-            crate::config::Activation::Gelu => Act::Gelu,
-        };
-        let post = |rec: &mut Recorder<'v>, n: &'v crate::model::Norm| {
-            rec.layer_norm(x, rows, h, norm_refs(n), eps, &sc.norm);
-            rec.copy(&sc.norm, 0, x, 0, bytes);
-        };
-        let l = &layer.out_proj;
-        rec.linear(
+        finish_layer(
+            &mut self.rec,
+            c,
+            layer,
+            x,
             &sc.attn,
             rows,
-            &l.weight,
-            l.bias.as_ref(),
-            Act::None,
-            x,
-            dense,
-            true,
-        );
-        if !pre_ln {
-            post(rec, &layer.self_attn_layer_norm);
-        }
-        let ffn_in = if pre_ln {
-            rec.layer_norm(
-                x,
-                rows,
-                h,
-                norm_refs(&layer.final_layer_norm),
-                eps,
-                &sc.norm,
-            );
-            &sc.norm
-        } else {
-            x
-        };
-        let l = &layer.fc1;
-        rec.linear(
-            ffn_in,
-            rows,
-            &l.weight,
-            l.bias.as_ref(),
-            act,
+            &sc.norm,
             &sc.mid,
-            OutRows::dense(c.ffn_embed_dim, 0),
-            false,
         );
-        let l = &layer.fc2;
-        rec.linear(
-            &sc.mid,
-            rows,
-            &l.weight,
-            l.bias.as_ref(),
-            Act::None,
-            x,
-            dense,
-            true,
-        );
-        if !pre_ln {
-            post(rec, &layer.final_layer_norm);
-        }
         Ok(())
     }
 }
