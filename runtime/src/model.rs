@@ -20,9 +20,11 @@
 use crate::compress::{AttentionParams, CompressionConfig, PackedLayout};
 use crate::config::{Activation, ConfigError, DType, OptConfig};
 use crate::gpu::kernels::{Act, AttentionShape, CacheDtype, OutRows, Recorder, MAX_HEAD_DIM};
-use crate::gpu::tensor::{upload_vector, GpuMatrix, WeightFormat};
+use crate::gpu::tensor::{upload_vector, vector_values, GpuMatrix, WeightFormat};
 use crate::gpu::{Gpu, GpuError};
-use crate::weights::{layer_tensors, model_tensors, TensorSpec, WeightError, WeightSource};
+use crate::weights::{
+    layer_tensors, model_tensors, HostTensor, TensorSpec, WeightError, WeightSource,
+};
 
 /// Why a model could not be put on the GPU or run there.
 #[derive(Debug, thiserror::Error)]
@@ -110,18 +112,79 @@ impl Uploader<'_> {
         Ok(upload_vector(self.gpu, name, &tensor)?)
     }
 
-    fn linear(&self, prefix: &str, bias: bool) -> Result<Linear, ModelError> {
-        Ok(Linear {
-            weight: self.matrix(&format!("{prefix}.weight"))?,
-            bias: if bias {
-                Some(self.vector(&format!("{prefix}.bias"))?)
+    fn norm(&self, prefix: &str, affine: bool) -> Result<Norm, ModelError> {
+        Ok(Norm {
+            affine: if affine {
+                Some((
+                    self.vector(&format!("{prefix}.weight"))?,
+                    self.vector(&format!("{prefix}.bias"))?,
+                ))
             } else {
                 None
             },
         })
     }
+}
 
-    fn norm(&self, prefix: &str, affine: bool) -> Result<Norm, ModelError> {
+/// Where [`LayerWeights::build`] puts one buffer: `(index in buffer order, full tensor name, label, bytes)` in, the
+/// buffer the kernels will read out.
+pub type PlaceBuffer<'a, E> = dyn FnMut(usize, &str, &str, &[u8]) -> Result<wgpu::Buffer, E> + 'a;
+
+/// Builds one decoder layer buffer by buffer, numbering them in the order `offload::map_layer_buffers` visits.
+struct LayerBuilder<'a, 'p, E> {
+    gpu: &'a Gpu,
+    source: &'a dyn WeightSource,
+    specs: Vec<TensorSpec>,
+    format: WeightFormat,
+    place: &'a mut PlaceBuffer<'p, E>,
+    index: usize,
+}
+
+impl<'a, E: From<ModelError> + From<GpuError> + From<WeightError>> LayerBuilder<'a, '_, E> {
+    /// Reads one tensor (borrowed from the source's memory map where it can be).
+    fn load(&self, name: &str) -> Result<HostTensor<'a>, E> {
+        let spec = self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
+            ModelError::Unsupported(format!("the config implies no tensor named {name}"))
+        })?;
+        let source: &'a dyn WeightSource = self.source;
+        Ok(source.load(spec)?)
+    }
+
+    fn put(&mut self, tensor: &str, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer, E> {
+        let buffer = (self.place)(self.index, tensor, label, bytes)?;
+        self.index += 1;
+        Ok(buffer)
+    }
+
+    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer, E> {
+        let values = vector_values(self.gpu, name, &self.load(name)?)?;
+        self.put(name, name, bytemuck::cast_slice(&values))
+    }
+
+    fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, E> {
+        let name = format!("{prefix}.weight");
+        let spec = self
+            .specs
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                ModelError::Unsupported(format!("the config implies no tensor named {name}"))
+            })?;
+        let (gpu, source, format) = (self.gpu, self.source, self.format);
+        // Stored packed words when the source has them (a saved packed checkpoint), else loaded and converted.
+        let weight = GpuMatrix::build_from_source(gpu, source, &spec, format, |chunk| {
+            self.put(&name, &chunk.label, chunk.bytes)
+        })?;
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&mut self, prefix: &str, affine: bool) -> Result<Norm, E> {
         Ok(Norm {
             affine: if affine {
                 Some((
@@ -143,25 +206,41 @@ impl LayerWeights {
         i: usize,
         format: WeightFormat,
     ) -> Result<Self, ModelError> {
+        Self::build(gpu, source, i, format, &mut |_, _, label, bytes| {
+            Ok(gpu.storage_buffer_init(label, bytes)?)
+        })
+    }
+
+    /// Builds decoder layer `i` of `source` in `format`, one tensor (and one row chunk) at a time, letting `place`
+    /// decide where each buffer's bytes go (the GPU for [`LayerWeights::upload`], a tier for an offloaded layer).
+    /// Matrices come as stored packed words when the source has them ([`GpuMatrix::build_from_source`]).
+    pub fn build<E: From<ModelError> + From<GpuError> + From<WeightError>>(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        i: usize,
+        format: WeightFormat,
+        place: &mut PlaceBuffer<'_, E>,
+    ) -> Result<Self, E> {
         let config = *source.config();
-        let up = Uploader {
+        let mut b = LayerBuilder {
             gpu,
             source,
             specs: layer_tensors(&config, i),
             format,
+            place,
+            index: 0,
         };
         let p = format!("decoder.layers.{i}");
-        let bias = config.enable_bias;
-        let affine = config.layer_norm_elementwise_affine;
+        let (bias, affine) = (config.enable_bias, config.layer_norm_elementwise_affine);
         Ok(LayerWeights {
-            q_proj: up.linear(&format!("{p}.self_attn.q_proj"), bias)?,
-            k_proj: up.linear(&format!("{p}.self_attn.k_proj"), bias)?,
-            v_proj: up.linear(&format!("{p}.self_attn.v_proj"), bias)?,
-            out_proj: up.linear(&format!("{p}.self_attn.out_proj"), bias)?,
-            self_attn_layer_norm: up.norm(&format!("{p}.self_attn_layer_norm"), affine)?,
-            fc1: up.linear(&format!("{p}.fc1"), bias)?,
-            fc2: up.linear(&format!("{p}.fc2"), bias)?,
-            final_layer_norm: up.norm(&format!("{p}.final_layer_norm"), affine)?,
+            q_proj: b.linear(&format!("{p}.self_attn.q_proj"), bias)?,
+            k_proj: b.linear(&format!("{p}.self_attn.k_proj"), bias)?,
+            v_proj: b.linear(&format!("{p}.self_attn.v_proj"), bias)?,
+            out_proj: b.linear(&format!("{p}.self_attn.out_proj"), bias)?,
+            self_attn_layer_norm: b.norm(&format!("{p}.self_attn_layer_norm"), affine)?,
+            fc1: b.linear(&format!("{p}.fc1"), bias)?,
+            fc2: b.linear(&format!("{p}.fc2"), bias)?,
+            final_layer_norm: b.norm(&format!("{p}.final_layer_norm"), affine)?,
         })
     }
 }

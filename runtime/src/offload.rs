@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use crate::compress::{CompressionConfig, PackedLayout};
 use crate::config::OptConfig;
 use crate::gpu::kernels::CacheDtype;
-use crate::gpu::tensor::{vector_values, GpuMatrix, MatrixChunk, WeightFormat};
+use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 use crate::model::{
     BatchState, CacheScratch, KvCache, LayerWeights, Linear, ModelError, Norm, Step,
@@ -30,7 +30,7 @@ use crate::model::{
 use crate::planner::stored_bytes;
 use crate::policy::{Policy, TierSplit};
 use crate::tiers::{GpuSlot, PendingStore, TensorHome, Ticket, Tier, TierError, Tiers};
-use crate::weights::{layer_tensors, HostTensor, TensorSpec, WeightSource};
+use crate::weights::{layer_tensors, WeightSource};
 
 /// Why offloaded state could not be placed.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,7 @@ pub enum OffloadError {
     /// A tier refused a tensor.
     #[error(transparent)]
     Tier(#[from] TierError),
-    /// Reading weights back from the GPU failed.
+    /// The GPU refused a buffer or an operation.
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
 }
@@ -111,116 +111,6 @@ pub fn map_layer_buffers(
         fc2: linear(&layer.fc2, "fc2", &mut next),
         final_layer_norm: norm(&layer.final_layer_norm, "final_layer_norm", &mut next),
     }
-}
-
-/// Where [`build_layer`] puts one buffer: `(index in map_layer_buffers order, full tensor name, label, bytes)` in,
-/// the buffer the kernels will read out.
-type PlaceBuffer<'a> =
-    dyn FnMut(usize, &str, &str, &[u8]) -> Result<wgpu::Buffer, OffloadError> + 'a;
-
-/// Builds one decoder layer buffer by buffer, numbering them in [`map_layer_buffers`] order.
-struct LayerBuilder<'a, 'p> {
-    gpu: &'a Gpu,
-    source: &'a dyn WeightSource,
-    specs: Vec<TensorSpec>,
-    format: WeightFormat,
-    place: &'a mut PlaceBuffer<'p>,
-    index: usize,
-}
-
-impl<'a> LayerBuilder<'a, '_> {
-    /// Reads one tensor (borrowed from the source's memory map where it can be).
-    fn load(&self, name: &str) -> Result<HostTensor<'a>, OffloadError> {
-        let spec = self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
-            ModelError::Unsupported(format!("the config implies no tensor named {name}"))
-        })?;
-        let source: &'a dyn WeightSource = self.source;
-        Ok(source.load(spec).map_err(ModelError::from)?)
-    }
-
-    fn put(
-        &mut self,
-        tensor: &str,
-        label: &str,
-        bytes: &[u8],
-    ) -> Result<wgpu::Buffer, OffloadError> {
-        let buffer = (self.place)(self.index, tensor, label, bytes)?;
-        self.index += 1;
-        Ok(buffer)
-    }
-
-    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer, OffloadError> {
-        let values = vector_values(self.gpu, name, &self.load(name)?)?;
-        self.put(name, name, bytemuck::cast_slice(&values))
-    }
-
-    fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, OffloadError> {
-        let name = format!("{prefix}.weight");
-        let spec = self
-            .specs
-            .iter()
-            .find(|s| s.name == name)
-            .cloned()
-            .ok_or_else(|| {
-                ModelError::Unsupported(format!("the config implies no tensor named {name}"))
-            })?;
-        let (gpu, source, format) = (self.gpu, self.source, self.format);
-        // Stored packed words when the source has them (a saved packed checkpoint), else loaded and converted.
-        let weight = GpuMatrix::build_from_source(gpu, source, &spec, format, |chunk| {
-            self.put(&name, &chunk.label, chunk.bytes)
-        })?;
-        let bias = if bias {
-            Some(self.vector(&format!("{prefix}.bias"))?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
-
-    fn norm(&mut self, prefix: &str, affine: bool) -> Result<Norm, OffloadError> {
-        Ok(Norm {
-            affine: if affine {
-                Some((
-                    self.vector(&format!("{prefix}.weight"))?,
-                    self.vector(&format!("{prefix}.bias"))?,
-                ))
-            } else {
-                None
-            },
-        })
-    }
-}
-
-/// Builds decoder layer `i` of `source` in `format`, one tensor (and one row chunk) at a time, visiting its buffers
-/// in [`map_layer_buffers`] order and letting `place` decide where each one's bytes go.
-fn build_layer(
-    gpu: &Gpu,
-    source: &dyn WeightSource,
-    i: usize,
-    format: WeightFormat,
-    place: &mut PlaceBuffer<'_>,
-) -> Result<LayerWeights, OffloadError> {
-    let config = *source.config();
-    let mut b = LayerBuilder {
-        gpu,
-        source,
-        specs: layer_tensors(&config, i),
-        format,
-        place,
-        index: 0,
-    };
-    let p = format!("decoder.layers.{i}");
-    let (bias, affine) = (config.enable_bias, config.layer_norm_elementwise_affine);
-    Ok(LayerWeights {
-        q_proj: b.linear(&format!("{p}.self_attn.q_proj"), bias)?,
-        k_proj: b.linear(&format!("{p}.self_attn.k_proj"), bias)?,
-        v_proj: b.linear(&format!("{p}.self_attn.v_proj"), bias)?,
-        out_proj: b.linear(&format!("{p}.self_attn.out_proj"), bias)?,
-        self_attn_layer_norm: b.norm(&format!("{p}.self_attn_layer_norm"), affine)?,
-        fc1: b.linear(&format!("{p}.fc1"), bias)?,
-        fc2: b.linear(&format!("{p}.fc2"), bias)?,
-        final_layer_norm: b.norm(&format!("{p}.final_layer_norm"), affine)?,
-    })
 }
 
 /// The tier of every tensor of decoder layer `i` (full names) under the policy's weight percents.
@@ -345,7 +235,7 @@ impl LayerStore {
         for i in 0..config.num_hidden_layers {
             let tiers_of = layer_weight_tiers(&config, policy, i);
             let mut parts = Vec::new();
-            let layer = build_layer(
+            let layer = LayerWeights::build::<OffloadError>(
                 gpu,
                 source,
                 i,

@@ -66,7 +66,7 @@ impl MatmulParams {
         })
     }
 
-    /// Workgroups of one `q4_gemv.wgsl` pass: one per [`GEMV_ROWS_PER_WORKGROUP`] output rows.
+    /// Workgroups of one `q4_gemv.wgsl` pass: one per `GEMV_ROWS_PER_WORKGROUP` (8) output rows.
     pub fn gemv_workgroups(&self) -> u32 {
         self.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP)
     }

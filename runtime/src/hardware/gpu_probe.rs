@@ -1,5 +1,5 @@
 //! The [`GpuProbe`] over strata's own runtime: transfers through the tiers' CPU paths and kernels through the
-//! [`Recorder`] the forward pass uses, so the profile describes what a run will do, not what the hardware could do.
+//! [`Recorder`](crate::gpu::kernels::Recorder) the forward pass uses, so the profile describes what a run will do, not what the hardware could do.
 //!
 //! Every figure is timed as submit + wait (a blocking device poll) around a batch of identical dispatches or one
 //! transfer, after one warm-up, best of a few tries. FLOP counts follow the cost model's formulas (COST-MODEL.md):
