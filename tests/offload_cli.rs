@@ -1,40 +1,57 @@
 //! `strata generate` with policy flags: an offloaded run through the CLI gives the tokens Hugging Face's greedy
 //! generate produced for the fixture, and removes its offload files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[test]
-fn generate_with_offloading_flags_matches_the_reference_tokens() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/post-ln-proj");
-    let reference: serde_json::Value =
+/// A committed fixture: its directory and reference.json.
+fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let reference =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
+    (dir, reference)
+}
+
+/// `strata generate` of the fixture's prompts for its reference length, greedy, EOS ignored, JSON out; the
+/// measured profile cache (for `--policy auto`) under `cache`.
+fn generate(dir: &Path, reference: &serde_json::Value, cache: &Path) -> Command {
     let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let offload = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["generate", "--model"]).arg(&dir);
+    cmd.env("XDG_CACHE_HOME", cache)
+        .args(["generate", "--model"])
+        .arg(dir);
     for p in &prompts {
         let ids: Vec<String> = p.iter().map(u32::to_string).collect();
         cmd.args(["--prompt-ids", &ids.join(",")]);
     }
     let new = reference["max_new_tokens"].as_u64().unwrap().to_string();
-    cmd.args(["--max-new-tokens", &new, "--ignore-eos", "--json"])
-        .args([
-            "--percent",
-            "20",
-            "60",
-            "0",
-            "50",
-            "50",
-            "0",
-            "--gpu-batch-size",
-            "1",
-            "--num-gpu-batches",
-            "3",
-        ])
-        .args(["--overlap", "false", "--offload-dir"])
-        .arg(offload.path());
+    cmd.args(["--max-new-tokens", &new, "--ignore-eos", "--json"]);
+    cmd
+}
+
+#[test]
+fn generate_with_offloading_flags_matches_the_reference_tokens() {
+    let (dir, reference) = fixture("post-ln-proj");
+    let (offload, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cmd = generate(&dir, &reference, cache.path());
+    cmd.args([
+        "--percent",
+        "20",
+        "60",
+        "0",
+        "50",
+        "50",
+        "0",
+        "--gpu-batch-size",
+        "1",
+        "--num-gpu-batches",
+        "3",
+    ])
+    .args(["--overlap", "false", "--offload-dir"])
+    .arg(offload.path());
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -51,24 +68,11 @@ fn generate_with_offloading_flags_matches_the_reference_tokens() {
 
 #[test]
 fn generate_with_policy_auto_matches_the_reference_tokens() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pre-ln-relu");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
+    let (dir, reference) = fixture("pre-ln-relu");
     // The measured profile is cached per adapter under XDG_CACHE_HOME: keep it inside the test's own directory.
     let cache = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.env("XDG_CACHE_HOME", cache.path())
-        .args(["generate", "--model"])
-        .arg(&dir);
-    for p in &prompts {
-        let ids: Vec<String> = p.iter().map(u32::to_string).collect();
-        cmd.args(["--prompt-ids", &ids.join(",")]);
-    }
-    let new = reference["max_new_tokens"].as_u64().unwrap().to_string();
-    cmd.args(["--max-new-tokens", &new, "--ignore-eos", "--json"])
-        .args(["--policy", "auto", "--gpu-mem", "1GiB"]);
+    let mut cmd = generate(&dir, &reference, cache.path());
+    cmd.args(["--policy", "auto", "--gpu-mem", "1GiB"]);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -114,24 +118,11 @@ fn policy_auto_refuses_placement_flags() {
 /// `--attn-sparsity` is not a placement flag: `--policy auto` keeps it, and the run equals the all-GPU sparse run.
 #[test]
 fn policy_auto_keeps_attention_sparsity() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pre-ln-relu");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let new = reference["max_new_tokens"].as_u64().unwrap().to_string();
+    let (dir, reference) = fixture("pre-ln-relu");
     let tmp = tempfile::tempdir().unwrap();
     let run = |extra: &[&str], npy: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-        cmd.env("XDG_CACHE_HOME", tmp.path())
-            .args(["generate", "--model"])
-            .arg(&dir);
-        for p in &prompts {
-            let ids: Vec<String> = p.iter().map(u32::to_string).collect();
-            cmd.args(["--prompt-ids", &ids.join(",")]);
-        }
-        cmd.args(["--max-new-tokens", &new, "--ignore-eos", "--json"])
-            .args(["--attn-sparsity", "0.5", "--dump-logits"])
+        let mut cmd = generate(&dir, &reference, tmp.path());
+        cmd.args(["--attn-sparsity", "0.5", "--dump-logits"])
             .arg(tmp.path().join(npy))
             .args(extra);
         let out = cmd.output().unwrap();
