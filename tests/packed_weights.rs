@@ -2,6 +2,10 @@
 //! gives the GPU exactly the buffers quantising while loading gives, so generation is bit for bit the same; a file
 //! packed with other settings or for another model is refused by name; the CLI writes the file once and reuses it.
 
+mod common;
+
+use common::{fixture, gpu, options};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -9,7 +13,7 @@ use strata::checkpoint::Checkpoint;
 use strata::compress::PackedRef;
 use strata::compress::{write_packed_model, CompressionConfig, PackedWeights};
 use strata::config::OptConfig;
-use strata::generate::{GenerateOptions, GenerateOutput, Generator, GeneratorOptions, Sampling};
+use strata::generate::{GenerateOutput, Generator, GeneratorOptions};
 use strata::gpu::tensor::{GpuMatrix, WeightFormat};
 use strata::gpu::{Gpu, GpuOptions};
 use strata::policy::{Percent, Policy};
@@ -45,34 +49,16 @@ impl WeightSource for WordsOnly<'_> {
 const FIXTURE: &str = "pre-ln-relu";
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(FIXTURE)
+    fixture(FIXTURE).0
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(fixture_dir().join("reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    serde_json::from_value(reference["prompt_ids"].clone()).unwrap()
-}
-
-fn gpu() -> Gpu {
-    Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)")
+    fixture(FIXTURE).1
 }
 
 /// The generated ids and every step's logits (not the timings).
 fn generate(gen: &Generator) -> (Vec<Vec<u32>>, Vec<f32>) {
-    let out: GenerateOutput = gen
-        .generate(
-            &prompts(),
-            &GenerateOptions {
-                max_new_tokens: 4,
-                sampling: Sampling::Greedy,
-                ignore_eos: true,
-                record_logits: true,
-            },
-        )
-        .unwrap();
+    let out: GenerateOutput = gen.generate(&prompts(), &options(4)).unwrap();
     (out.generated_ids, out.logits.unwrap())
 }
 

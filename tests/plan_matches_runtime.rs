@@ -10,28 +10,18 @@
 //! - The planner's CPU staging (`cpu_working`) and the GPU's non-pool working buffers (batch I/O, scratch, logits)
 //!   are not tier allocations, so the tier statistics do not see them; they are not compared here.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, gpu, F32_FIXTURES};
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::CompressionConfig;
 use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
-use strata::gpu::{Gpu, GpuOptions};
 use strata::planner::{plan, MemoryPlan, Workload};
 use strata::policy::{Percent, Policy};
 use strata::tiers::gpu::size_class;
-
-const F32_FIXTURES: [&str; 3] = ["pre-ln-relu", "post-ln-proj", "gelu-no-bias"];
-
-fn fixture(name: &str) -> (PathBuf, Vec<Vec<u32>>, usize) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
-    (dir, prompts, new)
-}
 
 /// A named policy for `n` prompts: `(what, percent, one sequence per GPU batch, overlap, cpu_cache_compute,
 /// compress)`. Every case's effective batch is exactly the `n` prompts, so the planner's whole sequences are the
@@ -140,7 +130,7 @@ fn pool_homes(plan: &MemoryPlan, p: &Policy, layers: usize) -> u64 {
 
 #[test]
 fn tier_peaks_equal_the_plan_for_every_policy() {
-    let gpu = Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe on CPU machines)");
+    let gpu = gpu();
     let offload = tempfile::tempdir().unwrap();
     for name in F32_FIXTURES {
         let (dir, prompts, new) = fixture(name);
