@@ -5,10 +5,9 @@
 
 mod common;
 
-use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
+use common::{fixture, generate_command, gpu, max_abs_diff, options, F32_FIXTURES};
 
 use std::path::Path;
-use std::process::Command;
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::CompressionConfig;
@@ -251,18 +250,7 @@ fn cli_flag_reaches_the_generator() {
     let dense = all_gpu(&gpu, &dir, &prompts, new, &GeneratorOptions::default()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let npy = tmp.path().join("logits.npy");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["generate", "--model"]).arg(&dir);
-    for p in &prompts {
-        let ids: Vec<String> = p.iter().map(u32::to_string).collect();
-        cmd.args(["--prompt-ids", &ids.join(",")]);
-    }
-    cmd.args([
-        "--max-new-tokens",
-        &new.to_string(),
-        "--ignore-eos",
-        "--json",
-    ]);
+    let mut cmd = generate_command(&dir, &prompts, new);
     cmd.args(["--attn-sparsity", "0.5", "--dump-logits"])
         .arg(&npy);
     let out = cmd.output().unwrap();

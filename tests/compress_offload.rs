@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
+use common::{fixture, generate_command, gpu, max_abs_diff, options, F32_FIXTURES};
 
 use std::path::Path;
 use std::process::Command;
@@ -417,21 +417,10 @@ fn generate_cli_runs_compressed_under_a_policy_like_the_library_on_the_gpu() {
     .generate(&prompts, &options(new))
     .unwrap();
     let offload = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["generate", "--model"]).arg(&dir);
-    for p in &prompts {
-        let ids: Vec<String> = p.iter().map(u32::to_string).collect();
-        cmd.args(["--prompt-ids", &ids.join(",")]);
-    }
-    cmd.args([
-        "--max-new-tokens",
-        &new.to_string(),
-        "--ignore-eos",
-        "--json",
-    ])
-    .args(["--percent", "20", "60", "0", "50", "100", "0"])
-    .args(["--compress-weight", "--compress-cache", "--offload-dir"])
-    .arg(offload.path());
+    let mut cmd = generate_command(&dir, &prompts, new);
+    cmd.args(["--percent", "20", "60", "0", "50", "100", "0"])
+        .args(["--compress-weight", "--compress-cache", "--offload-dir"])
+        .arg(offload.path());
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),

@@ -1,8 +1,12 @@
 //! `strata generate` with policy flags: an offloaded run through the CLI gives the tokens Hugging Face's greedy
 //! generate produced for the fixture, and removes its offload files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::generate_command;
 
 /// A committed fixture: its directory and reference.json.
 fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
@@ -15,20 +19,13 @@ fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
     (dir, reference)
 }
 
-/// `strata generate` of the fixture's prompts for its reference length, greedy, EOS ignored, JSON out; the
-/// measured profile cache (for `--policy auto`) under `cache`.
+/// `strata generate` of the fixture's prompts for its reference length ([`generate_command`]), with the measured
+/// profile cache (for `--policy auto`) under `cache`.
 fn generate(dir: &Path, reference: &serde_json::Value, cache: &Path) -> Command {
     let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.env("XDG_CACHE_HOME", cache)
-        .args(["generate", "--model"])
-        .arg(dir);
-    for p in &prompts {
-        let ids: Vec<String> = p.iter().map(u32::to_string).collect();
-        cmd.args(["--prompt-ids", &ids.join(",")]);
-    }
-    let new = reference["max_new_tokens"].as_u64().unwrap().to_string();
-    cmd.args(["--max-new-tokens", &new, "--ignore-eos", "--json"]);
+    let new = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    let mut cmd = generate_command(dir, &prompts, new);
+    cmd.env("XDG_CACHE_HOME", cache);
     cmd
 }
 

@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::{fixture, gpu, options};
+use common::{fixture, generate_command, gpu, options};
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::PackedRef;
@@ -228,14 +227,8 @@ fn a_file_packed_with_other_settings_or_for_another_model_is_refused() {
 }
 
 fn cli(packed: &Path, extra: &[&str], npy: &Path) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["generate", "--model"]).arg(fixture_dir());
-    for p in prompts() {
-        let ids: Vec<String> = p.iter().map(|i| i.to_string()).collect();
-        cmd.args(["--prompt-ids", &ids.join(",")]);
-    }
-    cmd.args(["--max-new-tokens", "3", "--ignore-eos", "--json"])
-        .args(extra)
+    let mut cmd = generate_command(&fixture_dir(), &prompts(), 3);
+    cmd.args(extra)
         .arg("--packed-weights")
         .arg(packed)
         .arg("--dump-logits")
@@ -280,14 +273,7 @@ fn the_cli_writes_the_packed_file_once_and_reuses_it() {
 
     // Quantising while loading (no file) gives the same output.
     let npy = tmp.path().join("direct.npy");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["generate", "--model"]).arg(fixture_dir());
-    for p in prompts() {
-        let ids: Vec<String> = p.iter().map(|i| i.to_string()).collect();
-        cmd.args(["--prompt-ids", &ids.join(",")]);
-    }
-    let out = cmd
-        .args(["--max-new-tokens", "3", "--ignore-eos", "--json"])
+    let out = generate_command(&fixture_dir(), &prompts(), 3)
         .args(compress)
         .arg("--dump-logits")
         .arg(&npy)

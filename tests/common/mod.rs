@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use strata::generate::{GenerateOptions, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
@@ -44,4 +45,22 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// `strata generate --model DIR` of `prompts` (as `--prompt-ids`) for `new` tokens, EOS ignored, JSON on stdout; the
+/// caller adds the flags under test.
+pub fn generate_command(dir: &Path, prompts: &[Vec<u32>], new: usize) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    cmd.args(["generate", "--model"]).arg(dir);
+    for p in prompts {
+        let ids: Vec<String> = p.iter().map(u32::to_string).collect();
+        cmd.args(["--prompt-ids", &ids.join(",")]);
+    }
+    cmd.args([
+        "--max-new-tokens",
+        &new.to_string(),
+        "--ignore-eos",
+        "--json",
+    ]);
+    cmd
 }
