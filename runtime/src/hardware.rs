@@ -215,6 +215,24 @@ impl HardwareProfile {
         Ok(())
     }
 
+    /// Every bandwidth and compute field in SI units, as the cost models use them.
+    pub fn rates(&self) -> Rates {
+        let (bw, fl) = (Self::bytes_per_s, Self::flop_per_s);
+        Rates {
+            ctog: bw(self.ctog),
+            gtoc_cache: bw(self.gtoc_cache),
+            gtoc_hidden: bw(self.gtoc_hidden),
+            dtoc: bw(self.dtoc),
+            ctod_cache_p: bw(self.ctod_cache_p),
+            ctod_hidden_p: bw(self.ctod_hidden_p),
+            ctod_g: bw(self.ctod_g),
+            mm_p: fl(self.mm_flops_p),
+            mm_g: fl(self.mm_flops_g),
+            bmm_p: fl(self.bmm_flops_p),
+            bmm_g: fl(self.bmm_flops_g),
+        }
+    }
+
     /// A bandwidth field in bytes per second.
     pub fn bytes_per_s(gib_per_s: f64) -> f64 {
         gib_per_s * GIB
@@ -233,6 +251,34 @@ impl HardwareProfile {
         let factor = (1.0 + self.c1 * a * b - self.c2 * a - self.c3 * b).max(0.1);
         Self::flop_per_s(self.cpu_flops) * factor
     }
+}
+
+/// A [`HardwareProfile`]'s rates in bytes per second and FLOP per second (field names as the profile's; `_p` is
+/// prefill, `_g` decode).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    /// CPU -> GPU.
+    pub ctog: f64,
+    /// GPU -> CPU, KV cache.
+    pub gtoc_cache: f64,
+    /// GPU -> CPU, hidden states.
+    pub gtoc_hidden: f64,
+    /// Disk -> CPU.
+    pub dtoc: f64,
+    /// CPU -> disk, KV cache at prefill.
+    pub ctod_cache_p: f64,
+    /// CPU -> disk, hidden states at prefill.
+    pub ctod_hidden_p: f64,
+    /// CPU -> disk at decode.
+    pub ctod_g: f64,
+    /// GPU matmul, prefill.
+    pub mm_p: f64,
+    /// GPU matmul, decode.
+    pub mm_g: f64,
+    /// GPU batched matmul (attention), prefill.
+    pub bmm_p: f64,
+    /// GPU batched matmul (attention), decode.
+    pub bmm_g: f64,
 }
 
 /// A file-name-safe slug of an adapter name: lower-case ASCII letters and digits, runs of others as one `-`.

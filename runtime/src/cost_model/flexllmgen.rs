@@ -3,7 +3,7 @@
 
 use super::lp::{coef, Lp, CAP, NV, TGEN, TPRE};
 use super::{CapMode, Problem, CC, CG, CN, HC, HG, HN, WC, WG, WN};
-use crate::hardware::HardwareProfile;
+use crate::hardware::Rates;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -19,22 +19,19 @@ pub(crate) fn build(p: &Problem, gbs: usize, bls: usize, caps: CapMode) -> Lp {
     let nh = c.n_head as f64;
     let g = gbs as f64;
     let b = bls as f64;
-    let bw = HardwareProfile::bytes_per_s;
-    let fl = HardwareProfile::flop_per_s;
-    let (ctog, gtoc_cache, gtoc_hidden, dtoc) = (
-        bw(hw.ctog),
-        bw(hw.gtoc_cache),
-        bw(hw.gtoc_hidden),
-        bw(hw.dtoc),
-    );
-    let (ctod_cache_p, ctod_hidden_p, ctod_g) =
-        (bw(hw.ctod_cache_p), bw(hw.ctod_hidden_p), bw(hw.ctod_g));
-    let (mm_p, mm_g, bmm_p, bmm_g) = (
-        fl(hw.mm_flops_p),
-        fl(hw.mm_flops_g),
-        fl(hw.bmm_flops_p),
-        fl(hw.bmm_flops_g),
-    );
+    let Rates {
+        ctog,
+        gtoc_cache,
+        gtoc_hidden,
+        dtoc,
+        ctod_cache_p,
+        ctod_hidden_p,
+        ctod_g,
+        mm_p,
+        mm_g,
+        bmm_p,
+        bmm_g,
+    } = hw.rates();
     let cpu_real = hw.cpu_rate(gbs, c.hidden_size);
 
     let mut wi = 8.0 * h1 * h1 + 4.0 * h1 * h2;

@@ -20,7 +20,7 @@
 use super::flexllmgen::add_memory_row;
 use super::lp::{coef, Lp, CAP, NV, TGEN, TPRE};
 use super::{CapMode, Problem, CC, CG, CN, HC, HG, HN, WC, WG, WN};
-use crate::hardware::HardwareProfile;
+use crate::hardware::Rates;
 use crate::planner::{linear_terms_with, WeightSummary};
 use crate::policy::Policy;
 
@@ -57,19 +57,19 @@ pub(crate) fn build(
     let b = (gbs * ngb) as f64;
     // Offloaded hidden states are f32 in the runtime; the cache is stored as the runtime stores it.
     let act_bytes = 4.0;
-    let bw = HardwareProfile::bytes_per_s;
-    let fl = HardwareProfile::flop_per_s;
-    let ctog = bw(hw.ctog);
-    let (gtoc_cache, gtoc_hidden) = (bw(hw.gtoc_cache), bw(hw.gtoc_hidden));
-    let dtoc = bw(hw.dtoc);
-    let (ctod_cache_p, ctod_hidden_p, ctod_g) =
-        (bw(hw.ctod_cache_p), bw(hw.ctod_hidden_p), bw(hw.ctod_g));
-    let (mm_p, mm_g, bmm_p, bmm_g) = (
-        fl(hw.mm_flops_p),
-        fl(hw.mm_flops_g),
-        fl(hw.bmm_flops_p),
-        fl(hw.bmm_flops_g),
-    );
+    let Rates {
+        ctog,
+        gtoc_cache,
+        gtoc_hidden,
+        dtoc,
+        ctod_cache_p,
+        ctod_hidden_p,
+        ctod_g,
+        mm_p,
+        mm_g,
+        bmm_p,
+        bmm_g,
+    } = hw.rates();
     let cpu_rate = hw.cpu_rate(gbs, c.hidden_size);
 
     // A layer's weights: what streams when offloaded (the LM head and embeddings are resident on the GPU).
