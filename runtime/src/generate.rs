@@ -153,6 +153,22 @@ impl From<crate::tiers::TierError> for GenerateError {
     }
 }
 
+/// One compression setting from a policy and the generator options: whichever is given, or both when they agree.
+fn one_compression(
+    flag: &str,
+    from_policy: Option<CompressionConfig>,
+    from_options: Option<CompressionConfig>,
+) -> Result<Option<CompressionConfig>, GenerateError> {
+    match (from_policy, from_options) {
+        (Some(a), Some(b)) if a != b => Err(GenerateError::Policy(format!(
+            "{flag}: the policy asks for {} bits in groups of {} but the generator options for {} bits in groups \
+             of {}: give one setting",
+            a.bits, a.group_size, b.bits, b.group_size
+        ))),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// The model on the GPU with its kernels, ready to generate.
 #[derive(Debug)]
 pub struct Generator {
@@ -230,30 +246,19 @@ impl Generator {
         check_sparsity(policy.attn_sparsity)?;
         // Compression comes from the policy or the options (the same setting from both is fine); the policy then
         // carries it, so every plan counts packed bytes.
-        let merge = |on: bool, in_policy: CompressionConfig, in_options, flag: &str| {
-            match (
-            on.then_some(in_policy),
-            in_options,
-        ) {
-            (Some(a), Some(b)) if a != b => Err(GenerateError::Policy(format!(
-                "{flag}: the policy asks for {} bits in groups of {} but the generator options for {} bits in \
-                 groups of {}: give one setting",
-                a.bits, a.group_size, b.bits, b.group_size
-            ))),
-            (a, b) => Ok(a.or(b)),
-        }
-        };
-        let compress_weight = merge(
-            policy.compress_weight,
-            policy.compress_weight_config,
-            options.compress_weight,
+        let compress_weight = one_compression(
             "--compress-weight",
+            policy
+                .compress_weight
+                .then_some(policy.compress_weight_config),
+            options.compress_weight,
         )?;
-        let compress_cache = merge(
-            policy.compress_cache,
-            policy.compress_cache_config,
-            options.compress_cache,
+        let compress_cache = one_compression(
             "--compress-cache",
+            policy
+                .compress_cache
+                .then_some(policy.compress_cache_config),
+            options.compress_cache,
         )?;
         let mut policy = policy.clone();
         policy.compress_weight = compress_weight.is_some();
