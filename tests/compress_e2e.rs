@@ -15,8 +15,12 @@
 //!   first tokens flip; quantised alone, q/k_proj cost up to 0.14 and the positions 0.24, and the costs do not add up.
 //!   They keep the 0.99 check at 8 bits (0.9990..0.9999 measured) and 4-bit regression floors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::generate_command;
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::CompressionConfig;
@@ -261,16 +265,8 @@ fn cli_compress_weight_matches_transformers() {
     let f = fixture("pre-ln-relu");
     let tmp = tempfile::tempdir().unwrap();
     let npy = tmp.path().join("logits.npy");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["generate", "--model"]).arg(&f.dir);
-    for p in &f.prompt_ids {
-        let ids: Vec<String> = p.iter().map(|i| i.to_string()).collect();
-        cmd.args(["--prompt-ids", &ids.join(",")]);
-    }
+    let mut cmd = generate_command(&f.dir, &f.prompt_ids, 2);
     cmd.args([
-        "--max-new-tokens",
-        "2",
-        "--ignore-eos",
         "--compress-weight",
         "--compress-cache",
         "--compress-weight-bits",
@@ -281,7 +277,6 @@ fn cli_compress_weight_matches_transformers() {
         "8",
         "--compress-cache-group-size",
         "32",
-        "--json",
         "--dump-logits",
     ]);
     cmd.arg(&npy);
