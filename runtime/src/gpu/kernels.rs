@@ -34,6 +34,8 @@ use crate::compress::{
 use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 
+const ACT_F32: &str = include_str!("kernels/act_f32.wgsl");
+const ACT_F16: &str = include_str!("kernels/act_f16.wgsl");
 const WEIGHTS_F32: &str = include_str!("kernels/weights_f32.wgsl");
 const WEIGHTS_F16: &str = include_str!("kernels/weights_f16.wgsl");
 const EPILOGUE: &str = include_str!("kernels/epilogue.wgsl");
@@ -50,6 +52,36 @@ const SPARSE_ATTENTION: &str = include_str!("kernels/sparse_attention.wgsl");
 const CACHE_F32: &str = include_str!("kernels/cache_f32.wgsl");
 const CACHE_F16: &str = include_str!("kernels/cache_f16.wgsl");
 const CACHE_STORE_F16: &str = include_str!("kernels/cache_store_f16.wgsl");
+
+/// How activations (hidden rows, projections, attention output, FFN intermediate) are stored in GPU memory. Every
+/// kernel that reads or writes activations is compiled with [`ActDtype::wgsl`] as the first part of its module and
+/// declares those buffers as `array<act>` / `array<act4>`; arithmetic and accumulation stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ActDtype {
+    /// f32 activations: f32 checkpoints, and devices without SHADER_F16.
+    #[default]
+    F32,
+    /// IEEE halves (`enable f16;`): half the activation bytes in every buffer and transfer.
+    F16,
+}
+
+impl ActDtype {
+    /// Bytes per activation element.
+    pub const fn bytes(self) -> usize {
+        match self {
+            ActDtype::F32 => 4,
+            ActDtype::F16 => 2,
+        }
+    }
+
+    /// The WGSL part that defines the `act`, `act2` and `act4` storage types (first in a module's parts).
+    pub fn wgsl(self) -> &'static str {
+        match self {
+            ActDtype::F32 => ACT_F32,
+            ActDtype::F16 => ACT_F16,
+        }
+    }
+}
 
 /// Rows one q4 dispatch handles along its grid's y dimension (the common per-dimension limit).
 const MAX_GRID_ROWS: usize = 65535;
