@@ -21,6 +21,7 @@ use safetensors::Dtype;
 pub use config_json::config_to_json;
 pub use convert::{to_f16_bits, to_f32};
 use shard::Shard;
+pub(crate) use shard::{read_header, HeaderProblem};
 
 use crate::config::{ConfigError, DType, OptConfig};
 use crate::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
