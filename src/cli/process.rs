@@ -146,8 +146,8 @@ fn pause_phase() -> Option<&'static str> {
 }
 
 /// A test seam for the interruption tests: when `STRATA_TEST_PAUSE_AT` names `phase` (`load`, `prefill`, `decode`,
-/// `packed-write`), the first call announces it on stderr and waits up to a minute, so a test can deliver a signal
-/// while the run's files for that phase exist. Does nothing otherwise.
+/// `packed-write`), the first call announces it on stderr and waits `STRATA_TEST_PAUSE_SECS` (default 60) seconds,
+/// so a test can deliver a signal, or break an output path, while the run is there. Does nothing otherwise.
 pub fn pause_point(phase: &'static str) {
     static PAUSED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
     if pause_phase() != Some(phase) {
@@ -160,8 +160,12 @@ pub fn pause_point(phase: &'static str) {
         }
         paused.push(phase);
     }
+    let secs = std::env::var("STRATA_TEST_PAUSE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     eprintln!("strata: paused at {phase} (STRATA_TEST_PAUSE_AT)");
-    std::thread::sleep(std::time::Duration::from_secs(60));
+    std::thread::sleep(std::time::Duration::from_secs(secs));
 }
 
 #[cfg(test)]

@@ -316,6 +316,11 @@ fn dtype_of(dtype: Dtype) -> Option<DType> {
 
 /// Reads and validates `dir/config.json`.
 pub fn read_config(dir: &Path) -> Result<OptConfig, CheckpointError> {
+    if !dir.exists() {
+        return Err(CheckpointError::NotFound {
+            dir: dir.to_path_buf(),
+        });
+    }
     let path = dir.join(CONFIG_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
