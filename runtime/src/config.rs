@@ -357,6 +357,24 @@ impl OptConfig {
                 return fail(field, "must be at least 1".into());
             }
         }
+        // Far beyond any OPT-family model (opt-175b: 96 layers, hidden 12288, ffn 49152, vocab 50272, 2048 positions),
+        // and small enough that every figure the const fns derive (parameters, bytes, one sequence's cache) fits u64.
+        for (field, value, limit) in [
+            ("num_hidden_layers", self.num_hidden_layers, 1usize << 12),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("n_head", self.n_head, 1 << 20),
+            ("ffn_embed_dim", self.ffn_embed_dim, 1 << 22),
+            ("word_embed_proj_dim", self.word_embed_proj_dim, 1 << 20),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("max_seq_len", self.max_seq_len, 1 << 24),
+        ] {
+            if value > limit {
+                return fail(
+                    field,
+                    format!("{field} = {value} is larger than strata supports ({limit})"),
+                );
+            }
+        }
         if self.hidden_size % self.n_head != 0 {
             return fail(
                 "n_head",

@@ -126,7 +126,8 @@ impl Shard {
 /// What is wrong with a file that should be safetensors, found from its header alone. The message says what the
 /// file is; the caller adds what to do (download again, rebuild).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum HeaderProblem {
+#[non_exhaustive]
+pub enum HeaderProblem {
     /// Shorter than the 8-byte length that opens every safetensors file.
     #[error("file is truncated: {len} bytes, too short for a safetensors header")]
     TooShort {
