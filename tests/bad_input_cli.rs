@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::Read;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -321,6 +320,33 @@ fn bad_values_are_reported_as_typed() {
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("'-10'") && !text.contains("'-1'"), "{text}");
+}
+
+#[test]
+fn bad_prompts_and_sampling_are_refused_before_the_gpu_opens() {
+    let (dir, _, _) = fixture("pre-ln-relu");
+    let run = |flags: &[&str]| {
+        let mut cmd = strata();
+        cmd.args(["generate", "--model"])
+            .arg(&dir)
+            .args(["--max-new-tokens", "2"])
+            .args(flags);
+        let text = fails(&mut cmd);
+        assert!(
+            !text.contains("llvmpipe"),
+            "the GPU was opened first: {text}"
+        );
+        text
+    };
+    let text = run(&["--prompt-ids", "2,999"]);
+    assert!(
+        text.contains("token id 999 at position 1") && text.contains("256"),
+        "{text}"
+    );
+    let text = run(&["--prompt-ids", "2", "--temperature", "0"]);
+    assert!(text.contains("--temperature 0"), "{text}");
+    let text = run(&["--prompt-ids", "2", "--top-p", "1.5"]);
+    assert!(text.contains("--top-p 1.5"), "{text}");
 }
 
 #[test]

@@ -90,6 +90,27 @@ pub fn new_tokens(config: &OptConfig, longest_prompt: usize, max_new: usize) -> 
     Ok(())
 }
 
+/// Refuses an empty prompt or a token id outside `config`'s vocabulary, naming the prompt and the position.
+pub fn prompt_ids(config: &OptConfig, prompts: &[Vec<u32>]) -> anyhow::Result<()> {
+    for (i, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            bail!("prompt {i} is empty: every prompt needs at least one token (OPT prompts start with BOS, id 2)");
+        }
+        if let Some((position, id)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= config.vocab_size)
+        {
+            bail!(
+                "prompt {i} has token id {id} at position {position}, outside {}'s vocabulary of {} tokens",
+                config.name,
+                config.vocab_size
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The effective batch of `--gpu-batch-size` x `--num-gpu-batches`, refused when the KV cache of that many
 /// sequences of `seq_len` tokens would not even be countable in bytes (the planner's arithmetic then stays in range).
 pub fn effective_batch(

@@ -221,6 +221,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     prompts.extend(args.prompt_ids.iter().cloned());
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     checks::new_tokens(&config, longest, args.max_new_tokens)?;
+    checks::prompt_ids(&config, &prompts)?;
+    if let Sampling::Sample {
+        temperature, top_p, ..
+    } = sampling
+    {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            bail!("--temperature {temperature}: must be a positive number");
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            bail!("--top-p {top_p}: must be in (0, 1]");
+        }
+    }
     let offload = !args.policy.placement_flags_given().is_empty()
         || args.policy.offload_dir.is_some()
         || args.policy.gpu_mem.is_some()

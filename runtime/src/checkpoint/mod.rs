@@ -432,7 +432,7 @@ pub fn check_safetensors(bytes: &[u8]) -> Result<Vec<String>, HeaderProblem> {
 
 fn parse_index(text: &str, path: &Path) -> Result<HashMap<String, String>, CheckpointError> {
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| CheckpointError::Json {
+        serde_json::from_str(text).map_err(|source| CheckpointError::Json {
             path: path.to_path_buf(),
             source,
         })?;
