@@ -24,8 +24,13 @@ pub fn output_file(flag: &str, path: &Path) -> anyhow::Result<()> {
         _ => Path::new("."),
     };
     if !parent.is_dir() {
+        let what = if parent.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
         bail!(
-            "{flag} {}: directory {} does not exist; create it first, or choose another path",
+            "{flag} {}: directory {} {what}; create it first, or choose another path",
             path.display(),
             parent.display()
         );
@@ -102,9 +107,9 @@ pub fn prompt_ids(config: &OptConfig, prompts: &[Vec<u32>]) -> anyhow::Result<()
             .find(|(_, &id)| id as usize >= config.vocab_size)
         {
             bail!(
-                "prompt {i} has token id {id} at position {position}, outside {}'s vocabulary of {} tokens",
-                config.name,
-                config.vocab_size
+                "prompt {i} has token id {id} at position {position}, outside the vocabulary of {} tokens ({})",
+                config.vocab_size,
+                config.name
             );
         }
     }
