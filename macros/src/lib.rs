@@ -12,6 +12,8 @@ use proc_macro::TokenStream;
 mod diag;
 mod expand;
 mod load;
+#[cfg(test)]
+mod props;
 mod spec;
 mod validate;
 

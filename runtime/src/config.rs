@@ -279,6 +279,68 @@ impl OptConfig {
         }
     }
 
+    /// Where `other` is a different architecture from `self`: every field that shapes a tensor or the forward pass
+    /// (not the name, dtype, token ids or layer-norm epsilon), as `field: self's value vs other's`. Empty when a
+    /// checkpoint with `other`'s config can run as `self`.
+    pub fn architecture_differences(&self, other: &OptConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut field = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name} {a} vs {b}"));
+            }
+        };
+        for (name, a, b) in [
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                other.num_hidden_layers,
+            ),
+            ("hidden_size", self.hidden_size, other.hidden_size),
+            ("n_head", self.n_head, other.n_head),
+            ("ffn_embed_dim", self.ffn_embed_dim, other.ffn_embed_dim),
+            (
+                "word_embed_proj_dim",
+                self.word_embed_proj_dim,
+                other.word_embed_proj_dim,
+            ),
+            ("vocab_size", self.vocab_size, other.vocab_size),
+            ("max_seq_len", self.max_seq_len, other.max_seq_len),
+        ] {
+            field(name, a.to_string(), b.to_string());
+        }
+        field(
+            "activation",
+            format!("{:?}", self.activation),
+            format!("{:?}", other.activation),
+        );
+        for (name, a, b) in [
+            (
+                "do_layer_norm_before",
+                self.do_layer_norm_before,
+                other.do_layer_norm_before,
+            ),
+            ("enable_bias", self.enable_bias, other.enable_bias),
+            (
+                "layer_norm_elementwise_affine",
+                self.layer_norm_elementwise_affine,
+                other.layer_norm_elementwise_affine,
+            ),
+            (
+                "remove_final_layer_norm",
+                self.remove_final_layer_norm,
+                other.remove_final_layer_norm,
+            ),
+            (
+                "tie_word_embeddings",
+                self.tie_word_embeddings,
+                other.tie_word_embeddings,
+            ),
+        ] {
+            field(name, a.to_string(), b.to_string());
+        }
+        out
+    }
+
     /// Checks the invariants every consumer relies on, naming the first field that breaks one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |field: &'static str, reason: String| Err(ConfigError { field, reason });
@@ -293,6 +355,24 @@ impl OptConfig {
         ] {
             if value == 0 {
                 return fail(field, "must be at least 1".into());
+            }
+        }
+        // Far beyond any OPT-family model (opt-175b: 96 layers, hidden 12288, ffn 49152, vocab 50272, 2048 positions),
+        // and small enough that every figure the const fns derive (parameters, bytes, one sequence's cache) fits u64.
+        for (field, value, limit) in [
+            ("num_hidden_layers", self.num_hidden_layers, 1usize << 12),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("n_head", self.n_head, 1 << 20),
+            ("ffn_embed_dim", self.ffn_embed_dim, 1 << 22),
+            ("word_embed_proj_dim", self.word_embed_proj_dim, 1 << 20),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("max_seq_len", self.max_seq_len, 1 << 24),
+        ] {
+            if value > limit {
+                return fail(
+                    field,
+                    format!("{field} = {value} is larger than strata supports ({limit})"),
+                );
             }
         }
         if self.hidden_size % self.n_head != 0 {
@@ -497,5 +577,28 @@ mod tests {
         let a = intern_name("my-model");
         let b = intern_name(&String::from("my-model"));
         assert!(std::ptr::eq(a, b));
+    }
+
+    #[test]
+    fn architecture_differences_name_each_field_and_ignore_names_and_dtypes() {
+        let renamed = OptConfig {
+            name: "my-finetune",
+            dtype: DType::F32,
+            eos_token_id: 7,
+            ..OPT_125M
+        };
+        assert!(OPT_125M.architecture_differences(&renamed).is_empty());
+        let other = OptConfig::opt("opt-350m", 24, 16, 1024, 4096);
+        let diff = OPT_125M.architecture_differences(&other);
+        assert_eq!(
+            diff,
+            [
+                "num_hidden_layers 12 vs 24",
+                "hidden_size 768 vs 1024",
+                "n_head 12 vs 16",
+                "ffn_embed_dim 3072 vs 4096",
+                "word_embed_proj_dim 768 vs 1024",
+            ]
+        );
     }
 }

@@ -174,7 +174,16 @@ impl HardwareProfile {
                 std::fs::create_dir_all(parent).map_err(io)?;
             }
         }
-        std::fs::write(path, self.to_toml()).map_err(io)
+        // Written beside the file and renamed into place, so an interrupted write never leaves half a profile.
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(format!(".part-{}", std::process::id()));
+        let partial = std::path::PathBuf::from(partial);
+        let written =
+            std::fs::write(&partial, self.to_toml()).and_then(|()| std::fs::rename(&partial, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        written.map_err(io)
     }
 
     /// Checks that every speed is a positive finite number and every correction finite.

@@ -212,12 +212,13 @@ pub fn parse_f32(bytes: &[u8]) -> Result<NpyF32, String> {
         .map(|s| s.trim_end_matches('L').parse::<usize>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| format!("shape {shape_text} is not a tuple of integers"))?;
-    let n: usize = shape.iter().product();
     let data = &bytes[start + header_len..];
-    if data.len() != n * 4 {
+    // Checked: the header is untrusted, and its shape must not size anything before it matches the data.
+    let needed = shape.iter().try_fold(4usize, |n, &d| n.checked_mul(d));
+    if needed != Some(data.len()) {
+        let needs = needed.map_or_else(|| "more than 2^64".to_owned(), |n| n.to_string());
         return Err(format!(
-            "shape {shape:?} needs {} data bytes, the file has {}",
-            n * 4,
+            "shape {shape:?} needs {needs} data bytes, the file has {}",
             data.len()
         ));
     }

@@ -3,13 +3,11 @@
 //! prefill / decode / total latency and throughput, and every tier's peak bytes (the GPU's as resident weights plus
 //! the GPU tier pool's peak) next to the planner's.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use strata::checkpoint::{self, Checkpoint};
 use strata::config::DType;
-use strata::dummy::DummyWeights;
 use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
 use strata::planner::{plan, Workload};
@@ -17,7 +15,10 @@ use strata::policy::format_bytes;
 use strata::weights::WeightSource;
 
 use super::auto::resolve_auto;
+use super::checks;
+use super::model_arg;
 use super::policy_args::PolicyArgs;
+use super::process::outln;
 
 /// Arguments of `strata bench`.
 #[derive(clap::Args)]
@@ -61,17 +62,7 @@ fn parse_dtype(text: &str) -> Result<DType, String> {
 }
 
 fn open_source(args: &Args) -> anyhow::Result<Box<dyn WeightSource>> {
-    let as_dir = Path::new(&args.model);
-    let dir = if as_dir.join(checkpoint::CONFIG_FILE).is_file() {
-        Some(as_dir.to_path_buf())
-    } else {
-        args.weights.clone()
-    };
-    Ok(match (dir, args.dummy) {
-        (Some(dir), false) => Box::new(Checkpoint::open(&dir)?),
-        (Some(dir), true) => Box::new(DummyWeights::new(checkpoint::read_config(&dir)?)),
-        (None, _) => Box::new(DummyWeights::new(strata::get_opt_config(&args.model)?)),
-    })
+    model_arg::resolve(&args.model, args.weights.as_deref(), args.dummy)?.open(args.dummy)
 }
 
 /// The benchmark's prompts: `count` deterministic sequences of `len` tokens, each starting with BOS.
@@ -106,26 +97,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prompt_len: args.prompt_len,
         gen_len: args.gen_len,
     };
+    let seq_len = args.prompt_len.saturating_add(args.gen_len);
+    // Checked before the GPU is opened: sizes that fit their types, a plan the planner accepts.
+    let explicit = if args.policy.is_auto() {
+        None
+    } else {
+        let policy = args.policy.to_policy()?;
+        checks::effective_batch(
+            &config,
+            policy.gpu_batch_size,
+            policy.num_gpu_batches,
+            seq_len,
+        )?;
+        plan(&config, &policy, workload)?;
+        Some(policy)
+    };
     let gpu = Gpu::new(&GpuOptions {
         adapter: args.adapter.clone(),
         max_binding_override: None,
     })?;
-    let policy = if args.policy.is_auto() {
-        resolve_auto(
+    let policy = match explicit {
+        Some(policy) => policy,
+        None => resolve_auto(
             &gpu,
             &config,
             args.prompt_len,
             args.gen_len,
             args.max_batch,
             &args.policy,
-        )?
-    } else {
-        args.policy.to_policy()?
+        )?,
     };
     let memory = plan(&config, &policy, workload)?;
     memory
         .check(&strata::planner::Caps::of(&policy))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Before any weight is read: the plan against the memory this device and host really have.
+    let dtype = checks::storage_dtype(&config, args.dtype);
+    let peak = checks::planned_peak(&config, dtype, &policy, workload)?;
+    checks::memory_fits(&gpu, peak, policy.gpu_mem)?;
     let adapter = gpu.describe();
     if !args.json {
         eprintln!("strata bench: {} on {adapter}", config.name);
@@ -229,33 +238,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "planned_gpu_weights": memory.weights.gpu,
             "planned_gpu_pool_slots": memory.gpu_working.pool_slots(),
         });
-        println!("{object}");
+        outln!("{object}");
     } else {
-        println!("model: {}  adapter: {adapter}", config.name);
-        println!("policy: {}", policy.to_flags());
-        println!(
+        outln!("model: {}  adapter: {adapter}", config.name);
+        outln!("policy: {}", policy.to_flags());
+        outln!(
             "model size: {}  cache size: {}  hidden size (prefill): {}",
             format_bytes(model_bytes),
             format_bytes(cache_bytes),
             format_bytes(hidden_bytes)
         );
         if let Some(bytes) = compressed_model_bytes {
-            println!("compressed model size: {}", format_bytes(bytes));
+            outln!("compressed model size: {}", format_bytes(bytes));
         }
         if let Some(bytes) = compressed_cache_bytes {
-            println!("compressed cache size: {}", format_bytes(bytes));
+            outln!("compressed cache size: {}", format_bytes(bytes));
         }
-        println!(
+        outln!(
             "prompts: {batch} x {} tokens, generating {}",
-            args.prompt_len, args.gen_len
+            args.prompt_len,
+            args.gen_len
         );
-        println!("prefill latency: {prefill:.3} s  prefill throughput: {prefill_tput:.3} token/s");
-        println!("decode latency: {decode:.3} s  decode throughput: {decode_tput:.3} token/s");
-        println!(
+        outln!("prefill latency: {prefill:.3} s  prefill throughput: {prefill_tput:.3} token/s");
+        outln!("decode latency: {decode:.3} s  decode throughput: {decode_tput:.3} token/s");
+        outln!(
             "total latency: {:.3} s  total throughput: {total_tput:.3} token/s",
             prefill + decode
         );
-        println!(
+        outln!(
             "peak tier bytes: gpu {} (resident weights {} + pool {})  cpu {}  disk {}",
             format_bytes(peak_gpu),
             format_bytes(gpu_weights),
@@ -263,7 +273,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format_bytes(peak_cpu),
             format_bytes(peak_disk)
         );
-        println!(
+        outln!(
             "planned peak bytes: gpu {}  cpu {}  disk {}",
             format_bytes(planned.gpu),
             format_bytes(planned.cpu),

@@ -3,16 +3,19 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use strata::checkpoint::{self, Checkpoint};
 use strata::config::DType;
-use strata::dummy::DummyWeights;
 use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
+use strata::planner::Workload;
+use strata::policy::Policy;
 use strata::tokenizer::Tokenizer;
 use strata::weights::WeightSource;
 
 use super::auto::resolve_auto;
+use super::checks;
+use super::model_arg::{self, ModelChoice};
 use super::policy_args::PolicyArgs;
+use super::process::{outln, pause_point};
 
 /// Arguments of `strata generate`.
 #[derive(clap::Args)]
@@ -71,8 +74,9 @@ pub struct Args {
     policy: PolicyArgs,
 }
 
-/// The weight source that serves `packed`'s words: the file at `path`, written from `source` first when missing.
-/// `source` still gives the config; its tensors are read only to write the file.
+/// The weight source that serves `packed`'s words: the file at `path`, written from `source` first when missing, and
+/// otherwise checked to have been packed from `source`'s weights (a stale file is refused, never used). `source`
+/// still gives the config; its tensors are read to write or check the file.
 fn packed_source(
     path: &Path,
     source: Box<dyn WeightSource>,
@@ -86,8 +90,10 @@ fn packed_source(
             packed.group_size,
             path.display()
         );
-        strata::compress::write_packed_model(path, source.as_ref(), packed)
-            .with_context(|| format!("writing packed weights to {}", path.display()))?;
+        strata::compress::write_packed_model_with_progress(path, source.as_ref(), packed, &|_| {
+            pause_point("packed-write")
+        })
+        .with_context(|| format!("writing packed weights to {}", path.display()))?;
     }
     let weights = strata::compress::PackedWeights::open(path, source.config(), packed)
         .with_context(|| format!("--packed-weights {}", path.display()))?;
@@ -131,33 +137,23 @@ fn parse_dtype(text: &str) -> Result<DType, String> {
     }
 }
 
-/// The weights and, when the directory has one, the tokenizer.
+/// The weights and, when the model directory has one, the tokenizer. Reads configs and headers, no weights.
 fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Tokenizer>)> {
-    let as_dir = Path::new(&args.model);
-    let dir = if as_dir.join(checkpoint::CONFIG_FILE).is_file() {
-        Some(as_dir.to_path_buf())
-    } else {
-        args.weights.clone()
-    };
-    let source: Box<dyn WeightSource> = match (&dir, args.dummy) {
-        (Some(dir), true) => Box::new(DummyWeights::new(checkpoint::read_config(dir)?)),
-        (None, true) => Box::new(DummyWeights::new(strata::get_opt_config(&args.model)?)),
-        (Some(dir), false) => Box::new(Checkpoint::open(dir)?),
-        (None, false) => {
-            if as_dir.is_dir() {
-                bail!(
-                    "{} has no config.json: pass a Hugging Face model directory",
-                    as_dir.display()
-                );
-            }
+    let choice = model_arg::resolve(&args.model, args.weights.as_deref(), args.dummy)?;
+    if let ModelChoice::Named {
+        config,
+        weights: None,
+    } = &choice
+    {
+        if !args.dummy {
             bail!(
-                "`{}` is not a model directory: give a directory with config.json, or a model name with \
-                 --weights DIR (a checkpoint) or --dummy (synthetic weights)",
-                args.model
-            )
+                "`{}` is a built-in model: add --weights DIR (its checkpoint) or --dummy (synthetic weights)",
+                config.name
+            );
         }
-    };
-    let tokenizer = match &dir {
+    }
+    let source = choice.open(args.dummy)?;
+    let tokenizer = match choice.dir() {
         Some(dir) => match Tokenizer::from_dir(dir) {
             Ok(t) => Some(t),
             Err(e) if args.prompt.is_empty() => {
@@ -175,8 +171,15 @@ fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Toke
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything that can be checked without reading a weight or opening the GPU is checked first.
     if args.prompt.is_empty() && args.prompt_ids.is_empty() {
         bail!("no prompts: pass --prompt TEXT or --prompt-ids 2,31414,232 (repeat for a batch)");
+    }
+    if let Some(path) = &args.dump_logits {
+        checks::output_file("--dump-logits", path)?;
+    }
+    if let Some(path) = &args.packed_weights {
+        checks::output_file("--packed-weights", path)?;
     }
     let sampling = if args.temperature.is_some() || args.top_p.is_some() || args.seed.is_some() {
         Sampling::Sample {
@@ -207,10 +210,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let (source, tokenizer) = open_model(&args)?;
-    let source = match (&args.packed_weights, compress_weight) {
-        (Some(path), Some(packed)) => packed_source(path, source, packed)?,
-        _ => source,
-    };
+    let config = *source.config();
     let mut prompts = Vec::new();
     for text in &args.prompt {
         let tokenizer = tokenizer
@@ -219,31 +219,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prompts.push(tokenizer.encode(text)?);
     }
     prompts.extend(args.prompt_ids.iter().cloned());
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    checks::new_tokens(&config, longest, args.max_new_tokens)?;
+    checks::prompt_ids(&config, &prompts)?;
+    if let Sampling::Sample {
+        temperature, top_p, ..
+    } = sampling
+    {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            bail!("--temperature {temperature}: must be a positive number");
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            bail!("--top-p {top_p}: must be in (0, 1]");
+        }
+    }
+    let offload = !args.policy.placement_flags_given().is_empty()
+        || args.policy.offload_dir.is_some()
+        || args.policy.gpu_mem.is_some()
+        || args.policy.cpu_mem.is_some();
+    let explicit_policy = if offload && !args.policy.is_auto() {
+        let mut policy = args.policy.to_policy()?;
+        // Without an explicit batching, one GPU batch holds every prompt.
+        if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
+            policy.gpu_batch_size = prompts.len();
+        }
+        checks::effective_batch(
+            &config,
+            policy.gpu_batch_size,
+            policy.num_gpu_batches,
+            longest + args.max_new_tokens,
+        )?;
+        Some(policy)
+    } else {
+        None
+    };
 
     let gpu = Gpu::new(&GpuOptions {
         adapter: args.adapter.clone(),
         max_binding_override: None,
     })?;
-    eprintln!("strata: {} on {}", source.config().name, gpu.describe());
-    let options = GeneratorOptions {
-        dtype: args.dtype,
-        gpu_batch_size: None,
-        compress_weight,
-        compress_cache,
-        // The all-GPU path takes the flag here; an offloading policy carries its own copy.
-        attn_sparsity: args.policy.attn_sparsity,
-    };
-    let offload = !args.policy.placement_flags_given().is_empty()
-        || args.policy.offload_dir.is_some()
-        || args.policy.gpu_mem.is_some()
-        || args.policy.cpu_mem.is_some();
-    let generator = if args.policy.is_auto() {
-        let config = *source.config();
-        let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    eprintln!("strata: {} on {}", config.name, gpu.describe());
+    let policy = if args.policy.is_auto() {
         let mut policy = resolve_auto(
             &gpu,
             &config,
-            prompt_len,
+            longest,
             args.max_new_tokens,
             prompts.len(),
             &args.policy,
@@ -253,19 +273,59 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         policy.num_gpu_batches = policy
             .num_gpu_batches
             .max(prompts.len().div_ceil(policy.gpu_batch_size));
-        Generator::with_policy(&gpu, source.as_ref(), &options, &policy, &|_| {})?
-    } else if offload {
-        let mut policy = args.policy.to_policy()?;
-        // Without an explicit batching, one GPU batch holds every prompt.
-        if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
-            policy.gpu_batch_size = prompts.len();
-        }
-        Generator::with_policy(&gpu, source.as_ref(), &options, &policy, &|_| {})?
+        Some(policy)
     } else {
-        Generator::new(&gpu, source.as_ref(), &options)?
+        explicit_policy
+    };
+    // Before any weight is read: the plan against the memory this device and host really have. Without a policy
+    // everything is on the GPU, one GPU batch of every prompt.
+    if args.max_new_tokens > 0 {
+        let all_gpu = Policy {
+            gpu_batch_size: prompts.len(),
+            compress_weight: compress_weight.is_some(),
+            compress_weight_config: compress_weight.unwrap_or_default(),
+            compress_cache: compress_cache.is_some(),
+            compress_cache_config: compress_cache.unwrap_or_default(),
+            ..Policy::default()
+        };
+        // The planner counts prompt + new positions; the last new token needs none, so a run that fills the context
+        // exactly is counted one position short rather than refused.
+        let workload = Workload {
+            prompt_len: longest.min(config.max_seq_len - 1),
+            gen_len: args
+                .max_new_tokens
+                .min(config.max_seq_len.saturating_sub(longest))
+                .max(1),
+        };
+        let dtype = checks::storage_dtype(&config, args.dtype);
+        let peak = checks::planned_peak(
+            &config,
+            dtype,
+            policy.as_ref().unwrap_or(&all_gpu),
+            workload,
+        )?;
+        checks::memory_fits(&gpu, peak, args.policy.gpu_mem)?;
+    }
+    let source = match (&args.packed_weights, compress_weight) {
+        (Some(path), Some(packed)) => packed_source(path, source, packed)?,
+        _ => source,
+    };
+    let options = GeneratorOptions {
+        dtype: args.dtype,
+        gpu_batch_size: None,
+        compress_weight,
+        compress_cache,
+        // The all-GPU path takes the flag here; an offloading policy carries its own copy.
+        attn_sparsity: args.policy.attn_sparsity,
+    };
+    let generator = match &policy {
+        Some(policy) => Generator::with_policy(&gpu, source.as_ref(), &options, policy, &|_| {
+            pause_point("load")
+        })?,
+        None => Generator::new(&gpu, source.as_ref(), &options)?,
     };
     drop(source);
-    let output = generator.generate(
+    let output = generator.generate_with_progress(
         &prompts,
         &GenerateOptions {
             max_new_tokens: args.max_new_tokens,
@@ -273,12 +333,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ignore_eos: args.ignore_eos,
             record_logits: args.dump_logits.is_some(),
         },
+        &|step| pause_point(if step == 0 { "prefill" } else { "decode" }),
     )?;
-    if let (Some(path), Some(logits)) = (&args.dump_logits, &output.logits) {
-        let shape = [output.steps, prompts.len(), generator.config().vocab_size];
-        strata::npy::write_f32(path, &shape, logits)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
     let texts = match &tokenizer {
         Some(t) => Some(
             output
@@ -289,6 +345,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // The tokens first: a failure to write the logits below must not lose them.
     if args.json {
         let mut object = serde_json::json!({
             "prompt_ids": prompts,
@@ -297,16 +354,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(texts) = &texts {
             object["text"] = serde_json::json!(texts);
         }
-        println!("{object}");
+        outln!("{object}");
     } else {
         for (i, ids) in output.generated_ids.iter().enumerate() {
             match (&texts, &tokenizer) {
                 (Some(texts), Some(t)) => {
-                    println!("[{i}] {}{}", t.decode(&prompts[i], true)?, texts[i])
+                    outln!("[{i}] {}{}", t.decode(&prompts[i], true)?, texts[i])
                 }
-                _ => println!("[{i}] {ids:?}"),
+                _ => outln!("[{i}] {ids:?}"),
             }
         }
+    }
+    if let (Some(path), Some(logits)) = (&args.dump_logits, &output.logits) {
+        let shape = [output.steps, prompts.len(), generator.config().vocab_size];
+        strata::npy::write_f32(path, &shape, logits).with_context(|| {
+            format!(
+                "writing the logits to {} (the tokens are above)",
+                path.display()
+            )
+        })?;
     }
     Ok(())
 }

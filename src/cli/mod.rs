@@ -1,13 +1,16 @@
 //! Argument parsing and dispatch; each subcommand lives in its own module with its `Args` and `run`.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod auto;
 mod bench;
+mod checks;
 mod generate;
+mod model_arg;
 mod policy;
 pub mod policy_args;
+mod process;
 mod profile;
 mod specs;
 
@@ -33,46 +36,59 @@ enum Command {
     Policy(policy::Args),
 }
 
-/// Ends the process at once. `std::process::exit` runs the C atexit handlers first (the Vulkan driver's teardown can
-/// take a while), during which the main thread keeps running and may write new offload files after the cleanup; so a
-/// second cleanup runs right before `_exit`, which skips them.
-fn exit_now(code: i32) -> ! {
-    #[cfg(unix)]
-    {
-        unsafe extern "C" {
-            fn _exit(status: i32) -> !;
-        }
-        strata::tiers::cleanup_all();
-        // SAFETY: _exit takes any status and never returns; no Rust state is used afterwards.
-        unsafe { _exit(code) }
+impl Command {
+    /// Whether the command may open a GPU (and so load a Vulkan driver).
+    fn opens_gpu(&self) -> bool {
+        matches!(
+            self,
+            Command::Generate(_) | Command::Bench(_) | Command::Profile(_)
+        )
     }
-    #[cfg(not(unix))]
-    std::process::exit(code)
+}
+
+/// Parses the command line. Every option value may start with `-`, so `--max-new-tokens -10` is reported as the
+/// value `-10` the user typed (not as an unknown flag `-1`).
+fn parse() -> Cli {
+    let command = Cli::command().mut_subcommands(|sub| {
+        sub.mut_args(|arg| {
+            if arg.get_action().takes_values() {
+                arg.allow_negative_numbers(true)
+            } else {
+                arg
+            }
+        })
+    });
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // Ctrl-C: remove every offload file and directory this process made, then exit as a shell expects.
-    if let Err(e) = ctrlc::set_handler(|| {
-        strata::tiers::cleanup_all();
-        exit_now(130);
-    }) {
+    let cli = parse();
+    // Before any thread starts or any GPU instance exists: it sets an environment variable Mesa reads.
+    if cli.command.opens_gpu() {
+        process::private_runtime_dir();
+    }
+    if let Err(e) = process::handle_signals() {
         eprintln!(
-            "warning: no Ctrl-C handler ({e}): offload files may be left behind if interrupted"
+            "warning: no signal handler ({e}): offload files may be left behind if interrupted"
         );
     }
-    let result = match cli.command {
+    let backend_ok = if cli.command.opens_gpu() {
+        checks::wgpu_backend(std::env::var("WGPU_BACKEND").ok().as_deref())
+    } else {
+        Ok(())
+    };
+    let result = backend_ok.and_then(|()| match cli.command {
         Command::Specs(args) => specs::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Profile(args) => profile::run(args),
         Command::Policy(args) => policy::run(args),
-    };
+    });
+    // Every run's files are gone with its values by now; this removes the private runtime directory.
+    process::remove_run_files();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => ExitCode::from(process::report_error(&err)),
     }
 }

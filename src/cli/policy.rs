@@ -14,6 +14,7 @@ use strata::planner::{outside_layer_bytes, Caps, Tier, TierBytes, Workload};
 use strata::policy::format_bytes;
 
 use super::policy_args::PolicyArgs;
+use super::process::outln;
 
 /// Arguments of `strata policy`.
 #[derive(clap::Args)]
@@ -129,7 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // A closed pipe (`| head`) is an error to report, not a panic.
         writeln!(std::io::stdout().lock(), "{text}").context("writing to stdout")?;
     } else {
-        print_text(&config, &args, &choice, &hardware, elapsed.as_secs_f64());
+        print_text(&config, &args, &choice, &hardware, elapsed.as_secs_f64())?;
     }
     if let Err(over) = &choice.plan_check {
         eprintln!("warning: strata's memory planner puts this policy over a cap: {over}");
@@ -185,18 +186,26 @@ fn to_json(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile) ->
     })
 }
 
-fn print_text(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile, secs: f64) {
+fn print_text(
+    config: &OptConfig,
+    args: &Args,
+    c: &Choice,
+    hw: &HardwareProfile,
+    secs: f64,
+) -> std::io::Result<()> {
     let action = if args.evaluate { "evaluated" } else { "chose" };
-    println!(
+    outln!(
         "{} cost model ({} hardware) {action} for {}, prompt {} + gen {} ({} linear programs, {:.2} s):",
         c.kind, hw.name, config.name, args.prompt_len, args.gen_len, c.lp_solves, secs
     );
-    println!("  {}", c.policy.to_flags());
-    println!(
+    outln!("  {}", c.policy.to_flags());
+    outln!(
         "predicted throughput: prefill {:.2} token/s, decode {:.2} token/s, total {:.3} token/s",
-        c.prefill_throughput, c.decode_throughput, c.total_throughput
+        c.prefill_throughput,
+        c.decode_throughput,
+        c.total_throughput
     );
-    println!(
+    outln!(
         "predicted time for {} sequences: prefill {:.2} s, decode {:.2} s",
         c.policy.effective_batch(),
         c.prefill_s,
@@ -204,19 +213,20 @@ fn print_text(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile,
     );
     let peak = c.plan.peak();
     let caps = Caps::of(&c.policy);
-    println!("{:<14}{:>14}{:>14}{:>14}", "memory", "GPU", "CPU", "disk");
-    let row = |name: &str, t: TierBytes| {
-        println!(
+    outln!("{:<14}{:>14}{:>14}{:>14}", "memory", "GPU", "CPU", "disk");
+    let row = |name: &str, t: TierBytes| -> std::io::Result<()> {
+        outln!(
             "{:<14}{:>14}{:>14}{:>14}",
             name,
             format_bytes(t.gpu),
             format_bytes(t.cpu),
             format_bytes(t.disk)
-        )
+        );
+        Ok(())
     };
-    row("weights", c.plan.weights);
-    row("kv cache", c.plan.cache);
-    row("activations", c.plan.activations);
+    row("weights", c.plan.weights)?;
+    row("kv cache", c.plan.cache)?;
+    row("activations", c.plan.activations)?;
     row(
         "working",
         TierBytes {
@@ -224,10 +234,10 @@ fn print_text(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile,
             cpu: c.plan.cpu_working,
             disk: 0,
         },
-    );
-    row("peak", peak);
+    )?;
+    row("peak", peak)?;
     let cap = |t: Tier| caps.get(t).map_or("unlimited".to_string(), format_bytes);
-    println!(
+    outln!(
         "{:<14}{:>14}{:>14}{:>14}",
         "cap",
         cap(Tier::Gpu),
@@ -238,8 +248,9 @@ fn print_text(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile,
         .policy
         .compress_weight
         .then_some(c.policy.compress_weight_config);
-    println!(
+    outln!(
         "the weight percents place the decoder layers; the embeddings, final norm and LM head ({}) stay on the GPU",
         format_bytes(outside_layer_bytes(config, compress))
     );
+    Ok(())
 }

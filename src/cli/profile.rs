@@ -15,7 +15,9 @@ use strata::hardware::gpu_probe::RuntimeProbe;
 use strata::hardware::measure::{profile_machine, step_count, GpuField, GpuProbe, MeasureOptions};
 use strata::hardware::{default_profile_path, HardwareProfile};
 
+use super::checks;
 use super::policy_args::parse_size;
+use super::process::outln;
 
 /// Arguments of `strata profile`.
 #[derive(clap::Args)]
@@ -69,6 +71,10 @@ fn gpu_probe(args: &Args) -> anyhow::Result<Option<Box<dyn GpuProbe>>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Before measuring for minutes: a path the profile cannot be written to is refused now.
+    if let Some(out) = &args.out {
+        checks::output_file("--out", out)?;
+    }
     let base = HardwareProfile::resolve(&args.base)?;
     if args.disk_bytes > 4 << 30 {
         anyhow::bail!(
@@ -108,9 +114,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let (profile, table) = result?;
 
-    println!("{:<16}{:>12}  {:<9}measured", "field", "value", "unit");
+    outln!("{:<16}{:>12}  {:<9}measured", "field", "value", "unit");
     for m in &table {
-        println!(
+        outln!(
             "{:<16}{:>12}  {:<9}{}",
             m.field,
             format_value(m.value),
@@ -131,7 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if probe.is_none() {
-        println!(
+        outln!(
             "GPU fields (ctog, gtoc_*, mm_flops_*, bmm_flops_*) were not measured: they keep `{}`'s values",
             base.name
         );
@@ -139,7 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     profile
         .save(&out)
         .with_context(|| format!("writing the profile to {}", out.display()))?;
-    println!(
+    outln!(
         "wrote {} (use it with strata policy --hardware {})",
         out.display(),
         out.display()

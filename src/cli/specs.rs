@@ -1,5 +1,6 @@
 //! `strata specs`: the models compiled into this build, or one model's sizes for a workload.
 
+use super::process::{out, outln};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use strata::OptConfig;
@@ -27,9 +28,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         all.sort_by_key(|c| (c.params(), c.name));
         if args.json {
             let all: Vec<Value> = all.iter().map(|c| summary(c)).collect();
-            println!("{}", serde_json::to_string_pretty(&all)?);
+            outln!("{}", serde_json::to_string_pretty(&all)?);
         } else {
-            print!("{}", table(&all));
+            out!("{}", table(&all));
         }
         return Ok(());
     };
@@ -54,9 +55,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         object.insert("seq_len".into(), json!(seq));
         object.insert("cache_bytes".into(), json!(cache.0));
         object.insert("hidden_bytes".into(), json!(cache.1));
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print!(
+        out!(
             "{}",
             details(&config, resolved.spec.name, args.batch, seq, cache)
         );

@@ -20,6 +20,8 @@ use safetensors::Dtype;
 
 pub use config_json::config_to_json;
 pub use convert::{to_f16_bits, to_f32};
+pub(crate) use shard::read_header;
+pub use shard::HeaderProblem;
 use shard::Shard;
 
 use crate::config::{ConfigError, DType, OptConfig};
@@ -315,6 +317,11 @@ fn dtype_of(dtype: Dtype) -> Option<DType> {
 
 /// Reads and validates `dir/config.json`.
 pub fn read_config(dir: &Path) -> Result<OptConfig, CheckpointError> {
+    if !dir.exists() {
+        return Err(CheckpointError::NotFound {
+            dir: dir.to_path_buf(),
+        });
+    }
     let path = dir.join(CONFIG_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -403,8 +410,29 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>, CheckpointError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_index(&text, path)
+}
+
+/// Parses a `model.safetensors.index.json` text into its `weight_map` (tensor name -> shard file name). Which files
+/// are acceptable shard names is checked when a directory is opened ([`Checkpoint::open`]).
+pub fn parse_index_json(text: &str) -> Result<HashMap<String, String>, CheckpointError> {
+    parse_index(text, Path::new(INDEX_FILE))
+}
+
+/// Parses and validates a `config.json` text (errors name the file as `config.json`).
+pub fn parse_config_json(text: &str) -> Result<OptConfig, CheckpointError> {
+    config_json::parse_config(text, Path::new(CONFIG_FILE), Path::new("."))
+}
+
+/// Checks a whole safetensors file held in memory as [`Checkpoint::open`] checks each weight file (header, every
+/// tensor's shape, dtype and offsets, the file's length), returning its tensor names in data order.
+pub fn check_safetensors(bytes: &[u8]) -> Result<Vec<String>, HeaderProblem> {
+    read_header(bytes).map(|(_, metadata)| metadata.offset_keys())
+}
+
+fn parse_index(text: &str, path: &Path) -> Result<HashMap<String, String>, CheckpointError> {
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| CheckpointError::Json {
+        serde_json::from_str(text).map_err(|source| CheckpointError::Json {
             path: path.to_path_buf(),
             source,
         })?;

@@ -47,52 +47,16 @@ impl Shard {
             source,
         };
         let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        if len < LEN_BYTES as u64 {
-            return Err(corrupt(
-                path,
-                format!(
-                    "file is truncated: {len} bytes, too short for a safetensors header; download it again"
-                ),
-            ));
-        }
         // SAFETY: the map is only read, and every slice taken from it is bounds-checked against the length the file
         // had when it was mapped. Another process truncating the file while it is mapped could still fault on access;
         // `Checkpoint::validate_all` re-checks the lengths just before upload to narrow that window.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let mut len_bytes = [0u8; LEN_BYTES];
-        len_bytes.copy_from_slice(&map[..LEN_BYTES]);
-        let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > len - LEN_BYTES as u64 {
-            return Err(corrupt(
-                path,
-                format!(
-                    "file is truncated: its header length says {header_len} header bytes follow, but the file has only {len} bytes in all; download it again"
-                ),
-            ));
-        }
-        let (n, metadata) = SafeTensors::read_metadata(&map[..]).map_err(|e| match e {
-            SafeTensorError::MetadataIncompleteBuffer => {
-                let described = described_len(&map[LEN_BYTES..LEN_BYTES + header_len as usize])
-                    .map(|data| LEN_BYTES as u64 + header_len + data);
-                match described {
-                    Some(want) if want > len => corrupt(
-                        path,
-                        format!(
-                            "file is truncated: its header describes {want} bytes but the file has only {len}; download it again"
-                        ),
-                    ),
-                    Some(want) => corrupt(
-                        path,
-                        format!(
-                            "file has {} bytes after the last tensor its header describes ({want} bytes expected, {len} found); the file is corrupt",
-                            len - want
-                        ),
-                    ),
-                    None => corrupt(path, format!("not a valid safetensors file: {e}")),
-                }
-            }
-            other => corrupt(path, format!("not a valid safetensors file: {other}")),
+        let (n, metadata) = read_header(&map).map_err(|problem| {
+            let advice = match problem {
+                HeaderProblem::Tensor(_) | HeaderProblem::Trailing { .. } => "the file is corrupt",
+                _ => "download it again",
+            };
+            corrupt(path, format!("{problem}; {advice}"))
         })?;
         Ok(Shard {
             path: path.to_path_buf(),
@@ -157,6 +121,137 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// What is wrong with a file that should be safetensors, found from its header alone. The message says what the
+/// file is; the caller adds what to do (download again, rebuild).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeaderProblem {
+    /// Shorter than the 8-byte length that opens every safetensors file.
+    #[error("file is truncated: {len} bytes, too short for a safetensors header")]
+    TooShort {
+        /// The file's length.
+        len: u64,
+    },
+    /// The bytes are not a safetensors header at all (another format, random bytes).
+    #[error("not a safetensors file: {0}")]
+    NotSafetensors(String),
+    /// A well-formed start, cut short.
+    #[error(
+        "file is truncated: its header describes {described} bytes but the file has only {len}"
+    )]
+    Truncated {
+        /// What the header describes (length prefix, header and data).
+        described: u64,
+        /// The file's length.
+        len: u64,
+    },
+    /// Bytes after the last tensor.
+    #[error("file has {} bytes after the last tensor its header describes ({described} bytes expected, {len} found)", len - described)]
+    Trailing {
+        /// What the header describes.
+        described: u64,
+        /// The file's length.
+        len: u64,
+    },
+    /// One tensor's entry is inconsistent (shape, dtype and offsets disagree, or it overlaps another).
+    #[error("{0}")]
+    Tensor(String),
+}
+
+/// safetensors' own bound on the JSON header (its `MAX_HEADER_SIZE`): a larger length prefix is not a header.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Parses the header of a whole safetensors file held in `bytes`: the JSON length and the metadata, with every
+/// tensor's offsets checked against its shape and dtype and the data section against the file's length.
+pub(crate) fn read_header(bytes: &[u8]) -> Result<(usize, Metadata), HeaderProblem> {
+    let len = bytes.len() as u64;
+    let Some((prefix, rest)) = bytes.split_first_chunk::<LEN_BYTES>() else {
+        return Err(HeaderProblem::TooShort { len });
+    };
+    let header_len = u64::from_le_bytes(*prefix);
+    // Every safetensors header is a JSON object; anything else (random bytes, another format) is no header, however
+    // its first 8 bytes read as a length.
+    if rest.first().is_some_and(|&b| b != b'{') || header_len > MAX_HEADER_BYTES {
+        return Err(HeaderProblem::NotSafetensors(format!(
+            "its first 8 bytes give a header length of {header_len}, and no JSON header follows"
+        )));
+    }
+    if header_len > len - LEN_BYTES as u64 {
+        return Err(HeaderProblem::Truncated {
+            described: LEN_BYTES as u64 + header_len,
+            len,
+        });
+    }
+    let header = &rest[..header_len as usize];
+    SafeTensors::read_metadata(bytes).map_err(|e| match e {
+        SafeTensorError::MetadataIncompleteBuffer => match described_len(header) {
+            Some(data) => {
+                let described = LEN_BYTES as u64 + header_len + data;
+                if described > len {
+                    HeaderProblem::Truncated { described, len }
+                } else {
+                    HeaderProblem::Trailing { described, len }
+                }
+            }
+            None => HeaderProblem::NotSafetensors(e.to_string()),
+        },
+        SafeTensorError::InvalidOffset(_)
+        | SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::MisalignedSlice
+        | SafeTensorError::ValidationOverflow => HeaderProblem::Tensor(
+            bad_entry(header).unwrap_or_else(|| format!("invalid header: {e}")),
+        ),
+        other => HeaderProblem::NotSafetensors(other.to_string()),
+    })
+}
+
+/// One header entry as written, for naming the tensor safetensors' validation rejected.
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: safetensors::Dtype,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+/// The first tensor (in data order) whose entry is wrong, and why; `None` when the header does not parse.
+fn bad_entry(header: &[u8]) -> Option<String> {
+    let raw: HashMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut entries: Vec<(String, RawEntry)> = raw
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .filter_map(|(name, v)| Some((name, serde_json::from_value(v).ok()?)))
+        .collect();
+    entries.sort_by_key(|(name, e)| (e.data_offsets, name.clone()));
+    let mut expected_start = 0u64;
+    for (name, e) in &entries {
+        let (start, end) = e.data_offsets;
+        if start != expected_start || end < start {
+            return Some(format!(
+                "tensor `{name}` lies at data bytes {start}..{end}, but the previous tensor ends at {expected_start}: \
+                 tensors must follow each other without gaps or overlaps"
+            ));
+        }
+        let bits = e
+            .shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(e.dtype.bitsize() as u64));
+        let needed = bits.filter(|b| b % 8 == 0).map(|b| b / 8);
+        if needed != Some(end - start) {
+            let needs =
+                needed.map_or_else(|| "an impossible number of".to_owned(), |n| n.to_string());
+            return Some(format!(
+                "tensor `{name}`: shape {:?} of {:?} needs {needs} bytes, but its data_offsets {start}..{end} hold {}",
+                e.shape,
+                e.dtype,
+                end - start
+            ));
+        }
+        expected_start = end;
+    }
+    None
 }
 
 /// Total data bytes a header describes (the largest end offset), if the header is readable JSON.

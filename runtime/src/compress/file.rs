@@ -1,7 +1,8 @@
 //! Packed checkpoints: safetensors files holding packed tensors as `U32` blobs plus a `strata` metadata entry.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use half::f16;
 use rayon::prelude::*;
@@ -10,6 +11,7 @@ use super::{
     is_compressed, packed_bytes, quantize, CompressError, CompressionConfig, PackedLayout,
     PackedTensor, FORMAT_NAME, FORMAT_VERSION,
 };
+use crate::checkpoint::{read_header, HeaderProblem};
 use crate::config::{DType, OptConfig};
 use crate::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 
@@ -37,6 +39,96 @@ struct FileHeader {
     format: String,
     format_version: u32,
     packed: BTreeMap<String, PackedMeta>,
+    /// What [`write_packed_model`] packed the file from; absent in files of in-memory tensors ([`save_packed_file`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<SourceDigest>,
+}
+
+/// The weights and settings a packed model was made from, so a file made from other weights (a fine-tune, a merged
+/// adapter, a new download of the same architecture) or by another strata is refused instead of used.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SourceDigest {
+    /// The strata version that packed the file (quantisation may change between versions).
+    tool: String,
+    /// Bits per packed value.
+    bits: u8,
+    /// Values per group.
+    group_size: usize,
+    /// [`tensor_digest`] of every source tensor, by canonical name.
+    tensors: BTreeMap<String, String>,
+}
+
+/// The version recorded in (and required of) a packed model's [`SourceDigest`].
+const TOOL: &str = concat!("strata ", env!("CARGO_PKG_VERSION"));
+
+/// A tensor's fingerprint: xxh3-128 of its dtype, shape and bytes, as 32 hex digits (fixed width, so a header can be
+/// written with placeholders and overwritten in place once the data has been hashed).
+fn tensor_digest(tensor: &HostTensor<'_>) -> String {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(tensor.dtype.to_string().as_bytes());
+    for &d in &tensor.shape {
+        hasher.update(&(d as u64).to_le_bytes());
+    }
+    hasher.update(&tensor.bytes);
+    format!("{:032x}", hasher.digest128())
+}
+
+/// Every tensor of `source`'s model, fingerprinted in parallel (each read from the memory map or synthesised once).
+fn source_digests(source: &dyn WeightSource) -> Result<BTreeMap<String, String>, WeightError> {
+    model_tensors(source.config())
+        .par_iter()
+        .map(|spec| Ok((spec.name.clone(), tensor_digest(&source.load(spec)?))))
+        .collect()
+}
+
+/// `FILE.part` files being written by [`write_packed_model`], for [`remove_partial_files`].
+static PARTIAL_FILES: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn partial_files() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    PARTIAL_FILES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes every `FILE.part` a [`write_packed_model`] of this process is writing, returning how many it removed. For
+/// signal handlers, beside [`crate::tiers::cleanup_all`]: exit right after, since the writer's next write goes to the
+/// removed file.
+pub fn remove_partial_files() -> usize {
+    std::mem::take(&mut *partial_files())
+        .iter()
+        .filter(|path| std::fs::remove_file(path).is_ok())
+        .count()
+}
+
+/// A `FILE.part` being written: registered for [`remove_partial_files`] while it lives, removed on drop unless
+/// [`PartialFile::commit`] renamed it into place (so an error or a panic never leaves it behind).
+struct PartialFile {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl PartialFile {
+    fn new(path: PathBuf) -> PartialFile {
+        partial_files().insert(path.clone());
+        PartialFile {
+            path,
+            committed: false,
+        }
+    }
+
+    fn commit(mut self, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Best effort: a half-written file must not be mistaken for a checkpoint, nor fill the disk.
+            let _ = std::fs::remove_file(&self.path);
+        }
+        partial_files().remove(&self.path);
+    }
 }
 
 /// The safetensors metadata key holding [`FileHeader`].
@@ -59,6 +151,7 @@ fn views(
         format: FORMAT_NAME.to_owned(),
         format_version: FORMAT_VERSION,
         packed: BTreeMap::new(),
+        source: None,
     };
     let mut out = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
@@ -147,8 +240,7 @@ fn parse_header(metadata: Option<&HashMap<String, String>>) -> Result<FileHeader
 /// Reads a packed checkpoint from memory, in name order.
 pub fn from_packed_bytes(bytes: &[u8]) -> Result<Vec<(String, StoredTensor)>, CompressError> {
     let bad = |reason: String| CompressError::Format(reason);
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, metadata) = read_header(bytes).map_err(|e| bad(e.to_string()))?;
     let header = parse_header(metadata.metadata().as_ref())?;
     let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let mut out = BTreeMap::new();
@@ -248,14 +340,26 @@ fn safetensors_dtype_name(dtype: DType) -> &'static str {
 /// Writes every tensor of `source`'s model to a packed checkpoint at `path`, one tensor at a time: each 2-D
 /// tensor ([`is_compressed`]) is loaded, converted to f32, packed and written before the next is read, so peak
 /// memory is about one tensor in f32, never the whole model. Biases and layer norms are copied at their stored
-/// dtype. The file is written as `path` + `.part` and renamed into place when complete, so an interrupted write
-/// never leaves a file at `path`. Returns the file's size.
+/// dtype. The header records a fingerprint of every source tensor, this strata's version and the settings
+/// ([`PackedWeights::check_source`] compares them). The file is written as `path` + `.part` and renamed into place
+/// when complete, so an interrupted write never leaves a file at `path`; an error removes the `.part`, and
+/// [`remove_partial_files`] removes it from a signal handler. Returns the file's size.
 pub fn write_packed_model(
     path: &Path,
     source: &dyn WeightSource,
     config: CompressionConfig,
 ) -> Result<u64, CompressError> {
-    use std::io::Write;
+    write_packed_model_with_progress(path, source, config, &|_| {})
+}
+
+/// [`write_packed_model`], calling `progress(i)` after the `i`-th tensor (in [`model_tensors`] order) is written.
+pub fn write_packed_model_with_progress(
+    path: &Path,
+    source: &dyn WeightSource,
+    config: CompressionConfig,
+    progress: &dyn Fn(usize),
+) -> Result<u64, CompressError> {
+    use std::io::{Seek, Write};
     config.validate()?;
     let specs = model_tensors(source.config());
     let io = |source: std::io::Error| CompressError::Io {
@@ -265,7 +369,7 @@ pub fn write_packed_model(
     // The header needs every tensor's offsets before any data: packed sizes follow from the shapes, dense sizes
     // from the dtype the source stores, which the first load of each dense tensor confirms.
     let dense_dtype = source.config().dtype;
-    let mut header = serde_json::Map::new();
+    let mut entries = serde_json::Map::new();
     let mut packed_meta = BTreeMap::new();
     let mut offset = 0u64;
     for spec in &specs {
@@ -295,70 +399,99 @@ pub fn write_packed_model(
                 bytes,
             )
         };
-        header.insert(
+        entries.insert(
             spec.name.clone(),
             serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
     }
-    let file_header = FileHeader {
+    let mut file_header = FileHeader {
         format: FORMAT_NAME.to_owned(),
         format_version: FORMAT_VERSION,
         packed: packed_meta,
+        source: Some(SourceDigest {
+            tool: TOOL.to_owned(),
+            bits: config.bits,
+            group_size: config.group_size,
+            // Placeholders of the digests' fixed width: the header is rewritten in place once the data is hashed.
+            tensors: specs
+                .iter()
+                .map(|spec| (spec.name.clone(), tensor_digest_placeholder()))
+                .collect(),
+        }),
     };
-    let meta =
-        serde_json::to_string(&file_header).map_err(|e| CompressError::Format(e.to_string()))?;
-    header.insert(
-        "__metadata__".to_owned(),
-        serde_json::json!({ META_KEY: meta }),
-    );
-    let mut json = serde_json::to_vec(&header).map_err(|e| CompressError::Format(e.to_string()))?;
-    // safetensors aligns the data section to 8 bytes by padding the header with spaces.
-    json.resize(json.len().next_multiple_of(8), b' ');
+    let header_json = |file_header: &FileHeader| -> Result<Vec<u8>, CompressError> {
+        let meta =
+            serde_json::to_string(file_header).map_err(|e| CompressError::Format(e.to_string()))?;
+        let mut header = entries.clone();
+        header.insert(
+            "__metadata__".to_owned(),
+            serde_json::json!({ META_KEY: meta }),
+        );
+        let mut json =
+            serde_json::to_vec(&header).map_err(|e| CompressError::Format(e.to_string()))?;
+        // safetensors aligns the data section to 8 bytes by padding the header with spaces.
+        json.resize(json.len().next_multiple_of(8), b' ');
+        Ok(json)
+    };
+    let json = header_json(&file_header)?;
 
     // `FILE.part` beside `FILE` (not a replaced extension, so `a.x` and `a.y` never share one).
     let mut partial = path.as_os_str().to_owned();
     partial.push(".part");
-    let partial = std::path::PathBuf::from(partial);
-    let write = || -> Result<(), CompressError> {
-        let file = std::fs::File::create(&partial).map_err(io)?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&(json.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        out.write_all(&json).map_err(io)?;
-        for spec in &specs {
-            let tensor = source.load(spec)?;
-            if is_compressed(spec.role) {
-                let values = host_tensor_to_f32(&tensor)?;
-                let packed = quantize(&values, spec.shape[0], spec.shape[1], config).map_err(|e| match e {
-                    CompressError::Value { row, col, value } => CompressError::Format(format!(
-                        "`{}` element ({row}, {col}) = {value}: only finite values within +-65504 can be packed",
-                        spec.name
-                    )),
-                    other => other,
-                })?;
-                drop(values);
-                out.write_all(packed.as_bytes()).map_err(io)?;
-            } else {
-                if tensor.dtype != dense_dtype {
-                    return Err(CompressError::Format(format!(
-                        "`{}` is stored as {} but the config says {dense_dtype}; convert the checkpoint's dtype first",
-                        spec.name, tensor.dtype
-                    )));
-                }
-                out.write_all(&tensor.bytes).map_err(io)?;
+    let partial = PartialFile::new(PathBuf::from(partial));
+    let file = std::fs::File::create(&partial.path).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&json).map_err(io)?;
+    let mut digests = BTreeMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let tensor = source.load(spec)?;
+        digests.insert(spec.name.clone(), tensor_digest(&tensor));
+        if is_compressed(spec.role) {
+            let values = host_tensor_to_f32(&tensor)?;
+            let packed = quantize(&values, spec.shape[0], spec.shape[1], config).map_err(|e| match e {
+                CompressError::Value { row, col, value } => CompressError::Format(format!(
+                    "`{}` element ({row}, {col}) = {value}: only finite values within +-65504 can be packed",
+                    spec.name
+                )),
+                other => other,
+            })?;
+            drop(values);
+            out.write_all(packed.as_bytes()).map_err(io)?;
+        } else {
+            if tensor.dtype != dense_dtype {
+                return Err(CompressError::Format(format!(
+                    "`{}` is stored as {} but the config says {dense_dtype}; convert the checkpoint's dtype first",
+                    spec.name, tensor.dtype
+                )));
             }
+            out.write_all(&tensor.bytes).map_err(io)?;
         }
-        out.flush().map_err(io)?;
-        drop(out);
-        std::fs::rename(&partial, path).map_err(io)
-    };
-    if let Err(e) = write() {
-        // Best effort: a half-written file must not be mistaken for a checkpoint.
-        let _ = std::fs::remove_file(&partial);
-        return Err(e);
+        progress(i);
     }
+    if let Some(source) = file_header.source.as_mut() {
+        source.tensors = digests;
+    }
+    let final_json = header_json(&file_header)?;
+    if final_json.len() != json.len() {
+        return Err(CompressError::Format(
+            "the header changed length once the digests were filled in".into(),
+        ));
+    }
+    let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.seek(std::io::SeekFrom::Start(8)).map_err(io)?;
+    file.write_all(&final_json).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    partial.commit(path).map_err(io)?;
     Ok(8 + json.len() as u64 + offset)
+}
+
+/// A digest of the width [`tensor_digest`] writes, before the tensor is hashed.
+fn tensor_digest_placeholder() -> String {
+    "0".repeat(32)
 }
 
 /// A packed checkpoint opened by memory map: tensors are read on demand, packed ones as borrowed byte ranges that
@@ -386,19 +519,31 @@ impl PackedCheckpoint {
     /// Opens and validates the header of a file written by [`save_packed_file`] or [`write_packed_model`].
     pub fn open(path: &Path) -> Result<PackedCheckpoint, CompressError> {
         let shown = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|source| CompressError::Io {
+        let io = |source| CompressError::Io {
             path: shown.clone(),
             source,
-        })?;
+        };
+        let bad = |reason: String| CompressError::Format(format!("{shown}: {reason}"));
+        if std::fs::metadata(path).map_err(io)?.is_dir() {
+            return Err(bad(
+                "is a directory; --packed-weights names a file (e.g. DIR/model-q4.safetensors), which strata \
+                 writes when it does not exist"
+                    .into(),
+            ));
+        }
+        let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; like every checkpoint reader, strata assumes nobody truncates the file
         // while it is open.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CompressError::Io {
-            path: shown.clone(),
-            source,
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let (n, metadata) = read_header(&map).map_err(|problem| {
+            let advice = match problem {
+                HeaderProblem::NotSafetensors(_) => {
+                    "this is not a packed checkpoint; delete it, or pass another path, and strata writes one there"
+                }
+                _ => "was its write interrupted? Delete it and run again to rebuild it",
+            };
+            bad(format!("{problem}; {advice}"))
         })?;
-        let bad = |reason: String| CompressError::Format(format!("{shown}: {reason}"));
-        let (n, metadata) = safetensors::SafeTensors::read_metadata(&map)
-            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let header = parse_header(metadata.metadata().as_ref()).map_err(|e| bad(e.to_string()))?;
         Ok(PackedCheckpoint {
             path: shown,
@@ -582,22 +727,56 @@ impl PackedWeights {
         })
     }
 
-    /// Checks that the file was written from `source`'s weights, not another checkpoint of the same architecture:
-    /// every uncompressed tensor (biases, layer norms; small) must equal `source`'s byte for byte. A model without
-    /// any has nothing to compare, so this proves nothing for it.
+    /// Checks that the file was packed from `source`'s weights by this strata with these settings: every source
+    /// tensor's fingerprint (xxh3 of the memory-mapped bytes, computed in parallel) must equal the one recorded when
+    /// the file was written. A file packed from other weights of the same architecture (a fine-tune, a merged adapter,
+    /// a new download), by another strata version, or by a strata that recorded no fingerprints is an error naming
+    /// the file, what differs and what to do.
     pub fn check_source(&self, source: &dyn WeightSource) -> Result<(), CompressError> {
-        for spec in model_tensors(&self.config) {
-            if is_compressed(spec.role) {
-                continue;
-            }
-            let ours = self.load(&spec).map_err(CompressError::from)?;
-            let theirs = source.load(&spec)?;
-            if ours.dtype != theirs.dtype || ours.bytes != theirs.bytes {
-                return Err(CompressError::Format(format!(
-                    "{}: `{}` differs from the model's: the file was packed from other weights; delete it to \
-                     write it again from these",
-                    self.file.path, spec.name
-                )));
+        let stale = |what: String| {
+            CompressError::Format(format!(
+                "{}: {what}; delete the file (or pass another path) and strata packs it again from these weights",
+                self.file.path
+            ))
+        };
+        let Some(recorded) = &self.file.header.source else {
+            return Err(stale(
+                "it does not record which weights it was packed from (an older strata wrote it)"
+                    .into(),
+            ));
+        };
+        if recorded.tool != TOOL {
+            return Err(stale(format!(
+                "it was packed by {}, this is {TOOL}",
+                recorded.tool
+            )));
+        }
+        if (recorded.bits, recorded.group_size)
+            != (self.compression.bits, self.compression.group_size)
+        {
+            return Err(stale(format!(
+                "it was packed with {} bits in groups of {}, this run asks for {} in groups of {}",
+                recorded.bits,
+                recorded.group_size,
+                self.compression.bits,
+                self.compression.group_size
+            )));
+        }
+        let current = source_digests(source)?;
+        for (name, digest) in &current {
+            match recorded.tensors.get(name) {
+                Some(was) if was == digest => {}
+                Some(_) => {
+                    return Err(stale(format!(
+                        "`{name}` has changed since the file was packed (a fine-tune, a merged adapter or a new \
+                         download?): the file holds other weights"
+                    )))
+                }
+                None => {
+                    return Err(stale(format!(
+                        "it records no fingerprint of `{name}`: it was packed from another model"
+                    )))
+                }
             }
         }
         Ok(())

@@ -60,8 +60,9 @@ mod kernels;
 
 pub use attention::{decode_attention, AttentionShape};
 pub use file::{
-    from_packed_bytes, host_tensor_to_f32, load_packed_file, save_packed_file, to_packed_bytes,
-    write_packed_model, PackedCheckpoint, PackedRef, PackedWeights, StoredTensor,
+    from_packed_bytes, host_tensor_to_f32, load_packed_file, remove_partial_files,
+    save_packed_file, to_packed_bytes, write_packed_model, write_packed_model_with_progress,
+    PackedCheckpoint, PackedRef, PackedWeights, StoredTensor,
 };
 pub use flexllmgen::{flexllmgen_dequantize, flexllmgen_quantize, FlexPacked};
 pub use kernels::{

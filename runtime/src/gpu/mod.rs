@@ -5,6 +5,7 @@
 //! code. The model's forward pass ([`crate::model`]) is written against these three.
 
 pub mod kernels;
+pub mod memory;
 pub mod tensor;
 
 use std::sync::{Arc, Mutex};

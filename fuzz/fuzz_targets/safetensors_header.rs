@@ -1,0 +1,6 @@
+//! A whole safetensors file: accepted only when every tensor lies inside it.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| {
+    let _ = strata::checkpoint::check_safetensors(bytes);
+});

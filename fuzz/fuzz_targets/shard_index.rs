@@ -1,0 +1,6 @@
+//! model.safetensors.index.json text.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|text: &str| {
+    let _ = strata::checkpoint::parse_index_json(text);
+});

@@ -1,0 +1,6 @@
+//! Byte sizes as typed after --gpu-mem, --cpu-mem, --disk-mem.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|text: &str| {
+    let _ = strata::policy::parse_bytes(text);
+});

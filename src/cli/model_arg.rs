@@ -1,0 +1,148 @@
+//! What `--model NAME_OR_DIR` with `--weights DIR` / `--dummy` means, shared by `generate` and `bench`.
+//!
+//! A built-in name wins over a same-named directory in the current directory unless the argument is a path (it
+//! contains a separator: `./opt-125m`); with `--weights DIR`, DIR's config.json must be the named architecture.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use strata::checkpoint::{self, Checkpoint};
+use strata::config::OptConfig;
+use strata::dummy::DummyWeights;
+use strata::weights::WeightSource;
+
+/// The model a run uses and where its weights come from.
+#[derive(Debug)]
+pub enum ModelChoice {
+    /// A model directory (config.json, weights, maybe a tokenizer).
+    Dir(PathBuf),
+    /// A built-in architecture, with a checkpoint directory holding its weights, or none (synthetic weights).
+    Named {
+        /// The architecture.
+        config: OptConfig,
+        /// `--weights DIR`.
+        weights: Option<PathBuf>,
+    },
+}
+
+/// Whether `arg` reads as a path rather than a model name: it contains a path separator (`./opt-125m`,
+/// `models/opt`). A path that does not exist may still be a name with an organisation prefix (`facebook/opt-125m`).
+fn is_path(arg: &str) -> bool {
+    arg.contains('/') || arg.contains(std::path::MAIN_SEPARATOR)
+}
+
+/// Resolves `--model ARG`. `weights` is `--weights DIR`; `dummy` is `--dummy` (a name then never turns into a
+/// same-named directory). Only config files are read.
+pub fn resolve(arg: &str, weights: Option<&Path>, dummy: bool) -> anyhow::Result<ModelChoice> {
+    let as_dir = Path::new(arg);
+    let has_config = as_dir.join(checkpoint::CONFIG_FILE).is_file();
+    if is_path(arg) {
+        if has_config {
+            if weights.is_some() {
+                bail!(
+                    "--model {arg} is a model directory and --weights names another: pass the directory with --model, \
+                     or a model name with --weights"
+                );
+            }
+            return Ok(ModelChoice::Dir(as_dir.to_path_buf()));
+        }
+        if as_dir.is_dir() {
+            bail!("{arg} has no config.json: pass a Hugging Face model directory");
+        }
+        // `facebook/opt-125m`: a name with an organisation prefix, when no such directory exists.
+        if strata::get_opt_config(arg).is_err() {
+            bail!("model directory {arg} does not exist");
+        }
+    }
+    match strata::get_opt_config(arg) {
+        Ok(config) => {
+            if has_config {
+                eprintln!(
+                    "note: `{arg}` is the built-in model; to use the directory of that name, pass ./{arg}"
+                );
+            }
+            if let Some(dir) = weights {
+                check_architecture(&config, dir)?;
+            }
+            Ok(ModelChoice::Named {
+                config,
+                weights: weights.map(Path::to_path_buf),
+            })
+        }
+        Err(unknown) if has_config => {
+            if weights.is_some() {
+                bail!(
+                    "--model {arg} is a model directory and --weights names another: pass one of them ({unknown})"
+                );
+            }
+            Ok(ModelChoice::Dir(as_dir.to_path_buf()))
+        }
+        Err(unknown) if as_dir.is_dir() => {
+            bail!("{arg} has no config.json and is not a model name ({unknown})")
+        }
+        Err(unknown) if dummy || weights.is_some() => Err(unknown.into()),
+        Err(unknown) => bail!(
+            "`{arg}` is not a model directory: give a directory with config.json, or a model name with --weights DIR \
+             (a checkpoint) or --dummy (synthetic weights); {unknown}"
+        ),
+    }
+}
+
+/// Refuses `--weights DIR` whose config.json is another architecture than `config` (the named model).
+fn check_architecture(config: &OptConfig, dir: &Path) -> anyhow::Result<()> {
+    let found = checkpoint::read_config(dir)?;
+    let differences = config.architecture_differences(&found);
+    if !differences.is_empty() {
+        bail!(
+            "--model {} but --weights {} holds another architecture ({}'s config.json differs: {}); pass the model \
+             name that matches the checkpoint, or the directory alone as --model {}",
+            config.name,
+            dir.display(),
+            dir.display(),
+            differences.join(", "),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+impl ModelChoice {
+    /// The directory holding config.json (and maybe a tokenizer), if any.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            ModelChoice::Dir(dir) => Some(dir),
+            ModelChoice::Named { weights, .. } => weights.as_deref(),
+        }
+    }
+
+    /// Opens the weights: the checkpoint, or synthetic weights when `dummy` or no checkpoint is given. Maps files
+    /// and reads headers only.
+    pub fn open(&self, dummy: bool) -> anyhow::Result<Box<dyn WeightSource>> {
+        Ok(match (self, dummy) {
+            (ModelChoice::Dir(dir), false) => Box::new(Checkpoint::open(dir)?),
+            (ModelChoice::Dir(dir), true) => {
+                Box::new(DummyWeights::new(checkpoint::read_config(dir)?))
+            }
+            (
+                ModelChoice::Named {
+                    weights: Some(dir), ..
+                },
+                false,
+            ) => Box::new(Checkpoint::open(dir)?),
+            (ModelChoice::Named { config, .. }, _) => Box::new(DummyWeights::new(*config)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_told_from_names() {
+        assert!(is_path("./opt-125m"));
+        assert!(is_path("models/opt-125m"));
+        assert!(!is_path("opt-125m"));
+        assert!(!is_path("facebook_opt"));
+    }
+}

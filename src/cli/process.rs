@@ -1,0 +1,202 @@
+//! What the process owes its environment whatever happens to a run: files it made are removed on SIGINT, SIGTERM
+//! and SIGHUP (exit status 128 + the signal, as a shell reports a death by that signal), a closed stdout ends the run
+//! quietly, error chains print each cause once, and Mesa's complaint about an unset `XDG_RUNTIME_DIR` never reaches
+//! the user.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+/// Prints a line to stdout; a failed write (a closed pipe: `strata generate ... | head -1`) is an error the caller
+/// returns with `?`, so the run unwinds, its offload files are removed, and [`exit_status`] ends it quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+pub(crate) use outln;
+
+/// Like [`outln!`] without the newline.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+pub(crate) use out;
+
+/// The exit status of a run that stopped because its stdout was closed: what a shell reports for a death by SIGPIPE.
+const BROKEN_PIPE_STATUS: u8 = 128 + 13;
+
+/// The private runtime directory made for Mesa when `XDG_RUNTIME_DIR` was unset, removed at exit and on signals.
+static RUNTIME_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Removes everything this process wrote that must not outlive it: offload files and the directories strata made
+/// for them, a packed checkpoint's `.part` being written, the private runtime directory. Safe to call more than once
+/// and from any thread.
+pub fn remove_run_files() {
+    strata::tiers::cleanup_all();
+    strata::compress::remove_partial_files();
+    let dir = RUNTIME_DIR.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Ends the process at once. `std::process::exit` runs the C atexit handlers first (the Vulkan driver's teardown can
+/// take a while), during which the main thread keeps running and may write new offload files after the cleanup; so a
+/// second cleanup runs right before `_exit`, which skips them.
+fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    {
+        unsafe extern "C" {
+            fn _exit(status: i32) -> !;
+        }
+        remove_run_files();
+        // SAFETY: _exit takes any status and never returns; no Rust state is used afterwards.
+        unsafe { _exit(code) }
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
+}
+
+/// On SIGINT, SIGTERM and SIGHUP (Ctrl-C, `timeout`, `docker stop`, a closed SSH session): remove this run's files
+/// and exit with 128 + the signal. The signals are taken on a thread of their own (signal-hook), so the cleanup may
+/// lock and allocate.
+#[cfg(unix)]
+pub fn handle_signals() -> io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("strata-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                remove_run_files();
+                exit_now(128 + signal);
+            }
+        })?;
+    Ok(())
+}
+
+/// Ctrl-C (and, with ctrlc's `termination` feature, closing the console) on platforms without Unix signals.
+#[cfg(not(unix))]
+pub fn handle_signals() -> io::Result<()> {
+    ctrlc::set_handler(|| {
+        remove_run_files();
+        exit_now(130);
+    })
+    .map_err(io::Error::other)
+}
+
+/// Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid or not set in the environment." when the variable
+/// is unset (a cron job, a container, `sudo`), with the same `error:` prefix as strata's own errors, so a good run
+/// looks failed. When it is unset, point it at a fresh private (0700) directory in the temp directory before any
+/// GPU instance exists; [`remove_run_files`] removes it. Call before any other thread starts (it sets a variable).
+pub fn private_runtime_dir() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    // tempfile makes the directory with mode 0700 and a random name, so no other user can plant files in it.
+    let Ok(dir) = tempfile::Builder::new().prefix("strata-xdg-").tempdir() else {
+        return; // Only a cosmetic loss: Mesa prints its line.
+    };
+    let path = dir.keep();
+    std::env::set_var("XDG_RUNTIME_DIR", &path);
+    *RUNTIME_DIR.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+}
+
+/// The exit status and the message for a failed run. A closed stdout is no failure of strata's: it ends quietly.
+pub fn report_error(err: &anyhow::Error) -> u8 {
+    let broken_pipe = err.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return BROKEN_PIPE_STATUS;
+    }
+    eprintln!("error: {}", render_chain(err));
+    1
+}
+
+/// `err` and its causes joined by ": ", each cause once: many errors already print their source in their own message
+/// (`{path}: {source}`), which anyhow's `{:#}` would print a second time.
+pub fn render_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+/// `STRATA_TEST_PAUSE_AT`, read once.
+fn pause_phase() -> Option<&'static str> {
+    static PHASE: OnceLock<Option<String>> = OnceLock::new();
+    PHASE
+        .get_or_init(|| std::env::var("STRATA_TEST_PAUSE_AT").ok())
+        .as_deref()
+}
+
+/// A test seam for the interruption tests: when `STRATA_TEST_PAUSE_AT` names `phase` (`load`, `prefill`, `decode`,
+/// `packed-write`), the first call announces it on stderr and waits `STRATA_TEST_PAUSE_SECS` (default 60) seconds,
+/// so a test can deliver a signal, or break an output path, while the run is there. Does nothing otherwise.
+pub fn pause_point(phase: &'static str) {
+    static PAUSED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    if pause_phase() != Some(phase) {
+        return;
+    }
+    {
+        let mut paused = PAUSED.lock().unwrap_or_else(|p| p.into_inner());
+        if paused.contains(&phase) {
+            return;
+        }
+        paused.push(phase);
+    }
+    let secs = std::env::var("STRATA_TEST_PAUSE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    eprintln!("strata: paused at {phase} (STRATA_TEST_PAUSE_AT)");
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = io::Error::new(
+            io::ErrorKind::NotFound,
+            "No such file or directory (os error 2)",
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("x.npy: {source}")]
+        struct Wrapped {
+            #[source]
+            source: io::Error,
+        }
+        let err = anyhow::Error::new(Wrapped { source: io }).context("writing x.npy");
+        assert_eq!(
+            render_chain(&err),
+            "writing x.npy: x.npy: No such file or directory (os error 2)"
+        );
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render_chain(&err), "outer: inner");
+    }
+
+    #[test]
+    fn a_closed_stdout_is_quiet() {
+        let err =
+            anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe)).context("printing");
+        assert_eq!(report_error(&err), BROKEN_PIPE_STATUS);
+    }
+}
