@@ -4,15 +4,15 @@ use super::{AttentionShape, CompressError, CompressionConfig, PackedLayout, Pack
 
 /// WGSL of the packed GEMV (decode): see the file's header for bindings, uniform layout, pipeline constants (`BITS`,
 /// `TOKENS` 1..=8) and dispatch grid.
-pub const GEMV_WGSL: &str = include_str!("../kernels/q4_gemv.wgsl");
+pub const GEMV_WGSL: &str = include_str!("../gpu/kernels/q4_gemv.wgsl");
 /// WGSL of the packed tiled GEMM (prefill): see the file's header for bindings, uniform layout and dispatch grid.
-pub const GEMM_WGSL: &str = include_str!("../kernels/q4_gemm.wgsl");
+pub const GEMM_WGSL: &str = include_str!("../gpu/kernels/q4_gemm.wgsl");
 /// WGSL that dequantises rows of a packed tensor (a range of cache rows, or gathered embedding rows by id).
-pub const DEQUANT_WGSL: &str = include_str!("../kernels/q4_dequant.wgsl");
+pub const DEQUANT_WGSL: &str = include_str!("../gpu/kernels/q4_dequant.wgsl");
 /// WGSL that packs f32 rows on the GPU (new K/V rows into a packed cache), by the same rule as [`quantize`](super::quantize).
-pub const QUANTIZE_WGSL: &str = include_str!("../kernels/q4_quantize.wgsl");
+pub const QUANTIZE_WGSL: &str = include_str!("../gpu/kernels/q4_quantize.wgsl");
 /// WGSL of decode attention reading a packed K/V cache directly.
-pub const ATTENTION_WGSL: &str = include_str!("../kernels/q4_attention.wgsl");
+pub const ATTENTION_WGSL: &str = include_str!("../gpu/kernels/q4_attention.wgsl");
 /// Output rows one `q4_gemv.wgsl` workgroup computes (`ROWS_PER_WG` in the WGSL).
 const GEMV_ROWS_PER_WORKGROUP: u32 = 8;
 

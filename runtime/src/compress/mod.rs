@@ -5,7 +5,7 @@
 //! stores its `min` and `step = (max - min) / (2^bits - 1)` (the reciprocal of FlexLLMGen's `scale`) as fp16 and each
 //! element as `q = clamp(round((x - min) / step), 0, 2^bits - 1)`; it decodes as `x' = q * step + min`.
 //! Compressed tensors stay compressed in every tier (GPU, CPU, disk) and move as one blob: the kernels in
-//! `kernels/q4_*.wgsl` ([`GEMV_WGSL`], [`GEMM_WGSL`], [`DEQUANT_WGSL`], [`ATTENTION_WGSL`]) read the packed words
+//! `gpu/kernels/q4_*.wgsl` ([`GEMV_WGSL`], [`GEMM_WGSL`], [`DEQUANT_WGSL`], [`ATTENTION_WGSL`]) read the packed words
 //! directly, and [`QUANTIZE_WGSL`] packs new cache rows on the GPU. Each kernel's header documents its bindings,
 //! uniform (mirrored here by a `#[repr(C)]` params struct with its dispatch grid) and the `BITS` pipeline constant.
 //!

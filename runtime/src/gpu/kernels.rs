@@ -15,7 +15,7 @@
 //!
 //! # Packed (compressed) weights and caches
 //!
-//! A [`WeightFormat::Packed`] matrix is read by the compress module's kernels (`runtime/src/kernels/q4_*.wgsl`,
+//! A [`WeightFormat::Packed`] matrix is read by the compress module's kernels (`runtime/src/gpu/kernels/q4_*.wgsl`,
 //! compiled here per bit width on first use): [`Recorder::linear`] runs `q4_gemv` (m <= [`GEMV_MAX_ROWS`]) or
 //! `q4_gemm` into a staging buffer, then `scatter.wgsl` applies bias, activation, output placement and accumulation
 //! with the same epilogue as the dense kernels; [`Recorder::gather`] decodes embedding rows by id with `q4_dequant`.
