@@ -427,6 +427,90 @@ impl Kernels {
     }
 }
 
+/// One WGSL module the runtime can compile, as handed to wgpu: for tests that validate every module with naga.
+#[derive(Clone, Debug)]
+pub struct ShaderModuleSource {
+    /// What it is (kernel and specialisation).
+    pub label: String,
+    /// The concatenated parts.
+    pub source: String,
+    /// The entry point.
+    pub entry: &'static str,
+    /// Pipeline-overridable constants and their values.
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+/// Every WGSL module [`Kernels`] can build: each linear-family pipeline (for both activation dtypes, the
+/// tensor-core kernels for subgroups of 4 to 128 invocations) and every other kernel with each of its
+/// specialisations. A kernel added to [`Kernels`] must be listed here, so a naga failure or invalid shader fails CI.
+pub fn shader_modules() -> Vec<ShaderModuleSource> {
+    let module = |label: String, parts: &[&str], entry, constants: Vec<(&'static str, f64)>| {
+        ShaderModuleSource {
+            label,
+            source: parts.join("\n"),
+            entry,
+            constants,
+        }
+    };
+    let mut all = Vec::new();
+    for act in [ActDtype::F32, ActDtype::F16] {
+        for key in all_pipeline_keys(&[4, 8, 16, 32, 64, 128]) {
+            let (source, constants) = compose(act, &key);
+            all.push(ShaderModuleSource {
+                label: format!("{key:?} {act:?}"),
+                source,
+                entry: "main",
+                constants,
+            });
+        }
+        all.push(module(
+            format!("layer_norm {act:?}"),
+            &[act.wgsl(), LAYER_NORM],
+            "main",
+            vec![],
+        ));
+    }
+    for (dtype, cache) in [("f32", CACHE_F32), ("f16", CACHE_F16)] {
+        all.push(module(
+            format!("attention {dtype}"),
+            &[cache, ATTENTION_COMMON, ATTENTION],
+            "main",
+            vec![],
+        ));
+        all.push(module(
+            format!("sparse_attention {dtype}"),
+            &[cache, ATTENTION_COMMON, SPARSE_ATTENTION],
+            "main",
+            vec![],
+        ));
+    }
+    for entry in ["argmax", "sample"] {
+        all.push(module(entry.into(), &[SELECT], entry, vec![]));
+    }
+    all.push(module("cache_rows".into(), &[CACHE_ROWS], "main", vec![]));
+    all.push(module(
+        "cache_store_f16".into(),
+        &[CACHE_STORE_F16],
+        "main",
+        vec![],
+    ));
+    for (name, source) in [
+        ("q4_dequant", DEQUANT_WGSL),
+        ("q4_quantize", QUANTIZE_WGSL),
+        ("q4_attention", ATTENTION_WGSL),
+    ] {
+        for bits in [2u8, 4, 8] {
+            all.push(module(
+                format!("{name} {bits} bits"),
+                &[source],
+                "main",
+                vec![("BITS", bits as f64)],
+            ));
+        }
+    }
+    all
+}
+
 fn build_kernel(
     gpu: &Gpu,
     label: &str,

@@ -6,7 +6,9 @@
 //! [`Kernels::variants`] is asked), it runs a few small, awkwardly shaped problems (rows, columns and k not
 //! multiples of its tiles, unaligned k, split-K) through itself and through the portable kernel. It is used only if
 //! it compiles (under an error scope) and agrees within the rounding its inputs allow; otherwise the portable kernel
-//! runs and the report says why. `STRATA_KERNELS=portable` or [`KernelOptions`] force the portable kernels.
+//! runs and the report says why. `STRATA_KERNELS=portable` or [`KernelOptions`] force the portable kernels. A CPU
+//! adapter (lavapipe, where CI runs) uses the portable kernels unless a variant is forced, so CI's end-to-end runs
+//! test the kernels every device has; unit tests force each variant and compare it with the CPU.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -288,6 +290,14 @@ impl Kernels {
         if choice == Choice::Device {
             return pick(device, "forced, self-check skipped".into());
         }
+        if self.gpu.info.device_type == wgpu::DeviceType::Cpu {
+            // A CPU driver (lavapipe in CI) runs the portable kernels end to end, so CI's end-to-end results are
+            // the portable kernels' (tests force each variant where they compare it with the CPU).
+            return pick(
+                Variant::Portable,
+                "CPU adapter: the portable kernels, as CI tests them end to end".into(),
+            );
+        }
         let key = (family, self.options.act);
         let cached = self
             .gpu
@@ -317,9 +327,11 @@ impl Kernels {
     }
 
     /// Runs the family's device-specific variant and the portable kernel on small awkward problems; `Ok` says how
-    /// close they came, `Err` why the variant must not be used.
-    fn self_check(&self, family: Family) -> Result<String, String> {
+    /// close they came, `Err` why the variant must not be used. [`Kernels::family_choice`] runs it once per device
+    /// (with [`Choice::Auto`] on a GPU); tests call it directly.
+    pub fn self_check(&self, family: Family) -> Result<String, String> {
         let device = family.device_variant();
+        self.variant_available(device)?;
         let problems: &[(usize, usize, usize, WeightFormat)] = match family {
             Family::Gemv => &[
                 (1, 37, 130, WeightFormat::F32),
