@@ -61,7 +61,8 @@ struct Case {
     accumulate: bool,
     /// `Some((rows per sequence, past, capacity))`: rows scattered into a KV-cache layout.
     cache: Option<(usize, usize, usize)>,
-    out_f32: bool,
+    /// The output's dtype when it is not the activations'.
+    out: Option<ActDtype>,
 }
 
 impl Case {
@@ -80,7 +81,7 @@ impl Case {
             bias,
             accumulate,
             cache: None,
-            out_f32: false,
+            out: None,
         }
     }
 
@@ -111,7 +112,7 @@ impl Case {
             m, k, n, format, ..
         } = *self;
         let act = kernels.act();
-        let out_dtype = if self.out_f32 { ActDtype::F32 } else { act };
+        let out_dtype = self.out.unwrap_or(act);
         let mut rng = Rng((m * 7919 + k * 131 + n) as u64);
         let x = rng.vec(m * k, 1.0);
         let w = rng.vec(n * k, 1.0);
@@ -136,7 +137,7 @@ impl Case {
             out: &out,
             rows,
             accumulate: self.accumulate,
-            out_f32: self.out_f32,
+            out_dtype: self.out,
             variant,
         });
         rec.submit();
@@ -389,18 +390,26 @@ fn linear_works_on_row_chunked_weights_for_every_kernel() {
     }
 }
 
-/// The logits projection writes f32 while its input is f16.
+/// The logits projection writes f32 while its input is f16; a K or V projection writes an f16 cache's rows
+/// directly while its input is f32.
 #[test]
-fn f16_activations_can_write_f32_logits() {
+fn linear_output_dtype_can_differ_from_the_activations() {
     let gpu = gpu();
-    let kernels = kernels_with(&gpu, ActDtype::F16, Choice::Portable);
-    for (i, m) in [1, 4, 12, 70].into_iter().enumerate() {
-        for format in [WeightFormat::F16, formats()[3]] {
-            let case = Case {
-                out_f32: true,
-                ..Case::new(m, 64, 61, format, i)
-            };
-            case.check(&gpu, &kernels, None);
+    for (act, out) in [
+        (ActDtype::F16, ActDtype::F32),
+        (ActDtype::F32, ActDtype::F16),
+    ] {
+        let kernels = kernels_with(&gpu, act, Choice::Portable);
+        // Two sequences of p new rows each: the GEMV, a decode tile and a prefill tile.
+        for (i, p) in [1usize, 2, 6, 35].into_iter().enumerate() {
+            for format in [WeightFormat::F16, formats()[3]] {
+                let case = Case {
+                    out: Some(out),
+                    cache: (out == ActDtype::F16).then_some((p, 1, p + 2)),
+                    ..Case::new(2 * p, 64, 61, format, i)
+                };
+                case.check(&gpu, &kernels, None);
+            }
         }
     }
 }

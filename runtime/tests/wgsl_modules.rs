@@ -39,8 +39,8 @@ fn writer_options() -> [spv::Options<'static>; 2] {
 
 /// Parse, validate, apply the pipeline constants, write SPIR-V with each of `options` (what wgpu does).
 fn translate(m: &ShaderModuleSource, options: &[spv::Options<'static>]) -> Result<(), String> {
-    let module = naga::front::wgsl::parse_str(&m.source)
-        .map_err(|e| e.emit_to_string(&m.source))?;
+    let module =
+        naga::front::wgsl::parse_str(&m.source).map_err(|e| e.emit_to_string(&m.source))?;
     let info = Validator::new(ValidationFlags::all(), Capabilities::all())
         .validate(&module)
         .map_err(|e| e.emit_to_string(&m.source))?;

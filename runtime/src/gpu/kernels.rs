@@ -44,8 +44,8 @@ mod variants;
 pub(crate) use linear::DeviceCache;
 pub use linear::{
     all_pipeline_keys, compose, max_split_k_scratch_bytes, split_k, split_k_scratch_bytes,
-    CoopConfig, LinearCall, LinearKernel, ModuleKind, PipelineKey, SplitK, TileConfig, Variant,
-    WeightKind, DECODE_MAX_ROWS, GEMV_MAX_ROWS, SPLIT_K_WORKGROUPS,
+    CoopConfig, LinearCall, LinearKernel, ModuleKind, OutDtype, PipelineKey, SplitK, TileConfig,
+    Variant, WeightKind, DECODE_MAX_ROWS, GEMV_MAX_ROWS, SPLIT_K_WORKGROUPS,
 };
 pub use variants::{
     bench_linear, decode_act, encode_act, Choice, Family, FamilyChoice, KernelOptions,

@@ -391,26 +391,58 @@ pub struct PipelineKey {
     pub weights: WeightKind,
     /// k is a multiple of 4: vec4 x and weight parts.
     pub aligned: bool,
-    /// The output is f32 whatever the activations are (logits).
-    pub out_f32: bool,
+    /// The output's storage type.
+    pub out: OutDtype,
+}
+
+/// How a linear layer's output is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutDtype {
+    /// As the kernels' activations.
+    Act,
+    /// f32 whatever the activations are: logits (argmax and sampling read f32), an f32 KV cache.
+    F32,
+    /// IEEE halves whatever the activations are: an f16 KV cache written by the projection itself.
+    F16,
+}
+
+impl OutDtype {
+    /// The output dtype `dtype` for kernels whose activations are `act`: [`OutDtype::Act`] when they agree.
+    pub fn of(dtype: ActDtype, act: ActDtype) -> OutDtype {
+        match (dtype, act) {
+            (a, b) if a == b => OutDtype::Act,
+            (ActDtype::F32, _) => OutDtype::F32,
+            (ActDtype::F16, _) => OutDtype::F16,
+        }
+    }
+
+    /// The dtype this means for activations `act`.
+    pub fn dtype(self, act: ActDtype) -> ActDtype {
+        match self {
+            OutDtype::Act => act,
+            OutDtype::F32 => ActDtype::F32,
+            OutDtype::F16 => ActDtype::F16,
+        }
+    }
 }
 
 /// The WGSL source and pipeline constants of `key`'s module for activations stored as `act`.
 pub fn compose(act: ActDtype, key: &PipelineKey) -> (String, Vec<(&'static str, f64)>) {
     let mut source = String::new();
-    if let ModuleKind::Linear(LinearKernel::Coop(_)) = key.kind {
-        // `enable` directives come first; the act part enables f16 itself for f16 activations.
+    // `enable` directives come first; the act part enables f16 itself for f16 activations.
+    let coop = matches!(key.kind, ModuleKind::Linear(LinearKernel::Coop(_)));
+    if coop {
         source.push_str("enable wgpu_cooperative_matrix;\n");
-        if act == ActDtype::F32 {
-            source.push_str("enable f16;\n");
-        }
+    }
+    if act == ActDtype::F32 && (coop || key.out == OutDtype::F16) {
+        source.push_str("enable f16;\n");
     }
     source.push_str(act.wgsl());
     source.push('\n');
-    source.push_str(if key.out_f32 {
-        "alias out_t = f32;\n"
-    } else {
-        "alias out_t = act;\n"
+    source.push_str(match key.out {
+        OutDtype::Act => "alias out_t = act;\n",
+        OutDtype::F32 => "alias out_t = f32;\n",
+        OutDtype::F16 => "alias out_t = f16;\n",
     });
     source.push_str(&format!("const ALIGNED: bool = {};\n", key.aligned));
     let mut constants = Vec::new();
@@ -506,23 +538,23 @@ pub fn all_pipeline_keys(subgroup_sizes: &[u32]) -> Vec<PipelineKey> {
     for kernel in kernels {
         for weights in weights {
             for aligned in [false, true] {
-                for out_f32 in [false, true] {
+                for out in [OutDtype::Act, OutDtype::F32, OutDtype::F16] {
                     keys.push(PipelineKey {
                         kind: ModuleKind::Linear(kernel),
                         weights,
                         aligned,
-                        out_f32,
+                        out,
                     });
                 }
             }
         }
     }
-    for out_f32 in [false, true] {
+    for out in [OutDtype::Act, OutDtype::F32, OutDtype::F16] {
         keys.push(PipelineKey {
             kind: ModuleKind::SplitKReduce,
             weights: WeightKind::F32,
             aligned: false,
-            out_f32,
+            out,
         });
     }
     for weights in weights {
@@ -530,7 +562,7 @@ pub fn all_pipeline_keys(subgroup_sizes: &[u32]) -> Vec<PipelineKey> {
             kind: ModuleKind::Gather,
             weights,
             aligned: false,
-            out_f32: false,
+            out: OutDtype::Act,
         });
     }
     keys
@@ -656,8 +688,9 @@ pub struct LinearCall<'a> {
     pub rows: OutRows,
     /// Add to the output's values (a residual add) instead of overwriting them.
     pub accumulate: bool,
-    /// The output is f32 (logits) rather than the kernels' activation dtype.
-    pub out_f32: bool,
+    /// How `out` is stored: `None` as the kernels' activations; `Some(F32)` for logits; `Some(F16)` to write an f16
+    /// KV cache straight from the projection (with [`OutRows::cache`]).
+    pub out_dtype: Option<ActDtype>,
     /// Run this variant if the device has it (`None`: the kernels' own choice). For benchmarks and tests.
     pub variant: Option<Variant>,
 }
@@ -809,7 +842,7 @@ impl<'a> Recorder<'a> {
             out,
             rows,
             accumulate,
-            out_f32: false,
+            out_dtype: None,
             variant: None,
         });
     }
@@ -837,7 +870,7 @@ impl<'a> Recorder<'a> {
             out,
             rows,
             accumulate,
-            out_f32: true,
+            out_dtype: Some(ActDtype::F32),
             variant: None,
         });
     }
@@ -851,13 +884,16 @@ impl<'a> Recorder<'a> {
         }
         let kernels = self.kernels;
         let aligned = w.cols % 4 == 0;
+        let out = call
+            .out_dtype
+            .map_or(OutDtype::Act, |d| OutDtype::of(d, kernels.options.act));
         for chunk in &w.chunks {
             let mut kernel = kernels.linear_kernel(m, chunk.rows, w.format, call.variant);
             let key = |kernel| PipelineKey {
                 kind: ModuleKind::Linear(kernel),
                 weights: w.format.into(),
                 aligned,
-                out_f32: call.out_f32,
+                out,
             };
             let pipeline =
                 match kernels
@@ -919,7 +955,7 @@ impl<'a> Recorder<'a> {
                     kind: ModuleKind::SplitKReduce,
                     weights: WeightKind::F32,
                     aligned: false,
-                    out_f32: call.out_f32,
+                    out,
                 };
                 if let Ok(pipeline) =
                     kernels
@@ -954,7 +990,7 @@ impl<'a> Recorder<'a> {
             kind: ModuleKind::Gather,
             weights: table.format.into(),
             aligned: false,
-            out_f32: false,
+            out: OutDtype::Act,
         };
         let Ok(pipeline) = kernels
             .gpu

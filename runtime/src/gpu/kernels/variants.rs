@@ -453,7 +453,7 @@ impl Problem {
             out: &out,
             rows: OutRows::dense(self.n, 0),
             accumulate: false,
-            out_f32: false,
+            out_dtype: None,
             variant,
         });
         rec.submit();
@@ -551,7 +551,7 @@ pub fn bench_linear(
                 out: &out,
                 rows: OutRows::dense(n, 0),
                 accumulate: false,
-                out_f32: false,
+                out_dtype: None,
                 variant,
             });
         }
