@@ -11,8 +11,8 @@ use strata_runtime::compress::{dequantize, quantize, CompressionConfig};
 use strata_runtime::config::DType;
 use strata_runtime::gpu::kernels::{
     bench_linear, decode_act, encode_act, split_k, split_k_scratch_bytes, Act, ActDtype, Choice,
-    Family, KernelOptions, Kernels, LinearCall, LinearKernel, LinearShape, OutRows, Variant,
-    GEMV_MAX_ROWS,
+    Family, KernelOptions, Kernels, LinearCall, LinearKernel, LinearShape, OutRows, TileConfig,
+    Variant, GEMV_MAX_ROWS,
 };
 use strata_runtime::gpu::tensor::WeightFormat;
 use strata_runtime::gpu::Gpu;
@@ -63,6 +63,8 @@ struct Case {
     cache: Option<(usize, usize, usize)>,
     /// The output's dtype when it is not the activations'.
     out: Option<ActDtype>,
+    /// A kernel forced (tile configuration included).
+    kernel: Option<LinearKernel>,
 }
 
 impl Case {
@@ -82,6 +84,7 @@ impl Case {
             accumulate,
             cache: None,
             out: None,
+            kernel: None,
         }
     }
 
@@ -139,6 +142,7 @@ impl Case {
             accumulate: self.accumulate,
             out_dtype: self.out,
             variant,
+            kernel: self.kernel,
         });
         rec.submit();
         let bytes = gpu
@@ -160,7 +164,9 @@ impl Case {
         let init_seen = round(&init, out_dtype);
         let ws = seen(&w, n, k, format);
         let dots = reference::matmul_t(&xs, m, k, &ws, n);
-        let kernel = kernels.linear_kernel(m, n, format, variant);
+        let kernel = self
+            .kernel
+            .unwrap_or_else(|| kernels.linear_kernel(m, n, format, variant));
         // f16 inputs (tensor cores round x), f16 outputs: a few f16 ulps of the terms' magnitude; f32: summation
         // order only.
         let coarse = act == ActDtype::F16
@@ -322,6 +328,46 @@ fn coop_matrix_linear_matches_the_cpu_where_present() {
             }
         }
         println!("{}", kernels.variants());
+    }
+}
+
+/// Every tiled configuration the kernels may pick on some device, forced where this device can run it (the
+/// 8 x 8-per-thread ones, and the small-memory decode tiles, are otherwise never this device's choice).
+#[test]
+fn every_tile_configuration_matches_the_cpu() {
+    let gpu = gpu();
+    let kernels = kernels_with(&gpu, ActDtype::F32, Choice::Portable);
+    let mut configs = vec![
+        TileConfig::LARGE,
+        TileConfig::SMALL,
+        TileConfig::SMALL_LOW_MEMORY,
+    ];
+    for m in [16, 32, 64] {
+        configs.push(TileConfig::decode(m, false));
+        configs.push(TileConfig::decode(m, true));
+    }
+    for (i, t) in configs.into_iter().enumerate() {
+        let kernel = LinearKernel::Tiled(t);
+        // One row count the tile holds, one it does not (prefill tiles) or that splits k (decode tiles).
+        let rows = if t.bn == 64 && t.bm <= 64 && t.bk < 16 || t.bm < 64 {
+            [t.bm as usize, t.bm as usize / 2 + 1]
+        } else {
+            [t.bm as usize + 3, 9]
+        };
+        for m in rows {
+            if !kernels.can_run(kernel, m) {
+                eprintln!("skipped: {kernel} does not fit {}", gpu.describe());
+                continue;
+            }
+            for (k, n) in [(37, 70), (600, 24)] {
+                let format = two_formats(i)[m % 2];
+                let case = Case {
+                    kernel: Some(kernel),
+                    ..Case::new(m, k, n, format, i)
+                };
+                assert_eq!(case.check(&gpu, &kernels, None), kernel);
+            }
+        }
     }
 }
 
@@ -536,7 +582,7 @@ fn bench_linear_times_the_chosen_kernel() {
     let kernels = kernels_with(&gpu, ActDtype::F32, Choice::Auto);
     for m in [2, 20, 80] {
         let shape = LinearShape { m, n: 96, k: 64 };
-        let t = bench_linear(&kernels, shape, WeightFormat::F16, None, 2, 1).unwrap();
+        let t = bench_linear(&kernels, shape, WeightFormat::F16, None, None, 2, 1).unwrap();
         assert!(t.seconds > 0.0 && t.seconds.is_finite());
         assert_eq!(t.flops, 2.0 * (m * 96 * 64) as f64);
         assert_eq!(t.weight_bytes, 96 * 64 * 2);
@@ -556,6 +602,7 @@ fn bench_linear_times_the_chosen_kernel() {
             shape,
             WeightFormat::F16,
             Some(Variant::CoopMatrix),
+            None,
             1,
             1
         )

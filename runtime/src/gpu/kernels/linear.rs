@@ -213,8 +213,9 @@ pub struct TileConfig {
 }
 
 impl TileConfig {
-    /// Prefill on devices with at least 34 KiB of workgroup memory: 128 x 128, 8 x 8 per thread.
-    pub const LARGE: TileConfig = TileConfig::new(128, 128, 16, 8, 8);
+    /// Prefill of shapes of at least 128 x 128: 128 x 128 tiles, k steps of 8, 8 x 8 per thread (the classic
+    /// 128 x 128 x 8 SGEMM shape: 17 KiB of workgroup memory double-buffered, 64 multiply-adds per 4 vec4 reads).
+    pub const LARGE: TileConfig = TileConfig::new(128, 128, 8, 8, 8);
     /// Prefill of small shapes (and devices with less workgroup memory): 64 x 64, 4 x 4 per thread.
     pub const SMALL: TileConfig = TileConfig::new(64, 64, 16, 4, 4);
     /// Prefill within 16 KiB of workgroup memory: 64 x 64, 8 x 8 per thread, k steps of 8.
@@ -693,6 +694,9 @@ pub struct LinearCall<'a> {
     pub out_dtype: Option<ActDtype>,
     /// Run this variant if the device has it (`None`: the kernels' own choice). For benchmarks and tests.
     pub variant: Option<Variant>,
+    /// Run exactly this kernel (tile configuration included) if the device can (its variant available, its tiles
+    /// within the device's limits); otherwise as if `None`. For benchmarks and tests; beats `variant`.
+    pub kernel: Option<LinearKernel>,
 }
 
 impl Kernels {
@@ -744,6 +748,18 @@ impl Kernels {
             .unwrap_or(TileConfig::SMALL_LOW_MEMORY)
         };
         LinearKernel::Tiled(tile)
+    }
+
+    /// Whether `kernel` can run `m` rows on this device: its variant available, its tiles within the limits, a
+    /// GEMV for exactly `m` rows.
+    pub fn can_run(&self, kernel: LinearKernel, m: usize) -> bool {
+        let limits = &self.gpu.limits;
+        self.variant_available(kernel.variant()).is_ok()
+            && match kernel {
+                LinearKernel::Gemv { rows, .. } => rows as usize == m,
+                LinearKernel::Tiled(t) => t.fits(limits),
+                LinearKernel::Coop(c) => c.fits(limits) && c.sg == self.gpu.info.subgroup_max_size,
+            }
     }
 
     /// The tensor-core configuration for decode or prefill shapes on this device, if one fits its limits.
@@ -844,6 +860,7 @@ impl<'a> Recorder<'a> {
             accumulate,
             out_dtype: None,
             variant: None,
+            kernel: None,
         });
     }
 
@@ -872,6 +889,7 @@ impl<'a> Recorder<'a> {
             accumulate,
             out_dtype: Some(ActDtype::F32),
             variant: None,
+            kernel: None,
         });
     }
 
@@ -888,7 +906,10 @@ impl<'a> Recorder<'a> {
             .out_dtype
             .map_or(OutDtype::Act, |d| OutDtype::of(d, kernels.options.act));
         for chunk in &w.chunks {
-            let mut kernel = kernels.linear_kernel(m, chunk.rows, w.format, call.variant);
+            let mut kernel = match call.kernel {
+                Some(forced) if kernels.can_run(forced, m) => forced,
+                _ => kernels.linear_kernel(m, chunk.rows, w.format, call.variant),
+            };
             let key = |kernel| PipelineKey {
                 kind: ModuleKind::Linear(kernel),
                 weights: w.format.into(),

@@ -455,6 +455,7 @@ impl Problem {
             accumulate: false,
             out_dtype: None,
             variant,
+            kernel: None,
         });
         rec.submit();
         let bytes = gpu.read_back(&[(&out, 0, (self.m * self.n * act.bytes()) as u64)])?;
@@ -508,15 +509,17 @@ pub struct LinearTiming {
     pub weight_bytes: u64,
 }
 
-/// Times one linear layer of `shape` with weights in `format` on `kernels`' device, `variant` forced (`None`: the
-/// kernels' own choice): `reps` identical layers per submit, wall time from submit to the device going idle, best
-/// of `iters` tries after one warm-up. For `strata bench kernels`; a caller with TIMESTAMP_QUERY can instead
-/// record [`Recorder::linear_call`](super::Recorder::linear_call) itself between its own timestamp writes.
+/// Times one linear layer of `shape` with weights in `format` on `kernels`' device, with `kernel` (exactly) or
+/// `variant` forced (both `None`: the kernels' own choice): `reps` identical layers per submit, wall time from
+/// submit to the device going idle, best of `iters` tries after one warm-up. An unavailable variant or a kernel the
+/// device cannot run is [`GpuError::Unsupported`]. For `strata bench kernels`; a caller with TIMESTAMP_QUERY can
+/// instead record [`Recorder::linear_call`](super::Recorder::linear_call) itself between its own timestamp writes.
 pub fn bench_linear(
     kernels: &Kernels,
     shape: LinearShape,
     format: WeightFormat,
     variant: Option<Variant>,
+    kernel: Option<LinearKernel>,
     reps: usize,
     iters: usize,
 ) -> Result<LinearTiming, GpuError> {
@@ -525,6 +528,14 @@ pub fn bench_linear(
         kernels
             .variant_available(v)
             .map_err(GpuError::Unsupported)?;
+    }
+    if let Some(forced) = kernel {
+        if !kernels.can_run(forced, m) {
+            return Err(GpuError::Unsupported(format!(
+                "{forced} for {m} rows on {}",
+                kernels.gpu.describe()
+            )));
+        }
     }
     let gpu: &Gpu = &kernels.gpu;
     let values: Vec<f32> = (0..n * k).map(|i| ((i % 17) as f32 - 8.0) * 1e-3).collect();
@@ -553,6 +564,7 @@ pub fn bench_linear(
                 accumulate: false,
                 out_dtype: None,
                 variant,
+                kernel,
             });
         }
         let start = Instant::now();
@@ -567,15 +579,17 @@ pub fn bench_linear(
     for _ in 0..iters.max(1) {
         best = best.min(run()?);
     }
-    let kernel = w.chunks.first().map_or(
-        LinearKernel::Gemv {
-            rows: 1,
-            subgroup: false,
-        },
-        |c| kernels.linear_kernel(m, c.rows, format, variant),
-    );
+    let ran = kernel.unwrap_or_else(|| {
+        w.chunks.first().map_or(
+            LinearKernel::Gemv {
+                rows: 1,
+                subgroup: false,
+            },
+            |c| kernels.linear_kernel(m, c.rows, format, variant),
+        )
+    });
     Ok(LinearTiming {
-        kernel,
+        kernel: ran,
         seconds: best,
         flops: 2.0 * (m * n * k) as f64,
         weight_bytes: w.bytes(),
