@@ -48,8 +48,8 @@ pub use linear::{
     Variant, WeightKind, DECODE_MAX_ROWS, GEMV_MAX_ROWS, SPLIT_K_WORKGROUPS,
 };
 pub use variants::{
-    bench_linear, decode_act, encode_act, Choice, Family, FamilyChoice, KernelOptions,
-    KernelReport, LinearShape, LinearTiming,
+    bench_linear, decode_act, encode_act, linear_bench_shapes, Choice, Family, FamilyChoice,
+    KernelOptions, KernelReport, LinearShape, LinearTiming,
 };
 
 const ACT_F32: &str = include_str!("kernels/act_f32.wgsl");

@@ -595,3 +595,34 @@ pub fn bench_linear(
         weight_bytes: w.bytes(),
     })
 }
+
+/// The linear shapes `strata bench kernels` times (issue 10), named: the 8192^3 GEMM, opt-6.7b's four prefill
+/// linears at 64 x 512 tokens, and decode linears of 1, 8, 32 and 64 rows over 4096 x 4096, 4096 -> 16384 and
+/// 16384 -> 4096 weights.
+pub fn linear_bench_shapes() -> Vec<(String, LinearShape)> {
+    let mut shapes = vec![(
+        "gemm 8192^3".to_owned(),
+        LinearShape {
+            m: 8192,
+            n: 8192,
+            k: 8192,
+        },
+    )];
+    let tokens = 64 * 512;
+    for (name, n, k) in [
+        ("q/k/v/out_proj", 4096, 4096),
+        ("fc1", 16384, 4096),
+        ("fc2", 4096, 16384),
+    ] {
+        shapes.push((
+            format!("opt-6.7b prefill {name} (64 x 512 tokens)"),
+            LinearShape { m: tokens, n, k },
+        ));
+    }
+    for m in [1, 8, 32, 64] {
+        for (n, k) in [(4096, 4096), (16384, 4096), (4096, 16384)] {
+            shapes.push((format!("decode m={m} {k} -> {n}"), LinearShape { m, n, k }));
+        }
+    }
+    shapes
+}
