@@ -10,10 +10,10 @@
 //! weights are f32, packed f16 or group-wise quantised ([`crate::gpu::tensor::WeightFormat`]); every kernel
 //! computes and accumulates in f32.
 //!
-//! Linear layers and embedding gathers live in [`linear`] (`gemv.wgsl`, `gemm.wgsl`, `gemm_coop.wgsl`, each reading
-//! every weight format through a `weights_*.wgsl` part, bias / activation / placement / residual in
+//! Linear layers and embedding gathers live in `kernels/linear.rs` (`gemv.wgsl`, `gemm.wgsl`, `gemm_coop.wgsl`,
+//! each reading every weight format through a `weights_*.wgsl` part; bias, activation, placement and residual in
 //! `linear_common.wgsl`'s epilogue); which variant of them runs on this device, and the self-check a device-specific
-//! variant must pass first, in [`variants`] ([`Kernels::variants`] reports it).
+//! variant must pass first, in `kernels/variants.rs` ([`Kernels::variants`] reports it).
 //!
 //! Attention sparsity: [`Recorder::sparse_attention`] (`sparse_attention.wgsl`) is the decode attention of
 //! `--attn-sparsity` below 1, keeping per (sequence, head) the new token and the [`sparse_top_k`] best-scoring
@@ -560,7 +560,8 @@ enum Op {
 
 /// One step's dispatches and copies, submitted together by [`Recorder::submit`].
 ///
-/// Sizes are in elements; every buffer holds f32 unless it is a weight matrix or a list of token ids (u32).
+/// Sizes are in elements. Activations (inputs and outputs of linear layers, gather and layer norm) are stored as the
+/// kernels' [`ActDtype`]; other buffers hold f32 unless they are weight matrices, caches or token ids (u32).
 pub struct Recorder<'a> {
     kernels: &'a Kernels,
     ops: Vec<Op>,
