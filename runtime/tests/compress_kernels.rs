@@ -1,12 +1,11 @@
-//! The q4_* WGSL kernels on a real wgpu device (lavapipe on CPU machines) against `dequantize` + CPU references.
+//! The packed cache's q4_* WGSL kernels on a real wgpu device (lavapipe on CPU machines) against `dequantize` + CPU references.
 //! Each kernel is dispatched directly with its uniform and grid, so these tests pin the WGSL files' own contracts.
 
 mod common;
 
 use strata_runtime::compress::{
     decode_attention, dequantize, quantize, AttentionParams, AttentionShape, CompressionConfig,
-    DequantParams, MatmulParams, PackedTensor, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL,
-    GEMM_WGSL, GEMV_WGSL, QUANTIZE_WGSL,
+    DequantParams, PackedTensor, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL, QUANTIZE_WGSL,
 };
 use wgpu::util::DeviceExt;
 
@@ -113,120 +112,6 @@ impl Rng {
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.next() * scale).collect()
     }
-}
-
-/// `x [m, cols] @ w^T + bias` in f64, and the sum of |terms| per output (the scale a relative error refers to).
-fn reference(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    m: usize,
-    rows: usize,
-    cols: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let mut y = vec![0f64; m * rows];
-    let mut mag = vec![0f64; m * rows];
-    for b in 0..m {
-        for o in 0..rows {
-            let mut sum = bias.map_or(0.0, |bias| bias[o] as f64);
-            let mut abs = sum.abs();
-            for i in 0..cols {
-                let t = x[b * cols + i] as f64 * w[o * cols + i] as f64;
-                sum += t;
-                abs += t.abs();
-            }
-            y[b * rows + o] = sum;
-            mag[b * rows + o] = abs;
-        }
-    }
-    (y, mag)
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f64], mag: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: output length");
-    for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
-        let err = (g as f64 - w).abs();
-        assert!(
-            err <= 1e-4 * m.max(w.abs()) + 1e-6,
-            "{what}: output {i}: got {g}, want {w} (scale {m})"
-        );
-    }
-}
-
-/// Which packed matmul kernel a case runs.
-#[derive(Clone, Copy, Debug)]
-enum Matmul {
-    /// `q4_gemv.wgsl` compiled for `tokens` tokens per workgroup.
-    Gemv { tokens: u32 },
-    /// `q4_gemm.wgsl`.
-    Gemm,
-}
-
-fn matmul_case(
-    gpu: &Device,
-    kernel: Matmul,
-    bits: u8,
-    group: usize,
-    (m, rows, cols): (usize, usize, usize),
-) {
-    let config = CompressionConfig::new(bits, group).unwrap();
-    let mut rng = Rng(0x9e37_79b9 ^ (rows * 31 + cols * 7 + m) as u64);
-    let w = rng.vec(rows * cols, 0.5);
-    let x = rng.vec(m * cols, 1.0);
-    let bias = rng.vec(rows, 0.1);
-    let packed = quantize(&w, rows, cols, config).unwrap();
-    let decoded = dequantize(&packed);
-    let pipeline = match kernel {
-        Matmul::Gemv { tokens } => gpu.pipeline_with(
-            GEMV_WGSL,
-            &[("BITS", bits as f64), ("TOKENS", tokens as f64)],
-        ),
-        Matmul::Gemm => gpu.pipeline(GEMM_WGSL, bits),
-    };
-    for with_bias in [true, false] {
-        let params = MatmulParams::new(&packed.layout(), m, with_bias).unwrap();
-        let grid = match kernel {
-            Matmul::Gemv { tokens } => params.gemv_grid(tokens),
-            Matmul::Gemm => params.gemm_grid(),
-        };
-        let wbuf = gpu.storage(packed.as_bytes());
-        let xbuf = gpu.storage(bytemuck::cast_slice(&x));
-        let bbuf = gpu.storage(if with_bias {
-            bytemuck::cast_slice(&bias)
-        } else {
-            &[]
-        });
-        let ybuf = gpu.storage(&vec![0u8; 4 * m * rows]);
-        let got = gpu.run(
-            &pipeline,
-            bytemuck::bytes_of(&params),
-            &[&wbuf, &xbuf, &bbuf, &ybuf],
-            grid,
-        );
-        let (want, mag) = reference(&x, &decoded, with_bias.then_some(&bias[..]), m, rows, cols);
-        assert_close(&format!("{kernel:?} bits {bits} group {group} [{m}x{cols}] x [{rows}x{cols}]^T bias {with_bias}"), &got, &want, &mag);
-    }
-}
-
-#[test]
-fn packed_kernels_match_dequantize_and_a_cpu_matmul() {
-    let gpu = gpu();
-    // Shapes with ragged last groups, words and tiles; batches that are not multiples of 4 (GEMV) or 64 (GEMM).
-    for (bits, group) in [(4u8, 64usize), (8, 64), (2, 32), (4, 32)] {
-        for &(m, rows, cols) in &[(1, 37, 100), (3, 64, 256), (5, 130, 200), (8, 9, 7)] {
-            // TOKENS = batch as the runtime compiles it, fewer (several passes, the last one partial) and more
-            // (tokens past the batch are computed but never written).
-            for tokens in [m as u32, 2, 8] {
-                matmul_case(&gpu, Matmul::Gemv { tokens }, bits, group, (m, rows, cols));
-            }
-        }
-        for &(m, rows, cols) in &[(70, 130, 100), (64, 64, 64), (3, 200, 333), (129, 17, 40)] {
-            matmul_case(&gpu, Matmul::Gemm, bits, group, (m, rows, cols));
-        }
-    }
-    // A decode-sized layer: opt-125m's fc1 [3072, 768] at the default config, batch 4.
-    matmul_case(&gpu, Matmul::Gemv { tokens: 4 }, 4, 64, (4, 3072, 768));
-    matmul_case(&gpu, Matmul::Gemm, 4, 64, (96, 3072, 768));
 }
 
 /// Whether GPU-decoded values equal the CPU's `dequantize` to f32 rounding.

@@ -1,96 +1,15 @@
-//! The `#[repr(C)]` uniforms of the q4_* kernels, mirroring each WGSL `Params` struct, with their dispatch grids.
+//! The packed KV cache's WGSL kernels (q4_dequant, q4_quantize, q4_attention) and their `#[repr(C)]` uniforms,
+//! mirroring each WGSL `Params` struct, with their dispatch grids. Packed weights are read by the linear kernels
+//! themselves (`gpu/kernels/weights_packed.wgsl`).
 
 use super::{AttentionShape, CompressError, CompressionConfig, PackedLayout, PackedTensor};
 
-/// WGSL of the packed GEMV (decode): see the file's header for bindings, uniform layout, pipeline constants (`BITS`,
-/// `TOKENS` 1..=8) and dispatch grid.
-pub const GEMV_WGSL: &str = include_str!("../kernels/q4_gemv.wgsl");
-/// WGSL of the packed tiled GEMM (prefill): see the file's header for bindings, uniform layout and dispatch grid.
-pub const GEMM_WGSL: &str = include_str!("../kernels/q4_gemm.wgsl");
 /// WGSL that dequantises rows of a packed tensor (a range of cache rows, or gathered embedding rows by id).
-pub const DEQUANT_WGSL: &str = include_str!("../kernels/q4_dequant.wgsl");
+pub const DEQUANT_WGSL: &str = include_str!("../gpu/kernels/q4_dequant.wgsl");
 /// WGSL that packs f32 rows on the GPU (new K/V rows into a packed cache), by the same rule as [`quantize`](super::quantize).
-pub const QUANTIZE_WGSL: &str = include_str!("../kernels/q4_quantize.wgsl");
+pub const QUANTIZE_WGSL: &str = include_str!("../gpu/kernels/q4_quantize.wgsl");
 /// WGSL of decode attention reading a packed K/V cache directly.
-pub const ATTENTION_WGSL: &str = include_str!("../kernels/q4_attention.wgsl");
-/// Output rows one `q4_gemv.wgsl` workgroup computes (`ROWS_PER_WG` in the WGSL).
-const GEMV_ROWS_PER_WORKGROUP: u32 = 8;
-
-/// The uniform of `q4_gemv.wgsl` and `q4_gemm.wgsl` (48 bytes, `#[repr(C)]`, field order as in the WGSL).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct MatmulParams {
-    /// Output features (rows of the packed weight).
-    pub rows: u32,
-    /// Input features.
-    pub cols: u32,
-    /// Rows of x and y (decode tokens, or m of the GEMM).
-    pub batch: u32,
-    /// Data words per weight row.
-    pub words_per_row: u32,
-    /// Scale words per weight row.
-    pub groups_per_row: u32,
-    /// Data words per group.
-    pub words_per_group: u32,
-    /// Word index of the scale section.
-    pub scale_offset: u32,
-    /// 1 when binding 3 holds a bias to add, else 0.
-    pub has_bias: u32,
-    /// Elements between rows of x.
-    pub x_stride: u32,
-    /// Elements between rows of y.
-    pub y_stride: u32,
-    /// Padding to 16-byte alignment.
-    pub pad: [u32; 2],
-}
-
-impl MatmulParams {
-    /// The uniform for `batch` dense rows of x (`x_stride = cols`, `y_stride = rows`) times `layout`'s weight.
-    /// `None` when a dimension does not fit the kernels' 32-bit indices.
-    pub fn new(layout: &PackedLayout, batch: usize, has_bias: bool) -> Option<MatmulParams> {
-        let u = |v: usize| u32::try_from(v).ok();
-        u(layout.total_words)?;
-        u(batch.checked_mul(layout.cols.max(layout.rows))?)?;
-        Some(MatmulParams {
-            rows: u(layout.rows)?,
-            cols: u(layout.cols)?,
-            batch: u(batch)?,
-            words_per_row: u(layout.words_per_row)?,
-            groups_per_row: u(layout.groups_per_row)?,
-            words_per_group: u(layout.words_per_group)?,
-            scale_offset: u(layout.scale_offset)?,
-            has_bias: has_bias as u32,
-            x_stride: u(layout.cols)?,
-            y_stride: u(layout.rows)?,
-            pad: [0; 2],
-        })
-    }
-
-    /// Workgroups of one `q4_gemv.wgsl` pass: one per `GEMV_ROWS_PER_WORKGROUP` (8) output rows.
-    pub fn gemv_workgroups(&self) -> u32 {
-        self.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP)
-    }
-
-    /// Workgroups for `q4_gemv.wgsl` compiled with `TOKENS = tokens`: [`MatmulParams::gemv_workgroups`] spread over
-    /// x and y (at most 65535 per dimension), one z slice per pass of `tokens` tokens (one when `tokens >= batch`).
-    pub fn gemv_grid(&self, tokens: u32) -> (u32, u32, u32) {
-        let n = self.gemv_workgroups();
-        (
-            n.clamp(1, 65535),
-            n.div_ceil(65535).max(1),
-            self.batch.div_ceil(tokens.max(1)).max(1),
-        )
-    }
-
-    /// Workgroups for `q4_gemm.wgsl`: 64 x 64 output tiles.
-    pub fn gemm_grid(&self) -> (u32, u32, u32) {
-        (
-            self.rows.div_ceil(64).max(1),
-            self.batch.div_ceil(64).max(1),
-            1,
-        )
-    }
-}
+pub const ATTENTION_WGSL: &str = include_str!("../gpu/kernels/q4_attention.wgsl");
 
 /// The uniform of `q4_dequant.wgsl` (48 bytes, `#[repr(C)]`, field order as in the WGSL).
 #[repr(C)]

@@ -4,10 +4,11 @@
 //! elements along `cols` (the contiguous axis: a linear weight's input features, a cache row's head_dim). Each group
 //! stores its `min` and `step = (max - min) / (2^bits - 1)` (the reciprocal of FlexLLMGen's `scale`) as fp16 and each
 //! element as `q = clamp(round((x - min) / step), 0, 2^bits - 1)`; it decodes as `x' = q * step + min`.
-//! Compressed tensors stay compressed in every tier (GPU, CPU, disk) and move as one blob: the kernels in
-//! `kernels/q4_*.wgsl` ([`GEMV_WGSL`], [`GEMM_WGSL`], [`DEQUANT_WGSL`], [`ATTENTION_WGSL`]) read the packed words
-//! directly, and [`QUANTIZE_WGSL`] packs new cache rows on the GPU. Each kernel's header documents its bindings,
-//! uniform (mirrored here by a `#[repr(C)]` params struct with its dispatch grid) and the `BITS` pipeline constant.
+//! Compressed tensors stay compressed in every tier (GPU, CPU, disk) and move as one blob: the linear kernels read
+//! packed weights directly through `gpu/kernels/weights_packed.wgsl`; the cache kernels in `gpu/kernels/q4_*.wgsl`
+//! ([`DEQUANT_WGSL`], [`ATTENTION_WGSL`]) read the packed words directly, and [`QUANTIZE_WGSL`] packs new cache rows
+//! on the GPU. Each q4 kernel's header documents its bindings, uniform (mirrored here by a `#[repr(C)]` params struct
+//! with its dispatch grid) and the `BITS` pipeline constant.
 //!
 //! # Packed layout (format version 1)
 //!
@@ -20,9 +21,10 @@
 //! - Scales: word `rows * words_per_row + r * groups_per_row + c / group_size` holds two fp16 values: `step` in the
 //!   low half and `min` in the high half, so WGSL's `unpack2x16float(word)` yields `vec2(step, min)`.
 //!
-//! Why this layout: a GEMV workgroup owns a few output rows and its threads stride along the row's words, so
-//! neighbouring threads read neighbouring words (coalesced); each word lies inside one group (`group_size` is a
-//! multiple of `vpw`) and needs exactly one scale word; keeping data and scales in separate sections keeps every
+//! Why this layout: a GEMV workgroup owns a few output rows and its threads stride along the rows, so neighbouring
+//! threads read neighbouring words (coalesced); each word lies inside one group (`group_size` is a multiple of
+//! `vpw`, itself a multiple of 4) and needs exactly one scale word, so the kernels decode 4 values at a time from one
+//! data word and one scale word; keeping data and scales in separate sections keeps every
 //! group's data words contiguous and aligned (8 words, 32 bytes, at the default 4 bits / 64).
 //!
 //! `min` is rounded *down* and `step` *up* to fp16, so the stored grid always covers `[min, max]` and the error per
@@ -66,8 +68,7 @@ pub use file::{
 };
 pub use flexllmgen::{flexllmgen_dequantize, flexllmgen_quantize, FlexPacked};
 pub use kernels::{
-    AttentionParams, DequantParams, MatmulParams, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL,
-    GEMM_WGSL, GEMV_WGSL, QUANTIZE_WGSL,
+    AttentionParams, DequantParams, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL, QUANTIZE_WGSL,
 };
 
 use half::f16;

@@ -6,47 +6,58 @@
 //! Bind groups are cached by (pipeline, parameter slot, buffers): decode steps record the same dispatches on the
 //! same buffers with only parameter values changing, so after the first decode step no bind group is created.
 //!
-//! All activations are f32; weights are f32, packed f16 or group-wise quantised ([`WeightFormat`]) and every kernel
-//! accumulates in f32.
+//! Activations are stored as [`ActDtype`] (f32, or f16 where the kernels are built with it: [`KernelOptions`]);
+//! weights are f32, packed f16 or group-wise quantised ([`crate::gpu::tensor::WeightFormat`]); every kernel
+//! computes and accumulates in f32.
+//!
+//! Linear layers and embedding gathers live in `kernels/linear.rs` (`gemv.wgsl`, `gemm.wgsl`, `gemm_coop.wgsl`,
+//! each reading every weight format through a `weights_*.wgsl` part; bias, activation, placement and residual in
+//! `linear_common.wgsl`'s epilogue); which variant of them runs on this device, and the self-check a device-specific
+//! variant must pass first, in `kernels/variants.rs` ([`Kernels::variants`] reports it).
 //!
 //! Attention sparsity: [`Recorder::sparse_attention`] (`sparse_attention.wgsl`) is the decode attention of
 //! `--attn-sparsity` below 1, keeping per (sequence, head) the new token and the [`sparse_top_k`] best-scoring
 //! earlier real tokens; its scores go through a third staging slot.
 //!
-//! # Packed (compressed) weights and caches
+//! # Packed (compressed) caches
 //!
-//! A [`WeightFormat::Packed`] matrix is read by the compress module's kernels (`runtime/src/kernels/q4_*.wgsl`,
-//! compiled here per bit width on first use): [`Recorder::linear`] runs `q4_gemv` (m <= [`GEMV_MAX_ROWS`]) or
-//! `q4_gemm` into a staging buffer, then `scatter.wgsl` applies bias, activation, output placement and accumulation
-//! with the same epilogue as the dense kernels; [`Recorder::gather`] decodes embedding rows by id with `q4_dequant`.
-//! [`Recorder::quantize_rows`] and [`Recorder::packed_attention`] append to and attend over a packed KV cache.
-//! The q4 kernels take no input or output offsets, so work beyond one dispatch's grid (65535 rows) goes through
-//! staging buffers with buffer-to-buffer copies. Staging buffers are owned by [`Kernels`], grown on demand (the first
-//! step sizes them) and shared by every dispatch of a step: the queue runs dispatches one after another.
+//! Packed weights are read by the linear kernels themselves (`weights_packed.wgsl`). A packed KV cache uses the
+//! compress module's kernels (`runtime/src/gpu/kernels/q4_*.wgsl`, compiled here per bit width on first use):
+//! [`Recorder::quantize_rows`] and [`Recorder::packed_attention`] append to and attend over it,
+//! [`Recorder::dequantize_rows`] decodes it. The q4 kernels take no input or output offsets, so work beyond one
+//! dispatch's grid (65535 rows) goes through staging buffers with buffer-to-buffer copies. Staging buffers are owned
+//! by [`Kernels`], grown on demand (the first step sizes them) and shared by every dispatch of a step: the queue runs
+//! dispatches one after another.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use crate::compress::{
-    CompressionConfig, DequantParams, MatmulParams, PackedLayout, QuantizeParams, ATTENTION_WGSL,
-    DEQUANT_WGSL, GEMM_WGSL, GEMV_WGSL, QUANTIZE_WGSL,
+    CompressionConfig, DequantParams, PackedLayout, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL,
+    QUANTIZE_WGSL,
 };
-use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
+
+mod linear;
+mod variants;
+
+pub(crate) use linear::DeviceCache;
+pub use linear::{
+    all_pipeline_keys, compose, max_split_k_scratch_bytes, split_k, split_k_scratch_bytes,
+    CoopConfig, LinearCall, LinearKernel, ModuleKind, OutDtype, PipelineKey, SplitK, TileConfig,
+    Variant, WeightKind, DECODE_MAX_ROWS, GEMV_MAX_ROWS, SPLIT_K_WORKGROUPS,
+};
+pub use variants::{
+    bench_linear, decode_act, encode_act, linear_bench_shapes, Choice, Family, FamilyChoice,
+    KernelOptions, KernelReport, LinearShape, LinearTiming,
+};
 
 const ACT_F32: &str = include_str!("kernels/act_f32.wgsl");
 const ACT_F16: &str = include_str!("kernels/act_f16.wgsl");
-const WEIGHTS_F32: &str = include_str!("kernels/weights_f32.wgsl");
-const WEIGHTS_F16: &str = include_str!("kernels/weights_f16.wgsl");
-const EPILOGUE: &str = include_str!("kernels/epilogue.wgsl");
-const GATHER: &str = include_str!("kernels/gather.wgsl");
-const GEMM: &str = include_str!("kernels/gemm.wgsl");
-const GEMV: &str = include_str!("kernels/gemv.wgsl");
 const LAYER_NORM: &str = include_str!("kernels/layer_norm.wgsl");
 const ATTENTION_COMMON: &str = include_str!("kernels/attention_common.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
-const SCATTER: &str = include_str!("kernels/scatter.wgsl");
 const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
 const SPARSE_ATTENTION: &str = include_str!("kernels/sparse_attention.wgsl");
 const CACHE_F32: &str = include_str!("kernels/cache_f32.wgsl");
@@ -86,23 +97,20 @@ impl ActDtype {
 /// Rows one q4 dispatch handles along its grid's y dimension (the common per-dimension limit).
 const MAX_GRID_ROWS: usize = 65535;
 
-/// The compress module's kernels, each compiled per bit width (q4_gemv also per token count: `Kernels::q4_gemv`).
+/// The compress module's cache kernels, each compiled per bit width.
 #[derive(Clone, Copy)]
 enum Q4 {
-    Gemm,
     Dequant,
     Quantize,
     Attention,
 }
 
-/// Staging buffers: slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to quantise), slot 2 the
-/// sparse attention's scores.
+/// Staging buffers: slot 0 holds dequantised rows past a dispatch's grid, slot 1 rows to quantise past it, slot 2
+/// the sparse attention's scores.
 const STAGING_SLOTS: usize = 3;
 /// The staging slot of [`Recorder::sparse_attention`]'s scores.
 const SCORES_SLOT: usize = 2;
 
-/// Largest number of x rows the GEMV kernel handles (its register array); more rows use the tiled GEMM.
-pub const GEMV_MAX_ROWS: usize = 8;
 /// Largest head_dim the attention kernel handles (its workgroup memory).
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -231,6 +239,7 @@ pub struct AttentionShape {
     pub n_head: usize,
 }
 
+#[derive(Clone)]
 struct Kernel {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
@@ -239,20 +248,18 @@ struct Kernel {
 /// Every compiled pipeline, plus the pooled uniform buffer their parameters go through.
 pub struct Kernels {
     gpu: Gpu,
-    gather: [Kernel; 2],
-    gemm: [Kernel; 2],
-    /// Per format, per row count 1..=8 (a pipeline constant), built on first use.
-    gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 2],
+    options: KernelOptions,
+    /// Linear layers and gather ([`linear`]): pipelines by key, split-K scratch.
+    linear: linear::LinearKernels,
+    /// Each linear family's variant, chosen once ([`variants`]).
+    resolved: variants::Resolved,
     layer_norm: Kernel,
     /// Per [`CacheDtype`].
     attention: [Kernel; 2],
     argmax: Kernel,
     sample: Kernel,
     /// q4 kernels by [`Q4`] and bit width (2, 4, 8), built on first use.
-    q4: [[OnceLock<Kernel>; 3]; 4],
-    /// q4_gemv by bit width and token count 1..=8 (a pipeline constant), built on first use.
-    q4_gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 3],
-    scatter: OnceLock<Kernel>,
+    q4: [[OnceLock<Kernel>; 3]; 3],
     cache_rows: OnceLock<Kernel>,
     /// Per [`CacheDtype`], built on first use.
     sparse_attention: [OnceLock<Kernel>; 2],
@@ -292,39 +299,29 @@ fn bits_index(bits: u8) -> usize {
     }
 }
 
-/// Index of a dense format's pipelines (packed matrices take the q4 path before this is asked).
-fn format_index(format: WeightFormat) -> usize {
-    match format {
-        WeightFormat::F32 | WeightFormat::Packed(_) => 0,
-        WeightFormat::F16 => 1,
-    }
-}
-
 impl Kernels {
-    /// Compiles every kernel for `gpu`.
+    /// Compiles the kernels for `gpu` with [`KernelOptions::default`]: f32 activations, each family's variant
+    /// chosen on first use unless `STRATA_KERNELS=portable`.
     pub fn new(gpu: &Gpu) -> Kernels {
+        Kernels::with_options(gpu, KernelOptions::default())
+    }
+
+    /// Compiles the kernels for `gpu` with `options` (activation dtype, variant choices). Linear pipelines are
+    /// compiled on first use; a device-specific variant is self-checked the first time its family is needed.
+    pub fn with_options(gpu: &Gpu, options: KernelOptions) -> Kernels {
         let build =
             |label: &str, parts: &[&str], entry: &str| build_kernel(gpu, label, parts, entry, &[]);
-        let by_format = |label: &str, parts: &[&str]| {
-            [WEIGHTS_F32, WEIGHTS_F16].map(|weights| {
-                let mut all = vec![weights];
-                all.extend_from_slice(parts);
-                build(label, &all, "main")
-            })
-        };
         let slot = (gpu.limits.min_uniform_buffer_offset_alignment as u64).max(256);
         Kernels {
-            gather: by_format("gather", &[GATHER]),
-            gemm: by_format("gemm", &[EPILOGUE, GEMM]),
-            gemv: Default::default(),
-            layer_norm: build("layer_norm", &[LAYER_NORM], "main"),
+            options,
+            linear: Default::default(),
+            resolved: Default::default(),
+            layer_norm: build("layer_norm", &[options.act.wgsl(), LAYER_NORM], "main"),
             attention: [CACHE_F32, CACHE_F16]
                 .map(|cache| build("attention", &[cache, ATTENTION_COMMON, ATTENTION], "main")),
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
             q4: Default::default(),
-            q4_gemv: Default::default(),
-            scatter: OnceLock::new(),
             cache_rows: OnceLock::new(),
             sparse_attention: Default::default(),
             cache_store_f16: OnceLock::new(),
@@ -337,26 +334,9 @@ impl Kernels {
         }
     }
 
-    fn gemv(&self, format: WeightFormat, m: usize) -> &Kernel {
-        self.gemv[format_index(format)][m - 1].get_or_init(|| {
-            let weights = match format {
-                WeightFormat::F32 | WeightFormat::Packed(_) => WEIGHTS_F32,
-                WeightFormat::F16 => WEIGHTS_F16,
-            };
-            build_kernel(
-                &self.gpu,
-                "gemv",
-                &[weights, EPILOGUE, GEMV],
-                "main",
-                &[("M", m as f64)],
-            )
-        })
-    }
-
     fn q4(&self, which: Q4, bits: u8) -> &Kernel {
         self.q4[which as usize][bits_index(bits)].get_or_init(|| {
             let (label, source) = match which {
-                Q4::Gemm => ("q4_gemm", GEMM_WGSL),
                 Q4::Dequant => ("q4_dequant", DEQUANT_WGSL),
                 Q4::Quantize => ("q4_quantize", QUANTIZE_WGSL),
                 Q4::Attention => ("q4_attention", ATTENTION_WGSL),
@@ -369,24 +349,6 @@ impl Kernels {
                 &[("BITS", bits as f64)],
             )
         })
-    }
-
-    /// q4_gemv for `tokens` (1..=8) rows of x at a time.
-    fn q4_gemv(&self, bits: u8, tokens: usize) -> &Kernel {
-        self.q4_gemv[bits_index(bits)][tokens - 1].get_or_init(|| {
-            build_kernel(
-                &self.gpu,
-                "q4_gemv",
-                &[GEMV_WGSL],
-                "main",
-                &[("BITS", bits as f64), ("TOKENS", tokens as f64)],
-            )
-        })
-    }
-
-    fn scatter(&self) -> &Kernel {
-        self.scatter
-            .get_or_init(|| build_kernel(&self.gpu, "scatter", &[EPILOGUE, SCATTER], "main", &[]))
     }
 
     fn cache_rows(&self) -> &Kernel {
@@ -465,6 +427,90 @@ impl Kernels {
     }
 }
 
+/// One WGSL module the runtime can compile, as handed to wgpu: for tests that validate every module with naga.
+#[derive(Clone, Debug)]
+pub struct ShaderModuleSource {
+    /// What it is (kernel and specialisation).
+    pub label: String,
+    /// The concatenated parts.
+    pub source: String,
+    /// The entry point.
+    pub entry: &'static str,
+    /// Pipeline-overridable constants and their values.
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+/// Every WGSL module [`Kernels`] can build: each linear-family pipeline (for both activation dtypes, the
+/// tensor-core kernels for subgroups of 4 to 128 invocations) and every other kernel with each of its
+/// specialisations. A kernel added to [`Kernels`] must be listed here, so a naga failure or invalid shader fails CI.
+pub fn shader_modules() -> Vec<ShaderModuleSource> {
+    let module = |label: String, parts: &[&str], entry, constants: Vec<(&'static str, f64)>| {
+        ShaderModuleSource {
+            label,
+            source: parts.join("\n"),
+            entry,
+            constants,
+        }
+    };
+    let mut all = Vec::new();
+    for act in [ActDtype::F32, ActDtype::F16] {
+        for key in all_pipeline_keys(&[4, 8, 16, 32, 64, 128]) {
+            let (source, constants) = compose(act, &key);
+            all.push(ShaderModuleSource {
+                label: format!("{key:?} {act:?}"),
+                source,
+                entry: "main",
+                constants,
+            });
+        }
+        all.push(module(
+            format!("layer_norm {act:?}"),
+            &[act.wgsl(), LAYER_NORM],
+            "main",
+            vec![],
+        ));
+    }
+    for (dtype, cache) in [("f32", CACHE_F32), ("f16", CACHE_F16)] {
+        all.push(module(
+            format!("attention {dtype}"),
+            &[cache, ATTENTION_COMMON, ATTENTION],
+            "main",
+            vec![],
+        ));
+        all.push(module(
+            format!("sparse_attention {dtype}"),
+            &[cache, ATTENTION_COMMON, SPARSE_ATTENTION],
+            "main",
+            vec![],
+        ));
+    }
+    for entry in ["argmax", "sample"] {
+        all.push(module(entry.into(), &[SELECT], entry, vec![]));
+    }
+    all.push(module("cache_rows".into(), &[CACHE_ROWS], "main", vec![]));
+    all.push(module(
+        "cache_store_f16".into(),
+        &[CACHE_STORE_F16],
+        "main",
+        vec![],
+    ));
+    for (name, source) in [
+        ("q4_dequant", DEQUANT_WGSL),
+        ("q4_quantize", QUANTIZE_WGSL),
+        ("q4_attention", ATTENTION_WGSL),
+    ] {
+        for bits in [2u8, 4, 8] {
+            all.push(module(
+                format!("{name} {bits} bits"),
+                &[source],
+                "main",
+                vec![("BITS", bits as f64)],
+            ));
+        }
+    }
+    all
+}
+
 fn build_kernel(
     gpu: &Gpu,
     label: &str,
@@ -496,9 +542,9 @@ fn build_kernel(
     Kernel { pipeline, layout }
 }
 
-enum Op<'a> {
+enum Op {
     Dispatch {
-        kernel: &'a Kernel,
+        kernel: Kernel,
         slot: u64,
         bindings: Vec<(u32, wgpu::Buffer)>,
         groups: [u32; 3],
@@ -514,10 +560,11 @@ enum Op<'a> {
 
 /// One step's dispatches and copies, submitted together by [`Recorder::submit`].
 ///
-/// Sizes are in elements; every buffer holds f32 unless it is a weight matrix or a list of token ids (u32).
+/// Sizes are in elements. Activations (inputs and outputs of linear layers, gather and layer norm) are stored as the
+/// kernels' [`ActDtype`]; other buffers hold f32 unless they are weight matrices, caches or token ids (u32).
 pub struct Recorder<'a> {
     kernels: &'a Kernels,
-    ops: Vec<Op<'a>>,
+    ops: Vec<Op>,
     uniforms: Vec<u8>,
 }
 
@@ -525,35 +572,6 @@ pub struct Recorder<'a> {
 /// every dimension is bounded by a binding's size).
 fn zeroed<T: bytemuck::Zeroable>() -> T {
     T::zeroed()
-}
-
-/// The linear epilogue's parameters (shared by the dense kernels and the packed path's scatter pass): the output
-/// shape of one weight chunk, where its rows go, bias, activation, accumulation and the first input row.
-#[allow(clippy::too_many_arguments)]
-fn epilogue_params(
-    m: usize,
-    chunk: &MatrixChunk,
-    cols: usize,
-    rows: OutRows,
-    has_bias: bool,
-    act_code: u32,
-    accumulate: bool,
-    first_row: usize,
-) -> [u32; 12] {
-    [
-        u32_of(m),
-        u32_of(chunk.rows),
-        u32_of(cols),
-        u32_of(chunk.row0),
-        u32_of(rows.ldo),
-        u32_of(rows.seg_len),
-        u32_of(rows.seg_stride),
-        u32_of(rows.seg_off),
-        has_bias as u32,
-        act_code,
-        accumulate as u32,
-        u32_of(first_row),
-    ]
 }
 
 fn u32_of(n: usize) -> u32 {
@@ -587,7 +605,17 @@ impl<'a> Recorder<'a> {
 
     fn dispatch(
         &mut self,
-        kernel: &'a Kernel,
+        kernel: &Kernel,
+        params: &[u32],
+        bindings: Vec<(u32, &wgpu::Buffer)>,
+        groups: [u32; 3],
+    ) {
+        self.dispatch_owned(kernel.clone(), params, bindings, groups);
+    }
+
+    fn dispatch_owned(
+        &mut self,
+        kernel: Kernel,
         params: &[u32],
         bindings: Vec<(u32, &wgpu::Buffer)>,
         groups: [u32; 3],
@@ -599,293 +627,6 @@ impl<'a> Recorder<'a> {
             bindings: bindings.into_iter().map(|(i, b)| (i, b.clone())).collect(),
             groups,
         });
-    }
-
-    /// `out[t, :] = table[ids[t], :]` (or `+=` when `accumulate`), for `n_ids` ids: embedding lookups. A packed table
-    /// must be one chunk (checked when the model is uploaded); its rows are decoded by `q4_dequant`.
-    pub fn gather(
-        &mut self,
-        table: &'a GpuMatrix,
-        ids: &'a wgpu::Buffer,
-        n_ids: usize,
-        out: &'a wgpu::Buffer,
-        accumulate: bool,
-    ) {
-        if let Some(config) = table.format.compression() {
-            self.gather_packed(table, config, ids, n_ids, out, accumulate);
-            return;
-        }
-        let kernel = &self.kernels.gather[format_index(table.format)];
-        for chunk in &table.chunks {
-            let params = [
-                u32_of(n_ids),
-                u32_of(table.cols),
-                u32_of(chunk.row0),
-                u32_of(chunk.rows),
-                accumulate as u32,
-                0,
-                0,
-                0,
-            ];
-            let groups = self.grid((n_ids * table.cols).div_ceil(256));
-            self.dispatch(
-                kernel,
-                &params,
-                vec![(1, &chunk.buffer), (2, ids), (3, out)],
-                groups,
-            );
-        }
-    }
-
-    /// A linear layer: `out[r, c] (+)= act(x[r, :] . w[c, :] + bias[c])` for the `m` rows of `x` (`[m, w.cols]`),
-    /// with output rows placed by `rows`. A GEMV kernel serves `m <= 8` (decode), a tiled GEMM larger `m`.
-    #[allow(clippy::too_many_arguments)] // one argument per part of the linear layer; a struct would only rename them
-    pub fn linear(
-        &mut self,
-        x: &'a wgpu::Buffer,
-        m: usize,
-        w: &'a GpuMatrix,
-        bias: Option<&'a wgpu::Buffer>,
-        act: Act,
-        out: &'a wgpu::Buffer,
-        rows: OutRows,
-        accumulate: bool,
-    ) {
-        if let Some(config) = w.format.compression() {
-            self.linear_packed(x, m, w, config, bias, act, out, rows, accumulate);
-            return;
-        }
-        let gemv = m <= GEMV_MAX_ROWS;
-        let kernel = if gemv {
-            self.kernels.gemv(w.format, m.max(1))
-        } else {
-            &self.kernels.gemm[format_index(w.format)]
-        };
-        let act_code = act.code();
-        let bias_buffer = bias.unwrap_or(&self.kernels.dummy);
-        for chunk in &w.chunks {
-            let params = epilogue_params(
-                m,
-                chunk,
-                w.cols,
-                rows,
-                bias.is_some(),
-                act_code,
-                accumulate,
-                0,
-            );
-            let groups = if gemv {
-                self.grid(chunk.rows.div_ceil(4))
-            } else {
-                self.grid(chunk.rows.div_ceil(64) * m.div_ceil(64))
-            };
-            self.dispatch(
-                kernel,
-                &params,
-                vec![(1, &chunk.buffer), (2, x), (3, bias_buffer), (4, out)],
-                groups,
-            );
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)] // Recorder::linear's arguments plus the config
-    fn linear_packed(
-        &mut self,
-        x: &'a wgpu::Buffer,
-        m: usize,
-        w: &'a GpuMatrix,
-        config: CompressionConfig,
-        bias: Option<&'a wgpu::Buffer>,
-        act: Act,
-        out: &'a wgpu::Buffer,
-        rows: OutRows,
-        accumulate: bool,
-    ) {
-        let gemv = m <= GEMV_MAX_ROWS;
-        let widest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0).max(1);
-        // Rows of x per pass, so that a pass's rows of x and its [piece, chunk.rows] result each fit one binding.
-        let widest_row = 4 * widest.max(w.cols) as u64;
-        let piece = ((self.kernels.gpu.max_binding() / widest_row) as usize).clamp(1, m.max(1));
-        let staging = self.kernels.staging(0, (piece * widest * 4) as u64);
-        let x_row_bytes = (w.cols * 4) as u64;
-        let act_code = act.code();
-        let mut r0 = 0;
-        while r0 < m {
-            let pm = piece.min(m - r0);
-            let kernel = if gemv {
-                self.kernels.q4_gemv(config.bits, pm)
-            } else {
-                self.kernels.q4(Q4::Gemm, config.bits)
-            };
-            // The q4 kernels take no x offset: a piece past the first is copied to the front of staging slot 1.
-            let xs = if r0 == 0 {
-                x.clone()
-            } else {
-                let s = self.kernels.staging(1, pm as u64 * x_row_bytes);
-                self.copy_owned(
-                    x.clone(),
-                    r0 as u64 * x_row_bytes,
-                    s.clone(),
-                    0,
-                    pm as u64 * x_row_bytes,
-                );
-                s
-            };
-            self.linear_packed_piece(
-                &xs, r0, pm, w, config, kernel, gemv, &staging, bias, act_code, out, rows,
-                accumulate,
-            );
-            r0 += pm;
-        }
-    }
-
-    /// Rows `r0..r0 + m` of a packed linear layer (`x` holds just those rows) through `staging`.
-    #[allow(clippy::too_many_arguments)] // linear_packed's state for one piece of x
-    fn linear_packed_piece(
-        &mut self,
-        x: &wgpu::Buffer,
-        r0: usize,
-        m: usize,
-        w: &'a GpuMatrix,
-        config: CompressionConfig,
-        kernel: &'a Kernel,
-        gemv: bool,
-        staging: &wgpu::Buffer,
-        bias: Option<&'a wgpu::Buffer>,
-        act_code: u32,
-        out: &'a wgpu::Buffer,
-        rows: OutRows,
-        accumulate: bool,
-    ) {
-        let bias_buffer = bias.unwrap_or(&self.kernels.dummy);
-        for chunk in &w.chunks {
-            let l = PackedLayout::new(chunk.rows, w.cols, config);
-            // Dense [m, chunk.rows] into staging; the scatter pass adds bias and places the rows.
-            let params = MatmulParams {
-                rows: u32_of(chunk.rows),
-                cols: u32_of(w.cols),
-                batch: u32_of(m),
-                words_per_row: u32_of(l.words_per_row),
-                groups_per_row: u32_of(l.groups_per_row),
-                words_per_group: u32_of(l.words_per_group),
-                scale_offset: u32_of(l.scale_offset),
-                has_bias: 0,
-                x_stride: u32_of(w.cols),
-                y_stride: u32_of(chunk.rows),
-                pad: [0; 2],
-            };
-            let groups = if gemv {
-                self.grid(params.gemv_workgroups() as usize)
-            } else {
-                [
-                    u32_of(chunk.rows.div_ceil(64).max(1)),
-                    u32_of(m.div_ceil(64).max(1)),
-                    1,
-                ]
-            };
-            self.dispatch(
-                kernel,
-                bytemuck::cast_slice(std::slice::from_ref(&params)),
-                vec![
-                    (1, &chunk.buffer),
-                    (2, x),
-                    (3, &self.kernels.dummy),
-                    (4, staging),
-                ],
-                groups,
-            );
-            let epilogue = epilogue_params(
-                m,
-                chunk,
-                w.cols,
-                rows,
-                bias.is_some(),
-                act_code,
-                accumulate,
-                r0,
-            );
-            let groups = self.grid((m * chunk.rows).div_ceil(256));
-            self.dispatch(
-                self.kernels.scatter(),
-                &epilogue,
-                vec![(2, staging), (3, bias_buffer), (4, out)],
-                groups,
-            );
-        }
-    }
-
-    fn gather_packed(
-        &mut self,
-        table: &'a GpuMatrix,
-        config: CompressionConfig,
-        ids: &'a wgpu::Buffer,
-        n_ids: usize,
-        out: &'a wgpu::Buffer,
-        accumulate: bool,
-    ) {
-        let Some(chunk) = table.chunks.first() else {
-            return;
-        };
-        let l = PackedLayout::new(chunk.rows, table.cols, config);
-        let kernel = self.kernels.q4(Q4::Dequant, config.bits);
-        let row_bytes = (table.cols * 4) as u64;
-        let mut start = 0;
-        while start < n_ids {
-            let n = (n_ids - start).min(MAX_GRID_ROWS);
-            // The kernel has no input or output offset: a piece past the first goes through staging.
-            let direct = start == 0 && !accumulate;
-            let piece_ids = if start == 0 {
-                ids.clone()
-            } else {
-                let s = self.kernels.staging(1, (n * 4) as u64);
-                self.copy_owned(
-                    ids.clone(),
-                    (start * 4) as u64,
-                    s.clone(),
-                    0,
-                    (n * 4) as u64,
-                );
-                s
-            };
-            let target = if direct {
-                out.clone()
-            } else {
-                self.kernels.staging(0, n as u64 * row_bytes)
-            };
-            let mut params = DequantParams::new(&l, n, None).unwrap_or_else(zeroed);
-            params.out_rows = u32_of(n);
-            let groups = params.grid(config);
-            self.dispatch(
-                kernel,
-                bytemuck::cast_slice(std::slice::from_ref(&params)),
-                vec![(1, &chunk.buffer), (2, &piece_ids), (3, &target)],
-                [groups.0, groups.1, groups.2],
-            );
-            if accumulate {
-                self.add(&target, out, start * table.cols, n * table.cols);
-            } else if !direct {
-                self.copy_owned(
-                    target,
-                    0,
-                    out.clone(),
-                    start as u64 * row_bytes,
-                    n as u64 * row_bytes,
-                );
-            }
-            start += n;
-        }
-    }
-
-    /// `dst[dst_off + i] += src[i]` for `i < n`.
-    fn add(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, dst_off: usize, n: usize) {
-        let params = [0, 0, 0, 0, 0, 0, 2, u32_of(n), u32_of(dst_off), 0, 0, 0];
-        let groups = self.grid(n.div_ceil(256));
-        self.dispatch(
-            self.kernels.cache_rows(),
-            &params,
-            vec![(1, src), (2, dst)],
-            groups,
-        );
     }
 
     /// Moves positions `t0..t0 + t_len` of `batch` sequences between the attention kernel's cache layout

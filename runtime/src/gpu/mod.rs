@@ -65,6 +65,9 @@ pub enum GpuError {
     /// Mapping a buffer for reading failed (device lost, out of memory).
     #[error("reading results back from the GPU failed: {0}")]
     Readback(String),
+    /// The device lacks what an operation needs (a kernel variant's features).
+    #[error("not supported on this device: {0}")]
+    Unsupported(String),
 }
 
 /// How to pick and configure the GPU.
@@ -91,8 +94,13 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// The features enabled on the device.
     pub features: wgpu::Features,
+    /// The cooperative-matrix (tensor-core) shapes the adapter offers; empty unless
+    /// `EXPERIMENTAL_COOPERATIVE_MATRIX` is enabled.
+    pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
     max_binding: u64,
     readback: Arc<Mutex<Option<wgpu::Buffer>>>,
+    /// Compiled linear pipelines and kernel-variant choices, shared by every `Kernels` on this device.
+    pub(crate) cache: Arc<kernels::DeviceCache>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -166,14 +174,33 @@ impl Gpu {
         let info = adapter.get_info();
         // The adapter's own limits: wgpu's defaults cap bindings at 128 MiB, far below what GPUs allow.
         let limits = adapter.limits();
-        let wanted_features = wgpu::Features::SHADER_F16 | wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        // Subgroups and cooperative matrices (tensor cores) serve device-specific kernel variants, each of which
+        // proves itself against the portable kernel before it is used (gpu::kernels::variants).
+        let wanted_features = wgpu::Features::SHADER_F16
+            | wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         let features = adapter.features() & wanted_features;
+        let coop = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        let experimental_features = if coop {
+            // SAFETY: wgpu asks callers of experimental features to accept that their implementation may have bugs.
+            // The only experimental feature requested is cooperative matrices, used by one kernel that is compiled
+            // under an error scope and compared with the portable kernel before it computes anything.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let cooperative_matrix = if coop {
+            adapter.cooperative_matrix_properties()
+        } else {
+            Vec::new()
+        };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("strata"),
                 required_features: features,
                 required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                experimental_features,
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
@@ -194,8 +221,10 @@ impl Gpu {
             info,
             limits,
             features,
+            cooperative_matrix,
             max_binding,
             readback: Arc::new(Mutex::new(None)),
+            cache: Arc::default(),
         })
     }
 

@@ -1,4 +1,5 @@
-// y = (x - mean) / sqrt(var + eps) (* gamma + beta): one workgroup per row, two-pass mean and variance.
+// y = (x - mean) / sqrt(var + eps) (* gamma + beta): one workgroup per row, two-pass mean and variance. x and y are
+// activations (act, after the act part), gamma and beta f32; arithmetic is f32.
 
 struct Params {
     rows: u32,
@@ -8,10 +9,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<act>;
 @group(0) @binding(2) var<storage, read> gamma: array<f32>;
 @group(0) @binding(3) var<storage, read> beta: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<act>;
 
 var<workgroup> red: array<f32, 256>;
 
@@ -41,21 +42,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let base = row * width;
     var s = 0.0;
     for (var i = lid; i < width; i += 256u) {
-        s += x[base + i];
+        s += f32(x[base + i]);
     }
     let mean = reduce_sum(lid, s) / f32(width);
     var s2 = 0.0;
     for (var i = lid; i < width; i += 256u) {
-        let d = x[base + i] - mean;
+        let d = f32(x[base + i]) - mean;
         s2 += d * d;
     }
     let variance = reduce_sum(lid, s2) / f32(width);
     let rstd = inverseSqrt(variance + params.eps);
     for (var i = lid; i < width; i += 256u) {
-        var v = (x[base + i] - mean) * rstd;
+        var v = (f32(x[base + i]) - mean) * rstd;
         if (params.affine != 0u) {
             v = v * gamma[i] + beta[i];
         }
-        y[base + i] = v;
+        y[base + i] = act(v);
     }
 }

@@ -1,0 +1,628 @@
+//! Which variant of each linear-kernel family runs on this device, and why; the self-check that admits a
+//! device-specific variant; a benchmark entry for one linear layer.
+//!
+//! A device-specific variant (tensor cores, subgroup reductions) was written where no such device was at hand, so it
+//! must prove itself before it computes a token: the first time its family is needed (or when
+//! [`Kernels::variants`] is asked), it runs a few small, awkwardly shaped problems (rows, columns and k not
+//! multiples of its tiles, unaligned k, split-K) through itself and through the portable kernel. It is used only if
+//! it compiles (under an error scope) and agrees within the rounding its inputs allow; otherwise the portable kernel
+//! runs and the report says why. `STRATA_KERNELS=portable` or [`KernelOptions`] force the portable kernels. A CPU
+//! adapter (lavapipe, where CI runs) uses the portable kernels unless a variant is forced, so CI's end-to-end runs
+//! test the kernels every device has; unit tests force each variant and compare it with the CPU.
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use super::linear::{LinearCall, LinearKernel, Variant};
+use super::{Act, ActDtype, Kernels, OutRows};
+use crate::config::DType;
+use crate::gpu::tensor::{GpuMatrix, WeightFormat};
+use crate::gpu::{Gpu, GpuError};
+use crate::weights::HostTensor;
+
+/// How a family of kernels picks its variant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Choice {
+    /// The device-specific variant when the device has it and it passes the self-check, else portable.
+    #[default]
+    Auto,
+    /// Always the portable kernel.
+    Portable,
+    /// The device-specific variant whenever the device has it and it compiles, without the self-check (tests
+    /// compare it with the CPU themselves).
+    Device,
+}
+
+/// What [`Kernels::with_options`] builds: the activation dtype and each family's variant choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// How activations are stored in every kernel that reads or writes them.
+    pub act: ActDtype,
+    /// The tiled linear kernels (prefill, decode of 9..=64 rows): tensor cores or portable.
+    pub tiled: Choice,
+    /// The decode GEMV (1..=8 rows): subgroup reduction or portable.
+    pub gemv: Choice,
+    /// Whether [`KernelOptions::from_env`] found `STRATA_KERNELS=portable` (for the report's reason).
+    pub from_env: bool,
+}
+
+impl Default for KernelOptions {
+    /// f32 activations; variants from [`KernelOptions::from_env`].
+    fn default() -> Self {
+        KernelOptions::from_env()
+    }
+}
+
+impl KernelOptions {
+    /// The environment variable that forces the portable kernels (`STRATA_KERNELS=portable`).
+    pub const ENV: &'static str = "STRATA_KERNELS";
+
+    /// f32 activations, every family on [`Choice::Auto`], unless `STRATA_KERNELS=portable`.
+    pub fn from_env() -> Self {
+        let portable = std::env::var(Self::ENV).is_ok_and(|v| v.eq_ignore_ascii_case("portable"));
+        KernelOptions {
+            act: ActDtype::F32,
+            tiled: if portable {
+                Choice::Portable
+            } else {
+                Choice::Auto
+            },
+            gemv: if portable {
+                Choice::Portable
+            } else {
+                Choice::Auto
+            },
+            from_env: portable,
+        }
+    }
+
+    /// Every family portable, f32 activations.
+    pub fn portable() -> Self {
+        KernelOptions {
+            act: ActDtype::F32,
+            tiled: Choice::Portable,
+            gemv: Choice::Portable,
+            from_env: false,
+        }
+    }
+
+    /// These options with activations stored as `act`.
+    pub fn with_act(self, act: ActDtype) -> Self {
+        KernelOptions { act, ..self }
+    }
+}
+
+/// A family of linear kernels that has a device-specific variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Decode of 1..=8 rows (`gemv.wgsl`): [`Variant::Subgroup`] or portable.
+    Gemv,
+    /// Prefill and decode of 9..=64 rows (`gemm.wgsl` / `gemm_coop.wgsl`): [`Variant::CoopMatrix`] (f16 and
+    /// packed weights) or portable.
+    Tiled,
+}
+
+impl Family {
+    /// The device-specific variant of this family.
+    pub fn device_variant(self) -> Variant {
+        match self {
+            Family::Gemv => Variant::Subgroup,
+            Family::Tiled => Variant::CoopMatrix,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Family::Gemv => "decode linear, 1-8 rows",
+            Family::Tiled => "linear, 9+ rows (prefill; decode 9-64 rows)",
+        }
+    }
+}
+
+/// The variant one family uses and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyChoice {
+    /// The family.
+    pub family: Family,
+    /// The variant it runs.
+    pub variant: Variant,
+    /// Why: the self-check's result, or what the device lacks, or that it was forced.
+    pub reason: String,
+}
+
+/// Which variant each family of kernels uses on this device, for `bench` and `profile` to print.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelReport {
+    /// The adapter.
+    pub adapter: String,
+    /// How activations are stored.
+    pub act: ActDtype,
+    /// One entry per family.
+    pub families: Vec<FamilyChoice>,
+}
+
+impl fmt::Display for KernelReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "kernels on {} ({:?} activations):",
+            self.adapter, self.act
+        )?;
+        for c in &self.families {
+            writeln!(
+                f,
+                "  {}: {} ({})",
+                c.family.describe(),
+                c.variant.name(),
+                c.reason
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Each family's choice, made once.
+#[derive(Default)]
+pub(super) struct Resolved {
+    gemv: OnceLock<FamilyChoice>,
+    tiled: OnceLock<FamilyChoice>,
+}
+
+impl Kernels {
+    /// The options these kernels were built with.
+    pub fn options(&self) -> KernelOptions {
+        self.options
+    }
+
+    /// How activations are stored.
+    pub fn act(&self) -> ActDtype {
+        self.options.act
+    }
+
+    /// Which variant each family uses and why, running any self-check not run yet.
+    pub fn variants(&self) -> KernelReport {
+        KernelReport {
+            adapter: self.gpu.describe(),
+            act: self.options.act,
+            families: [Family::Gemv, Family::Tiled]
+                .into_iter()
+                .map(|f| self.family_choice(f).clone())
+                .collect(),
+        }
+    }
+
+    /// The family's choice, resolved (and self-checked) on first use.
+    pub fn family_choice(&self, family: Family) -> &FamilyChoice {
+        let cell = match family {
+            Family::Gemv => &self.resolved.gemv,
+            Family::Tiled => &self.resolved.tiled,
+        };
+        cell.get_or_init(|| self.resolve(family))
+    }
+
+    /// Whether the automatic choice of `variant`'s family is `variant`.
+    pub(super) fn chosen(&self, variant: Variant) -> bool {
+        match variant {
+            Variant::Portable => true,
+            Variant::Subgroup => self.family_choice(Family::Gemv).variant == variant,
+            Variant::CoopMatrix => self.family_choice(Family::Tiled).variant == variant,
+        }
+    }
+
+    /// Whether this device has what `variant` needs (features, subgroup sizes, limits); `Err` says what is
+    /// missing. Does not compile or run anything.
+    pub fn variant_available(&self, variant: Variant) -> Result<(), String> {
+        let gpu = &self.gpu;
+        let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+        match variant {
+            Variant::Portable => Ok(()),
+            Variant::Subgroup => {
+                if !gpu.features.contains(wgpu::Features::SUBGROUP) {
+                    return Err("the adapter has no subgroup operations".into());
+                }
+                if !(max.is_power_of_two() && (4..=64).contains(&max) && min >= 4) {
+                    return Err(format!(
+                        "subgroups of {min}..={max} invocations; the GEMV's reduction needs 4..=64"
+                    ));
+                }
+                Ok(())
+            }
+            Variant::CoopMatrix => {
+                let wanted = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+                    | wgpu::Features::SUBGROUP
+                    | wgpu::Features::SHADER_F16;
+                if !gpu.features.contains(wanted) {
+                    return Err(format!(
+                        "the adapter lacks {:?}",
+                        wanted - (gpu.features & wanted)
+                    ));
+                }
+                let f16_f32 = gpu.cooperative_matrix.iter().any(|p| {
+                    (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                        && p.ab_type == wgpu::CooperativeScalarType::F16
+                        && p.cr_type == wgpu::CooperativeScalarType::F32
+                });
+                if !f16_f32 {
+                    return Err(format!(
+                        "no 16x16x16 f16 x f16 -> f32 cooperative matrix among {:?}",
+                        gpu.cooperative_matrix
+                    ));
+                }
+                if min != max {
+                    return Err(format!(
+                        "subgroup size varies ({min}..={max}); the tensor-core kernel needs one size"
+                    ));
+                }
+                if self.coop_config(true).is_none() {
+                    return Err(
+                        "workgroup size or memory limits too small for the tensor-core tiles"
+                            .into(),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn resolve(&self, family: Family) -> FamilyChoice {
+        let choice = match family {
+            Family::Gemv => self.options.gemv,
+            Family::Tiled => self.options.tiled,
+        };
+        let device = family.device_variant();
+        let pick = |variant, reason: String| FamilyChoice {
+            family,
+            variant,
+            reason,
+        };
+        if choice == Choice::Portable {
+            let why = if self.options.from_env {
+                format!("{}=portable", KernelOptions::ENV)
+            } else {
+                "forced portable".to_owned()
+            };
+            return pick(Variant::Portable, why);
+        }
+        if let Err(why) = self.variant_available(device) {
+            return pick(Variant::Portable, format!("no {}: {why}", device.name()));
+        }
+        if choice == Choice::Device {
+            return pick(device, "forced, self-check skipped".into());
+        }
+        if self.gpu.info.device_type == wgpu::DeviceType::Cpu {
+            // A CPU driver (lavapipe in CI) runs the portable kernels end to end, so CI's end-to-end results are
+            // the portable kernels' (tests force each variant where they compare it with the CPU).
+            return pick(
+                Variant::Portable,
+                "CPU adapter: the portable kernels, as CI tests them end to end".into(),
+            );
+        }
+        let key = (family, self.options.act);
+        let cached = self
+            .gpu
+            .cache
+            .choices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(found) = cached {
+            return found;
+        }
+        let found = match self.self_check(family) {
+            Ok(summary) => pick(device, format!("self-check passed: {summary}")),
+            Err(why) => pick(
+                Variant::Portable,
+                format!("{} not used: {why}", device.name()),
+            ),
+        };
+        self.gpu
+            .cache
+            .choices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, found.clone());
+        found
+    }
+
+    /// Runs the family's device-specific variant and the portable kernel on small awkward problems; `Ok` says how
+    /// close they came, `Err` why the variant must not be used. [`Kernels::family_choice`] runs it once per device
+    /// (with [`Choice::Auto`] on a GPU); tests call it directly.
+    pub fn self_check(&self, family: Family) -> Result<String, String> {
+        let device = family.device_variant();
+        self.variant_available(device)?;
+        let problems: &[(usize, usize, usize, WeightFormat)] = match family {
+            Family::Gemv => &[
+                (1, 37, 130, WeightFormat::F32),
+                (5, 70, 256, WeightFormat::F16),
+                (
+                    8,
+                    20,
+                    64,
+                    WeightFormat::Packed(crate::compress::CompressionConfig::DEFAULT),
+                ),
+            ],
+            Family::Tiled => &[
+                (77, 100, 200, WeightFormat::F16),
+                (70, 65, 203, WeightFormat::F16),
+                (40, 70, 1024, WeightFormat::F16),
+                (9, 33, 66, WeightFormat::F16),
+                (
+                    20,
+                    48,
+                    128,
+                    WeightFormat::Packed(crate::compress::CompressionConfig::DEFAULT),
+                ),
+            ],
+        };
+        let mut worst = 0.0f32;
+        for &(m, n, k, format) in problems {
+            let kernel = self.linear_kernel(m, n, format, Some(device));
+            if kernel.variant() != device {
+                return Err(format!("m={m} n={n} k={k} {format:?} would not run it"));
+            }
+            let problem = Problem::new(m, n, k, format);
+            let err = |e: GpuError| format!("m={m} n={n} k={k}: {e}");
+            let got = problem.run(self, Some(device)).map_err(err)?;
+            let want = problem.run(self, Some(Variant::Portable)).map_err(err)?;
+            // x (and the output, for f16 activations) rounded to f16 by one kernel and not the other, plus f32
+            // summation order: a few f16 ulps of the sum of |terms|.
+            let f16_inputs = device == Variant::CoopMatrix || self.options.act == ActDtype::F16;
+            let rel = if f16_inputs { 2e-3 } else { 1e-5 };
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                let bound = rel * (problem.magnitude[i] + w.abs()) + 1e-5;
+                if !(g - w).abs().le(&bound) {
+                    return Err(format!(
+                        "m={m} n={n} k={k} {format:?}: output {i} is {g}, the portable kernel's {w}"
+                    ));
+                }
+                worst = worst.max((g - w).abs() / bound);
+            }
+        }
+        Ok(format!(
+            "{} problems agree with the portable kernel (worst error {:.0}% of the bound)",
+            problems.len(),
+            100.0 * worst
+        ))
+    }
+}
+
+/// A small linear problem with seeded inputs, for the self-check.
+struct Problem {
+    m: usize,
+    n: usize,
+    k: usize,
+    format: WeightFormat,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    /// Sum over k of |x| |w| per output (what rounding errors scale with).
+    magnitude: Vec<f32>,
+}
+
+impl Problem {
+    fn new(m: usize, n: usize, k: usize, format: WeightFormat) -> Problem {
+        let mut state = (m * 1_000_003 + n * 1009 + k) as u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+        let magnitude = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..k).map(|j| (x[r * k + j] * w[c * k + j]).abs()).sum()
+            })
+            .collect();
+        Problem {
+            m,
+            n,
+            k,
+            format,
+            x,
+            w,
+            magnitude,
+        }
+    }
+
+    /// The problem's output with `variant` forced (bias, GELU and a residual add included).
+    fn run(&self, kernels: &Kernels, variant: Option<Variant>) -> Result<Vec<f32>, GpuError> {
+        let gpu = &kernels.gpu;
+        let act = kernels.options.act;
+        let tensor = HostTensor {
+            dtype: DType::F32,
+            shape: vec![self.n, self.k],
+            bytes: std::borrow::Cow::Borrowed(bytemuck::cast_slice(&self.w)),
+        };
+        let w = GpuMatrix::upload(gpu, "self-check weight", &tensor, self.format)?;
+        let x = gpu.storage_buffer_init("self-check x", &encode_act(&self.x, act))?;
+        let out = gpu.storage_buffer_init(
+            "self-check out",
+            &encode_act(&vec![0.0; self.m * self.n], act),
+        )?;
+        let mut rec = kernels.recorder();
+        rec.linear_call(LinearCall {
+            x: &x,
+            m: self.m,
+            w: &w,
+            bias: None,
+            act: Act::None,
+            out: &out,
+            rows: OutRows::dense(self.n, 0),
+            accumulate: false,
+            out_dtype: None,
+            variant,
+            kernel: None,
+        });
+        rec.submit();
+        let bytes = gpu.read_back(&[(&out, 0, (self.m * self.n * act.bytes()) as u64)])?;
+        Ok(decode_act(&bytes[0], act))
+    }
+}
+
+/// `values` as activation storage of `act`.
+pub fn encode_act(values: &[f32], act: ActDtype) -> Vec<u8> {
+    match act {
+        ActDtype::F32 => bytemuck::cast_slice(values).to_vec(),
+        ActDtype::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Activation storage of `act` as f32 values.
+pub fn decode_act(bytes: &[u8], act: ActDtype) -> Vec<f32> {
+    match act {
+        ActDtype::F32 => bytemuck::pod_collect_to_vec(bytes),
+        ActDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// The shape of one linear layer: `m` rows of x, a `[n, k]` weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    /// Rows of x (tokens).
+    pub m: usize,
+    /// Output features.
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+}
+
+/// One linear layer's measured time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearTiming {
+    /// The kernel that ran (its variant and tiles).
+    pub kernel: LinearKernel,
+    /// Seconds per layer (best of the tries, averaged over the dispatches of one submit).
+    pub seconds: f64,
+    /// Floating-point operations per layer, `2 m n k`.
+    pub flops: f64,
+    /// Bytes of the weight as stored on the GPU (each read once per layer by every kernel).
+    pub weight_bytes: u64,
+}
+
+/// Times one linear layer of `shape` with weights in `format` on `kernels`' device, with `kernel` (exactly) or
+/// `variant` forced (both `None`: the kernels' own choice): `reps` identical layers per submit, wall time from
+/// submit to the device going idle, best of `iters` tries after one warm-up. An unavailable variant or a kernel the
+/// device cannot run is [`GpuError::Unsupported`]. For `strata bench kernels`; a caller with TIMESTAMP_QUERY can
+/// instead record [`Recorder::linear_call`](super::Recorder::linear_call) itself between its own timestamp writes.
+pub fn bench_linear(
+    kernels: &Kernels,
+    shape: LinearShape,
+    format: WeightFormat,
+    variant: Option<Variant>,
+    kernel: Option<LinearKernel>,
+    reps: usize,
+    iters: usize,
+) -> Result<LinearTiming, GpuError> {
+    let LinearShape { m, n, k } = shape;
+    if let Some(v) = variant {
+        kernels
+            .variant_available(v)
+            .map_err(GpuError::Unsupported)?;
+    }
+    if let Some(forced) = kernel {
+        if !kernels.can_run(forced, m) {
+            return Err(GpuError::Unsupported(format!(
+                "{forced} for {m} rows on {}",
+                kernels.gpu.describe()
+            )));
+        }
+    }
+    let gpu: &Gpu = &kernels.gpu;
+    let values: Vec<f32> = (0..n * k).map(|i| ((i % 17) as f32 - 8.0) * 1e-3).collect();
+    let tensor = HostTensor {
+        dtype: DType::F32,
+        shape: vec![n, k],
+        bytes: std::borrow::Cow::Borrowed(bytemuck::cast_slice(&values)),
+    };
+    let w = GpuMatrix::upload(gpu, "bench weight", &tensor, format)?;
+    drop(values);
+    let act = kernels.options.act;
+    let xs: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32) * 1e-2).collect();
+    let x = gpu.storage_buffer_init("bench x", &encode_act(&xs, act))?;
+    let out = gpu.storage_buffer("bench out", (m * n * act.bytes()) as u64);
+    let run = || -> Result<f64, GpuError> {
+        let mut rec = kernels.recorder();
+        for _ in 0..reps.max(1) {
+            rec.linear_call(LinearCall {
+                x: &x,
+                m,
+                w: &w,
+                bias: None,
+                act: Act::None,
+                out: &out,
+                rows: OutRows::dense(n, 0),
+                accumulate: false,
+                out_dtype: None,
+                variant,
+                kernel,
+            });
+        }
+        let start = Instant::now();
+        rec.submit();
+        gpu.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        Ok(start.elapsed().as_secs_f64() / reps.max(1) as f64)
+    };
+    run()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..iters.max(1) {
+        best = best.min(run()?);
+    }
+    let ran = kernel.unwrap_or_else(|| {
+        w.chunks.first().map_or(
+            LinearKernel::Gemv {
+                rows: 1,
+                subgroup: false,
+            },
+            |c| kernels.linear_kernel(m, c.rows, format, variant),
+        )
+    });
+    Ok(LinearTiming {
+        kernel: ran,
+        seconds: best,
+        flops: 2.0 * (m * n * k) as f64,
+        weight_bytes: w.bytes(),
+    })
+}
+
+/// The linear shapes `strata bench kernels` times (issue 10), named: the 8192^3 GEMM, opt-6.7b's four prefill
+/// linears at 64 x 512 tokens, and decode linears of 1, 8, 32 and 64 rows over 4096 x 4096, 4096 -> 16384 and
+/// 16384 -> 4096 weights.
+pub fn linear_bench_shapes() -> Vec<(String, LinearShape)> {
+    let mut shapes = vec![(
+        "gemm 8192^3".to_owned(),
+        LinearShape {
+            m: 8192,
+            n: 8192,
+            k: 8192,
+        },
+    )];
+    let tokens = 64 * 512;
+    for (name, n, k) in [
+        ("q/k/v/out_proj", 4096, 4096),
+        ("fc1", 16384, 4096),
+        ("fc2", 4096, 16384),
+    ] {
+        shapes.push((
+            format!("opt-6.7b prefill {name} (64 x 512 tokens)"),
+            LinearShape { m: tokens, n, k },
+        ));
+    }
+    for m in [1, 8, 32, 64] {
+        for (n, k) in [(4096, 4096), (16384, 4096), (4096, 16384)] {
+            shapes.push((format!("decode m={m} {k} -> {n}"), LinearShape { m, n, k }));
+        }
+    }
+    shapes
+}
