@@ -190,24 +190,28 @@ pub fn host_available() -> u64 {
 /// Refuses a plan whose peak does not fit the memory `gpu` and this host really have, before any weight is read.
 pub fn memory_fits(gpu: &Gpu, peak: TierBytes, gpu_mem_flag: Option<u64>) -> anyhow::Result<()> {
     let device = device_memory(gpu);
-    fits(
+    if let Some(warning) = fits(
         peak,
         &device,
         host_available(),
         gpu_mem_flag,
         &gpu.info.name,
-    )
+    )? {
+        eprintln!("warning: {warning}");
+    }
+    Ok(())
 }
 
 /// [`memory_fits`] on given figures: `host` is the host's available bytes, `gpu_mem_flag` the `--gpu-mem` the user
-/// passed (stating the size of a device that reports none).
+/// passed (stating the size of a device that reports none). A device that reports no size is not refused (Metal and
+/// DX12 report none, and refusing every run there would help nobody): the returned warning says what was not checked.
 pub fn fits(
     peak: TierBytes,
     device: &DeviceMemory,
     host: u64,
     gpu_mem_flag: Option<u64>,
     adapter: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<String>> {
     const GPU_ADVICE: &str = "offload weights, cache or activations with --percent (and --offload-dir), lower \
                               --gpu-batch-size or --num-gpu-batches, store weights as f16 (--dtype f16) or 4-bit \
                               (--compress-weight), or use a smaller model";
@@ -215,6 +219,7 @@ pub fn fits(
         "move CPU shares in --percent to disk (with --offload-dir), lower --num-gpu-batches, \
                               or use a smaller model";
     let mut problems = Vec::new();
+    let mut warning = None;
     match device {
         DeviceMemory::Host => {
             let needed = peak.gpu.saturating_add(peak.cpu);
@@ -243,9 +248,9 @@ pub fn fits(
         }
         DeviceMemory::Unknown { reason } => {
             if gpu_mem_flag.is_none() {
-                problems.push(format!(
-                    "GPU memory: the plan needs {} but {adapter}'s memory size is unknown ({reason}); pass --gpu-mem \
-                     with the memory the run may use (e.g. --gpu-mem 15GiB)",
+                warning = Some(format!(
+                    "GPU memory not checked: the plan needs {} but {adapter}'s memory size is unknown ({reason}); \
+                     pass --gpu-mem with the memory the run may use (e.g. --gpu-mem 15GiB) to have it checked",
                     format_bytes(peak.gpu)
                 ));
             }
@@ -262,7 +267,7 @@ pub fn fits(
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
     }
-    Ok(())
+    Ok(warning)
 }
 
 #[cfg(test)]
@@ -325,15 +330,20 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_device_size_asks_for_gpu_mem() {
+    fn an_unknown_device_size_warns_and_asks_for_gpu_mem() {
         let unknown = DeviceMemory::Unknown {
             reason: "the Metal backend does not report memory sizes".into(),
         };
-        let e = fits(peak(GIB, 0), &unknown, 64 * GIB, None, "M2")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("unknown") && e.contains("pass --gpu-mem"), "{e}");
-        assert!(fits(peak(GIB, 0), &unknown, 64 * GIB, Some(8 * GIB), "M2").is_ok());
+        let w = fits(peak(GIB, 0), &unknown, 64 * GIB, None, "M2")
+            .unwrap()
+            .expect("a warning");
+        assert!(w.contains("unknown") && w.contains("pass --gpu-mem"), "{w}");
+        assert_eq!(
+            fits(peak(GIB, 0), &unknown, 64 * GIB, Some(8 * GIB), "M2").unwrap(),
+            None
+        );
+        // The host is still checked.
+        assert!(fits(peak(GIB, 100 * GIB), &unknown, 64 * GIB, None, "M2").is_err());
     }
 
     #[test]
