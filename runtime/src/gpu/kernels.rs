@@ -6,12 +6,14 @@
 //! Bind groups are cached by (pipeline, parameter slot, buffers): decode steps record the same dispatches on the
 //! same buffers with only parameter values changing, so after the first decode step no bind group is created.
 //!
-//! All activations are f32; weights are f32, packed f16 or group-wise quantised ([`WeightFormat`]) and every kernel
-//! accumulates in f32.
+//! All activations are f32 (the attention kernels can also store them as f16: [`Kernels::with_activations`]);
+//! weights are f32, packed f16 or group-wise quantised ([`WeightFormat`]) and every kernel accumulates in f32.
 //!
-//! Attention sparsity: [`Recorder::sparse_attention`] (`sparse_attention.wgsl`) is the decode attention of
-//! `--attn-sparsity` below 1, keeping per (sequence, head) the new token and the [`sparse_top_k`] best-scoring
-//! earlier real tokens; its scores go through a third staging slot.
+//! Attention (`kernels/attention.rs`): [`Recorder::attention`] runs flash-style query blocks for a prefill and split
+//! keys (flash-decoding) for a decode step ([`AttentionKernel`]); [`Recorder::sparse_attention`]
+//! (`sparse_attention.wgsl`) is the decode attention of `--attn-sparsity` below 1, keeping per (sequence, head) the
+//! new token and the [`sparse_top_k`] best-scoring earlier real tokens. Split keys' partial results and sparse
+//! attention's scores go through a third staging slot.
 //!
 //! # Packed (compressed) weights and caches
 //!
@@ -34,6 +36,13 @@ use crate::compress::{
 use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 
+mod attention;
+pub use attention::{
+    attention_scratch_bytes, decode_splits, sparse_attention_scratch_bytes,
+    split_keys_scratch_bytes, AttentionKernel, QueryBlockTiles, ATTENTION_WORKGROUP,
+    MIN_SPLIT_KEYS, SPLIT_TARGET_WORKGROUPS,
+};
+
 const ACT_F32: &str = include_str!("kernels/act_f32.wgsl");
 const ACT_F16: &str = include_str!("kernels/act_f16.wgsl");
 const WEIGHTS_F32: &str = include_str!("kernels/weights_f32.wgsl");
@@ -43,15 +52,9 @@ const GATHER: &str = include_str!("kernels/gather.wgsl");
 const GEMM: &str = include_str!("kernels/gemm.wgsl");
 const GEMV: &str = include_str!("kernels/gemv.wgsl");
 const LAYER_NORM: &str = include_str!("kernels/layer_norm.wgsl");
-const ATTENTION_COMMON: &str = include_str!("kernels/attention_common.wgsl");
-const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
 const SCATTER: &str = include_str!("kernels/scatter.wgsl");
 const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
-const SPARSE_ATTENTION: &str = include_str!("kernels/sparse_attention.wgsl");
-const CACHE_F32: &str = include_str!("kernels/cache_f32.wgsl");
-const CACHE_F16: &str = include_str!("kernels/cache_f16.wgsl");
-const CACHE_STORE_F16: &str = include_str!("kernels/cache_store_f16.wgsl");
 
 /// How activations (hidden rows, projections, attention output, FFN intermediate) are stored in GPU memory. Every
 /// kernel that reads or writes activations is compiled with [`ActDtype::wgsl`] as the first part of its module and
@@ -95,11 +98,9 @@ enum Q4 {
     Attention,
 }
 
-/// Staging buffers: slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to quantise), slot 2 the
-/// sparse attention's scores.
+/// Staging buffers: slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to quantise), slot 2
+/// attention's scratch (split-keys partials, sparse attention's scores: `kernels/attention.rs`).
 const STAGING_SLOTS: usize = 3;
-/// The staging slot of [`Recorder::sparse_attention`]'s scores.
-const SCORES_SLOT: usize = 2;
 
 /// Largest number of x rows the GEMV kernel handles (its register array); more rows use the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -244,8 +245,6 @@ pub struct Kernels {
     /// Per format, per row count 1..=8 (a pipeline constant), built on first use.
     gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 2],
     layer_norm: Kernel,
-    /// Per [`CacheDtype`].
-    attention: [Kernel; 2],
     argmax: Kernel,
     sample: Kernel,
     /// q4 kernels by [`Q4`] and bit width (2, 4, 8), built on first use.
@@ -254,9 +253,9 @@ pub struct Kernels {
     q4_gemv: [[OnceLock<Kernel>; GEMV_MAX_ROWS]; 3],
     scatter: OnceLock<Kernel>,
     cache_rows: OnceLock<Kernel>,
-    /// Per [`CacheDtype`], built on first use.
-    sparse_attention: [OnceLock<Kernel>; 2],
-    cache_store_f16: OnceLock<Kernel>,
+    /// How the attention kernels read queries and write outputs.
+    act: ActDtype,
+    attention: attention::AttentionKernels,
     staging: Mutex<[Option<wgpu::Buffer>; STAGING_SLOTS]>,
     /// Bound where an optional input (bias, layer-norm affine) is absent.
     dummy: wgpu::Buffer,
@@ -301,8 +300,20 @@ fn format_index(format: WeightFormat) -> usize {
 }
 
 impl Kernels {
-    /// Compiles every kernel for `gpu`.
+    /// Compiles every kernel for `gpu`, with f32 activations.
     pub fn new(gpu: &Gpu) -> Kernels {
+        Kernels::with_activations(gpu, ActDtype::F32)
+    }
+
+    /// Compiles every kernel for `gpu`, the attention kernels reading queries and writing outputs as `act`
+    /// (activations are f16 only where the device has SHADER_F16: elsewhere `act` F16 gives F32, see
+    /// [`Kernels::act`]).
+    pub fn with_activations(gpu: &Gpu, act: ActDtype) -> Kernels {
+        let act = if gpu.features.contains(wgpu::Features::SHADER_F16) {
+            act
+        } else {
+            ActDtype::F32
+        };
         let build =
             |label: &str, parts: &[&str], entry: &str| build_kernel(gpu, label, parts, entry, &[]);
         let by_format = |label: &str, parts: &[&str]| {
@@ -318,16 +329,14 @@ impl Kernels {
             gemm: by_format("gemm", &[EPILOGUE, GEMM]),
             gemv: Default::default(),
             layer_norm: build("layer_norm", &[LAYER_NORM], "main"),
-            attention: [CACHE_F32, CACHE_F16]
-                .map(|cache| build("attention", &[cache, ATTENTION_COMMON, ATTENTION], "main")),
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
             q4: Default::default(),
             q4_gemv: Default::default(),
             scatter: OnceLock::new(),
             cache_rows: OnceLock::new(),
-            sparse_attention: Default::default(),
-            cache_store_f16: OnceLock::new(),
+            act,
+            attention: Default::default(),
             staging: Mutex::new(Default::default()),
             dummy: gpu.storage_buffer("absent input", 16),
             uniforms: Mutex::new(None),
@@ -394,34 +403,6 @@ impl Kernels {
             .get_or_init(|| build_kernel(&self.gpu, "cache_rows", &[CACHE_ROWS], "main", &[]))
     }
 
-    fn sparse_attention(&self, dtype: CacheDtype) -> &Kernel {
-        self.sparse_attention[dtype.index()].get_or_init(|| {
-            let cache = match dtype {
-                CacheDtype::F32 => CACHE_F32,
-                CacheDtype::F16 => CACHE_F16,
-            };
-            build_kernel(
-                &self.gpu,
-                "sparse_attention",
-                &[cache, ATTENTION_COMMON, SPARSE_ATTENTION],
-                "main",
-                &[],
-            )
-        })
-    }
-
-    fn cache_store_f16(&self) -> &Kernel {
-        self.cache_store_f16.get_or_init(|| {
-            build_kernel(
-                &self.gpu,
-                "cache_store_f16",
-                &[CACHE_STORE_F16],
-                "main",
-                &[],
-            )
-        })
-    }
-
     /// Staging buffer `slot` of at least `bytes` bytes (a new, larger one replaces a smaller one; dispatches
     /// recorded earlier keep the buffer they were given).
     fn staging(&self, slot: usize, bytes: u64) -> wgpu::Buffer {
@@ -453,6 +434,11 @@ impl Kernels {
     /// The device these kernels run on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// How the attention kernels store queries and outputs.
+    pub fn act(&self) -> ActDtype {
+        self.act
     }
 
     /// Starts recording a step.
@@ -1019,31 +1005,6 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// Decode attention over a packed K/V cache (`q4_attention`): `q` is `[batch * heads, head_dim]`, the caches
-    /// hold `params`' rows, `mask` is `[batch, params.mask_stride]`, `scores` is scratch of at least
-    /// `batch * heads * seq_len` f32, `out` is `[batch * heads, head_dim]`.
-    #[allow(clippy::too_many_arguments)] // the kernel's bindings
-    pub fn packed_attention(
-        &mut self,
-        q: &'a wgpu::Buffer,
-        k: &'a wgpu::Buffer,
-        v: &'a wgpu::Buffer,
-        mask: &'a wgpu::Buffer,
-        scores: &'a wgpu::Buffer,
-        out: &'a wgpu::Buffer,
-        config: CompressionConfig,
-        params: crate::compress::AttentionParams,
-    ) {
-        let kernel = self.kernels.q4(Q4::Attention, config.bits);
-        let groups = self.grid(params.batch_heads as usize);
-        self.dispatch(
-            kernel,
-            bytemuck::cast_slice(std::slice::from_ref(&params)),
-            vec![(1, q), (2, k), (3, v), (4, mask), (5, scores), (6, out)],
-            groups,
-        );
-    }
-
     /// Layer norm of `rows` rows of `width`: `y = (x - mean) / sqrt(var + eps)`, then `* gamma + beta` when `affine`
     /// is given. `x` and `y` must be different buffers.
     pub fn layer_norm(
@@ -1067,121 +1028,6 @@ impl<'a> Recorder<'a> {
             &self.kernels.layer_norm,
             &params,
             vec![(1, x), (2, gamma), (3, beta), (4, y)],
-            groups,
-        );
-    }
-
-    /// Writes one step's keys or values `src` (`[batch * s_new, hidden]` f32) into the f16 cache `dst`
-    /// (`[batch, capacity, hidden]` halves) at positions `past..past + s_new` of each sequence. (An f32 cache is
-    /// written directly by the projection's epilogue, [`OutRows::cache`].)
-    pub fn store_cache_rows_f16(
-        &mut self,
-        src: &'a wgpu::Buffer,
-        dst: &'a wgpu::Buffer,
-        shape: AttentionShape,
-    ) {
-        let n = shape.batch * shape.s_new * shape.hidden / 2;
-        if n == 0 {
-            return;
-        }
-        let params = [
-            u32_of(shape.batch),
-            u32_of(shape.s_new),
-            u32_of(shape.past),
-            u32_of(shape.capacity),
-            u32_of(shape.hidden),
-            u32_of(n),
-            0,
-            0,
-        ];
-        let groups = self.grid(n.div_ceil(256));
-        self.dispatch(
-            self.kernels.cache_store_f16(),
-            &params,
-            vec![(1, src), (2, dst)],
-            groups,
-        );
-    }
-
-    /// Causal attention of `q` (`[batch * s_new, hidden]`) over the caches `k`, `v` (`[batch, capacity, hidden]`
-    /// values stored as `dtype`, already holding this step's keys and values) under `mask` (`[batch, capacity]`
-    /// u32, 1 = real token), into `out` (`[batch * s_new, hidden]`). Scores are scaled by head_dim^-0.5.
-    #[allow(clippy::too_many_arguments)] // q, k, v, mask, out and the shape are all distinct inputs
-    pub fn attention(
-        &mut self,
-        dtype: CacheDtype,
-        q: &'a wgpu::Buffer,
-        k: &'a wgpu::Buffer,
-        v: &'a wgpu::Buffer,
-        mask: &'a wgpu::Buffer,
-        out: &'a wgpu::Buffer,
-        shape: AttentionShape,
-    ) {
-        let head_dim = shape.hidden / shape.n_head;
-        let rows = shape.batch * shape.s_new;
-        let params = [
-            u32_of(shape.s_new),
-            u32_of(shape.past),
-            u32_of(shape.capacity),
-            u32_of(shape.hidden),
-            u32_of(shape.n_head),
-            u32_of(head_dim),
-            (head_dim as f32).powf(-0.5).to_bits(),
-            u32_of(rows),
-        ];
-        let groups = self.grid(rows * shape.n_head);
-        self.dispatch(
-            &self.kernels.attention[dtype.index()],
-            &params,
-            vec![(1, q), (2, k), (3, v), (4, mask), (5, out)],
-            groups,
-        );
-    }
-
-    /// Top-k sparse decode attention (`--attn-sparsity`): `q` is `[batch, hidden]`, one new token per sequence whose
-    /// key and value are already at row `shape.past` of the caches `k`, `v` (`[batch, capacity, hidden]` values
-    /// stored as `dtype`), `mask` is
-    /// `[batch, capacity]` (1 = real token), `out` is `[batch, hidden]`.
-    ///
-    /// Per (sequence, head), FlexLLMGen's rule: the softmax is taken over every visible key; the output sums the
-    /// value rows of the new token and of the [`sparse_top_k`]`(sparsity, n)` highest-scoring of the `n` visible
-    /// keys before it (equal scores: the earlier position first), each weighted by its softmax probability (no
-    /// renormalisation). With `sparsity` 1 every key is kept, which [`Recorder::attention`] computes faster.
-    /// Scores go through a staging buffer of `batch * heads * capacity` f32 owned by the kernels (sized once per
-    /// run). `shape.s_new` must be 1.
-    #[allow(clippy::too_many_arguments)] // Recorder::attention's inputs plus the sparsity
-    pub fn sparse_attention(
-        &mut self,
-        dtype: CacheDtype,
-        q: &'a wgpu::Buffer,
-        k: &'a wgpu::Buffer,
-        v: &'a wgpu::Buffer,
-        mask: &'a wgpu::Buffer,
-        out: &'a wgpu::Buffer,
-        shape: AttentionShape,
-        sparsity: f32,
-    ) {
-        debug_assert_eq!(shape.s_new, 1, "sparse attention is for decode steps");
-        let head_dim = shape.hidden / shape.n_head;
-        let pairs = shape.batch * shape.n_head;
-        let scores = self
-            .kernels
-            .staging(SCORES_SLOT, (pairs * shape.capacity * 4) as u64);
-        let params = [
-            u32_of(shape.past),
-            u32_of(shape.capacity),
-            u32_of(shape.hidden),
-            u32_of(shape.n_head),
-            u32_of(head_dim),
-            (head_dim as f32).powf(-0.5).to_bits(),
-            u32_of(shape.batch),
-            sparsity.to_bits(),
-        ];
-        let groups = self.grid(pairs);
-        self.dispatch(
-            self.kernels.sparse_attention(dtype),
-            &params,
-            vec![(1, q), (2, k), (3, v), (4, mask), (5, &scores), (6, out)],
             groups,
         );
     }

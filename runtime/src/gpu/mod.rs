@@ -7,6 +7,7 @@
 pub mod kernels;
 pub mod tensor;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Why no usable GPU device could be opened, or a GPU operation failed.
@@ -92,6 +93,9 @@ pub struct Gpu {
     pub features: wgpu::Features,
     max_binding: u64,
     readback: Arc<Mutex<Option<wgpu::Buffer>>>,
+    /// Compute pipelines compiled on this device, by source, entry point and constants: every `Kernels` built on it
+    /// (each generator and policy run, the probe) compiles a kernel once. They go with the last clone of the `Gpu`.
+    pipelines: Arc<Mutex<HashMap<String, wgpu::ComputePipeline>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -195,7 +199,18 @@ impl Gpu {
             features,
             max_binding,
             readback: Arc::new(Mutex::new(None)),
+            pipelines: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// The pipeline compiled under `key` on this device, compiling it with `compile` the first time.
+    pub(crate) fn pipeline(
+        &self,
+        key: String,
+        compile: impl FnOnce() -> wgpu::ComputePipeline,
+    ) -> wgpu::ComputePipeline {
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        pipelines.entry(key).or_insert_with(compile).clone()
     }
 
     /// Runs `f`, turning an out-of-memory error of the device during it into [`GpuError::OutOfMemory`] (wgpu would
