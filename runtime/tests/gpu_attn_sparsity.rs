@@ -3,8 +3,11 @@
 
 mod common;
 
-use common::{gpu, max_abs_diff, Rng};
-use strata_runtime::gpu::kernels::{sparse_top_k, AttentionShape, CacheDtype::F32, Kernels};
+use common::{encode, gpu, max_abs_diff, round_to, Rng};
+use strata_runtime::config::DType;
+use strata_runtime::gpu::kernels::{
+    sparse_top_k, ActDtype, AttentionShape, CacheDtype, CacheDtype::F32, KernelOptions, Kernels,
+};
 use strata_runtime::gpu::Gpu;
 use strata_runtime::reference;
 use strata_runtime::schedule::cpu_attention;
@@ -265,5 +268,73 @@ fn ties_go_to_the_earlier_position() {
             .sum::<f32>()
             / 21.0;
         assert!((g - want).abs() < 1e-5, "element {e}: {g} vs {want}");
+    }
+}
+
+/// An f16 cache (halves read four at a time, or one at a time where head rows are not 8-byte aligned) with f32 and
+/// f16 activations: the kernel against the reference over the values as stored, its output rounded to halves when
+/// activations are.
+#[test]
+fn sparse_attention_reads_f16_caches_and_activations() {
+    let gpu = gpu();
+    for (act, hidden, n_head) in [
+        (ActDtype::F16, 64, 2),
+        (ActDtype::F32, 30, 5),
+        (ActDtype::F16, 42, 6),
+    ] {
+        let kernels = Kernels::with_options(&gpu, KernelOptions::default().with_act(act));
+        assert_eq!(kernels.act(), act, "lavapipe has SHADER_F16");
+        let act_dtype = match act {
+            ActDtype::F32 => DType::F32,
+            ActDtype::F16 => DType::F16,
+        };
+        let mut case = Case::random(hidden, n_head, 40, &[0, 9], 31);
+        case.k = round_to(&case.k, DType::F16);
+        case.v = round_to(&case.v, DType::F16);
+        case.q = round_to(&case.q, act_dtype);
+        let upload = |values: &[f32], dtype| {
+            gpu.storage_buffer_init("test input", &encode(values, dtype))
+                .unwrap()
+        };
+        let (kb, vb) = (upload(&case.k, DType::F16), upload(&case.v, DType::F16));
+        let qb = upload(&case.q, act_dtype);
+        let maskb = gpu
+            .storage_buffer_init("mask", bytemuck::cast_slice(&case.mask))
+            .unwrap();
+        let n = case.batch() * hidden;
+        let out = upload(&vec![0.0; n], act_dtype);
+        let shape = AttentionShape {
+            batch: case.batch(),
+            s_new: 1,
+            past: case.past,
+            capacity: case.capacity,
+            hidden,
+            n_head,
+        };
+        for sparsity in [0.5, 0.1] {
+            let mut rec = kernels.recorder();
+            let f16 = CacheDtype::F16;
+            rec.sparse_attention(f16, &qb, &kb, &vb, &maskb, &out, shape, sparsity);
+            rec.submit();
+            let got: Vec<f32> = match act {
+                ActDtype::F32 => gpu.read_f32(&out, 0, n).unwrap(),
+                ActDtype::F16 => gpu.read_back(&[(&out, 0, 2 * n as u64)]).unwrap()[0]
+                    .chunks_exact(2)
+                    .map(|p| half::f16::from_le_bytes([p[0], p[1]]).to_f32())
+                    .collect(),
+            };
+            let want = case.reference(sparsity);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                let tol = match act {
+                    ActDtype::F32 => 1e-5,
+                    ActDtype::F16 => 1e-5 + w.abs() / 2048.0,
+                };
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{act:?} activations, hidden {hidden}, sparsity {sparsity}: element {i} is {g}, \
+                     reference {w}"
+                );
+            }
+        }
     }
 }

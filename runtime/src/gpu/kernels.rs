@@ -15,9 +15,11 @@
 //! `linear_common.wgsl`'s epilogue); which variant of them runs on this device, and the self-check a device-specific
 //! variant must pass first, in `kernels/variants.rs` ([`Kernels::variants`] reports it).
 //!
-//! Attention sparsity: [`Recorder::sparse_attention`] (`sparse_attention.wgsl`) is the decode attention of
-//! `--attn-sparsity` below 1, keeping per (sequence, head) the new token and the [`sparse_top_k`] best-scoring
-//! earlier real tokens; its scores go through a third staging slot.
+//! Attention (`kernels/attention.rs`): [`Recorder::attention`] runs flash-style query blocks for a prefill and split
+//! keys (flash-decoding) for a decode step ([`AttentionKernel`]); [`Recorder::sparse_attention`]
+//! (`sparse_attention.wgsl`) is the decode attention of `--attn-sparsity` below 1, keeping per (sequence, head) the
+//! new token and the [`sparse_top_k`] best-scoring earlier real tokens. Split keys' partial results and sparse
+//! attention's scores go through a third staging slot.
 //!
 //! # Packed (compressed) caches
 //!
@@ -52,17 +54,18 @@ pub use variants::{
     KernelOptions, KernelReport, LinearShape, LinearTiming,
 };
 
+mod attention;
+pub use attention::{
+    attention_scratch_bytes, decode_splits, sparse_attention_scratch_bytes,
+    split_keys_scratch_bytes, AttentionKernel, QueryBlockTiles, ATTENTION_WORKGROUP,
+    MIN_SPLIT_KEYS, SPLIT_TARGET_WORKGROUPS,
+};
+
 const ACT_F32: &str = include_str!("kernels/act_f32.wgsl");
 const ACT_F16: &str = include_str!("kernels/act_f16.wgsl");
 const LAYER_NORM: &str = include_str!("kernels/layer_norm.wgsl");
-const ATTENTION_COMMON: &str = include_str!("kernels/attention_common.wgsl");
-const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
 const CACHE_ROWS: &str = include_str!("kernels/cache_rows.wgsl");
-const SPARSE_ATTENTION: &str = include_str!("kernels/sparse_attention.wgsl");
-const CACHE_F32: &str = include_str!("kernels/cache_f32.wgsl");
-const CACHE_F16: &str = include_str!("kernels/cache_f16.wgsl");
-const CACHE_STORE_F16: &str = include_str!("kernels/cache_store_f16.wgsl");
 
 /// How activations (hidden rows, projections, attention output, FFN intermediate) are stored in GPU memory. Every
 /// kernel that reads or writes activations is compiled with [`ActDtype::wgsl`] as the first part of its module and
@@ -106,10 +109,8 @@ enum Q4 {
 }
 
 /// Staging buffers: slot 0 holds dequantised rows past a dispatch's grid, slot 1 rows to quantise past it, slot 2
-/// the sparse attention's scores.
+/// attention's scratch (split-keys partials, sparse attention's scores: `kernels/attention.rs`).
 const STAGING_SLOTS: usize = 3;
-/// The staging slot of [`Recorder::sparse_attention`]'s scores.
-const SCORES_SLOT: usize = 2;
 
 /// Largest head_dim the attention kernel handles (its workgroup memory).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -254,16 +255,12 @@ pub struct Kernels {
     /// Each linear family's variant, chosen once ([`variants`]).
     resolved: variants::Resolved,
     layer_norm: Kernel,
-    /// Per [`CacheDtype`].
-    attention: [Kernel; 2],
     argmax: Kernel,
     sample: Kernel,
     /// q4 kernels by [`Q4`] and bit width (2, 4, 8), built on first use.
     q4: [[OnceLock<Kernel>; 3]; 3],
     cache_rows: OnceLock<Kernel>,
-    /// Per [`CacheDtype`], built on first use.
-    sparse_attention: [OnceLock<Kernel>; 2],
-    cache_store_f16: OnceLock<Kernel>,
+    attention: attention::AttentionKernels,
     staging: Mutex<[Option<wgpu::Buffer>; STAGING_SLOTS]>,
     /// Bound where an optional input (bias, layer-norm affine) is absent.
     dummy: wgpu::Buffer,
@@ -309,6 +306,12 @@ impl Kernels {
     /// Compiles the kernels for `gpu` with `options` (activation dtype, variant choices). Linear pipelines are
     /// compiled on first use; a device-specific variant is self-checked the first time its family is needed.
     pub fn with_options(gpu: &Gpu, options: KernelOptions) -> Kernels {
+        // f16 activations need shader-f16; elsewhere they stay f32 (callers read `act()`).
+        let options = if gpu.features.contains(wgpu::Features::SHADER_F16) {
+            options
+        } else {
+            options.with_act(ActDtype::F32)
+        };
         let build =
             |label: &str, parts: &[&str], entry: &str| build_kernel(gpu, label, parts, entry, &[]);
         let slot = (gpu.limits.min_uniform_buffer_offset_alignment as u64).max(256);
@@ -317,14 +320,11 @@ impl Kernels {
             linear: Default::default(),
             resolved: Default::default(),
             layer_norm: build("layer_norm", &[options.act.wgsl(), LAYER_NORM], "main"),
-            attention: [CACHE_F32, CACHE_F16]
-                .map(|cache| build("attention", &[cache, ATTENTION_COMMON, ATTENTION], "main")),
             argmax: build("argmax", &[SELECT], "argmax"),
             sample: build("sample", &[SELECT], "sample"),
             q4: Default::default(),
             cache_rows: OnceLock::new(),
-            sparse_attention: Default::default(),
-            cache_store_f16: OnceLock::new(),
+            attention: Default::default(),
             staging: Mutex::new(Default::default()),
             dummy: gpu.storage_buffer("absent input", 16),
             uniforms: Mutex::new(None),
@@ -354,34 +354,6 @@ impl Kernels {
     fn cache_rows(&self) -> &Kernel {
         self.cache_rows
             .get_or_init(|| build_kernel(&self.gpu, "cache_rows", &[CACHE_ROWS], "main", &[]))
-    }
-
-    fn sparse_attention(&self, dtype: CacheDtype) -> &Kernel {
-        self.sparse_attention[dtype.index()].get_or_init(|| {
-            let cache = match dtype {
-                CacheDtype::F32 => CACHE_F32,
-                CacheDtype::F16 => CACHE_F16,
-            };
-            build_kernel(
-                &self.gpu,
-                "sparse_attention",
-                &[cache, ATTENTION_COMMON, SPARSE_ATTENTION],
-                "main",
-                &[],
-            )
-        })
-    }
-
-    fn cache_store_f16(&self) -> &Kernel {
-        self.cache_store_f16.get_or_init(|| {
-            build_kernel(
-                &self.gpu,
-                "cache_store_f16",
-                &[CACHE_STORE_F16],
-                "main",
-                &[],
-            )
-        })
     }
 
     /// Staging buffer `slot` of at least `bytes` bytes (a new, larger one replaces a smaller one; dispatches
@@ -470,30 +442,11 @@ pub fn shader_modules() -> Vec<ShaderModuleSource> {
             vec![],
         ));
     }
-    for (dtype, cache) in [("f32", CACHE_F32), ("f16", CACHE_F16)] {
-        all.push(module(
-            format!("attention {dtype}"),
-            &[cache, ATTENTION_COMMON, ATTENTION],
-            "main",
-            vec![],
-        ));
-        all.push(module(
-            format!("sparse_attention {dtype}"),
-            &[cache, ATTENTION_COMMON, SPARSE_ATTENTION],
-            "main",
-            vec![],
-        ));
-    }
+    all.extend(attention::attention_modules());
     for entry in ["argmax", "sample"] {
         all.push(module(entry.into(), &[SELECT], entry, vec![]));
     }
     all.push(module("cache_rows".into(), &[CACHE_ROWS], "main", vec![]));
-    all.push(module(
-        "cache_store_f16".into(),
-        &[CACHE_STORE_F16],
-        "main",
-        vec![],
-    ));
     for (name, source) in [
         ("q4_dequant", DEQUANT_WGSL),
         ("q4_quantize", QUANTIZE_WGSL),
@@ -511,7 +464,38 @@ pub fn shader_modules() -> Vec<ShaderModuleSource> {
     all
 }
 
+/// The kernel of `parts` (concatenated) at `entry` with `constants`, compiled once per device: lavapipe takes up to
+/// hundreds of milliseconds per pipeline, and every generator, policy run and probe builds its own [`Kernels`].
 fn build_kernel(
+    gpu: &Gpu,
+    label: &str,
+    parts: &[&str],
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> Kernel {
+    let key = format!("{entry} {constants:?}\n{}", parts.concat());
+    if let Some(found) = gpu
+        .cache
+        .modules
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+    {
+        return found.clone();
+    }
+    // Compiled outside the lock, like the linear pipelines.
+    let kernel = compile_kernel(gpu, label, parts, entry, constants);
+    gpu.cache
+        .modules
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert(kernel)
+        .clone()
+}
+
+/// Compiles a kernel (no cache: [`build_kernel`]).
+fn compile_kernel(
     gpu: &Gpu,
     label: &str,
     parts: &[&str],
@@ -760,31 +744,6 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// Decode attention over a packed K/V cache (`q4_attention`): `q` is `[batch * heads, head_dim]`, the caches
-    /// hold `params`' rows, `mask` is `[batch, params.mask_stride]`, `scores` is scratch of at least
-    /// `batch * heads * seq_len` f32, `out` is `[batch * heads, head_dim]`.
-    #[allow(clippy::too_many_arguments)] // the kernel's bindings
-    pub fn packed_attention(
-        &mut self,
-        q: &'a wgpu::Buffer,
-        k: &'a wgpu::Buffer,
-        v: &'a wgpu::Buffer,
-        mask: &'a wgpu::Buffer,
-        scores: &'a wgpu::Buffer,
-        out: &'a wgpu::Buffer,
-        config: CompressionConfig,
-        params: crate::compress::AttentionParams,
-    ) {
-        let kernel = self.kernels.q4(Q4::Attention, config.bits);
-        let groups = self.grid(params.batch_heads as usize);
-        self.dispatch(
-            kernel,
-            bytemuck::cast_slice(std::slice::from_ref(&params)),
-            vec![(1, q), (2, k), (3, v), (4, mask), (5, scores), (6, out)],
-            groups,
-        );
-    }
-
     /// Layer norm of `rows` rows of `width`: `y = (x - mean) / sqrt(var + eps)`, then `* gamma + beta` when `affine`
     /// is given. `x` and `y` must be different buffers.
     pub fn layer_norm(
@@ -808,121 +767,6 @@ impl<'a> Recorder<'a> {
             &self.kernels.layer_norm,
             &params,
             vec![(1, x), (2, gamma), (3, beta), (4, y)],
-            groups,
-        );
-    }
-
-    /// Writes one step's keys or values `src` (`[batch * s_new, hidden]` f32) into the f16 cache `dst`
-    /// (`[batch, capacity, hidden]` halves) at positions `past..past + s_new` of each sequence. (An f32 cache is
-    /// written directly by the projection's epilogue, [`OutRows::cache`].)
-    pub fn store_cache_rows_f16(
-        &mut self,
-        src: &'a wgpu::Buffer,
-        dst: &'a wgpu::Buffer,
-        shape: AttentionShape,
-    ) {
-        let n = shape.batch * shape.s_new * shape.hidden / 2;
-        if n == 0 {
-            return;
-        }
-        let params = [
-            u32_of(shape.batch),
-            u32_of(shape.s_new),
-            u32_of(shape.past),
-            u32_of(shape.capacity),
-            u32_of(shape.hidden),
-            u32_of(n),
-            0,
-            0,
-        ];
-        let groups = self.grid(n.div_ceil(256));
-        self.dispatch(
-            self.kernels.cache_store_f16(),
-            &params,
-            vec![(1, src), (2, dst)],
-            groups,
-        );
-    }
-
-    /// Causal attention of `q` (`[batch * s_new, hidden]`) over the caches `k`, `v` (`[batch, capacity, hidden]`
-    /// values stored as `dtype`, already holding this step's keys and values) under `mask` (`[batch, capacity]`
-    /// u32, 1 = real token), into `out` (`[batch * s_new, hidden]`). Scores are scaled by head_dim^-0.5.
-    #[allow(clippy::too_many_arguments)] // q, k, v, mask, out and the shape are all distinct inputs
-    pub fn attention(
-        &mut self,
-        dtype: CacheDtype,
-        q: &'a wgpu::Buffer,
-        k: &'a wgpu::Buffer,
-        v: &'a wgpu::Buffer,
-        mask: &'a wgpu::Buffer,
-        out: &'a wgpu::Buffer,
-        shape: AttentionShape,
-    ) {
-        let head_dim = shape.hidden / shape.n_head;
-        let rows = shape.batch * shape.s_new;
-        let params = [
-            u32_of(shape.s_new),
-            u32_of(shape.past),
-            u32_of(shape.capacity),
-            u32_of(shape.hidden),
-            u32_of(shape.n_head),
-            u32_of(head_dim),
-            (head_dim as f32).powf(-0.5).to_bits(),
-            u32_of(rows),
-        ];
-        let groups = self.grid(rows * shape.n_head);
-        self.dispatch(
-            &self.kernels.attention[dtype.index()],
-            &params,
-            vec![(1, q), (2, k), (3, v), (4, mask), (5, out)],
-            groups,
-        );
-    }
-
-    /// Top-k sparse decode attention (`--attn-sparsity`): `q` is `[batch, hidden]`, one new token per sequence whose
-    /// key and value are already at row `shape.past` of the caches `k`, `v` (`[batch, capacity, hidden]` values
-    /// stored as `dtype`), `mask` is
-    /// `[batch, capacity]` (1 = real token), `out` is `[batch, hidden]`.
-    ///
-    /// Per (sequence, head), FlexLLMGen's rule: the softmax is taken over every visible key; the output sums the
-    /// value rows of the new token and of the [`sparse_top_k`]`(sparsity, n)` highest-scoring of the `n` visible
-    /// keys before it (equal scores: the earlier position first), each weighted by its softmax probability (no
-    /// renormalisation). With `sparsity` 1 every key is kept, which [`Recorder::attention`] computes faster.
-    /// Scores go through a staging buffer of `batch * heads * capacity` f32 owned by the kernels (sized once per
-    /// run). `shape.s_new` must be 1.
-    #[allow(clippy::too_many_arguments)] // Recorder::attention's inputs plus the sparsity
-    pub fn sparse_attention(
-        &mut self,
-        dtype: CacheDtype,
-        q: &'a wgpu::Buffer,
-        k: &'a wgpu::Buffer,
-        v: &'a wgpu::Buffer,
-        mask: &'a wgpu::Buffer,
-        out: &'a wgpu::Buffer,
-        shape: AttentionShape,
-        sparsity: f32,
-    ) {
-        debug_assert_eq!(shape.s_new, 1, "sparse attention is for decode steps");
-        let head_dim = shape.hidden / shape.n_head;
-        let pairs = shape.batch * shape.n_head;
-        let scores = self
-            .kernels
-            .staging(SCORES_SLOT, (pairs * shape.capacity * 4) as u64);
-        let params = [
-            u32_of(shape.past),
-            u32_of(shape.capacity),
-            u32_of(shape.hidden),
-            u32_of(shape.n_head),
-            u32_of(head_dim),
-            (head_dim as f32).powf(-0.5).to_bits(),
-            u32_of(shape.batch),
-            sparsity.to_bits(),
-        ];
-        let groups = self.grid(pairs);
-        self.dispatch(
-            self.kernels.sparse_attention(dtype),
-            &params,
-            vec![(1, q), (2, k), (3, v), (4, mask), (5, &scores), (6, out)],
             groups,
         );
     }

@@ -1,30 +1,53 @@
-// Shared by the attention kernels (attention.wgsl, sparse_attention.wgsl): one workgroup of WG threads per (query row,
-// head), head_dim up to 256 (PER_THREAD output elements per thread), the query staged in workgroup memory, and a
-// workgroup-wide reduction.
+// Shared by the dense and sparse attention kernels (attention_prefill, attention_decode, sparse_attention): the
+// parameters, the query and output bindings (activations, `act` from act_f32/act_f16.wgsl, which comes first in the
+// module) and the mask. Arithmetic is f32 whatever the storage.
 
-const WG: u32 = 64u;
-const PER_THREAD: u32 = 4u;
+struct Params {
+    // Queries per sequence in this step (rows b * s_new .. of q and out), and tokens already cached before them:
+    // query i of a sequence sits at position past + i and sees keys 0 ..= past + i that the mask marks real.
+    s_new: u32,
+    past: u32,
+    // Cache rows per sequence: k and v are [batch, capacity, hidden]; mask is [batch, capacity] (1 = real token).
+    capacity: u32,
+    hidden: u32,
+    n_head: u32,
+    head_dim: u32,
+    // head_dim^-0.5, applied to q . k.
+    scale: f32,
+    // Sequences.
+    batch: u32,
+    // attention_prefill: query blocks per (sequence, head); attention_decode: key splits per (query, head).
+    blocks: u32,
+    // attention_decode: keys per split.
+    chunk: u32,
+    // attention_decode with several splits: the f32 index in `partials` where the (max, sum) pairs start.
+    stats_off: u32,
+    // sparse_attention: the fraction of candidates kept, in (0, 1].
+    sparsity: f32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> q: array<act>;
+// Bindings 2 and 3, the keys and values, come with load_k4 / load_v4 from a cache_*.wgsl part.
+@group(0) @binding(4) var<storage, read> mask: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<act>;
+
+// A masked key's score: it weighs exactly 0 (every weight is selected on `s > REAL`, never computed from NEG).
 const NEG: f32 = -1.0e30;
+const REAL: f32 = -5.0e29;
 
-var<workgroup> qs: array<f32, 256>;
-var<workgroup> probs: array<f32, 64>;
-var<workgroup> red_f: array<f32, 64>;
-
-// The maximum (take_max) or the sum of v over the workgroup, the same value in every thread.
-fn reduce_f(lid: u32, v: f32, take_max: bool) -> f32 {
-    red_f[lid] = v;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            if (take_max) {
-                red_f[lid] = max(red_f[lid], red_f[lid + stride]);
-            } else {
-                red_f[lid] = red_f[lid] + red_f[lid + stride];
-            }
-        }
-        workgroupBarrier();
+// Query elements i .. i + min(n, 4), zeros after them (read once per workgroup: scalar loads cost nothing here).
+fn load_q4(i: u32, n: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    for (var e = 0u; e < min(n, 4u); e++) {
+        r[e] = f32(q[i + e]);
     }
-    let total = workgroupUniformLoad(&red_f[0]);
-    workgroupBarrier();
-    return total;
+    return r;
+}
+
+// Writes elements i .. i + min(n, 4) of the output.
+fn store_out4(i: u32, n: u32, v: vec4<f32>) {
+    for (var e = 0u; e < min(n, 4u); e++) {
+        out[i + e] = act(v[e]);
+    }
 }

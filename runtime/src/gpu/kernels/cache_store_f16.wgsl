@@ -1,6 +1,7 @@
-// Writes one step's keys or values into an f16 KV cache: src is [batch * s_new, hidden] f32 (row b * s_new + i),
-// dst is [batch, capacity, hidden] halves packed two per u32, and row i of sequence b lands at position past + i.
-// One thread per pair of halves, so no two threads write one word; hidden is even.
+// Writes one step's keys or values into an f16 KV cache: src is [batch * s_new, hidden] activations (`act`, from the
+// act_f32/act_f16 part first in the module; row b * s_new + i), dst is [batch, capacity, hidden] halves packed two
+// per u32, and row i of sequence b lands at position past + i. One thread per pair of halves, so no two threads
+// write one word; hidden is even.
 
 struct Params {
     batch: u32,
@@ -15,7 +16,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<vec2<f32>>;
+@group(0) @binding(1) var<storage, read> src: array<act2>;
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
 
 @compute @workgroup_size(256)
@@ -31,5 +32,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let b = row / params.s_new;
     let i = row % params.s_new;
     let at = (b * params.capacity + params.past + i) * pairs_per_row + col;
-    dst[at] = pack2x16float(src[p]);
+    dst[at] = pack2x16float(vec2<f32>(src[p]));
 }

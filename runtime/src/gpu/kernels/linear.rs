@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{build_kernel, u32_of, Act, ActDtype, Kernel, Kernels, OutRows, Recorder};
+use super::{compile_kernel, u32_of, Act, ActDtype, Kernel, Kernels, OutRows, Recorder};
 use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 
@@ -570,10 +570,12 @@ pub fn all_pipeline_keys(subgroup_sizes: &[u32]) -> Vec<PipelineKey> {
 }
 
 /// What the kernels of one device share, whichever [`Kernels`] built them (a run builds one per generator; tests
-/// many): the linear family's compiled pipelines and each family's variant choice, so a pipeline compiles and a
-/// self-check runs once per device and process. Held by [`Gpu`].
+/// many): every compiled pipeline and each linear family's variant choice, so a pipeline compiles and a self-check
+/// runs once per device and process. Held by [`Gpu`].
 #[derive(Default)]
 pub(crate) struct DeviceCache {
+    /// Every other kernel ([`super::build_kernel`]), by entry point, constants and source.
+    pub(super) modules: Mutex<HashMap<String, Kernel>>,
     /// Built on first use; `Err` when a device-specific module failed to compile (it is then never used).
     pipelines: Mutex<HashMap<(ActDtype, PipelineKey), Result<Kernel, String>>>,
     /// [`Choice::Auto`](super::Choice::Auto)'s choice per family and activation dtype.
@@ -607,7 +609,7 @@ impl DeviceCache {
         let built = if device_specific {
             build_checked(gpu, &label, &source, &constants)
         } else {
-            Ok(build_kernel(gpu, &label, &[&source], "main", &constants))
+            Ok(compile_kernel(gpu, &label, &[&source], "main", &constants))
         };
         self.pipelines
             .lock()
@@ -659,7 +661,7 @@ fn build_checked(
 ) -> Result<Kernel, String> {
     let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        build_kernel(gpu, label, &[source], "main", constants)
+        compile_kernel(gpu, label, &[source], "main", constants)
     }));
     let error = pollster::block_on(scope.pop());
     match (built, error) {

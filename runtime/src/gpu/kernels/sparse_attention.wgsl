@@ -2,43 +2,55 @@
 // key, then only the new token and the k candidates with the largest scores contribute to the output (their weights
 // are not renormalised). Candidates are the visible (unmasked) keys before the new token, n of them, and
 // k = floor(sparsity * n) in f32, so padding never changes a sequence's result. Equal scores go to the earlier
-// position (-0 and +0 are equal). One workgroup per (sequence, head); one query per sequence (the new token, at position `past`).
+// position (-0 and +0 are equal). One workgroup per (sequence, head); one query per sequence (the new token, at
+// position `past`).
 //
-// The scores go to a scratch buffer; the k-th largest is found by bisection over the bits of an order-preserving
-// u32 key of the f32 score (one counting pass per bit), then a second bisection over positions finds where the ties
-// that still fit end. Every pass a thread makes reads only the positions it wrote itself.
+// Keys and values are read as attention_decode.wgsl reads them: groups of LANES lanes across head_dim, one row as
+// contiguous vec4s, partial dot products added in workgroup memory. The scores go to a scratch buffer; the k-th
+// largest is found by bisection over the bits of an order-preserving u32 key of the f32 score (one counting pass per
+// bit), then a second bisection over positions finds where the ties that still fit end.
 
-struct Params {
-    // Tokens in the cache before this step: the new token's key and value are at row `past`.
-    past: u32,
-    // Rows per sequence: k and v are [batch, capacity, hidden]; mask is [batch, capacity] (1 = real token);
-    // scores is [batch * n_head, capacity].
-    capacity: u32,
-    hidden: u32,
-    n_head: u32,
-    head_dim: u32,
-    // head_dim^-0.5, applied to q . k.
-    scale: f32,
-    batch: u32,
-    // Fraction of candidates kept, in (0, 1].
-    sparsity: f32,
-}
+override WG: u32 = 128u;
+override D4_MAX: u32 = 32u;
+override LANES: u32 = 32u;
+override TK: u32 = 32u;
 
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-// Bindings 2 and 3, the keys and values, come with load_k / load_v from cache_f32.wgsl or cache_f16.wgsl.
-@group(0) @binding(4) var<storage, read> mask: array<u32>;
-@group(0) @binding(5) var<storage, read_write> scores: array<f32>;
-@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+override GROUPS: u32 = WG / LANES;
+override RD: u32 = (D4_MAX + LANES - 1u) / LANES;
+override PART_STRIDE: u32 = LANES + 1u;
 
-// WG, PER_THREAD, NEG, qs, probs and reduce_f come from attention_common.wgsl.
-var<workgroup> red_u: array<u32, 64>;
+// [batch * n_head, capacity] scores.
+@group(0) @binding(6) var<storage, read_write> scores: array<f32>;
+
+var<workgroup> part: array<f32, TK * PART_STRIDE>;
+var<workgroup> acc_g: array<vec4<f32>, GROUPS * D4_MAX>;
+var<workgroup> red_f: array<f32, WG>;
+var<workgroup> red_u: array<u32, WG>;
 
 // Monotone map of f32 onto u32 (Rust's f32::total_cmp order, with -0 taken as +0 so that zero scores tie): flip
 // every bit of negatives, the sign bit of the rest.
 fn order_key(s: f32) -> u32 {
     let b = select(bitcast<u32>(s), 0u, bitcast<u32>(s) == 0x80000000u);
     return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+// The maximum (take_max) or the sum of v over the workgroup, the same value in every thread.
+fn reduce_f(lid: u32, v: f32, take_max: bool) -> f32 {
+    red_f[lid] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            if (take_max) {
+                red_f[lid] = max(red_f[lid], red_f[lid + stride]);
+            } else {
+                red_f[lid] = red_f[lid] + red_f[lid + stride];
+            }
+        }
+        workgroupBarrier();
+    }
+    let total = workgroupUniformLoad(&red_f[0]);
+    workgroupBarrier();
+    return total;
 }
 
 fn sum_u(lid: u32, v: u32) -> u32 {
@@ -55,7 +67,7 @@ fn sum_u(lid: u32, v: u32) -> u32 {
     return total;
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let item = wid.x + wid.y * nwg.x;
@@ -67,33 +79,65 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let pos = params.past;
     let len = pos + 1u;
     let d_len = params.head_dim;
-    let q_base = b * params.hidden + head * d_len;
-    for (var d = lid; d < d_len; d += WG) {
-        qs[d] = q[q_base + d];
-    }
-    workgroupBarrier();
-
+    let d4 = (d_len + 3u) / 4u;
+    let col0 = head * d_len;
     let seq = b * params.capacity;
     let s_base = item * params.capacity;
-    // Scores of the visible keys, their maximum, and how many candidates (visible keys before the new token).
+    let lane = lid % LANES;
+    let g = lid / LANES;
+    // Runtime loop bounds where no register array is indexed, as in attention_decode.wgsl.
+    let lanes = min(LANES, d4);
+
+    var qv: array<vec4<f32>, 2>;
+    for (var w = 0u; w < RD; w++) {
+        let c = lane + LANES * w;
+        qv[w] = vec4<f32>(0.0);
+        if (c < d4) {
+            qv[w] = load_q4(b * params.hidden + col0 + 4u * c, d_len - 4u * c);
+        }
+    }
+
+    // Scores of the visible keys, TK at a time, their maximum, and how many candidates (visible keys before the new
+    // token).
     var m_local = NEG;
     var n_local = 0u;
-    for (var j = lid; j < len; j += WG) {
-        var s = NEG;
-        if (mask[seq + j] != 0u) {
-            let k_base = (seq + j) * params.hidden + head * d_len;
-            var dot = 0.0;
-            for (var d = 0u; d < d_len; d++) {
-                dot = fma(qs[d], load_k(k_base + d), dot);
+    for (var j0 = 0u; j0 < len; j0 += TK) {
+        let n_k = min(TK, len - j0);
+        for (var jj = g; jj < n_k; jj += GROUPS) {
+            let j = j0 + jj;
+            var pd = 0.0;
+            if (mask[seq + j] != 0u) {
+                let base = (seq + j) * params.hidden + col0;
+                for (var w = 0u; w < RD; w++) {
+                    let c = lane + LANES * w;
+                    if (c < d4) {
+                        pd += dot(qv[w], load_k4(base + 4u * c, d_len - 4u * c));
+                    }
+                }
             }
-            s = dot * params.scale;
-            m_local = max(m_local, s);
-            if (j < pos) {
-                n_local += 1u;
-            }
+            part[jj * PART_STRIDE + lane] = pd;
         }
-        scores[s_base + j] = s;
+        workgroupBarrier();
+        let j = j0 + lid;
+        if (lid < n_k) {
+            var s = NEG;
+            if (mask[seq + j] != 0u) {
+                var t = 0.0;
+                for (var x = 0u; x < lanes; x++) {
+                    t += part[lid * PART_STRIDE + x];
+                }
+                s = t * params.scale;
+                m_local = max(m_local, s);
+                if (j < pos) {
+                    n_local += 1u;
+                }
+            }
+            scores[s_base + j] = s;
+        }
+        workgroupBarrier();
     }
+    // The passes below read scores other threads wrote.
+    storageBarrier();
     let m = reduce_f(lid, m_local, true);
     let n = sum_u(lid, n_local);
     let k = min(n, u32(floor(params.sparsity * f32(n))));
@@ -161,43 +205,40 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let l = reduce_f(lid, l_local, false);
 
-    var acc: array<f32, 4>;
-    for (var c = 0u; c < PER_THREAD; c++) {
-        acc[c] = 0.0;
+    // Kept keys' weighted value rows: group g takes keys g, g + GROUPS, ..., its lanes across head_dim.
+    var acc: array<vec4<f32>, 2>;
+    for (var w = 0u; w < RD; w++) {
+        acc[w] = vec4<f32>(0.0);
     }
-    for (var j0 = 0u; j0 < len; j0 += WG) {
-        let j = j0 + lid;
-        var p = 0.0;
-        if (j < len && mask[seq + j] != 0u) {
+    for (var j = g; j < len; j += GROUPS) {
+        if (mask[seq + j] != 0u) {
             let s = scores[s_base + j];
             let key = order_key(s);
             if (j == pos || key > t_key || (key == t_key && j < cut)) {
-                p = exp(s - m);
-            }
-        }
-        probs[lid] = p;
-        workgroupBarrier();
-        let n_keys = min(WG, len - j0);
-        for (var c = 0u; c < PER_THREAD; c++) {
-            let d = lid + c * WG;
-            if (d < d_len) {
-                var a = acc[c];
-                for (var jj = 0u; jj < n_keys; jj++) {
-                    let pj = probs[jj];
-                    if (pj != 0.0) {
-                        a = fma(pj, load_v((seq + j0 + jj) * params.hidden + head * d_len + d), a);
+                let p = exp(s - m);
+                let base = (seq + j) * params.hidden + col0;
+                for (var w = 0u; w < RD; w++) {
+                    let c = lane + LANES * w;
+                    if (c < d4) {
+                        acc[w] = fma(vec4<f32>(p), load_v4(base + 4u * c, d_len - 4u * c), acc[w]);
                     }
                 }
-                acc[c] = a;
             }
         }
-        workgroupBarrier();
     }
-    let inv = select(0.0, 1.0 / l, l > 0.0);
-    for (var c = 0u; c < PER_THREAD; c++) {
-        let d = lid + c * WG;
-        if (d < d_len) {
-            out[q_base + d] = acc[c] * inv;
+    for (var w = 0u; w < RD; w++) {
+        let c = lane + LANES * w;
+        if (c < d4) {
+            acc_g[g * D4_MAX + c] = acc[w];
         }
+    }
+    workgroupBarrier();
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    for (var c = lid; c < d4; c += WG) {
+        var o = vec4<f32>(0.0);
+        for (var t = 0u; t < min(GROUPS, len); t++) {
+            o += acc_g[t * D4_MAX + c];
+        }
+        store_out4(b * params.hidden + col0 + 4u * c, d_len - 4u * c, o * inv);
     }
 }
