@@ -38,6 +38,7 @@ use crate::compress::{
     CompressionConfig, DequantParams, PackedLayout, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL,
     QUANTIZE_WGSL,
 };
+use crate::gpu::timer::GpuTimer;
 use crate::gpu::Gpu;
 
 mod linear;
@@ -861,6 +862,17 @@ impl<'a> Recorder<'a> {
 
     /// Encodes everything recorded into one command buffer and submits it.
     pub fn submit(self) -> wgpu::SubmissionIndex {
+        self.submit_with(None)
+    }
+
+    /// [`Recorder::submit`], with the GPU's timestamps written at the start of the first compute pass and the end of
+    /// the last (read them with [`GpuTimer::seconds`] once it has run). For benchmarks: the step should begin and end
+    /// with a dispatch, since copies before the first pass or after the last are not timed.
+    pub fn submit_timed(self, timer: &GpuTimer) -> wgpu::SubmissionIndex {
+        self.submit_with(Some(timer))
+    }
+
+    fn submit_with(self, timer: Option<&GpuTimer>) -> wgpu::SubmissionIndex {
         let kernels = self.kernels;
         let gpu = &kernels.gpu;
         let mut pool = kernels.uniforms.lock().unwrap_or_else(|p| p.into_inner());
@@ -932,6 +944,14 @@ impl<'a> Recorder<'a> {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("step"),
             });
+        let first_dispatch = self
+            .ops
+            .iter()
+            .position(|op| matches!(op, Op::Dispatch { .. }));
+        let last_dispatch = self
+            .ops
+            .iter()
+            .rposition(|op| matches!(op, Op::Dispatch { .. }));
         let mut i = 0;
         while i < self.ops.len() {
             if let Op::Copy {
@@ -947,9 +967,20 @@ impl<'a> Recorder<'a> {
                 continue;
             }
             // One compute pass per run of consecutive dispatches.
+            let end = self.ops[i..]
+                .iter()
+                .position(|op| !matches!(op, Op::Dispatch { .. }))
+                .map_or(self.ops.len(), |n| i + n);
+            let timestamp_writes = timer
+                .filter(|_| Some(i) == first_dispatch || Some(end - 1) == last_dispatch)
+                .map(|t| wgpu::ComputePassTimestampWrites {
+                    query_set: &t.queries,
+                    beginning_of_pass_write_index: (Some(i) == first_dispatch).then_some(0),
+                    end_of_pass_write_index: (Some(end - 1) == last_dispatch).then_some(1),
+                });
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: None,
-                timestamp_writes: None,
+                timestamp_writes,
             });
             while let Some(Op::Dispatch { kernel, groups, .. }) = self.ops.get(i) {
                 pass.set_pipeline(&kernel.pipeline);
@@ -957,6 +988,9 @@ impl<'a> Recorder<'a> {
                 pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
                 i += 1;
             }
+        }
+        if let Some(timer) = timer {
+            timer.resolve(&mut encoder);
         }
         gpu.queue.submit([encoder.finish()])
     }

@@ -7,6 +7,7 @@
 pub mod kernels;
 pub mod memory;
 pub mod tensor;
+pub mod timer;
 
 use std::sync::{Arc, Mutex};
 
@@ -179,7 +180,9 @@ impl Gpu {
         let wanted_features = wgpu::Features::SHADER_F16
             | wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
             | wgpu::Features::SUBGROUP
-            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+            // GPU time of a kernel for `strata bench kernels` (gpu::timer).
+            | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & wanted_features;
         let coop = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
         let experimental_features = if coop {
