@@ -34,15 +34,25 @@ pub struct DiskOptions {
     pub create_dir: bool,
     /// I/O threads (at least 1).
     pub threads: usize,
+    /// A pause before every background job (prefetch, write-back): a slow or busy disk, simulated. Tests set it
+    /// (through `STRATA_DISK_JOB_DELAY_US` for a whole process) to show that results and memory peaks do not depend
+    /// on when I/O finishes.
+    pub job_delay: std::time::Duration,
 }
 
 impl DiskOptions {
-    /// `dir`, created if missing, with 4 I/O threads.
+    /// `dir`, created if missing, with 4 I/O threads; background jobs delayed by `STRATA_DISK_JOB_DELAY_US`
+    /// microseconds when that variable is set.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let delay_us = std::env::var("STRATA_DISK_JOB_DELAY_US")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         DiskOptions {
             dir: dir.into(),
             create_dir: true,
             threads: 4,
+            job_delay: std::time::Duration::from_micros(delay_us),
         }
     }
 }
@@ -87,6 +97,13 @@ pub fn cleanup_all() -> Cleanup {
         }
     }
     done
+}
+
+/// A background job's simulated wait for a busy disk ([`DiskOptions::job_delay`]).
+fn pause(delay: std::time::Duration) {
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
 }
 
 fn register(path: &Path) {
@@ -141,6 +158,7 @@ impl Drop for Shared {
 pub struct DiskTier {
     shared: Arc<Shared>,
     pool: Arc<rayon::ThreadPool>,
+    job_delay: std::time::Duration,
     id: u64,
     next_file: AtomicU64,
 }
@@ -256,6 +274,7 @@ impl DiskTier {
         Ok(DiskTier {
             shared,
             pool: Arc::new(pool),
+            job_delay: options.job_delay,
             id,
             next_file: AtomicU64::new(0),
         })
@@ -320,10 +339,15 @@ impl DiskTier {
             return Ticket { rx };
         }
         let file = Arc::clone(&tensor.file);
+        let delay = self.job_delay;
         self.pool.spawn(move || {
+            pause(delay);
             let result = write_pieces(&file.file, offset, &data)
                 .map(|()| data)
                 .map_err(|e| io_error("write", &file.path, file.len, e));
+            // The job lets go of the file before it answers, so a tensor dropped right after `wait` is gone (file
+            // and byte count) at once, whatever the thread scheduler does.
+            drop(file);
             let _ = tx.send(result);
         });
         Ticket { rx }
@@ -382,11 +406,15 @@ impl DiskTier {
             return Ticket { rx };
         }
         let file = Arc::clone(&tensor.file);
+        let delay = self.job_delay;
         self.pool.spawn(move || {
+            pause(delay);
             buf.resize(len as usize, 0);
             let result = read_pieces(&file.file, offset, &mut buf)
                 .map(|()| buf)
                 .map_err(|e| io_error("read", &file.path, file.len, e));
+            // As in `write_at_async`: release the file before answering.
+            drop(file);
             let _ = tx.send(result);
         });
         Ticket { rx }
@@ -398,7 +426,9 @@ impl DiskTier {
         let (tx, rx) = mpsc::channel();
         let path = self.file_path(name);
         let shared = Arc::clone(&self.shared);
+        let delay = self.job_delay;
         self.pool.spawn(move || {
+            pause(delay);
             let _ = tx.send(write_new(&shared, path, &data).map(|t| (t, data)));
         });
         Ticket { rx }
