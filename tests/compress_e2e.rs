@@ -338,10 +338,10 @@ impl strata::weights::WeightSource for RoundTripped {
         spec: &strata::weights::TensorSpec,
     ) -> Result<strata::weights::HostTensor<'_>, strata::weights::WeightError> {
         let t = self.inner.load(spec)?;
-        if !strata::compress::is_compressed(spec.role) {
+        if !spec.role.is_compressed() {
             return Ok(t);
         }
-        let values = strata::compress::host_tensor_to_f32(&t).unwrap();
+        let values = strata::checkpoint::host_tensor_to_f32(&t).unwrap();
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let packed = strata::compress::quantize(&values, rows, cols, self.config).unwrap();
         let back = strata::compress::dequantize(&packed);

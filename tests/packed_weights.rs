@@ -9,8 +9,9 @@ use common::{fixture, generate_command, gpu, options};
 use std::path::{Path, PathBuf};
 
 use strata::checkpoint::Checkpoint;
+use strata::checkpoint::{write_packed_model, PackedWeights};
+use strata::compress::CompressionConfig;
 use strata::compress::PackedRef;
-use strata::compress::{write_packed_model, CompressionConfig, PackedWeights};
 use strata::config::OptConfig;
 use strata::generate::{GenerateOutput, Generator, GeneratorOptions};
 use strata::gpu::tensor::{GpuMatrix, WeightFormat};

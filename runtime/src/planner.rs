@@ -333,7 +333,7 @@ pub fn stored_bytes(
 pub fn outside_layer_bytes(config: &OptConfig, compress: Option<CompressionConfig>) -> u64 {
     model_tensors(config)
         .iter()
-        .filter(|t| t.layer.is_none())
+        .filter(|t| t.layer().is_none())
         .map(|t| stored_bytes(config, t, compress))
         .sum()
 }
@@ -372,7 +372,7 @@ pub fn weight_groups(
     let all = model_tensors(config);
     let first_layer_tensor = all
         .iter()
-        .position(|t| t.layer.is_some())
+        .position(|t| t.layer().is_some())
         .unwrap_or(all.len());
     let mut groups = vec![all[..first_layer_tensor]
         .iter()
@@ -384,7 +384,7 @@ pub fn weight_groups(
     let tail: Vec<u64> = all
         .iter()
         .skip(first_layer_tensor)
-        .filter(|t| t.layer.is_none())
+        .filter(|t| t.layer().is_none())
         .map(bytes)
         .collect();
     groups.push(tail);

@@ -86,10 +86,10 @@ fn packed_source(
             packed.group_size,
             path.display()
         );
-        strata::compress::write_packed_model(path, source.as_ref(), packed)
+        strata::checkpoint::write_packed_model(path, source.as_ref(), packed)
             .with_context(|| format!("writing packed weights to {}", path.display()))?;
     }
-    let weights = strata::compress::PackedWeights::open(path, source.config(), packed)
+    let weights = strata::checkpoint::PackedWeights::open(path, source.config(), packed)
         .with_context(|| format!("--packed-weights {}", path.display()))?;
     if existed {
         weights

@@ -1,4 +1,5 @@
-//! Packed checkpoints: safetensors files holding packed tensors as `U32` blobs plus a `strata` metadata entry.
+//! Packed checkpoints: safetensors files holding packed tensors as `U32` blobs plus a `strata` metadata entry
+//! (the format is [`crate::compress`]'s), and [`PackedWeights`], the weight source that serves a model from one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -6,12 +7,24 @@ use std::path::Path;
 use half::f16;
 use rayon::prelude::*;
 
-use super::{
-    is_compressed, packed_bytes, quantize, CompressError, CompressionConfig, PackedLayout,
+use crate::compress::{
+    packed_bytes, quantize, CompressError, CompressionConfig, PackedLayout, PackedRef,
     PackedTensor, FORMAT_NAME, FORMAT_VERSION,
 };
 use crate::config::{DType, OptConfig};
 use crate::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
+
+/// Why a model could not be packed from a weight source, or a packed file does not serve the source's model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PackedError {
+    /// Packing, or the packed file, failed.
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+    /// The weight source could not provide a tensor.
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+}
 
 /// One tensor of a packed checkpoint: compressed, or kept at its dtype (biases, layer norms).
 #[derive(Clone, Debug)]
@@ -67,8 +80,8 @@ fn views(
                 let meta = PackedMeta {
                     rows: p.rows(),
                     cols: p.cols(),
-                    bits: p.config.bits,
-                    group_size: p.config.group_size,
+                    bits: p.config().bits,
+                    group_size: p.config().group_size,
                 };
                 if header.packed.insert(name.clone(), meta).is_some() {
                     return Err(CompressError::Format(format!(
@@ -77,7 +90,7 @@ fn views(
                 }
                 safetensors::tensor::TensorView::new(
                     safetensors::Dtype::U32,
-                    vec![p.words.len()],
+                    vec![p.words().len()],
                     p.as_bytes(),
                 )
             }
@@ -246,7 +259,7 @@ fn safetensors_dtype_name(dtype: DType) -> &'static str {
 }
 
 /// Writes every tensor of `source`'s model to a packed checkpoint at `path`, one tensor at a time: each 2-D
-/// tensor ([`is_compressed`]) is loaded, converted to f32, packed and written before the next is read, so peak
+/// tensor ([`TensorRole::is_compressed`](crate::weights::TensorRole::is_compressed)) is loaded, converted to f32, packed and written before the next is read, so peak
 /// memory is about one tensor in f32, never the whole model. Biases and layer norms are copied at their stored
 /// dtype. The file is written as `path` + `.part` and renamed into place when complete, so an interrupted write
 /// never leaves a file at `path`. Returns the file's size.
@@ -254,7 +267,7 @@ pub fn write_packed_model(
     path: &Path,
     source: &dyn WeightSource,
     config: CompressionConfig,
-) -> Result<u64, CompressError> {
+) -> Result<u64, PackedError> {
     use std::io::Write;
     config.validate()?;
     let specs = model_tensors(source.config());
@@ -269,12 +282,13 @@ pub fn write_packed_model(
     let mut packed_meta = BTreeMap::new();
     let mut offset = 0u64;
     for spec in &specs {
-        let (dtype, shape, bytes) = if is_compressed(spec.role) {
+        let (dtype, shape, bytes) = if spec.role.is_compressed() {
             let [rows, cols] = spec.shape[..] else {
                 return Err(CompressError::Format(format!(
                     "`{}` is not 2-D: {:?}",
                     spec.name, spec.shape
-                )));
+                ))
+                .into());
             };
             packed_meta.insert(
                 spec.name.clone(),
@@ -320,7 +334,7 @@ pub fn write_packed_model(
     let mut partial = path.as_os_str().to_owned();
     partial.push(".part");
     let partial = std::path::PathBuf::from(partial);
-    let write = || -> Result<(), CompressError> {
+    let write = || -> Result<(), PackedError> {
         let file = std::fs::File::create(&partial).map_err(io)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(json.len() as u64).to_le_bytes())
@@ -328,7 +342,7 @@ pub fn write_packed_model(
         out.write_all(&json).map_err(io)?;
         for spec in &specs {
             let tensor = source.load(spec)?;
-            if is_compressed(spec.role) {
+            if spec.role.is_compressed() {
                 let values = host_tensor_to_f32(&tensor)?;
                 let packed = quantize(&values, spec.shape[0], spec.shape[1], config).map_err(|e| match e {
                     CompressError::Value { row, col, value } => CompressError::Format(format!(
@@ -344,14 +358,15 @@ pub fn write_packed_model(
                     return Err(CompressError::Format(format!(
                         "`{}` is stored as {} but the config says {dense_dtype}; convert the checkpoint's dtype first",
                         spec.name, tensor.dtype
-                    )));
+                    ))
+                    .into());
                 }
                 out.write_all(&tensor.bytes).map_err(io)?;
             }
         }
         out.flush().map_err(io)?;
         drop(out);
-        std::fs::rename(&partial, path).map_err(io)
+        std::fs::rename(&partial, path).map_err(|e| io(e).into())
     };
     if let Err(e) = write() {
         // Best effort: a half-written file must not be mistaken for a checkpoint.
@@ -369,17 +384,6 @@ pub struct PackedCheckpoint {
     data_start: usize,
     metadata: safetensors::tensor::Metadata,
     header: FileHeader,
-}
-
-/// A packed tensor borrowed from a [`PackedCheckpoint`].
-#[derive(Clone, Copy, Debug)]
-pub struct PackedRef<'a> {
-    /// Its layout.
-    pub layout: PackedLayout,
-    /// Bits and group size.
-    pub config: CompressionConfig,
-    /// The packed words' bytes, as in [`PackedTensor::as_bytes`].
-    pub bytes: &'a [u8],
 }
 
 impl PackedCheckpoint {
@@ -522,7 +526,7 @@ impl PackedWeights {
                     shape_text(&spec.shape)
                 )));
             };
-            match (is_compressed(spec.role), file.header.packed.get(name)) {
+            match (spec.role.is_compressed(), file.header.packed.get(name)) {
                 (true, Some(meta)) => {
                     if meta.bits != compression.bits || meta.group_size != compression.group_size {
                         return Err(differs(format!(
@@ -585,19 +589,20 @@ impl PackedWeights {
     /// Checks that the file was written from `source`'s weights, not another checkpoint of the same architecture:
     /// every uncompressed tensor (biases, layer norms; small) must equal `source`'s byte for byte. A model without
     /// any has nothing to compare, so this proves nothing for it.
-    pub fn check_source(&self, source: &dyn WeightSource) -> Result<(), CompressError> {
+    pub fn check_source(&self, source: &dyn WeightSource) -> Result<(), PackedError> {
         for spec in model_tensors(&self.config) {
-            if is_compressed(spec.role) {
+            if spec.role.is_compressed() {
                 continue;
             }
-            let ours = self.load(&spec).map_err(CompressError::from)?;
+            let ours = self.load(&spec)?;
             let theirs = source.load(&spec)?;
             if ours.dtype != theirs.dtype || ours.bytes != theirs.bytes {
                 return Err(CompressError::Format(format!(
                     "{}: `{}` differs from the model's: the file was packed from other weights; delete it to \
                      write it again from these",
                     self.file.path, spec.name
-                )));
+                ))
+                .into());
             }
         }
         Ok(())
@@ -654,7 +659,7 @@ impl WeightSource for PackedWeights {
                 packed.bytes,
             )
             .map_err(|e| self.weight_error(e))?;
-            let values = super::dequantize(&tensor);
+            let values = crate::compress::dequantize(&tensor);
             return Ok(HostTensor {
                 dtype: DType::F32,
                 shape: spec.shape.clone(),
