@@ -61,11 +61,14 @@ impl DiskOptions {
 struct Registry {
     files: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
+    /// [`cleanup_all`] ran: the process is exiting, and no new file may appear behind its back.
+    closed: bool,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     files: BTreeSet::new(),
     dirs: BTreeSet::new(),
+    closed: false,
 });
 
 /// Distinguishes tiers (and their file names) within one process.
@@ -85,6 +88,7 @@ pub struct Cleanup {
 /// alive afterwards read and write deleted or missing files, so exit after calling it.
 pub fn cleanup_all() -> Cleanup {
     let mut reg = lock(&REGISTRY);
+    reg.closed = true;
     let mut done = Cleanup::default();
     for file in std::mem::take(&mut reg.files) {
         if fs::remove_file(&file).is_ok() {
@@ -104,10 +108,6 @@ fn pause(delay: std::time::Duration) {
     if !delay.is_zero() {
         std::thread::sleep(delay);
     }
-}
-
-fn register(path: &Path) {
-    lock(&REGISTRY).files.insert(path.to_owned());
 }
 
 fn unregister(path: &Path) {
@@ -444,17 +444,30 @@ impl DiskTier {
 /// On error nothing is left behind.
 fn write_new(shared: &Arc<Shared>, path: PathBuf, data: &[u8]) -> Result<DiskTensor> {
     let part = path.with_extension("part");
-    // Registered before they exist, so a Ctrl-C at any point finds them.
-    register(&part);
-    register(&path);
     let len = data.len() as u64;
     let written = (|| {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&part)
-            .map_err(|e| io_error("create", &part, len, e))?;
+        // Created and registered under the registry's lock, so a Ctrl-C (`cleanup_all`) either finds the file or
+        // comes first and refuses it: no file appears after the cleanup.
+        let file = {
+            let mut reg = lock(&REGISTRY);
+            if reg.closed {
+                return Err(io_error(
+                    "create",
+                    &part,
+                    len,
+                    io::Error::other("the process is exiting and its offload files were removed"),
+                ));
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&part)
+                .map_err(|e| io_error("create", &part, len, e))?;
+            reg.files.insert(part.clone());
+            reg.files.insert(path.clone());
+            file
+        };
         write_pieces(&file, 0, data).map_err(|e| io_error("write", &part, len, e))?;
         fs::rename(&part, &path).map_err(|e| io_error("rename", &part, len, e))?;
         Ok(file)
