@@ -8,9 +8,9 @@ use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
 use std::path::Path;
 
 use strata::checkpoint::Checkpoint;
-use strata::generate::{GenerateError, GenerateOutput, Generator, GeneratorOptions};
+use strata::generate::{GenerateError, GenerateOutput, Generator};
 use strata::gpu::Gpu;
-use strata::policy::{Percent, Policy};
+use strata::offload::policy::{Percent, Policy};
 
 fn policy(
     percent: [f64; 6],
@@ -37,10 +37,10 @@ fn run_policy(
     p: &Policy,
 ) -> Result<GenerateOutput, GenerateError> {
     let checkpoint = Checkpoint::open(dir).unwrap();
-    let gen = Generator::with_policy(gpu, &checkpoint, &GeneratorOptions::default(), p, &|_| {})?;
+    let gen = Generator::with_policy(gpu, &checkpoint, p, &|_| {})?;
     let out = gen.generate(prompts, &options(new))?;
     // The placement really used the tiers it names.
-    let report = gen.tiers().expect("a policy run has tiers").report();
+    let report = gen.tiers().report();
     let pct = &p.percent;
     let off_cpu = [pct.weights.cpu, pct.cache.cpu, pct.act.cpu]
         .iter()
@@ -94,7 +94,7 @@ fn every_policy_matches_the_all_gpu_run() {
         // Two GPU batches for every fixture (they have 2 or 3 prompts).
         let half = n.div_ceil(2);
         let checkpoint = Checkpoint::open(&dir).unwrap();
-        let baseline = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default())
+        let baseline = Generator::new(&gpu, &checkpoint)
             .unwrap()
             .generate(&prompts, &options(new))
             .unwrap();
@@ -259,7 +259,7 @@ fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
 
 #[test]
 fn an_offloaded_homes_write_back_lands_before_it_is_read() {
-    use strata::offload::Home;
+    use strata::offload::home::Home;
     use strata::tiers::{DiskOptions, TensorHome, Tier, TierOptions, Tiers};
     let gpu = gpu();
     let dir = tempfile::tempdir().unwrap();

@@ -6,8 +6,8 @@ mod common;
 use common::{gpu, max_abs_diff, Rng};
 use strata_runtime::gpu::kernels::{sparse_top_k, AttentionShape, CacheDtype::F32, Kernels};
 use strata_runtime::gpu::Gpu;
+use strata_runtime::offload::cpu_attention::cpu_attention;
 use strata_runtime::reference;
-use strata_runtime::schedule::cpu_attention;
 
 /// One decode step's inputs: `batch` sequences whose new token sits at row `past` of caches of `capacity` rows.
 struct Case {

@@ -6,8 +6,9 @@ use anyhow::{bail, Context};
 use strata::checkpoint::{self, Checkpoint};
 use strata::config::DType;
 use strata::dummy::DummyWeights;
-use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
+use strata::generate::{GenerateOptions, Generator, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
+use strata::offload::placement::{largest_gpu_batch, DeviceLimits, Workload};
 use strata::tokenizer::Tokenizer;
 use strata::weights::WeightSource;
 
@@ -194,7 +195,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         p.compress_weight_group_size,
         "--compress-weight",
     )?;
-    let compress_cache = compression(
+    // Checked here, before the model is opened; the policy carries the setting.
+    compression(
         p.compress_cache,
         p.compress_cache_bits,
         p.compress_cache_group_size,
@@ -225,21 +227,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_binding_override: None,
     })?;
     eprintln!("strata: {} on {}", source.config().name, gpu.describe());
-    let options = GeneratorOptions {
-        dtype: args.dtype,
-        gpu_batch_size: None,
-        compress_weight,
-        compress_cache,
-        // The all-GPU path takes the flag here; an offloading policy carries its own copy.
-        attn_sparsity: args.policy.attn_sparsity,
-    };
     let offload = !args.policy.placement_flags_given().is_empty()
         || args.policy.offload_dir.is_some()
         || args.policy.gpu_mem.is_some()
         || args.policy.cpu_mem.is_some();
-    let generator = if args.policy.is_auto() {
+    let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut policy = if args.policy.is_auto() {
         let config = *source.config();
-        let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut policy = resolve_auto(
             &gpu,
             &config,
@@ -249,21 +243,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &args.policy,
         )?;
         // The search may choose a block smaller than the batch; every prompt must run, so add GPU batches (the
-        // planner checks the caps again before anything is allocated).
+        // placement checks the caps again before anything is allocated).
         policy.num_gpu_batches = policy
             .num_gpu_batches
             .max(prompts.len().div_ceil(policy.gpu_batch_size));
-        Generator::with_policy(&gpu, source.as_ref(), &options, &policy, &|_| {})?
-    } else if offload {
-        let mut policy = args.policy.to_policy()?;
-        // Without an explicit batching, one GPU batch holds every prompt.
-        if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
-            policy.gpu_batch_size = prompts.len();
-        }
-        Generator::with_policy(&gpu, source.as_ref(), &options, &policy, &|_| {})?
+        policy
     } else {
-        Generator::new(&gpu, source.as_ref(), &options)?
+        let mut policy = args.policy.to_policy()?;
+        // Without an explicit batching, one GPU batch holds every prompt; with everything on the GPU, GPU batches of
+        // as many as fit one binding.
+        if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
+            let fit = if offload {
+                prompts.len()
+            } else {
+                let workload = Workload {
+                    prompt_len,
+                    gen_len: args.max_new_tokens,
+                };
+                largest_gpu_batch(source.config(), &DeviceLimits::of(&gpu), workload)
+            };
+            policy.gpu_batch_size = fit.clamp(1, prompts.len().max(1));
+            policy.num_gpu_batches = prompts.len().div_ceil(policy.gpu_batch_size).max(1);
+        }
+        policy
     };
+    policy.weight_dtype = args.dtype;
+    let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| {})?;
     drop(source);
     let output = generator.generate(
         &prompts,

@@ -95,11 +95,74 @@ enum Q4 {
     Attention,
 }
 
-/// Staging buffers: slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to quantise), slot 2 the
-/// sparse attention's scores.
-const STAGING_SLOTS: usize = 3;
+/// Staging buffers (the kernels' scratch): slot 0 holds packed kernels' outputs, slot 1 their inputs (ids, rows to
+/// quantise), slot 2 the sparse attention's scores. What each use asks for is one of the `*_staging` functions
+/// below, so a run's placement can size the slots before the first step ([`Kernels::set_staging`]).
+pub const STAGING_SLOTS: usize = 3;
 /// The staging slot of [`Recorder::sparse_attention`]'s scores.
 const SCORES_SLOT: usize = 2;
+
+/// The buffer a staging request of `bytes` gets: a power of two (so a slot is rarely regrown), at most one binding.
+pub fn staging_buffer_bytes(bytes: u64, max_binding: u64) -> u64 {
+    bytes.max(16).next_power_of_two().min(max_binding)
+}
+
+/// Rows of x per pass of a packed linear layer over chunks of at most `widest` rows and `cols` columns, `m` rows in
+/// all: a pass's rows of x and its `[piece, chunk rows]` result each fit one binding.
+fn packed_linear_piece(m: usize, widest: usize, cols: usize, max_binding: u64) -> usize {
+    let widest_row = 4 * widest.max(cols).max(1) as u64;
+    ((max_binding / widest_row) as usize).clamp(1, m.max(1))
+}
+
+/// Staging `[slot 0, slot 1]` a packed linear layer of `m` rows asks for (0: none): slot 0 holds one pass's dense
+/// result, slot 1 a pass's rows of x past the first (the q4 kernels take no x offset).
+pub fn packed_linear_staging(m: usize, widest: usize, cols: usize, max_binding: u64) -> [u64; 2] {
+    let piece = packed_linear_piece(m, widest, cols, max_binding);
+    let x_piece = if m > piece { piece.min(m - piece) } else { 0 };
+    [
+        (piece * widest.max(1) * 4) as u64,
+        (x_piece * cols * 4) as u64,
+    ]
+}
+
+/// The rows of the largest piece after the first when `rows` rows go through a kernel `MAX_GRID_ROWS` at a time
+/// (0 when one piece does).
+fn later_piece(rows: usize) -> usize {
+    if rows > MAX_GRID_ROWS {
+        (rows - MAX_GRID_ROWS).min(MAX_GRID_ROWS)
+    } else {
+        0
+    }
+}
+
+/// Staging `[slot 0, slot 1]` a packed embedding gather of `n_ids` rows of `cols` values asks for: decoded rows go
+/// through slot 0 when added (`accumulate`) or past the first piece, ids past the first piece through slot 1.
+pub fn packed_gather_staging(n_ids: usize, cols: usize, accumulate: bool) -> [u64; 2] {
+    let out_rows = if accumulate {
+        n_ids.min(MAX_GRID_ROWS)
+    } else {
+        later_piece(n_ids)
+    };
+    [
+        (out_rows * cols * 4) as u64,
+        (later_piece(n_ids) * 4) as u64,
+    ]
+}
+
+/// Slot-0 staging of [`Recorder::dequantize_rows`] over `rows` rows of `cols` values (pieces past the first).
+pub fn dequantize_rows_staging(rows: usize, cols: usize) -> u64 {
+    (later_piece(rows) * cols * 4) as u64
+}
+
+/// Slot-1 staging of [`Recorder::quantize_rows`] over `rows` rows of `cols` values (pieces past the first).
+pub fn quantize_rows_staging(rows: usize, cols: usize) -> u64 {
+    (later_piece(rows) * cols * 4) as u64
+}
+
+/// Slot-2 staging of [`Recorder::sparse_attention`]: f32 scores of `batch * heads` pairs over `capacity` keys.
+pub fn sparse_scores_staging(batch: usize, heads: usize, capacity: usize) -> u64 {
+    (batch * heads * capacity * 4) as u64
+}
 
 /// Largest number of x rows the GEMV kernel handles (its register array); more rows use the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -431,15 +494,24 @@ impl Kernels {
             _ => {
                 let buffer = self.gpu.storage_buffer(
                     "packed kernels' staging",
-                    bytes
-                        .max(16)
-                        .next_power_of_two()
-                        .min(self.gpu.max_binding()),
+                    staging_buffer_bytes(bytes, self.gpu.max_binding()),
                 );
                 pool[slot] = Some(buffer.clone());
                 buffer
             }
         }
+    }
+
+    /// Hands the kernels their staging buffers (`None`: none yet), replacing any they hold: a run sizes them from
+    /// its placement before the first step, so no dispatch grows one.
+    pub fn set_staging(&self, buffers: [Option<wgpu::Buffer>; STAGING_SLOTS]) {
+        *self.staging.lock().unwrap_or_else(|p| p.into_inner()) = buffers;
+    }
+
+    /// The size of each staging buffer the kernels hold now (0: none).
+    pub fn staging_sizes(&self) -> [u64; STAGING_SLOTS] {
+        let pool = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        std::array::from_fn(|i| pool[i].as_ref().map_or(0, wgpu::Buffer::size))
     }
 
     /// Drops every cached bind group, releasing the buffers they reference (call when a run's buffers are freed).
@@ -703,10 +775,11 @@ impl<'a> Recorder<'a> {
     ) {
         let gemv = m <= GEMV_MAX_ROWS;
         let widest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0).max(1);
-        // Rows of x per pass, so that a pass's rows of x and its [piece, chunk.rows] result each fit one binding.
-        let widest_row = 4 * widest.max(w.cols) as u64;
-        let piece = ((self.kernels.gpu.max_binding() / widest_row) as usize).clamp(1, m.max(1));
-        let staging = self.kernels.staging(0, (piece * widest * 4) as u64);
+        let max_binding = self.kernels.gpu.max_binding();
+        let piece = packed_linear_piece(m, widest, w.cols, max_binding);
+        let staging = self
+            .kernels
+            .staging(0, packed_linear_staging(m, widest, w.cols, max_binding)[0]);
         let x_row_bytes = (w.cols * 4) as u64;
         let act_code = act.code();
         let mut r0 = 0;
@@ -1164,9 +1237,10 @@ impl<'a> Recorder<'a> {
         debug_assert_eq!(shape.s_new, 1, "sparse attention is for decode steps");
         let head_dim = shape.hidden / shape.n_head;
         let pairs = shape.batch * shape.n_head;
-        let scores = self
-            .kernels
-            .staging(SCORES_SLOT, (pairs * shape.capacity * 4) as u64);
+        let scores = self.kernels.staging(
+            SCORES_SLOT,
+            sparse_scores_staging(shape.batch, shape.n_head, shape.capacity),
+        );
         let params = [
             u32_of(shape.past),
             u32_of(shape.capacity),

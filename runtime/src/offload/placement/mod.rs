@@ -1,35 +1,83 @@
-//! Memory plans: how many bytes each tier (GPU, CPU, disk) holds at its peak under a policy, computed before
-//! anything is allocated so a run that cannot fit is refused up front with the flag to change.
+//! The placement: where every byte of a run lives, computed once, before anything is allocated, from the model's
+//! config, the policy, the workload and the device's limits.
 //!
-//! Placement follows FlexLLMGen's rules, generalised:
+//! A [`Placement`] holds every decision the offloading runtime makes about memory:
+//! - per decoder layer, each tensor's tier (every layer is placed alike: the layers have the same tensors);
+//! - per GPU batch, which sequences keep their KV cache and their hidden rows on the GPU, in CPU memory or on disk,
+//!   and whether the batch attends on the CPU at decode;
+//! - the cache's row layout ([`CacheRows`]);
+//! - and the named list of every buffer the run holds ([`Placement::buffers`]): weights, cache and activation homes,
+//!   weight / cache / activation slots, the forward pass's working buffers and the kernels' scratch, each with its
+//!   tier and exact size.
+//!
+//! The memory plan ([`Placement::plan`]), the cap check, `strata bench`'s planned figures and the cost model's byte
+//! counts ([`linear_terms`]) are read from it; the runtime's stores allocate exactly its list through
+//! [`crate::offload::ledger::Ledger`], which records every allocation, so "the plan is the allocation" is checked
+//! to the byte (tests/plan_matches_runtime.rs).
+//!
+//! Placement rules (FlexLLMGen's, generalised), each written once, here:
 //! - The tensors outside the decoder layers (token and position embeddings, project_in/out, the final layer norm,
-//!   an untied LM head) always stay on the GPU, under every policy: every GPU batch reads them at the start and end
-//!   of every step, so streaming them would move the largest matrix twice per step. The weight percents apply to the
-//!   decoder layers only.
-//! - Decoder weights are placed per placement group (a decoder layer, or its attention and MLP halves with
-//!   `sep_layer`) by cumulative size: a tensor goes to the tier its midpoint falls in, with the first `w_disk`% of
-//!   the group's bytes on disk, the next `w_cpu`% on CPU and the rest on GPU.
-//! - The KV cache and the activations are split by whole sequences, the same way in every GPU batch (as FlexLLMGen
-//!   splits each GPU batch's cache): of a batch's `gpu_batch_size` sequences, the first `cache_gpu`% keep their cache
-//!   on the GPU, the next `cache_cpu`% on CPU, the rest on disk. Unlike FlexLLMGen, activations may be split too.
-//! - The GPU also holds working buffers, counted as the runtime allocates them: weight slots for one layer's
-//!   off-GPU buffers (twice with `overlap`), cache slots for a whole GPU batch's K and V of one layer (twice with
-//!   `overlap`) whenever any cache is off the GPU (also with `cpu_cache_compute`: prefill attends on the GPU), an
-//!   activation slot when any activation is off the GPU, CPU attention's GPU scratch, one GPU batch's input/output
-//!   activations, attention or MLP scratch, and the logits. The CPU holds staging for whatever streams from disk.
-//!
-//! [`linear_terms`] gives the same formulas as affine functions of the nine placement fractions, the continuous
-//! relaxation strata's cost model optimises over; [`plan`] rounds to whole tensors and sequences.
+//!   an untied LM head) stay on the GPU under every policy: every GPU batch reads them at the start and end of every
+//!   step, so streaming them would move the largest matrix twice per step. The weight percents place the layers.
+//! - Decoder weights are placed per placement group (a layer, or its attention and MLP halves with `sep_layer`) by
+//!   cumulative size: a tensor goes to the tier its midpoint falls in, the first `w_disk`% of the group's bytes on
+//!   disk, the next `w_cpu`% in CPU memory, the rest on the GPU ([`place_by_midpoint`]).
+//! - The KV cache and the activations are split by whole sequences, the same way in every GPU batch: the first
+//!   `gpu`% of a batch's sequences on the GPU, the next `cpu`% in CPU memory, the rest on disk ([`sequence_tier`]).
+//!   A batch whose sequences all stay on the GPU keeps its own buffers; any other has one home per sequence and
+//!   computes in a slot (cache slots twice with overlap; one activation slot). Offloaded activations have no
+//!   resident residual stream: their batch computes in the activation slot.
+//! - A batch attends on the CPU at decode when `cpu_cache_compute` is on, its cache is uncompressed and every one
+//!   of its sequences' cache lives in CPU memory ([`BatchPlacement::cpu_attention`]).
+//! - Sizes: every buffer is whole 4-byte words ([`crate::gpu::buffer_size`]); activations are [`act_dtype`], the
+//!   cache [`CacheDtype::for_model`] or packed; a matrix is row chunks of at most one binding
+//!   ([`crate::gpu::tensor::chunk_rows`]), vectors are f32; the kernels' staging follows the `*_staging` formulas of
+//!   [`crate::gpu::kernels`].
 
+mod buffers;
+mod cache_rows;
+mod linear;
+
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::compress::{packed_bytes, CompressionConfig};
-use crate::config::OptConfig;
-use crate::gpu::kernels::CacheDtype;
-use crate::offload::CacheRows;
-use crate::policy::{format_bytes, Policy, PolicyError};
-use crate::tiers::padded;
-use crate::weights::{layer_tensors, model_tensors, TensorSpec};
+pub use buffers::{BufferId, BufferSpec, CpuAttnPart, InputPart, Kind, Kv, ScratchPart, WorkPart};
+pub use cache_rows::{CacheRange, CacheRows};
+pub use linear::{linear_terms, linear_terms_with, Affine, WeightSummary};
+
+use super::policy::{format_bytes, Policy, PolicyError, TierSplit};
+use crate::compress::{CompressionConfig, PackedLayout};
+use crate::config::{ConfigError, OptConfig};
+use crate::gpu::buffer_size;
+use crate::gpu::kernels::{
+    dequantize_rows_staging, packed_gather_staging, packed_linear_staging, quantize_rows_staging,
+    sparse_scores_staging, staging_buffer_bytes, ActDtype, CacheDtype, STAGING_SLOTS,
+};
+use crate::gpu::tensor::{chunk_rows, WeightFormat};
+use crate::gpu::Gpu;
+use crate::tiers::Tier;
+use crate::weights::{
+    layer_tensor_kinds, layer_tensor_spec, model_tensor_spec, outside_layer_tensors, LayerPart,
+    LayerTensor, ModelTensor, TensorId, TensorSpec,
+};
+
+/// How activations (hidden rows, projections, attention output, FFN intermediate) are stored on the GPU and in every
+/// tier: the one rule every activation byte count reads (homes, slots, working buffers, the cost model). f32 for
+/// every checkpoint today; f16 checkpoints switch to [`ActDtype::F16`] here when the f16 activation kernels land.
+pub fn act_dtype(config: &OptConfig) -> ActDtype {
+    let _ = config;
+    ActDtype::F32
+}
+
+/// How a run stores its weight matrices: packed under weight compression, else the policy's `weight_dtype` or the
+/// checkpoint's (bf16 becomes f32). Vectors (biases, layer norms) are f32 whatever the format.
+pub fn weight_format(config: &OptConfig, policy: &Policy) -> WeightFormat {
+    if policy.compress_weight {
+        WeightFormat::Packed(policy.compress_weight_config)
+    } else {
+        WeightFormat::choose(config.dtype, policy.weight_dtype)
+    }
+}
 
 /// Prompt and generation lengths of a run (every sequence padded to the same prompt length).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,47 +95,26 @@ impl Workload {
     }
 }
 
-/// A memory tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Tier {
-    /// GPU memory.
-    Gpu,
-    /// CPU (host) memory.
-    Cpu,
-    /// Disk (the offload directory).
-    Disk,
+/// What the device allows: the placement splits matrices into row chunks that each fit one binding and refuses any
+/// other buffer that would not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// The largest storage binding (and buffer) strata creates, in bytes ([`Gpu::max_binding`]).
+    pub max_binding: u64,
 }
 
-impl Tier {
-    /// All tiers, fastest first.
-    pub const ALL: [Tier; 3] = [Tier::Gpu, Tier::Cpu, Tier::Disk];
+impl DeviceLimits {
+    /// No binding limit: for planning without a device (the cost model), where a matrix is one chunk.
+    pub const UNBOUNDED: DeviceLimits = DeviceLimits {
+        // The largest multiple of 4.
+        max_binding: !3,
+    };
 
-    /// The flag that caps this tier.
-    pub const fn cap_flag(self) -> &'static str {
-        match self {
-            Tier::Gpu => "--gpu-mem",
-            Tier::Cpu => "--cpu-mem",
-            Tier::Disk => "--disk-mem",
+    /// The limits of `gpu`.
+    pub fn of(gpu: &Gpu) -> DeviceLimits {
+        DeviceLimits {
+            max_binding: gpu.max_binding(),
         }
-    }
-
-    /// Lower-case name (`gpu`, `cpu`, `disk`), as used in JSON output.
-    pub const fn key(self) -> &'static str {
-        match self {
-            Tier::Gpu => "gpu",
-            Tier::Cpu => "cpu",
-            Tier::Disk => "disk",
-        }
-    }
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tier::Gpu => "GPU",
-            Tier::Cpu => "CPU",
-            Tier::Disk => "disk",
-        })
     }
 }
 
@@ -112,104 +139,44 @@ impl TierBytes {
         }
     }
 
+    /// Adds `bytes` on `tier`.
+    pub fn add_to(&mut self, tier: Tier, bytes: u64) {
+        match tier {
+            Tier::Gpu => self.gpu += bytes,
+            Tier::Cpu => self.cpu += bytes,
+            Tier::Disk => self.disk += bytes,
+        }
+    }
+
+    /// Takes `bytes` off `tier`.
+    pub fn sub_from(&mut self, tier: Tier, bytes: u64) {
+        match tier {
+            Tier::Gpu => self.gpu -= bytes,
+            Tier::Cpu => self.cpu -= bytes,
+            Tier::Disk => self.disk -= bytes,
+        }
+    }
+
     /// Sum over tiers.
     pub fn total(&self) -> u64 {
         self.gpu + self.cpu + self.disk
     }
 
-    fn add(self, o: TierBytes) -> TierBytes {
+    /// Tier by tier.
+    pub fn plus(self, o: TierBytes) -> TierBytes {
         TierBytes {
             gpu: self.gpu + o.gpu,
             cpu: self.cpu + o.cpu,
             disk: self.disk + o.disk,
         }
     }
-}
 
-/// The GPU's working buffers (beyond the tensors whose home is the GPU).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GpuWorking {
-    /// Slots for weights streamed from CPU/disk: one decoder layer's off-GPU buffers (each padded to whole words),
-    /// twice with overlap, as `LayerStore` allocates them (from the GPU tier's pool).
-    pub weight_slots: u64,
-    /// The f32 scratch a compressed KV cache computes through (keys, values and their pair-major copy for one GPU
-    /// batch and layer, plus the decode attention's scores); packed weights need none (the kernels read them).
-    pub cache_scratch: u64,
-    /// One GPU batch's input and output hidden states at the prompt length.
-    pub batch_io: u64,
-    /// The larger of attention scratch (q, k, v, fp32 scores, output) and MLP scratch, at prefill shapes.
-    pub scratch: u64,
-    /// Cache slots (from the GPU tier's pool): K and V for a whole GPU batch of one layer, twice with overlap,
-    /// whenever any sequence's cache is off the GPU (with `cpu_cache_compute` too: prefill attends on the GPU).
-    pub cache_slots: u64,
-    /// The activation slot (from the pool): one GPU batch's hidden rows at the prompt length, when any sequence's
-    /// activations are off the GPU.
-    pub act_slot: u64,
-    /// CPU attention's GPU scratch (from the pool; `cpu_cache_compute` with an uncompressed cache wholly in CPU
-    /// memory): layer norm, q, k, v and attention output rows plus the MLP's intermediate rows of one GPU batch.
-    pub cpu_attention: u64,
-    /// fp32 logits of one GPU batch's last positions.
-    pub logits: u64,
-}
-
-impl GpuWorking {
-    /// Sum of the buffers.
-    pub fn total(&self) -> u64 {
-        self.pool_slots() + self.cache_scratch + self.batch_io + self.scratch + self.logits
-    }
-
-    /// The slots the runtime takes from the GPU tier's pool (weight, cache, activation and CPU attention slots):
-    /// what the pool's peak holds beyond the GPU-tier homes of partly offloaded GPU batches.
-    pub fn pool_slots(&self) -> u64 {
-        self.weight_slots + self.cache_slots + self.act_slot + self.cpu_attention
-    }
-}
-
-/// Every tier's bytes under one policy and workload.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MemoryPlan {
-    /// Weights' homes.
-    pub weights: TierBytes,
-    /// KV cache homes (whole sequences).
-    pub cache: TierBytes,
-    /// Activations' homes (whole sequences, prompt length: the prefill peak).
-    pub activations: TierBytes,
-    /// GPU working buffers.
-    pub gpu_working: GpuWorking,
-    /// CPU staging for disk-resident data, plus CPU attention scratch with cpu_cache_compute.
-    pub cpu_working: u64,
-    /// Sequences of the effective batch whose cache lives on GPU, CPU, disk (the same split in every GPU batch).
-    pub cache_sequences: [usize; 3],
-    /// Sequences whose activations live on GPU, CPU, disk.
-    pub act_sequences: [usize; 3],
-}
-
-impl MemoryPlan {
-    /// Peak bytes of each tier: homes plus working buffers.
-    pub fn peak(&self) -> TierBytes {
-        let homes = self.weights.add(self.cache).add(self.activations);
+    /// The larger of the two, tier by tier.
+    pub fn max(self, o: TierBytes) -> TierBytes {
         TierBytes {
-            gpu: homes.gpu + self.gpu_working.total(),
-            cpu: homes.cpu + self.cpu_working,
-            disk: homes.disk,
-        }
-    }
-
-    /// Refuses the plan if any tier's peak exceeds its cap, naming every tier over, by how much, and what to change.
-    pub fn check(&self, caps: &Caps) -> Result<(), CapError> {
-        let peak = self.peak();
-        let over: Vec<CapExceeded> = Tier::ALL
-            .iter()
-            .filter_map(|&tier| {
-                let cap = caps.get(tier)?;
-                let needed = peak.get(tier);
-                (needed > cap).then_some(CapExceeded { tier, needed, cap })
-            })
-            .collect();
-        if over.is_empty() {
-            Ok(())
-        } else {
-            Err(CapError(over))
+            gpu: self.gpu.max(o.gpu),
+            cpu: self.cpu.max(o.cpu),
+            disk: self.disk.max(o.disk),
         }
     }
 }
@@ -280,771 +247,1043 @@ impl fmt::Display for CapExceeded {
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
 pub struct CapError(pub Vec<CapExceeded>);
 
-/// Inputs that cannot be planned.
+/// Why a run cannot be placed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
-pub enum PlanError {
+pub enum PlacementError {
     /// The policy is invalid.
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// The model config is invalid.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// The workload does not fit the model.
-    #[error("{0}")]
-    Workload(String),
+    Config(#[from] ConfigError),
+    /// A zero prompt or generation length.
+    #[error("--prompt-len ({prompt_len}) and --gen-len ({gen_len}) must both be at least 1")]
+    EmptyWorkload {
+        /// Tokens per prompt.
+        prompt_len: usize,
+        /// Tokens to generate.
+        gen_len: usize,
+    },
+    /// Prompt plus generated tokens exceed the model's context.
+    #[error("--prompt-len {prompt_len} + --gen-len {gen_len} = {} exceeds {model}'s context of {context} tokens", prompt_len + gen_len)]
+    TooLong {
+        /// Tokens per prompt.
+        prompt_len: usize,
+        /// Tokens to generate.
+        gen_len: usize,
+        /// The model's name.
+        model: String,
+        /// Its context (max_seq_len).
+        context: usize,
+    },
+    /// More prompts than the policy's effective batch (or none).
+    #[error(
+        "{prompts} prompts exceed the effective batch of {} ({gpu_batch_size} x {num_gpu_batches}): raise \
+         --num-gpu-batches or --gpu-batch-size, or pass fewer prompts",
+        gpu_batch_size * num_gpu_batches
+    )]
+    TooManyPrompts {
+        /// Prompts given.
+        prompts: usize,
+        /// The policy's GPU batch size.
+        gpu_batch_size: usize,
+        /// The policy's number of GPU batches.
+        num_gpu_batches: usize,
+    },
+    /// A run needs at least one sequence.
+    #[error("no prompts: a run needs at least one sequence")]
+    NoSequences,
+    /// A buffer larger than one binding.
+    #[error("{what} needs a buffer of {bytes} bytes, more than this device allows ({limit} bytes); {hint}")]
+    Binding {
+        /// What the buffer holds.
+        what: String,
+        /// Its size.
+        bytes: u64,
+        /// The device's binding limit.
+        limit: u64,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A packed embedding table must be one binding (q4_dequant looks ids up in one buffer).
+    #[error("the packed embedding table [{rows}, {cols}] needs {bytes} bytes, more than one GPU binding ({limit} bytes)")]
+    PackedTable {
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Its packed size.
+        bytes: u64,
+        /// The device's binding limit.
+        limit: u64,
+    },
+    /// The plan goes over a memory cap.
+    #[error(transparent)]
+    OverCap(#[from] CapError),
 }
 
-fn check_workload(config: &OptConfig, w: Workload) -> Result<(), PlanError> {
-    if w.prompt_len == 0 || w.gen_len == 0 {
-        return Err(PlanError::Workload(format!(
-            "--prompt-len ({}) and --gen-len ({}) must both be at least 1",
-            w.prompt_len, w.gen_len
-        )));
+/// Every tier's bytes under one placement, summed by what they hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// Weights' homes.
+    pub weights: TierBytes,
+    /// KV cache homes (whole sequences).
+    pub cache: TierBytes,
+    /// Activations' homes (whole sequences, prompt length: the prefill peak).
+    pub activations: TierBytes,
+    /// Buffers that hold no home (GPU only): weight, cache and activation slots, CPU attention's GPU scratch, the
+    /// step inputs, the forward pass's scratch, the logits and the kernels' staging.
+    pub working: TierBytes,
+    /// Host memory the transfers borrow for a moment (disk reads on their way to the GPU, CPU attention's keys and
+    /// values): not a buffer of the run, counted so the caps leave room for it.
+    pub staging: TierBytes,
+    /// Sequences whose cache lives on GPU, CPU, disk.
+    pub cache_sequences: [usize; 3],
+    /// Sequences whose activations live on GPU, CPU, disk.
+    pub act_sequences: [usize; 3],
+}
+
+impl MemoryPlan {
+    /// Every buffer the run holds, per tier: what its allocations add up to at their peak.
+    pub fn allocated(&self) -> TierBytes {
+        self.weights
+            .plus(self.cache)
+            .plus(self.activations)
+            .plus(self.working)
     }
-    if w.seq_len() > config.max_seq_len {
-        return Err(PlanError::Workload(format!(
-            "--prompt-len {} + --gen-len {} = {} exceeds {}'s context of {} tokens",
-            w.prompt_len,
-            w.gen_len,
-            w.seq_len(),
-            config.name,
-            config.max_seq_len
-        )));
+
+    /// The most the run needs of each tier: its buffers plus transfer staging. The caps are checked against this.
+    pub fn peak(&self) -> TierBytes {
+        self.allocated().plus(self.staging)
+    }
+
+    /// Refuses the plan if any tier's peak exceeds its cap, naming every tier over, by how much, and what to change.
+    pub fn check(&self, caps: &Caps) -> Result<(), CapError> {
+        let peak = self.peak();
+        let over: Vec<CapExceeded> = Tier::ALL
+            .iter()
+            .filter_map(|&tier| {
+                let cap = caps.get(tier)?;
+                let needed = peak.get(tier);
+                (needed > cap).then_some(CapExceeded { tier, needed, cap })
+            })
+            .collect();
+        if over.is_empty() {
+            Ok(())
+        } else {
+            Err(CapError(over))
+        }
+    }
+}
+
+/// One GPU batch's sequences: where each keeps its cache and its hidden rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchPlacement {
+    /// Sequences in the batch (the last batch of a run may be smaller than the GPU batch size).
+    pub sequences: usize,
+    /// Each sequence's cache tier.
+    pub cache: Vec<Tier>,
+    /// Each sequence's activation tier.
+    pub act: Vec<Tier>,
+    /// Decode attention of this batch runs on the CPU ([`crate::offload::cpu_attention`]).
+    pub cpu_attention: bool,
+}
+
+impl BatchPlacement {
+    /// Every sequence's cache stays on the GPU: the batch keeps its own cache buffers.
+    pub fn cache_resident(&self) -> bool {
+        self.cache.iter().all(|&t| t == Tier::Gpu)
+    }
+
+    /// Every sequence's hidden rows stay on the GPU: the batch keeps its own residual stream.
+    pub fn act_resident(&self) -> bool {
+        self.act.iter().all(|&t| t == Tier::Gpu)
+    }
+}
+
+/// The tier of sequence `index` of a GPU batch of `gbs` sequences under `split`: whole sequences, the first `gpu`%
+/// on the GPU, the next `cpu`% in CPU memory, the rest on disk.
+pub fn sequence_tier(split: TierSplit, gbs: usize, index: usize) -> Tier {
+    let [g, c, _] = split_sequences(gbs, split);
+    if index < g {
+        Tier::Gpu
+    } else if index < g + c {
+        Tier::Cpu
+    } else {
+        Tier::Disk
+    }
+}
+
+/// How many of `n` sequences go to the GPU, CPU and disk under `split`.
+fn split_sequences(n: usize, split: TierSplit) -> [usize; 3] {
+    let g = ((n as f64 * split.gpu / 100.0).round() as usize).min(n);
+    let gc = ((n as f64 * (split.gpu + split.cpu) / 100.0).round() as usize).clamp(g, n);
+    [g, gc - g, n - gc]
+}
+
+/// The tier of each of a group's tensors (sizes in order) by cumulative size: a tensor goes where its midpoint falls,
+/// the first `split.disk()`% of the group's bytes on disk, the next `split.cpu`% in CPU memory, the rest on the GPU.
+pub fn place_by_midpoint(sizes: &[u64], split: TierSplit) -> Vec<Tier> {
+    let total: u64 = sizes.iter().sum();
+    let mut cum = 0u64;
+    sizes
+        .iter()
+        .map(|&size| {
+            let mid = if total == 0 {
+                0.0
+            } else {
+                (cum as f64 + size as f64 / 2.0) / total as f64 * 100.0
+            };
+            cum += size;
+            if mid < split.disk() {
+                Tier::Disk
+            } else if mid < split.disk() + split.cpu {
+                Tier::Cpu
+            } else {
+                Tier::Gpu
+            }
+        })
+        .collect()
+}
+
+/// A tensor's GPU buffers, each as its home holds it: a matrix's row chunks (at most one binding each, in the weight
+/// format), or one f32 vector.
+fn tensor_buffers(
+    spec: &TensorSpec,
+    format: WeightFormat,
+    limits: &DeviceLimits,
+) -> Result<Vec<u64>, PlacementError> {
+    let limit = limits.max_binding;
+    match spec.shape[..] {
+        [rows, cols] => {
+            let row_bytes = format.row_bytes(cols);
+            let per =
+                chunk_rows(limit, rows, cols, format).ok_or_else(|| PlacementError::Binding {
+                    what: format!("one row of {}", spec.name),
+                    bytes: row_bytes,
+                    limit,
+                    hint: "this adapter cannot hold a single row of this tensor in one binding",
+                })?;
+            let mut out = Vec::new();
+            let mut row0 = 0;
+            while row0 < rows {
+                let n = per.min(rows - row0);
+                out.push(buffer_size(n as u64 * row_bytes));
+                row0 += n;
+            }
+            let table = matches!(
+                spec.id,
+                TensorId::Model(ModelTensor::EmbedTokens | ModelTensor::EmbedPositions)
+            );
+            if table && format.compression().is_some() && out.len() > 1 {
+                return Err(PlacementError::PackedTable {
+                    rows,
+                    cols,
+                    bytes: rows as u64 * row_bytes,
+                    limit,
+                });
+            }
+            Ok(out)
+        }
+        _ => {
+            let bytes = 4 * spec.numel() as u64;
+            check_binding(&spec.name, bytes, limits, "vectors must fit one binding")?;
+            Ok(vec![buffer_size(bytes)])
+        }
+    }
+}
+
+fn check_binding(
+    what: &str,
+    bytes: u64,
+    limits: &DeviceLimits,
+    hint: &'static str,
+) -> Result<(), PlacementError> {
+    if bytes > limits.max_binding {
+        return Err(PlacementError::Binding {
+            what: what.to_owned(),
+            bytes,
+            limit: limits.max_binding,
+            hint,
+        });
     }
     Ok(())
 }
 
-/// Bytes of a weight tensor as stored: a matrix `[rows, cols]` under `compress` in strata's packed layout (groups
-/// along each row, the last one padded: exactly what the GPU, CPU and disk tiers allocate), else at the dtype.
-pub fn stored_bytes(
-    config: &OptConfig,
-    spec: &TensorSpec,
-    compress: Option<CompressionConfig>,
-) -> u64 {
-    match (compress, spec.shape.as_slice()) {
-        (Some(c), &[rows, cols]) => packed_bytes(rows, cols, c),
-        _ => spec.numel() as u64 * config.dtype.size_bytes(),
-    }
+/// Every weight buffer's size: the tensors outside the layers, and one decoder layer's (every layer's is the same).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WeightSizes {
+    /// Outside the layers, in [`outside_layer_tensors`] order (embeddings first, then the tail).
+    pub outside: Vec<(ModelTensor, Vec<u64>)>,
+    /// One decoder layer, in checkpoint order.
+    pub layer: Vec<(LayerTensor, Vec<u64>)>,
 }
 
-/// Stored bytes of the tensors outside the decoder layers (token and position embeddings, project_in/out, the final
-/// layer norm, an untied LM head): they stay on the GPU under every policy.
-pub fn outside_layer_bytes(config: &OptConfig, compress: Option<CompressionConfig>) -> u64 {
-    model_tensors(config)
-        .iter()
-        .filter(|t| t.layer().is_none())
-        .map(|t| stored_bytes(config, t, compress))
-        .sum()
-}
-
-/// The placement groups of decoder layer `i` with each tensor's stored bytes: the layer, or its attention and MLP
-/// halves with `sep_layer`.
-pub fn layer_groups(
-    config: &OptConfig,
-    i: usize,
-    sep_layer: bool,
-    compress: Option<CompressionConfig>,
-) -> Vec<Vec<u64>> {
-    let bytes = |s: &TensorSpec| stored_bytes(config, s, compress);
-    let tensors = layer_tensors(config, i);
-    if sep_layer {
-        let (attn, mlp): (Vec<_>, Vec<_>) =
-            tensors.iter().partition(|t| t.name.contains(".self_attn"));
-        vec![
-            attn.into_iter().map(bytes).collect(),
-            mlp.into_iter().map(bytes).collect(),
-        ]
-    } else {
-        vec![tensors.iter().map(bytes).collect()]
-    }
-}
-
-/// Every tensor's stored bytes by group: the input embeddings, each decoder layer's placement groups
-/// ([`layer_groups`]), then the output tensors. Every tensor of [`model_tensors`] is in exactly one group; only the
-/// decoder layers' groups are placed by the weight percents (the rest stays on the GPU).
-pub fn weight_groups(
-    config: &OptConfig,
-    sep_layer: bool,
-    compress: Option<CompressionConfig>,
-) -> Vec<Vec<u64>> {
-    let bytes = |s: &TensorSpec| stored_bytes(config, s, compress);
-    let all = model_tensors(config);
-    let first_layer_tensor = all
-        .iter()
-        .position(|t| t.layer().is_some())
-        .unwrap_or(all.len());
-    let mut groups = vec![all[..first_layer_tensor]
-        .iter()
-        .map(bytes)
-        .collect::<Vec<_>>()];
-    for i in 0..config.num_hidden_layers {
-        groups.extend(layer_groups(config, i, sep_layer, compress));
-    }
-    let tail: Vec<u64> = all
-        .iter()
-        .skip(first_layer_tensor)
-        .filter(|t| t.layer().is_none())
-        .map(bytes)
-        .collect();
-    groups.push(tail);
-    groups.retain(|g| !g.is_empty());
-    groups
-}
-
-/// Bytes of the buffer (or weight slot) that holds a tensor of `len` bytes: whole 4-byte words, at least one.
-fn word_padded(len: u64) -> u64 {
-    len.max(4).next_multiple_of(4)
-}
-
-/// Splits one group's tensors by cumulative size: each tensor goes where its midpoint falls. Also returns the
-/// word-padded bytes of its off-GPU tensors (what their weight slot buffers take).
-fn place_group(sizes: &[u64], w_disk: f64, w_cpu: f64) -> (TierBytes, u64) {
-    let total: u64 = sizes.iter().sum();
-    let mut out = TierBytes::default();
-    let mut off_gpu_padded = 0;
-    let mut cum = 0u64;
-    for &size in sizes {
-        let mid = if total == 0 {
-            0.0
+impl WeightSizes {
+    pub(crate) fn new(
+        config: &OptConfig,
+        format: WeightFormat,
+        limits: &DeviceLimits,
+    ) -> Result<WeightSizes, PlacementError> {
+        let (head, tail) = outside_layer_tensors(config);
+        let outside = head
+            .into_iter()
+            .chain(tail)
+            .map(|t| {
+                Ok((
+                    t,
+                    tensor_buffers(&model_tensor_spec(config, t), format, limits)?,
+                ))
+            })
+            .collect::<Result<_, PlacementError>>()?;
+        let layer = if config.num_hidden_layers == 0 {
+            Vec::new()
         } else {
-            (cum as f64 + size as f64 / 2.0) / total as f64 * 100.0
+            layer_tensor_kinds(config)
+                .into_iter()
+                .map(|t| {
+                    let spec = layer_tensor_spec(config, 0, t);
+                    Ok((t, tensor_buffers(&spec, format, limits)?))
+                })
+                .collect::<Result<_, PlacementError>>()?
         };
-        cum += size;
-        if mid < w_disk {
-            out.disk += size;
-            off_gpu_padded += word_padded(size);
-        } else if mid < w_disk + w_cpu {
-            out.cpu += size;
-            off_gpu_padded += word_padded(size);
+        Ok(WeightSizes { outside, layer })
+    }
+
+    /// Bytes of the buffers outside the layers.
+    pub(crate) fn outside_bytes(&self) -> u64 {
+        self.outside.iter().flat_map(|(_, b)| b).sum()
+    }
+
+    /// Bytes of one decoder layer's buffers.
+    pub(crate) fn layer_bytes(&self) -> u64 {
+        self.layer.iter().flat_map(|(_, b)| b).sum()
+    }
+
+    /// Each layer tensor's tier under the weight split: by cumulative size within each placement group.
+    fn layer_tiers(&self, split: TierSplit, sep_layer: bool) -> BTreeMap<LayerTensor, Tier> {
+        let groups: Vec<Vec<&(LayerTensor, Vec<u64>)>> = if sep_layer {
+            let (attn, mlp) = self.layer.iter().partition(|(t, _)| t.part.is_attention());
+            vec![attn, mlp]
         } else {
-            out.gpu += size;
+            vec![self.layer.iter().collect()]
+        };
+        let mut out = BTreeMap::new();
+        for group in groups {
+            let sizes: Vec<u64> = group.iter().map(|(_, b)| b.iter().sum()).collect();
+            for ((t, _), tier) in group.iter().zip(place_by_midpoint(&sizes, split)) {
+                out.insert(*t, tier);
+            }
+        }
+        out
+    }
+}
+
+/// The per-batch shape a run computes with.
+#[derive(Clone, Debug)]
+struct Shape {
+    /// Sequences per GPU batch (the largest batch).
+    gbs: usize,
+    /// Each GPU batch's sequences.
+    sizes: Vec<usize>,
+    /// Tokens per prompt (the prefill step's rows per sequence).
+    s: usize,
+    /// Cached tokens per sequence.
+    capacity: usize,
+}
+
+impl Shape {
+    fn prompts(&self) -> usize {
+        self.sizes.iter().sum()
+    }
+}
+
+/// The forward pass's buffers that do not depend on where homes live: step inputs, scratch, logits, and the packed
+/// cache's scratch. `(id, bytes)` in allocation order.
+fn fixed_working(config: &OptConfig, policy: &Policy, shape: &Shape) -> Vec<(BufferId, u64)> {
+    let act = act_dtype(config).bytes() as u64;
+    let (h, f, p) = (
+        config.hidden_size as u64,
+        config.ffn_embed_dim as u64,
+        config.word_embed_proj_dim as u64,
+    );
+    let (g, s, cap) = (shape.gbs as u64, shape.s as u64, shape.capacity as u64);
+    let mut out = Vec::new();
+    for (k, &b) in shape.sizes.iter().enumerate() {
+        let b = b as u64;
+        for (part, bytes) in [
+            (InputPart::Ids, b * s * 4),
+            (InputPart::Positions, b * s * 4),
+            (InputPart::Mask, b * cap * 4),
+        ] {
+            out.push((BufferId::Input { batch: k, part }, buffer_size(bytes)));
         }
     }
-    (out, off_gpu_padded)
+    let rows = g * s;
+    for (part, elements) in [
+        (WorkPart::Norm, rows * h),
+        (WorkPart::Q, rows * h),
+        (WorkPart::Attn, rows * h),
+        (WorkPart::Mid, rows * f),
+        (
+            WorkPart::Embed,
+            if config.has_projection() { rows * p } else { 1 },
+        ),
+        (WorkPart::Last, g * h),
+        (WorkPart::LastNorm, g * h),
+        (WorkPart::LastProj, g * p),
+    ] {
+        out.push((BufferId::Work(part), buffer_size(elements * act)));
+    }
+    let n = shape.prompts() as u64;
+    out.push((
+        BufferId::Logits,
+        buffer_size(n * config.vocab_size as u64 * 4),
+    ));
+    out.push((BufferId::NextIds, buffer_size(n * 4)));
+    if policy.compress_cache {
+        // The packed cache's kernels compute in f32, whatever the activations.
+        let kv = buffer_size(g * cap * h * 4);
+        for (part, bytes) in [
+            (ScratchPart::K, kv),
+            (ScratchPart::V, kv),
+            (ScratchPart::Pairs, kv),
+            (
+                ScratchPart::Scores,
+                buffer_size(g * config.n_head as u64 * cap * 4),
+            ),
+        ] {
+            out.push((BufferId::CacheScratch(part), bytes));
+        }
+    }
+    out
 }
 
-/// Splits `n` sequences by percent: the first `gpu`% on GPU, the next `cpu`% on CPU, the rest on disk.
-fn split_sequences(n: usize, gpu: f64, cpu: f64) -> [usize; 3] {
-    let g = ((n as f64 * gpu / 100.0).round() as usize).min(n);
-    let gc = ((n as f64 * (gpu + cpu) / 100.0).round() as usize).clamp(g, n);
-    [g, gc - g, n - gc]
+/// What the binding limit error says about a buffer that would not fit: what it holds and what to change.
+fn binding_note(id: &BufferId) -> (&'static str, &'static str) {
+    const SEQ: &str = "use a smaller GPU batch or shorter sequences";
+    const PROMPT: &str = "use a smaller GPU batch or shorter prompts";
+    match id {
+        BufferId::Cache { .. } | BufferId::CacheHome { .. } => ("one layer's KV cache", SEQ),
+        BufferId::CacheSlot { .. } => ("one layer's KV cache slot", SEQ),
+        BufferId::CacheScratch(_) => ("one layer's uncompressed KV scratch", SEQ),
+        BufferId::Hidden { .. } | BufferId::ActHome { .. } | BufferId::ActSlot => {
+            ("the residual stream", PROMPT)
+        }
+        BufferId::Work(WorkPart::Mid) | BufferId::CpuAttention(CpuAttnPart::Mid) => {
+            ("the feed-forward activations", PROMPT)
+        }
+        BufferId::Work(WorkPart::Embed) => ("the token embeddings", PROMPT),
+        BufferId::Logits | BufferId::NextIds => ("the logits", "generate fewer sequences at once"),
+        BufferId::Input { .. } => ("the step inputs", PROMPT),
+        _ => ("the activations", PROMPT),
+    }
 }
 
-/// Bytes per activation value: hidden states and scratch are f32 on the GPU and in every tier.
-const ACT_BYTES: u64 = 4;
-
-/// Bytes per uncompressed KV cache value as the runtime stores it ([`CacheDtype::for_model`]).
-pub fn cache_value_bytes(config: &OptConfig) -> u64 {
-    CacheDtype::for_model(config).bytes() as u64
-}
-
-/// Per-sequence sizes the formulas share.
-struct Sizes {
-    /// KV cache bytes of one sequence in one layer (K and V homes over prompt + gen positions).
-    cache_seq_layer: u64,
-    /// Bytes of one cache slot buffer (K or V) for a whole GPU batch of one layer.
-    cache_slot: u64,
-    /// Activation bytes of one sequence at the prompt length.
-    act_seq: u64,
-    /// Bytes of the activation slot (a whole GPU batch).
-    act_slot: u64,
-    slots: u64,
-    gbs: u64,
-}
-
-impl Sizes {
-    fn new(config: &OptConfig, policy: &Policy, w: Workload) -> Sizes {
-        let h = config.hidden_size as u64;
-        let gbs = policy.gpu_batch_size;
-        // The runtime's own layout: a home holds one sequence's K (or V) rows, dense or packed pair-major.
-        let rows = CacheRows::new(
-            config,
-            gbs,
-            w.seq_len(),
-            CacheDtype::for_model(config),
-            policy
-                .compress_cache
-                .then_some(policy.compress_cache_config),
+/// The kernels' staging the run's forward pass asks for, per slot, sized as the kernels would grow them: for packed
+/// weights every matrix at its largest row count (prefill rows of the largest batch; one row per sequence for the
+/// head), the packed embedding gathers; for a packed cache its quantise and (sparse decode) dequantise passes; the
+/// sparse decode attention's scores when some batch attends on the GPU with sparsity below 1.
+fn kernel_scratch(
+    config: &OptConfig,
+    policy: &Policy,
+    workload: Workload,
+    shape: &Shape,
+    limits: &DeviceLimits,
+    gpu_decode_batch: usize,
+) -> [u64; STAGING_SLOTS] {
+    let mut want = [0u64; STAGING_SLOTS];
+    let mut ask = |slot: usize, bytes: u64| want[slot] = want[slot].max(bytes);
+    let rows = shape.gbs * shape.s;
+    let format = weight_format(config, policy);
+    if format.compression().is_some() {
+        let (h, p) = (config.hidden_size, config.word_embed_proj_dim);
+        let mut matrices: Vec<(usize, [usize; 2])> = LayerPart::ALL
+            .iter()
+            .filter(|part| part.is_linear())
+            .map(|part| (rows, part.shape(config)))
+            .collect();
+        if config.has_projection() {
+            matrices.push((rows, [h, p]));
+            matrices.push((shape.gbs, [p, h]));
+        }
+        matrices.push((shape.gbs, [config.vocab_size, p]));
+        for (m, [out, cols]) in matrices {
+            let widest = chunk_rows(limits.max_binding, out, cols, format).unwrap_or(1);
+            let [s0, s1] = packed_linear_staging(m, widest, cols, limits.max_binding);
+            ask(0, s0);
+            ask(1, s1);
+        }
+        for (cols, accumulate) in [(p, false), (h, true)] {
+            let [s0, s1] = packed_gather_staging(rows, cols, accumulate);
+            ask(0, s0);
+            ask(1, s1);
+        }
+    }
+    let heads = config.n_head;
+    let decode = workload.gen_len > 1 && gpu_decode_batch > 0;
+    let sparse = decode && policy.attn_sparsity < 1.0;
+    if policy.compress_cache {
+        let hd = config.head_dim();
+        ask(
+            1,
+            quantize_rows_staging(shape.gbs * heads * shape.capacity, hd),
         );
-        let act_seq = w.prompt_len as u64 * h * ACT_BYTES;
-        Sizes {
-            cache_seq_layer: 2 * rows.home_bytes(),
-            cache_slot: padded(rows.slot_bytes(gbs)),
-            act_seq,
-            act_slot: padded(gbs as u64 * act_seq),
-            slots: if policy.overlap { 2 } else { 1 },
-            gbs: gbs as u64,
+        if decode {
+            ask(1, quantize_rows_staging(gpu_decode_batch * heads, hd));
+        }
+        if sparse {
+            ask(
+                0,
+                dequantize_rows_staging(gpu_decode_batch * heads * shape.capacity, hd),
+            );
         }
     }
-}
-
-/// GPU buffers that do not depend on placement: compressed-cache scratch, batch I/O, scratch, logits.
-fn fixed_gpu_working(config: &OptConfig, policy: &Policy, w: Workload) -> (u64, u64, u64, u64) {
-    let g = policy.gpu_batch_size as u64;
-    let h = config.hidden_size as u64;
-    let f = config.ffn_embed_dim as u64;
-    let nh = config.n_head as u64;
-    let s = w.prompt_len as u64;
-    let t = w.seq_len() as u64;
-    let dt = ACT_BYTES;
-    // CacheScratch: k, v and their pair-major copy `[gbs, seq, hidden]` f32, scores `[gbs, heads, seq]` f32.
-    let cache_scratch = if policy.compress_cache {
-        3 * 4 * g * t * h + 4 * g * nh * t
-    } else {
-        0
-    };
-    let batch_io = 2 * g * s * h * dt;
-    let attention_prefill = 4 * g * s * h * dt + 4 * g * nh * s * s;
-    let mlp_prefill = g * s * (f + h) * dt;
-    let attention_decode = 4 * g * h * dt + 4 * g * nh * t;
-    let scratch = attention_prefill.max(mlp_prefill).max(attention_decode);
-    let logits = 4 * g * config.vocab_size as u64;
-    (cache_scratch, batch_io, scratch, logits)
-}
-
-/// CPU scratch for attention on the CPU: fp32 scores and output of one GPU batch.
-fn cpu_attention_scratch(config: &OptConfig, policy: &Policy, w: Workload) -> u64 {
-    if !policy.cpu_cache_compute {
-        return 0;
+    if sparse {
+        ask(
+            2,
+            sparse_scores_staging(gpu_decode_batch, heads, shape.capacity),
+        );
     }
-    let g = policy.gpu_batch_size as u64;
-    4 * g * (config.n_head as u64 * w.seq_len() as u64 + config.hidden_size as u64)
+    want.map(|bytes| {
+        if bytes == 0 {
+            0
+        } else {
+            staging_buffer_bytes(bytes, limits.max_binding)
+        }
+    })
 }
 
-/// CPU attention's GPU scratch ([`crate::schedule`]'s `CpuAttn`): layer norm, q, k, v and attention output rows of
-/// one GPU batch, plus its MLP intermediate rows, f32.
-fn cpu_attention_gpu_scratch(config: &OptConfig, policy: &Policy) -> u64 {
-    let g = policy.gpu_batch_size as u64;
-    5 * padded(4 * g * config.hidden_size as u64) + padded(4 * g * config.ffn_embed_dim as u64)
+/// Host memory transfers borrow: one layer's disk-resident weights and one GPU batch's disk-resident cache and
+/// hidden rows on their way to the GPU (twice with overlap), and CPU attention's f32 keys, values and scores.
+fn host_staging(
+    config: &OptConfig,
+    policy: &Policy,
+    layer_disk: u64,
+    batch: &BatchPlacement,
+    cache_home: u64,
+    act_home: u64,
+    capacity: usize,
+) -> u64 {
+    let slots = if policy.overlap { 2 } else { 1 };
+    let on_disk = |tiers: &[Tier]| tiers.iter().filter(|&&t| t == Tier::Disk).count() as u64;
+    let mut bytes = slots
+        * (layer_disk + on_disk(&batch.cache) * 2 * cache_home + on_disk(&batch.act) * act_home);
+    if policy.cpu_cache_compute {
+        let g = batch.sequences as u64;
+        bytes += 4 * g * (config.n_head as u64 * capacity as u64 + config.hidden_size as u64);
+    }
+    bytes
 }
 
-/// Computes every tier's bytes for `policy` running `config` on `workload`. The policy's placement must be valid
-/// (see [`Policy::validate_placement`]); caps are not checked here (see [`MemoryPlan::check`]).
+/// The most sequences per GPU batch whose activations and caches each fit one binding: the all-GPU generator's
+/// batch when none is given.
+pub fn largest_gpu_batch(config: &OptConfig, limits: &DeviceLimits, workload: Workload) -> usize {
+    let widest = config
+        .ffn_embed_dim
+        .max(config.hidden_size)
+        .max(config.word_embed_proj_dim);
+    let act = act_dtype(config).bytes();
+    let per_seq =
+        (workload.prompt_len * widest * act).max(workload.seq_len() * config.hidden_size * 4);
+    (limits.max_binding / per_seq.max(1) as u64) as usize
+}
+
+/// Where every byte of one run lives. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// The model.
+    pub config: OptConfig,
+    /// The run's policy: the given one, with `gpu_batch_size` no larger than the prompts and `num_gpu_batches` the
+    /// GPU batches the prompts fill.
+    pub policy: Policy,
+    /// Prompt and generation lengths.
+    pub workload: Workload,
+    /// The device's limits.
+    pub limits: DeviceLimits,
+    /// How matrices are stored.
+    pub weight_format: WeightFormat,
+    /// How activations are stored ([`act_dtype`]).
+    pub act_dtype: ActDtype,
+    /// How an uncompressed cache stores values ([`CacheDtype::for_model`]).
+    pub cache_dtype: CacheDtype,
+    /// The cache's row layout in homes and slots.
+    pub cache_rows: CacheRows,
+    /// Each layer tensor's tier (the same in every decoder layer).
+    pub layer_tiers: BTreeMap<LayerTensor, Tier>,
+    /// Each GPU batch's sequences.
+    pub batches: Vec<BatchPlacement>,
+    buffers: Vec<BufferSpec>,
+    index: HashMap<BufferId, usize>,
+    staging: TierBytes,
+}
+
+impl Placement {
+    /// The placement of a run of the policy's whole effective batch.
+    pub fn new(
+        config: &OptConfig,
+        policy: &Policy,
+        workload: Workload,
+        limits: &DeviceLimits,
+    ) -> Result<Placement, PlacementError> {
+        Placement::for_prompts(config, policy, workload, limits, policy.effective_batch())
+    }
+
+    /// The placement of a run of `prompts` sequences (at most the policy's effective batch): GPU batches of
+    /// `min(gpu_batch_size, prompts)` sequences, the last one taking the rest.
+    pub fn for_prompts(
+        config: &OptConfig,
+        policy: &Policy,
+        workload: Workload,
+        limits: &DeviceLimits,
+        prompts: usize,
+    ) -> Result<Placement, PlacementError> {
+        config.validate()?;
+        policy.validate_placement()?;
+        if workload.prompt_len == 0 || workload.gen_len == 0 {
+            return Err(PlacementError::EmptyWorkload {
+                prompt_len: workload.prompt_len,
+                gen_len: workload.gen_len,
+            });
+        }
+        // The last generated token is never fed back, so it needs no position.
+        if workload.seq_len() - 1 > config.max_seq_len {
+            return Err(PlacementError::TooLong {
+                prompt_len: workload.prompt_len,
+                gen_len: workload.gen_len,
+                model: config.name.to_string(),
+                context: config.max_seq_len,
+            });
+        }
+        if prompts == 0 {
+            return Err(PlacementError::NoSequences);
+        }
+        if prompts > policy.effective_batch() {
+            return Err(PlacementError::TooManyPrompts {
+                prompts,
+                gpu_batch_size: policy.gpu_batch_size,
+                num_gpu_batches: policy.num_gpu_batches,
+            });
+        }
+        let gbs = policy.gpu_batch_size.min(prompts);
+        let shape = Shape {
+            gbs,
+            sizes: (0..prompts)
+                .step_by(gbs)
+                .map(|start| gbs.min(prompts - start))
+                .collect(),
+            s: workload.prompt_len,
+            capacity: workload.seq_len(),
+        };
+        let run_policy = Policy {
+            gpu_batch_size: gbs,
+            num_gpu_batches: shape.sizes.len(),
+            ..policy.clone()
+        };
+        Builder::new(config, run_policy, workload, limits, shape)?.build()
+    }
+
+    /// Every buffer of the run, in allocation order.
+    pub fn buffers(&self) -> &[BufferSpec] {
+        &self.buffers
+    }
+
+    /// The buffer `id`, if the run has it.
+    pub fn spec(&self, id: BufferId) -> Option<&BufferSpec> {
+        self.index.get(&id).map(|&i| &self.buffers[i])
+    }
+
+    /// Sequences per GPU batch.
+    pub fn gpu_batch_size(&self) -> usize {
+        self.policy.gpu_batch_size
+    }
+
+    /// Weight slots (two with overlap when some layer tensor is off the GPU, else none).
+    pub fn weight_slots(&self) -> usize {
+        if self.layer_tiers.values().any(|&t| t != Tier::Gpu) {
+            self.slot_count()
+        } else {
+            0
+        }
+    }
+
+    /// Cache slots (two with overlap when some GPU batch's cache has homes, else none).
+    pub fn cache_slots(&self) -> usize {
+        if self.batches.iter().any(|b| !b.cache_resident()) {
+            self.slot_count()
+        } else {
+            0
+        }
+    }
+
+    fn slot_count(&self) -> usize {
+        if self.policy.overlap {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The kernels' staging buffers of the run, per slot (`None`: the slot is never used).
+    pub fn kernel_scratch(&self) -> [Option<&BufferSpec>; STAGING_SLOTS] {
+        std::array::from_fn(|slot| self.spec(BufferId::KernelScratch { slot }))
+    }
+
+    /// The buffers summed by what they hold and where, with the transfers' host staging.
+    pub fn plan(&self) -> MemoryPlan {
+        let mut plan = MemoryPlan {
+            weights: TierBytes::default(),
+            cache: TierBytes::default(),
+            activations: TierBytes::default(),
+            working: TierBytes::default(),
+            staging: self.staging,
+            cache_sequences: [0; 3],
+            act_sequences: [0; 3],
+        };
+        for b in &self.buffers {
+            let sum = match b.id.kind() {
+                Kind::Weights => &mut plan.weights,
+                Kind::Cache => &mut plan.cache,
+                Kind::Activations => &mut plan.activations,
+                Kind::Working => &mut plan.working,
+            };
+            sum.add_to(b.tier, b.bytes);
+        }
+        let at = |t: Tier| Tier::ALL.iter().position(|&x| x == t).unwrap_or(0);
+        for batch in &self.batches {
+            for &t in &batch.cache {
+                plan.cache_sequences[at(t)] += 1;
+            }
+            for &t in &batch.act {
+                plan.act_sequences[at(t)] += 1;
+            }
+        }
+        plan
+    }
+
+    /// Every buffer's bytes per tier: what the run's allocations add up to.
+    pub fn allocated(&self) -> TierBytes {
+        let mut t = TierBytes::default();
+        for b in &self.buffers {
+            t.add_to(b.tier, b.bytes);
+        }
+        t
+    }
+
+    /// The plan against the policy's caps.
+    pub fn check_caps(&self) -> Result<(), CapError> {
+        self.plan().check(&Caps::of(&self.policy))
+    }
+
+    /// Bytes of the buffers the GPU tier's pool lends ([`from_pool`]).
+    pub fn pool_bytes(&self) -> u64 {
+        self.buffers
+            .iter()
+            .filter(|b| from_pool(b))
+            .map(|b| b.bytes)
+            .sum()
+    }
+}
+
+/// Whether a buffer is lent by the GPU tier's pool (slots, and homes in the GPU tier of batches that stream) rather
+/// than made for its owner alone: the ledger takes it from the pool, and the pool's peak counts it.
+pub fn from_pool(spec: &BufferSpec) -> bool {
+    matches!(
+        spec.id,
+        BufferId::WeightSlot { .. }
+            | BufferId::CacheSlot { .. }
+            | BufferId::ActSlot
+            | BufferId::CpuAttention(_)
+            | BufferId::CacheHome { .. }
+            | BufferId::ActHome { .. }
+    ) && spec.tier == Tier::Gpu
+}
+
+/// Builds a [`Placement`]'s list, rule by rule.
+struct Builder<'a> {
+    config: &'a OptConfig,
+    policy: Policy,
+    workload: Workload,
+    limits: &'a DeviceLimits,
+    shape: Shape,
+    weights: WeightSizes,
+    buffers: Vec<BufferSpec>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(
+        config: &'a OptConfig,
+        policy: Policy,
+        workload: Workload,
+        limits: &'a DeviceLimits,
+        shape: Shape,
+    ) -> Result<Builder<'a>, PlacementError> {
+        let weights = WeightSizes::new(config, weight_format(config, &policy), limits)?;
+        Ok(Builder {
+            config,
+            policy,
+            workload,
+            limits,
+            shape,
+            weights,
+            buffers: Vec::new(),
+        })
+    }
+
+    /// Adds a buffer, refusing a GPU buffer larger than one binding.
+    fn push(&mut self, id: BufferId, tier: Tier, bytes: u64) -> Result<(), PlacementError> {
+        if tier == Tier::Gpu && !matches!(id, BufferId::Weight { .. }) {
+            let (what, hint) = binding_note(&id);
+            check_binding(what, bytes, self.limits, hint)?;
+        }
+        self.buffers.push(BufferSpec { id, tier, bytes });
+        Ok(())
+    }
+
+    fn build(mut self) -> Result<Placement, PlacementError> {
+        let c = self.config;
+        let p = self.policy.clone();
+        let slots = if p.overlap { 2 } else { 1 };
+        let gbs = self.shape.gbs;
+
+        // Weights: outside the layers on the GPU, each layer tensor where its group's split puts it, and one weight
+        // slot buffer per off-GPU layer buffer (every layer's copy of it streams through the same slot).
+        let layer_tiers = self.weights.layer_tiers(p.percent.weights, p.sep_layer);
+        let outside = self.weights.outside.clone();
+        for (t, chunks) in outside {
+            for (chunk, bytes) in chunks.into_iter().enumerate() {
+                let tensor = TensorId::Model(t);
+                self.push(BufferId::Weight { tensor, chunk }, Tier::Gpu, bytes)?;
+            }
+        }
+        let layer = self.weights.layer.clone();
+        for i in 0..c.num_hidden_layers {
+            for (t, chunks) in &layer {
+                for (chunk, &bytes) in chunks.iter().enumerate() {
+                    let tensor = TensorId::Layer(i, *t);
+                    self.push(BufferId::Weight { tensor, chunk }, layer_tiers[t], bytes)?;
+                }
+            }
+        }
+        if layer_tiers.values().any(|&t| t != Tier::Gpu) {
+            for slot in 0..slots {
+                for (t, chunks) in &layer {
+                    if layer_tiers[t] == Tier::Gpu {
+                        continue;
+                    }
+                    for (chunk, &bytes) in chunks.iter().enumerate() {
+                        let id = BufferId::WeightSlot {
+                            slot,
+                            tensor: *t,
+                            chunk,
+                        };
+                        self.push(id, Tier::Gpu, bytes)?;
+                    }
+                }
+            }
+        }
+
+        // Each GPU batch's sequences, split the same way.
+        let cache_dtype = CacheDtype::for_model(c);
+        let cache_compression = p.compress_cache.then_some(p.compress_cache_config);
+        let cache_rows =
+            CacheRows::new(c, gbs, self.shape.capacity, cache_dtype, cache_compression);
+        let batches: Vec<BatchPlacement> = self
+            .shape
+            .sizes
+            .iter()
+            .map(|&b| {
+                let cache: Vec<Tier> = (0..b)
+                    .map(|i| sequence_tier(p.percent.cache, gbs, i))
+                    .collect();
+                let cpu_attention = p.cpu_cache_compute
+                    && !p.compress_cache
+                    && cache.iter().all(|&t| t == Tier::Cpu);
+                BatchPlacement {
+                    sequences: b,
+                    act: (0..b)
+                        .map(|i| sequence_tier(p.percent.act, gbs, i))
+                        .collect(),
+                    cache,
+                    cpu_attention,
+                }
+            })
+            .collect();
+
+        // KV cache: a resident batch's K and V per layer, else one home per sequence; cache slots for a whole batch
+        // when some batch streams its cache (prefill attends on the GPU even with cpu_cache_compute).
+        let (h, cap) = (c.hidden_size as u64, self.shape.capacity as u64);
+        for j in 0..c.num_hidden_layers {
+            for (k, batch) in batches.iter().enumerate() {
+                if batch.cache_resident() {
+                    let b = batch.sequences;
+                    let bytes = match cache_compression {
+                        Some(cc) => {
+                            PackedLayout::new(b * c.n_head * self.shape.capacity, c.head_dim(), cc)
+                                .bytes()
+                        }
+                        None => b as u64 * cap * h * cache_dtype.bytes() as u64,
+                    };
+                    for kv in Kv::BOTH {
+                        let id = BufferId::Cache {
+                            layer: j,
+                            batch: k,
+                            kv,
+                        };
+                        self.push(id, Tier::Gpu, buffer_size(bytes))?;
+                    }
+                } else {
+                    for (i, &tier) in batch.cache.iter().enumerate() {
+                        for kv in Kv::BOTH {
+                            let id = BufferId::CacheHome {
+                                layer: j,
+                                batch: k,
+                                seq: i,
+                                kv,
+                            };
+                            self.push(id, tier, cache_rows.home_bytes())?;
+                        }
+                    }
+                }
+            }
+        }
+        if batches.iter().any(|b| !b.cache_resident()) {
+            for slot in 0..slots {
+                for kv in Kv::BOTH {
+                    let id = BufferId::CacheSlot { slot, kv };
+                    self.push(id, Tier::Gpu, buffer_size(cache_rows.slot_bytes(gbs)))?;
+                }
+            }
+        }
+
+        // Activations: a resident batch's residual stream, else one home per sequence and one activation slot.
+        let act = act_dtype(c).bytes() as u64;
+        let s = self.shape.s as u64;
+        let act_home = buffer_size(s * h * act);
+        for (k, batch) in batches.iter().enumerate() {
+            if batch.act_resident() {
+                let bytes = buffer_size(batch.sequences as u64 * s * h * act);
+                self.push(BufferId::Hidden { batch: k }, Tier::Gpu, bytes)?;
+            } else {
+                for (i, &tier) in batch.act.iter().enumerate() {
+                    self.push(BufferId::ActHome { batch: k, seq: i }, tier, act_home)?;
+                }
+            }
+        }
+        if batches.iter().any(|b| !b.act_resident()) {
+            let bytes = buffer_size(gbs as u64 * s * h * act);
+            self.push(BufferId::ActSlot, Tier::Gpu, bytes)?;
+        }
+
+        // The forward pass's working buffers.
+        for (id, bytes) in fixed_working(c, &p, &self.shape) {
+            self.push(id, Tier::Gpu, bytes)?;
+        }
+        if batches.iter().any(|b| b.cpu_attention) {
+            let g = gbs as u64;
+            for (part, elements) in [
+                (CpuAttnPart::Norm, g * h),
+                (CpuAttnPart::Q, g * h),
+                (CpuAttnPart::K, g * h),
+                (CpuAttnPart::V, g * h),
+                (CpuAttnPart::Attn, g * h),
+                (CpuAttnPart::Mid, g * c.ffn_embed_dim as u64),
+            ] {
+                let id = BufferId::CpuAttention(part);
+                self.push(id, Tier::Gpu, buffer_size(elements * act))?;
+            }
+        }
+        let gpu_decode_batch = batches
+            .iter()
+            .filter(|b| !b.cpu_attention)
+            .map(|b| b.sequences)
+            .max()
+            .unwrap_or(0);
+        let scratch = kernel_scratch(
+            c,
+            &p,
+            self.workload,
+            &self.shape,
+            self.limits,
+            gpu_decode_batch,
+        );
+        for (slot, bytes) in scratch.into_iter().enumerate() {
+            if bytes > 0 {
+                self.push(BufferId::KernelScratch { slot }, Tier::Gpu, bytes)?;
+            }
+        }
+
+        // Host staging of the transfers, bounded by the first (largest) batch and the heaviest layer.
+        let layer_disk: u64 = layer
+            .iter()
+            .filter(|(t, _)| layer_tiers[t] == Tier::Disk)
+            .flat_map(|(_, b)| b)
+            .sum();
+        let staging = TierBytes {
+            cpu: batches.first().map_or(0, |b| {
+                host_staging(
+                    c,
+                    &p,
+                    layer_disk,
+                    b,
+                    cache_rows.home_bytes(),
+                    act_home,
+                    self.shape.capacity,
+                )
+            }),
+            ..TierBytes::default()
+        };
+
+        let index = self
+            .buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.id, i))
+            .collect();
+        Ok(Placement {
+            config: *c,
+            weight_format: weight_format(c, &p),
+            act_dtype: act_dtype(c),
+            cache_dtype,
+            cache_rows,
+            layer_tiers,
+            batches,
+            buffers: self.buffers,
+            index,
+            staging,
+            workload: self.workload,
+            limits: *self.limits,
+            policy: p,
+        })
+    }
+}
+
+/// Stored bytes of the weights outside the decoder layers (embeddings, project_in/out, the final layer norm, an
+/// untied LM head), which stay on the GPU under every policy.
+pub fn outside_layer_bytes(config: &OptConfig, compress: Option<CompressionConfig>) -> u64 {
+    let policy = Policy {
+        compress_weight: compress.is_some(),
+        compress_weight_config: compress.unwrap_or_default(),
+        ..Policy::default()
+    };
+    WeightSizes::new(
+        config,
+        weight_format(config, &policy),
+        &DeviceLimits::UNBOUNDED,
+    )
+    .map_or(0, |w| w.outside_bytes())
+}
+
+/// The memory plan of `policy` running `config` on `workload` for the whole effective batch, with no binding limit
+/// (planning without a device). Caps are not checked here (see [`MemoryPlan::check`]).
 pub fn plan(
     config: &OptConfig,
     policy: &Policy,
     workload: Workload,
-) -> Result<MemoryPlan, PlanError> {
-    config.validate()?;
-    policy.validate_placement()?;
-    check_workload(config, workload)?;
-    let p = &policy.percent;
-    let compress = policy
-        .compress_weight
-        .then_some(policy.compress_weight_config);
-
-    // Outside the layers: always on the GPU. Each layer's groups by the percents; the weight slots hold one layer's
-    // off-GPU buffers (every layer is placed alike, so the largest layer's is every layer's).
-    let mut weights = TierBytes {
-        gpu: outside_layer_bytes(config, compress),
-        ..TierBytes::default()
-    };
-    let mut max_off_gpu = 0;
-    let mut max_on_disk = 0;
-    for i in 0..config.num_hidden_layers {
-        let mut layer = TierBytes::default();
-        let mut off_gpu = 0;
-        for group in layer_groups(config, i, policy.sep_layer, compress) {
-            let (placed, padded) = place_group(&group, p.weights.disk(), p.weights.cpu);
-            layer = layer.add(placed);
-            off_gpu += padded;
-        }
-        max_off_gpu = max_off_gpu.max(off_gpu);
-        max_on_disk = max_on_disk.max(layer.disk);
-        weights = weights.add(layer);
-    }
-
-    let sz = Sizes::new(config, policy, workload);
-    let layers = config.num_hidden_layers as u64;
-    // Every GPU batch is split the same way, so one batch's split times the number of batches.
-    let per_batch_cache = split_sequences(policy.gpu_batch_size, p.cache.gpu, p.cache.cpu);
-    let per_batch_act = split_sequences(policy.gpu_batch_size, p.act.gpu, p.act.cpu);
-    let cache_sequences = per_batch_cache.map(|n| n * policy.num_gpu_batches);
-    let act_sequences = per_batch_act.map(|n| n * policy.num_gpu_batches);
-    let per_seq_cache = layers * sz.cache_seq_layer;
-    let cache = TierBytes {
-        gpu: cache_sequences[0] as u64 * per_seq_cache,
-        cpu: cache_sequences[1] as u64 * per_seq_cache,
-        disk: cache_sequences[2] as u64 * per_seq_cache,
-    };
-    let activations = TierBytes {
-        gpu: act_sequences[0] as u64 * sz.act_seq,
-        cpu: act_sequences[1] as u64 * sz.act_seq,
-        disk: act_sequences[2] as u64 * sz.act_seq,
-    };
-
-    let (cache_scratch, batch_io, scratch, logits) = fixed_gpu_working(config, policy, workload);
-    // What RunHomes takes from the GPU pool: cache slots whenever some cache is off the GPU (prefill and partly-GPU
-    // batches attend on the GPU even with cpu_cache_compute), the activation slot whenever some activations are.
-    let cache_off_gpu = per_batch_cache[0] < policy.gpu_batch_size;
-    let act_off_gpu = per_batch_act[0] < policy.gpu_batch_size;
-    let cache_slots = if cache_off_gpu {
-        sz.slots * 2 * sz.cache_slot
-    } else {
-        0
-    };
-    let act_slot = if act_off_gpu { sz.act_slot } else { 0 };
-    // CPU attention runs for a GPU batch whose whole cache is in CPU memory, uncompressed.
-    let cpu_attention = if policy.cpu_cache_compute
-        && !policy.compress_cache
-        && per_batch_cache[1] == policy.gpu_batch_size
-    {
-        cpu_attention_gpu_scratch(config, policy)
-    } else {
-        0
-    };
-    let gpu_working = GpuWorking {
-        weight_slots: sz.slots * max_off_gpu,
-        cache_scratch,
-        batch_io,
-        scratch,
-        cache_slots,
-        act_slot,
-        cpu_attention,
-        logits,
-    };
-
-    // Staging on the CPU for disk reads: a group's disk part, one GPU batch's disk cache and activations.
-    let disk_cache_in_batch = per_batch_cache[2] as u64;
-    let disk_act_in_batch = per_batch_act[2] as u64;
-    let cpu_working = sz.slots
-        * (max_on_disk + disk_cache_in_batch * sz.cache_seq_layer + disk_act_in_batch * sz.act_seq)
-        + cpu_attention_scratch(config, policy, workload);
-
-    Ok(MemoryPlan {
-        weights,
-        cache,
-        activations,
-        gpu_working,
-        cpu_working,
-        cache_sequences,
-        act_sequences,
-    })
-}
-
-/// An affine function of the nine placement fractions `[wg, wc, wn, cg, cc, cn, hg, hc, hn]` (each in 0..=1).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Affine {
-    /// The constant term, bytes.
-    pub constant: f64,
-    /// Bytes per unit of each fraction.
-    pub coef: [f64; 9],
-}
-
-impl Affine {
-    /// The value at `fractions`.
-    pub fn eval(&self, fractions: &[f64; 9]) -> f64 {
-        self.constant
-            + self
-                .coef
-                .iter()
-                .zip(fractions)
-                .map(|(c, x)| c * x)
-                .sum::<f64>()
-    }
-}
-
-/// What the affine memory terms need to know about the weights, computed once per model and placement options.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WeightSummary {
-    /// Stored bytes of every weight.
-    pub total: u64,
-    /// Stored bytes of the tensors outside the decoder layers, always on the GPU ([`outside_layer_bytes`]).
-    pub outside: u64,
-    /// Stored bytes of one decoder layer: what the weight percents place, layer by layer.
-    pub layer: u64,
-    /// The weight slot bytes of a wholly offloaded layer (its buffers padded to whole words), per slot.
-    pub layer_slot: u64,
-    /// Stored bytes the logits read every step: the LM head (the token embedding when tied) and project_out. Part
-    /// of `outside`: resident on the GPU, so the head costs FLOPs but no transfers.
-    pub head: u64,
-}
-
-impl WeightSummary {
-    /// Summarises `config`'s weights under the placement options of `policy` (weight compression).
-    pub fn new(config: &OptConfig, policy: &Policy) -> WeightSummary {
-        let compress = policy
-            .compress_weight
-            .then_some(policy.compress_weight_config);
-        let (layer, layer_slot) = if config.num_hidden_layers == 0 {
-            (0, 0)
-        } else {
-            layer_tensors(config, 0)
-                .iter()
-                .map(|t| stored_bytes(config, t, compress))
-                .fold((0, 0), |(l, s), b| (l + b, s + word_padded(b)))
-        };
-        let tied = config.tie_word_embeddings;
-        let head = model_tensors(config)
-            .iter()
-            .filter(|t| {
-                t.name == "lm_head.weight"
-                    || t.name == "decoder.project_out.weight"
-                    || (tied && t.name == "decoder.embed_tokens.weight")
-            })
-            .map(|t| stored_bytes(config, t, compress))
-            .sum();
-        let outside = outside_layer_bytes(config, compress);
-        WeightSummary {
-            total: outside + layer * config.num_hidden_layers as u64,
-            outside,
-            layer,
-            layer_slot,
-            head,
-        }
-    }
-}
-
-/// The continuous relaxation of [`plan`]'s peak bytes per tier, as affine functions of the placement fractions
-/// (`gpu`, `cpu`, `disk`). The weight fractions are those of the decoder layers (the tensors outside them are a GPU
-/// constant); off-GPU weight slots scale with a layer's off-GPU share; cache, activation and CPU attention slots are
-/// counted whole (see the body). Only the batch sizes, flags and compression of `policy` are read, not its percents.
-pub fn linear_terms(config: &OptConfig, policy: &Policy, workload: Workload) -> [Affine; 3] {
-    linear_terms_with(
-        config,
-        policy,
-        workload,
-        &WeightSummary::new(config, policy),
-    )
-}
-
-/// [`linear_terms`] with the weight summary computed once (a search evaluates thousands of batch sizes).
-pub fn linear_terms_with(
-    config: &OptConfig,
-    policy: &Policy,
-    workload: Workload,
-    weights: &WeightSummary,
-) -> [Affine; 3] {
-    // The percents place the decoder layers; the tensors outside them stay on the GPU.
-    let w_layers = (weights.total - weights.outside) as f64;
-    let w_slot = weights.layer_slot as f64;
-    let sz = Sizes::new(config, policy, workload);
-    let b = policy.effective_batch() as f64;
-    let layers = config.num_hidden_layers as f64;
-    let cache_total = b * layers * sz.cache_seq_layer as f64;
-    let act_total = b * sz.act_seq as f64;
-    let slots = sz.slots as f64;
-    let (cache_scratch, batch_io, scratch, logits) = fixed_gpu_working(config, policy, workload);
-
-    let mut gpu = Affine {
-        constant: (weights.outside + cache_scratch + batch_io + scratch + logits) as f64,
-        ..Affine::default()
-    };
-    gpu.coef[0] += w_layers;
-    gpu.coef[3] += cache_total;
-    gpu.coef[6] += act_total;
-    // Weight slots for a layer's off-GPU share: slots * layer * (1 - wg).
-    gpu.constant += slots * w_slot;
-    gpu.coef[0] -= slots * w_slot;
-    // Cache and activation slots are whole-batch buffers the runtime allocates as soon as one sequence is off the
-    // GPU, a step the relaxation cannot express: counted always (conservative by at most these slots when
-    // everything stays on the GPU), so every policy the cost model picks passes the plan's check. Likewise CPU
-    // attention's GPU scratch with cpu_cache_compute.
-    gpu.constant += (sz.slots * 2 * sz.cache_slot + sz.act_slot) as f64;
-    if policy.cpu_cache_compute && !policy.compress_cache {
-        gpu.constant += cpu_attention_gpu_scratch(config, policy) as f64;
-    }
-
-    let mut cpu = Affine {
-        constant: cpu_attention_scratch(config, policy, workload) as f64,
-        ..Affine::default()
-    };
-    cpu.coef[1] += w_layers;
-    cpu.coef[4] += cache_total;
-    cpu.coef[7] += act_total;
-    // Staging for the disk share of a layer and of one GPU batch's cache and activations.
-    let g = sz.gbs as f64;
-    cpu.coef[2] += slots * weights.layer as f64;
-    cpu.coef[5] += slots * g * sz.cache_seq_layer as f64;
-    cpu.coef[8] += slots * g * sz.act_seq as f64;
-
-    let mut disk = Affine::default();
-    disk.coef[2] += w_layers;
-    disk.coef[5] += cache_total;
-    disk.coef[8] += act_total;
-    [gpu, cpu, disk]
+) -> Result<MemoryPlan, PlacementError> {
+    Ok(Placement::new(config, policy, workload, &DeviceLimits::UNBOUNDED)?.plan())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::Percent;
-
-    const W: Workload = Workload {
-        prompt_len: 512,
-        gen_len: 32,
-    };
-
-    #[test]
-    fn all_gpu_plan_holds_model_cache_and_activations() {
-        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
-        let p = Policy {
-            gpu_batch_size: 8,
-            num_gpu_batches: 2,
-            ..Policy::default()
-        };
-        let plan = plan(&c, &p, W).unwrap();
-        assert_eq!(plan.weights.gpu, c.model_bytes());
-        assert_eq!(plan.cache.gpu, c.cache_bytes(16, 544));
-        // Activations are f32: twice FlexLLMGen's fp16 hidden bytes.
-        assert_eq!(plan.activations.gpu, 2 * c.hidden_bytes(16, 512));
-        assert_eq!(
-            plan.weights.cpu + plan.weights.disk + plan.cache.cpu + plan.activations.disk,
-            0
-        );
-        // Nothing streams: no weight or cache slots, no CPU staging.
-        assert_eq!(
-            plan.gpu_working.weight_slots + plan.gpu_working.cache_slots,
-            0
-        );
-        assert_eq!(plan.cpu_working, 0);
-        let peak = plan.peak();
-        assert_eq!(
-            peak.gpu,
-            c.model_bytes()
-                + c.cache_bytes(16, 544)
-                + 2 * c.hidden_bytes(16, 512)
-                + plan.gpu_working.total()
-        );
-        // The summary the cost model uses: the tied LM head is the token embedding.
-        let summary = WeightSummary::new(&c, &p);
-        assert_eq!(summary.total, c.model_bytes());
-        assert_eq!(summary.head, (c.vocab_size * c.hidden_size) as u64 * 2);
-        assert_eq!(summary.layer, c.layer_bytes());
-        // The scratch is the fp32 prefill attention scores of one GPU batch plus q, k, v, output.
-        assert_eq!(
-            plan.gpu_working.scratch,
-            8 * c.hidden_bytes(8, 512) + 4 * 8 * 32 * 512 * 512
-        );
-    }
-
-    #[test]
-    fn weights_split_by_cumulative_size_per_layer() {
-        let c = OptConfig::opt("opt-30b", 48, 56, 7168, 28672);
-        let p = Policy {
-            percent: Percent::from_array([20.0, 80.0, 0.0, 100.0, 0.0, 100.0]),
-            sep_layer: false,
-            ..Policy::default()
-        };
-        let plan = plan(&c, &p, W).unwrap();
-        assert_eq!(plan.weights.total(), c.model_bytes());
-        assert_eq!(plan.weights.disk, 0);
-        // Per layer: k,v,q,out are 1/3 of the layer bytes, fc1 and fc2 1/3 each. Midpoints at 4.2%..29%
-        // (attention), 50% (fc1), 83% (fc2): with 80% CPU, fc2 alone stays on the GPU.
-        let fc2 = (c.hidden_size * c.ffn_embed_dim + c.hidden_size) as u64 * 2;
-        let ln = 2 * c.hidden_size as u64 * 2;
-        // Outside the layers (tied embedding, positions, final layer norm): always on the GPU, whatever the percents.
-        let outside = ((c.vocab_size + c.num_positions() + 2) * c.hidden_size) as u64 * 2;
-        assert_eq!(outside_layer_bytes(&c, None), outside);
-        assert_eq!(plan.weights.gpu, 48 * (fc2 + ln) + outside);
-        assert_eq!(plan.weights.cpu, c.model_bytes() - plan.weights.gpu);
-        assert_eq!(plan.cache.cpu, c.cache_bytes(4, 544), "default batch 4 x 1");
-        assert_eq!(plan.activations.cpu, 2 * c.hidden_bytes(4, 512));
-        // Double-buffered slots for one layer's off-GPU part (everything but fc2 and the final layer norm).
-        assert_eq!(
-            plan.gpu_working.weight_slots,
-            2 * (c.layer_bytes() - fc2 - ln)
-        );
-        // The whole GPU batch's K and V of one layer, double-buffered, and the activation slot.
-        assert_eq!(plan.gpu_working.cache_slots, 2 * c.cache_bytes(4, 544) / 48);
-        assert_eq!(plan.gpu_working.act_slot, c.hidden_bytes(4, 512) * 2);
-        assert_eq!(plan.gpu_working.cpu_attention, 0);
-    }
-
-    #[test]
-    fn sequences_split_whole_and_activations_may_mix() {
-        let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
-        let p = Policy {
-            gpu_batch_size: 4,
-            num_gpu_batches: 3,
-            percent: Percent::from_array([100.0, 0.0, 50.0, 25.0, 50.0, 50.0]),
-            ..Policy::default()
-        };
-        let plan = plan(&c, &p, W).unwrap();
-        // Each GPU batch of 4: 2 cache on GPU, 1 on CPU, 1 on disk; activations 2 and 2.
-        assert_eq!(plan.cache_sequences, [6, 3, 3]);
-        assert_eq!(plan.act_sequences, [6, 6, 0]);
-        assert_eq!(plan.cache.disk, c.cache_bytes(3, 544));
-        assert_eq!(plan.activations.cpu, 2 * c.hidden_bytes(6, 512));
-        // Slots for the whole batch of 4 (the runtime computes the batch in one slot), double-buffered.
-        assert_eq!(plan.gpu_working.cache_slots, 2 * c.cache_bytes(4, 544) / 24);
-        // Two sequences' activations are off the GPU: the activation slot holds the batch.
-        assert_eq!(plan.gpu_working.act_slot, 2 * c.hidden_bytes(4, 512));
-        // CPU staging for one GPU batch's disk cache (1 sequence, one layer), double-buffered.
-        assert_eq!(plan.cpu_working, 2 * c.cache_bytes(1, 544) / 24);
-    }
-
-    #[test]
-    fn cpu_cache_compute_still_counts_the_cache_slots_and_its_gpu_scratch() {
-        let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
-        let p = Policy {
-            gpu_batch_size: 4,
-            num_gpu_batches: 2,
-            percent: Percent::from_array([100.0, 0.0, 0.0, 100.0, 100.0, 0.0]),
-            cpu_cache_compute: true,
-            overlap: false,
-            ..Policy::default()
-        };
-        let w = plan(&c, &p, W).unwrap().gpu_working;
-        // Prefill attends on the GPU: one (no overlap) K and V slot for the batch of 4.
-        assert_eq!(w.cache_slots, c.cache_bytes(4, 544) / 24);
-        assert_eq!(w.act_slot, 0);
-        // norm, q, k, v, attention rows and the MLP's intermediate rows of 4 sequences, f32.
-        assert_eq!(w.cpu_attention, 4 * 4 * (5 * 2048 + 8192));
-        // A cache only partly in CPU memory attends on the GPU: no CPU attention scratch.
-        let partly = Policy {
-            percent: Percent::from_array([100.0, 0.0, 50.0, 50.0, 100.0, 0.0]),
-            ..p.clone()
-        };
-        assert_eq!(plan(&c, &partly, W).unwrap().gpu_working.cpu_attention, 0);
-    }
-
-    #[test]
-    fn compression_shrinks_weights_about_three_and_a_half_times() {
-        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
-        let p = Policy {
-            compress_weight: true,
-            ..Policy::default()
-        };
-        let plan = plan(&c, &p, W).unwrap();
-        let ratio = c.model_bytes() as f64 / plan.weights.gpu as f64;
-        assert!((3.4..3.56).contains(&ratio), "{ratio}");
-        // Exactly the packed bytes the tiers allocate; the kernels read packed weights, so no decompression buffer.
-        assert_eq!(plan.weights.gpu, c.compressed_model_bytes(4, 64));
-        assert_eq!(plan.gpu_working.cache_scratch, 0);
-    }
-
-    #[test]
-    fn a_compressed_cache_counts_its_packed_homes_and_f32_scratch() {
-        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
-        let p = Policy {
-            gpu_batch_size: 4,
-            num_gpu_batches: 2,
-            percent: Percent::from_array([100.0, 0.0, 50.0, 50.0, 100.0, 0.0]),
-            compress_cache: true,
-            compress_cache_config: CompressionConfig::new(4, 32).unwrap(),
-            ..Policy::default()
-        };
-        let plan = plan(&c, &p, W).unwrap();
-        assert_eq!(plan.cache.gpu, c.compressed_cache_bytes(4, 544, 4, 32));
-        assert_eq!(plan.cache.cpu, c.compressed_cache_bytes(4, 544, 4, 32));
-        let ratio = c.cache_bytes(8, 544) as f64 / plan.cache.total() as f64;
-        assert!((3.0..3.6).contains(&ratio), "{ratio}");
-        let (g, t, h) = (4u64, 544u64, 4096u64);
-        assert_eq!(
-            plan.gpu_working.cache_scratch,
-            3 * 4 * g * t * h + 4 * g * 32 * t
-        );
-    }
-
-    #[test]
-    fn caps_are_checked_with_tier_amount_and_flag() {
-        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
-        let p = Policy {
-            gpu_batch_size: 32,
-            ..Policy::default()
-        };
-        let plan = plan(&c, &p, W).unwrap();
-        let caps = Caps {
-            gpu: Some(15 << 30),
-            cpu: Some(1 << 40),
-            disk: None,
-        };
-        let err = plan.check(&caps).unwrap_err();
-        assert_eq!(err.0.len(), 1);
-        assert_eq!(err.0[0].tier, Tier::Gpu);
-        let msg = err.to_string();
-        assert!(
-            msg.starts_with("GPU memory: the plan needs") && msg.contains("--gpu-mem is 15.00 GiB"),
-            "{msg}"
-        );
-        assert!(msg.contains("over)"), "{msg}");
-        assert!(plan.check(&Caps::default()).is_ok());
-    }
-
-    #[test]
-    fn bad_workloads_are_refused() {
-        let c = OptConfig::opt("opt-125m", 12, 12, 768, 3072);
-        let e = plan(
-            &c,
-            &Policy::default(),
-            Workload {
-                prompt_len: 2000,
-                gen_len: 100,
-            },
-        )
-        .unwrap_err();
-        assert!(
-            e.to_string().contains("exceeds opt-125m's context of 2048"),
-            "{e}"
-        );
-        let e = plan(
-            &c,
-            &Policy::default(),
-            Workload {
-                prompt_len: 0,
-                gen_len: 1,
-            },
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("at least 1"), "{e}");
-    }
-
-    #[test]
-    fn linear_terms_match_the_plan_where_no_rounding_happens() {
-        let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
-        for percent in [
-            [100.0, 0.0, 100.0, 0.0, 100.0, 0.0],
-            [0.0, 100.0, 0.0, 100.0, 0.0, 100.0],
-            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-            [100.0, 0.0, 50.0, 50.0, 0.0, 0.0],
-        ] {
-            let p = Policy {
-                gpu_batch_size: 4,
-                num_gpu_batches: 2,
-                percent: Percent::from_array(percent),
-                ..Policy::default()
-            };
-            let exact_plan = plan(&c, &p, W).unwrap();
-            let exact = exact_plan.peak();
-            // The relaxation counts the whole-batch cache and activation slots even when nothing is off the GPU
-            // (the runtime's step at 100% cannot be affine): exactly that much over, never under.
-            let w = exact_plan.gpu_working;
-            let full = plan(
-                &c,
-                &Policy {
-                    percent: Percent::from_array([100.0, 0.0, 0.0, 100.0, 0.0, 100.0]),
-                    ..p.clone()
-                },
-                W,
-            )
-            .unwrap()
-            .gpu_working;
-            let gpu_over = (full.cache_slots - w.cache_slots) + (full.act_slot - w.act_slot);
-            let f = [
-                percent[0] / 100.0,
-                percent[1] / 100.0,
-                1.0 - (percent[0] + percent[1]) / 100.0,
-                percent[2] / 100.0,
-                percent[3] / 100.0,
-                1.0 - (percent[2] + percent[3]) / 100.0,
-                percent[4] / 100.0,
-                percent[5] / 100.0,
-                1.0 - (percent[4] + percent[5]) / 100.0,
-            ];
-            let [g, cpu, d] = linear_terms(&c, &p, W);
-            for (tier, lin, ex) in [
-                ("gpu", g, exact.gpu + gpu_over),
-                ("cpu", cpu, exact.cpu),
-                ("disk", d, exact.disk),
-            ] {
-                let v = lin.eval(&f);
-                assert!(
-                    (v - ex as f64).abs() <= 1e-9 * ex as f64 + 1.0,
-                    "{percent:?} {tier}: {v} vs {ex}"
-                );
-            }
-        }
-    }
-}
+mod tests;
