@@ -10,7 +10,8 @@ use std::path::Path;
 use strata::checkpoint::Checkpoint;
 use strata::generate::{GenerateError, GenerateOutput, Generator};
 use strata::gpu::Gpu;
-use strata::offload::policy::{Percent, Policy};
+use strata::offload::placement::PlacementError;
+use strata::offload::policy::{Percent, Policy, PolicyError};
 
 fn policy(
     percent: [f64; 6],
@@ -236,24 +237,35 @@ fn every_policy_matches_the_all_gpu_run() {
 fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("pre-ln-relu");
+    // The errors stay typed end to end, so a library caller can match them; the CLI prints the same text.
     let mut p = policy([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 4, 1, true, None);
     p.attn_sparsity = 1.5;
-    let err = run_policy(&gpu, &dir, &prompts, new, &p)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--attn-sparsity"), "{err}");
+    let err = run_policy(&gpu, &dir, &prompts, new, &p).unwrap_err();
+    assert!(
+        matches!(err, GenerateError::Policy(PolicyError::AttnSparsity(_))),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--attn-sparsity"), "{err}");
 
     let mut p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 4, 1, true, None);
     p.gpu_mem = Some(1024);
-    let err = run_policy(&gpu, &dir, &prompts, new, &p)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--gpu-mem"), "{err}");
+    let err = run_policy(&gpu, &dir, &prompts, new, &p).unwrap_err();
+    assert!(
+        matches!(err, GenerateError::Placement(PlacementError::OverCap(_))),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--gpu-mem"), "{err}");
 
     let p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 1, 2, true, None);
-    let err = run_policy(&gpu, &dir, &prompts, new, &p)
-        .unwrap_err()
-        .to_string();
+    let err = run_policy(&gpu, &dir, &prompts, new, &p).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GenerateError::Placement(PlacementError::TooManyPrompts { prompts: 3, .. })
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(err.contains("--num-gpu-batches"), "{err}");
 }
 
