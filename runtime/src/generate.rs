@@ -364,7 +364,8 @@ impl Generator {
     }
 
     /// [`Generator::generate`], calling `progress(t)` after step `t` (0 = prefill) finished (while every buffer of
-    /// the run is held).
+    /// the run is held). A generator runs one call at a time: the run's buffers are recorded by name, and a second
+    /// call while one runs is refused when it would make them again.
     pub fn generate_with_progress(
         &self,
         prompts: &[Vec<u32>],

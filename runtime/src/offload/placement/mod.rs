@@ -785,6 +785,7 @@ pub fn largest_gpu_batch(config: &OptConfig, limits: &DeviceLimits, workload: Wo
         .max(config.hidden_size)
         .max(config.word_embed_proj_dim);
     let act = act_dtype(config).bytes();
+    // A sequence's widest activation rows, or its cache rows of one layer counted as f32 (the widest a cache value).
     let per_seq =
         (workload.prompt_len * widest * act).max(workload.seq_len() * config.hidden_size * 4);
     (limits.max_binding / per_seq.max(1) as u64) as usize
