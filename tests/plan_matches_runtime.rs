@@ -331,7 +331,9 @@ fn peaks_hold_with_slow_disk_io_and_parallel_runs() {
     let children: Vec<_> = (0..3)
         .flat_map(|round| {
             let offload = offload.path().join(format!("{round}"));
-            runs.iter().map(move |flags| {
+            runs.iter().enumerate().map(move |(i, flags)| {
+                let offload = offload.join(i.to_string());
+                std::fs::create_dir_all(&offload).unwrap();
                 let child = bench(flags, &offload)
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())

@@ -232,14 +232,20 @@ impl DiskTier {
                 if !options.create_dir {
                     return Err(bad("does not exist".into()));
                 }
-                fs::create_dir(&dir).map_err(|e| match e.kind() {
-                    io::ErrorKind::NotFound => {
-                        bad("does not exist, nor does its parent directory".into())
+                match fs::create_dir(&dir) {
+                    Ok(()) => {
+                        lock(&REGISTRY).dirs.insert(dir.clone());
+                        true
                     }
-                    _ => bad(format!("does not exist and cannot be created: {e}")),
-                })?;
-                lock(&REGISTRY).dirs.insert(dir.clone());
-                true
+                    // Another process made it meanwhile: use it, and leave removing it to its maker.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => false,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(bad("does not exist, nor does its parent directory".into()))
+                    }
+                    Err(e) => {
+                        return Err(bad(format!("does not exist and cannot be created: {e}")))
+                    }
+                }
             }
             Err(e) => return Err(bad(format!("cannot be inspected: {e}"))),
         };

@@ -182,7 +182,7 @@ pub enum Kind {
     /// A KV cache home (resident, or one sequence's in a tier).
     Cache,
     /// Hidden rows between layers (resident, or one sequence's in a tier).
-    Activations,
+    Hidden,
     /// Slots, scratch, inputs and outputs: GPU buffers that hold no home.
     Working,
 }
@@ -193,7 +193,7 @@ impl BufferId {
         match self {
             BufferId::Weight { .. } => Kind::Weights,
             BufferId::Cache { .. } | BufferId::CacheHome { .. } => Kind::Cache,
-            BufferId::Hidden { .. } | BufferId::ActHome { .. } => Kind::Activations,
+            BufferId::Hidden { .. } | BufferId::ActHome { .. } => Kind::Hidden,
             _ => Kind::Working,
         }
     }

@@ -946,7 +946,7 @@ impl Placement {
             let sum = match b.id.kind() {
                 Kind::Weights => &mut plan.weights,
                 Kind::Cache => &mut plan.cache,
-                Kind::Activations => &mut plan.activations,
+                Kind::Hidden => &mut plan.activations,
                 Kind::Working => &mut plan.working,
             };
             sum.add_to(b.tier, b.bytes);
