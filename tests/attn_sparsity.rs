@@ -11,27 +11,34 @@ use std::path::Path;
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::CompressionConfig;
-use strata::generate::{GenerateError, GenerateOutput, Generator, GeneratorOptions};
+use strata::generate::{GenerateError, GenerateOutput, Generator};
 use strata::gpu::Gpu;
-use strata::policy::{Percent, Policy};
+use strata::offload::policy::{Percent, Policy};
 use strata::reference::ReferenceModel;
 
-fn sparse(attn_sparsity: Option<f64>) -> GeneratorOptions {
-    GeneratorOptions {
+/// Everything on the GPU at `attn_sparsity`.
+fn sparse(attn_sparsity: f64) -> Policy {
+    Policy {
         attn_sparsity,
-        ..GeneratorOptions::default()
+        ..Policy::default()
     }
 }
 
+/// A run with everything on the GPU in one GPU batch, under `settings`' sparsity and compression.
 fn all_gpu(
     gpu: &Gpu,
     dir: &Path,
     prompts: &[Vec<u32>],
     new: usize,
-    options: &GeneratorOptions,
+    settings: &Policy,
 ) -> Result<GenerateOutput, GenerateError> {
     let checkpoint = Checkpoint::open(dir).unwrap();
-    Generator::new(gpu, &checkpoint, options)?.generate(prompts, &self::options(new))
+    let policy = Policy {
+        gpu_batch_size: prompts.len(),
+        ..settings.clone()
+    };
+    Generator::with_policy(gpu, &checkpoint, &policy, &|_| {})?
+        .generate(prompts, &self::options(new))
 }
 
 fn with_policy(
@@ -42,14 +49,7 @@ fn with_policy(
     policy: &Policy,
 ) -> Result<GenerateOutput, GenerateError> {
     let checkpoint = Checkpoint::open(dir).unwrap();
-    Generator::with_policy(
-        gpu,
-        &checkpoint,
-        &GeneratorOptions::default(),
-        policy,
-        &|_| {},
-    )?
-    .generate(prompts, &options(new))
+    Generator::with_policy(gpu, &checkpoint, policy, &|_| {})?.generate(prompts, &options(new))
 }
 
 /// Weights and activations on the GPU, the cache in CPU memory, one GPU batch, at `attn_sparsity`.
@@ -135,8 +135,8 @@ fn check_against(
 fn sparsity_one_is_the_dense_run() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("pre-ln-relu");
-    let dense = all_gpu(&gpu, &dir, &prompts, new, &GeneratorOptions::default()).unwrap();
-    let one = all_gpu(&gpu, &dir, &prompts, new, &sparse(Some(1.0))).unwrap();
+    let dense = all_gpu(&gpu, &dir, &prompts, new, &Policy::default()).unwrap();
+    let one = all_gpu(&gpu, &dir, &prompts, new, &sparse(1.0)).unwrap();
     assert_eq!(one.generated_ids, dense.generated_ids);
     assert_eq!(
         one.logits, dense.logits,
@@ -155,8 +155,8 @@ fn half_sparsity_matches_the_reference_on_every_path() {
     for name in F32_FIXTURES {
         let (dir, prompts, new) = fixture(name);
         let reference = ReferenceModel::new(&Checkpoint::open(&dir).unwrap()).unwrap();
-        let dense = all_gpu(&gpu, &dir, &prompts, new, &GeneratorOptions::default()).unwrap();
-        let gpu_run = all_gpu(&gpu, &dir, &prompts, new, &sparse(Some(0.5))).unwrap();
+        let dense = all_gpu(&gpu, &dir, &prompts, new, &Policy::default()).unwrap();
+        let gpu_run = all_gpu(&gpu, &dir, &prompts, new, &sparse(0.5)).unwrap();
         check_against_reference(
             &format!("{name}, all on GPU"),
             &reference,
@@ -189,7 +189,7 @@ fn bad_sparsities_are_refused_naming_the_flag() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("pre-ln-relu");
     for bad in [0.0, -0.5, 1.5, f64::NAN] {
-        let err = all_gpu(&gpu, &dir, &prompts, new, &sparse(Some(bad)))
+        let err = all_gpu(&gpu, &dir, &prompts, new, &sparse(bad))
             .unwrap_err()
             .to_string();
         assert!(err.contains("--attn-sparsity must be in (0, 1]"), "{err}");
@@ -211,10 +211,11 @@ fn packed_cache_with_sparsity_matches_the_reference() {
         let reference = ReferenceModel::new(&Checkpoint::open(&dir).unwrap()).unwrap();
         let mut runs = Vec::new();
         for sparsity in [1.0, 0.5] {
-            let options = GeneratorOptions {
-                attn_sparsity: Some(sparsity as f64),
-                compress_cache: Some(cache),
-                ..GeneratorOptions::default()
+            let options = Policy {
+                attn_sparsity: sparsity as f64,
+                compress_cache: true,
+                compress_cache_config: cache,
+                ..Policy::default()
             };
             let out = all_gpu(&gpu, &dir, &prompts, new, &options).unwrap();
             let what = format!("{name}, packed cache, sparsity {sparsity}");
@@ -246,8 +247,8 @@ fn packed_cache_with_sparsity_matches_the_reference() {
 fn cli_flag_reaches_the_generator() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("post-ln-proj");
-    let want = all_gpu(&gpu, &dir, &prompts, new, &sparse(Some(0.5))).unwrap();
-    let dense = all_gpu(&gpu, &dir, &prompts, new, &GeneratorOptions::default()).unwrap();
+    let want = all_gpu(&gpu, &dir, &prompts, new, &sparse(0.5)).unwrap();
+    let dense = all_gpu(&gpu, &dir, &prompts, new, &Policy::default()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let npy = tmp.path().join("logits.npy");
     let mut cmd = generate_command(&dir, &prompts, new);

@@ -7,7 +7,7 @@ use strata::cost_model::auto::{
 };
 use strata::gpu::{Gpu, GpuOptions};
 use strata::hardware::HardwareProfile;
-use strata::planner::{plan, Caps, Workload};
+use strata::offload::placement::{plan, Caps, Workload};
 
 #[test]
 fn auto_policy_offloads_to_fit_small_caps_and_caches_the_profile() {

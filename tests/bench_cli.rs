@@ -69,27 +69,25 @@ fn bench_json_reports_every_figure_consistently() {
     assert_eq!(v["model_bytes"].as_u64(), Some(config.model_bytes()));
     assert_eq!(v["cache_bytes"].as_u64(), Some(config.cache_bytes(4, 10)));
     assert_eq!(v["hidden_bytes"].as_u64(), Some(config.hidden_bytes(4, 10)));
-    // The GPU's real total is its resident weights plus the pool's peak. The weights are the planner's (f32
-    // fixture: every buffer is whole words); the pool holds the planned slots plus the GPU homes of the partly
-    // offloaded batches: with activations 50% on the GPU, one sequence's 6 prompt rows in each of the 2 GPU batches,
-    // rounded up to the pool's size class.
+    // The plan is the allocation: every tier's peak, as the runtime recorded each buffer where it made it, is the
+    // placement's, and the tiers' own counters and the resident weights agree.
     let peak = &v["peak_bytes"];
     let u = |x: &serde_json::Value| x.as_u64().unwrap_or_else(|| panic!("not a count in {v}"));
-    assert_eq!(
-        u(&peak["gpu"]),
-        u(&peak["gpu_weights"]) + u(&peak["gpu_pool"]),
-        "{v}"
-    );
+    for tier in ["gpu", "cpu", "disk"] {
+        assert_eq!(
+            u(&peak[tier]),
+            u(&v["planned_peak_bytes"][tier]),
+            "{tier} in {v}"
+        );
+    }
+    for tier in ["cpu", "disk"] {
+        assert_eq!(u(&v["tier_peak_bytes"][tier]), u(&peak[tier]), "{v}");
+    }
     assert_eq!(u(&peak["gpu_weights"]), u(&v["planned_gpu_weights"]), "{v}");
-    let hidden = strata::checkpoint::read_config(Path::new(&fixture()))
-        .unwrap()
-        .hidden_size as u64;
-    let act_homes = 2 * strata::tiers::gpu::size_class(6 * hidden * 4);
-    assert_eq!(
-        u(&peak["gpu_pool"]),
-        u(&v["planned_gpu_pool_slots"]) + act_homes,
-        "{v}"
-    );
+    assert_eq!(u(&peak["gpu_pool"]), u(&v["planned_gpu_pool_slots"]), "{v}");
+    // Half the activations on the GPU: one sequence's 6 prompt rows in each of the 2 GPU batches, in the pool.
+    let hidden = config.hidden_size as u64;
+    assert!(u(&peak["gpu_pool"]) >= 2 * 6 * hidden * 4, "{v}");
     // Weights, cache and activations went to CPU and disk.
     assert!(v["peak_bytes"]["cpu"].as_u64().unwrap() > 0, "{v}");
     assert!(v["peak_bytes"]["disk"].as_u64().unwrap() > 0, "{v}");

@@ -24,8 +24,9 @@ use common::generate_command;
 
 use strata::checkpoint::Checkpoint;
 use strata::compress::CompressionConfig;
-use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
+use strata::generate::{GenerateOptions, Generator, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
+use strata::offload::policy::Policy;
 
 struct Fixture {
     name: String,
@@ -124,16 +125,15 @@ fn run(
     cache: Option<CompressionConfig>,
 ) -> Vec<f32> {
     let checkpoint = Checkpoint::open(&f.dir).unwrap();
-    let gen = Generator::new(
-        gpu,
-        &checkpoint,
-        &GeneratorOptions {
-            compress_weight: weight,
-            compress_cache: cache,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let policy = Policy {
+        gpu_batch_size: f.prompt_ids.len(),
+        compress_weight: weight.is_some(),
+        compress_weight_config: weight.unwrap_or_default(),
+        compress_cache: cache.is_some(),
+        compress_cache_config: cache.unwrap_or_default(),
+        ..Policy::default()
+    };
+    let gen = Generator::with_policy(gpu, &checkpoint, &policy, &|_| {}).unwrap();
     // Three tokens: step 0 is checked against the reference, the later steps run decode over the packed cache.
     let out = gen
         .generate(
@@ -249,11 +249,11 @@ fn a_packed_embedding_larger_than_a_binding_is_a_clear_error() {
     })
     .unwrap();
     let checkpoint = Checkpoint::open(&f.dir).unwrap();
-    let options = GeneratorOptions {
-        compress_weight: Some(CompressionConfig::DEFAULT),
-        ..Default::default()
+    let policy = Policy {
+        compress_weight: true,
+        ..Policy::default()
     };
-    let err = Generator::new(&gpu, &checkpoint, &options).unwrap_err();
+    let err = Generator::with_policy(&gpu, &checkpoint, &policy, &|_| {}).unwrap_err();
     assert!(
         err.to_string().contains("more than one GPU binding"),
         "{err}"
@@ -338,10 +338,10 @@ impl strata::weights::WeightSource for RoundTripped {
         spec: &strata::weights::TensorSpec,
     ) -> Result<strata::weights::HostTensor<'_>, strata::weights::WeightError> {
         let t = self.inner.load(spec)?;
-        if !strata::compress::is_compressed(spec.role) {
+        if !spec.role.is_compressed() {
             return Ok(t);
         }
-        let values = strata::compress::host_tensor_to_f32(&t).unwrap();
+        let values = strata::checkpoint::host_tensor_to_f32(&t).unwrap();
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let packed = strata::compress::quantize(&values, rows, cols, self.config).unwrap();
         let back = strata::compress::dequantize(&packed);
@@ -370,11 +370,12 @@ fn packed_weight_kernels_match_cpu_dequantised_weights() {
                 config,
             };
             // f32 storage: the round-tripped values exactly (an f16 checkpoint would otherwise be stored as f16).
-            let options = GeneratorOptions {
-                dtype: Some(strata::config::DType::F32),
-                ..Default::default()
+            let policy = Policy {
+                gpu_batch_size: f.prompt_ids.len(),
+                weight_dtype: Some(strata::config::DType::F32),
+                ..Policy::default()
             };
-            let gen = Generator::new(&gpu, &source, &options).unwrap();
+            let gen = Generator::with_policy(&gpu, &source, &policy, &|_| {}).unwrap();
             let out = gen
                 .generate(
                     &f.prompt_ids,
@@ -409,14 +410,18 @@ fn packed_cache_gives_the_same_logits_in_gpu_batches_of_one() {
     let f = fixture("pre-ln-relu");
     let config = CompressionConfig::DEFAULT;
     let checkpoint = Checkpoint::open(&f.dir).unwrap();
-    let logits = |gpu_batch_size| {
-        let options = GeneratorOptions {
-            compress_weight: Some(config),
-            compress_cache: Some(config),
+    let n = f.prompt_ids.len();
+    let logits = |gpu_batch_size: usize| {
+        let policy = Policy {
             gpu_batch_size,
-            ..Default::default()
+            num_gpu_batches: n.div_ceil(gpu_batch_size),
+            compress_weight: true,
+            compress_weight_config: config,
+            compress_cache: true,
+            compress_cache_config: config,
+            ..Policy::default()
         };
-        let gen = Generator::new(&gpu, &checkpoint, &options).unwrap();
+        let gen = Generator::with_policy(&gpu, &checkpoint, &policy, &|_| {}).unwrap();
         let options = GenerateOptions {
             max_new_tokens: STEPS,
             sampling: Sampling::Greedy,
@@ -428,7 +433,7 @@ fn packed_cache_gives_the_same_logits_in_gpu_batches_of_one() {
             .logits
             .unwrap()
     };
-    let (whole, ones) = (logits(None), logits(Some(1)));
+    let (whole, ones) = (logits(n), logits(1));
     let diff = whole
         .iter()
         .zip(&ones)

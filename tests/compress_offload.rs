@@ -13,10 +13,10 @@ use std::process::Command;
 use strata::checkpoint::Checkpoint;
 use strata::compress::{packed_bytes, CompressionConfig};
 use strata::config::OptConfig;
-use strata::generate::{GenerateOutput, Generator, GeneratorOptions};
+use strata::generate::{GenerateOutput, Generator};
 use strata::gpu::Gpu;
-use strata::planner::{plan, Workload};
-use strata::policy::{Percent, Policy};
+use strata::offload::placement::{plan, Workload};
+use strata::offload::policy::{Percent, Policy};
 use strata::weights::layer_tensors;
 
 /// What is compressed: weights, cache, or both (with a second grouping, several groups per row).
@@ -43,6 +43,17 @@ fn compressions() -> [Compression; 3] {
             cache: Some(CompressionConfig::new(8, 4).unwrap()),
         },
     ]
+}
+
+/// The default policy (everything on the GPU) with compression `z`.
+fn compressed(z: Compression) -> Policy {
+    Policy {
+        compress_weight: z.weight.is_some(),
+        compress_weight_config: z.weight.unwrap_or_default(),
+        compress_cache: z.cache.is_some(),
+        compress_cache_config: z.cache.unwrap_or_default(),
+        ..Policy::default()
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -190,13 +201,13 @@ fn run_policy(
     let label = format!("{}, {:?}", case.what, z);
     let checkpoint = Checkpoint::open(dir).unwrap();
     let config = *strata::weights::WeightSource::config(&checkpoint);
-    let gen = Generator::with_policy(gpu, &checkpoint, &GeneratorOptions::default(), p, &|_| {})
+    let gen = Generator::with_policy(gpu, &checkpoint, p, &|_| {})
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let out = gen
         .generate(prompts, &options(new))
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     // The tiers named were used, and hold exactly the packed bytes where the placement is whole.
-    let report = gen.tiers().expect("a policy run has tiers").report();
+    let report = gen.tiers().report();
     let pct = &p.percent;
     let cpu = report.cpu.peak_bytes;
     let disk = report.disk.peak_bytes;
@@ -263,19 +274,15 @@ fn compressed_runs_under_every_policy_match_the_same_compression_on_the_gpu() {
         for z in compressions() {
             // The all-GPU reference of each GPU batch size, with the same compression.
             let baseline = |gbs: usize| {
-                Generator::new(
-                    &gpu,
-                    &checkpoint,
-                    &GeneratorOptions {
-                        gpu_batch_size: Some(gbs),
-                        compress_weight: z.weight,
-                        compress_cache: z.cache,
-                        ..GeneratorOptions::default()
-                    },
-                )
-                .unwrap()
-                .generate(&prompts, &options(new))
-                .unwrap()
+                let all_gpu = Policy {
+                    gpu_batch_size: gbs,
+                    num_gpu_batches: n.div_ceil(gbs),
+                    ..compressed(z)
+                };
+                Generator::with_policy(&gpu, &checkpoint, &all_gpu, &|_| {})
+                    .unwrap()
+                    .generate(&prompts, &options(new))
+                    .unwrap()
             };
             let whole = baseline(n);
             let halves = baseline(2);
@@ -312,7 +319,7 @@ fn compressed_runs_under_every_policy_match_the_same_compression_on_the_gpu() {
 }
 
 #[test]
-fn policy_and_options_must_agree_on_compression() {
+fn a_compression_strata_cannot_store_is_refused_with_its_flag() {
     let gpu = gpu();
     let (dir, _, _) = fixture("pre-ln-relu");
     let checkpoint = Checkpoint::open(&dir).unwrap();
@@ -321,28 +328,14 @@ fn policy_and_options_must_agree_on_compression() {
         compress_cache: true,
         ..Policy::default()
     };
-    let options = GeneratorOptions {
-        compress_cache: Some(CompressionConfig::new(8, 64).unwrap()),
-        ..GeneratorOptions::default()
-    };
-    let err = Generator::with_policy(&gpu, &checkpoint, &options, &p, &|_| {})
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--compress-cache"), "{err}");
     let mut bad = p.clone();
     bad.compress_cache_config = CompressionConfig {
         bits: 3,
         group_size: 64,
     };
-    let err = Generator::with_policy(
-        &gpu,
-        &checkpoint,
-        &GeneratorOptions::default(),
-        &bad,
-        &|_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let err = Generator::with_policy(&gpu, &checkpoint, &bad, &|_| {})
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("--compress-cache") && err.contains("use 2, 4 or 8"),
         "{err}"
@@ -404,18 +397,17 @@ fn generate_cli_runs_compressed_under_a_policy_like_the_library_on_the_gpu() {
     let (dir, prompts, new) = fixture("gelu-no-bias");
     let checkpoint = Checkpoint::open(&dir).unwrap();
     let z = Some(CompressionConfig::DEFAULT);
-    let reference = Generator::new(
-        &gpu,
-        &checkpoint,
-        &GeneratorOptions {
-            compress_weight: z,
-            compress_cache: z,
-            ..GeneratorOptions::default()
-        },
-    )
-    .unwrap()
-    .generate(&prompts, &options(new))
-    .unwrap();
+    let all_gpu = Policy {
+        gpu_batch_size: prompts.len(),
+        ..compressed(Compression {
+            weight: z,
+            cache: z,
+        })
+    };
+    let reference = Generator::with_policy(&gpu, &checkpoint, &all_gpu, &|_| {})
+        .unwrap()
+        .generate(&prompts, &options(new))
+        .unwrap();
     let offload = tempfile::tempdir().unwrap();
     let mut cmd = generate_command(&dir, &prompts, new);
     cmd.args(["--percent", "20", "60", "0", "50", "100", "0"])
@@ -451,16 +443,9 @@ fn repeated_runs_allocate_no_new_readbacks() {
         offload_dir: Some(offload.path().to_path_buf()),
         ..Policy::default()
     };
-    let gen = Generator::with_policy(
-        &gpu,
-        &checkpoint,
-        &GeneratorOptions::default(),
-        &policy,
-        &|_| {},
-    )
-    .unwrap();
+    let gen = Generator::with_policy(&gpu, &checkpoint, &policy, &|_| {}).unwrap();
     let first = gen.generate(&prompts, &options(new)).unwrap();
-    let tiers = gen.tiers().unwrap();
+    let tiers = gen.tiers();
     let created = tiers.readbacks_created();
     assert!(created > 0, "cache and activations on disk need readbacks");
     let second = gen.generate(&prompts, &options(new)).unwrap();

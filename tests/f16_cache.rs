@@ -6,16 +6,16 @@ mod common;
 
 use common::{fixture, gpu, max_abs_diff, options};
 use strata::checkpoint::Checkpoint;
-use strata::generate::{GenerateOutput, Generator, GeneratorOptions};
+use strata::generate::{GenerateOutput, Generator};
 use strata::gpu::kernels::CacheDtype;
-use strata::policy::{Percent, Policy};
+use strata::offload::policy::{Percent, Policy};
 
 #[test]
 fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("f16");
     let checkpoint = Checkpoint::open(&dir).unwrap();
-    let all_gpu = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default()).unwrap();
+    let all_gpu = Generator::new(&gpu, &checkpoint).unwrap();
     assert_eq!(all_gpu.model().cache_dtype(), CacheDtype::F16);
     let baseline = all_gpu.generate(&prompts, &options(new)).unwrap();
     let c = *all_gpu.config();
@@ -51,14 +51,7 @@ fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
             offload_dir: Some(offload.path().to_path_buf()),
             ..Policy::default()
         };
-        let gen = Generator::with_policy(
-            &gpu,
-            &checkpoint,
-            &GeneratorOptions::default(),
-            &policy,
-            &|_| {},
-        )
-        .unwrap();
+        let gen = Generator::with_policy(&gpu, &checkpoint, &policy, &|_| {}).unwrap();
         let out: GenerateOutput = gen.generate(&prompts, &options(new)).unwrap();
         assert_eq!(out.generated_ids, baseline.generated_ids, "{what}");
         let diff = max_abs_diff(
@@ -68,7 +61,7 @@ fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
         assert!(diff < 1e-4, "{what}: logits differ by {diff}");
         if percent[3] == 100.0 {
             // Every sequence's K and V of every layer on the CPU, as halves: capacity tokens x hidden x 2 bytes.
-            let report = gen.tiers().unwrap().report();
+            let report = gen.tiers().report();
             let capacity = longest + new - 1;
             let f16_cache = (2 * c.num_hidden_layers * n * capacity * c.hidden_size * 2) as u64;
             assert!(
@@ -81,11 +74,12 @@ fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
 
     // Sparse decode attention over the f16 cache: the GPU kernel (all on the GPU) and the CPU path (cache on the
     // CPU, cpu_cache_compute) read the same halves and keep the same positions.
-    let sparse = GeneratorOptions {
-        attn_sparsity: Some(0.5),
-        ..Default::default()
+    let sparse = Policy {
+        gpu_batch_size: n,
+        attn_sparsity: 0.5,
+        ..Policy::default()
     };
-    let gpu_sparse = Generator::new(&gpu, &checkpoint, &sparse)
+    let gpu_sparse = Generator::with_policy(&gpu, &checkpoint, &sparse, &|_| {})
         .unwrap()
         .generate(&prompts, &options(new))
         .unwrap();
@@ -97,7 +91,7 @@ fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
         attn_sparsity: 0.5,
         ..Policy::default()
     };
-    let cpu_sparse = Generator::with_policy(&gpu, &checkpoint, &sparse, &policy, &|_| {})
+    let cpu_sparse = Generator::with_policy(&gpu, &checkpoint, &policy, &|_| {})
         .unwrap()
         .generate(&prompts, &options(new))
         .unwrap();

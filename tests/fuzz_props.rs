@@ -8,9 +8,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 
 use arbitrary::{Result, Unstructured};
 use strata::checkpoint::{check_safetensors, parse_config_json, parse_index_json};
-use strata::compress::{from_packed_bytes, to_packed_bytes, CompressionConfig, StoredTensor};
+use strata::checkpoint::{from_packed_bytes, to_packed_bytes, StoredTensor};
+use strata::compress::CompressionConfig;
 use strata::config::DType;
-use strata::policy::{format_bytes_exact, parse_bytes, Percent, Policy};
+use strata::offload::policy::{format_bytes_exact, parse_bytes, Percent, Policy};
 use strata::weights::HostTensor;
 
 /// The system allocator, refusing any single allocation over [`MAX_ALLOCATION`]: a parser that sizes a buffer from
@@ -315,7 +316,7 @@ fn packed_models_with_broken_headers_are_refused_or_served_safely() {
     let config = *checkpoint.config();
     let good = tmp.path().join("good.packed");
     let packing = CompressionConfig::DEFAULT;
-    strata::compress::write_packed_model(&good, &checkpoint, packing).unwrap();
+    strata::checkpoint::write_packed_model(&good, &checkpoint, packing).unwrap();
     let good = std::fs::read(good).unwrap();
     let path = tmp.path().join("fuzzed.packed");
     arbtest::arbtest(|u| {
@@ -325,7 +326,7 @@ fn packed_models_with_broken_headers_are_refused_or_served_safely() {
             mutated_safetensors(u, &good)?
         };
         std::fs::write(&path, &bytes).unwrap();
-        if let Ok(weights) = strata::compress::PackedWeights::open(&path, &config, packing) {
+        if let Ok(weights) = strata::checkpoint::PackedWeights::open(&path, &config, packing) {
             // Accepted: every tensor is served, or refused by name; none panics or reads out of bounds.
             for spec in model_tensors(&config) {
                 let _ = weights.load(&spec);

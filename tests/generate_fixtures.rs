@@ -6,8 +6,9 @@ use std::process::Command;
 
 use strata::checkpoint::Checkpoint;
 use strata::config::DType;
-use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
+use strata::generate::{GenerateOptions, Generator, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
+use strata::offload::policy::Policy;
 
 struct Fixture {
     dir: PathBuf,
@@ -57,16 +58,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 fn check(gpu: &Gpu, f: &Fixture, dtype: Option<DType>, tol: f32) {
     let checkpoint = Checkpoint::open(&f.dir).unwrap();
-    let gen = Generator::new(
-        gpu,
-        &checkpoint,
-        &GeneratorOptions {
-            dtype,
-            gpu_batch_size: None,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let policy = Policy {
+        gpu_batch_size: f.prompt_ids.len(),
+        weight_dtype: dtype,
+        ..Policy::default()
+    };
+    let gen = Generator::with_policy(gpu, &checkpoint, &policy, &|_| {}).unwrap();
     let out = gen
         .generate(
             &f.prompt_ids,

@@ -8,9 +8,10 @@ use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
 use std::path::Path;
 
 use strata::checkpoint::Checkpoint;
-use strata::generate::{GenerateError, GenerateOutput, Generator, GeneratorOptions};
+use strata::generate::{GenerateError, GenerateOutput, Generator};
 use strata::gpu::Gpu;
-use strata::policy::{Percent, Policy};
+use strata::offload::placement::PlacementError;
+use strata::offload::policy::{Percent, Policy, PolicyError};
 
 fn policy(
     percent: [f64; 6],
@@ -37,10 +38,10 @@ fn run_policy(
     p: &Policy,
 ) -> Result<GenerateOutput, GenerateError> {
     let checkpoint = Checkpoint::open(dir).unwrap();
-    let gen = Generator::with_policy(gpu, &checkpoint, &GeneratorOptions::default(), p, &|_| {})?;
+    let gen = Generator::with_policy(gpu, &checkpoint, p, &|_| {})?;
     let out = gen.generate(prompts, &options(new))?;
     // The placement really used the tiers it names.
-    let report = gen.tiers().expect("a policy run has tiers").report();
+    let report = gen.tiers().report();
     let pct = &p.percent;
     let off_cpu = [pct.weights.cpu, pct.cache.cpu, pct.act.cpu]
         .iter()
@@ -94,7 +95,7 @@ fn every_policy_matches_the_all_gpu_run() {
         // Two GPU batches for every fixture (they have 2 or 3 prompts).
         let half = n.div_ceil(2);
         let checkpoint = Checkpoint::open(&dir).unwrap();
-        let baseline = Generator::new(&gpu, &checkpoint, &GeneratorOptions::default())
+        let baseline = Generator::new(&gpu, &checkpoint)
             .unwrap()
             .generate(&prompts, &options(new))
             .unwrap();
@@ -236,30 +237,41 @@ fn every_policy_matches_the_all_gpu_run() {
 fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
     let gpu = gpu();
     let (dir, prompts, new) = fixture("pre-ln-relu");
+    // The errors stay typed end to end, so a library caller can match them; the CLI prints the same text.
     let mut p = policy([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 4, 1, true, None);
     p.attn_sparsity = 1.5;
-    let err = run_policy(&gpu, &dir, &prompts, new, &p)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--attn-sparsity"), "{err}");
+    let err = run_policy(&gpu, &dir, &prompts, new, &p).unwrap_err();
+    assert!(
+        matches!(err, GenerateError::Policy(PolicyError::AttnSparsity(_))),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--attn-sparsity"), "{err}");
 
     let mut p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 4, 1, true, None);
     p.gpu_mem = Some(1024);
-    let err = run_policy(&gpu, &dir, &prompts, new, &p)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--gpu-mem"), "{err}");
+    let err = run_policy(&gpu, &dir, &prompts, new, &p).unwrap_err();
+    assert!(
+        matches!(err, GenerateError::Placement(PlacementError::OverCap(_))),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--gpu-mem"), "{err}");
 
     let p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 1, 2, true, None);
-    let err = run_policy(&gpu, &dir, &prompts, new, &p)
-        .unwrap_err()
-        .to_string();
+    let err = run_policy(&gpu, &dir, &prompts, new, &p).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GenerateError::Placement(PlacementError::TooManyPrompts { prompts: 3, .. })
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(err.contains("--num-gpu-batches"), "{err}");
 }
 
 #[test]
 fn an_offloaded_homes_write_back_lands_before_it_is_read() {
-    use strata::offload::Home;
+    use strata::offload::home::Home;
     use strata::tiers::{DiskOptions, TensorHome, Tier, TierOptions, Tiers};
     let gpu = gpu();
     let dir = tempfile::tempdir().unwrap();

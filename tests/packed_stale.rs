@@ -8,7 +8,8 @@ use std::path::Path;
 
 use common::{fixture, generate_command};
 use strata::checkpoint::Checkpoint;
-use strata::compress::{write_packed_model, CompressionConfig, PackedWeights};
+use strata::checkpoint::{write_packed_model, PackedWeights};
+use strata::compress::CompressionConfig;
 use strata::config::OptConfig;
 use strata::weights::{HostTensor, TensorSpec, WeightError, WeightSource};
 

@@ -9,13 +9,14 @@ use common::{fixture, generate_command, gpu, options};
 use std::path::{Path, PathBuf};
 
 use strata::checkpoint::Checkpoint;
+use strata::checkpoint::{write_packed_model, PackedWeights};
+use strata::compress::CompressionConfig;
 use strata::compress::PackedRef;
-use strata::compress::{write_packed_model, CompressionConfig, PackedWeights};
 use strata::config::OptConfig;
-use strata::generate::{GenerateOutput, Generator, GeneratorOptions};
+use strata::generate::{GenerateOutput, Generator};
 use strata::gpu::tensor::{GpuMatrix, WeightFormat};
 use strata::gpu::{Gpu, GpuOptions};
-use strata::policy::{Percent, Policy};
+use strata::offload::policy::{Percent, Policy};
 use strata::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 
 /// A packed checkpoint that refuses to serve a matrix as numbers: loading through it proves nothing is quantised.
@@ -103,31 +104,33 @@ fn a_packed_file_generates_exactly_what_quantising_while_loading_does() {
             .join(format!("{}-{}.packed", packing.bits, packing.group_size));
         let checkpoint = write_fixture(packing, &path);
         let packed = PackedWeights::open(&path, checkpoint.config(), packing).unwrap();
-        let options = GeneratorOptions {
-            compress_weight: Some(packing),
-            ..Default::default()
+        let batch = prompts().len();
+        let all_gpu = Policy {
+            gpu_batch_size: batch,
+            compress_weight: true,
+            compress_weight_config: packing,
+            ..Policy::default()
+        };
+        let load = |source: &dyn WeightSource, policy: &Policy| {
+            Generator::with_policy(&gpu, source, policy, &|_| {}).unwrap()
         };
 
-        let quantised = generate(&Generator::new(&gpu, &checkpoint, &options).unwrap());
-        let loaded = generate(&Generator::new(&gpu, &packed, &options).unwrap());
+        let quantised = generate(&load(&checkpoint, &all_gpu));
+        let loaded = generate(&load(&packed, &all_gpu));
         assert_same(&loaded, &quantised, &format!("all GPU, {packing:?}"));
         // The all-GPU upload takes every matrix as packed words.
-        Generator::new(&gpu, &WordsOnly(&packed), &options).unwrap();
+        load(&WordsOnly(&packed), &all_gpu);
 
         // Offloaded placement (LayerStore) takes the file's words too, straight into the CPU tier.
-        let batch = prompts().len();
         let policy = cpu_weights_policy(packing, batch, tmp.path());
-        let offloaded_quantised = generate(
-            &Generator::with_policy(&gpu, &checkpoint, &options, &policy, &|_| {}).unwrap(),
-        );
-        let offloaded_loaded =
-            generate(&Generator::with_policy(&gpu, &packed, &options, &policy, &|_| {}).unwrap());
+        let offloaded_quantised = generate(&load(&checkpoint, &policy));
+        let offloaded_loaded = generate(&load(&packed, &policy));
         assert_same(
             &offloaded_loaded,
             &offloaded_quantised,
             &format!("weights on CPU, {packing:?}"),
         );
-        Generator::with_policy(&gpu, &WordsOnly(&packed), &options, &policy, &|_| {}).unwrap();
+        load(&WordsOnly(&packed), &policy);
     }
 }
 

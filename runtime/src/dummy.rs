@@ -218,6 +218,7 @@ fn fill_uniform<const E: usize>(
 mod tests {
     use super::*;
     use crate::checkpoint::to_f32;
+    use crate::weights::{LayerPart, LayerTensor, Param, TensorId};
 
     fn tiny(dtype: DType) -> OptConfig {
         OptConfig {
@@ -327,7 +328,13 @@ mod tests {
             name: "decoder.layers.9.fc1.weight".into(),
             shape: vec![256, 64],
             role: TensorRole::LinearWeight,
-            layer: Some(9),
+            id: TensorId::Layer(
+                9,
+                LayerTensor {
+                    part: LayerPart::Fc1,
+                    param: Param::Weight,
+                },
+            ),
         };
         let err = w.load(&bogus).unwrap_err().to_string();
         assert!(err.contains("decoder.layers.9.fc1.weight"), "{err}");

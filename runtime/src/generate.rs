@@ -1,37 +1,29 @@
-//! Text generation: prompts in, token ids (and optionally every step's logits) out, with the whole model on the GPU.
+//! Text generation: prompts in, token ids (and optionally every step's logits) out.
 //!
-//! A [`Generator`] holds the uploaded model and compiled kernels; [`Generator::generate`] runs a prefill step over
-//! the left-padded prompts, then one decode step per new token, each step one GPU submit (embedding, every layer for
-//! every GPU batch, logits, next-token choice) followed by a read-back of the chosen ids.
+//! A [`Generator`] holds the model's weights where its policy places them and the compiled kernels;
+//! [`Generator::generate`] places the run ([`Placement`]), makes exactly the buffers the placement lists through the
+//! ledger, runs a prefill step over the left-padded prompts, then one decode step per new token through the block
+//! schedule ([`crate::offload::schedule`]), each step ending with a read-back of the chosen ids. The policy is the one
+//! source of run settings (placement, batching, compression, sparsity, weight dtype); [`GenerateOptions`] holds only
+//! what to generate.
 
-use crate::compress::CompressionConfig;
-use crate::config::{DType, OptConfig};
-use crate::gpu::kernels::Kernels;
+use crate::config::OptConfig;
+use crate::gpu::kernels::{Kernels, STAGING_SLOTS};
 use crate::gpu::{Gpu, GpuError};
-use crate::model::{BatchState, CacheScratch, GpuModel, ModelError, Step, Workspace};
-use crate::offload::{LayerStore, OffloadError, RunHomes};
-use crate::planner::{plan, Caps, Workload};
-use crate::policy::{Policy, PolicyError};
-use crate::schedule::{run_step, StepInputs};
+use crate::model::{GpuModel, ModelError, Step};
+use crate::offload::ledger::Ledger;
+use crate::offload::placement::{
+    largest_gpu_batch, DeviceLimits, Placement, PlacementError, Workload,
+};
+use crate::offload::policy::{Policy, PolicyError};
+use crate::offload::run::{RunHomes, RunWork};
+use crate::offload::schedule::{run_step, StepInputs};
+use crate::offload::weights::{load_model, LayerStore};
+use crate::offload::OffloadError;
 use crate::tiers::{DiskOptions, TierOptions, Tiers};
 use crate::weights::WeightSource;
 
-/// How the next token is chosen.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Sampling {
-    /// The most likely token (lowest id on ties), as Hugging Face's greedy search.
-    Greedy,
-    /// Draw from softmax(logits / temperature), restricted to the smallest set of most likely tokens whose
-    /// probability reaches `top_p`; reproducible for a given seed.
-    Sample {
-        /// Softmax temperature (> 0).
-        temperature: f32,
-        /// Nucleus mass in (0, 1]; 1 keeps every token.
-        top_p: f32,
-        /// Random seed.
-        seed: u64,
-    },
-}
+pub use crate::model::Sampling;
 
 /// What to generate.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -44,23 +36,6 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Return every step's logits.
     pub record_logits: bool,
-}
-
-/// How to build a [`Generator`].
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct GeneratorOptions {
-    /// Store weight matrices in this dtype (f16 or f32) instead of the checkpoint's.
-    pub dtype: Option<DType>,
-    /// Sequences per GPU batch; by default as many as fit the device's binding limit.
-    pub gpu_batch_size: Option<usize>,
-    /// Quantise every weight matrix while loading and keep it packed in every tier (biases and norms stay f32).
-    pub compress_weight: Option<CompressionConfig>,
-    /// Keep the KV cache packed in every tier (grouped along head_dim).
-    pub compress_cache: Option<CompressionConfig>,
-    /// Attention sparsity of decode steps, in (0, 1] (`--attn-sparsity`): keep per head the new token and the top
-    /// fraction of earlier real tokens by score ([`crate::model::Step::attn_sparsity`]). `None`: 1, dense. With a
-    /// policy ([`Generator::with_policy`]) the policy's `attn_sparsity` is used instead.
-    pub attn_sparsity: Option<f64>,
 }
 
 /// What [`Generator::generate`] produced.
@@ -132,19 +107,12 @@ pub enum GenerateError {
     /// Placing or moving offloaded tensors failed.
     #[error(transparent)]
     Offload(#[from] OffloadError),
-    /// The offloading policy cannot run (over a memory cap, or a feature not supported yet).
-    #[error("{0}")]
-    Policy(String),
-}
-
-/// Refuses an attention sparsity outside (0, 1].
-fn check_sparsity(sparsity: f64) -> Result<(), GenerateError> {
-    if !(sparsity > 0.0 && sparsity <= 1.0) {
-        return Err(GenerateError::Policy(
-            PolicyError::AttnSparsity(sparsity).to_string(),
-        ));
-    }
-    Ok(())
+    /// The policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The run cannot be placed: over a memory cap, a buffer over the binding limit, too many prompts.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
 }
 
 impl From<crate::tiers::TierError> for GenerateError {
@@ -153,132 +121,73 @@ impl From<crate::tiers::TierError> for GenerateError {
     }
 }
 
-/// One compression setting from a policy and the generator options: whichever is given, or both when they agree.
-fn one_compression(
-    flag: &str,
-    from_policy: Option<CompressionConfig>,
-    from_options: Option<CompressionConfig>,
-) -> Result<Option<CompressionConfig>, GenerateError> {
-    match (from_policy, from_options) {
-        (Some(a), Some(b)) if a != b => Err(GenerateError::Policy(format!(
-            "{flag}: the policy asks for {} bits in groups of {} but the generator options for {} bits in groups \
-             of {}: give one setting",
-            a.bits, a.group_size, b.bits, b.group_size
-        ))),
-        (a, b) => Ok(a.or(b)),
+impl From<crate::offload::placement::CapError> for GenerateError {
+    fn from(e: crate::offload::placement::CapError) -> Self {
+        GenerateError::Placement(e.into())
     }
 }
 
-/// The model on the GPU with its kernels, ready to generate.
+/// The model on the GPU (or wherever its policy places it) with its kernels, ready to generate.
 #[derive(Debug)]
 pub struct Generator {
     kernels: Kernels,
     model: GpuModel,
-    options: GeneratorOptions,
     /// The decoder layers' weights, resident or offloaded.
     layers: LayerStore,
-    /// The offloading policy (`None`: everything on the GPU, GPU batch size from `options`).
-    policy: Option<Policy>,
-    /// The memory tiers offloaded tensors live in (with a policy).
-    tiers: Option<Tiers>,
+    /// Every run setting but what to generate.
+    policy: Policy,
+    /// [`Generator::new`]: each call's prompts go in GPU batches of as many sequences as fit one binding, instead of
+    /// the policy's batch sizes.
+    fit_batches: bool,
+    /// The memory tiers offloaded tensors live in.
+    tiers: Tiers,
+    /// Every buffer the generator and its runs hold, recorded where it is made.
+    ledger: Ledger,
+    limits: DeviceLimits,
 }
 
-/// Sequences and per-GPU-batch buffers of one `generate` call.
+/// The buffers of one `generate` call, as its placement lists them.
 struct Run {
-    states: Vec<BatchState>,
-    /// Caches and activations, resident or offloaded.
     homes: RunHomes,
-    ws: Workspace,
-    logits: wgpu::Buffer,
-    next: wgpu::Buffer,
+    work: RunWork,
 }
 
 impl Generator {
-    /// Uploads the weights of `source` to `gpu` and compiles the kernels.
-    pub fn new(
-        gpu: &Gpu,
-        source: &dyn WeightSource,
-        options: &GeneratorOptions,
-    ) -> Result<Self, GenerateError> {
-        if let Some(dtype) = options.dtype {
-            if dtype == DType::BF16 {
-                return Err(
-                    ModelError::Unsupported("bfloat16 storage: choose f16 or f32".into()).into(),
-                );
-            }
-        }
-        if let Some(sparsity) = options.attn_sparsity {
-            check_sparsity(sparsity)?;
-        }
-        let model = gpu.catch_oom("the model's weights", || {
-            GpuModel::upload_compressed(gpu, source, options.dtype, options.compress_weight)
-        })?;
-        Ok(Generator {
-            kernels: Kernels::new(gpu),
-            layers: LayerStore::resident(&model.layers),
-            model,
-            options: *options,
-            policy: None,
-            tiers: None,
-        })
+    /// Everything on the GPU with the default settings (no compression, dense attention, the checkpoint's dtype);
+    /// each call's prompts go in GPU batches of as many sequences as fit one binding.
+    pub fn new(gpu: &Gpu, source: &dyn WeightSource) -> Result<Self, GenerateError> {
+        Self::load(gpu, source, &Policy::default(), true, &|_| {})
     }
 
     /// Places the weights of `source` by `policy` (GPU, CPU memory, or files in its offload directory) and compiles
-    /// the kernels; [`Generator::generate`] then runs the policy's block schedule. `progress(i)` is called after
-    /// decoder layer `i` is placed. The policy's GPU batch size overrides `options.gpu_batch_size`. Compression
-    /// comes from the policy (`compress_weight` / `compress_cache`) or `options` (an error when both set different
-    /// values): packed weights and a packed cache work in every tier.
+    /// the kernels; [`Generator::generate`] then runs the policy's block schedule, in its GPU batches. `progress(i)`
+    /// is called after decoder layer `i` is placed.
     pub fn with_policy(
         gpu: &Gpu,
         source: &dyn WeightSource,
-        options: &GeneratorOptions,
         policy: &Policy,
         progress: &dyn Fn(usize),
     ) -> Result<Self, GenerateError> {
-        if let Some(DType::BF16) = options.dtype {
-            return Err(
-                ModelError::Unsupported("bfloat16 storage: choose f16 or f32".into()).into(),
-            );
-        }
-        policy
-            .validate()
-            .map_err(|e| GenerateError::Policy(e.to_string()))?;
-        check_sparsity(policy.attn_sparsity)?;
-        // Compression comes from the policy or the options (the same setting from both is fine); the policy then
-        // carries it, so every plan counts packed bytes.
-        let compress_weight = one_compression(
-            "--compress-weight",
-            policy
-                .compress_weight
-                .then_some(policy.compress_weight_config),
-            options.compress_weight,
-        )?;
-        let compress_cache = one_compression(
-            "--compress-cache",
-            policy
-                .compress_cache
-                .then_some(policy.compress_cache_config),
-            options.compress_cache,
-        )?;
-        let mut policy = policy.clone();
-        policy.compress_weight = compress_weight.is_some();
-        policy.compress_weight_config = compress_weight.unwrap_or_default();
-        policy.compress_cache = compress_cache.is_some();
-        policy.compress_cache_config = compress_cache.unwrap_or_default();
-        policy
-            .validate()
-            .map_err(|e| GenerateError::Policy(e.to_string()))?;
-        let policy = &policy;
+        Self::load(gpu, source, policy, false, progress)
+    }
+
+    fn load(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        policy: &Policy,
+        fit_batches: bool,
+        progress: &dyn Fn(usize),
+    ) -> Result<Self, GenerateError> {
+        policy.validate()?;
         let config = *source.config();
-        // Weights do not depend on the workload: refuse an over-cap weight placement before allocating anything.
+        let limits = DeviceLimits::of(gpu);
+        // The weights do not depend on the workload: refuse an over-cap weight placement before allocating anything.
         let tiny = Workload {
             prompt_len: 1,
             gen_len: 1,
         };
-        plan(&config, policy, tiny)
-            .map_err(|e| GenerateError::Policy(e.to_string()))?
-            .check(&Caps::of(policy))
-            .map_err(|e| GenerateError::Policy(e.to_string()))?;
+        let placement = Placement::new(&config, policy, tiny, &limits)?;
+        placement.check_caps()?;
         let disk = if policy.percent.uses_disk() {
             policy.offload_dir.clone().map(DiskOptions::new)
         } else {
@@ -292,38 +201,36 @@ impl Generator {
                 disk,
             },
         )?;
-        let model = gpu.catch_oom("the model's weights", || {
-            GpuModel::upload_outside_layers_compressed(gpu, source, options.dtype, compress_weight)
-        })?;
-        let slots = if policy.overlap { 2 } else { 1 };
-        let layers = gpu.catch_oom("the model's weights", || {
-            LayerStore::load(gpu, &tiers, source, model.format, policy, slots, progress)
+        let ledger = Ledger::new();
+        let (model, layers) = gpu.catch_oom("the model's weights", || {
+            load_model(gpu, &tiers, &ledger, source, &placement, progress)
                 .map_err(GenerateError::from)
         })?;
         Ok(Generator {
             kernels: Kernels::new(gpu),
             model,
-            options: GeneratorOptions {
-                gpu_batch_size: Some(policy.gpu_batch_size),
-                compress_weight,
-                compress_cache,
-                attn_sparsity: Some(policy.attn_sparsity),
-                ..*options
-            },
             layers,
-            policy: Some(policy.clone()),
-            tiers: Some(tiers),
+            policy: policy.clone(),
+            fit_batches,
+            tiers,
+            ledger,
+            limits,
         })
     }
 
-    /// The memory tiers (with a policy): their [`Tiers::report`] gives each tier's peak bytes.
-    pub fn tiers(&self) -> Option<&Tiers> {
-        self.tiers.as_ref()
+    /// The memory tiers: their [`Tiers::report`] gives each tier's peak bytes.
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
     }
 
-    /// The offloading policy, if any.
-    pub fn policy(&self) -> Option<&Policy> {
-        self.policy.as_ref()
+    /// The run settings.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Every buffer the generator and its runs hold: [`Ledger::peak`] is what they held at most.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     /// The model's architecture.
@@ -341,8 +248,50 @@ impl Generator {
         &self.layers
     }
 
+    /// The size of each staging buffer the kernels hold now (during a run: what its placement gave them, unless a
+    /// kernel had to grow one, which the placement would then have missed).
+    pub fn kernel_staging(&self) -> [u64; STAGING_SLOTS] {
+        self.kernels.staging_sizes()
+    }
+
     fn gpu(&self) -> &Gpu {
         self.kernels.gpu()
+    }
+
+    /// The placement of a run of `prompts` sequences of `workload`: the policy's, in its GPU batches, or with
+    /// [`Generator::new`] GPU batches of as many sequences as fit one binding.
+    pub fn placement(
+        &self,
+        prompts: usize,
+        workload: Workload,
+    ) -> Result<Placement, GenerateError> {
+        let c = &self.model.config;
+        let policy = if self.fit_batches {
+            let fit = largest_gpu_batch(c, &self.limits, workload);
+            if fit == 0 {
+                return Err(GenerateError::Capacity(format!(
+                    "one sequence of {} tokens needs more bytes of activations or cache in one binding than this \
+                     device's {}; shorten the prompt or max_new_tokens",
+                    workload.seq_len(),
+                    self.limits.max_binding
+                )));
+            }
+            let gbs = fit.min(prompts.max(1));
+            Policy {
+                gpu_batch_size: gbs,
+                num_gpu_batches: prompts.div_ceil(gbs).max(1),
+                ..self.policy.clone()
+            }
+        } else {
+            self.policy.clone()
+        };
+        Ok(Placement::for_prompts(
+            c,
+            &policy,
+            workload,
+            &self.limits,
+            prompts,
+        )?)
     }
 
     fn validate(
@@ -405,88 +354,6 @@ impl Generator {
         Ok(())
     }
 
-    /// The GPU batch size: the requested one, or the most sequences whose activations and caches fit one binding.
-    fn gpu_batch_size(
-        &self,
-        batch: usize,
-        s: usize,
-        capacity: usize,
-    ) -> Result<usize, GenerateError> {
-        let c = &self.model.config;
-        let widest = c
-            .ffn_embed_dim
-            .max(c.hidden_size)
-            .max(c.word_embed_proj_dim);
-        let per_seq = (4 * (s * widest).max(capacity * c.hidden_size)) as u64;
-        let fit = (self.gpu().max_binding() / per_seq) as usize;
-        if self.options.gpu_batch_size == Some(0) {
-            return Err(GenerateError::Capacity(
-                "gpu_batch_size must be at least 1".into(),
-            ));
-        }
-        let gbs = self.options.gpu_batch_size.unwrap_or(fit).min(batch);
-        if gbs == 0 {
-            return Err(GenerateError::Capacity(format!(
-                "one sequence of {capacity} tokens needs {per_seq} bytes of activations or cache in one binding, \
-                 more than this device's {} bytes; shorten the prompt or max_new_tokens",
-                self.gpu().max_binding()
-            )));
-        }
-        Ok(gbs)
-    }
-
-    fn allocate(
-        &self,
-        batch: usize,
-        gbs: usize,
-        s: usize,
-        capacity: usize,
-    ) -> Result<Run, GenerateError> {
-        let gpu = self.gpu();
-        let c = &self.model.config;
-        let sizes: Vec<usize> = (0..batch)
-            .step_by(gbs)
-            .map(|start| gbs.min(batch - start))
-            .collect();
-        let states = sizes
-            .iter()
-            .map(|&b| BatchState::new(gpu, c, b, s, capacity))
-            .collect::<Result<Vec<_>, _>>()?;
-        let default_policy = Policy::default();
-        let policy = self.policy.as_ref().unwrap_or(&default_policy);
-        // A compressed cache computes through f32 scratch shared by every layer of the run.
-        let scratch = self
-            .options
-            .compress_cache
-            .map(|cc| CacheScratch::new(gpu, c, gbs, capacity).map(|s| (cc, s)))
-            .transpose()?;
-        let homes = RunHomes::new(
-            gpu,
-            self.tiers.as_ref(),
-            c,
-            policy,
-            &sizes,
-            gbs,
-            s,
-            capacity,
-            self.model.cache_dtype(),
-            scratch.as_ref().map(|(cc, s)| (*cc, s)),
-        )?;
-        let logits_bytes = (batch * c.vocab_size * 4) as u64;
-        gpu.check_binding(
-            "the logits",
-            logits_bytes,
-            "generate fewer sequences at once",
-        )?;
-        Ok(Run {
-            states,
-            homes,
-            ws: Workspace::new(gpu, c, gbs, s)?,
-            logits: gpu.storage_buffer("logits", logits_bytes),
-            next: gpu.storage_buffer("next ids", (batch * 4) as u64),
-        })
-    }
-
     /// Generates from `prompts` (token ids, unpadded, usually starting with BOS).
     pub fn generate(
         &self,
@@ -496,7 +363,9 @@ impl Generator {
         self.generate_with_progress(prompts, options, &|_| {})
     }
 
-    /// [`Generator::generate`], calling `progress(t)` after step `t` (0 = prefill) finished.
+    /// [`Generator::generate`], calling `progress(t)` after step `t` (0 = prefill) finished (while every buffer of
+    /// the run is held). A generator runs one call at a time: the run's buffers are recorded by name, and a second
+    /// call while one runs is refused when it would make them again.
     pub fn generate_with_progress(
         &self,
         prompts: &[Vec<u32>],
@@ -513,34 +382,24 @@ impl Generator {
                 step_seconds: Vec::new(),
             });
         }
-        let s = prompts.iter().map(Vec::len).max().unwrap_or(1);
-        let capacity = s + options.max_new_tokens;
-        let gbs = self.gpu_batch_size(batch, s, capacity)?;
-        if let Some(policy) = &self.policy {
-            if batch > policy.effective_batch() {
-                return Err(GenerateError::Policy(format!(
-                    "{batch} prompts exceed the effective batch of {} ({} x {}): raise --num-gpu-batches or \
-                     --gpu-batch-size, or pass fewer prompts",
-                    policy.effective_batch(),
-                    policy.gpu_batch_size,
-                    policy.num_gpu_batches
-                )));
-            }
-            let workload = Workload {
-                prompt_len: s,
-                gen_len: options.max_new_tokens,
-            };
-            plan(&self.model.config, policy, workload)
-                .map_err(|e| GenerateError::Policy(e.to_string()))?
-                .check(&Caps::of(policy))
-                .map_err(|e| GenerateError::Policy(e.to_string()))?;
-        }
-        let mut run = self.gpu().catch_oom("the KV cache and activations", || {
-            self.allocate(batch, gbs, s, capacity)
-        })?;
-        let result = self.run(prompts, options, &mut run, gbs, progress);
-        // The cached bind groups reference this run's buffers: release them with the run.
+        let workload = Workload {
+            prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(1),
+            gen_len: options.max_new_tokens,
+        };
+        let placement = self.placement(batch, workload)?;
+        placement.check_caps()?;
+        let run = self.gpu().catch_oom("the KV cache and activations", || {
+            let homes = RunHomes::new(self.gpu(), &self.tiers, &self.ledger, &placement)?;
+            let work = RunWork::new(self.gpu(), &self.ledger, &placement, &homes, &self.kernels)?;
+            Ok::<_, GenerateError>(Run { homes, work })
+        });
+        let result =
+            run.and_then(|mut run| self.run(prompts, options, &mut run, &placement, progress));
+        // The cached bind groups and the kernels' staging reference this run's buffers: release them with the run,
+        // and the pool's slots with them, so the GPU holds only the weights between runs.
         self.kernels.release_cached_bindings();
+        self.kernels.set_staging(Default::default());
+        self.tiers.gpu().trim();
         result
     }
 
@@ -550,9 +409,10 @@ impl Generator {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
         run: &mut Run,
-        gbs: usize,
+        placement: &Placement,
         progress: &dyn Fn(usize),
     ) -> Result<GenerateOutput, GenerateError> {
+        let gbs = placement.gpu_batch_size();
         let c = self.model.config;
         let batch = prompts.len();
         let s = prompts.iter().map(Vec::len).max().unwrap_or(1);
@@ -560,7 +420,7 @@ impl Generator {
         let queue = &self.gpu().queue;
 
         // Prefill inputs: left padding with pad id; positions count real tokens from 2, padding reads row 1.
-        for (g, state) in run.states.iter().enumerate() {
+        for (g, state) in run.work.states.iter().enumerate() {
             let seqs = &prompts[g * gbs..g * gbs + state.batch];
             let mut ids = Vec::with_capacity(state.batch * s);
             let mut positions = Vec::with_capacity(state.batch * s);
@@ -582,7 +442,7 @@ impl Generator {
         let mut finished = vec![false; batch];
         let mut logits = options.record_logits.then(Vec::new);
         // Decode steps keep the top fraction of attention positions; prefill is dense (Step::is_sparse).
-        let attn_sparsity = self.options.attn_sparsity.unwrap_or(1.0) as f32;
+        let attn_sparsity = placement.policy.attn_sparsity as f32;
         let mut step = Step {
             attn_sparsity,
             ..Step::new(s, 0)
@@ -591,10 +451,10 @@ impl Generator {
         let mut step_seconds = Vec::with_capacity(options.max_new_tokens);
         loop {
             let started = std::time::Instant::now();
-            self.record_step(run, step, t, options)?;
-            let mut regions = vec![(&run.next, 0, (batch * 4) as u64)];
+            self.record_step(run, placement, step, t, options)?;
+            let mut regions = vec![(&run.work.next, 0, (batch * 4) as u64)];
             if logits.is_some() {
-                regions.push((&run.logits, 0, (batch * c.vocab_size * 4) as u64));
+                regions.push((&run.work.logits, 0, (batch * c.vocab_size * 4) as u64));
             }
             let out = self.gpu().read_back(&regions)?;
             step_seconds.push(started.elapsed().as_secs_f64());
@@ -614,7 +474,7 @@ impl Generator {
                 break;
             }
             // Decode inputs: the chosen token (pad once a sequence has finished) at the next position.
-            for (g, state) in run.states.iter().enumerate() {
+            for (g, state) in run.work.states.iter().enumerate() {
                 let first = g * gbs;
                 let ids: Vec<u32> = (first..first + state.batch)
                     .map(|b| if finished[b] { c.pad_token_id } else { next[b] })
@@ -638,10 +498,11 @@ impl Generator {
         })
     }
 
-    /// Runs one step through the block schedule ([`crate::schedule`]).
+    /// Runs one step through the block schedule ([`crate::offload::schedule`]).
     fn record_step(
         &self,
         run: &mut Run,
+        placement: &Placement,
         step: Step,
         t: usize,
         options: &GenerateOptions,
@@ -650,13 +511,13 @@ impl Generator {
             kernels: &self.kernels,
             model: &self.model,
             layers: &self.layers,
-            tiers: self.tiers.as_ref(),
-            states: &run.states,
-            ws: &run.ws,
-            logits: &run.logits,
-            next: &run.next,
-            overlap: self.policy.as_ref().is_some_and(|p| p.overlap),
-            cpu_cache_compute: self.policy.as_ref().is_some_and(|p| p.cpu_cache_compute),
+            tiers: Some(&self.tiers),
+            states: &run.work.states,
+            ws: &run.work.ws,
+            logits: &run.work.logits,
+            next: &run.work.next,
+            overlap: placement.policy.overlap,
+            act: placement.act_dtype,
         };
         run_step(&inputs, &mut run.homes, step, options.sampling, t)?;
         Ok(())

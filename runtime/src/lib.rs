@@ -7,9 +7,9 @@
 //! - running it: [`gpu`] (the device and the WGSL kernels), [`model`] (OPT's forward pass on the GPU),
 //!   [`generate`] (the generation loop), [`reference`](mod@reference) (a plain CPU forward pass the GPU is tested
 //!   against);
-//! - offloading: [`policy`] (a FlexLLMGen-style placement policy), [`planner`] (its memory per tier, checked before
-//!   anything is allocated), [`tiers`] (GPU / CPU / disk storage and transfers), [`compress`] (group-wise 4-bit
-//!   weights and KV cache);
+//! - offloading: [`offload`] (the policy, the one placement of every byte of a run, the ledger that makes exactly
+//!   its buffers, the stores of weights, cache and activations, the block schedule, CPU attention), [`tiers`] (GPU /
+//!   CPU / disk storage and transfers), [`compress`] (group-wise 4-bit weights and KV cache);
 //! - choosing a policy: [`hardware`] (a machine's speeds) and [`cost_model`] (the fastest policy that fits).
 #![deny(missing_docs)]
 
@@ -24,10 +24,7 @@ pub mod hardware;
 pub mod model;
 pub mod npy;
 pub mod offload;
-pub mod planner;
-pub mod policy;
 pub mod reference;
-pub mod schedule;
 pub mod tiers;
 pub mod tokenizer;
 pub mod weights;

@@ -20,10 +20,11 @@
 use crate::compress::{AttentionParams, CompressionConfig, PackedLayout};
 use crate::config::{Activation, ConfigError, DType, OptConfig};
 use crate::gpu::kernels::{Act, AttentionShape, CacheDtype, OutRows, Recorder, MAX_HEAD_DIM};
-use crate::gpu::tensor::{upload_vector, vector_values, GpuMatrix, WeightFormat};
+use crate::gpu::tensor::{vector_values, GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::{Gpu, GpuError};
 use crate::weights::{
-    layer_tensors, model_tensors, HostTensor, TensorSpec, WeightError, WeightSource,
+    layer_tensor_spec, model_tensor_spec, LayerPart, LayerTensor, ModelTensor, Param, TensorId,
+    TensorSpec, WeightError, WeightSource,
 };
 
 /// Why a model could not be put on the GPU or run there.
@@ -87,114 +88,73 @@ pub struct LayerWeights {
     pub final_layer_norm: Norm,
 }
 
-/// Loads tensors of one source by name and uploads them in one format.
-struct Uploader<'s> {
-    gpu: &'s Gpu,
-    source: &'s dyn WeightSource,
-    specs: Vec<TensorSpec>,
-    format: WeightFormat,
-}
+/// Where a builder puts one buffer: `(tensor, row chunk, label, bytes)` in (a vector is chunk 0), the buffer the
+/// kernels will read out: the bytes uploaded, or a slot they stream into from a CPU or disk home.
+pub type PlaceBuffer<'a, E> =
+    dyn FnMut(TensorId, usize, &str, &[u8]) -> Result<wgpu::Buffer, E> + 'a;
 
-impl Uploader<'_> {
-    fn spec(&self, name: &str) -> Result<&TensorSpec, ModelError> {
-        self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
-            ModelError::Unsupported(format!("the config implies no tensor named {name}"))
-        })
-    }
-
-    fn matrix(&self, name: &str) -> Result<GpuMatrix, ModelError> {
-        // Packed words straight from a packed checkpoint, else loaded and converted.
-        GpuMatrix::upload_from_source(self.gpu, self.source, self.spec(name)?, self.format)
-    }
-
-    fn vector(&self, name: &str) -> Result<wgpu::Buffer, ModelError> {
-        let tensor = self.source.load(self.spec(name)?)?;
-        Ok(upload_vector(self.gpu, name, &tensor)?)
-    }
-
-    fn norm(&self, prefix: &str, affine: bool) -> Result<Norm, ModelError> {
-        Ok(Norm {
-            affine: if affine {
-                Some((
-                    self.vector(&format!("{prefix}.weight"))?,
-                    self.vector(&format!("{prefix}.bias"))?,
-                ))
-            } else {
-                None
-            },
-        })
-    }
-}
-
-/// Where [`LayerWeights::build`] puts one buffer: `(index in buffer order, full tensor name, label, bytes)` in, the
-/// buffer the kernels will read out.
-pub type PlaceBuffer<'a, E> = dyn FnMut(usize, &str, &str, &[u8]) -> Result<wgpu::Buffer, E> + 'a;
-
-/// Builds one decoder layer buffer by buffer, numbering them in the order `offload::map_layer_buffers` visits.
-struct LayerBuilder<'a, 'p, E> {
+/// Builds weights tensor by tensor, one row chunk at a time, handing each buffer's bytes to `place`.
+struct Builder<'a, 'p, E> {
     gpu: &'a Gpu,
     source: &'a dyn WeightSource,
-    specs: Vec<TensorSpec>,
     format: WeightFormat,
     place: &'a mut PlaceBuffer<'p, E>,
-    index: usize,
 }
 
-impl<'a, E: From<ModelError> + From<GpuError> + From<WeightError>> LayerBuilder<'a, '_, E> {
-    /// Reads one tensor (borrowed from the source's memory map where it can be).
-    fn load(&self, name: &str) -> Result<HostTensor<'a>, E> {
-        let spec = self.specs.iter().find(|s| s.name == name).ok_or_else(|| {
-            ModelError::Unsupported(format!("the config implies no tensor named {name}"))
-        })?;
-        let source: &'a dyn WeightSource = self.source;
-        Ok(source.load(spec)?)
+impl<E: From<ModelError> + From<GpuError> + From<WeightError>> Builder<'_, '_, E> {
+    fn spec(&self, id: TensorId) -> TensorSpec {
+        let config = self.source.config();
+        match id {
+            TensorId::Model(t) => model_tensor_spec(config, t),
+            TensorId::Layer(i, t) => layer_tensor_spec(config, i, t),
+        }
     }
 
-    fn put(&mut self, tensor: &str, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer, E> {
-        let buffer = (self.place)(self.index, tensor, label, bytes)?;
-        self.index += 1;
-        Ok(buffer)
+    /// A vector (bias, layer-norm weight) as f32, whatever the stored dtype.
+    fn vector(&mut self, id: TensorId) -> Result<wgpu::Buffer, E> {
+        let spec = self.spec(id);
+        let values = vector_values(self.gpu, &spec.name, &self.source.load(&spec)?)?;
+        (self.place)(id, 0, &spec.name, bytemuck::cast_slice(&values))
     }
 
-    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer, E> {
-        let values = vector_values(self.gpu, name, &self.load(name)?)?;
-        self.put(name, name, bytemuck::cast_slice(&values))
-    }
-
-    fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, E> {
-        let name = format!("{prefix}.weight");
-        let spec = self
-            .specs
-            .iter()
-            .find(|s| s.name == name)
-            .cloned()
-            .ok_or_else(|| {
-                ModelError::Unsupported(format!("the config implies no tensor named {name}"))
-            })?;
+    /// A matrix in the builder's format: stored packed words when the source has them (a saved packed checkpoint),
+    /// else loaded and converted ([`GpuMatrix::build_from_source`]).
+    fn matrix(&mut self, id: TensorId) -> Result<GpuMatrix, E> {
+        let spec = self.spec(id);
         let (gpu, source, format) = (self.gpu, self.source, self.format);
-        // Stored packed words when the source has them (a saved packed checkpoint), else loaded and converted.
-        let weight = GpuMatrix::build_from_source(gpu, source, &spec, format, |chunk| {
-            self.put(&name, &chunk.label, chunk.bytes)
-        })?;
-        let bias = if bias {
-            Some(self.vector(&format!("{prefix}.bias"))?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
+        let place = &mut *self.place;
+        let mut chunk = 0;
+        GpuMatrix::build_from_source(gpu, source, &spec, format, |c| {
+            let buffer = place(id, chunk, &c.label, c.bytes);
+            chunk += 1;
+            buffer
+        })
     }
 
-    fn norm(&mut self, prefix: &str, affine: bool) -> Result<Norm, E> {
-        Ok(Norm {
-            affine: if affine {
-                Some((
-                    self.vector(&format!("{prefix}.weight"))?,
-                    self.vector(&format!("{prefix}.bias"))?,
-                ))
+    fn linear(&mut self, layer: usize, part: LayerPart, bias: bool) -> Result<Linear, E> {
+        let id = |param| TensorId::Layer(layer, LayerTensor { part, param });
+        Ok(Linear {
+            weight: self.matrix(id(Param::Weight))?,
+            bias: if bias {
+                Some(self.vector(id(Param::Bias))?)
             } else {
                 None
             },
         })
+    }
+
+    fn norm(&mut self, ids: Option<[TensorId; 2]>) -> Result<Norm, E> {
+        Ok(Norm {
+            affine: match ids {
+                Some([weight, bias]) => Some((self.vector(weight)?, self.vector(bias)?)),
+                None => None,
+            },
+        })
+    }
+
+    fn layer_norm(&mut self, layer: usize, part: LayerPart, affine: bool) -> Result<Norm, E> {
+        let id = |param| TensorId::Layer(layer, LayerTensor { part, param });
+        self.norm(affine.then(|| [id(Param::Weight), id(Param::Bias)]))
     }
 }
 
@@ -213,7 +173,6 @@ impl LayerWeights {
 
     /// Builds decoder layer `i` of `source` in `format`, one tensor (and one row chunk) at a time, letting `place`
     /// decide where each buffer's bytes go (the GPU for [`LayerWeights::upload`], a tier for an offloaded layer).
-    /// Matrices come as stored packed words when the source has them ([`GpuMatrix::build_from_source`]).
     pub fn build<E: From<ModelError> + From<GpuError> + From<WeightError>>(
         gpu: &Gpu,
         source: &dyn WeightSource,
@@ -222,32 +181,83 @@ impl LayerWeights {
         place: &mut PlaceBuffer<'_, E>,
     ) -> Result<Self, E> {
         let config = *source.config();
-        let mut b = LayerBuilder {
+        let mut b = Builder {
             gpu,
             source,
-            specs: layer_tensors(&config, i),
             format,
             place,
-            index: 0,
         };
-        let p = format!("decoder.layers.{i}");
         let (bias, affine) = (config.enable_bias, config.layer_norm_elementwise_affine);
         Ok(LayerWeights {
-            q_proj: b.linear(&format!("{p}.self_attn.q_proj"), bias)?,
-            k_proj: b.linear(&format!("{p}.self_attn.k_proj"), bias)?,
-            v_proj: b.linear(&format!("{p}.self_attn.v_proj"), bias)?,
-            out_proj: b.linear(&format!("{p}.self_attn.out_proj"), bias)?,
-            self_attn_layer_norm: b.norm(&format!("{p}.self_attn_layer_norm"), affine)?,
-            fc1: b.linear(&format!("{p}.fc1"), bias)?,
-            fc2: b.linear(&format!("{p}.fc2"), bias)?,
-            final_layer_norm: b.norm(&format!("{p}.final_layer_norm"), affine)?,
+            q_proj: b.linear(i, LayerPart::QProj, bias)?,
+            k_proj: b.linear(i, LayerPart::KProj, bias)?,
+            v_proj: b.linear(i, LayerPart::VProj, bias)?,
+            out_proj: b.linear(i, LayerPart::OutProj, bias)?,
+            self_attn_layer_norm: b.layer_norm(i, LayerPart::SelfAttnLayerNorm, affine)?,
+            fc1: b.linear(i, LayerPart::Fc1, bias)?,
+            fc2: b.linear(i, LayerPart::Fc2, bias)?,
+            final_layer_norm: b.layer_norm(i, LayerPart::FinalLayerNorm, affine)?,
         })
+    }
+
+    /// The same layer with every buffer replaced by `f(tensor, row chunk, buffer)`, where the tensors are named as
+    /// decoder layer `layer`'s: the struct's own traversal, so a store keys its buffers by tensor and chunk.
+    pub fn map(
+        &self,
+        layer: usize,
+        mut f: impl FnMut(TensorId, usize, &wgpu::Buffer) -> wgpu::Buffer,
+    ) -> LayerWeights {
+        let id = |part, param| TensorId::Layer(layer, LayerTensor { part, param });
+        let mut linear = |l: &Linear, part: LayerPart| Linear {
+            weight: GpuMatrix {
+                rows: l.weight.rows,
+                cols: l.weight.cols,
+                format: l.weight.format,
+                chunks: l
+                    .weight
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(chunk, c)| MatrixChunk {
+                        row0: c.row0,
+                        rows: c.rows,
+                        buffer: f(id(part, Param::Weight), chunk, &c.buffer),
+                    })
+                    .collect(),
+            },
+            bias: l.bias.as_ref().map(|b| f(id(part, Param::Bias), 0, b)),
+        };
+        let q_proj = linear(&self.q_proj, LayerPart::QProj);
+        let k_proj = linear(&self.k_proj, LayerPart::KProj);
+        let v_proj = linear(&self.v_proj, LayerPart::VProj);
+        let out_proj = linear(&self.out_proj, LayerPart::OutProj);
+        let fc1 = linear(&self.fc1, LayerPart::Fc1);
+        let fc2 = linear(&self.fc2, LayerPart::Fc2);
+        let mut norm = |n: &Norm, part: LayerPart| Norm {
+            affine: n.affine.as_ref().map(|(g, b)| {
+                (
+                    f(id(part, Param::Weight), 0, g),
+                    f(id(part, Param::Bias), 0, b),
+                )
+            }),
+        };
+        LayerWeights {
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj,
+            self_attn_layer_norm: norm(&self.self_attn_layer_norm, LayerPart::SelfAttnLayerNorm),
+            fc1,
+            fc2,
+            final_layer_norm: norm(&self.final_layer_norm, LayerPart::FinalLayerNorm),
+        }
     }
 }
 
 /// One layer's key and value cache for one GPU batch: `[batch, capacity, hidden]` f32 each, or, when
 /// `compression` is set, packed tensors of `batch * heads * capacity` rows of head_dim in pair-major order (row
-/// `(b * heads + h) * capacity + t`), the buffers holding the packed words (data, then scales).
+/// `(b * heads + h) * capacity + t`), the buffers holding the packed words (data, then scales). The offloading
+/// runtime makes its buffers from the run's placement ([`crate::offload`]).
 #[derive(Debug)]
 pub struct KvCache {
     /// Keys.
@@ -268,84 +278,34 @@ pub struct KvCache {
 
 /// f32 scratch a compressed [`KvCache`] computes through, shared by every layer's cache of a run (the queue runs
 /// layers one after another): the keys and values of one layer `[batch, capacity, hidden]`, their pair-major copy,
-/// and the decode attention's scores.
+/// and the decode attention's scores `[batch, heads, capacity]`.
 #[derive(Clone, Debug)]
 pub struct CacheScratch {
     k: wgpu::Buffer,
     v: wgpu::Buffer,
     pairs: wgpu::Buffer,
     scores: wgpu::Buffer,
-    batch: usize,
-    capacity: usize,
 }
 
 impl CacheScratch {
-    /// Scratch for compressed caches of up to `batch` sequences of `capacity` tokens.
-    pub fn new(
-        gpu: &Gpu,
-        config: &OptConfig,
-        batch: usize,
-        capacity: usize,
-    ) -> Result<Self, ModelError> {
-        let bytes = (batch * capacity * config.hidden_size * 4) as u64;
-        gpu.check_binding(
-            "one layer's uncompressed KV scratch",
-            bytes,
-            "use a smaller GPU batch or shorter sequences",
-        )?;
-        Ok(CacheScratch {
-            k: gpu.storage_buffer("k scratch", bytes),
-            v: gpu.storage_buffer("v scratch", bytes),
-            pairs: gpu.storage_buffer("pair-major kv scratch", bytes),
-            scores: gpu.storage_buffer(
-                "packed attention scores",
-                (batch * config.n_head * capacity * 4).max(4) as u64,
-            ),
-            batch,
-            capacity,
-        })
+    /// Scratch from its four buffers (keys, values, their pair-major copy, scores), each sized for the largest GPU
+    /// batch of the run.
+    pub fn from_buffers(
+        k: wgpu::Buffer,
+        v: wgpu::Buffer,
+        pairs: wgpu::Buffer,
+        scores: wgpu::Buffer,
+    ) -> CacheScratch {
+        CacheScratch {
+            k,
+            v,
+            pairs,
+            scores,
+        }
     }
 }
 
 impl KvCache {
-    /// Allocates a cache for `batch` sequences of up to `capacity` tokens, packed under `compression` (computing
-    /// through `scratch`, which must cover `batch` and `capacity`) or stored as `dtype` when `None`.
-    pub fn with_compression(
-        gpu: &Gpu,
-        config: &OptConfig,
-        batch: usize,
-        capacity: usize,
-        dtype: CacheDtype,
-        compression: Option<(CompressionConfig, &CacheScratch)>,
-    ) -> Result<Self, ModelError> {
-        let Some((cc, scratch)) = compression else {
-            return Self::new(gpu, config, batch, capacity, dtype);
-        };
-        cc.validate()
-            .map_err(|e| ModelError::Unsupported(format!("--compress-cache: {e}")))?;
-        if scratch.batch < batch || scratch.capacity != capacity {
-            return Err(ModelError::Unsupported(format!(
-                "cache scratch for {} sequences of {} tokens cannot serve {batch} of {capacity}",
-                scratch.batch, scratch.capacity
-            )));
-        }
-        let layout = Self::layout(config, batch, capacity, cc);
-        gpu.check_binding(
-            "one layer's packed KV cache",
-            layout.bytes(),
-            "use a smaller GPU batch or shorter sequences",
-        )?;
-        Ok(KvCache {
-            k: gpu.storage_buffer("packed k cache", layout.bytes()),
-            v: gpu.storage_buffer("packed v cache", layout.bytes()),
-            batch,
-            capacity,
-            dtype: CacheDtype::F32,
-            compression: Some(cc),
-            scratch: Some(scratch.clone()),
-        })
-    }
-
     fn layout(
         config: &OptConfig,
         batch: usize,
@@ -359,37 +319,10 @@ impl KvCache {
     pub fn bytes(&self) -> u64 {
         self.k.size() + self.v.size()
     }
-
-    /// Allocates a cache for `batch` sequences of up to `capacity` tokens, values stored as `dtype`.
-    pub fn new(
-        gpu: &Gpu,
-        config: &OptConfig,
-        batch: usize,
-        capacity: usize,
-        dtype: CacheDtype,
-    ) -> Result<Self, ModelError> {
-        // Whole u32 words for f16 (an odd hidden size is refused by `GpuModel::cache_dtype`).
-        let bytes =
-            ((batch * capacity * config.hidden_size * dtype.bytes()) as u64).next_multiple_of(4);
-        gpu.check_binding(
-            "one layer's KV cache",
-            bytes,
-            "use a smaller GPU batch or shorter sequences",
-        )?;
-        Ok(KvCache {
-            k: gpu.storage_buffer("k cache", bytes),
-            v: gpu.storage_buffer("v cache", bytes),
-            batch,
-            capacity,
-            dtype,
-            compression: None,
-            scratch: None,
-        })
-    }
 }
 
 /// One GPU batch's inputs and residual stream, sized for its longest step.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct BatchState {
     /// Sequences in this GPU batch.
     pub batch: usize,
@@ -405,79 +338,43 @@ pub struct BatchState {
     pub mask: wgpu::Buffer,
 }
 
-impl BatchState {
-    /// Buffers for `batch` sequences, steps of at most `max_s_new` tokens, `capacity` tokens in all.
-    pub fn new(
-        gpu: &Gpu,
-        config: &OptConfig,
-        batch: usize,
-        max_s_new: usize,
-        capacity: usize,
-    ) -> Result<Self, ModelError> {
-        let rows = batch * max_s_new;
-        let hint = "use a smaller GPU batch or shorter prompts";
-        gpu.check_binding(
-            "the residual stream",
-            (rows * config.hidden_size * 4) as u64,
-            hint,
-        )?;
-        Ok(BatchState {
-            batch,
-            capacity,
-            x: gpu.storage_buffer("x", (rows * config.hidden_size * 4) as u64),
-            ids: gpu.storage_buffer("ids", (rows * 4) as u64),
-            positions: gpu.storage_buffer("positions", (rows * 4) as u64),
-            mask: gpu.storage_buffer("mask", (batch * capacity * 4) as u64),
-        })
-    }
-}
-
-/// Scratch activations shared by every layer and GPU batch of a step (the queue runs them one after another).
+/// Scratch activations shared by every layer and GPU batch of a step (the queue runs them one after another),
+/// sized for the largest GPU batch's longest step (`rows` = its sequences times the step's tokens).
 #[derive(Debug)]
 pub struct Workspace {
-    norm: wgpu::Buffer,
-    q: wgpu::Buffer,
-    attn: wgpu::Buffer,
-    mid: wgpu::Buffer,
-    embed: wgpu::Buffer,
-    last: wgpu::Buffer,
-    last_norm: wgpu::Buffer,
-    last_proj: wgpu::Buffer,
+    /// Layer-normed rows `[rows, hidden]`.
+    pub norm: wgpu::Buffer,
+    /// Queries `[rows, hidden]`.
+    pub q: wgpu::Buffer,
+    /// Attention output `[rows, hidden]`.
+    pub attn: wgpu::Buffer,
+    /// fc1's output `[rows, ffn]`.
+    pub mid: wgpu::Buffer,
+    /// Token embeddings before project_in `[rows, proj]`.
+    pub embed: wgpu::Buffer,
+    /// Each sequence's last row `[batch, hidden]`.
+    pub last: wgpu::Buffer,
+    /// The last rows, normed.
+    pub last_norm: wgpu::Buffer,
+    /// The last rows, projected `[batch, proj]`.
+    pub last_proj: wgpu::Buffer,
 }
 
-impl Workspace {
-    /// Scratch for GPU batches of up to `batch` sequences and steps of up to `max_s_new` tokens.
-    pub fn new(
-        gpu: &Gpu,
-        config: &OptConfig,
-        batch: usize,
-        max_s_new: usize,
-    ) -> Result<Self, ModelError> {
-        let rows = batch * max_s_new;
-        let h = config.hidden_size;
-        let p = config.word_embed_proj_dim;
-        let hint = "use a smaller GPU batch or shorter prompts";
-        let f32s = |n: usize| (n * 4) as u64;
-        gpu.check_binding(
-            "the feed-forward activations",
-            f32s(rows * config.ffn_embed_dim),
-            hint,
-        )?;
-        gpu.check_binding("the token embeddings", f32s(rows * p), hint)?;
-        Ok(Workspace {
-            norm: gpu.storage_buffer("normed x", f32s(rows * h)),
-            q: gpu.storage_buffer("q", f32s(rows * h)),
-            attn: gpu.storage_buffer("attention output", f32s(rows * h)),
-            mid: gpu.storage_buffer("fc1 output", f32s(rows * config.ffn_embed_dim)),
-            embed: gpu.storage_buffer(
-                "token embeddings",
-                f32s(if config.has_projection() { rows * p } else { 1 }),
-            ),
-            last: gpu.storage_buffer("last hidden", f32s(batch * h)),
-            last_norm: gpu.storage_buffer("last hidden normed", f32s(batch * h)),
-            last_proj: gpu.storage_buffer("last hidden projected", f32s(batch * p)),
-        })
-    }
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (lowest id on ties), as Hugging Face's greedy search.
+    Greedy,
+    /// Draw from softmax(logits / temperature), restricted to the smallest set of most likely tokens whose
+    /// probability reaches `top_p`; reproducible for a given seed.
+    Sample {
+        /// Softmax temperature (> 0).
+        temperature: f32,
+        /// Nucleus mass in (0, 1]; 1 keeps every token.
+        top_p: f32,
+        /// Random seed.
+        seed: u64,
+    },
 }
 
 /// The shape of one step: `s_new` tokens per sequence after `past` cached ones (prefill: past = 0).
@@ -571,51 +468,69 @@ impl GpuModel {
         compress: Option<CompressionConfig>,
     ) -> Result<Self, ModelError> {
         let config = *source.config();
-        config.validate()?;
+        let format = match compress {
+            Some(c) => WeightFormat::Packed(c),
+            None => WeightFormat::choose(config.dtype, dtype),
+        };
+        Self::build_outside_layers(gpu, source, format, &mut |_, _, label, bytes| {
+            Ok(gpu.storage_buffer_init(label, bytes)?)
+        })
+    }
+
+    /// Builds the weights outside the decoder layers in `format`, tensor by tensor, letting `place` decide where each
+    /// buffer's bytes go ([`LayerWeights::build`]'s counterpart); [`GpuModel::layers`] stays empty.
+    pub fn build_outside_layers<E: From<ModelError> + From<GpuError> + From<WeightError>>(
+        gpu: &Gpu,
+        source: &dyn WeightSource,
+        format: WeightFormat,
+        place: &mut PlaceBuffer<'_, E>,
+    ) -> Result<Self, E> {
+        let config = *source.config();
+        config.validate().map_err(ModelError::from)?;
         if config.head_dim() > MAX_HEAD_DIM {
             return Err(ModelError::Unsupported(format!(
                 "head_dim {} is larger than the attention kernel's maximum of {MAX_HEAD_DIM}",
                 config.head_dim()
-            )));
+            ))
+            .into());
         }
-        let format = match compress {
-            Some(c) => {
-                c.validate()
-                    .map_err(|e| ModelError::Unsupported(format!("--compress-weight: {e}")))?;
-                WeightFormat::Packed(c)
-            }
-            None => WeightFormat::choose(config.dtype, dtype),
-        };
-        let up = Uploader {
+        if let WeightFormat::Packed(c) = format {
+            c.validate()
+                .map_err(|e| ModelError::Unsupported(format!("--compress-weight: {e}")))?;
+        }
+        let mut b = Builder {
             gpu,
             source,
-            specs: model_tensors(&config),
             format,
+            place,
         };
         let model = GpuModel {
-            embed_tokens: up.matrix("decoder.embed_tokens.weight")?,
-            embed_positions: up.matrix("decoder.embed_positions.weight")?,
-            project_in: config
-                .has_projection()
-                .then(|| up.matrix("decoder.project_in.weight"))
-                .transpose()?,
+            embed_tokens: b.matrix(TensorId::Model(ModelTensor::EmbedTokens))?,
+            embed_positions: b.matrix(TensorId::Model(ModelTensor::EmbedPositions))?,
+            project_in: if config.has_projection() {
+                Some(b.matrix(TensorId::Model(ModelTensor::ProjectIn))?)
+            } else {
+                None
+            },
             layers: Vec::new(),
-            final_layer_norm: config
-                .has_final_layer_norm()
-                .then(|| {
-                    up.norm(
-                        "decoder.final_layer_norm",
-                        config.layer_norm_elementwise_affine,
-                    )
-                })
-                .transpose()?,
-            project_out: config
-                .has_projection()
-                .then(|| up.matrix("decoder.project_out.weight"))
-                .transpose()?,
-            lm_head: (!config.tie_word_embeddings)
-                .then(|| up.matrix("lm_head.weight"))
-                .transpose()?,
+            final_layer_norm: if config.has_final_layer_norm() {
+                Some(b.norm(config.layer_norm_elementwise_affine.then_some([
+                    TensorId::Model(ModelTensor::FinalLayerNormWeight),
+                    TensorId::Model(ModelTensor::FinalLayerNormBias),
+                ]))?)
+            } else {
+                None
+            },
+            project_out: if config.has_projection() {
+                Some(b.matrix(TensorId::Model(ModelTensor::ProjectOut))?)
+            } else {
+                None
+            },
+            lm_head: if config.tie_word_embeddings {
+                None
+            } else {
+                Some(b.matrix(TensorId::Model(ModelTensor::LmHead))?)
+            },
             config,
             format,
         };
@@ -628,7 +543,8 @@ impl GpuModel {
                     table.cols,
                     table.bytes(),
                     gpu.max_binding()
-                )));
+                ))
+                .into());
             }
         }
         Ok(model)

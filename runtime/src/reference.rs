@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use crate::compress::{dequantize, quantize_cache, CompressError, CompressionConfig};
 use crate::config::{Activation, OptConfig};
 use crate::gpu::tensor::to_f32;
-use crate::weights::{model_tensors, WeightError, WeightSource};
+use crate::weights::{
+    model_tensors, LayerPart, LayerTensor, ModelTensor, Param, TensorId, WeightError, WeightSource,
+};
 
 /// `y[m, n] = sum_k x[m, k] * w[n, k]` (a linear layer without bias; `w` is `[n, k]`), accumulated in f64.
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
@@ -219,6 +221,16 @@ impl ReferenceModel {
         Ok(ReferenceModel { config, weights })
     }
 
+    /// Tensor `id`'s values (names come from the tensor table, like every other reader's).
+    fn t(&self, id: TensorId) -> &[f32] {
+        self.w(&id.name())
+    }
+
+    /// Tensor `param` of part `part` of decoder layer `layer`.
+    fn layer_t(&self, layer: usize, part: LayerPart, param: Param) -> &[f32] {
+        self.t(TensorId::Layer(layer, LayerTensor { part, param }))
+    }
+
     fn w(&self, name: &str) -> &[f32] {
         // model_tensors lists every name this module asks for, so a miss is a bug in this file.
         self.weights
@@ -227,17 +239,12 @@ impl ReferenceModel {
             .unwrap_or_else(|| panic!("reference model has no {name}"))
     }
 
-    fn linear(
-        &self,
-        x: &[f32],
-        rows: usize,
-        name: &str,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Vec<f32> {
-        let mut y = matmul_t(x, rows, in_dim, self.w(&format!("{name}.weight")), out_dim);
+    fn linear(&self, x: &[f32], rows: usize, layer: usize, part: LayerPart) -> Vec<f32> {
+        let [out_dim, in_dim] = part.shape(&self.config);
+        let weight = self.layer_t(layer, part, Param::Weight);
+        let mut y = matmul_t(x, rows, in_dim, weight, out_dim);
         if self.config.enable_bias {
-            let b = self.w(&format!("{name}.bias"));
+            let b = self.layer_t(layer, part, Param::Bias);
             for row in y.chunks_exact_mut(out_dim) {
                 row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb);
             }
@@ -246,24 +253,28 @@ impl ReferenceModel {
     }
 
     /// Keys or values as the runtime's KV cache holds them: rounded to halves for an f16 model (see
-    /// `planner::cache_value_bytes`), unchanged otherwise.
+    /// `CacheDtype::for_model`), unchanged otherwise.
     fn cached(&self, mut x: Vec<f32>) -> Vec<f32> {
-        if crate::planner::cache_value_bytes(&self.config) == 2 {
+        if crate::gpu::kernels::CacheDtype::for_model(&self.config).bytes() == 2 {
             x.iter_mut()
                 .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
         }
         x
     }
 
-    fn norm(&self, x: &[f32], name: &str) -> Vec<f32> {
+    /// Layer norm with the affine `(weight, bias)` (when the config has one).
+    fn norm(&self, x: &[f32], affine: [TensorId; 2]) -> Vec<f32> {
         let c = &self.config;
-        let affine = c.layer_norm_elementwise_affine.then(|| {
-            (
-                self.w(&format!("{name}.weight")),
-                self.w(&format!("{name}.bias")),
-            )
-        });
+        let affine = c
+            .layer_norm_elementwise_affine
+            .then(|| (self.t(affine[0]), self.t(affine[1])));
         layer_norm(x, c.hidden_size, affine, c.layer_norm_eps)
+    }
+
+    /// Decoder layer `layer`'s norm `part`.
+    fn layer_norm(&self, x: &[f32], layer: usize, part: LayerPart) -> Vec<f32> {
+        let id = |param| TensorId::Layer(layer, LayerTensor { part, param });
+        self.norm(x, [id(Param::Weight), id(Param::Bias)])
     }
 
     /// The next-token logits after `tokens` (one unpadded sequence).
@@ -289,21 +300,22 @@ impl ReferenceModel {
         packed: Option<RoundTrip>,
     ) -> Vec<f32> {
         let c = &self.config;
-        let (h, p, f, len) = (
-            c.hidden_size,
-            c.word_embed_proj_dim,
-            c.ffn_embed_dim,
-            tokens.len(),
-        );
-        let embed = self.w("decoder.embed_tokens.weight");
+        let (h, p, len) = (c.hidden_size, c.word_embed_proj_dim, tokens.len());
+        let embed = self.t(TensorId::Model(ModelTensor::EmbedTokens));
         let mut e: Vec<f32> = tokens
             .iter()
             .flat_map(|&t| embed[t as usize * p..(t as usize + 1) * p].iter().copied())
             .collect();
         if c.has_projection() {
-            e = matmul_t(&e, len, p, self.w("decoder.project_in.weight"), h);
+            e = matmul_t(
+                &e,
+                len,
+                p,
+                self.t(TensorId::Model(ModelTensor::ProjectIn)),
+                h,
+            );
         }
-        let pos = self.w("decoder.embed_positions.weight");
+        let pos = self.t(TensorId::Model(ModelTensor::EmbedPositions));
         let mut x: Vec<f32> = e
             .chunks_exact(h)
             .enumerate()
@@ -317,16 +329,15 @@ impl ReferenceModel {
         let visible = vec![true; len];
         let add = |x: &mut [f32], y: &[f32]| x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
         for l in 0..c.num_hidden_layers {
-            let pre = |s: &str| format!("decoder.layers.{l}.{s}");
             let a_in = if c.do_layer_norm_before {
-                self.norm(&x, &pre("self_attn_layer_norm"))
+                self.layer_norm(&x, l, LayerPart::SelfAttnLayerNorm)
             } else {
                 x.clone()
             };
-            let q = self.linear(&a_in, len, &pre("self_attn.q_proj"), h, h);
+            let q = self.linear(&a_in, len, l, LayerPart::QProj);
             let (mut k, mut v) = (
-                self.linear(&a_in, len, &pre("self_attn.k_proj"), h, h),
-                self.linear(&a_in, len, &pre("self_attn.v_proj"), h, h),
+                self.linear(&a_in, len, l, LayerPart::KProj),
+                self.linear(&a_in, len, l, LayerPart::VProj),
             );
             if packed.is_none() {
                 // A dense cache holds them as the runtime stores them (a packed one: round_trip below).
@@ -344,41 +355,50 @@ impl ReferenceModel {
                 let decoded = attend(&round_trip(&k), &round_trip(&v));
                 a[dense_rows * h..].copy_from_slice(&decoded[dense_rows * h..]);
             }
-            add(
-                &mut x,
-                &self.linear(&a, len, &pre("self_attn.out_proj"), h, h),
-            );
+            add(&mut x, &self.linear(&a, len, l, LayerPart::OutProj));
             if !c.do_layer_norm_before {
-                x = self.norm(&x, &pre("self_attn_layer_norm"));
+                x = self.layer_norm(&x, l, LayerPart::SelfAttnLayerNorm);
             }
             let f_in = if c.do_layer_norm_before {
-                self.norm(&x, &pre("final_layer_norm"))
+                self.layer_norm(&x, l, LayerPart::FinalLayerNorm)
             } else {
                 x.clone()
             };
-            let mut mid = self.linear(&f_in, len, &pre("fc1"), h, f);
+            let mut mid = self.linear(&f_in, len, l, LayerPart::Fc1);
             for v in &mut mid {
                 *v = match c.activation {
                     Activation::Relu => v.max(0.0),
                     Activation::Gelu => gelu(*v),
                 };
             }
-            add(&mut x, &self.linear(&mid, len, &pre("fc2"), f, h));
+            add(&mut x, &self.linear(&mid, len, l, LayerPart::Fc2));
             if !c.do_layer_norm_before {
-                x = self.norm(&x, &pre("final_layer_norm"));
+                x = self.layer_norm(&x, l, LayerPart::FinalLayerNorm);
             }
         }
         let mut last = x[(len - 1) * h..].to_vec();
         if c.has_final_layer_norm() {
-            last = self.norm(&last, "decoder.final_layer_norm");
+            last = self.norm(
+                &last,
+                [
+                    TensorId::Model(ModelTensor::FinalLayerNormWeight),
+                    TensorId::Model(ModelTensor::FinalLayerNormBias),
+                ],
+            );
         }
         if c.has_projection() {
-            last = matmul_t(&last, 1, h, self.w("decoder.project_out.weight"), p);
+            last = matmul_t(
+                &last,
+                1,
+                h,
+                self.t(TensorId::Model(ModelTensor::ProjectOut)),
+                p,
+            );
         }
         let head = if c.tie_word_embeddings {
             embed
         } else {
-            self.w("lm_head.weight")
+            self.t(TensorId::Model(ModelTensor::LmHead))
         };
         matmul_t(&last, 1, p, head, c.vocab_size)
     }

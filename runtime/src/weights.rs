@@ -24,7 +24,202 @@ pub enum TensorRole {
     LayerNorm,
 }
 
-/// One tensor a config requires: its canonical name (no `model.` prefix), shape, role and owning layer.
+impl TensorRole {
+    /// Whether strata stores a tensor of this role compressed under weight compression: every 2-D tensor, as in
+    /// FlexLLMGen (linear weights, the token embedding, which is also the tied LM head, the positional table); biases
+    /// and layer norms never.
+    pub const fn is_compressed(self) -> bool {
+        match self {
+            TensorRole::TokenEmbedding
+            | TensorRole::PositionEmbedding
+            | TensorRole::LinearWeight => true,
+            TensorRole::Bias | TensorRole::LayerNorm => false,
+        }
+    }
+}
+
+/// The parts of a decoder layer, in checkpoint order. Every spelling of a layer tensor's name comes from
+/// [`LayerPart::name`]: the tensor list, the loader, the offload stores and the forward pass all name parts by
+/// this type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerPart {
+    /// Key projection `[hidden, hidden]`.
+    KProj,
+    /// Value projection `[hidden, hidden]`.
+    VProj,
+    /// Query projection `[hidden, hidden]`.
+    QProj,
+    /// Attention output projection `[hidden, hidden]`.
+    OutProj,
+    /// Layer norm before (pre-LN) or after (post-LN) attention.
+    SelfAttnLayerNorm,
+    /// First feed-forward layer `[ffn, hidden]`.
+    Fc1,
+    /// Second feed-forward layer `[hidden, ffn]`.
+    Fc2,
+    /// Layer norm before (pre-LN) or after (post-LN) the feed-forward block.
+    FinalLayerNorm,
+}
+
+impl LayerPart {
+    /// Every part, in checkpoint order.
+    pub const ALL: [LayerPart; 8] = [
+        LayerPart::KProj,
+        LayerPart::VProj,
+        LayerPart::QProj,
+        LayerPart::OutProj,
+        LayerPart::SelfAttnLayerNorm,
+        LayerPart::Fc1,
+        LayerPart::Fc2,
+        LayerPart::FinalLayerNorm,
+    ];
+
+    /// The part's name inside a layer, e.g. `self_attn.k_proj`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LayerPart::KProj => "self_attn.k_proj",
+            LayerPart::VProj => "self_attn.v_proj",
+            LayerPart::QProj => "self_attn.q_proj",
+            LayerPart::OutProj => "self_attn.out_proj",
+            LayerPart::SelfAttnLayerNorm => "self_attn_layer_norm",
+            LayerPart::Fc1 => "fc1",
+            LayerPart::Fc2 => "fc2",
+            LayerPart::FinalLayerNorm => "final_layer_norm",
+        }
+    }
+
+    /// Whether the part is a linear layer (weight `[out, in]` and an optional bias) rather than a layer norm.
+    pub const fn is_linear(self) -> bool {
+        !matches!(
+            self,
+            LayerPart::SelfAttnLayerNorm | LayerPart::FinalLayerNorm
+        )
+    }
+
+    /// Whether the part belongs to the attention half of the layer (the placement group of `sep_layer`).
+    pub const fn is_attention(self) -> bool {
+        matches!(
+            self,
+            LayerPart::KProj
+                | LayerPart::VProj
+                | LayerPart::QProj
+                | LayerPart::OutProj
+                | LayerPart::SelfAttnLayerNorm
+        )
+    }
+
+    /// `[out, in]` of a linear part.
+    pub const fn shape(self, config: &OptConfig) -> [usize; 2] {
+        let (h, f) = (config.hidden_size, config.ffn_embed_dim);
+        match self {
+            LayerPart::Fc1 => [f, h],
+            LayerPart::Fc2 => [h, f],
+            _ => [h, h],
+        }
+    }
+}
+
+/// A part's weight (a matrix, or a layer norm's gain) or bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Param {
+    /// `weight`.
+    Weight,
+    /// `bias`.
+    Bias,
+}
+
+impl Param {
+    /// `weight` or `bias`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Param::Weight => "weight",
+            Param::Bias => "bias",
+        }
+    }
+}
+
+/// One tensor of a decoder layer (the same in every layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LayerTensor {
+    /// The part.
+    pub part: LayerPart,
+    /// Its weight or bias.
+    pub param: Param,
+}
+
+impl LayerTensor {
+    /// The full name in layer `layer`, e.g. `decoder.layers.3.fc1.weight`.
+    pub fn name(self, layer: usize) -> String {
+        format!(
+            "decoder.layers.{layer}.{}.{}",
+            self.part.name(),
+            self.param.name()
+        )
+    }
+}
+
+/// The tensors outside the decoder layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ModelTensor {
+    /// Token embedding `[vocab, proj]`, also the tied LM head.
+    EmbedTokens,
+    /// Learned positions `[max_seq_len + 2, hidden]`.
+    EmbedPositions,
+    /// `[hidden, proj]` when the embedding is narrower than the model.
+    ProjectIn,
+    /// The final layer norm's gain.
+    FinalLayerNormWeight,
+    /// The final layer norm's bias.
+    FinalLayerNormBias,
+    /// `[proj, hidden]` when the embedding is narrower than the model.
+    ProjectOut,
+    /// An untied LM head `[vocab, proj]`.
+    LmHead,
+}
+
+impl ModelTensor {
+    /// The canonical name, e.g. `decoder.embed_tokens.weight`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ModelTensor::EmbedTokens => "decoder.embed_tokens.weight",
+            ModelTensor::EmbedPositions => "decoder.embed_positions.weight",
+            ModelTensor::ProjectIn => "decoder.project_in.weight",
+            ModelTensor::FinalLayerNormWeight => "decoder.final_layer_norm.weight",
+            ModelTensor::FinalLayerNormBias => "decoder.final_layer_norm.bias",
+            ModelTensor::ProjectOut => "decoder.project_out.weight",
+            ModelTensor::LmHead => "lm_head.weight",
+        }
+    }
+}
+
+/// Which tensor of the model: one outside the layers, or a layer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TensorId {
+    /// Outside the decoder layers.
+    Model(ModelTensor),
+    /// Tensor `.1` of decoder layer `.0`.
+    Layer(usize, LayerTensor),
+}
+
+impl TensorId {
+    /// The canonical name (no `model.` prefix).
+    pub fn name(self) -> String {
+        match self {
+            TensorId::Model(t) => t.name().to_owned(),
+            TensorId::Layer(i, t) => t.name(i),
+        }
+    }
+
+    /// The decoder layer, for a layer's tensor.
+    pub const fn layer(self) -> Option<usize> {
+        match self {
+            TensorId::Model(_) => None,
+            TensorId::Layer(i, _) => Some(i),
+        }
+    }
+}
+
+/// One tensor a config requires: its canonical name (no `model.` prefix), shape, role and which tensor it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorSpec {
     /// Canonical Hugging Face name without the `model.` prefix, e.g. `decoder.layers.3.fc1.weight`.
@@ -33,8 +228,8 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
     /// What the tensor is.
     pub role: TensorRole,
-    /// The decoder layer it belongs to, or `None` for embeddings, projections, final layer norm and LM head.
-    pub layer: Option<usize>,
+    /// Which tensor (its place in [`LayerPart`] / [`ModelTensor`]).
+    pub id: TensorId,
 }
 
 impl TensorSpec {
@@ -42,107 +237,111 @@ impl TensorSpec {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The decoder layer it belongs to, or `None` for embeddings, projections, final layer norm and LM head.
+    pub fn layer(&self) -> Option<usize> {
+        self.id.layer()
+    }
+}
+
+/// The tensors of every decoder layer, in checkpoint order: each part's weight, and its bias when the config has
+/// biases (linear parts) or an elementwise affine (layer norms, whose weight and bias both depend on it).
+pub fn layer_tensor_kinds(config: &OptConfig) -> Vec<LayerTensor> {
+    let mut out = Vec::new();
+    for part in LayerPart::ALL {
+        let params: &[Param] = match (part.is_linear(), config.enable_bias) {
+            (true, true) => &[Param::Weight, Param::Bias],
+            (true, false) => &[Param::Weight],
+            (false, _) if config.layer_norm_elementwise_affine => &[Param::Weight, Param::Bias],
+            (false, _) => &[],
+        };
+        out.extend(params.iter().map(|&param| LayerTensor { part, param }));
+    }
+    out
+}
+
+/// The spec of layer tensor `t` of decoder layer `i`.
+pub fn layer_tensor_spec(config: &OptConfig, i: usize, t: LayerTensor) -> TensorSpec {
+    let (shape, role) = match (t.part.is_linear(), t.param) {
+        (true, Param::Weight) => (t.part.shape(config).to_vec(), TensorRole::LinearWeight),
+        (true, Param::Bias) => (vec![t.part.shape(config)[0]], TensorRole::Bias),
+        (false, _) => (vec![config.hidden_size], TensorRole::LayerNorm),
+    };
+    TensorSpec {
+        name: t.name(i),
+        shape,
+        role,
+        id: TensorId::Layer(i, t),
+    }
 }
 
 /// The names of the tensors of decoder layer `i`, in checkpoint order, with their shapes and roles.
 pub fn layer_tensors(config: &OptConfig, i: usize) -> Vec<TensorSpec> {
-    let h = config.hidden_size;
-    let f = config.ffn_embed_dim;
-    let mut out = Vec::new();
-    let mut push = |suffix: &str, shape: Vec<usize>, role: TensorRole| {
-        out.push(TensorSpec {
-            name: format!("decoder.layers.{i}.{suffix}"),
-            shape,
-            role,
-            layer: Some(i),
-        })
-    };
-    let linear =
-        |push: &mut dyn FnMut(&str, Vec<usize>, TensorRole), name: &str, o: usize, inp: usize| {
-            push(
-                &format!("{name}.weight"),
-                vec![o, inp],
-                TensorRole::LinearWeight,
-            );
-            if config.enable_bias {
-                push(&format!("{name}.bias"), vec![o], TensorRole::Bias);
-            }
-        };
-    let norm = |push: &mut dyn FnMut(&str, Vec<usize>, TensorRole), name: &str| {
-        if config.layer_norm_elementwise_affine {
-            push(&format!("{name}.weight"), vec![h], TensorRole::LayerNorm);
-            push(&format!("{name}.bias"), vec![h], TensorRole::LayerNorm);
+    layer_tensor_kinds(config)
+        .into_iter()
+        .map(|t| layer_tensor_spec(config, i, t))
+        .collect()
+}
+
+/// The spec of `t` under `config` (whether the config has it at all is [`model_tensors`]' business).
+pub fn model_tensor_spec(config: &OptConfig, t: ModelTensor) -> TensorSpec {
+    let (h, p) = (config.hidden_size, config.word_embed_proj_dim);
+    let (shape, role) = match t {
+        ModelTensor::EmbedTokens => (vec![config.vocab_size, p], TensorRole::TokenEmbedding),
+        ModelTensor::EmbedPositions => (
+            vec![config.num_positions(), h],
+            TensorRole::PositionEmbedding,
+        ),
+        ModelTensor::ProjectIn => (vec![h, p], TensorRole::LinearWeight),
+        ModelTensor::FinalLayerNormWeight | ModelTensor::FinalLayerNormBias => {
+            (vec![h], TensorRole::LayerNorm)
         }
+        ModelTensor::ProjectOut => (vec![p, h], TensorRole::LinearWeight),
+        ModelTensor::LmHead => (vec![config.vocab_size, p], TensorRole::TokenEmbedding),
     };
-    for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
-        linear(&mut push, &format!("self_attn.{proj}"), h, h);
+    TensorSpec {
+        name: t.name().to_owned(),
+        shape,
+        role,
+        id: TensorId::Model(t),
     }
-    norm(&mut push, "self_attn_layer_norm");
-    linear(&mut push, "fc1", f, h);
-    linear(&mut push, "fc2", h, f);
-    norm(&mut push, "final_layer_norm");
-    out
+}
+
+/// The tensors outside the decoder layers that `config` has, embeddings first, then the tail (final layer norm,
+/// project_out, an untied LM head).
+pub fn outside_layer_tensors(config: &OptConfig) -> (Vec<ModelTensor>, Vec<ModelTensor>) {
+    let mut head = vec![ModelTensor::EmbedTokens, ModelTensor::EmbedPositions];
+    if config.has_projection() {
+        head.push(ModelTensor::ProjectIn);
+    }
+    let mut tail = Vec::new();
+    if config.has_final_layer_norm() && config.layer_norm_elementwise_affine {
+        tail.extend([
+            ModelTensor::FinalLayerNormWeight,
+            ModelTensor::FinalLayerNormBias,
+        ]);
+    }
+    if config.has_projection() {
+        tail.push(ModelTensor::ProjectOut);
+    }
+    if !config.tie_word_embeddings {
+        tail.push(ModelTensor::LmHead);
+    }
+    (head, tail)
 }
 
 /// Every tensor `config` requires, embeddings first, then the layers in order, then the tail (final layer norm,
 /// project_out, an untied LM head). Their element counts add up to [`OptConfig::params`].
 pub fn model_tensors(config: &OptConfig) -> Vec<TensorSpec> {
-    let h = config.hidden_size;
-    let p = config.word_embed_proj_dim;
-    let global = |name: &str, shape: Vec<usize>, role: TensorRole| TensorSpec {
-        name: name.to_owned(),
-        shape,
-        role,
-        layer: None,
-    };
-    let mut out = vec![
-        global(
-            "decoder.embed_tokens.weight",
-            vec![config.vocab_size, p],
-            TensorRole::TokenEmbedding,
-        ),
-        global(
-            "decoder.embed_positions.weight",
-            vec![config.num_positions(), h],
-            TensorRole::PositionEmbedding,
-        ),
-    ];
-    if config.has_projection() {
-        out.push(global(
-            "decoder.project_in.weight",
-            vec![h, p],
-            TensorRole::LinearWeight,
-        ));
-    }
+    let (head, tail) = outside_layer_tensors(config);
+    let mut out: Vec<TensorSpec> = head
+        .into_iter()
+        .map(|t| model_tensor_spec(config, t))
+        .collect();
     for i in 0..config.num_hidden_layers {
         out.extend(layer_tensors(config, i));
     }
-    if config.has_final_layer_norm() && config.layer_norm_elementwise_affine {
-        out.push(global(
-            "decoder.final_layer_norm.weight",
-            vec![h],
-            TensorRole::LayerNorm,
-        ));
-        out.push(global(
-            "decoder.final_layer_norm.bias",
-            vec![h],
-            TensorRole::LayerNorm,
-        ));
-    }
-    if config.has_projection() {
-        out.push(global(
-            "decoder.project_out.weight",
-            vec![p, h],
-            TensorRole::LinearWeight,
-        ));
-    }
-    if !config.tie_word_embeddings {
-        out.push(global(
-            "lm_head.weight",
-            vec![config.vocab_size, p],
-            TensorRole::TokenEmbedding,
-        ));
-    }
+    out.extend(tail.into_iter().map(|t| model_tensor_spec(config, t)));
     out
 }
 

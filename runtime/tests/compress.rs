@@ -2,12 +2,14 @@
 //! memory formulas in `OptConfig` against the packed sizes of `model_tensors`.
 
 use half::f16;
-use strata_runtime::compress::{
-    dequantize, flexllmgen_dequantize, flexllmgen_quantize, from_packed_bytes, is_compressed,
-    load_packed_file, packed_bytes, packed_cache_bytes, quantize, quantize_cache, save_packed_file,
-    to_packed_bytes, CompressError, CompressionConfig, PackedTensor, StoredTensor,
+use strata_runtime::checkpoint::{
+    from_packed_bytes, host_tensor_to_f32, load_packed_file, save_packed_file, to_packed_bytes,
+    write_packed_model, PackedCheckpoint, StoredTensor,
 };
-use strata_runtime::compress::{host_tensor_to_f32, write_packed_model, PackedCheckpoint};
+use strata_runtime::compress::{
+    dequantize, flexllmgen_dequantize, flexllmgen_quantize, packed_bytes, packed_cache_bytes,
+    quantize, quantize_cache, CompressError, CompressionConfig, PackedTensor,
+};
 use strata_runtime::config::{Activation, DType, OptConfig};
 use strata_runtime::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 
@@ -462,7 +464,7 @@ fn config_memory_formulas_match_packed_sizes_of_every_tensor() {
             let expected: u64 = model_tensors(&config)
                 .iter()
                 .map(|t| {
-                    if is_compressed(t.role) {
+                    if t.role.is_compressed() {
                         assert_eq!(t.shape.len(), 2, "{}", t.name);
                         packed_bytes(t.shape[0], t.shape[1], c)
                     } else {
@@ -562,7 +564,7 @@ fn whole_models_stream_into_a_packed_checkpoint() {
     let mut data_bytes = 0;
     for spec in &specs {
         let host = source.load(spec).unwrap();
-        if is_compressed(spec.role) {
+        if spec.role.is_compressed() {
             let want = quantize(
                 &host_tensor_to_f32(&host).unwrap(),
                 spec.shape[0],
@@ -625,7 +627,7 @@ impl WeightSource for PartlyQuantised<'_> {
 
     fn load(&self, spec: &TensorSpec) -> Result<HostTensor<'_>, WeightError> {
         let t = self.inner.load(spec)?;
-        if !is_compressed(spec.role) || !(self.pick)(spec) {
+        if !spec.role.is_compressed() || !(self.pick)(spec) {
             return Ok(t);
         }
         let values = host_tensor_to_f32(&t).unwrap();

@@ -15,13 +15,13 @@ use std::time::Instant;
 use strata_runtime::config::{DType, OptConfig};
 use strata_runtime::cost_model::{evaluate, Problem};
 use strata_runtime::dummy::DummyWeights;
-use strata_runtime::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
+use strata_runtime::generate::{GenerateOptions, Generator, Sampling};
 use strata_runtime::gpu::{Gpu, GpuOptions};
 use strata_runtime::hardware::gpu_probe::RuntimeProbe;
 use strata_runtime::hardware::measure::{profile_machine, MeasureOptions};
 use strata_runtime::hardware::HardwareProfile;
-use strata_runtime::planner::{Caps, Workload};
-use strata_runtime::policy::{Percent, Policy};
+use strata_runtime::offload::placement::{Caps, Workload};
+use strata_runtime::offload::policy::{Percent, Policy};
 
 /// opt-125m's layer structure at a third of its width, 2 layers and a small vocabulary, so a run takes seconds on
 /// lavapipe.
@@ -104,17 +104,11 @@ fn measured_throughput_is_within_a_stated_factor_of_the_prediction() {
         let problem = Problem::new(&config, workload, &profile, Caps::default());
         let predicted = evaluate(problem, &policy).unwrap().total_throughput;
 
-        let gen = Generator::with_policy(
-            &gpu,
-            &source,
-            &GeneratorOptions {
-                dtype: Some(DType::F16),
-                ..GeneratorOptions::default()
-            },
-            &policy,
-            &|_| {},
-        )
-        .unwrap();
+        let stored_f16 = Policy {
+            weight_dtype: Some(DType::F16),
+            ..policy.clone()
+        };
+        let gen = Generator::with_policy(&gpu, &source, &stored_f16, &|_| {}).unwrap();
         let prompts: Vec<Vec<u32>> = (0..gbs * ngb)
             .map(|b| {
                 (0..workload.prompt_len)

@@ -9,8 +9,8 @@ use strata_runtime::gpu::kernels::{
     sparse_top_k, ActDtype, AttentionShape, CacheDtype, CacheDtype::F32, KernelOptions, Kernels,
 };
 use strata_runtime::gpu::Gpu;
+use strata_runtime::offload::cpu_attention::cpu_attention;
 use strata_runtime::reference;
-use strata_runtime::schedule::cpu_attention;
 
 /// One decode step's inputs: `batch` sequences whose new token sits at row `past` of caches of `capacity` rows.
 struct Case {

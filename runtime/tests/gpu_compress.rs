@@ -7,9 +7,7 @@ mod common;
 use common::{
     gpu, gpu_with_binding, matrix, max_abs_diff, upload, upload_u32, LinearCase, Rng, EPILOGUES,
 };
-use strata_runtime::compress::{
-    dequantize, is_compressed, packed_bytes, quantize, CompressionConfig,
-};
+use strata_runtime::compress::{dequantize, packed_bytes, quantize, CompressionConfig};
 use strata_runtime::dummy::DummyWeights;
 use strata_runtime::gpu::kernels::{Act, Kernels, OutRows};
 use strata_runtime::gpu::tensor::WeightFormat;
@@ -147,7 +145,7 @@ fn check_model_bytes(config: strata_runtime::OptConfig, c: CompressionConfig) ->
     let mut expected = 0u64;
     let mut dense_elements = 0u64;
     for spec in model_tensors(&config) {
-        if is_compressed(spec.role) {
+        if spec.role.is_compressed() {
             expected += packed_bytes(spec.shape[0], spec.shape[1], c);
         } else {
             let n: usize = spec.shape.iter().product();

@@ -5,9 +5,8 @@ mod common;
 
 use common::{gpu, tiny_config, RandomWeights};
 use strata_runtime::config::{Activation, DType, OptConfig};
-use strata_runtime::generate::{
-    GenerateError, GenerateOptions, Generator, GeneratorOptions, Sampling,
-};
+use strata_runtime::generate::{GenerateError, GenerateOptions, Generator, Sampling};
+use strata_runtime::offload::policy::Policy;
 use strata_runtime::reference::ReferenceModel;
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -37,17 +36,15 @@ fn check_against_reference(
     gpu_batch_size: Option<usize>,
 ) {
     let source = RandomWeights::new(config, 0x5eed ^ config.hidden_size as u64);
-    let gen = Generator::new(
-        &gpu(),
-        &source,
-        &GeneratorOptions {
-            dtype: storage,
-            gpu_batch_size,
-            ..Default::default()
-        },
-    )
-    .unwrap();
     let prompts = prompts();
+    let gbs = gpu_batch_size.unwrap_or(prompts.len());
+    let policy = Policy {
+        gpu_batch_size: gbs,
+        num_gpu_batches: prompts.len().div_ceil(gbs),
+        weight_dtype: storage,
+        ..Policy::default()
+    };
+    let gen = Generator::with_policy(&gpu(), &source, &policy, &|_| {}).unwrap();
     let steps = 5;
     let out = gen.generate(&prompts, &greedy(steps)).unwrap();
     let logits = out.logits.as_ref().unwrap();
@@ -156,7 +153,7 @@ fn several_gpu_batches_give_the_same_result() {
 fn generation_stops_at_eos_unless_ignored() {
     let config = tiny_config();
     let source = RandomWeights::new(config, 99);
-    let gen = Generator::new(&gpu(), &source, &GeneratorOptions::default()).unwrap();
+    let gen = Generator::new(&gpu(), &source).unwrap();
     let prompts = prompts();
     let free = gen.generate(&prompts, &greedy(6)).unwrap();
     // Make the third token sequence 0 generates the EOS id: it must stop there, others may stop where it appears.
@@ -168,7 +165,7 @@ fn generation_stops_at_eos_unless_ignored() {
         },
         99,
     );
-    let gen = Generator::new(&gpu(), &with_eos, &GeneratorOptions::default()).unwrap();
+    let gen = Generator::new(&gpu(), &with_eos).unwrap();
     let options = GenerateOptions {
         ignore_eos: false,
         record_logits: false,
@@ -190,7 +187,7 @@ fn generation_stops_at_eos_unless_ignored() {
 #[test]
 fn sampling_is_reproducible_and_seed_dependent() {
     let source = RandomWeights::new(tiny_config(), 5);
-    let gen = Generator::new(&gpu(), &source, &GeneratorOptions::default()).unwrap();
+    let gen = Generator::new(&gpu(), &source).unwrap();
     let prompts: Vec<Vec<u32>> = (0..8).map(|i| vec![2, 10 + i]).collect();
     let sample = |seed| GenerateOptions {
         sampling: Sampling::Sample {
@@ -212,7 +209,7 @@ fn sampling_is_reproducible_and_seed_dependent() {
 fn bad_inputs_are_clear_errors() {
     let config = tiny_config();
     let source = RandomWeights::new(config, 1);
-    let gen = Generator::new(&gpu(), &source, &GeneratorOptions::default()).unwrap();
+    let gen = Generator::new(&gpu(), &source).unwrap();
     let err = gen.generate(&[vec![2, 3], vec![]], &greedy(2)).unwrap_err();
     assert!(
         matches!(err, GenerateError::EmptyPrompt { index: 1 }),

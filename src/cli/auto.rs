@@ -7,8 +7,8 @@ use strata::config::OptConfig;
 use strata::cost_model::auto::{auto_policy, AutoChoice, AutoOptions, ProfileSource};
 use strata::gpu::Gpu;
 use strata::hardware::measure::{step_count, MeasureOptions};
-use strata::planner::{Caps, Workload};
-use strata::policy::{format_bytes, CompressionConfig, Policy};
+use strata::offload::placement::{Caps, Workload};
+use strata::offload::policy::{format_bytes, CompressionConfig, Policy};
 
 use super::policy_args::PolicyArgs;
 use super::profile::step_progress;

@@ -1,17 +1,19 @@
 //! `strata bench`: FlexLLMGen's benchmark workload (an effective batch of dummy prompts of `--prompt-len` tokens,
 //! `--gen-len` tokens each, EOS ignored) under an offloading policy, reporting what FlexLLMGen reports: sizes,
-//! prefill / decode / total latency and throughput, and every tier's peak bytes (the GPU's as resident weights plus
-//! the GPU tier pool's peak) next to the planner's.
+//! prefill / decode / total latency and throughput, and every tier's peak bytes as the runtime's ledger recorded
+//! them next to the placement's (equal: the plan is the allocation), with the tiers' own counters and, where the
+//! backend gives one, wgpu's allocator report as independent witnesses.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use strata::config::DType;
-use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
+use strata::generate::{GenerateOptions, Generator, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
-use strata::planner::{plan, Workload};
-use strata::policy::format_bytes;
+use strata::offload::ledger::AllocatorCheck;
+use strata::offload::placement::{DeviceLimits, Placement, Workload};
+use strata::offload::policy::format_bytes;
 use strata::weights::WeightSource;
 
 use super::auto::resolve_auto;
@@ -109,7 +111,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             policy.num_gpu_batches,
             seq_len,
         )?;
-        plan(&config, &policy, workload)?;
+        // Device limits only split matrices into chunks; what fails here fails on every device.
+        Placement::new(&config, &policy, workload, &DeviceLimits::UNBOUNDED)?;
         Some(policy)
     };
     let gpu = Gpu::new(&GpuOptions {
@@ -127,30 +130,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &args.policy,
         )?,
     };
-    let memory = plan(&config, &policy, workload)?;
-    memory
-        .check(&strata::planner::Caps::of(&policy))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policy = strata::offload::policy::Policy {
+        weight_dtype: args.dtype,
+        ..policy
+    };
+    let placement = Placement::new(&config, &policy, workload, &DeviceLimits::of(&gpu))?;
+    placement.check_caps().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let memory = placement.plan();
     // Before any weight is read: the plan against the memory this device and host really have.
-    let dtype = checks::storage_dtype(&config, args.dtype);
-    let peak = checks::planned_peak(&config, dtype, &policy, workload)?;
-    checks::memory_fits(&gpu, peak, policy.gpu_mem)?;
+    checks::memory_fits(&gpu, memory.peak(), policy.gpu_mem)?;
     let adapter = gpu.describe();
     if !args.json {
         eprintln!("strata bench: {} on {adapter}", config.name);
     }
     let loading = bar(config.num_hidden_layers, "weights");
-    let generator = Generator::with_policy(
-        &gpu,
-        source.as_ref(),
-        &GeneratorOptions {
-            dtype: args.dtype,
-            gpu_batch_size: None,
-            ..GeneratorOptions::default()
-        },
-        &policy,
-        &|_| loading.inc(1),
-    )?;
+    let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| loading.inc(1))?;
     loading.finish_and_clear();
     drop(source);
 
@@ -162,6 +156,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.bos_token_id,
     );
     let generating = bar(args.gen_len, "generate");
+    // After the prefill every buffer of the run is held: compare the ledger with wgpu's own allocator report then.
+    let allocator: std::cell::RefCell<Option<AllocatorCheck>> = Default::default();
     let output = generator
         .generate_with_progress(
             &prompts,
@@ -171,10 +167,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 ignore_eos: true,
                 record_logits: false,
             },
-            &|_| generating.inc(1),
+            &|t| {
+                generating.inc(1);
+                if t == 0 {
+                    *allocator.borrow_mut() = gpu
+                        .device
+                        .generate_allocator_report()
+                        .map(|r| generator.ledger().compare_allocator(&r));
+                }
+            },
         )
         .context("running the benchmark")?;
     generating.finish_and_clear();
+    let allocator = allocator.into_inner();
 
     let prefill = output.step_seconds.first().copied().unwrap_or(0.0);
     let decode: f64 = output.step_seconds.iter().skip(1).sum();
@@ -196,17 +201,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let c = policy.compress_cache_config;
         config.compressed_cache_bytes(batch as u64, seq_len, c.bits.into(), c.group_size as u64)
     });
-    let report = generator.tiers().map(|t| t.report());
-    let peak_gpu_pool = report.as_ref().map_or(0, |r| r.gpu.allocated.peak_bytes);
-    // The GPU's real total: weights resident for the whole run (outside the layers plus the layers' GPU share) and
-    // the pool's peak (weight, cache and activation slots, GPU homes of partly offloaded batches). Caches of wholly
-    // GPU batches and the per-step scratch are allocated outside the tiers and are not in it.
+    let report = generator.tiers().report();
+    let peak_gpu_pool = report.gpu.allocated.peak_bytes;
+    // What the run held at most, as the ledger recorded each buffer where it was made: weights resident for the
+    // whole run (outside the layers plus the layers' GPU share), homes, slots, working buffers, kernel staging.
+    let peak = generator.ledger().peak();
     let gpu_weights = generator.model().gpu_bytes() + generator.layers().resident_bytes();
-    let peak_gpu = gpu_weights + peak_gpu_pool;
-    let peak_cpu = report.as_ref().map_or(0, |r| r.cpu.peak_bytes);
-    let peak_disk = report.as_ref().map_or(0, |r| r.disk.peak_bytes);
-    let planned = memory.peak();
-
+    let planned = memory.allocated();
     if args.json {
         let object = serde_json::json!({
             "model": config.name,
@@ -227,16 +228,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "total_latency_s": prefill + decode,
             "total_throughput_tok_s": total_tput,
             "peak_bytes": {
-                "gpu": peak_gpu,
+                "gpu": peak.gpu,
                 "gpu_weights": gpu_weights,
                 "gpu_pool": peak_gpu_pool,
-                "cpu": peak_cpu,
-                "disk": peak_disk,
+                "cpu": peak.cpu,
+                "disk": peak.disk,
             },
             "planned_peak_bytes": {"gpu": planned.gpu, "cpu": planned.cpu, "disk": planned.disk},
             // What the measured GPU figures correspond to in the plan.
             "planned_gpu_weights": memory.weights.gpu,
-            "planned_gpu_pool_slots": memory.gpu_working.pool_slots(),
+            "planned_gpu_pool_slots": placement.pool_bytes(),
+            // Host memory transfers borrow for a moment (not a buffer of the run); the caps leave room for it.
+            "planned_staging_bytes": {"cpu": memory.staging.cpu},
+            // The tiers' own counters: CPU and disk homes, the GPU pool (slots and GPU homes).
+            "tier_peak_bytes": {"gpu_pool": peak_gpu_pool, "cpu": report.cpu.peak_bytes, "disk": report.disk.peak_bytes},
+            "allocator_report": allocator.as_ref().map(|a| serde_json::json!({
+                "recorded_buffers": a.recorded_buffers,
+                "matched_buffers": a.matched_buffers,
+                "recorded_bytes": a.recorded_bytes,
+                "matched_allocation_bytes": a.matched_allocation_bytes,
+                "other_bytes": a.other.values().sum::<u64>(),
+                "total_allocated_bytes": a.report_total,
+                "agrees": a.agrees(),
+            })),
         });
         outln!("{object}");
     } else {
@@ -266,12 +280,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prefill + decode
         );
         outln!(
-            "peak tier bytes: gpu {} (resident weights {} + pool {})  cpu {}  disk {}",
-            format_bytes(peak_gpu),
+            "peak tier bytes: gpu {} (resident weights {}, pool {})  cpu {}  disk {}",
+            format_bytes(peak.gpu),
             format_bytes(gpu_weights),
             format_bytes(peak_gpu_pool),
-            format_bytes(peak_cpu),
-            format_bytes(peak_disk)
+            format_bytes(peak.cpu),
+            format_bytes(peak.disk)
         );
         outln!(
             "planned peak bytes: gpu {}  cpu {}  disk {}",
@@ -279,6 +293,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format_bytes(planned.cpu),
             format_bytes(planned.disk)
         );
+        if let Some(a) = &allocator {
+            println!(
+                "wgpu allocator report: {} of {} recorded GPU buffers found, {} allocated for their {}",
+                a.matched_buffers,
+                a.recorded_buffers,
+                format_bytes(a.matched_allocation_bytes),
+                format_bytes(a.recorded_bytes)
+            );
+        }
     }
     Ok(())
 }

@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use anyhow::bail;
-use strata::config::{DType, OptConfig};
+use strata::config::OptConfig;
 use strata::gpu::memory::{device_memory, DeviceMemory};
 use strata::gpu::Gpu;
-use strata::planner::{plan, TierBytes, Workload};
-use strata::policy::{format_bytes, Policy};
+use strata::offload::placement::TierBytes;
+use strata::offload::policy::format_bytes;
 
 /// Refuses an output file (`flag` = its option, for the message) that cannot be created: a directory, or a path
 /// whose directory does not exist. Run before any work, so no result is lost to a typo at the end.
@@ -154,26 +154,6 @@ pub fn effective_batch(
 /// Larger than any machine's memory and disk, far enough below `u64::MAX` that sums and double buffers of such
 /// sizes cannot overflow.
 const SIZE_LIMIT: u64 = 1 << 60;
-
-/// The dtype the runtime stores weight matrices in: `--dtype`, else the checkpoint's (bfloat16 is computed as f32).
-pub fn storage_dtype(config: &OptConfig, dtype: Option<DType>) -> DType {
-    dtype.unwrap_or(match config.dtype {
-        DType::BF16 => DType::F32,
-        d => d,
-    })
-}
-
-/// Every tier's peak bytes for `policy` running `config` (stored as `dtype`) on `workload`: the planner's figures,
-/// the one place the CLI asks for them.
-pub fn planned_peak(
-    config: &OptConfig,
-    dtype: DType,
-    policy: &Policy,
-    workload: Workload,
-) -> anyhow::Result<TierBytes> {
-    let stored = OptConfig { dtype, ..*config };
-    Ok(plan(&stored, policy, workload)?.peak())
-}
 
 /// Memory the host can give a new allocation now: sysinfo's available memory, within a cgroup's limit when the
 /// process runs in one.

@@ -4,10 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use strata::config::DType;
-use strata::generate::{GenerateOptions, Generator, GeneratorOptions, Sampling};
+use strata::generate::{GenerateOptions, Generator, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
-use strata::planner::Workload;
-use strata::policy::Policy;
+use strata::offload::placement::{largest_gpu_batch, DeviceLimits, Placement, Workload};
 use strata::tokenizer::Tokenizer;
 use strata::weights::WeightSource;
 
@@ -90,12 +89,15 @@ fn packed_source(
             packed.group_size,
             path.display()
         );
-        strata::compress::write_packed_model_with_progress(path, source.as_ref(), packed, &|_| {
-            pause_point("packed-write")
-        })
+        strata::checkpoint::write_packed_model_with_progress(
+            path,
+            source.as_ref(),
+            packed,
+            &|_| pause_point("packed-write"),
+        )
         .with_context(|| format!("writing packed weights to {}", path.display()))?;
     }
-    let weights = strata::compress::PackedWeights::open(path, source.config(), packed)
+    let weights = strata::checkpoint::PackedWeights::open(path, source.config(), packed)
         .with_context(|| format!("--packed-weights {}", path.display()))?;
     if existed {
         weights
@@ -197,7 +199,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         p.compress_weight_group_size,
         "--compress-weight",
     )?;
-    let compress_cache = compression(
+    // Checked here, before the model is opened; the policy carries the setting.
+    compression(
         p.compress_cache,
         p.compress_cache_bits,
         p.compress_cache_group_size,
@@ -237,9 +240,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         || args.policy.offload_dir.is_some()
         || args.policy.gpu_mem.is_some()
         || args.policy.cpu_mem.is_some();
-    let explicit_policy = if offload && !args.policy.is_auto() {
+    let explicit_policy = if !args.policy.is_auto() {
         let mut policy = args.policy.to_policy()?;
-        // Without an explicit batching, one GPU batch holds every prompt.
+        // Without an explicit batching, one GPU batch holds every prompt (all on the GPU, the batch is split below
+        // where one binding cannot hold it).
         if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
             policy.gpu_batch_size = prompts.len();
         }
@@ -259,71 +263,62 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_binding_override: None,
     })?;
     eprintln!("strata: {} on {}", config.name, gpu.describe());
-    let policy = if args.policy.is_auto() {
-        let mut policy = resolve_auto(
-            &gpu,
-            &config,
-            longest,
-            args.max_new_tokens,
-            prompts.len(),
-            &args.policy,
-        )?;
-        // The search may choose a block smaller than the batch; every prompt must run, so add GPU batches (the
-        // planner checks the caps again before anything is allocated).
-        policy.num_gpu_batches = policy
-            .num_gpu_batches
-            .max(prompts.len().div_ceil(policy.gpu_batch_size));
-        Some(policy)
-    } else {
-        explicit_policy
+    let mut policy = match explicit_policy {
+        Some(mut policy) => {
+            // With everything on the GPU and no explicit batching: GPU batches of as many prompts as fit one binding.
+            if !offload
+                && args.policy.gpu_batch_size.is_none()
+                && args.policy.num_gpu_batches.is_none()
+            {
+                let workload = Workload {
+                    prompt_len: longest,
+                    gen_len: args.max_new_tokens,
+                };
+                let fit = largest_gpu_batch(&config, &DeviceLimits::of(&gpu), workload);
+                policy.gpu_batch_size = fit.clamp(1, prompts.len().max(1));
+                policy.num_gpu_batches = prompts.len().div_ceil(policy.gpu_batch_size).max(1);
+            }
+            policy
+        }
+        None => {
+            let mut policy = resolve_auto(
+                &gpu,
+                &config,
+                longest,
+                args.max_new_tokens,
+                prompts.len(),
+                &args.policy,
+            )?;
+            // The search may choose a block smaller than the batch; every prompt must run, so add GPU batches (the
+            // placement checks the caps again before anything is allocated).
+            policy.num_gpu_batches = policy
+                .num_gpu_batches
+                .max(prompts.len().div_ceil(policy.gpu_batch_size));
+            policy
+        }
     };
-    // Before any weight is read: the plan against the memory this device and host really have. Without a policy
-    // everything is on the GPU, one GPU batch of every prompt.
+    policy.weight_dtype = args.dtype;
+    // Before any weight is read: the run's placement against the memory this device and host really have.
     if args.max_new_tokens > 0 {
-        let all_gpu = Policy {
-            gpu_batch_size: prompts.len(),
-            compress_weight: compress_weight.is_some(),
-            compress_weight_config: compress_weight.unwrap_or_default(),
-            compress_cache: compress_cache.is_some(),
-            compress_cache_config: compress_cache.unwrap_or_default(),
-            ..Policy::default()
-        };
-        // The planner counts prompt + new positions; the last new token needs none, so a run that fills the context
-        // exactly is counted one position short rather than refused.
         let workload = Workload {
-            prompt_len: longest.min(config.max_seq_len - 1),
-            gen_len: args
-                .max_new_tokens
-                .min(config.max_seq_len.saturating_sub(longest))
-                .max(1),
+            prompt_len: longest,
+            gen_len: args.max_new_tokens,
         };
-        let dtype = checks::storage_dtype(&config, args.dtype);
-        let peak = checks::planned_peak(
+        let placement = Placement::for_prompts(
             &config,
-            dtype,
-            policy.as_ref().unwrap_or(&all_gpu),
+            &policy,
             workload,
+            &DeviceLimits::of(&gpu),
+            prompts.len(),
         )?;
-        checks::memory_fits(&gpu, peak, args.policy.gpu_mem)?;
+        checks::memory_fits(&gpu, placement.plan().peak(), args.policy.gpu_mem)?;
     }
     let source = match (&args.packed_weights, compress_weight) {
         (Some(path), Some(packed)) => packed_source(path, source, packed)?,
         _ => source,
     };
-    let options = GeneratorOptions {
-        dtype: args.dtype,
-        gpu_batch_size: None,
-        compress_weight,
-        compress_cache,
-        // The all-GPU path takes the flag here; an offloading policy carries its own copy.
-        attn_sparsity: args.policy.attn_sparsity,
-    };
-    let generator = match &policy {
-        Some(policy) => Generator::with_policy(&gpu, source.as_ref(), &options, policy, &|_| {
-            pause_point("load")
-        })?,
-        None => Generator::new(&gpu, source.as_ref(), &options)?,
-    };
+    let generator =
+        Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| pause_point("load"))?;
     drop(source);
     let output = generator.generate_with_progress(
         &prompts,

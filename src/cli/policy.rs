@@ -10,8 +10,9 @@ use serde_json::json;
 use strata::config::OptConfig;
 use strata::cost_model::{self, Choice, CostModelKind, Problem, SearchKind, DEFAULT_MAX_BLOCK};
 use strata::hardware::HardwareProfile;
-use strata::planner::{outside_layer_bytes, Caps, Tier, TierBytes, Workload};
-use strata::policy::format_bytes;
+use strata::offload::placement::{outside_layer_bytes, Caps, TierBytes, Workload};
+use strata::offload::policy::format_bytes;
+use strata::offload::Tier;
 
 use super::policy_args::PolicyArgs;
 use super::process::outln;
@@ -179,8 +180,8 @@ fn to_json(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile) ->
         ),
         "cache_bytes": tier_json(c.plan.cache),
         "activation_bytes": tier_json(c.plan.activations),
-        "gpu_working_bytes": c.plan.gpu_working.total(),
-        "cpu_working_bytes": c.plan.cpu_working,
+        "gpu_working_bytes": c.plan.working.gpu,
+        "cpu_working_bytes": c.plan.working.cpu + c.plan.staging.cpu,
         "fits_caps": c.plan_check.is_ok(),
         "linear_programs": c.lp_solves,
     })
@@ -227,14 +228,8 @@ fn print_text(
     row("weights", c.plan.weights)?;
     row("kv cache", c.plan.cache)?;
     row("activations", c.plan.activations)?;
-    row(
-        "working",
-        TierBytes {
-            gpu: c.plan.gpu_working.total(),
-            cpu: c.plan.cpu_working,
-            disk: 0,
-        },
-    )?;
+    // Slots, scratch and logits on the GPU; on the CPU, the host staging of transfers.
+    row("working", c.plan.working.plus(c.plan.staging))?;
     row("peak", peak)?;
     let cap = |t: Tier| caps.get(t).map_or("unlimited".to_string(), format_bytes);
     outln!(

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use clap::ArgAction;
-use strata::policy::{parse_bytes, CompressionConfig, Percent, Policy, PolicyError};
+use strata::offload::policy::{parse_bytes, CompressionConfig, Percent, Policy, PolicyError};
 
 /// Reads a byte size (`16GiB`, `200GB`, `1.5TiB`, `512MiB`, plain bytes) for clap.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -142,6 +142,8 @@ impl PolicyArgs {
                 bits: self.compress_cache_bits,
                 group_size: self.compress_cache_group_size,
             },
+            // `--dtype` belongs to bench and generate; they set it.
+            weight_dtype: None,
             gpu_mem: self.gpu_mem,
             cpu_mem: self.cpu_mem,
             disk_mem: self.disk_mem,

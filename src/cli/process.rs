@@ -37,7 +37,7 @@ static RUNTIME_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// and from any thread.
 pub fn remove_run_files() {
     strata::tiers::cleanup_all();
-    strata::compress::remove_partial_files();
+    strata::checkpoint::remove_partial_files();
     let dir = RUNTIME_DIR.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(dir) = dir {
         let _ = std::fs::remove_dir_all(dir);

@@ -10,6 +10,7 @@
 
 mod config_json;
 mod convert;
+pub mod packed;
 mod shard;
 
 use std::borrow::Cow;
@@ -20,6 +21,11 @@ use safetensors::Dtype;
 
 pub use config_json::config_to_json;
 pub use convert::{to_f16_bits, to_f32};
+pub use packed::{
+    from_packed_bytes, host_tensor_to_f32, load_packed_file, remove_partial_files,
+    save_packed_file, to_packed_bytes, write_packed_model, write_packed_model_with_progress,
+    PackedCheckpoint, PackedError, PackedWeights, StoredTensor,
+};
 pub(crate) use shard::read_header;
 pub use shard::HeaderProblem;
 use shard::Shard;

@@ -33,7 +33,7 @@
 //! `step = 0` and decodes exactly to its (fp16) value. Stored values are never fp16 subnormals (some GPUs flush
 //! them): a subnormal min becomes 0 or -2^-14 and a subnormal step 2^-14, still covering `[min, max]`.
 //!
-//! Which tensors are compressed ([`is_compressed`]): every 2-D tensor, as in FlexLLMGen (linear weights, the token
+//! Which tensors are compressed ([`TensorRole::is_compressed`](crate::weights::TensorRole::is_compressed)): every 2-D tensor, as in FlexLLMGen (linear weights, the token
 //! embedding, which is also the tied LM head, the positional table, project_in/out, an untied LM head). Biases and
 //! layer norms stay at the model's dtype. The KV cache `[seq * batch * heads, head_dim]` is grouped along head_dim:
 //! [`PackedTensor::write_rows`] (CPU) or `q4_quantize.wgsl` (GPU) append a decode step's rows, and
@@ -43,29 +43,24 @@
 //!
 //! A packed checkpoint is a safetensors file: each packed tensor is a 1-D `U32` array of its words, dense tensors
 //! are ordinary entries, and one metadata key `strata` holds the format name, [`FORMAT_VERSION`] and every packed
-//! tensor's rows, cols, bits and group size. [`write_packed_model`] converts a
-//! [`WeightSource`](crate::weights::WeightSource) tensor by tensor; [`PackedCheckpoint`] maps a file and lends packed
-//! tensors as bytes (the disk tier); [`to_packed_bytes`], [`save_packed_file`], [`from_packed_bytes`] and
-//! [`load_packed_file`] handle in-memory sets of tensors. A tensor larger than one GPU binding is split by rows with
+//! tensor's rows, cols, bits and group size. The files themselves live with the other checkpoint formats, in
+//! [`crate::checkpoint::packed`]: `write_packed_model` converts a
+//! [`WeightSource`](crate::weights::WeightSource) tensor by tensor; `PackedCheckpoint` maps a file and lends packed
+//! tensors as bytes (the disk tier); `to_packed_bytes`, `save_packed_file`, `from_packed_bytes` and
+//! `load_packed_file` handle in-memory sets of tensors. A tensor larger than one GPU binding is split by rows with
 //! [`PackedTensor::row_block`].
 //!
 //! # Code map
 //!
 //! This file: the config, the layout, [`PackedTensor`], [`quantize`] / [`dequantize`]. `kernels.rs`: the WGSL
-//! sources and their uniforms. `attention.rs`: CPU decode attention over packed caches. `file.rs`: packed
-//! checkpoints. `flexllmgen.rs`: FlexLLMGen's column-grouped scheme, for comparison only.
+//! sources and their uniforms. `attention.rs`: CPU decode attention over packed caches. `checkpoint/packed.rs`
+//! (another module): packed checkpoints. `flexllmgen.rs`: FlexLLMGen's column-grouped scheme, for comparison only.
 
 mod attention;
-mod file;
 mod flexllmgen;
 mod kernels;
 
 pub use attention::{decode_attention, AttentionShape};
-pub use file::{
-    from_packed_bytes, host_tensor_to_f32, load_packed_file, remove_partial_files,
-    save_packed_file, to_packed_bytes, write_packed_model, write_packed_model_with_progress,
-    PackedCheckpoint, PackedRef, PackedWeights, StoredTensor,
-};
 pub use flexllmgen::{flexllmgen_dequantize, flexllmgen_quantize, FlexPacked};
 pub use kernels::{
     AttentionParams, DequantParams, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL, QUANTIZE_WGSL,
@@ -74,9 +69,7 @@ pub use kernels::{
 use half::f16;
 use rayon::prelude::*;
 
-use crate::weights::{TensorRole, WeightError};
-
-/// Version of the packed layout and of the file format written by [`save_packed_file`].
+/// Version of the packed layout and of the file format written by `checkpoint::packed::save_packed_file`.
 pub const FORMAT_VERSION: u32 = 1;
 /// Value of the `format` field of a packed checkpoint's metadata.
 pub const FORMAT_NAME: &str = "strata-packed";
@@ -219,14 +212,15 @@ pub const fn packed_bytes(rows: usize, cols: usize, config: CompressionConfig) -
     PackedLayout::new(rows, cols, config).bytes()
 }
 
-/// Whether strata stores a tensor of this role compressed (every 2-D tensor; biases and layer norms never).
-pub const fn is_compressed(role: TensorRole) -> bool {
-    match role {
-        TensorRole::TokenEmbedding | TensorRole::PositionEmbedding | TensorRole::LinearWeight => {
-            true
-        }
-        TensorRole::Bias | TensorRole::LayerNorm => false,
-    }
+/// A packed tensor borrowed from where it is stored (a packed checkpoint's memory map).
+#[derive(Clone, Copy, Debug)]
+pub struct PackedRef<'a> {
+    /// Its layout.
+    pub layout: PackedLayout,
+    /// Bits and group size.
+    pub config: CompressionConfig,
+    /// The packed words' bytes, as in [`PackedTensor::as_bytes`].
+    pub bytes: &'a [u8],
 }
 
 /// Why a tensor could not be compressed, decompressed, saved or loaded.
@@ -269,9 +263,6 @@ pub enum CompressError {
     /// A packed file or byte buffer that does not follow the format.
     #[error("packed checkpoint: {0}")]
     Format(String),
-    /// The weight source could not provide a tensor.
-    #[error(transparent)]
-    Weight(#[from] WeightError),
     /// An I/O error on a packed file.
     #[error("{path}: {source}")]
     Io {

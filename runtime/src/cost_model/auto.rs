@@ -15,8 +15,8 @@ use crate::gpu::{Gpu, GpuError};
 use crate::hardware::gpu_probe::RuntimeProbe;
 use crate::hardware::measure::{disk_bandwidth, profile_machine, MeasureError, MeasureOptions};
 use crate::hardware::{default_profile_path, HardwareError, HardwareProfile};
-use crate::planner::{Caps, Workload};
-use crate::policy::{CompressionConfig, Policy};
+use crate::offload::placement::{Caps, Workload};
+use crate::offload::policy::{CompressionConfig, Policy};
 
 const GIB: u64 = 1 << 30;
 

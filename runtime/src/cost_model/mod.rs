@@ -3,7 +3,7 @@
 //!
 //! Two formulations ([`CostModelKind`]): FlexLLMGen's, term for term (a model of FlexLLMGen's runtime, for
 //! comparison and validation), and strata's own (a model of strata's runtime: one GPU queue, split activations,
-//! real compression ratios, memory from the [`crate::planner`]). Two searches ([`SearchKind`]): FlexLLMGen's
+//! real compression ratios, memory from the [`crate::offload::placement`]). Two searches ([`SearchKind`]): FlexLLMGen's
 //! exactly, and an improved one that evaluates a superset of its points (more batch sizes, a wider scan of
 //! `num_gpu_batches`), so its optimum is never worse on the same formulation.
 
@@ -17,8 +17,11 @@ use std::fmt;
 
 use crate::config::OptConfig;
 use crate::hardware::HardwareProfile;
-use crate::planner::{plan, CapError, Caps, MemoryPlan, PlanError, Tier, WeightSummary, Workload};
-use crate::policy::{format_bytes, CompressionConfig, Percent, Policy, TierSplit};
+use crate::offload::placement::{
+    plan, CapError, Caps, MemoryPlan, PlacementError, WeightSummary, Workload,
+};
+use crate::offload::policy::{format_bytes, CompressionConfig, Percent, Policy, TierSplit};
+use crate::tiers::Tier;
 
 use lp::{TGEN, TPRE};
 
@@ -211,7 +214,7 @@ pub struct Choice {
 pub enum CostModelError {
     /// The workload or model cannot be planned at all.
     #[error(transparent)]
-    Plan(#[from] PlanError),
+    Plan(#[from] PlacementError),
     /// A headroom outside (0, 1].
     #[error("--headroom must be in (0, 1], found {0}")]
     Headroom(f64),
@@ -517,7 +520,7 @@ pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelE
 /// the problem's formulation, with its memory plan checked against the problem's caps. Memory does not constrain
 /// the prediction: an over-cap plan is reported in [`Choice::plan_check`].
 pub fn evaluate(problem: Problem, policy: &Policy) -> Result<Choice, CostModelError> {
-    policy.validate_placement().map_err(PlanError::from)?;
+    policy.validate_placement().map_err(PlacementError::from)?;
     plan(problem.config, policy, problem.workload)?;
     let mut problem = problem;
     problem.compress_weight = policy.compress_weight;
@@ -659,14 +662,20 @@ fn infeasible(ev: &mut Evaluator) -> CostModelError {
                 "no single cap is enough: with CPU and disk unlimited the GPU needs at least {} for its working \
                  buffers (--gpu-mem {}); a smaller --prompt-len also helps",
                 format_bytes(round_up_gib(bytes)),
-                crate::policy::format_bytes_exact(round_up_gib(bytes))
+                crate::offload::policy::format_bytes_exact(round_up_gib(bytes))
             ),
             None => "no capacity is enough for this workload; lower --prompt-len or --gen-len".into(),
         }
     } else {
         let options: Vec<String> = needed
             .iter()
-            .map(|(t, b)| format!("{} {}", t.cap_flag(), crate::policy::format_bytes_exact(*b)))
+            .map(|(t, b)| {
+                format!(
+                    "{} {}",
+                    t.cap_flag(),
+                    crate::offload::policy::format_bytes_exact(*b)
+                )
+            })
             .collect();
         format!(
             "it would fit with {} (each alone, the other caps unchanged)",

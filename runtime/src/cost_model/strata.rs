@@ -14,15 +14,16 @@
 //!   the head stays resident on the GPU (a constant in the GPU's memory row, no transfer time): every GPU batch
 //!   reads it at the end of every step, so streaming it would move the largest matrix per batch and step. The
 //!   weight fractions place the decoder layers only.
-//! - Memory is [`crate::planner::linear_terms_with`], the continuous form of the planner that checks a run before
-//!   it allocates, so a chosen policy is one the runtime accepts.
+//! - Memory is [`crate::offload::placement::linear_terms_with`], the continuous form of the placement that every run
+//!   is allocated from, so a chosen policy is one the runtime accepts. Every byte count here (activations, cache
+//!   values, a layer's weights) comes from the placement's rules.
 
 use super::flexllmgen::add_memory_row;
 use super::lp::{coef, Lp, CAP, NV, TGEN, TPRE};
 use super::{CapMode, Problem, CC, CG, CN, HC, HG, HN, WC, WG, WN};
 use crate::hardware::Rates;
-use crate::planner::{linear_terms_with, WeightSummary};
-use crate::policy::Policy;
+use crate::offload::placement::{linear_terms_with, WeightSummary};
+use crate::offload::policy::Policy;
 
 /// The policy skeleton a formulation evaluates: batch sizes and flags, percents left at their default.
 pub(crate) fn skeleton(p: &Problem, gbs: usize, ngb: usize, cpu_cache_compute: bool) -> Policy {
@@ -55,8 +56,8 @@ pub(crate) fn build(
     let h = c.hidden_size as f64;
     let f = c.ffn_embed_dim as f64;
     let b = (gbs * ngb) as f64;
-    // Offloaded hidden states are f32 in the runtime; the cache is stored as the runtime stores it.
-    let act_bytes = 4.0;
+    // Activations and the cache at the bytes the placement gives them.
+    let act_bytes = crate::offload::placement::act_dtype(c).bytes() as f64;
     let Rates {
         ctog,
         gtoc_cache,
@@ -81,7 +82,7 @@ pub(crate) fn build(
         let c = p.compress_cache_config;
         crate::compress::packed_bytes(1, c.group_size, c) as f64 / c.group_size as f64
     } else {
-        crate::planner::cache_value_bytes(c) as f64
+        crate::gpu::kernels::CacheDtype::for_model(c).bytes() as f64
     };
 
     let mut lp = Lp::default();
@@ -154,7 +155,7 @@ pub(crate) fn build(
     side_g[TGEN] = -1.0;
     lp.le(side_g, 0.0);
 
-    // Memory: the planner's affine peaks per tier.
+    // Memory: the placement's affine peaks per tier.
     let policy = skeleton(p, gbs, ngb, cpu_cache_compute);
     let terms = linear_terms_with(c, &policy, p.workload, weights);
     for (tier, t) in terms.iter().enumerate() {

@@ -281,13 +281,15 @@ fn strata_streams_layers_but_keeps_the_lm_head_resident() {
     let policy = Policy {
         gpu_batch_size: 4,
         num_gpu_batches: 1,
-        percent: crate::policy::Percent::from_array([0.0, 100.0, 100.0, 0.0, 100.0, 0.0]),
+        percent: crate::offload::policy::Percent::from_array([0.0, 100.0, 100.0, 0.0, 100.0, 0.0]),
         ..Policy::default()
     };
     let choice = evaluate(Problem::new(&c, W, &hw, Caps::default()), &policy).unwrap();
     let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
     let (h, f, l, b) = (4096.0, 16384.0, 32.0, 4.0);
-    let copy = c.layer_bytes() as f64 / (hw.ctog * GIB as f64);
+    // A layer copies its buffers as the placement sizes them (biases and norms as f32).
+    let layer = crate::offload::placement::WeightSummary::new(&c, &policy).layer as f64;
+    let copy = layer / (hw.ctog * GIB as f64);
     let head = 2.0 * b * h * c.vocab_size as f64 / l;
     let prefill = b * (8.0 * s * h * h + 4.0 * s * h * f) / (hw.mm_flops_p * 1e12)
         + 4.0 * b * s * s * h / (hw.bmm_flops_p * 1e12)
@@ -300,16 +302,16 @@ fn strata_streams_layers_but_keeps_the_lm_head_resident() {
     assert!(close(cand.prefill_layer_s, copy + prefill), "{cand:?}");
     assert!(close(cand.decode_layer_s, copy + decode), "{cand:?}");
     // In memory the head and embeddings are a GPU constant, whatever the weight fractions.
-    let [gpu, ..] = crate::planner::linear_terms(&c, &policy, W);
+    let [gpu, ..] = crate::offload::placement::linear_terms(&c, &policy, W);
     let mut none_on_gpu = [0.0; 9];
     none_on_gpu[WC] = 1.0;
     none_on_gpu[CG] = 1.0;
     none_on_gpu[HG] = 1.0;
-    let outside = crate::planner::outside_layer_bytes(&c, None) as f64;
+    let outside = crate::offload::placement::outside_layer_bytes(&c, None) as f64;
     assert!(gpu.eval(&none_on_gpu) > outside);
     assert_eq!(
         gpu.coef[WG],
-        (c.model_bytes() as f64 - outside) - 2.0 * c.layer_bytes() as f64,
+        32.0 * layer - 2.0 * layer,
         "the fraction on the GPU places the layers (minus the two weight slots it saves)"
     );
 }

@@ -109,9 +109,42 @@ enum Q4 {
     Attention,
 }
 
-/// Staging buffers: slot 0 holds dequantised rows past a dispatch's grid, slot 1 rows to quantise past it, slot 2
-/// attention's scratch (split-keys partials, sparse attention's scores: `kernels/attention.rs`).
-const STAGING_SLOTS: usize = 3;
+/// Staging buffers (the kernels' scratch), each grown on demand or handed over sized by a run's placement
+/// ([`Kernels::set_staging`]) so no dispatch grows one: slot 0 holds dequantised cache rows past a dispatch's grid
+/// ([`dequantize_rows_staging`]), slot 1 rows to quantise past it ([`quantize_rows_staging`]), slot 2 attention's
+/// scratch (split-keys partials, sparse attention's scores: [`attention_scratch_bytes`],
+/// [`sparse_attention_scratch_bytes`]), slot 3 split-K partial sums ([`split_k_scratch_bytes`]).
+pub const STAGING_SLOTS: usize = 4;
+/// The staging slot of attention's scratch.
+pub const ATTENTION_SLOT: usize = 2;
+/// The staging slot of split-K partial sums.
+pub const SPLIT_K_SLOT: usize = 3;
+
+/// The buffer a staging request of `bytes` gets: a power of two (so a slot is rarely regrown), at least 16 bytes,
+/// at most one binding.
+pub fn staging_buffer_bytes(bytes: u64, max_binding: u64) -> u64 {
+    bytes.max(16).next_power_of_two().min(max_binding)
+}
+
+/// The rows of the largest piece after the first when `rows` rows go through a kernel `MAX_GRID_ROWS` at a time
+/// (0 when one piece does).
+fn later_piece(rows: usize) -> usize {
+    if rows > MAX_GRID_ROWS {
+        (rows - MAX_GRID_ROWS).min(MAX_GRID_ROWS)
+    } else {
+        0
+    }
+}
+
+/// Slot-0 staging of [`Recorder::dequantize_rows`] over `rows` rows of `cols` values (pieces past the first).
+pub fn dequantize_rows_staging(rows: usize, cols: usize) -> u64 {
+    (later_piece(rows) * cols * 4) as u64
+}
+
+/// Slot-1 staging of [`Recorder::quantize_rows`] over `rows` rows of `cols` values (pieces past the first).
+pub fn quantize_rows_staging(rows: usize, cols: usize) -> u64 {
+    (later_piece(rows) * cols * 4) as u64
+}
 
 /// Largest head_dim the attention kernel handles (its workgroup memory).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -251,8 +284,6 @@ struct Kernel {
 pub struct Kernels {
     gpu: Gpu,
     options: KernelOptions,
-    /// Linear layers and gather ([`linear`]): pipelines by key, split-K scratch.
-    linear: linear::LinearKernels,
     /// Each linear family's variant, chosen once ([`variants`]).
     resolved: variants::Resolved,
     layer_norm: Kernel,
@@ -318,7 +349,6 @@ impl Kernels {
         let slot = (gpu.limits.min_uniform_buffer_offset_alignment as u64).max(256);
         Kernels {
             options,
-            linear: Default::default(),
             resolved: Default::default(),
             layer_norm: build("layer_norm", &[options.act.wgsl(), LAYER_NORM], "main"),
             argmax: build("argmax", &[SELECT], "argmax"),
@@ -365,16 +395,25 @@ impl Kernels {
             Some(b) if b.size() >= bytes => b.clone(),
             _ => {
                 let buffer = self.gpu.storage_buffer(
-                    "packed kernels' staging",
-                    bytes
-                        .max(16)
-                        .next_power_of_two()
-                        .min(self.gpu.max_binding()),
+                    "kernel staging",
+                    staging_buffer_bytes(bytes, self.gpu.max_binding()),
                 );
                 pool[slot] = Some(buffer.clone());
                 buffer
             }
         }
+    }
+
+    /// Hands the kernels their staging buffers (`None`: none yet), replacing any they hold: a run sizes them from
+    /// its placement before the first step, so no dispatch grows one.
+    pub fn set_staging(&self, buffers: [Option<wgpu::Buffer>; STAGING_SLOTS]) {
+        *self.staging.lock().unwrap_or_else(|p| p.into_inner()) = buffers;
+    }
+
+    /// The size of each staging buffer the kernels hold now (0: none).
+    pub fn staging_sizes(&self) -> [u64; STAGING_SLOTS] {
+        let pool = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        std::array::from_fn(|i| pool[i].as_ref().map_or(0, wgpu::Buffer::size))
     }
 
     /// Drops every cached bind group, releasing the buffers they reference (call when a run's buffers are freed).

@@ -71,6 +71,16 @@ pub enum GpuError {
     Unsupported(String),
 }
 
+/// Bytes of the buffer that holds `len` bytes: whole 4-byte words (wgpu's copy alignment), at least one word. The
+/// one rounding rule of every buffer, home and slot (the placement sizes them with it, the allocations follow).
+pub const fn buffer_size(len: u64) -> u64 {
+    if len < 4 {
+        4
+    } else {
+        len.next_multiple_of(4)
+    }
+}
+
 /// How to pick and configure the GPU.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -288,7 +298,7 @@ impl Gpu {
     pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
+            size: buffer_size(bytes),
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_DST
                 | wgpu::BufferUsages::COPY_SRC,
@@ -298,7 +308,7 @@ impl Gpu {
 
     /// A storage buffer filled with `bytes` (zero-padded to a multiple of 4) without a staging copy.
     pub fn storage_buffer_init(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer, GpuError> {
-        let size = (bytes.len() as u64).max(4).next_multiple_of(4);
+        let size = buffer_size(bytes.len() as u64);
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,

@@ -320,13 +320,26 @@ fn rows_per_chunk(
     cols: usize,
     format: WeightFormat,
 ) -> Result<usize, GpuError> {
-    let row_bytes = format.row_bytes(cols);
     gpu.check_binding(
         &format!("one row of {name}"),
-        row_bytes,
+        format.row_bytes(cols),
         "this adapter cannot hold a single row of this tensor in one binding",
     )?;
-    Ok(((gpu.max_binding() / row_bytes.max(1)) as usize).clamp(1, rows.max(1)))
+    Ok(chunk_rows(gpu.max_binding(), rows, cols, format).unwrap_or(1))
+}
+
+/// Rows per chunk of a `[rows, cols]` matrix in `format` when a binding holds `max_binding` bytes: as many whole rows
+/// as one binding holds (the last chunk takes the rest); `None` when a single row does not fit. Each chunk's buffer
+/// holds `chunk rows * format.row_bytes(cols)` bytes, in whole words.
+pub fn chunk_rows(
+    max_binding: u64,
+    rows: usize,
+    cols: usize,
+    format: WeightFormat,
+) -> Option<usize> {
+    let row_bytes = format.row_bytes(cols);
+    (row_bytes <= max_binding)
+        .then(|| ((max_binding / row_bytes.max(1)) as usize).clamp(1, rows.max(1)))
 }
 
 /// Uploads a vector (bias, layer-norm weight) as f32.

@@ -34,15 +34,25 @@ pub struct DiskOptions {
     pub create_dir: bool,
     /// I/O threads (at least 1).
     pub threads: usize,
+    /// A pause before every background job (prefetch, write-back): a slow or busy disk, simulated. Tests set it
+    /// (through `STRATA_DISK_JOB_DELAY_US` for a whole process) to show that results and memory peaks do not depend
+    /// on when I/O finishes.
+    pub job_delay: std::time::Duration,
 }
 
 impl DiskOptions {
-    /// `dir`, created if missing, with 4 I/O threads.
+    /// `dir`, created if missing, with 4 I/O threads; background jobs delayed by `STRATA_DISK_JOB_DELAY_US`
+    /// microseconds when that variable is set.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let delay_us = std::env::var("STRATA_DISK_JOB_DELAY_US")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         DiskOptions {
             dir: dir.into(),
             create_dir: true,
             threads: 4,
+            job_delay: std::time::Duration::from_micros(delay_us),
         }
     }
 }
@@ -51,11 +61,14 @@ impl DiskOptions {
 struct Registry {
     files: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
+    /// [`cleanup_all`] ran: the process is exiting, and no new file may appear behind its back.
+    closed: bool,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     files: BTreeSet::new(),
     dirs: BTreeSet::new(),
+    closed: false,
 });
 
 /// Distinguishes tiers (and their file names) within one process.
@@ -75,6 +88,7 @@ pub struct Cleanup {
 /// alive afterwards read and write deleted or missing files, so exit after calling it.
 pub fn cleanup_all() -> Cleanup {
     let mut reg = lock(&REGISTRY);
+    reg.closed = true;
     let mut done = Cleanup::default();
     for file in std::mem::take(&mut reg.files) {
         if fs::remove_file(&file).is_ok() {
@@ -89,8 +103,11 @@ pub fn cleanup_all() -> Cleanup {
     done
 }
 
-fn register(path: &Path) {
-    lock(&REGISTRY).files.insert(path.to_owned());
+/// A background job's simulated wait for a busy disk ([`DiskOptions::job_delay`]).
+fn pause(delay: std::time::Duration) {
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
 }
 
 fn unregister(path: &Path) {
@@ -141,6 +158,7 @@ impl Drop for Shared {
 pub struct DiskTier {
     shared: Arc<Shared>,
     pool: Arc<rayon::ThreadPool>,
+    job_delay: std::time::Duration,
     id: u64,
     next_file: AtomicU64,
 }
@@ -214,14 +232,20 @@ impl DiskTier {
                 if !options.create_dir {
                     return Err(bad("does not exist".into()));
                 }
-                fs::create_dir(&dir).map_err(|e| match e.kind() {
-                    io::ErrorKind::NotFound => {
-                        bad("does not exist, nor does its parent directory".into())
+                match fs::create_dir(&dir) {
+                    Ok(()) => {
+                        lock(&REGISTRY).dirs.insert(dir.clone());
+                        true
                     }
-                    _ => bad(format!("does not exist and cannot be created: {e}")),
-                })?;
-                lock(&REGISTRY).dirs.insert(dir.clone());
-                true
+                    // Another process made it meanwhile: use it, and leave removing it to its maker.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => false,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(bad("does not exist, nor does its parent directory".into()))
+                    }
+                    Err(e) => {
+                        return Err(bad(format!("does not exist and cannot be created: {e}")))
+                    }
+                }
             }
             Err(e) => return Err(bad(format!("cannot be inspected: {e}"))),
         };
@@ -256,6 +280,7 @@ impl DiskTier {
         Ok(DiskTier {
             shared,
             pool: Arc::new(pool),
+            job_delay: options.job_delay,
             id,
             next_file: AtomicU64::new(0),
         })
@@ -320,10 +345,15 @@ impl DiskTier {
             return Ticket { rx };
         }
         let file = Arc::clone(&tensor.file);
+        let delay = self.job_delay;
         self.pool.spawn(move || {
+            pause(delay);
             let result = write_pieces(&file.file, offset, &data)
                 .map(|()| data)
                 .map_err(|e| io_error("write", &file.path, file.len, e));
+            // The job lets go of the file before it answers, so a tensor dropped right after `wait` is gone (file
+            // and byte count) at once, whatever the thread scheduler does.
+            drop(file);
             let _ = tx.send(result);
         });
         Ticket { rx }
@@ -382,11 +412,15 @@ impl DiskTier {
             return Ticket { rx };
         }
         let file = Arc::clone(&tensor.file);
+        let delay = self.job_delay;
         self.pool.spawn(move || {
+            pause(delay);
             buf.resize(len as usize, 0);
             let result = read_pieces(&file.file, offset, &mut buf)
                 .map(|()| buf)
                 .map_err(|e| io_error("read", &file.path, file.len, e));
+            // As in `write_at_async`: release the file before answering.
+            drop(file);
             let _ = tx.send(result);
         });
         Ticket { rx }
@@ -398,7 +432,9 @@ impl DiskTier {
         let (tx, rx) = mpsc::channel();
         let path = self.file_path(name);
         let shared = Arc::clone(&self.shared);
+        let delay = self.job_delay;
         self.pool.spawn(move || {
+            pause(delay);
             let _ = tx.send(write_new(&shared, path, &data).map(|t| (t, data)));
         });
         Ticket { rx }
@@ -414,17 +450,30 @@ impl DiskTier {
 /// On error nothing is left behind.
 fn write_new(shared: &Arc<Shared>, path: PathBuf, data: &[u8]) -> Result<DiskTensor> {
     let part = path.with_extension("part");
-    // Registered before they exist, so a Ctrl-C at any point finds them.
-    register(&part);
-    register(&path);
     let len = data.len() as u64;
     let written = (|| {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&part)
-            .map_err(|e| io_error("create", &part, len, e))?;
+        // Created and registered under the registry's lock, so a Ctrl-C (`cleanup_all`) either finds the file or
+        // comes first and refuses it: no file appears after the cleanup.
+        let file = {
+            let mut reg = lock(&REGISTRY);
+            if reg.closed {
+                return Err(io_error(
+                    "create",
+                    &part,
+                    len,
+                    io::Error::other("the process is exiting and its offload files were removed"),
+                ));
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&part)
+                .map_err(|e| io_error("create", &part, len, e))?;
+            reg.files.insert(part.clone());
+            reg.files.insert(path.clone());
+            file
+        };
         write_pieces(&file, 0, data).map_err(|e| io_error("write", &part, len, e))?;
         fs::rename(&part, &path).map_err(|e| io_error("rename", &part, len, e))?;
         Ok(file)

@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use super::{create_buffer, lock, padded, ByteCounter, Result, TierStats, COPY_ALIGN};
 
+/// The label of pool buffers made without a name of their own.
+const POOL_LABEL: &str = "strata gpu tier";
+
 /// Usage of every pool buffer.
 pub const POOL_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
@@ -108,11 +111,16 @@ impl GpuPool {
     /// buffers a kernel binds whole (a KV cache slot, the residual stream), which must stay within the device's
     /// binding limit that a size class could pass.
     pub fn acquire_exact(&self, len: u64) -> Result<GpuSlot> {
-        let size = padded(len).max(COPY_ALIGN);
+        self.acquire_exact_labelled(len, POOL_LABEL)
+    }
+
+    /// [`GpuPool::acquire_exact`], a new buffer labelled `label` (what wgpu's allocator report names it by).
+    pub fn acquire_exact_labelled(&self, len: u64, label: &str) -> Result<GpuSlot> {
+        let size = crate::gpu::buffer_size(len);
         let reused = lock(&self.inner.free).get_mut(&size).and_then(Vec::pop);
         let buffer = match reused {
             Some(b) => b,
-            None => self.create(size)?,
+            None => self.create_labelled(size, label)?,
         };
         self.inner.in_use.add(buffer.size());
         Ok(GpuSlot {
@@ -151,13 +159,11 @@ impl GpuPool {
     }
 
     fn create(&self, size: u64) -> Result<wgpu::Buffer> {
-        let buffer = create_buffer(
-            &self.inner.device,
-            "strata gpu tier",
-            size,
-            POOL_USAGE,
-            false,
-        )?;
+        self.create_labelled(size, POOL_LABEL)
+    }
+
+    fn create_labelled(&self, size: u64, label: &str) -> Result<wgpu::Buffer> {
+        let buffer = create_buffer(&self.inner.device, label, size, POOL_USAGE, false)?;
         self.inner.allocated.add(size);
         self.inner.created.fetch_add(1, Ordering::Relaxed);
         Ok(buffer)

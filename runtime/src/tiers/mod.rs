@@ -70,8 +70,8 @@ pub const fn padded(len: u64) -> u64 {
     len.div_ceil(COPY_ALIGN) * COPY_ALIGN
 }
 
-/// Where a tensor lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Where a tensor lives: the one tier type of the runtime (placement, stores, plans and caps all use it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Tier {
     /// Device memory.
     Gpu,
@@ -81,11 +81,34 @@ pub enum Tier {
     Disk,
 }
 
+impl Tier {
+    /// All tiers, fastest first.
+    pub const ALL: [Tier; 3] = [Tier::Gpu, Tier::Cpu, Tier::Disk];
+
+    /// The flag that caps this tier.
+    pub const fn cap_flag(self) -> &'static str {
+        match self {
+            Tier::Gpu => "--gpu-mem",
+            Tier::Cpu => "--cpu-mem",
+            Tier::Disk => "--disk-mem",
+        }
+    }
+
+    /// Lower-case name (`gpu`, `cpu`, `disk`), as used in JSON output.
+    pub const fn key(self) -> &'static str {
+        match self {
+            Tier::Gpu => "gpu",
+            Tier::Cpu => "cpu",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Tier::Gpu => "gpu",
-            Tier::Cpu => "cpu",
+            Tier::Gpu => "GPU",
+            Tier::Cpu => "CPU",
             Tier::Disk => "disk",
         })
     }
@@ -719,13 +742,14 @@ impl Tiers {
         self.disk.as_ref().ok_or(TierError::NoDisk)
     }
 
-    /// Stores `data` in `tier` (load time): a GPU slot filled by `queue.write_buffer`, a CPU tensor, or a file
-    /// named after `name`.
+    /// Stores `data` in `tier` (load time): an exactly sized GPU slot labelled `name` filled by
+    /// `queue.write_buffer`, a CPU tensor, or a file named after `name`.
     pub fn place(&self, tier: Tier, name: &str, data: &[u8]) -> Result<TensorHome> {
         Ok(match tier {
             Tier::Gpu => {
                 let len = data.len() as u64;
-                let slot = self.gpu.acquire(len)?;
+                // Exact: a home lives as long as its run, so a size class would only waste memory.
+                let slot = self.gpu.acquire_exact_labelled(len, name)?;
                 cpu::write_staged(&self.device, &self.queue, slot.buffer(), 0, data)?;
                 TensorHome::Gpu(GpuTensor { slot, len })
             }

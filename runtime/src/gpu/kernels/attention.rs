@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use super::{
     build_kernel, u32_of, ActDtype, AttentionShape, CacheDtype, Kernel, Kernels, Recorder,
-    ShaderModuleSource, Q4,
+    ShaderModuleSource, ATTENTION_SLOT, Q4,
 };
 use crate::compress::{AttentionParams, CompressionConfig};
 
@@ -42,9 +42,6 @@ const CACHE_PARTS: [[&str; 2]; 2] = [
         include_str!("cache_f16_vec4.wgsl"),
     ],
 ];
-
-/// The staging slot attention's scratch goes through: split-keys partials, sparse attention's scores.
-const SCRATCH_SLOT: usize = 2;
 
 /// Threads per workgroup of the dense attention kernels (query blocks, split keys, the combine pass).
 pub const ATTENTION_WORKGROUP: usize = 128;
@@ -562,7 +559,7 @@ impl<'a> Recorder<'a> {
             return;
         }
         let bytes = split_keys_scratch_bytes(&shape, splits).max(attention_scratch_bytes(&shape));
-        let scratch = kernels.staging(SCRATCH_SLOT, bytes);
+        let scratch = kernels.staging(ATTENTION_SLOT, bytes);
         let stats_off = pairs * splits * head_dim;
         self.dispatch(
             kernel,
@@ -610,7 +607,7 @@ impl<'a> Recorder<'a> {
         debug_assert_eq!(shape.s_new, 1, "sparse attention is for decode steps");
         let kernels: &'a Kernels = self.kernels;
         let pairs = shape.batch * shape.n_head;
-        let scores = kernels.staging(SCRATCH_SLOT, sparse_attention_scratch_bytes(&shape));
+        let scores = kernels.staging(ATTENTION_SLOT, sparse_attention_scratch_bytes(&shape));
         let kernel = kernels.dense_attention(
             Dense::Sparse,
             dtype,

@@ -17,7 +17,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{compile_kernel, u32_of, Act, ActDtype, Kernel, Kernels, OutRows, Recorder};
+use super::{
+    compile_kernel, u32_of, Act, ActDtype, Kernel, Kernels, OutRows, Recorder, SPLIT_K_SLOT,
+};
 use crate::gpu::tensor::{GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::Gpu;
 
@@ -620,37 +622,6 @@ impl DeviceCache {
     }
 }
 
-/// The split-K scratch of one [`Kernels`].
-#[derive(Default)]
-pub(super) struct LinearKernels {
-    /// Split-K partial sums: the largest [`split_k_scratch_bytes`] so far.
-    scratch: Mutex<Option<wgpu::Buffer>>,
-}
-
-impl LinearKernels {
-    /// The split-K scratch buffer, at least `bytes` long.
-    fn scratch(&self, gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
-        let mut slot = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        match &*slot {
-            Some(b) if b.size() >= bytes => b.clone(),
-            _ => {
-                let buffer = gpu.storage_buffer("split-K partial sums", bytes);
-                *slot = Some(buffer.clone());
-                buffer
-            }
-        }
-    }
-
-    /// Bytes of the split-K scratch buffer now held.
-    pub(super) fn scratch_bytes(&self) -> u64 {
-        self.scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, |b| b.size())
-    }
-}
-
 /// Compiles a module under a validation error scope (and catching a panic of the shader translator), so a
 /// device-specific kernel that does not compile here is reported instead of aborting the run.
 fn build_checked(
@@ -791,7 +762,7 @@ impl Kernels {
 
     /// Bytes the kernels hold for split-K partial sums now (the largest dispatch so far).
     pub fn scratch_bytes(&self) -> u64 {
-        self.linear.scratch_bytes()
+        self.staging_sizes()[SPLIT_K_SLOT]
     }
 }
 
@@ -958,22 +929,26 @@ impl<'a> Recorder<'a> {
             let (tile_m, tile_n) = kernel.tile();
             let mut bindings = vec![(1, &chunk.buffer), (2, call.x), (3, bias), (4, call.out)];
             // The tiled kernels bind the scratch even unsplit (a read-write binding may not share the read-only
-            // dummy buffer); it is at least 16 bytes.
-            let scratch = kernels.linear.scratch(
-                &kernels.gpu,
-                split_k_scratch_bytes(m, chunk.rows, w.cols).max(16),
-            );
-            let groups = match kernel {
-                LinearKernel::Gemv { .. } => self.grid(chunk.rows.div_ceil(tile_n)),
-                _ => {
-                    bindings.push((5, &scratch));
+            // dummy buffer): staging gives at least 16 bytes.
+            let scratch = match kernel {
+                LinearKernel::Gemv { .. } => None,
+                _ => Some(
+                    kernels.staging(SPLIT_K_SLOT, split_k_scratch_bytes(m, chunk.rows, w.cols)),
+                ),
+            };
+            let groups = match (kernel, &scratch) {
+                (LinearKernel::Gemv { .. }, _) | (_, None) => {
+                    self.grid(chunk.rows.div_ceil(tile_n))
+                }
+                (_, Some(scratch)) => {
+                    bindings.push((5, scratch));
                     let mut g = self.grid(m.div_ceil(tile_m) * chunk.rows.div_ceil(tile_n));
                     g[2] = u32_of(split.splits);
                     g
                 }
             };
             self.dispatch_owned(pipeline, &params, bindings, groups);
-            if split.splits > 1 {
+            if let (true, Some(scratch)) = (split.splits > 1, &scratch) {
                 let reduce = PipelineKey {
                     kind: ModuleKind::SplitKReduce,
                     weights: WeightKind::F32,
@@ -990,7 +965,7 @@ impl<'a> Recorder<'a> {
                     self.dispatch_owned(
                         pipeline,
                         &params,
-                        vec![(3, bias), (4, call.out), (5, &scratch)],
+                        vec![(3, bias), (4, call.out), (5, scratch)],
                         groups,
                     );
                 }

@@ -1,14 +1,16 @@
 //! The offloading policy: how big the batches are, which tier holds what share of the weights, KV cache and
-//! activations, and which optimisations run.
+//! activations, how tensors are stored (compression, weight dtype) and which optimisations run.
 //!
-//! [`Policy`] has FlexLLMGen's fields plus memory caps per tier. It carries no command-line parsing (the `strata`
-//! binary's `PolicyArgs` builds one), but [`Policy::to_flags`] prints it as the flags `strata bench` takes, so a
-//! policy chosen by `strata policy` can be pasted into a benchmark run.
+//! [`Policy`] has FlexLLMGen's fields plus memory caps per tier and the weight dtype: every setting of a run but
+//! the generation options (sampling, lengths; [`crate::generate::GenerateOptions`]). It carries no command-line
+//! parsing (the `strata` binary's `PolicyArgs` builds one), but [`Policy::to_flags`] prints it as the flags
+//! `strata bench` takes, so a policy chosen by `strata policy` can be pasted into a benchmark run.
 
 use std::fmt;
 use std::path::PathBuf;
 
 pub use crate::compress::CompressionConfig;
+use crate::config::DType;
 
 /// How a policy splits one kind of tensor (weights, KV cache or activations) between the tiers, in percent.
 /// Disk gets `100 - gpu - cpu`.
@@ -117,6 +119,9 @@ pub struct Policy {
     pub compress_cache: bool,
     /// Quantisation of the KV cache, when `compress_cache`.
     pub compress_cache_config: CompressionConfig,
+    /// Store weight matrices as this dtype (f16 or f32) instead of the checkpoint's (`--dtype`; `None`: the
+    /// checkpoint's, bf16 as f32). Vectors stay f32; packed weights ignore it.
+    pub weight_dtype: Option<DType>,
     /// Most GPU memory the run may use, if capped.
     pub gpu_mem: Option<u64>,
     /// Most CPU memory the run may use, if capped.
@@ -143,6 +148,7 @@ impl Default for Policy {
             compress_weight_config: CompressionConfig::DEFAULT,
             compress_cache: false,
             compress_cache_config: CompressionConfig::DEFAULT,
+            weight_dtype: None,
             gpu_mem: None,
             cpu_mem: None,
             disk_mem: None,
@@ -180,6 +186,9 @@ pub enum PolicyError {
         /// What is wrong.
         reason: String,
     },
+    /// Weights stored as bfloat16, which the kernels cannot read.
+    #[error("unsupported model: bfloat16 storage: choose f16 or f32")]
+    WeightDtype,
     /// Something goes to disk but no directory was given.
     #[error("--percent puts {0} on disk (GPU + CPU share below 100) but no --offload-dir was given: name a directory on a fast disk, or raise the GPU/CPU shares to 100")]
     NoOffloadDir(String),
@@ -254,6 +263,9 @@ impl Policy {
         if !(self.attn_sparsity > 0.0 && self.attn_sparsity <= 1.0) {
             return Err(PolicyError::AttnSparsity(self.attn_sparsity));
         }
+        if self.weight_dtype == Some(DType::BF16) {
+            return Err(PolicyError::WeightDtype);
+        }
         for (on, flag, c) in [
             (
                 self.compress_weight,
@@ -308,6 +320,9 @@ impl Policy {
         }
         if self.attn_sparsity != 1.0 {
             f.push(format!("--attn-sparsity {}", self.attn_sparsity));
+        }
+        if let Some(dtype) = self.weight_dtype {
+            f.push(format!("--dtype {dtype}"));
         }
         for (on, name, c) in [
             (self.compress_weight, "weight", self.compress_weight_config),

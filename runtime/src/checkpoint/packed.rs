@@ -1,4 +1,5 @@
-//! Packed checkpoints: safetensors files holding packed tensors as `U32` blobs plus a `strata` metadata entry.
+//! Packed checkpoints: safetensors files holding packed tensors as `U32` blobs plus a `strata` metadata entry
+//! (the format is [`crate::compress`]'s), and [`PackedWeights`], the weight source that serves a model from one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -7,13 +8,25 @@ use std::sync::Mutex;
 use half::f16;
 use rayon::prelude::*;
 
-use super::{
-    is_compressed, packed_bytes, quantize, CompressError, CompressionConfig, PackedLayout,
+use crate::checkpoint::{read_header, HeaderProblem};
+use crate::compress::{
+    packed_bytes, quantize, CompressError, CompressionConfig, PackedLayout, PackedRef,
     PackedTensor, FORMAT_NAME, FORMAT_VERSION,
 };
-use crate::checkpoint::{read_header, HeaderProblem};
 use crate::config::{DType, OptConfig};
 use crate::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
+
+/// Why a model could not be packed from a weight source, or a packed file does not serve the source's model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PackedError {
+    /// Packing, or the packed file, failed.
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+    /// The weight source could not provide a tensor.
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+}
 
 /// One tensor of a packed checkpoint: compressed, or kept at its dtype (biases, layer norms).
 #[derive(Clone, Debug)]
@@ -160,8 +173,8 @@ fn views(
                 let meta = PackedMeta {
                     rows: p.rows(),
                     cols: p.cols(),
-                    bits: p.config.bits,
-                    group_size: p.config.group_size,
+                    bits: p.config().bits,
+                    group_size: p.config().group_size,
                 };
                 if header.packed.insert(name.clone(), meta).is_some() {
                     return Err(CompressError::Format(format!(
@@ -170,7 +183,7 @@ fn views(
                 }
                 safetensors::tensor::TensorView::new(
                     safetensors::Dtype::U32,
-                    vec![p.words.len()],
+                    vec![p.words().len()],
                     p.as_bytes(),
                 )
             }
@@ -338,7 +351,7 @@ fn safetensors_dtype_name(dtype: DType) -> &'static str {
 }
 
 /// Writes every tensor of `source`'s model to a packed checkpoint at `path`, one tensor at a time: each 2-D
-/// tensor ([`is_compressed`]) is loaded, converted to f32, packed and written before the next is read, so peak
+/// tensor ([`TensorRole::is_compressed`](crate::weights::TensorRole::is_compressed)) is loaded, converted to f32, packed and written before the next is read, so peak
 /// memory is about one tensor in f32, never the whole model. Biases and layer norms are copied at their stored
 /// dtype. The header records a fingerprint of every source tensor, this strata's version and the settings
 /// ([`PackedWeights::check_source`] compares them). The file is written as `path` + `.part` and renamed into place
@@ -348,7 +361,7 @@ pub fn write_packed_model(
     path: &Path,
     source: &dyn WeightSource,
     config: CompressionConfig,
-) -> Result<u64, CompressError> {
+) -> Result<u64, PackedError> {
     write_packed_model_with_progress(path, source, config, &|_| {})
 }
 
@@ -358,7 +371,7 @@ pub fn write_packed_model_with_progress(
     source: &dyn WeightSource,
     config: CompressionConfig,
     progress: &dyn Fn(usize),
-) -> Result<u64, CompressError> {
+) -> Result<u64, PackedError> {
     use std::io::{Seek, Write};
     config.validate()?;
     let specs = model_tensors(source.config());
@@ -373,12 +386,13 @@ pub fn write_packed_model_with_progress(
     let mut packed_meta = BTreeMap::new();
     let mut offset = 0u64;
     for spec in &specs {
-        let (dtype, shape, bytes) = if is_compressed(spec.role) {
+        let (dtype, shape, bytes) = if spec.role.is_compressed() {
             let [rows, cols] = spec.shape[..] else {
                 return Err(CompressError::Format(format!(
                     "`{}` is not 2-D: {:?}",
                     spec.name, spec.shape
-                )));
+                ))
+                .into());
             };
             packed_meta.insert(
                 spec.name.clone(),
@@ -449,7 +463,7 @@ pub fn write_packed_model_with_progress(
     for (i, spec) in specs.iter().enumerate() {
         let tensor = source.load(spec)?;
         digests.insert(spec.name.clone(), tensor_digest(&tensor));
-        if is_compressed(spec.role) {
+        if spec.role.is_compressed() {
             let values = host_tensor_to_f32(&tensor)?;
             let packed = quantize(&values, spec.shape[0], spec.shape[1], config).map_err(|e| match e {
                 CompressError::Value { row, col, value } => CompressError::Format(format!(
@@ -465,7 +479,8 @@ pub fn write_packed_model_with_progress(
                 return Err(CompressError::Format(format!(
                     "`{}` is stored as {} but the config says {dense_dtype}; convert the checkpoint's dtype first",
                     spec.name, tensor.dtype
-                )));
+                ))
+                .into());
             }
             out.write_all(&tensor.bytes).map_err(io)?;
         }
@@ -478,7 +493,8 @@ pub fn write_packed_model_with_progress(
     if final_json.len() != json.len() {
         return Err(CompressError::Format(
             "the header changed length once the digests were filled in".into(),
-        ));
+        )
+        .into());
     }
     let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
     file.seek(std::io::SeekFrom::Start(8)).map_err(io)?;
@@ -502,17 +518,6 @@ pub struct PackedCheckpoint {
     data_start: usize,
     metadata: safetensors::tensor::Metadata,
     header: FileHeader,
-}
-
-/// A packed tensor borrowed from a [`PackedCheckpoint`].
-#[derive(Clone, Copy, Debug)]
-pub struct PackedRef<'a> {
-    /// Its layout.
-    pub layout: PackedLayout,
-    /// Bits and group size.
-    pub config: CompressionConfig,
-    /// The packed words' bytes, as in [`PackedTensor::as_bytes`].
-    pub bytes: &'a [u8],
 }
 
 impl PackedCheckpoint {
@@ -667,7 +672,7 @@ impl PackedWeights {
                     shape_text(&spec.shape)
                 )));
             };
-            match (is_compressed(spec.role), file.header.packed.get(name)) {
+            match (spec.role.is_compressed(), file.header.packed.get(name)) {
                 (true, Some(meta)) => {
                     if meta.bits != compression.bits || meta.group_size != compression.group_size {
                         return Err(differs(format!(
@@ -732,12 +737,13 @@ impl PackedWeights {
     /// the file was written. A file packed from other weights of the same architecture (a fine-tune, a merged adapter,
     /// a new download), by another strata version, or by a strata that recorded no fingerprints is an error naming
     /// the file, what differs and what to do.
-    pub fn check_source(&self, source: &dyn WeightSource) -> Result<(), CompressError> {
-        let stale = |what: String| {
+    pub fn check_source(&self, source: &dyn WeightSource) -> Result<(), PackedError> {
+        let stale = |what: String| -> PackedError {
             CompressError::Format(format!(
                 "{}: {what}; delete the file (or pass another path) and strata packs it again from these weights",
                 self.file.path
             ))
+            .into()
         };
         let Some(recorded) = &self.file.header.source else {
             return Err(stale(
@@ -833,7 +839,7 @@ impl WeightSource for PackedWeights {
                 packed.bytes,
             )
             .map_err(|e| self.weight_error(e))?;
-            let values = super::dequantize(&tensor);
+            let values = crate::compress::dequantize(&tensor);
             return Ok(HostTensor {
                 dtype: DType::F32,
                 shape: spec.shape.clone(),

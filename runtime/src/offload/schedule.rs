@@ -22,31 +22,33 @@
 //! the tier's I/O threads, staging copies) runs while the GPU works. With `overlap` false the same steps run in
 //! order through one weight slot and one cache slot, each fetch right before the compute that needs it.
 //!
-//! A store into host memory or a file finishes on the CPU once the GPU has run it (see [`crate::offload::Home`]).
+//! A store into host memory or a file finishes on the CPU once the GPU has run it (see [`super::home::Home`]).
 //! Each store goes to its home when submitted; one item later (when the GPU has moved on to the next compute) its
 //! bytes are copied into host memory or handed to the disk tier's threads, and a home waits for its writes only
 //! right before it is read again (the next step's fetch of a cache, the next layer's fetch of hidden rows). At most
 //! two items' stores are in flight, which bounds the readback and write buffers.
 //!
-//! `cpu_cache_compute`: at decode, a GPU batch whose KV cache lives wholly in CPU memory runs attention on the CPU
-//! instead ([`cpu_attention`], rayon over sequence x head): q, k, v are projected on the GPU and read back, the new
-//! k, v rows appended to the CPU cache, the attention output uploaded, and the rest of the layer runs on the GPU.
-//! Other batches (and every prefill) take the GPU path.
+//! `cpu_cache_compute`: at decode, a GPU batch the placement marks ([`super::placement::BatchPlacement`]: its KV
+//! cache lives wholly in CPU memory) runs attention on the CPU instead ([`super::cpu_attention`], rayon over
+//! sequence x head): q, k, v are projected on the GPU and read back, the new k, v rows appended to the CPU cache, the
+//! attention output uploaded, and the rest of the layer runs on the GPU. Other batches (and every prefill) take the
+//! GPU path.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::config::OptConfig;
-use crate::generate::Sampling;
-use crate::gpu::kernels::{Act, CacheDtype, OutRows};
+use super::cpu_attention::{cpu_attention, decode_cache_values, encode_cache_values};
+use super::home::Home;
+use super::placement::CacheRange;
+use super::run::{BatchAct, BatchCache, RunHomes};
+use super::weights::{LayerStore, PartKey};
+use super::OffloadError;
+use crate::gpu::kernels::{Act, ActDtype, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{
     attention_input, decoder_layer, finish_layer, BatchState, GpuModel, KvCache, LayerWeights,
-    Step, Workspace,
+    Sampling, Step, Workspace,
 };
-use crate::offload::{
-    BatchAct, BatchCache, CacheRange, Home, LayerStore, OffloadError, PartHome, RunHomes,
-};
-use crate::tiers::{GpuPool, GpuSlot, PendingStore, TensorHome, Ticket, TierError, Tiers};
+use crate::tiers::{PendingStore, TensorHome, Ticket, Tiers};
 
 /// Everything one step reads (the mutable homes are passed separately).
 pub struct StepInputs<'a> {
@@ -68,43 +70,12 @@ pub struct StepInputs<'a> {
     pub next: &'a wgpu::Buffer,
     /// Fetch ahead into double-buffered weight and cache slots.
     pub overlap: bool,
-    /// Decode attention on the CPU for GPU batches whose cache lives wholly in CPU memory.
-    pub cpu_cache_compute: bool,
+    /// How activations are stored (the placement's [`super::placement::act_dtype`]): hidden rows move at its size.
+    pub act: ActDtype,
 }
 
-/// GPU scratch of the CPU-attention layer path (decode: one row per sequence), allocated once per run from the GPU
-/// tier's pool (it lives in [`RunHomes`]).
-#[derive(Debug)]
-pub(crate) struct CpuAttn {
-    norm: GpuSlot,
-    q: GpuSlot,
-    k: GpuSlot,
-    v: GpuSlot,
-    attn: GpuSlot,
-    mid: GpuSlot,
-    /// Each GPU batch's attention mask, `[batch, capacity]`: generate.rs writes it once per run, at prefill, so the
-    /// first decode step reads it back and later ones reuse it.
-    masks: Option<Vec<Vec<u32>>>,
-}
-
-impl CpuAttn {
-    /// Scratch for GPU batches of up to `rows` sequences.
-    pub(crate) fn new(pool: &GpuPool, c: &OptConfig, rows: usize) -> Result<CpuAttn, TierError> {
-        let f32s = |n: usize| (n * F32) as u64;
-        let h = f32s(rows * c.hidden_size);
-        Ok(CpuAttn {
-            norm: pool.acquire_exact(h)?,
-            q: pool.acquire_exact(h)?,
-            k: pool.acquire_exact(h)?,
-            v: pool.acquire_exact(h)?,
-            attn: pool.acquire_exact(h)?,
-            mid: pool.acquire_exact(f32s(rows * c.ffn_embed_dim))?,
-            masks: None,
-        })
-    }
-}
-
-/// The scratch buffers of [`CpuAttn`], cloned so that the step's recorder can borrow them while the homes change.
+/// The scratch buffers of [`super::cpu_attention::CpuAttn`], cloned so that the step's recorder can borrow them
+/// while the homes change.
 struct CpuAttnViews {
     norm: wgpu::Buffer,
     q: wgpu::Buffer,
@@ -115,103 +86,10 @@ struct CpuAttnViews {
     masks: Vec<Vec<u32>>,
 }
 
-/// Decode attention of one GPU batch on the CPU: `q` `[b, hidden]`, every sequence's keys and values
-/// `[len, hidden]` (the new token last), `masks[i][t]` whether position t of sequence i is a real token.
-///
-/// `attn_sparsity` below 1 follows [`Recorder::sparse_attention`]'s rule: softmax over every visible key, output
-/// from the new token and the [`crate::gpu::kernels::sparse_top_k`] highest-scoring earlier visible keys (equal
-/// scores: the earlier position), weights not renormalised. At 1 every key counts.
-pub fn cpu_attention(
-    q: &[f32],
-    keys: &[Vec<f32>],
-    values: &[Vec<f32>],
-    masks: &[&[u32]],
-    n_head: usize,
-    len: usize,
-    attn_sparsity: f32,
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    let h = if keys.is_empty() {
-        0
-    } else {
-        q.len() / keys.len()
-    };
-    let d = h / n_head.max(1);
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0f32; q.len()];
-    out.par_chunks_mut(d.max(1))
-        .enumerate()
-        .for_each(|(idx, o)| {
-            let (i, head) = (idx / n_head, idx % n_head);
-            let qh = &q[i * h + head * d..i * h + head * d + d];
-            let visible: Vec<usize> = (0..len).filter(|&t| masks[i][t] != 0).collect();
-            let scores: Vec<f32> = visible
-                .iter()
-                .map(|&t| {
-                    let kr = &keys[i][t * h + head * d..t * h + head * d + d];
-                    qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
-                .collect();
-            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let weights: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
-            let total: f32 = weights.iter().sum();
-            // Which visible keys contribute: all, or the new token (the last) and the top k before it.
-            let mut keep = vec![true; visible.len()];
-            let before = visible.iter().filter(|&&t| t + 1 < len).count();
-            let top = crate::gpu::kernels::sparse_top_k(attn_sparsity, before);
-            if top < before {
-                let mut order: Vec<usize> = (0..before).collect();
-                // Visible positions ascend, so on equal scores the stable sort keeps the earlier one first.
-                // Adding 0 turns -0 into +0: zero scores tie whatever their sign, as in the kernel.
-                order.sort_by(|&a, &b| (scores[b] + 0.0).total_cmp(&(scores[a] + 0.0)));
-                keep[..before].fill(false);
-                for &r in &order[..top] {
-                    keep[r] = true;
-                }
-            }
-            for ((&t, w), _) in visible
-                .iter()
-                .zip(&weights)
-                .zip(&keep)
-                .filter(|(_, &kept)| kept)
-            {
-                let vr = &values[i][t * h + head * d..t * h + head * d + d];
-                for (acc, v) in o.iter_mut().zip(vr) {
-                    *acc += w / total * v;
-                }
-            }
-        });
-    out
-}
-
 const F32: usize = 4;
 
 /// A KV cache range being read from disk ahead of its fetch.
 type RangeRead = (CacheRange, Ticket<Vec<u8>>);
-
-/// Cached values `bytes` (stored as `dtype`) as f32.
-fn decode_cache_values(bytes: &[u8], dtype: CacheDtype) -> Vec<f32> {
-    match dtype {
-        CacheDtype::F32 => bytemuck::pod_collect_to_vec(bytes),
-        CacheDtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|p| half::f16::from_le_bytes([p[0], p[1]]).to_f32())
-            .collect(),
-    }
-}
-
-/// f32 values `bytes` in the cache's storage `dtype` (round to nearest, as the GPU's pack2x16float).
-fn encode_cache_values(bytes: &[u8], dtype: CacheDtype) -> Vec<u8> {
-    match dtype {
-        CacheDtype::F32 => bytes.to_vec(),
-        CacheDtype::F16 => bytes
-            .chunks_exact(4)
-            .flat_map(|v| {
-                half::f16::from_f32(f32::from_le_bytes([v[0], v[1], v[2], v[3]])).to_le_bytes()
-            })
-            .collect(),
-    }
-}
 
 /// Which home a store writes.
 #[derive(Clone, Copy, Debug)]
@@ -242,7 +120,7 @@ impl Target {
 
 fn no_tiers() -> OffloadError {
     OffloadError::Model(crate::model::ModelError::Unsupported(
-        "an offloaded tensor without memory tiers".into(),
+        "an offloaded tensor without its slot or memory tiers".into(),
     ))
 }
 
@@ -268,10 +146,10 @@ struct Schedule<'v, 'a> {
     /// Per GPU batch: attention on the CPU this step.
     on_cpu: Vec<bool>,
     /// Disk reads of offloaded weights started ahead, by (layer, buffer).
-    tickets: HashMap<(usize, usize), Ticket<Vec<u8>>>,
+    tickets: HashMap<(usize, PartKey), Ticket<Vec<u8>>>,
     /// Disk reads of KV rows started ahead, by (item, sequence, keys).
     cache_reads: HashMap<(usize, usize, bool), Vec<RangeRead>>,
-    /// The homes of each submitted item's stores, oldest first, not yet moved on ([`crate::offload::Home`]).
+    /// The homes of each submitted item's stores, oldest first, not yet moved on ([`Home`]).
     stores: VecDeque<Vec<Target>>,
     /// Homes whose writes the last drain started.
     writing: Vec<Target>,
@@ -289,19 +167,13 @@ pub fn run_step(
 ) -> Result<(), OffloadError> {
     let c = &inp.model.config;
     let nb = inp.states.len();
+    // The placement says which batches attend on the CPU; they do so at decode.
     let on_cpu: Vec<bool> = (0..nb)
         .map(|k| {
-            inp.cpu_cache_compute
-                && step.past > 0
+            step.past > 0
                 && step.s_new == 1
                 && homes.cpu_attn.is_some()
-                && homes.caches.iter().all(|row| match &row[k] {
-                    BatchCache::Homes(seqs) => seqs.iter().all(|s| {
-                        s.k.tier() == crate::tiers::Tier::Cpu
-                            && s.v.tier() == crate::tiers::Tier::Cpu
-                    }),
-                    BatchCache::Resident(_) => false,
-                })
+                && homes.cpu_attention.get(k).copied().unwrap_or(false)
         })
         .collect();
     let views = Views::new(inp, homes, on_cpu.iter().any(|&b| b))?;
@@ -378,18 +250,20 @@ impl Views {
         };
         Ok(Views {
             layers: (0..c.num_hidden_layers)
-                .map(|j| inp.layers.view(j, weight_slot(j)))
-                .collect(),
-            states: (0..nb)
-                .map(|k| homes.state_view(k, &inp.states[k]))
-                .collect(),
+                .map(|j| inp.layers.view(j, weight_slot(j)).ok_or_else(no_tiers))
+                .collect::<Result<_, _>>()?,
+            states: inp.states.to_vec(),
             caches: (0..c.num_hidden_layers)
                 .map(|j| {
                     (0..nb)
-                        .map(|k| homes.cache_view(j, k, inp.states[k].batch, j * nb + k))
-                        .collect()
+                        .map(|k| {
+                            homes
+                                .cache_view(j, k, inp.states[k].batch, j * nb + k)
+                                .ok_or_else(no_tiers)
+                        })
+                        .collect::<Result<_, _>>()
                 })
-                .collect(),
+                .collect::<Result<_, _>>()?,
             cpu,
         })
     }
@@ -402,6 +276,11 @@ impl<'v> Schedule<'v, '_> {
 
     fn batches(&self) -> usize {
         self.inp.states.len()
+    }
+
+    /// Bytes of one sequence's hidden rows of this step, as its activation home and the slot hold them.
+    fn act_row_bytes(&self) -> u64 {
+        (self.step.s_new * self.inp.model.config.hidden_size * self.inp.act.bytes()) as u64
     }
 
     /// Whether item `n`'s KV rows stream through a cache slot and it has rows to fetch.
@@ -664,14 +543,9 @@ impl<'v> Schedule<'v, '_> {
     /// Starts the disk reads of layer `j`'s disk-resident buffers.
     fn prefetch_layer(&mut self, j: usize) -> Result<(), OffloadError> {
         let layers = self.inp.layers;
-        let Some(parts) = layers.parts.get(j) else {
-            return Ok(());
-        };
-        for (index, part) in parts.iter().enumerate() {
-            if let PartHome::Off(home) = part {
-                if let Some(ticket) = self.tiers()?.prefetch(home, Vec::new())? {
-                    self.tickets.insert((j, index), ticket);
-                }
+        for (key, home) in layers.offloaded(j) {
+            if let Some(ticket) = self.tiers()?.prefetch(home, Vec::new())? {
+                self.tickets.insert((j, key), ticket);
             }
         }
         Ok(())
@@ -686,19 +560,17 @@ impl<'v> Schedule<'v, '_> {
         let layers = self.inp.layers;
         let slot = if self.inp.overlap { j % 2 } else { 0 };
         let tiers = self.tiers()?;
-        for (index, part) in layers.parts[j].iter().enumerate() {
-            if let PartHome::Off(home) = part {
-                let dst = layers.slot_buffer(slot, index).ok_or_else(no_tiers)?;
-                match self.tickets.remove(&(j, index)) {
-                    Some(ticket) => tiers.fetch_host(&ticket.wait()?, &dst, 0, enc)?,
-                    None => tiers.fetch(home, &dst, 0, enc)?,
-                }
+        for (key, home) in layers.offloaded(j) {
+            let dst = layers.slot_buffer(slot, key).ok_or_else(no_tiers)?;
+            match self.tickets.remove(&(j, key)) {
+                Some(ticket) => tiers.fetch_host(&ticket.wait()?, &dst, 0, enc)?,
+                None => tiers.fetch(home, &dst, 0, enc)?,
             }
         }
         Ok(())
     }
 
-    /// Records "copy item `n`'s KV rows [0, past) into its cache slot" (the ranges [`crate::offload::CacheRows`]
+    /// Records "copy item `n`'s KV rows [0, past) into its cache slot" (the ranges [`super::placement::CacheRows`]
     /// gives; bytes read ahead from disk where [`Schedule::read_ahead`] started them).
     fn fetch_cache(
         &mut self,
@@ -768,7 +640,7 @@ impl<'v> Schedule<'v, '_> {
     /// Records "copy GPU batch `k`'s offloaded hidden rows into the activation slot".
     fn fetch_act(&mut self, k: usize, enc: &mut wgpu::CommandEncoder) -> Result<(), OffloadError> {
         let tiers = self.tiers()?;
-        let row_bytes = (self.step.s_new * self.inp.model.config.hidden_size * F32) as u64;
+        let row_bytes = self.act_row_bytes();
         let slot = &self.views.states[k].x;
         if let BatchAct::Homes(h) = &mut self.homes.acts[k] {
             for (i, home) in h.iter_mut().enumerate() {
@@ -786,7 +658,7 @@ impl<'v> Schedule<'v, '_> {
         enc: &mut wgpu::CommandEncoder,
     ) -> Result<Vec<(Target, PendingStore)>, OffloadError> {
         let tiers = self.tiers()?;
-        let row_bytes = (self.step.s_new * self.inp.model.config.hidden_size * F32) as u64;
+        let row_bytes = self.act_row_bytes();
         let slot = &self.views.states[k].x;
         let mut stores = Vec::new();
         if let BatchAct::Homes(h) = &mut self.homes.acts[k] {
@@ -830,6 +702,7 @@ impl<'v> Schedule<'v, '_> {
             );
         }
         self.flush();
+        // q, k and v come back as f32 values, which the CPU attends over.
         let bytes = (rows * h * F32) as u64;
         let gpu = inp.kernels.gpu();
         let back = gpu.read_back(&[(&sc.q, 0, bytes), (&sc.k, 0, bytes), (&sc.v, 0, bytes)])?;
