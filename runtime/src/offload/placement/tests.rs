@@ -42,17 +42,41 @@ fn all_gpu_placement_holds_model_cache_activations_and_the_forward_pass_buffers(
     assert_eq!(plan.activations.gpu, 2 * c.hidden_bytes(16, 512));
     assert_eq!(plan.allocated().cpu + plan.allocated().disk, 0);
     assert_eq!(plan.staging, TierBytes::default());
-    // Nothing streams: no slots of any kind, no kernel staging.
+    // Nothing streams: no slots of any kind.
     assert_eq!(pl.weight_slots() + pl.cache_slots(), 0);
     assert!(pl.spec(BufferId::ActSlot).is_none());
-    assert_eq!(pl.kernel_scratch(), [None; STAGING_SLOTS]);
+    // The kernels' staging: no packed cache rows (slots 0, 1); the split-keys partials of a decode step of 8
+    // sequences over 544 keys (slot 2); the 16 bytes the tiled prefill kernels bind for split-K partials, which the
+    // decode rows (8, GEMV) never split (slot 3).
+    let decode = AttentionShape {
+        batch: 8,
+        s_new: 1,
+        past: 543,
+        capacity: 544,
+        hidden: 4096,
+        n_head: 32,
+    };
+    let sizes = pl.kernel_scratch().map(|s| s.map(|s| s.bytes));
+    assert_eq!(
+        sizes,
+        [
+            None,
+            None,
+            Some(attention_scratch_bytes(&decode).next_power_of_two()),
+            Some(16)
+        ]
+    );
     // The working buffers, one by one: two batches' inputs, the scratch of one batch of 8 x 512 rows (no projection:
-    // a one-element embedding buffer), the logits of all 16 sequences.
+    // a one-element embedding buffer), the logits of all 16 sequences, the kernels' staging.
     let (h, f, v) = (4096u64, 16384u64, c.vocab_size as u64);
     let rows = 8 * 512;
     let inputs = 2 * (2 * 8 * 512 * 4 + 8 * 544 * 4);
     let work = 4 * (3 * rows * h + rows * f + 1 + 3 * 8 * h);
-    assert_eq!(plan.working.gpu, inputs + work + 16 * v * 4 + 16 * 4);
+    let staging: u64 = sizes.iter().flatten().sum();
+    assert_eq!(
+        plan.working.gpu,
+        inputs + work + 16 * v * 4 + 16 * 4 + staging
+    );
     assert_eq!(
         plan.peak().gpu,
         plan.weights.gpu + plan.cache.gpu + plan.activations.gpu + plan.working.gpu
@@ -223,16 +247,20 @@ fn every_buffer_is_listed_once_and_fits_a_binding() {
         matches!(err, PlacementError::Binding { .. }),
         "{err}: a typed error a caller can match"
     );
-    // Packed weights and cache, sparse decode: the kernels' staging for packed outputs (slot 0) and sparse scores
-    // (slot 2), each a power of two; nothing needs more than one dispatch, so slot 1 stays unused.
+    // Packed weights and cache, sparse decode: the linear kernels read packed weights without staging, and no packed
+    // cache pass needs more than one dispatch, so slots 0 and 1 stay unused; slot 2 holds the sparse scores.
     let packed = Placement::new(&c, &p, W, &DeviceLimits::UNBOUNDED).unwrap();
     let scratch = packed.kernel_scratch();
-    assert!(scratch[1].is_none());
-    for s in [scratch[0], scratch[2]] {
-        assert!(s.is_some_and(|s| s.bytes.is_power_of_two()), "{s:?}");
-    }
+    assert!(scratch[0].is_none() && scratch[1].is_none());
     // Slot 2: the sparse scores of 3 sequences x 12 heads over 544 keys.
-    let scores = sparse_scores_staging(3, 12, 544);
+    let scores = sparse_attention_scratch_bytes(&AttentionShape {
+        batch: 3,
+        s_new: 1,
+        past: 543,
+        capacity: 544,
+        hidden: c.hidden_size,
+        n_head: 12,
+    });
     assert_eq!(
         scratch[2].map(|s| s.bytes),
         Some(scores.next_power_of_two())
