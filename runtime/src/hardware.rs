@@ -335,8 +335,86 @@ fn profile_path_from(
     )
 }
 
+/// A device's datasheet peaks: what `strata bench kernels` reports each kernel's speed against.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct DevicePeak {
+    /// The model the adapter's name matched.
+    pub device: &'static str,
+    /// Dense f16 multiply-add throughput with f32 accumulation (tensor cores where the device has them; Apple GPUs:
+    /// their f32/f16 ALU peak), TFLOP/s.
+    pub tflops: f64,
+    /// Memory bandwidth, GB/s (10^9 bytes per second).
+    pub gbps: f64,
+}
+
+impl DevicePeak {
+    /// The peaks of well-known GPUs by adapter name (vendors' datasheet figures, dense, no sparsity), or `None`:
+    /// then pass `--peak-tflops` / `--peak-gbps`. More specific names come first ("h100 pcie" before "h100").
+    pub fn known(adapter: &str) -> Option<DevicePeak> {
+        const TABLE: &[(&str, &str, f64, f64)] = &[
+            ("h200 nvl", "H200 NVL", 835.0, 4800.0),
+            ("h200", "H200 SXM", 989.4, 4800.0),
+            ("h100 pcie", "H100 PCIe", 756.0, 2000.0),
+            ("h100 nvl", "H100 NVL", 835.0, 3900.0),
+            ("h100", "H100 SXM", 989.4, 3350.0),
+            ("a100-sxm4-80gb", "A100 80GB SXM", 312.0, 2039.0),
+            ("a100 80gb pcie", "A100 80GB PCIe", 312.0, 1935.0),
+            ("a100", "A100 40GB", 312.0, 1555.0),
+            ("l40s", "L40S", 362.0, 864.0),
+            ("l40", "L40", 181.0, 864.0),
+            ("rtx 4090", "RTX 4090", 165.2, 1008.0),
+            ("rtx 3090", "RTX 3090", 71.0, 936.0),
+            ("tesla t4", "T4", 65.0, 320.0),
+            ("l4", "L4", 121.0, 300.0),
+            ("m4 max", "Apple M4 Max", 18.4, 546.0),
+            ("m4 pro", "Apple M4 Pro", 9.2, 273.0),
+            ("m4", "Apple M4", 4.3, 120.0),
+            ("m3 max", "Apple M3 Max", 16.3, 400.0),
+            ("m3 pro", "Apple M3 Pro", 7.4, 150.0),
+            ("m3", "Apple M3", 4.1, 100.0),
+            ("m2 ultra", "Apple M2 Ultra", 27.2, 800.0),
+            ("m2 max", "Apple M2 Max", 13.6, 400.0),
+            ("m2 pro", "Apple M2 Pro", 6.8, 200.0),
+            ("m2", "Apple M2", 3.6, 100.0),
+            ("m1 ultra", "Apple M1 Ultra", 21.2, 800.0),
+            ("m1 max", "Apple M1 Max", 10.4, 400.0),
+            ("m1 pro", "Apple M1 Pro", 5.2, 200.0),
+            ("m1", "Apple M1", 2.6, 68.25),
+        ];
+        let name = adapter.to_ascii_lowercase();
+        // Apple's adapters are named "Apple M2 Max": the short needles only count after "apple".
+        let apple = name.contains("apple");
+        TABLE
+            .iter()
+            .filter(|(needle, ..)| apple == needle.starts_with('m'))
+            .find(|(needle, ..)| name.contains(needle))
+            .map(|&(_, device, tflops, gbps)| DevicePeak {
+                device,
+                tflops,
+                gbps,
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn known_devices_match_their_most_specific_name() {
+        use super::DevicePeak;
+        let peak = |name: &str| DevicePeak::known(name).map(|p| p.device);
+        assert_eq!(peak("NVIDIA H200"), Some("H200 SXM"));
+        assert_eq!(peak("NVIDIA H100 PCIe"), Some("H100 PCIe"));
+        assert_eq!(peak("NVIDIA H100 80GB HBM3"), Some("H100 SXM"));
+        assert_eq!(peak("NVIDIA A100-SXM4-80GB"), Some("A100 80GB SXM"));
+        assert_eq!(peak("NVIDIA GeForce RTX 4090"), Some("RTX 4090"));
+        assert_eq!(peak("NVIDIA L4"), Some("L4"));
+        assert_eq!(peak("Apple M2 Max"), Some("Apple M2 Max"));
+        assert_eq!(peak("Apple M1"), Some("Apple M1"));
+        // "m1"/"m2" inside another vendor's name are not Apple GPUs; lavapipe has no datasheet.
+        assert_eq!(peak("NVIDIA RTX A2000 M2"), None);
+        assert_eq!(peak("llvmpipe (LLVM 15.0.6, 256 bits)"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -22,12 +22,36 @@ use super::model_arg;
 use super::policy_args::PolicyArgs;
 use super::process::outln;
 
-/// Arguments of `strata bench`.
+/// `strata bench`: the workload (`--model ...`), or `strata bench kernels`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Command {
+    #[command(subcommand)]
+    what: Option<What>,
+    #[command(flatten)]
+    workload: Args,
+}
+
+#[derive(clap::Subcommand)]
+enum What {
+    /// Time each kernel on fixed shapes (GEMM, opt-6.7b's linears and attention) on this GPU.
+    Kernels(super::bench_kernels::Args),
+}
+
+/// Runs `strata bench` or `strata bench kernels`.
+pub fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command.what {
+        Some(What::Kernels(args)) => super::bench_kernels::run(args),
+        None => run(command.workload),
+    }
+}
+
+/// Arguments of `strata bench` (the workload).
 #[derive(clap::Args)]
 pub struct Args {
     /// A model name such as `opt-1.3b` (or a model directory with config.json).
-    #[arg(long, value_name = "NAME_OR_DIR")]
-    model: String,
+    #[arg(long, value_name = "NAME_OR_DIR", required = true)]
+    model: Option<String>,
     /// Checkpoint directory for a model given by name (default: dummy weights).
     #[arg(long, value_name = "DIR", conflicts_with = "dummy")]
     weights: Option<PathBuf>,
@@ -64,7 +88,10 @@ fn parse_dtype(text: &str) -> Result<DType, String> {
 }
 
 fn open_source(args: &Args) -> anyhow::Result<Box<dyn WeightSource>> {
-    model_arg::resolve(&args.model, args.weights.as_deref(), args.dummy)?.open(args.dummy)
+    let Some(model) = &args.model else {
+        bail!("--model is required: the model to benchmark (e.g. --model opt-1.3b)");
+    };
+    model_arg::resolve(model, args.weights.as_deref(), args.dummy)?.open(args.dummy)
 }
 
 /// The benchmark's prompts: `count` deterministic sequences of `len` tokens, each starting with BOS.

@@ -5,6 +5,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod auto;
 mod bench;
+mod bench_kernels;
 mod checks;
 mod generate;
 mod model_arg;
@@ -28,8 +29,9 @@ enum Command {
     Specs(specs::Args),
     /// Generate text (or token ids) from prompts.
     Generate(generate::Args),
-    /// Run FlexLLMGen's benchmark workload and report latency, throughput and memory.
-    Bench(bench::Args),
+    /// Run FlexLLMGen's benchmark workload and report latency, throughput and memory (`bench kernels`: time each
+    /// kernel).
+    Bench(bench::Command),
     /// Measure this machine's transfer and compute speeds for the cost model.
     Profile(profile::Args),
     /// Choose the fastest offloading policy for a model, workload and memory budget.
@@ -81,7 +83,7 @@ pub fn main() -> ExitCode {
     let result = backend_ok.and_then(|()| match cli.command {
         Command::Specs(args) => specs::run(args),
         Command::Generate(args) => generate::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(command) => bench::dispatch(command),
         Command::Profile(args) => profile::run(args),
         Command::Policy(args) => policy::run(args),
     });

@@ -51,9 +51,11 @@ pub use linear::{
     Variant, WeightKind, DECODE_MAX_ROWS, GEMV_MAX_ROWS, SPLIT_K_WORKGROUPS,
 };
 pub use variants::{
-    bench_linear, decode_act, encode_act, linear_bench_shapes, Choice, Family, FamilyChoice,
-    KernelOptions, KernelReport, LinearShape, LinearTiming,
+    decode_act, encode_act, Choice, Family, FamilyChoice, KernelOptions, KernelReport,
 };
+
+pub mod bench;
+pub use bench::{bench_linear, LinearShape, LinearTiming};
 
 mod attention;
 pub use attention::{

@@ -12,13 +12,12 @@
 
 use std::fmt;
 use std::sync::OnceLock;
-use std::time::Instant;
 
-use super::linear::{LinearCall, LinearKernel, Variant};
+use super::linear::{LinearCall, Variant};
 use super::{Act, ActDtype, Kernels, OutRows};
 use crate::config::DType;
 use crate::gpu::tensor::{GpuMatrix, WeightFormat};
-use crate::gpu::{Gpu, GpuError};
+use crate::gpu::GpuError;
 use crate::weights::HostTensor;
 
 /// How a family of kernels picks its variant.
@@ -483,146 +482,4 @@ pub fn decode_act(bytes: &[u8], act: ActDtype) -> Vec<f32> {
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
     }
-}
-
-/// The shape of one linear layer: `m` rows of x, a `[n, k]` weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinearShape {
-    /// Rows of x (tokens).
-    pub m: usize,
-    /// Output features.
-    pub n: usize,
-    /// Input features.
-    pub k: usize,
-}
-
-/// One linear layer's measured time.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LinearTiming {
-    /// The kernel that ran (its variant and tiles).
-    pub kernel: LinearKernel,
-    /// Seconds per layer (best of the tries, averaged over the dispatches of one submit).
-    pub seconds: f64,
-    /// Floating-point operations per layer, `2 m n k`.
-    pub flops: f64,
-    /// Bytes of the weight as stored on the GPU (each read once per layer by every kernel).
-    pub weight_bytes: u64,
-}
-
-/// Times one linear layer of `shape` with weights in `format` on `kernels`' device, with `kernel` (exactly) or
-/// `variant` forced (both `None`: the kernels' own choice): `reps` identical layers per submit, wall time from
-/// submit to the device going idle, best of `iters` tries after one warm-up. An unavailable variant or a kernel the
-/// device cannot run is [`GpuError::Unsupported`]. For `strata bench kernels`; a caller with TIMESTAMP_QUERY can
-/// instead record [`Recorder::linear_call`](super::Recorder::linear_call) itself between its own timestamp writes.
-pub fn bench_linear(
-    kernels: &Kernels,
-    shape: LinearShape,
-    format: WeightFormat,
-    variant: Option<Variant>,
-    kernel: Option<LinearKernel>,
-    reps: usize,
-    iters: usize,
-) -> Result<LinearTiming, GpuError> {
-    let LinearShape { m, n, k } = shape;
-    if let Some(v) = variant {
-        kernels
-            .variant_available(v)
-            .map_err(GpuError::Unsupported)?;
-    }
-    if let Some(forced) = kernel {
-        if !kernels.can_run(forced, m) {
-            return Err(GpuError::Unsupported(format!(
-                "{forced} for {m} rows on {}",
-                kernels.gpu.describe()
-            )));
-        }
-    }
-    let gpu: &Gpu = &kernels.gpu;
-    let values: Vec<f32> = (0..n * k).map(|i| ((i % 17) as f32 - 8.0) * 1e-3).collect();
-    let tensor = HostTensor {
-        dtype: DType::F32,
-        shape: vec![n, k],
-        bytes: std::borrow::Cow::Borrowed(bytemuck::cast_slice(&values)),
-    };
-    let w = GpuMatrix::upload(gpu, "bench weight", &tensor, format)?;
-    drop(values);
-    let act = kernels.options.act;
-    let xs: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32) * 1e-2).collect();
-    let x = gpu.storage_buffer_init("bench x", &encode_act(&xs, act))?;
-    let out = gpu.storage_buffer("bench out", (m * n * act.bytes()) as u64);
-    let run = || -> Result<f64, GpuError> {
-        let mut rec = kernels.recorder();
-        for _ in 0..reps.max(1) {
-            rec.linear_call(LinearCall {
-                x: &x,
-                m,
-                w: &w,
-                bias: None,
-                act: Act::None,
-                out: &out,
-                rows: OutRows::dense(n, 0),
-                accumulate: false,
-                out_dtype: None,
-                variant,
-                kernel,
-            });
-        }
-        let start = Instant::now();
-        rec.submit();
-        gpu.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        Ok(start.elapsed().as_secs_f64() / reps.max(1) as f64)
-    };
-    run()?;
-    let mut best = f64::INFINITY;
-    for _ in 0..iters.max(1) {
-        best = best.min(run()?);
-    }
-    let ran = kernel.unwrap_or_else(|| {
-        w.chunks.first().map_or(
-            LinearKernel::Gemv {
-                rows: 1,
-                subgroup: false,
-            },
-            |c| kernels.linear_kernel(m, c.rows, format, variant),
-        )
-    });
-    Ok(LinearTiming {
-        kernel: ran,
-        seconds: best,
-        flops: 2.0 * (m * n * k) as f64,
-        weight_bytes: w.bytes(),
-    })
-}
-
-/// The linear shapes `strata bench kernels` times (issue 10), named: the 8192^3 GEMM, opt-6.7b's four prefill
-/// linears at 64 x 512 tokens, and decode linears of 1, 8, 32 and 64 rows over 4096 x 4096, 4096 -> 16384 and
-/// 16384 -> 4096 weights.
-pub fn linear_bench_shapes() -> Vec<(String, LinearShape)> {
-    let mut shapes = vec![(
-        "gemm 8192^3".to_owned(),
-        LinearShape {
-            m: 8192,
-            n: 8192,
-            k: 8192,
-        },
-    )];
-    let tokens = 64 * 512;
-    for (name, n, k) in [
-        ("q/k/v/out_proj", 4096, 4096),
-        ("fc1", 16384, 4096),
-        ("fc2", 4096, 16384),
-    ] {
-        shapes.push((
-            format!("opt-6.7b prefill {name} (64 x 512 tokens)"),
-            LinearShape { m: tokens, n, k },
-        ));
-    }
-    for m in [1, 8, 32, 64] {
-        for (n, k) in [(4096, 4096), (16384, 4096), (4096, 16384)] {
-            shapes.push((format!("decode m={m} {k} -> {n}"), LinearShape { m, n, k }));
-        }
-    }
-    shapes
 }
