@@ -100,10 +100,11 @@ fn absurd_sizes_are_refused_before_anything_is_allocated() {
         "2",
     ]);
     assert!(text.contains("lower --gpu-batch-size"), "{text}");
-    // 2^33 sequences: countable, but far more than any device holds; refused with the plan's numbers.
+    // 2^33 sequences: countable, but far more than one placement lists; refused before it is built.
     let text = bench(&["--gpu-batch-size", "8589934592"]);
     assert!(
-        text.contains("the plan needs") && text.contains("available"),
+        text.contains("8589934592 sequences in one block")
+            && text.contains("lower --gpu-batch-size"),
         "{text}"
     );
     assert!(

@@ -139,3 +139,54 @@ fn ctrl_c_removes_offload_files_and_exits_130() {
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert_no_files_left(offload.path());
 }
+
+/// `strata bench kernels` times every kernel family on issue 10's shapes (scaled down: lavapipe's bindings hold
+/// 128 MiB), each row with a positive time and the throughput that time implies, and says which variant ran.
+#[test]
+fn bench_kernels_times_every_family() {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(
+            "bench kernels --json --scale 64 --reps 1 --iters 1 --peak-tflops 1 --peak-gbps 10"
+                .split(' '),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["errors"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["kernel_variants"].as_str().unwrap().contains("portable"));
+    let rows = v["rows"].as_array().unwrap();
+    let count = |pred: &dyn Fn(&serde_json::Value) -> bool| rows.iter().filter(|r| pred(r)).count();
+    // GEMM + three prefill linears, 12 decode shapes in f16 and 4-bit, prefill and decode attention.
+    assert_eq!(
+        count(&|r| r["family"] == "linear" && r["weights"] == "f16"),
+        16
+    );
+    assert_eq!(
+        count(&|r| r["family"] == "linear" && r["weights"] == "q4"),
+        12
+    );
+    assert_eq!(count(&|r| r["family"] == "attention"), 2);
+    for r in rows {
+        let seconds = r["seconds"].as_f64().unwrap();
+        assert!(seconds > 0.0 && seconds.is_finite(), "{r}");
+        let percent = r["percent_of_peak"].as_f64().unwrap();
+        let expected = match r["bound"].as_str().unwrap() {
+            "compute" => 100.0 * r["tflops"].as_f64().unwrap(),
+            _ => 100.0 * r["gbps"].as_f64().unwrap() / 10.0,
+        };
+        assert!(
+            (percent - expected).abs() <= 1e-9 * expected.max(1.0),
+            "{r}"
+        );
+    }
+    // Decode rows are memory-bound, prefill rows compute-bound.
+    assert!(rows
+        .iter()
+        .filter(|r| r["shape"].as_str().unwrap().starts_with("decode"))
+        .all(|r| r["bound"] == "memory"));
+}

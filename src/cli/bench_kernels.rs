@@ -160,8 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             // The kernels' own choice, then the portable kernel where the choice was a device variant.
             let mut variants = vec![None];
             let mut ran_device_variant = false;
-            loop {
-                let Some(variant) = variants.pop() else { break };
+            while let Some(variant) = variants.pop() {
                 match bench_linear(&kernels, shape, format, variant, None, reps, iters) {
                     Ok(t) => {
                         let chosen = t.kernel.variant();

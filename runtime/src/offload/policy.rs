@@ -29,9 +29,15 @@ impl TierSplit {
         cpu: 0.0,
     };
 
-    /// Percent on disk (the rest).
+    /// Percent on disk (the rest). What floating point leaves of a whole split is none: 100 - 21.04 - 78.96 is
+    /// 1.4e-14, not a disk share.
     pub fn disk(&self) -> f64 {
-        (100.0 - self.gpu - self.cpu).max(0.0)
+        let rest = 100.0 - self.gpu - self.cpu;
+        if rest < 1e-9 {
+            0.0
+        } else {
+            rest
+        }
     }
 }
 
@@ -475,6 +481,15 @@ pub fn format_bytes_exact(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_split_in_floating_point_leaves_nothing_on_disk() {
+        let p = Percent::from_array([21.04, 78.96, 100.0, 0.0, 30.0, 70.0]);
+        assert!(!p.uses_disk());
+        assert_eq!(p.weights.disk(), 0.0);
+        let q = Percent::from_array([21.04, 78.0, 100.0, 0.0, 100.0, 0.0]);
+        assert!((q.weights.disk() - 0.96).abs() < 1e-9 && q.uses_disk());
+    }
 
     #[test]
     fn byte_sizes_parse_with_binary_and_decimal_units() {

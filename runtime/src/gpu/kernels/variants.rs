@@ -232,10 +232,19 @@ impl Kernels {
                     | wgpu::Features::SUBGROUP
                     | wgpu::Features::SHADER_F16;
                 if !gpu.features.contains(wanted) {
-                    return Err(format!(
-                        "the adapter lacks {:?}",
-                        wanted - (gpu.features & wanted)
-                    ));
+                    let missing: Vec<&str> = [
+                        (
+                            wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
+                            "cooperative matrices",
+                        ),
+                        (wgpu::Features::SUBGROUP, "subgroups"),
+                        (wgpu::Features::SHADER_F16, "shader-f16"),
+                    ]
+                    .into_iter()
+                    .filter(|(f, _)| !gpu.features.contains(*f))
+                    .map(|(_, name)| name)
+                    .collect();
+                    return Err(format!("the adapter lacks {}", missing.join(", ")));
                 }
                 let f16_f32 = gpu.cooperative_matrix.iter().any(|p| {
                     (p.m_size, p.n_size, p.k_size) == (16, 16, 16)

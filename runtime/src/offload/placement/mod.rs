@@ -96,6 +96,11 @@ impl Workload {
     }
 }
 
+/// The most sequences one placement lists: it names every sequence's cache and activation homes per layer, so its
+/// size grows with the block; this keeps planning an absurd batch a quick refusal instead of an enumeration that
+/// never ends.
+pub const MAX_BLOCK_SEQUENCES: usize = 1 << 16;
+
 /// What the device allows: the placement splits matrices into row chunks that each fit one binding and refuses any
 /// other buffer that would not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,6 +300,17 @@ pub enum PlacementError {
     /// A run needs at least one sequence.
     #[error("no prompts: a run needs at least one sequence")]
     NoSequences,
+    /// More sequences in one block than a placement lists (it names every sequence's homes).
+    #[error(
+        "{sequences} sequences in one block is more than strata plans at once ({max}); lower --gpu-batch-size or \
+         --num-gpu-batches (a block of a few hundred sequences already reaches FlexLLMGen's throughput)"
+    )]
+    BlockTooLarge {
+        /// Sequences asked for.
+        sequences: usize,
+        /// [`MAX_BLOCK_SEQUENCES`].
+        max: usize,
+    },
     /// A buffer larger than one binding.
     #[error("{what} needs a buffer of {bytes} bytes, more than this device allows ({limit} bytes); {hint}")]
     Binding {
@@ -893,6 +909,12 @@ impl Placement {
         }
         if prompts == 0 {
             return Err(PlacementError::NoSequences);
+        }
+        if prompts > MAX_BLOCK_SEQUENCES {
+            return Err(PlacementError::BlockTooLarge {
+                sequences: prompts,
+                max: MAX_BLOCK_SEQUENCES,
+            });
         }
         if prompts > policy.effective_batch() {
             return Err(PlacementError::TooManyPrompts {
