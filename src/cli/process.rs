@@ -66,7 +66,10 @@ fn exit_now(code: i32) -> ! {
 /// lock and allocate.
 #[cfg(unix)]
 pub fn handle_signals() -> io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
+    // A write past the file size limit (`ulimit -f`) would kill the process with SIGXFSZ and leave its files; with
+    // a handler the write fails with EFBIG instead, an error the run reports and cleans up after.
+    signal_hook::flag::register(SIGXFSZ, std::sync::Arc::default())?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new()
         .name("strata-signals".into())
