@@ -94,6 +94,7 @@ fn a_full_disk_or_an_io_error_at_each_offload_write_is_clean() {
         ("weights", 5, "eio"),
         ("cache", 1, "enospc"),
         ("activations", 1, "enospc"),
+        ("activations", 2, "eio"),
         ("cache", 37, "enospc"),
         ("cache", 37, "eio"),
     ] {
@@ -143,57 +144,64 @@ fn a_file_size_limit_is_an_error_not_a_killed_process() {
 #[test]
 fn failed_packed_profile_and_logits_writes_leave_no_part_file() {
     let (dir, prompts, _) = fixture("pre-ln-relu");
-    let out = tempfile::tempdir().unwrap();
+    for (error, said) in [("enospc", "No space left"), ("eio", "Input/output error")] {
+        let out = tempfile::tempdir().unwrap();
 
-    // The packed checkpoint: its third tensor cannot be written.
-    let packed = out.path().join("model-q4.safetensors");
-    let (_, stderr) = fails(
-        generate_command(&dir, &prompts, 2)
-            .args(["--compress-weight", "--packed-weights"])
-            .arg(&packed)
-            .env("STRATA_TEST_FAIL_WRITE", "packed:3"),
-    );
-    assert!(
-        stderr.contains("model-q4.safetensors") && stderr.contains("No space left"),
-        "{stderr}"
-    );
-    assert_eq!(leftovers(out.path()), Vec::<String>::new());
+        // The packed checkpoint: its third tensor cannot be written.
+        let packed = out.path().join("model-q4.safetensors");
+        let (_, stderr) = fails(
+            generate_command(&dir, &prompts, 2)
+                .args(["--compress-weight", "--packed-weights"])
+                .arg(&packed)
+                .env("STRATA_TEST_FAIL_WRITE", format!("packed:3:{error}")),
+        );
+        assert!(
+            stderr.contains("model-q4.safetensors") && stderr.contains(said),
+            "{stderr}"
+        );
+        assert_eq!(leftovers(out.path()), Vec::<String>::new());
 
-    // The logits: the tokens are printed, no half array is left.
-    let logits = out.path().join("logits.npy");
-    let (stdout, stderr) = fails(
-        generate_command(&dir, &prompts, 2)
-            .arg("--dump-logits")
-            .arg(&logits)
-            .env("STRATA_TEST_FAIL_WRITE", "logits:1:eio"),
-    );
-    assert!(
-        stderr.contains("logits.npy") && stderr.contains("the tokens are above"),
-        "{stderr}"
-    );
-    assert_eq!(generated(&stdout).len(), prompts.len());
-    assert_eq!(leftovers(out.path()), Vec::<String>::new());
+        // The logits: the tokens are printed, no half array is left.
+        let logits = out.path().join("logits.npy");
+        let (stdout, stderr) = fails(
+            generate_command(&dir, &prompts, 2)
+                .arg("--dump-logits")
+                .arg(&logits)
+                .env("STRATA_TEST_FAIL_WRITE", format!("logits:1:{error}")),
+        );
+        assert!(
+            stderr.contains("logits.npy")
+                && stderr.contains(said)
+                && stderr.contains("the tokens are above"),
+            "{stderr}"
+        );
+        assert_eq!(generated(&stdout).len(), prompts.len());
+        assert_eq!(leftovers(out.path()), Vec::<String>::new());
 
-    // A profile (CPU and a small disk test only).
-    let profile = out.path().join("profile.toml");
-    let disk_test = tempfile::tempdir().unwrap();
-    let (_, stderr) = fails(
-        Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args([
-                "profile",
-                "--no-gpu",
-                "--disk-bytes",
-                "1MiB",
-                "--offload-dir",
-            ])
-            .arg(disk_test.path())
-            .arg("--out")
-            .arg(&profile)
-            .env("STRATA_TEST_FAIL_WRITE", "profile:1"),
-    );
-    assert!(stderr.contains("profile.toml"), "{stderr}");
-    assert_eq!(leftovers(out.path()), Vec::<String>::new());
-    assert_eq!(leftovers(disk_test.path()), Vec::<String>::new());
+        // A profile (CPU and a small disk test only).
+        let profile = out.path().join("profile.toml");
+        let disk_test = tempfile::tempdir().unwrap();
+        let (_, stderr) = fails(
+            Command::new(env!("CARGO_BIN_EXE_strata"))
+                .args([
+                    "profile",
+                    "--no-gpu",
+                    "--disk-bytes",
+                    "1MiB",
+                    "--offload-dir",
+                ])
+                .arg(disk_test.path())
+                .arg("--out")
+                .arg(&profile)
+                .env("STRATA_TEST_FAIL_WRITE", format!("profile:1:{error}")),
+        );
+        assert!(
+            stderr.contains("profile.toml") && stderr.contains(said),
+            "{stderr}"
+        );
+        assert_eq!(leftovers(out.path()), Vec::<String>::new());
+        assert_eq!(leftovers(disk_test.path()), Vec::<String>::new());
+    }
 }
 
 #[test]
@@ -209,6 +217,21 @@ fn a_lost_gpu_device_is_an_error_with_the_tokens_so_far() {
         "{stderr}"
     );
     assert_partial(&stdout, &clean);
+    assert_eq!(leftovers(offload.path()), Vec::<String>::new(), "{stderr}");
+    // Right after the prefill (the next step compiles new pipelines on the lost device), and while loading.
+    let (stdout, stderr) =
+        fails(all_on_disk(new, offload.path()).env("STRATA_TEST_LOSE_DEVICE_AT", "0"));
+    assert!(
+        stderr.contains("generation stopped after 1 tokens")
+            && stderr.contains("the GPU device was lost"),
+        "{stderr}"
+    );
+    assert_partial(&stdout, &clean);
+    assert_eq!(leftovers(offload.path()), Vec::<String>::new(), "{stderr}");
+    let (stdout, stderr) =
+        fails(all_on_disk(new, offload.path()).env("STRATA_TEST_LOSE_DEVICE_AT", "load"));
+    assert!(stderr.contains("the GPU device was lost"), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
     assert_eq!(leftovers(offload.path()), Vec::<String>::new(), "{stderr}");
 }
 

@@ -469,8 +469,13 @@ impl Generator {
         let mut step_seconds = Vec::with_capacity(options.max_new_tokens);
         loop {
             let started = std::time::Instant::now();
-            let out = self
-                .record_step(run, placement, step, t, options)
+            // A lost device fails the step, some uploads (the staging belt's) with a panic inside wgpu: check first.
+            let lost = match self.gpu().lost() {
+                Some(reason) => Err(GenerateError::Gpu(GpuError::DeviceLost { reason })),
+                None => Ok(()),
+            };
+            let out = lost
+                .and_then(|()| self.record_step(run, placement, step, t, options))
                 .and_then(|()| {
                     let mut regions = vec![(&run.work.next, 0, (batch * 4) as u64)];
                     if logits.is_some() {

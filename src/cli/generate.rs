@@ -325,8 +325,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(path), Some(packed)) => packed_source(path, source, packed)?,
         _ => source,
     };
-    let generator =
-        Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| pause_point("load"))?;
+    let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| {
+        pause_point("load");
+        test_lose_device(&gpu, "load");
+    })?;
     drop(source);
     let output = generator.generate_with_progress(
         &prompts,
@@ -338,7 +340,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         &|step| {
             pause_point(if step == 0 { "prefill" } else { "decode" });
-            test_lose_device(&gpu, step);
+            test_lose_device(&gpu, &step.to_string());
         },
     );
     let output = match output {
@@ -409,15 +411,15 @@ fn print_tokens(
     Ok(())
 }
 
-/// Test-only: `STRATA_TEST_LOSE_DEVICE_AT=STEP` destroys the GPU device after step STEP (0 = prefill), as a driver
-/// reset or an unplugged GPU would, for the fault-injection tests. Does nothing unset.
-fn test_lose_device(gpu: &Gpu, step: usize) {
-    let at = std::env::var("STRATA_TEST_LOSE_DEVICE_AT")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok());
-    if at == Some(step) {
+/// Test-only: `STRATA_TEST_LOSE_DEVICE_AT=load` (after the first layer is placed) or `=STEP` (after step STEP, 0 =
+/// prefill) destroys the GPU device, as a driver reset or an unplugged GPU would, for the fault-injection tests.
+/// Does nothing unset.
+fn test_lose_device(gpu: &Gpu, at: &str) {
+    if std::env::var("STRATA_TEST_LOSE_DEVICE_AT").is_ok_and(|v| v == at) && gpu.lost().is_none() {
         eprintln!("strata: destroying the GPU device (STRATA_TEST_LOSE_DEVICE_AT)");
         gpu.device.destroy();
+        // wgpu reports a destroyed device at its next poll (a real loss is reported at once).
+        let _ = gpu.lost();
     }
 }
 

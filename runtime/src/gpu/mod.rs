@@ -241,6 +241,14 @@ impl Gpu {
             & !3;
         let lost = Arc::new(Mutex::new(None));
         let record = Arc::clone(&lost);
+        // After a loss every call fails validation ("... is invalid"); those errors only echo the loss, which the
+        // next read-back reports as `GpuError::DeviceLost`. Any other uncaptured error stays fatal, as by default.
+        let on_loss = Arc::clone(&lost);
+        device.on_uncaptured_error(Arc::new(move |err: wgpu::Error| {
+            if on_loss.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                panic!("wgpu error: {err}");
+            }
+        }));
         device.set_device_lost_callback(move |reason, message| {
             let why = if message.is_empty() {
                 format!("{reason:?}")
