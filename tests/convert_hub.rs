@@ -180,6 +180,9 @@ fn convert_in_place_then_refuses_to_overwrite() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no PyTorch weights"));
 }
 
+/// Every request the server saw: (path, authorization header).
+type Requests = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// A local server answering as the Hub does for what hf-hub asks: the repository listing
@@ -188,8 +191,7 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 struct Hub {
     port: u16,
     stop: Arc<AtomicBool>,
-    /// Every request: (path, authorization header).
-    requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    requests: Requests,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -199,7 +201,7 @@ impl Hub {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(Mutex::new(Vec::new()));
+        let requests: Requests = Arc::new(Mutex::new(Vec::new()));
         let thread = {
             let (stop, requests) = (stop.clone(), requests.clone());
             std::thread::spawn(move || {
