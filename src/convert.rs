@@ -64,6 +64,12 @@ pub struct Converted {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConvertError {
+    /// The path given is not a directory.
+    #[error("{} is not a directory; pass the model directory that holds pytorch_model.bin", dir.display())]
+    NotADirectory {
+        /// The path given.
+        dir: PathBuf,
+    },
     /// The directory has no `pytorch_model*.bin`.
     #[error("{} has no PyTorch weights (pytorch_model.bin or pytorch_model.bin.index.json); found: {found}", dir.display())]
     NoPytorchWeights {
@@ -138,6 +144,11 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError + '_ {
 /// The PyTorch weight files of `dir`: the shards `pytorch_model.bin.index.json` names, else `pytorch_model.bin`,
 /// else every `pytorch_model*.bin`. `Ok(None)` when there are none.
 pub fn pytorch_files(dir: &Path) -> Result<Option<Vec<PathBuf>>, ConvertError> {
+    if !dir.is_dir() {
+        return Err(ConvertError::NotADirectory {
+            dir: dir.to_path_buf(),
+        });
+    }
     let index = dir.join(PYTORCH_INDEX_FILE);
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(io_error(&index))?;
@@ -379,7 +390,12 @@ pub fn convert_pytorch(
         write_atomically(&path, text.as_bytes())?;
         outputs.push(path);
     }
-    if out != dir {
+    // `--out` may name DIR itself under another spelling: never copy a file onto itself (that truncates it).
+    let same_dir = match (std::fs::canonicalize(dir), std::fs::canonicalize(&out)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => out == dir,
+    };
+    if !same_dir {
         copy_other_files(dir, &out)?;
     }
     Ok(Converted {

@@ -56,7 +56,9 @@ impl HubOptions {
             })
             .unwrap_or_else(|| Cache::default().path().clone());
         let token = var("HF_TOKEN").or_else(|| Cache::new(cache_dir.clone()).token());
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| v != "0" && v != "false");
+        // huggingface_hub's reading of a boolean variable.
+        let offline = var("HF_HUB_OFFLINE")
+            .is_some_and(|v| ["1", "ON", "YES", "TRUE"].contains(&v.to_ascii_uppercase().as_str()));
         HubOptions {
             endpoint: var("HF_ENDPOINT")
                 .map(|e| e.trim_end_matches('/').to_owned())
@@ -156,7 +158,7 @@ fn hint(status: u16) -> &'static str {
         401 | 403 => {
             ": the repository is gated or private; set HF_TOKEN to a token that may read it"
         }
-        404 => ": no such model repository (check the id, or HF_ENDPOINT)",
+        404 => ": no such model repository, and no local directory of that name (check the id, the path, or HF_ENDPOINT)",
         _ => "",
     }
 }

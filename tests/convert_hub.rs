@@ -164,7 +164,16 @@ fn convert_in_place_then_refuses_to_overwrite() {
     // Before: the loader names the converter.
     let err = Checkpoint::open(&dir).unwrap_err().to_string();
     assert!(err.contains("strata convert"), "{err}");
-    ok(&run(strata().arg("convert").arg(&dir)));
+    // `--out` naming the same directory another way converts in place and copies nothing onto itself.
+    ok(&run(strata()
+        .arg("convert")
+        .arg(&dir)
+        .arg("--out")
+        .arg(dir.join("."))));
+    assert_eq!(
+        std::fs::read(dir.join("config.json")).unwrap(),
+        std::fs::read(fixtures().join("pytorch/f16/config.json")).unwrap()
+    );
     assert_same_tensors(&dir, &fixtures().join("f16"));
     let again = run(strata().arg("convert").arg(&dir));
     assert!(!again.status.success());
@@ -172,6 +181,22 @@ fn convert_in_place_then_refuses_to_overwrite() {
     assert!(err.contains("already has safetensors weights"), "{err}");
     // No partial file is left anywhere.
     assert!(file_names(&dir).iter().all(|n| !n.ends_with(".part")));
+    // A cut-off download is an error naming the file, and leaves nothing behind.
+    let cut = tmp.path().join("cut");
+    std::fs::create_dir(&cut).unwrap();
+    std::fs::copy(
+        fixtures().join("pytorch/f16/config.json"),
+        cut.join("config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(fixtures().join("pytorch/f16/pytorch_model.bin")).unwrap();
+    std::fs::write(cut.join("pytorch_model.bin"), &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(strata().arg("convert").arg(&cut));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pytorch_model.bin"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(file_names(&cut), ["config.json", "pytorch_model.bin"]);
     // A directory without PyTorch weights says what it found.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();

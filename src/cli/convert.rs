@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use strata::convert::{convert_pytorch, ConvertOptions};
 use strata::offload::policy::{format_bytes, parse_bytes};
@@ -45,8 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let converted = convert_pytorch(&args.dir, &options, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
-    })
-    .with_context(|| format!("converting {}", args.dir.display()))?;
+    })?;
     bar.finish_and_clear();
     outln!(
         "wrote {} tensors ({}) to {}: {}",
