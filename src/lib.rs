@@ -11,6 +11,8 @@ extern crate self as strata;
 
 pub use strata_runtime::*;
 
+pub mod convert;
+pub mod hub;
 mod model_spec;
 mod resolve;
 pub mod typed;

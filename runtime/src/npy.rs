@@ -84,7 +84,7 @@ pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Resul
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
     let part = crate::checkpoint::packed::PartialFile::new(PathBuf::from(part));
-    let mut writer = NpyWriter::create(&part.path, shape)?;
+    let mut writer = NpyWriter::create(part.path(), shape)?;
     writer.write(data)?;
     writer.finish()?;
     part.commit(path).map_err(|source| NpyError::Io {

@@ -532,7 +532,7 @@ fn pytorch_bin_only_directory_says_how_to_convert() {
             assert!(text.contains(f), "{text}");
         }
         assert!(
-            text.contains("save_pretrained") && text.contains("safe_serialization=True"),
+            text.contains(&format!("strata convert '{}'", dir.path().display())),
             "{text}"
         );
         assert!(text.contains(&dir.path().display().to_string()), "{text}");

@@ -73,6 +73,15 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Run once per value, in a process each, and write PATH.csv, PATH.json and PATH.svg (throughput and latency
+    /// against the batch): gpu-batch-size=1,4,16,64, num-gpu-batches=1,2,4, or percent=gpu,weights-cpu,... (presets:
+    /// gpu, weights-cpu, weights-half-cpu, cache-cpu, all-cpu, weights-disk, flexllmgen-30b, flexllmgen-175b; or
+    /// six percents as 20:80:0:100:0:100). Repeat for a grid.
+    #[arg(long, value_name = "PARAM=V1,V2,...")]
+    sweep: Vec<String>,
+    /// Where --sweep writes (PATH.csv, PATH.json, PATH.svg; default strata-sweep).
+    #[arg(long, value_name = "PATH", requires = "sweep")]
+    sweep_out: Option<PathBuf>,
     /// With `--policy auto`: the most sequences one block (gpu batch size x GPU batches) may hold.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_batch: usize,
@@ -117,6 +126,14 @@ fn bar(len: usize, what: &str) -> ProgressBar {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if !args.sweep.is_empty() {
+        return super::sweep::run(
+            &args.sweep,
+            args.sweep_out.as_deref(),
+            args.policy.is_auto(),
+            args.json,
+        );
+    }
     if args.prompt_len == 0 || args.gen_len == 0 {
         bail!("--prompt-len and --gen-len must be at least 1");
     }

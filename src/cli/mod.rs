@@ -7,13 +7,18 @@ mod auto;
 mod bench;
 mod bench_kernels;
 mod checks;
+mod convert;
 mod generate;
 mod model_arg;
+mod peers;
+mod plot;
 mod policy;
 pub mod policy_args;
+mod policy_plot;
 mod process;
 mod profile;
 mod specs;
+mod sweep;
 
 /// High-throughput OPT inference on one GPU, offloading to CPU memory and disk.
 #[derive(Parser)]
@@ -36,6 +41,8 @@ enum Command {
     Profile(profile::Args),
     /// Choose the fastest offloading policy for a model, workload and memory budget.
     Policy(policy::Args),
+    /// Convert PyTorch weights (pytorch_model*.bin) to safetensors.
+    Convert(convert::Args),
 }
 
 impl Command {
@@ -86,6 +93,7 @@ pub fn main() -> ExitCode {
         Command::Bench(command) => bench::dispatch(command),
         Command::Profile(args) => profile::run(args),
         Command::Policy(args) => policy::run(args),
+        Command::Convert(args) => convert::run(args),
     });
     // Every run's files are gone with its values by now; this removes the private runtime directory.
     process::remove_run_files();

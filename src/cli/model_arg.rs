@@ -1,7 +1,8 @@
 //! What `--model NAME_OR_DIR` with `--weights DIR` / `--dummy` means, shared by `generate` and `bench`.
 //!
 //! A built-in name wins over a same-named directory in the current directory unless the argument is a path (it
-//! contains a separator: `./opt-125m`); with `--weights DIR`, DIR's config.json must be the named architecture.
+//! contains a separator: `./opt-125m`); with `--weights DIR`, DIR's config.json must be the named architecture. A
+//! Hub id (`facebook/opt-1.3b`, no such path) without `--dummy` or `--weights` is downloaded ([`strata::hub`]).
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +49,12 @@ pub fn resolve(arg: &str, weights: Option<&Path>, dummy: bool) -> anyhow::Result
         }
         if as_dir.is_dir() {
             bail!("{arg} has no config.json: pass a Hugging Face model directory");
+        }
+        // `facebook/opt-1.3b` with neither --dummy nor --weights: a Hugging Face Hub model, downloaded (or taken
+        // from the cache). With one of them it is a built-in name with an organisation prefix.
+        if !as_dir.exists() && !dummy && weights.is_none() && strata::hub::is_hub_id(arg) {
+            let options = strata::hub::HubOptions::from_env();
+            return Ok(ModelChoice::Dir(strata::hub::download(arg, &options)?));
         }
         // `facebook/opt-125m`: a name with an organisation prefix, when no such directory exists.
         if strata::get_opt_config(arg).is_err() {

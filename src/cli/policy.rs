@@ -50,6 +50,9 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the placement (bytes per tier) and the predicted time split as an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// Caps, compression, offload directory, and (with --evaluate) the policy itself.
     #[command(flatten)]
     pub policy: PolicyArgs,
@@ -107,6 +110,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     problem.compress_cache_config.bits = pa.compress_cache_bits;
     problem.compress_cache_config.group_size = pa.compress_cache_group_size;
 
+    if let Some(path) = &args.plot {
+        super::checks::output_file("--plot", path)?;
+    }
     let start = Instant::now();
     let mut choice = if args.evaluate {
         // Validation of the offload directory waits until we know whether the plan needs one.
@@ -125,9 +131,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let elapsed = start.elapsed();
     choice.policy.offload_dir = pa.offload_dir.clone();
+    let split = cost_model::time_split(&problem, &choice.candidate);
+    if let Some(path) = &args.plot {
+        super::policy_plot::write(path, &config, &hardware, &choice, &split)?;
+    }
 
     if args.json {
-        let text = serde_json::to_string_pretty(&to_json(&config, &args, &choice, &hardware))?;
+        let mut object = to_json(&config, &args, &choice, &hardware);
+        object["time_split"] = super::policy_plot::split_json(&split);
+        let text = serde_json::to_string_pretty(&object)?;
         // A closed pipe (`| head`) is an error to report, not a panic.
         writeln!(std::io::stdout().lock(), "{text}").context("writing to stdout")?;
     } else {

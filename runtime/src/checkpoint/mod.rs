@@ -24,7 +24,7 @@ pub use convert::{to_f16_bits, to_f32};
 pub use packed::{
     from_packed_bytes, host_tensor_to_f32, load_packed_file, remove_partial_files,
     save_packed_file, to_packed_bytes, write_packed_model, write_packed_model_with_progress,
-    PackedCheckpoint, PackedError, PackedWeights, StoredTensor,
+    PackedCheckpoint, PackedError, PackedWeights, PartialFile, StoredTensor,
 };
 pub(crate) use shard::read_header;
 pub use shard::HeaderProblem;
@@ -40,12 +40,9 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The config file of a model directory.
 pub const CONFIG_FILE: &str = "config.json";
 
-/// How to turn a PyTorch-pickle checkpoint into safetensors, quoted in [`CheckpointError::PytorchOnly`].
-/// `torch_dtype="auto"` keeps the stored dtype (transformers would otherwise load, and save, float32).
-pub const CONVERT_HINT: &str =
-    "python -c \"import sys; from transformers import AutoModelForCausalLM; \
-AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype='auto').save_pretrained(sys.argv[1], \
-safe_serialization=True)\" 'DIR'";
+/// How to turn a PyTorch-pickle checkpoint into safetensors, quoted in [`CheckpointError::PytorchOnly`]: the
+/// binary's own converter (`strata::convert`), which keeps the stored dtype and writes next to the `.bin` files.
+pub const CONVERT_HINT: &str = "strata convert 'DIR'";
 
 /// Why a model directory could not be opened.
 #[derive(Debug, thiserror::Error)]

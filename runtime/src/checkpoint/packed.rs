@@ -112,14 +112,17 @@ pub fn remove_partial_files() -> usize {
 }
 
 /// A `FILE.part` being written: registered for [`remove_partial_files`] while it lives, removed on drop unless
-/// [`PartialFile::commit`] renamed it into place (so an error or a panic never leaves it behind).
-pub(crate) struct PartialFile {
-    pub(crate) path: PathBuf,
+/// [`PartialFile::commit`] renamed it into place (so an error or a panic never leaves it behind). Packed checkpoints
+/// and `strata convert`'s safetensors shards are written through it.
+#[derive(Debug)]
+pub struct PartialFile {
+    path: PathBuf,
     committed: bool,
 }
 
 impl PartialFile {
-    pub(crate) fn new(path: PathBuf) -> PartialFile {
+    /// Registers `path` (create the file after this call, so a signal in between leaves nothing).
+    pub fn new(path: PathBuf) -> PartialFile {
         partial_files().insert(path.clone());
         PartialFile {
             path,
@@ -127,7 +130,13 @@ impl PartialFile {
         }
     }
 
-    pub(crate) fn commit(mut self, to: &Path) -> std::io::Result<()> {
+    /// The file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the finished file to `to`; from then on it is no longer removed.
+    pub fn commit(mut self, to: &Path) -> std::io::Result<()> {
         std::fs::rename(&self.path, to)?;
         self.committed = true;
         Ok(())

@@ -10,7 +10,10 @@
 pub mod auto;
 mod flexllmgen;
 mod lp;
+mod split;
 mod strata;
+
+pub use split::{time_split, Lane, TimeSplit, COMPUTE, FRACTION_NAMES};
 
 use std::collections::HashMap;
 use std::fmt;
