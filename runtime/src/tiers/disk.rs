@@ -98,8 +98,10 @@ static NEXT_TIER: AtomicU64 = AtomicU64::new(0);
 pub struct Cleanup {
     /// Offload files removed.
     pub files: usize,
-    /// Offload directories (created by strata) and run directories removed.
+    /// Offload directories (created by strata) removed.
     pub dirs: usize,
+    /// Run directories (one per disk tier, with its owner record) removed.
+    pub runs: usize,
 }
 
 /// What a dead run left in an offload directory, removed by [`remove_dead_runs`].
@@ -241,7 +243,7 @@ pub fn cleanup_all() -> Cleanup {
     }
     for run in std::mem::take(&mut reg.runs) {
         if fs::remove_dir_all(&run).is_ok() {
-            done.dirs += 1;
+            done.runs += 1;
         }
     }
     for dir in std::mem::take(&mut reg.dirs) {
