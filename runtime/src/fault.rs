@@ -16,8 +16,9 @@ pub enum WriteKind {
     Weights,
     /// An offloaded KV cache file.
     Cache,
-    /// An offloaded activation file.
-    Activations,
+    /// An offloaded activation (hidden state) file. (Not `Activations`: a second public item of that name would
+    /// make rustc print `strata::typed::Activations` in full in every diagnostic, which tests/ui pins.)
+    Hidden,
     /// A packed checkpoint.
     Packed,
     /// A hardware profile.
@@ -32,7 +33,7 @@ impl WriteKind {
         match self {
             WriteKind::Weights => "weights",
             WriteKind::Cache => "cache",
-            WriteKind::Activations => "activations",
+            WriteKind::Hidden => "activations",
             WriteKind::Packed => "packed",
             WriteKind::Profile => "profile",
             WriteKind::Logits => "logits",
@@ -44,7 +45,7 @@ impl WriteKind {
         if name.starts_with("cache") {
             WriteKind::Cache
         } else if name.starts_with("act.") || name.starts_with("hidden.") {
-            WriteKind::Activations
+            WriteKind::Hidden
         } else {
             WriteKind::Weights
         }
@@ -96,7 +97,7 @@ mod tests {
     #[test]
     fn offload_files_are_classified_by_their_buffer_name() {
         assert_eq!(WriteKind::of_offload("cache.0.1.2.k"), WriteKind::Cache);
-        assert_eq!(WriteKind::of_offload("act.0.3"), WriteKind::Activations);
+        assert_eq!(WriteKind::of_offload("act.0.3"), WriteKind::Hidden);
         assert_eq!(
             WriteKind::of_offload("decoder.layers.0.fc1.weight[0]"),
             WriteKind::Weights

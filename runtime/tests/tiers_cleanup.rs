@@ -28,11 +28,17 @@ fn cleanup_all_removes_files_and_created_dirs_only() {
     let done = cleanup_all();
     assert_eq!(done.files, 6, "{done:?}");
     assert_eq!(done.dirs, 1, "{done:?}");
+    assert_eq!(done.runs, 2, "{done:?}");
     assert!(paths.iter().all(|p| !p.exists()));
     assert!(!created.exists(), "the dir strata created is removed");
     assert!(
         existing.join("user-file").is_file(),
         "files strata did not write are kept"
+    );
+    assert_eq!(
+        std::fs::read_dir(&existing).unwrap().count(),
+        1,
+        "the run directory is gone"
     );
 
     // Dropping the tensors and tiers afterwards is harmless, and a second cleanup finds nothing.

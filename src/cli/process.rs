@@ -171,13 +171,19 @@ pub fn report_error(err: &anyhow::Error) -> u8 {
 }
 
 /// `err` and its causes joined by ": ", each cause once: many errors already print their source in their own message
-/// (`{path}: {source}`), which anyhow's `{:#}` would print a second time.
+/// (`{path}: {source}`), which anyhow's `{:#}` would print a second time; and a cause that starts with what the text
+/// already names (`writing X` then `X: No space left on device`) is printed without that name.
 pub fn render_chain(err: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in err.chain() {
-        let part = cause.to_string();
+        let mut part = cause.to_string();
         if part.is_empty() || text.contains(&part) {
             continue;
+        }
+        if let Some((head, rest)) = part.split_once(": ") {
+            if !rest.is_empty() && text.contains(head) {
+                part = rest.to_string();
+            }
         }
         if !text.is_empty() {
             text.push_str(": ");
@@ -237,10 +243,16 @@ mod tests {
         let err = anyhow::Error::new(Wrapped { source: io }).context("writing x.npy");
         assert_eq!(
             render_chain(&err),
-            "writing x.npy: x.npy: No such file or directory (os error 2)"
+            "writing x.npy: No such file or directory (os error 2)"
         );
         let err = anyhow::anyhow!("inner").context("outer");
         assert_eq!(render_chain(&err), "outer: inner");
+        let err = anyhow::anyhow!("/x/p.toml: No space left on device (os error 28)")
+            .context("writing the profile to /x/p.toml");
+        assert_eq!(
+            render_chain(&err),
+            "writing the profile to /x/p.toml: No space left on device (os error 28)"
+        );
     }
 
     #[test]

@@ -98,8 +98,10 @@ static NEXT_TIER: AtomicU64 = AtomicU64::new(0);
 pub struct Cleanup {
     /// Offload files removed.
     pub files: usize,
-    /// Offload directories (created by strata) and run directories removed.
+    /// Offload directories (created by strata) removed.
     pub dirs: usize,
+    /// Run directories (one per disk tier, with its owner record) removed.
+    pub runs: usize,
 }
 
 /// What a dead run left in an offload directory, removed by [`remove_dead_runs`].
@@ -145,6 +147,10 @@ pub fn remove_dead_runs(dir: &Path) -> Vec<DeadRun> {
         }
         let owner_path = run.join(OWNER_FILE);
         let Ok(owner) = OpenOptions::new().read(true).write(true).open(&owner_path) else {
+            if setting_up {
+                // Its maker died between mkdir and its record: nothing can be in it but an empty record.
+                let _ = fs::remove_dir_all(&run);
+            }
             continue; // No record (not a run directory strata made), or gone meanwhile.
         };
         if fs4::FileExt::try_lock(&owner).is_err() {
@@ -237,7 +243,7 @@ pub fn cleanup_all() -> Cleanup {
     }
     for run in std::mem::take(&mut reg.runs) {
         if fs::remove_dir_all(&run).is_ok() {
-            done.dirs += 1;
+            done.runs += 1;
         }
     }
     for dir in std::mem::take(&mut reg.dirs) {
@@ -772,6 +778,16 @@ mod tests {
         fs::write(dead.join("0-w.bin"), [0u8; 100]).unwrap();
         // Not strata's: left alone.
         fs::create_dir(dir.path().join("strata-run-foreign")).unwrap();
+        // Set up by a run that died before its record existed: gone once old; a young one may be mid-setup.
+        let abandoned = dir.path().join(format!("{NEW_RUN_PREFIX}abandoned"));
+        let young = dir.path().join(format!("{NEW_RUN_PREFIX}young"));
+        fs::create_dir(&abandoned).unwrap();
+        fs::create_dir(&young).unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::open(&abandoned)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
         let removed = remove_dead_runs(dir.path());
         assert_eq!(
             removed,
@@ -783,6 +799,8 @@ mod tests {
             }]
         );
         assert!(!dead.exists() && dir.path().join("strata-run-foreign").exists());
+        assert!(!abandoned.exists() && young.exists());
+        fs::remove_dir(&young).unwrap();
         drop((ta, tb, a));
         assert!(b.run_dir().exists());
         let b_run = b.run_dir().to_path_buf();
