@@ -601,6 +601,46 @@ mod tests {
     }
 
     #[test]
+    fn published_points_join_the_throughput_panels_of_their_model_only() {
+        let point = |batch: usize, tput: f64| Point {
+            series: String::new(),
+            flags: String::new(),
+            policy: String::new(),
+            measured: Some(Measured {
+                batch,
+                total_throughput_tok_s: tput,
+                decode_throughput_tok_s: tput,
+                total_latency_s: 1.0,
+                ..Measured::default()
+            }),
+            error: None,
+        };
+        let points = [point(16, 3.0), point(64, 9.0)];
+        let published = peers::matching("opt-30b", 512, 32);
+        let panels = panels(&points, &published);
+        let total = &panels[0].curves;
+        assert_eq!(total[0].points, [(16.0, 3.0), (64.0, 9.0)]);
+        let flex = total
+            .iter()
+            .find(|c| c.label == "FlexLLMGen (T4, published)")
+            .unwrap();
+        assert_eq!(
+            (flex.points.as_slice(), flex.line),
+            (&[(144.0, 7.32)][..], false)
+        );
+        // Without a published batch: a level across the swept batches.
+        let petals = total
+            .iter()
+            .find(|c| c.label.starts_with("Petals"))
+            .unwrap();
+        assert_eq!(petals.points, [(16.0, 2.84), (64.0, 2.84)]);
+        // Latency has no published points; another model or workload has none at all.
+        assert_eq!(panels[2].curves.len(), 1);
+        assert!(peers::matching("opt-30b", 128, 32).is_empty());
+        assert!(peers::matching("opt-1.3b", 512, 32).is_empty());
+    }
+
+    #[test]
     fn outputs_share_a_stem() {
         let [c, j, s] = outputs(Path::new("out/run.svg"));
         assert_eq!(
