@@ -36,7 +36,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::cpu_attention::{cpu_attention, decode_cache_values, encode_cache_values};
+use super::cpu_attention::{cpu_attention, encode_cache_row, SeqRows};
 use super::home::Home;
 use super::placement::CacheRange;
 use super::run::{BatchAct, BatchCache, RunHomes};
@@ -116,6 +116,20 @@ impl Target {
             },
         }
     }
+}
+
+/// The first `bytes` of a settled host-memory CPU home.
+fn cached_rows(home: &Home, bytes: usize) -> Option<&[u8]> {
+    match home.settled() {
+        Some(TensorHome::Cpu(t)) => t.host_bytes().and_then(|b| b.get(..bytes)),
+        _ => None,
+    }
+}
+
+fn not_host() -> OffloadError {
+    OffloadError::Model(crate::model::ModelError::Unsupported(
+        "CPU attention over a cache that is not wholly in the CPU tier's host memory".into(),
+    ))
 }
 
 fn no_tiers() -> OffloadError {
@@ -712,50 +726,55 @@ impl<'v> Schedule<'v, '_> {
                 kernel: None,
             });
         }
-        self.flush();
-        let gpu = inp.kernels.gpu();
+        // q, k and v come back in one small readback, which waits for its own submission only.
+        let tiers = self.tiers()?;
         let (q_bytes, kv_bytes) = (
             (rows * h * act.bytes()) as u64,
             (rows * h * kv_dtype.bytes()) as u64,
         );
-        let back = gpu.read_back(&[
-            (&sc.q, 0, q_bytes),
-            (&sc.k, 0, kv_bytes),
-            (&sc.v, 0, kv_bytes),
-        ])?;
+        let mut enc = self.transfers()?;
+        let reads = [
+            tiers.readback(&sc.q, 0, q_bytes, &mut enc)?,
+            tiers.readback(&sc.k, 0, kv_bytes, &mut enc)?,
+            tiers.readback(&sc.v, 0, kv_bytes, &mut enc)?,
+        ];
+        self.submit(enc, Vec::new())?;
+        let mut back = Vec::with_capacity(reads.len());
+        for read in reads {
+            back.push(read.wait()?);
+        }
         let new_kv = [
             decode_act(&back[1], kv_dtype),
             decode_act(&back[2], kv_dtype),
         ];
-        let tiers = self.tiers()?;
         let len = step.past + 1;
-        let (row, home_row) = (h, h * dtype.bytes());
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        if let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] {
-            for (i, seq) in seqs.iter_mut().enumerate() {
-                for (home, new, all) in [
-                    (&mut seq.k, &new_kv[0], &mut keys),
-                    (&mut seq.v, &new_kv[1], &mut values),
-                ] {
-                    if let TensorHome::Cpu(t) = home.settle(tiers)? {
-                        // The new row as the cache stores it, so the CPU attends over what the GPU path would.
-                        let new_row = encode_cache_values(
-                            bytemuck::cast_slice(&new[i * row..(i + 1) * row]),
-                            dtype,
-                        );
-                        // Read the cached rows first: on the DMA path a write lands only at the next submit.
-                        let mut rows: Vec<f32> = tiers.cpu().with_bytes(t, |b| {
-                            decode_cache_values(&b[..step.past * home_row], dtype)
-                        })?;
-                        rows.extend(decode_cache_values(&new_row, dtype));
-                        all.push(rows);
-                        tiers
-                            .cpu()
-                            .write(t, (step.past * home_row) as u64, &new_row)?;
-                    }
-                }
+        let home_row = h * dtype.bytes();
+        let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] else {
+            return Err(not_host());
+        };
+        // The new rows go straight into the host-memory homes, as the cache stores them, so the CPU attends over
+        // what the GPU path would.
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            for (home, new) in [(&mut seq.k, &new_kv[0]), (&mut seq.v, &new_kv[1])] {
+                let bytes = match home.settle(tiers)? {
+                    TensorHome::Cpu(t) => t.host_bytes_mut().ok_or_else(not_host)?,
+                    _ => return Err(not_host()),
+                };
+                let dst = bytes
+                    .get_mut(step.past * home_row..len * home_row)
+                    .ok_or_else(not_host)?;
+                encode_cache_row(&new[i * h..(i + 1) * h], dtype, dst);
             }
         }
+        let seq_rows = seqs
+            .iter()
+            .map(|seq| {
+                Ok(SeqRows {
+                    keys: cached_rows(&seq.k, len * home_row).ok_or_else(not_host)?,
+                    values: cached_rows(&seq.v, len * home_row).ok_or_else(not_host)?,
+                })
+            })
+            .collect::<Result<Vec<_>, OffloadError>>()?;
         let capacity = state.capacity;
         let masks: Vec<&[u32]> = (0..rows)
             .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
@@ -763,8 +782,8 @@ impl<'v> Schedule<'v, '_> {
         let q = decode_act(&back[0], act);
         let out = cpu_attention(
             &q,
-            &keys,
-            &values,
+            &seq_rows,
+            dtype,
             &masks,
             c.n_head,
             len,

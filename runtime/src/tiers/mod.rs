@@ -758,6 +758,24 @@ impl Tiers {
         })
     }
 
+    /// Stores `data` in the CPU tier in plain host memory whatever the tier's path ([`CpuTier::alloc_host`]).
+    pub fn place_host(&self, data: &[u8]) -> Result<TensorHome> {
+        Ok(TensorHome::Cpu(self.cpu.upload_host(data)?))
+    }
+
+    /// Records "copy `src[src_offset .. src_offset + len]` into a pooled readback buffer" into `encoder`; after
+    /// submitting it, [`Readback::read_into`] waits for that submission only, not for the whole queue.
+    pub fn readback(
+        &self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        len: u64,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<Readback> {
+        check_room("readback source", src, src_offset, len)?;
+        self.readbacks.record(src, src_offset, len, encoder)
+    }
+
     /// Records "copy `home` into `dst[dst_offset..]`" into `encoder`. GPU and DMA-capable CPU tensors are one
     /// buffer copy; host-memory CPU tensors go through the staging belt; a disk tensor is read now (blocking; the
     /// schedule should rather [`DiskTier::prefetch`] it and pass the bytes to [`Tiers::fetch_host`]).
