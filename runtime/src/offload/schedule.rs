@@ -790,9 +790,7 @@ impl<'v> Schedule<'v, '_> {
             step.attn_sparsity,
         );
         // The output goes up as activations.
-        tiers
-            .queue()
-            .write_buffer(&sc.attn, 0, &encode_act(&out, act));
+        tiers.upload(&sc.attn, 0, &encode_act(&out, act))?;
 
         finish_layer(
             &mut self.rec,

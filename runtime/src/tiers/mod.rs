@@ -50,6 +50,7 @@ pub mod bandwidth;
 pub mod cpu;
 pub mod disk;
 pub mod gpu;
+mod moved;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,6 +62,9 @@ pub use bandwidth::{measure_bandwidth, BandwidthReport};
 pub use cpu::{CpuPath, CpuTensor, CpuTier};
 pub use disk::{cleanup_all, DiskOptions, DiskTensor, DiskTier, Ticket};
 pub use gpu::{DoubleBuffer, GpuPool, GpuSlot, GpuStats};
+pub use moved::Moved;
+
+use moved::MoveCounter;
 
 /// wgpu's copy alignment: buffer sizes, copy offsets and copy sizes are multiples of it.
 pub const COPY_ALIGN: u64 = wgpu::COPY_BUFFER_ALIGNMENT;
@@ -416,6 +420,8 @@ const READBACKS_KEPT: usize = 16;
 #[derive(Debug)]
 pub(crate) struct ReadbackPool {
     device: wgpu::Device,
+    /// What the tiers sharing this pool moved, and how long their readbacks waited.
+    moves: MoveCounter,
     free: Mutex<BTreeMap<u64, Vec<wgpu::Buffer>>>,
     /// Buffers lent now, the most ever lent at once, and buffers created.
     lent: Mutex<(usize, usize, usize)>,
@@ -425,6 +431,7 @@ impl ReadbackPool {
     pub(crate) fn new(device: &wgpu::Device) -> Arc<Self> {
         Arc::new(ReadbackPool {
             device: device.clone(),
+            moves: MoveCounter::default(),
             free: Mutex::new(BTreeMap::new()),
             lent: Mutex::new((0, 0, 0)),
         })
@@ -519,7 +526,9 @@ impl Readback {
         };
         if self.len > 0 {
             let size = padded(self.len);
+            let start = std::time::Instant::now();
             map_read_blocking(&self.pool.device, &buffer, size)?;
+            self.pool.moves.waited(start.elapsed());
             {
                 let view = buffer
                     .get_mapped_range(0..size)
@@ -773,7 +782,24 @@ impl Tiers {
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<Readback> {
         check_room("readback source", src, src_offset, len)?;
+        self.readbacks.moves.add(Tier::Gpu, Tier::Cpu, len);
         self.readbacks.record(src, src_offset, len, encoder)
+    }
+
+    /// Writes host bytes into `dst[dst_offset ..]` through the queue (lands before the next submit): a few rows
+    /// the CPU computed, such as CPU attention's output. `dst_offset` and `data.len()` are multiples of 4.
+    pub fn upload(&self, dst: &wgpu::Buffer, dst_offset: u64, data: &[u8]) -> Result<()> {
+        check_room("upload destination", dst, dst_offset, data.len() as u64)?;
+        self.readbacks
+            .moves
+            .add(Tier::Cpu, Tier::Gpu, data.len() as u64);
+        self.queue.write_buffer(dst, dst_offset, data);
+        Ok(())
+    }
+
+    /// What the tiers moved since they were made ([`Moved::since`] gives a phase's share).
+    pub fn moved(&self) -> Moved {
+        self.readbacks.moves.snapshot()
     }
 
     /// Records "copy `home` into `dst[dst_offset..]`" into `encoder`. GPU and DMA-capable CPU tensors are one
@@ -800,6 +826,7 @@ impl Tiers {
         dst_offset: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
+        self.readbacks.moves.add(home.tier(), Tier::Gpu, len);
         match home {
             TensorHome::Gpu(t) => {
                 check_range("gpu tier fetch", t.len, offset, len)?;
@@ -827,6 +854,9 @@ impl Tiers {
         dst_offset: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
+        self.readbacks
+            .moves
+            .add(Tier::Disk, Tier::Gpu, bytes.len() as u64);
         self.cpu.fetch_host(bytes, dst, dst_offset, encoder)
     }
 
@@ -870,6 +900,7 @@ impl Tiers {
         len: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingStore> {
+        self.readbacks.moves.add(Tier::Gpu, home.tier(), len);
         match home {
             TensorHome::Gpu(t) => {
                 check_range("gpu tier store", t.len, offset, len)?;
