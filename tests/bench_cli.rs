@@ -110,6 +110,9 @@ fn bench_json_reports_every_figure_consistently() {
             "{v}"
         );
     }
+    // Two GPU batches: auto copies the weights once per block rather than reading them twice in place.
+    assert_eq!(v["transfer"]["setting"], "auto", "{v}");
+    assert_eq!(v["transfer"]["decode"], "copy", "{v}");
     let decode_bytes = &v["transfers"]["decode"]["bytes"];
     for pair in ["cpu->gpu", "disk->gpu", "gpu->cpu"] {
         assert!(u(&decode_bytes[pair]) > 0, "{pair} in {v}");

@@ -13,8 +13,8 @@ use common::{fixture, gpu, options};
 use strata::checkpoint::Checkpoint;
 use strata::generate::Generator;
 use strata::offload::placement::{BufferId, Workload};
-use strata::offload::policy::{Percent, Policy};
-use strata::tiers::{Moved, Tier};
+use strata::offload::policy::{Percent, Policy, Transfer};
+use strata::tiers::{CpuPath, Moved, Tier};
 
 /// What one decode step should move for `p` (no disk cache or activations: their bytes are those of the CPU ones).
 struct Expect {
@@ -151,6 +151,66 @@ fn cpu_attention_moves_only_q_k_v_down_and_its_output_up() {
                 (Tier::Gpu, Tier::Cpu, down),
             ]);
             assert_eq!(m.pairs(), want.pairs(), "{gbs} x {ngb}, decode step {t}");
+        }
+    }
+}
+
+#[test]
+fn zero_copy_reads_cpu_weights_in_place_and_keeps_the_tokens() {
+    let (dir, prompts, _) = fixture("pre-ln-relu");
+    let offload = tempfile::tempdir().unwrap();
+    let new = 3;
+    let n = prompts.len();
+    let gpu = gpu();
+    let dma = CpuPath::best_for(gpu.device.features()) == CpuPath::DmaBuffer;
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let all_gpu = Generator::with_policy(&gpu, &checkpoint, &Policy::default(), &|_| {})
+        .unwrap()
+        .generate(&prompts, &options(new))
+        .unwrap();
+    for (transfer, gbs, ngb) in [
+        (Transfer::Auto, n, 1),
+        (Transfer::Auto, 1, n),
+        (Transfer::Copy, n, 1),
+        (Transfer::ZeroCopy, 1, n),
+    ] {
+        let p = Policy {
+            transfer,
+            ..policy(
+                [0.0, 100.0],
+                [100.0, 0.0],
+                [100.0, 0.0],
+                gbs,
+                ngb,
+                offload.path(),
+            )
+        };
+        let gen = Generator::with_policy(&gpu, &checkpoint, &p, &|_| {}).unwrap();
+        let zero_copy = gen.decode_zero_copy(ngb);
+        assert_eq!(
+            zero_copy,
+            dma && transfer.decode_zero_copy(true, ngb),
+            "{transfer} {gbs} x {ngb}"
+        );
+        let out = gen.generate(&prompts, &options(new)).unwrap();
+        assert_eq!(
+            out.generated_ids, all_gpu.generated_ids,
+            "{transfer} {gbs} x {ngb}"
+        );
+        let diff = common::max_abs_diff(&out.logits.unwrap(), all_gpu.logits.as_ref().unwrap());
+        assert!(
+            diff < 1e-4,
+            "{transfer} {gbs} x {ngb}: logits differ by {diff}"
+        );
+        // Each GPU batch's dispatches read the weights in place: several GPU batches read them several times.
+        let (e, steps) = run(&dir, &prompts, new, &p);
+        let reads = if zero_copy { ngb as u64 } else { 1 };
+        for m in &steps[1..] {
+            assert_eq!(
+                m.pairs(),
+                vec![(Tier::Cpu, Tier::Gpu, reads * e.weights[1])],
+                "{transfer} {gbs} x {ngb}"
+            );
         }
     }
 }

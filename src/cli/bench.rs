@@ -177,6 +177,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(source);
 
     let batch = policy.effective_batch();
+    // How CPU-resident weights reach the decode kernels on this device (prefill always copies them).
+    let decode_transfer = if generator.decode_zero_copy(policy.num_gpu_batches) {
+        "zero-copy"
+    } else {
+        "copy"
+    };
     let prompts = dummy_prompts(
         batch,
         args.prompt_len,
@@ -267,6 +273,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "decode_throughput_tok_s": decode_tput,
             "total_latency_s": prefill + decode,
             "total_throughput_tok_s": total_tput,
+            "transfer": {"setting": policy.transfer.as_str(), "prefill": "copy", "decode": decode_transfer},
             "transfers": {
                 "prefill": phase_json(&prefill_moved, prefill),
                 "decode": phase_json(&decode_moved, decode),
@@ -330,6 +337,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outln!(
             "total latency: {:.3} s  total throughput: {total_tput:.3} token/s",
             prefill + decode
+        );
+        outln!(
+            "transfer: --transfer {}: prefill copies CPU weights into weight slots, decode {}",
+            policy.transfer,
+            if decode_transfer == "zero-copy" {
+                "reads them in place over PCIe (zero-copy)"
+            } else {
+                "copies them into weight slots"
+            }
         );
         outln!("{}", phase_text("prefill", &prefill_moved, prefill));
         outln!("{}", phase_text("decode", &decode_moved, decode));

@@ -72,6 +72,9 @@ pub struct StepInputs<'a> {
     pub overlap: bool,
     /// How activations are stored (the placement's [`super::placement::act_dtype`]): hidden rows move at its size.
     pub act: ActDtype,
+    /// This step's kernels read CPU-resident weights in place, over PCIe, instead of from a weight slot
+    /// ([`super::policy::Transfer`]; decode steps only).
+    pub zero_copy: bool,
 }
 
 /// The scratch buffers of [`super::cpu_attention::CpuAttn`], cloned so that the step's recorder can borrow them
@@ -264,7 +267,11 @@ impl Views {
         };
         Ok(Views {
             layers: (0..c.num_hidden_layers)
-                .map(|j| inp.layers.view(j, weight_slot(j)).ok_or_else(no_tiers))
+                .map(|j| {
+                    inp.layers
+                        .view_with(j, weight_slot(j), inp.zero_copy)
+                        .ok_or_else(no_tiers)
+                })
                 .collect::<Result<_, _>>()?,
             states: inp.states.to_vec(),
             caches: (0..c.num_hidden_layers)
@@ -373,7 +380,7 @@ impl<'v> Schedule<'v, '_> {
     /// With overlap, layer 0's weights are queued first, and the disk reads of layer 1's weights and of the first
     /// two items' KV rows start now.
     fn prologue(&mut self) -> Result<(), OffloadError> {
-        if self.inp.overlap && self.inp.layers.is_offloaded(0) {
+        if self.inp.overlap && self.fetches_weights(0) {
             let mut enc = self.transfers()?;
             self.fetch_layer(0, &mut enc)?;
             self.submit(enc, Vec::new())?;
@@ -404,7 +411,7 @@ impl<'v> Schedule<'v, '_> {
         let n_layers = inp.model.config.num_hidden_layers;
         let n = j * self.batches() + k;
         let weight_layer = if inp.overlap { j + 1 } else { j };
-        let weights = k == 0 && weight_layer < n_layers && inp.layers.is_offloaded(weight_layer);
+        let weights = k == 0 && weight_layer < n_layers && self.fetches_weights(weight_layer);
         let cache_now = self.cache_in(n) && self.prefetched != Some(n);
         let items = n_layers * self.batches();
         // Ahead only into the other slot: with one slot the next item's rows would overwrite this item's.
@@ -439,10 +446,23 @@ impl<'v> Schedule<'v, '_> {
         Ok(())
     }
 
+    /// Whether layer `j` has offloaded weights to copy into a weight slot this step.
+    fn fetches_weights(&self, j: usize) -> bool {
+        self.inp
+            .layers
+            .to_fetch(j, self.inp.zero_copy)
+            .next()
+            .is_some()
+    }
+
     /// Records (j, k)'s decoder layer: on the GPU, or with attention on the CPU.
     fn compute(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
         let views = self.views;
         let inp = self.inp;
+        if let (true, Some(tiers)) = (inp.zero_copy, inp.tiers) {
+            // The layer's dispatches read its CPU-resident weights over PCIe, once per GPU batch.
+            tiers.note_direct_read(inp.layers.direct_bytes(j));
+        }
         if self.on_cpu[k] {
             return self.cpu_attention_layer(j, k);
         }
@@ -574,7 +594,7 @@ impl<'v> Schedule<'v, '_> {
         let layers = self.inp.layers;
         let slot = if self.inp.overlap { j % 2 } else { 0 };
         let tiers = self.tiers()?;
-        for (key, home) in layers.offloaded(j) {
+        for (key, home) in layers.to_fetch(j, self.inp.zero_copy) {
             let dst = layers.slot_buffer(slot, key).ok_or_else(no_tiers)?;
             match self.tickets.remove(&(j, key)) {
                 Some(ticket) => tiers.fetch_host(&ticket.wait()?, &dst, 0, enc)?,

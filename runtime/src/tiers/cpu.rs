@@ -66,10 +66,13 @@ impl std::fmt::Display for CpuPath {
     }
 }
 
-/// Usage of a DMA-path CPU tensor.
+/// Usage of a DMA-path CPU tensor. `STORAGE` lets decode kernels bind it and read it over PCIe (zero-copy,
+/// [`crate::offload::policy::Transfer`]); wgpu-hal's Vulkan backend picks the memory from the map flags alone
+/// (`MAP_READ` without `MAP_WRITE`: gpu-allocator's `GpuToCpu`, host memory), so it stays in host memory.
 const DMA_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ
     .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::STORAGE);
 
 /// Staging belt chunk size; host fetches are split into pieces of at most this size so chunks are reused across
 /// tensors of different sizes.

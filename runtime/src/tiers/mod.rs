@@ -797,6 +797,11 @@ impl Tiers {
         Ok(())
     }
 
+    /// Counts `bytes` of CPU-tier buffers that kernels read in place (zero-copy): they crossed PCIe too.
+    pub fn note_direct_read(&self, bytes: u64) {
+        self.readbacks.moves.add(Tier::Cpu, Tier::Gpu, bytes);
+    }
+
     /// What the tiers moved since they were made ([`Moved::since`] gives a phase's share).
     pub fn moved(&self) -> Moved {
         self.readbacks.moves.snapshot()
