@@ -77,6 +77,10 @@ pub struct Args {
     /// With `--policy auto`: the most sequences one block (gpu batch size x GPU batches) may hold.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_batch: usize,
+    /// The hardware profile whose bandwidths give the PCIe-bound ceiling (default: the adapter's cached one, which
+    /// `strata profile` writes).
+    #[arg(long, value_name = "FILE")]
+    pcie_profile: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -252,7 +256,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let peak = generator.ledger().peak();
     let gpu_weights = generator.model().gpu_bytes() + generator.layers().resident_bytes();
     let planned = memory.allocated();
-    let ceiling = Ceiling::profile(&gpu.info.name)
+    let profile = match &args.pcie_profile {
+        Some(path) => Some(strata::hardware::HardwareProfile::load(path)?),
+        None => Ceiling::profile(&gpu.info.name),
+    };
+    let ceiling = profile
+        .as_ref()
         .and_then(|p| Ceiling::of(&p, &decode_moved, args.gen_len - 1, batch));
     if args.json {
         let object = serde_json::json!({

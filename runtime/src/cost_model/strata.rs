@@ -25,7 +25,7 @@
 use super::flexllmgen::add_memory_row;
 use super::lp::{coef, Lp, CAP, NV, TGEN, TPRE};
 use super::{CapMode, Problem, CC, CG, CN, HC, HG, HN, WC, WG, WN};
-use crate::hardware::Rates;
+use crate::hardware::{HardwareProfile, Rates};
 use crate::offload::placement::{linear_terms_with, WeightSummary};
 use crate::offload::policy::Policy;
 
@@ -167,7 +167,9 @@ pub(crate) fn build(
         let mut compute_bound = gpu_g;
         compute_bound[WC] = 0.0;
         lp.le(compute_bound, -comp_g);
-        gpu_g[WC] = wl / ctog - comp_lin;
+        // The profile's measured in-place rate when it has one (it includes the linear's own compute).
+        let zero_copy = hw.ctog_zero_copy.map_or(ctog, HardwareProfile::bytes_per_s);
+        gpu_g[WC] = wl / zero_copy - comp_lin;
     }
     lp.le(gpu_g, -comp_g);
     side_g[TGEN] = -1.0;
