@@ -262,7 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let ceiling = profile
         .as_ref()
-        .and_then(|p| Ceiling::of(&p, &decode_moved, args.gen_len - 1, batch));
+        .and_then(|p| Ceiling::of(p, &decode_moved, args.gen_len - 1, batch));
     if args.json {
         let object = serde_json::json!({
             "model": config.name,
