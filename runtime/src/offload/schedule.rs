@@ -30,9 +30,15 @@
 //!
 //! `cpu_cache_compute`: at decode, a GPU batch the placement marks ([`super::placement::BatchPlacement`]: its KV
 //! cache lives wholly in CPU memory) runs attention on the CPU instead ([`super::cpu_attention`], rayon over
-//! sequence x head): q, k, v are projected on the GPU and read back, the new k, v rows appended to the CPU cache, the
-//! attention output uploaded, and the rest of the layer runs on the GPU. Other batches (and every prefill) take the
-//! GPU path.
+//! sequence x head): q, k, v are projected on the GPU and come back in a small readback (which waits for its own
+//! submission, not the whole queue), the new k, v rows are written into the host-memory cache, the attention output
+//! is uploaded, and the rest of the layer runs on the GPU. Batches whose activations stay on the GPU are pipelined:
+//! batch k's projections are submitted before the CPU attends for batch k-1, so the GPU runs them (and batch k-1's
+//! rest of the layer) while the CPU works; the last batch's layer finishes before the next layer's weights load.
+//! Other batches (and every prefill) take the GPU path.
+//!
+//! Decode steps with `zero_copy` ([`super::policy::Transfer`]) bind CPU-resident weights where they live instead of
+//! copying them into a weight slot: the kernels read them over PCIe while they compute.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -48,7 +54,7 @@ use crate::model::{
     attention_input, decoder_layer, finish_layer, BatchState, GpuModel, KvCache, LayerWeights,
     Sampling, Step, Workspace,
 };
-use crate::tiers::{PendingStore, TensorHome, Ticket, Tiers};
+use crate::tiers::{PendingStore, Readback, TensorHome, Ticket, Tiers};
 
 /// Everything one step reads (the mutable homes are passed separately).
 pub struct StepInputs<'a> {
@@ -172,6 +178,17 @@ struct Schedule<'v, 'a> {
     writing: Vec<Target>,
     /// The item whose KV rows were fetched ahead into its cache slot.
     prefetched: Option<usize>,
+    /// A CPU-attention batch whose q, k, v are on their way back while the next batch's work is queued.
+    pending_cpu: Option<PendingCpu>,
+}
+
+/// The CPU half of a CPU-attention layer still to do: (layer, GPU batch), the readbacks of q, k and v, and the
+/// element type k and v come back in.
+struct PendingCpu {
+    j: usize,
+    k: usize,
+    reads: [Readback; 3],
+    kv_dtype: ActDtype,
 }
 
 /// Runs one token step for every GPU batch through the block schedule and records the token choice into `next`.
@@ -211,6 +228,7 @@ pub fn run_step(
         stores: VecDeque::new(),
         writing: Vec::new(),
         prefetched: None,
+        pending_cpu: None,
     };
     s.prologue()?;
     for k in 0..nb {
@@ -222,6 +240,8 @@ pub fn run_step(
             s.compute(j, k)?;
             s.store(j, k)?;
         }
+        // The next layer's weights may go into the slot this layer's last CPU-attention batch still reads.
+        s.end_cpu_attention()?;
     }
     let mut row0 = 0;
     for k in 0..nb {
@@ -446,6 +466,14 @@ impl<'v> Schedule<'v, '_> {
         Ok(())
     }
 
+    /// Finishes the CPU-attention layer still pending, if any.
+    fn end_cpu_attention(&mut self) -> Result<(), OffloadError> {
+        match self.pending_cpu.take() {
+            Some(p) => self.cpu_attention_end(p),
+            None => Ok(()),
+        }
+    }
+
     /// Whether layer `j` has offloaded weights to copy into a weight slot this step.
     fn fetches_weights(&self, j: usize) -> bool {
         self.inp
@@ -464,7 +492,16 @@ impl<'v> Schedule<'v, '_> {
             tiers.note_direct_read(inp.layers.direct_bytes(j));
         }
         if self.on_cpu[k] {
-            return self.cpu_attention_layer(j, k);
+            // Pipelined: this batch's projections go to the GPU, then the CPU attends for the previous batch while
+            // the GPU runs them (and then that batch's rest of the layer while the CPU attends for this one).
+            let begun = self.cpu_attention_begin(j, k)?;
+            self.end_cpu_attention()?;
+            if self.act_off[k] {
+                // Its residual stream is the shared activation slot, which the next batch's fetch overwrites.
+                return self.cpu_attention_end(begun);
+            }
+            self.pending_cpu = Some(begun);
+            return Ok(());
         }
         decoder_layer(
             &mut self.rec,
@@ -705,14 +742,15 @@ impl<'v> Schedule<'v, '_> {
         Ok(stores)
     }
 
-    /// One decoder layer of a decode step with attention on the CPU: q, k, v projected on the GPU and read back, the
-    /// new k, v rows appended to the CPU-resident cache, attention computed on the CPU (rayon), its output uploaded,
-    /// and the rest of the layer on the GPU. Mirrors [`decoder_layer`] around the attention.
-    fn cpu_attention_layer(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
+    /// The GPU half of one decoder layer of a decode step with attention on the CPU: the layer norm and q, k, v
+    /// projections recorded and submitted with a small readback of q, k, v behind them. [`Schedule::cpu_attention_end`]
+    /// does the rest: the new k, v rows appended to the CPU-resident cache, attention on the CPU (rayon), its output
+    /// uploaded and the rest of the layer on the GPU. Together they mirror [`decoder_layer`] around the attention.
+    fn cpu_attention_begin(&mut self, j: usize, k: usize) -> Result<PendingCpu, OffloadError> {
         let inp = self.inp;
         let views = self.views;
         let sc = views.cpu.as_ref().ok_or_else(no_tiers)?;
-        let (layer, state, step) = (&views.layers[j], &views.states[k], self.step);
+        let (layer, state) = (&views.layers[j], &views.states[k]);
         let c = &inp.model.config;
         let (h, rows) = (c.hidden_size, state.batch);
         let dense = OutRows::dense(h, 0);
@@ -759,6 +797,35 @@ impl<'v> Schedule<'v, '_> {
             tiers.readback(&sc.v, 0, kv_bytes, &mut enc)?,
         ];
         self.submit(enc, Vec::new())?;
+        Ok(PendingCpu {
+            j,
+            k,
+            reads,
+            kv_dtype,
+        })
+    }
+
+    /// The CPU half of [`Schedule::cpu_attention_begin`]'s layer: submits the compute recorded so far (the previous
+    /// batch's rest of the layer, which the GPU runs meanwhile), waits for this batch's q, k, v, appends k and v to
+    /// the host-memory homes, attends, uploads the output and records the rest of the layer.
+    fn cpu_attention_end(&mut self, pending: PendingCpu) -> Result<(), OffloadError> {
+        let PendingCpu {
+            j,
+            k,
+            reads,
+            kv_dtype,
+        } = pending;
+        self.flush();
+        let inp = self.inp;
+        let views = self.views;
+        let sc = views.cpu.as_ref().ok_or_else(no_tiers)?;
+        let (layer, state, step) = (&views.layers[j], &views.states[k], self.step);
+        let c = &inp.model.config;
+        let (h, rows) = (c.hidden_size, state.batch);
+        let x = &state.x;
+        let act = inp.act;
+        let dtype = self.homes.cache_dtype();
+        let tiers = self.tiers()?;
         let mut back = Vec::with_capacity(reads.len());
         for read in reads {
             back.push(read.wait()?);
