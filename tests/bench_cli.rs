@@ -109,6 +109,11 @@ fn bench_json_reports_every_figure_consistently() {
             t["readback_wait_s"].as_f64().is_some_and(|w| w >= 0.0),
             "{v}"
         );
+        // Transfers ran in both phases: where the device writes timestamps, they took GPU time.
+        assert!(
+            t["gpu_transfer_s"].is_null() || t["gpu_transfer_s"].as_f64().is_some_and(|s| s > 0.0),
+            "{phase}: {v}"
+        );
     }
     // Two GPU batches: auto copies the weights once per block rather than reading them twice in place.
     assert_eq!(v["transfer"]["setting"], "auto", "{v}");

@@ -211,6 +211,8 @@ fn zero_copy_reads_cpu_weights_in_place_and_keeps_the_tokens() {
                 vec![(Tier::Cpu, Tier::Gpu, reads * e.weights[1])],
                 "{transfer} {gbs} x {ngb}"
             );
+            let in_place = if zero_copy { reads * e.weights[1] } else { 0 };
+            assert_eq!(m.in_place_bytes, in_place, "{transfer} {gbs} x {ngb}");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What `strata bench` says about transfers: per phase, the bytes each tier pair moved (counted by the tiers where
-//! they record each copy), the average rate over the phase, the seconds the host waited for GPU -> host copies, and
+//! they record each copy), the average rate over the phase, the seconds the host waited for GPU -> host copies, the
+//! GPU's own time in transfer submits (timestamps, where the device writes them), and
 //! the PCIe-bound ceiling of the decode phase from the adapter's cached hardware profile (`strata profile`).
 
 use strata::hardware::{default_profile_path, HardwareProfile};
@@ -20,6 +21,10 @@ pub fn phase_json(moved: &Moved, secs: f64) -> serde_json::Value {
         "pcie_bytes": moved.pcie_bytes(),
         "pcie_gb_s": rate(moved.pcie_bytes(), secs),
         "readback_wait_s": moved.readback_wait_s,
+        // GPU seconds in transfer submits (GPU timestamps; null where the device has none): time the one queue
+        // spent copying rather than computing. In-place (zero-copy) reads are inside compute: hidden, not here.
+        "gpu_transfer_s": moved.gpu_transfer_s,
+        "in_place_bytes": moved.in_place_bytes,
     })
 }
 
@@ -41,8 +46,19 @@ pub fn phase_text(name: &str, moved: &Moved, secs: f64) -> String {
     } else {
         pairs.join(", ")
     };
+    let in_place = match moved.in_place_bytes {
+        0 => String::new(),
+        n => format!(
+            " ({} of CPU->GPU read in place by the kernels, inside their compute)",
+            format_bytes(n)
+        ),
+    };
+    let gpu = match moved.gpu_transfer_s {
+        Some(s) => format!("the GPU spent {s:.3} s in transfer submits"),
+        None => "no GPU timestamps for transfer submits on this device".to_string(),
+    };
     format!(
-        "{name} transfers: {pairs}; host waited {:.3} s on GPU->host copies",
+        "{name} transfers: {pairs}{in_place}; host waited {:.3} s on GPU->host copies; {gpu}",
         moved.readback_wait_s
     )
 }

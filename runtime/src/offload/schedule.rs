@@ -347,12 +347,14 @@ impl<'v> Schedule<'v, '_> {
     /// Flushes the compute and starts a transfer encoder queued after it.
     fn transfers(&mut self) -> Result<wgpu::CommandEncoder, OffloadError> {
         self.flush();
-        Ok(self
-            .tiers()?
+        let tiers = self.tiers()?;
+        let mut enc = tiers
             .device()
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("strata offload transfers"),
-            }))
+            });
+        tiers.begin_transfers(&mut enc);
+        Ok(enc)
     }
 
     /// Submits a transfer encoder and hands its stores to their homes, as one item of the store queue.
@@ -362,6 +364,8 @@ impl<'v> Schedule<'v, '_> {
         stores: Vec<(Target, PendingStore)>,
     ) -> Result<(), OffloadError> {
         let tiers = self.tiers()?;
+        let mut enc = enc;
+        tiers.end_transfers(&mut enc);
         tiers.prepare_submit(&enc);
         tiers.queue().submit([enc.finish()]);
         if !stores.is_empty() {
@@ -607,6 +611,10 @@ impl<'v> Schedule<'v, '_> {
         self.flush();
         if !self.stores.is_empty() || !self.writing.is_empty() {
             self.drain(0)?;
+        }
+        // The GPU time of this step's transfer submits, behind its last submit (the token read-back waits as long).
+        if let Some(tiers) = self.inp.tiers {
+            tiers.collect_transfer_time()?;
         }
         Ok(())
     }

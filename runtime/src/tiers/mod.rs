@@ -47,6 +47,7 @@
 //! length and every read returns exactly that many bytes.
 
 pub mod bandwidth;
+mod clock;
 pub mod cpu;
 pub mod disk;
 pub mod gpu;
@@ -714,6 +715,8 @@ pub struct Tiers {
     cpu: CpuTier,
     disk: Option<DiskTier>,
     readbacks: Arc<ReadbackPool>,
+    /// GPU timestamps around transfer submits, where the device writes them.
+    clock: Option<clock::TransferClock>,
 }
 
 impl Tiers {
@@ -733,6 +736,7 @@ impl Tiers {
             cpu,
             disk,
             readbacks,
+            clock: clock::TransferClock::new(device),
         })
     }
 
@@ -797,9 +801,50 @@ impl Tiers {
         Ok(())
     }
 
+    /// Marks the start of a transfer encoder's copies (a GPU timestamp, where the device writes them): call it on a
+    /// fresh transfer encoder and [`Tiers::end_transfers`] on it before submitting.
+    pub fn begin_transfers(&self, encoder: &mut wgpu::CommandEncoder) {
+        if let Some(c) = &self.clock {
+            c.begin(encoder);
+        }
+    }
+
+    /// Marks the end of the transfer encoder [`Tiers::begin_transfers`] started.
+    pub fn end_transfers(&self, encoder: &mut wgpu::CommandEncoder) {
+        if let Some(c) = &self.clock {
+            c.end(encoder);
+        }
+    }
+
+    /// Adds the GPU time of this step's timed transfer submits to [`Moved::gpu_transfer_s`]: one submit resolving
+    /// the timestamps, queued after everything submitted so far, and a wait for it (call once per step, after its
+    /// last submit).
+    pub fn collect_transfer_time(&self) -> Result<()> {
+        let Some(c) = &self.clock else {
+            return Ok(());
+        };
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("strata transfer timestamps"),
+            });
+        let pairs = c.resolve(&mut encoder);
+        if pairs == 0 {
+            return Ok(());
+        }
+        let read = self
+            .readbacks
+            .record(c.resolved(), 0, 16 * u64::from(pairs), &mut encoder)?;
+        self.queue.submit([encoder.finish()]);
+        let bytes = read.wait()?;
+        let secs = clock::paired_seconds(&bytes, pairs, self.queue.get_timestamp_period())?;
+        self.readbacks.moves.gpu_transfer(secs);
+        Ok(())
+    }
+
     /// Counts `bytes` of CPU-tier buffers that kernels read in place (zero-copy): they crossed PCIe too.
     pub fn note_direct_read(&self, bytes: u64) {
-        self.readbacks.moves.add(Tier::Cpu, Tier::Gpu, bytes);
+        self.readbacks.moves.in_place(bytes);
     }
 
     /// What the tiers moved since they were made ([`Moved::since`] gives a phase's share).

@@ -14,6 +14,12 @@ pub struct Moved {
     /// Seconds the host spent blocked on GPU -> host copies (readback maps: new rows for a host-memory or disk home,
     /// CPU attention's q, k, v).
     pub readback_wait_s: f64,
+    /// Seconds the GPU spent in transfer submits (copies in and out), from its own timestamps; `None` where the
+    /// device writes none. With one queue the GPU computes nothing meanwhile: this is the time it waited for copies.
+    pub gpu_transfer_s: Option<f64>,
+    /// Of the CPU -> GPU bytes, those kernels read in place (zero-copy decode): they crossed PCIe inside compute,
+    /// with no transfer submit.
+    pub in_place_bytes: u64,
 }
 
 impl Moved {
@@ -58,6 +64,10 @@ impl Moved {
     pub fn since(&self, earlier: &Moved) -> Moved {
         let mut out = Moved {
             readback_wait_s: (self.readback_wait_s - earlier.readback_wait_s).max(0.0),
+            gpu_transfer_s: self
+                .gpu_transfer_s
+                .map(|s| (s - earlier.gpu_transfer_s.unwrap_or(0.0)).max(0.0)),
+            in_place_bytes: self.in_place_bytes.saturating_sub(earlier.in_place_bytes),
             ..Moved::default()
         };
         for (f, row) in out.bytes.iter_mut().enumerate() {
@@ -82,6 +92,9 @@ const fn index(tier: Tier) -> usize {
 pub(crate) struct MoveCounter {
     bytes: [[AtomicU64; 3]; 3],
     wait_ns: AtomicU64,
+    /// GPU transfer time, ns, plus one once any was collected (0: none).
+    gpu_transfer_ns: AtomicU64,
+    in_place: AtomicU64,
 }
 
 impl MoveCounter {
@@ -94,9 +107,27 @@ impl MoveCounter {
         self.wait_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
+    pub(crate) fn in_place(&self, n: u64) {
+        self.add(Tier::Cpu, Tier::Gpu, n);
+        self.in_place.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn gpu_transfer(&self, secs: f64) {
+        let ns = (secs * 1e9) as u64;
+        // The first collection also adds the 1 that marks "measured".
+        let _ = self
+            .gpu_transfer_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.max(1).saturating_add(ns))
+            });
+    }
+
     pub(crate) fn snapshot(&self) -> Moved {
+        let gpu_ns = self.gpu_transfer_ns.load(Ordering::Relaxed);
         let mut out = Moved {
             readback_wait_s: self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            gpu_transfer_s: (gpu_ns > 0).then(|| (gpu_ns - 1) as f64 * 1e-9),
+            in_place_bytes: self.in_place.load(Ordering::Relaxed),
             ..Moved::default()
         };
         for (f, row) in out.bytes.iter_mut().enumerate() {
