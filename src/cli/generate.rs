@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use strata::config::DType;
-use strata::generate::{GenerateOptions, Generator, Sampling};
+use strata::generate::{GenerateError, GenerateOptions, Generator, Sampling};
 use strata::gpu::{Gpu, GpuOptions};
 use strata::offload::placement::{largest_gpu_batch, DeviceLimits, Placement, Workload};
 use strata::tokenizer::Tokenizer;
@@ -83,6 +83,13 @@ fn packed_source(
 ) -> anyhow::Result<Box<dyn WeightSource>> {
     let existed = path.exists();
     if !existed {
+        if let Some(bytes) = strata::checkpoint::packed::abandoned_partial(path) {
+            eprintln!(
+                "strata: {}.part ({}) was left by a run that did not finish; writing it anew",
+                path.display(),
+                strata::offload::policy::format_bytes(bytes)
+            );
+        }
         eprintln!(
             "strata: writing packed weights ({} bits, groups of {}) to {}",
             packed.bits,
@@ -258,6 +265,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     };
 
+    checks::dead_runs(args.policy.offload_dir.as_deref());
     let gpu = Gpu::new(&GpuOptions {
         adapter: args.adapter.clone(),
         max_binding_override: None,
@@ -317,8 +325,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(path), Some(packed)) => packed_source(path, source, packed)?,
         _ => source,
     };
-    let generator =
-        Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| pause_point("load"))?;
+    let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| {
+        pause_point("load");
+        test_lose_device(&gpu, "load");
+    })?;
     drop(source);
     let output = generator.generate_with_progress(
         &prompts,
@@ -328,38 +338,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ignore_eos: args.ignore_eos,
             record_logits: args.dump_logits.is_some(),
         },
-        &|step| pause_point(if step == 0 { "prefill" } else { "decode" }),
-    )?;
-    let texts = match &tokenizer {
-        Some(t) => Some(
-            output
-                .generated_ids
-                .iter()
-                .map(|ids| t.decode(ids, true))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        None => None,
+        &|step| {
+            pause_point(if step == 0 { "prefill" } else { "decode" });
+            test_lose_device(&gpu, &step.to_string());
+        },
+    );
+    let output = match output {
+        Ok(output) => output,
+        Err(GenerateError::Stopped {
+            generated_ids,
+            steps,
+            source,
+        }) => {
+            // A run that fails halfway still hands over what it generated.
+            eprintln!("strata: the run failed after {steps} tokens; the tokens generated so far:");
+            print_tokens(&args, tokenizer.as_ref(), &prompts, &generated_ids)?;
+            return Err(anyhow::Error::new(*source).context(format!(
+                "generation stopped after {steps} tokens (printed above)"
+            )));
+        }
+        Err(e) => return Err(e.into()),
     };
     // The tokens first: a failure to write the logits below must not lose them.
-    if args.json {
-        let mut object = serde_json::json!({
-            "prompt_ids": prompts,
-            "generated_ids": output.generated_ids,
-        });
-        if let Some(texts) = &texts {
-            object["text"] = serde_json::json!(texts);
-        }
-        outln!("{object}");
-    } else {
-        for (i, ids) in output.generated_ids.iter().enumerate() {
-            match (&texts, &tokenizer) {
-                (Some(texts), Some(t)) => {
-                    outln!("[{i}] {}{}", t.decode(&prompts[i], true)?, texts[i])
-                }
-                _ => outln!("[{i}] {ids:?}"),
-            }
-        }
-    }
+    print_tokens(&args, tokenizer.as_ref(), &prompts, &output.generated_ids)?;
     if let (Some(path), Some(logits)) = (&args.dump_logits, &output.logits) {
         let shape = [output.steps, prompts.len(), generator.config().vocab_size];
         strata::npy::write_f32(path, &shape, logits).with_context(|| {
@@ -370,6 +371,56 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Prints each prompt's generated tokens (as text when there is a tokenizer), or one JSON object with `--json`.
+fn print_tokens(
+    args: &Args,
+    tokenizer: Option<&Tokenizer>,
+    prompts: &[Vec<u32>],
+    generated: &[Vec<u32>],
+) -> anyhow::Result<()> {
+    let texts = match tokenizer {
+        Some(t) => Some(
+            generated
+                .iter()
+                .map(|ids| t.decode(ids, true))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => None,
+    };
+    if args.json {
+        let mut object = serde_json::json!({
+            "prompt_ids": prompts,
+            "generated_ids": generated,
+        });
+        if let Some(texts) = &texts {
+            object["text"] = serde_json::json!(texts);
+        }
+        outln!("{object}");
+    } else {
+        for (i, ids) in generated.iter().enumerate() {
+            match (&texts, tokenizer) {
+                (Some(texts), Some(t)) => {
+                    outln!("[{i}] {}{}", t.decode(&prompts[i], true)?, texts[i])
+                }
+                _ => outln!("[{i}] {ids:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Test-only: `STRATA_TEST_LOSE_DEVICE_AT=load` (after the first layer is placed) or `=STEP` (after step STEP, 0 =
+/// prefill) destroys the GPU device, as a driver reset or an unplugged GPU would, for the fault-injection tests.
+/// Does nothing unset.
+fn test_lose_device(gpu: &Gpu, at: &str) {
+    if std::env::var("STRATA_TEST_LOSE_DEVICE_AT").is_ok_and(|v| v == at) && gpu.lost().is_none() {
+        eprintln!("strata: destroying the GPU device (STRATA_TEST_LOSE_DEVICE_AT)");
+        gpu.device.destroy();
+        // wgpu reports a destroyed device at its next poll (a real loss is reported at once).
+        let _ = gpu.lost();
+    }
 }
 
 #[cfg(test)]
