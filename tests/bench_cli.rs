@@ -92,6 +92,36 @@ fn bench_json_reports_every_figure_consistently() {
     assert!(v["peak_bytes"]["cpu"].as_u64().unwrap() > 0, "{v}");
     assert!(v["peak_bytes"]["disk"].as_u64().unwrap() > 0, "{v}");
     assert!(v["adapter"].as_str().is_some_and(|a| !a.is_empty()));
+    // The transfers, per phase: 40% of the weights on the CPU and 60% on disk reach the GPU at every decode step,
+    // the cache goes to the CPU and comes back, and the pairs add up to the PCIe bytes.
+    for phase in ["prefill", "decode"] {
+        let t = &v["transfers"][phase];
+        let pairs = t["bytes"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{phase} transfers in {v}"));
+        let sum: u64 = pairs
+            .iter()
+            .filter(|(k, _)| *k != "gpu->gpu")
+            .map(|(_, n)| u(n))
+            .sum();
+        assert_eq!(sum, u(&t["pcie_bytes"]), "{phase}: {v}");
+        assert!(
+            t["readback_wait_s"].as_f64().is_some_and(|w| w >= 0.0),
+            "{v}"
+        );
+        // Transfers ran in both phases: where the device writes timestamps, they took GPU time.
+        assert!(
+            t["gpu_transfer_s"].is_null() || t["gpu_transfer_s"].as_f64().is_some_and(|s| s > 0.0),
+            "{phase}: {v}"
+        );
+    }
+    // Two GPU batches: auto copies the weights once per block rather than reading them twice in place.
+    assert_eq!(v["transfer"]["setting"], "auto", "{v}");
+    assert_eq!(v["transfer"]["decode"], "copy", "{v}");
+    let decode_bytes = &v["transfers"]["decode"]["bytes"];
+    for pair in ["cpu->gpu", "disk->gpu", "gpu->cpu"] {
+        assert!(u(&decode_bytes[pair]) > 0, "{pair} in {v}");
+    }
     assert_no_files_left(offload.path());
 }
 

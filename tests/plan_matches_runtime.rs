@@ -229,8 +229,8 @@ fn check(gpu: &Gpu, name: &str, case: &Case, offload: &Path) {
     if let Some(a) = &held.allocator {
         // Everything else the device holds is transfer and kernel machinery, never a tensor the placement missed:
         // wgpu's own buffers, the kernels' parameters and placeholder, read-back buffers, and CPU-tier homes on the
-        // DMA path (host-memory wgpu buffers). A kernel staging buffer grown on demand or an unnamed pool buffer
-        // would show up here.
+        // DMA path (host-memory wgpu buffers), and the 16 KiB the transfer timestamps resolve into. A kernel staging
+        // buffer grown on demand or an unnamed pool buffer would show up here.
         let infrastructure = |label: &str| {
             label.starts_with("(wgpu internal)")
                 || [
@@ -239,6 +239,7 @@ fn check(gpu: &Gpu, name: &str, case: &Case, offload: &Path) {
                     "readback",
                     "strata readback",
                     "strata cpu tier",
+                    "resolved transfer timestamps",
                 ]
                 .contains(&label)
         };

@@ -3,8 +3,9 @@
 #
 # Usage: tools/gpu-bench.sh [MODE] [BINARY] [OUT_DIR]
 #   MODE     kernels (default): `bench kernels` and opt-6.7b all on the GPU (issue 10), about 4 minutes on an H200;
-#            offload: `strata profile`, opt-6.7b with weights on the CPU and opt-30b with the cache on the CPU, both attention paths
-#            (issue 11); compress: opt-30b compressed and opt-175b with packed weights (issue 13); smoke: every
+#            offload: `strata profile`, then opt-6.7b with weights on the CPU through both decode transfer paths (copy
+#            into weight slots, zero-copy) (issue 11); offload-30b: `strata profile`, then opt-30b with the cache on the
+#            CPU, both attention paths (issue 11); compress: opt-30b compressed and opt-175b with packed weights (issue 13); smoke: every
 #            mode's commands on opt-125m with tiny shapes, to check the script itself on any machine (lavapipe).
 #            Each mode fits one 10-minute call of the device tool; run them in this order as time allows.
 #   BINARY   the release binary (default target/release/strata; build it where the toolchain is:
@@ -17,9 +18,9 @@ set -uo pipefail
 
 mode=${1:-kernels}
 case $mode in
-kernels | offload | compress | smoke) ;;
+kernels | offload | offload-30b | compress | smoke) ;;
 *)
-    echo "gpu-bench: unknown mode '$mode' (kernels, offload, compress or smoke)" >&2
+    echo "gpu-bench: unknown mode '$mode' (kernels, offload, offload-30b, compress or smoke)" >&2
     exit 2
     ;;
 esac
@@ -80,16 +81,29 @@ if [[ $mode == kernels || $mode == smoke ]]; then
     run "$small-gpu-32x2" 150 bench --model "$small" "${workload[@]}" --gpu-batch-size "$(scale_batch 32)" \
         --num-gpu-batches 2
 fi
-if [[ $mode == offload || $mode == smoke ]]; then
-    # Issue 11: this machine's transfer and compute rates through strata's own paths (the cost model's profile),
-    # then weights on the CPU (FlexLLMGen 226.8 token/s decode; PCIe ceiling 266) and opt-30b with the cache on the
-    # CPU, both attention paths (FlexLLMGen 13.8 token/s total).
+if [[ $mode == offload || $mode == offload-30b || $mode == smoke ]]; then
+    # Issue 11: this machine's transfer and compute rates through strata's own paths (the cost model's profile; each
+    # bench reads its bandwidths for the PCIe-bound ceiling it reports beside the transfers it counted).
     run profile 90 profile --out "$out/profile.toml" --disk-bytes 1GiB
-    run "$small-wcpu-32x2" 150 bench --model "$small" "${workload[@]}" --percent 0 100 100 0 100 0 \
-        --gpu-batch-size "$(scale_batch 32)" --num-gpu-batches 2
-    run "$big-ccpu-gpuattn" 200 bench --model "$big" "${workload[@]}" --percent 20 80 0 100 0 100 \
+    pcie=()
+    [[ -f $out/profile.toml ]] && pcie=(--pcie-profile "$out/profile.toml")
+fi
+if [[ $mode == offload || $mode == smoke ]]; then
+    # Weights on the CPU (FlexLLMGen 226.8 token/s decode; PCIe ceiling 266). 32 x 2: --transfer auto copies the
+    # weights into weight slots once per block; zero-copy reads them in place once per GPU batch (twice the bytes);
+    # 64 x 1 is the same 64 sequences in one GPU batch, where auto reads them in place once.
+    run "$small-wcpu-32x2-copy" 150 bench --model "$small" "${workload[@]}" "${pcie[@]}" --percent 0 100 100 0 100 0 \
+        --gpu-batch-size "$(scale_batch 32)" --num-gpu-batches 2 --transfer copy
+    run "$small-wcpu-32x2-zerocopy" 150 bench --model "$small" "${workload[@]}" "${pcie[@]}" \
+        --percent 0 100 100 0 100 0 --gpu-batch-size "$(scale_batch 32)" --num-gpu-batches 2 --transfer zero-copy
+    run "$small-wcpu-64x1-auto" 150 bench --model "$small" "${workload[@]}" "${pcie[@]}" --percent 0 100 100 0 100 0 \
+        --gpu-batch-size "$(scale_batch 64)" --num-gpu-batches 1
+fi
+if [[ $mode == offload-30b || $mode == smoke ]]; then
+    # opt-30b with the cache on the CPU, both attention paths (FlexLLMGen 13.8 token/s total; target 27.6).
+    run "$big-ccpu-gpuattn" 240 bench --model "$big" "${workload[@]}" "${pcie[@]}" --percent 20 80 0 100 0 100 \
         --gpu-batch-size "$(scale_batch 24)" --num-gpu-batches 2
-    run "$big-ccpu-cpuattn" 200 bench --model "$big" "${workload[@]}" --percent 20 80 0 100 0 100 \
+    run "$big-ccpu-cpuattn" 240 bench --model "$big" "${workload[@]}" "${pcie[@]}" --percent 20 80 0 100 0 100 \
         --gpu-batch-size "$(scale_batch 24)" --num-gpu-batches 2 --cpu-cache-compute
 fi
 if [[ $mode == compress || $mode == smoke ]]; then

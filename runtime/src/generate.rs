@@ -541,6 +541,17 @@ impl Generator {
         })
     }
 
+    /// Whether decode steps in blocks of `num_gpu_batches` GPU batches read CPU-resident weights in place
+    /// (zero-copy, over PCIe while the kernels compute) rather than copying them into weight slots: the policy's
+    /// `transfer` setting on this device (its CPU tier on the DMA path) and these weights (some of them in CPU memory).
+    pub fn decode_zero_copy(&self, num_gpu_batches: usize) -> bool {
+        let direct =
+            (0..self.model.config.num_hidden_layers).any(|j| self.layers.direct_bytes(j) > 0);
+        self.policy
+            .transfer
+            .decode_zero_copy(direct, num_gpu_batches)
+    }
+
     /// Runs one step through the block schedule ([`crate::offload::schedule`]).
     fn record_step(
         &self,
@@ -563,6 +574,9 @@ impl Generator {
             next: &run.work.next,
             overlap: placement.policy.overlap,
             act: placement.act_dtype,
+            zero_copy: step.past > 0
+                && step.s_new == 1
+                && self.decode_zero_copy(placement.policy.num_gpu_batches),
         };
         run_step(&inputs, &mut run.homes, step, options.sampling, t)?;
         Ok(())

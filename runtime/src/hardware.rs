@@ -60,6 +60,14 @@ pub struct HardwareProfile {
     /// CPU matrix-vector rate, TFLOP/s (measured by `strata profile`; unused by FlexLLMGen's formulation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_gemv_flops: Option<f64>,
+    /// Effective weight bandwidth, GiB/s, of a decode linear reading its weights from the CPU tier in place
+    /// (zero-copy, `--transfer zero-copy`), measured by `strata profile` on devices with the DMA path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctog_zero_copy: Option<f64>,
+    /// Effective weight bandwidth, GiB/s, of the copy path for the same linear: its weights copied from the CPU tier
+    /// into a GPU buffer, then the linear, in one submit (`--transfer copy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctog_copy_linear: Option<f64>,
 }
 
 /// A profile that could not be read or is not usable.
@@ -121,6 +129,8 @@ impl HardwareProfile {
             c2: 0.0328,
             c3: 0.0621,
             cpu_gemv_flops: None,
+            ctog_zero_copy: None,
+            ctog_copy_linear: None,
         }
     }
 

@@ -9,7 +9,7 @@ use strata_runtime::gpu::kernels::{
     sparse_top_k, ActDtype, AttentionShape, CacheDtype, CacheDtype::F32, KernelOptions, Kernels,
 };
 use strata_runtime::gpu::Gpu;
-use strata_runtime::offload::cpu_attention::cpu_attention;
+use strata_runtime::offload::cpu_attention::{cpu_attention, SeqRows};
 use strata_runtime::reference;
 
 /// One decode step's inputs: `batch` sequences whose new token sits at row `past` of caches of `capacity` rows.
@@ -128,10 +128,18 @@ impl Case {
         let masks: Vec<&[u32]> = (0..self.batch())
             .map(|b| &self.mask[b * self.capacity..(b + 1) * self.capacity])
             .collect();
+        let seqs: Vec<SeqRows> = keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| SeqRows {
+                keys: bytemuck::cast_slice(k),
+                values: bytemuck::cast_slice(v),
+            })
+            .collect();
         cpu_attention(
             &self.q,
-            &keys,
-            &values,
+            &seqs,
+            CacheDtype::F32,
             &masks,
             self.n_head,
             self.past + 1,

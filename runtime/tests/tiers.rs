@@ -206,6 +206,41 @@ fn cpu_tier_reads_writes_and_counts_bytes() {
 }
 
 #[test]
+fn a_host_tensor_is_plain_memory_on_every_path_and_moves_like_the_others() {
+    for (path, device, queue) in each_path() {
+        let cpu = CpuTier::new(&device, &queue, path).unwrap();
+        let data = pattern(4096 + 2, 5);
+        let mut t = cpu.upload_host(&data).unwrap();
+        assert_eq!(t.host_bytes(), Some(&data[..]), "{path}");
+        assert_eq!(cpu.stats().current_bytes, data.len() as u64, "{path}");
+        // The GPU fills and reads it as it does a tensor of the tier's own path.
+        let gpu_buf = device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 8192,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = device.create_command_encoder(&Default::default());
+        cpu.fetch(&t, &gpu_buf, 0, &mut enc).unwrap();
+        cpu.prepare_submit(&enc);
+        let back = cpu
+            .write_back_range(&gpu_buf, 0, &mut t, 4096, 2, &mut enc)
+            .unwrap();
+        queue.submit([enc.finish()]);
+        match back {
+            PendingStore::Readback { readback, .. } => {
+                assert_eq!(readback.wait().unwrap(), data[..2])
+            }
+            PendingStore::Done => {
+                panic!("{path}: a host tensor's store comes back through a readback")
+            }
+        }
+        drop(t);
+        assert_eq!(cpu.stats().current_bytes, 0, "{path}");
+    }
+}
+
+#[test]
 fn dma_path_without_the_feature_is_a_clear_error() {
     let (device, queue) = device(false).unwrap();
     let err = CpuTier::new(&device, &queue, CpuPath::DmaBuffer).unwrap_err();

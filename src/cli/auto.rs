@@ -80,6 +80,7 @@ pub fn resolve_auto(
     if let Some(sparsity) = flags.attn_sparsity {
         policy.attn_sparsity = sparsity;
     }
+    policy.transfer = flags.transfer;
     Ok(policy)
 }
 

@@ -17,6 +17,7 @@ use strata::offload::policy::format_bytes;
 use strata::weights::WeightSource;
 
 use super::auto::resolve_auto;
+use super::bench_transfers::{phase_json, phase_text, Ceiling};
 use super::checks;
 use super::model_arg;
 use super::policy_args::PolicyArgs;
@@ -85,6 +86,10 @@ pub struct Args {
     /// With `--policy auto`: the most sequences one block (gpu batch size x GPU batches) may hold.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_batch: usize,
+    /// The hardware profile whose bandwidths give the PCIe-bound ceiling (default: the adapter's cached one, which
+    /// `strata profile` writes).
+    #[arg(long, value_name = "FILE")]
+    pcie_profile: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -194,6 +199,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(source);
 
     let batch = policy.effective_batch();
+    // How CPU-resident weights reach the decode kernels on this device (prefill always copies them).
+    let decode_transfer = if generator.decode_zero_copy(policy.num_gpu_batches) {
+        "zero-copy"
+    } else {
+        "copy"
+    };
     let prompts = dummy_prompts(
         batch,
         args.prompt_len,
@@ -203,6 +214,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let generating = bar(args.gen_len, "generate");
     // After the prefill every buffer of the run is held: compare the ledger with wgpu's own allocator report then.
     let allocator: std::cell::RefCell<Option<AllocatorCheck>> = Default::default();
+    // What the tiers moved, split into prefill (up to the first token) and decode.
+    let moved_start = generator.tiers().moved();
+    let after_prefill = std::cell::Cell::new(None);
     let output = generator
         .generate_with_progress(
             &prompts,
@@ -215,6 +229,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &|t| {
                 generating.inc(1);
                 if t == 0 {
+                    after_prefill.set(Some(generator.tiers().moved()));
                     *allocator.borrow_mut() = gpu
                         .device
                         .generate_allocator_report()
@@ -225,6 +240,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("running the benchmark")?;
     generating.finish_and_clear();
     let allocator = allocator.into_inner();
+    let moved_end = generator.tiers().moved();
+    let after_prefill = after_prefill.get().unwrap_or(moved_end);
+    let (prefill_moved, decode_moved) = (
+        after_prefill.since(&moved_start),
+        moved_end.since(&after_prefill),
+    );
 
     let prefill = output.step_seconds.first().copied().unwrap_or(0.0);
     let decode: f64 = output.step_seconds.iter().skip(1).sum();
@@ -253,6 +274,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let peak = generator.ledger().peak();
     let gpu_weights = generator.model().gpu_bytes() + generator.layers().resident_bytes();
     let planned = memory.allocated();
+    let profile = match &args.pcie_profile {
+        Some(path) => Some(strata::hardware::HardwareProfile::load(path)?),
+        None => Ceiling::profile(&gpu.info.name),
+    };
+    let ceiling = profile
+        .as_ref()
+        .and_then(|p| Ceiling::of(p, &decode_moved, args.gen_len - 1, batch));
     if args.json {
         let object = serde_json::json!({
             "model": config.name,
@@ -272,6 +300,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "decode_throughput_tok_s": decode_tput,
             "total_latency_s": prefill + decode,
             "total_throughput_tok_s": total_tput,
+            "transfer": {"setting": policy.transfer.as_str(), "prefill": "copy", "decode": decode_transfer},
+            "transfers": {
+                "prefill": phase_json(&prefill_moved, prefill),
+                "decode": phase_json(&decode_moved, decode),
+            },
+            // Decode's token rate if every step took only its PCIe bytes' time at the cached profile's bandwidths.
+            "pcie_ceiling": ceiling.as_ref().map(|c| serde_json::json!({
+                "profile": c.profile,
+                "ctog_gib_s": c.gib_s.0,
+                "gtoc_gib_s": c.gib_s.1,
+                "decode_tok_s": c.tok_s,
+                "fraction": decode_tput / c.tok_s,
+            })),
             "peak_bytes": {
                 "gpu": peak.gpu,
                 "gpu_weights": gpu_weights,
@@ -324,6 +365,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "total latency: {:.3} s  total throughput: {total_tput:.3} token/s",
             prefill + decode
         );
+        outln!(
+            "transfer: --transfer {}: prefill copies CPU weights into weight slots, decode {}",
+            policy.transfer,
+            if decode_transfer == "zero-copy" {
+                "reads them in place over PCIe (zero-copy)"
+            } else {
+                "copies them into weight slots"
+            }
+        );
+        outln!("{}", phase_text("prefill", &prefill_moved, prefill));
+        outln!("{}", phase_text("decode", &decode_moved, decode));
+        match &ceiling {
+            Some(c) => outln!(
+                "PCIe-bound decode ceiling: {:.3} token/s ({:.1} GiB/s up, {:.1} GiB/s down, profile {}); measured {:.1}% of it",
+                c.tok_s,
+                c.gib_s.0,
+                c.gib_s.1,
+                c.profile,
+                100.0 * decode_tput / c.tok_s
+            ),
+            None => outln!(
+                "PCIe-bound decode ceiling: none (nothing crossed PCIe at decode, or no cached profile: `strata profile`)"
+            ),
+        }
         outln!(
             "peak tier bytes: gpu {} (resident weights {}, pool {})  cpu {}  disk {}",
             format_bytes(peak.gpu),

@@ -8,7 +8,9 @@
 use std::path::PathBuf;
 
 use clap::ArgAction;
-use strata::offload::policy::{parse_bytes, CompressionConfig, Percent, Policy, PolicyError};
+use strata::offload::policy::{
+    parse_bytes, CompressionConfig, Percent, Policy, PolicyError, Transfer,
+};
 
 /// Reads a byte size (`16GiB`, `200GB`, `1.5TiB`, `512MiB`, plain bytes) for clap.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -52,6 +54,10 @@ pub struct PolicyArgs {
     /// Run decode attention over CPU-resident cache on the CPU.
     #[arg(long)]
     pub cpu_cache_compute: bool,
+    /// How CPU-resident weights reach the decode kernels: auto (zero-copy where the device binds host buffers and
+    /// the block is one GPU batch), copy (into weight slots), zero-copy (the kernels read them over PCIe).
+    #[arg(long, default_value_t = Transfer::Auto, value_name = "auto|copy|zero-copy")]
+    pub transfer: Transfer,
     /// Fraction of attention positions kept, in (0, 1] [default: 1].
     #[arg(long, value_name = "FRACTION")]
     pub attn_sparsity: Option<f64>,
@@ -131,6 +137,7 @@ impl PolicyArgs {
             sep_layer: self.sep_layer.unwrap_or(d.sep_layer),
             pin_weight: self.pin_weight.unwrap_or(d.pin_weight),
             cpu_cache_compute: self.cpu_cache_compute,
+            transfer: self.transfer,
             attn_sparsity: self.attn_sparsity.unwrap_or(d.attn_sparsity),
             compress_weight: self.compress_weight,
             compress_weight_config: CompressionConfig {

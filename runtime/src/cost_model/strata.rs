@@ -7,6 +7,10 @@
 //! - Activations may be split over all three tiers (FlexLLMGen forces them onto one device and never onto disk).
 //! - Compression divides the bytes moved and stored by the real ratio (4 bits + two fp16 per 64 values: /3.56 at
 //!   fp16), for weights and, when enabled, the KV cache.
+//! - Decode reads CPU-resident weights as `--transfer auto` does on a device with the DMA path: in place (zero-copy)
+//!   when the block is one GPU batch, so the CPU share of a layer's linears runs at PCIe speed with its compute
+//!   hidden (`max(bytes / ctog, compute)`), and copied into weight slots before the layer with several GPU batches
+//!   (where reading in place would move the weights once per batch), serial with the compute. Prefill always copies.
 //! - `cpu_cache_compute` is a choice: either the off-GPU cache streams up and attention runs on the GPU, or the CPU
 //!   attends over it (q, new K/V down, output up). The search solves both and keeps the faster.
 //! - The logits are part of the model: every step multiplies by the LM head (the tied token embedding, as large as a
@@ -21,7 +25,7 @@
 use super::flexllmgen::add_memory_row;
 use super::lp::{coef, Lp, CAP, NV, TGEN, TPRE};
 use super::{CapMode, Problem, CC, CG, CN, HC, HG, HN, WC, WG, WN};
-use crate::hardware::Rates;
+use crate::hardware::{HardwareProfile, Rates};
 use crate::offload::placement::{linear_terms_with, WeightSummary};
 use crate::offload::policy::Policy;
 
@@ -130,7 +134,8 @@ pub(crate) fn build(
     let kv_new = 2.0 * h * cv * b;
     let kv_ctx = 2.0 * ctx * h * cv * b;
     let attn_flops = 4.0 * b * ctx * h;
-    let comp_g = b * (8.0 * h * h + 4.0 * h * f) / mm_g + head_flops_per_layer / mm_g;
+    let comp_lin = b * (8.0 * h * h + 4.0 * h * f) / mm_g;
+    let comp_g = comp_lin + head_flops_per_layer / mm_g;
     let mut gpu_g = coef(&[
         (WC, wl / ctog),
         (WN, wl / ctog),
@@ -157,6 +162,15 @@ pub(crate) fn build(
         }
     }
     gpu_g[TGEN] = -1.0;
+    if ngb == 1 {
+        // Zero-copy: the CPU share's linears take max(their bytes over PCIe, their compute), the rest as before.
+        let mut compute_bound = gpu_g;
+        compute_bound[WC] = 0.0;
+        lp.le(compute_bound, -comp_g);
+        // The profile's measured in-place rate when it has one (it includes the linear's own compute).
+        let zero_copy = hw.ctog_zero_copy.map_or(ctog, HardwareProfile::bytes_per_s);
+        gpu_g[WC] = wl / zero_copy - comp_lin;
+    }
     lp.le(gpu_g, -comp_g);
     side_g[TGEN] = -1.0;
     lp.le(side_g, 0.0);

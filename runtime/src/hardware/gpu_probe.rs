@@ -236,6 +236,82 @@ impl RuntimeProbe {
         Ok(2.0 * (m * n * n * self.sizes.reps.max(1)) as f64 / secs / 1e12)
     }
 
+    /// GiB/s of weight bytes through a decode linear (`gemv_m` rows over a `width x width` weight) whose weights live
+    /// in the CPU tier: read in place by the kernel (`zero_copy`, the DMA path only), or copied into a GPU buffer and
+    /// then read, in one submit. The two decode transfer paths of [`crate::offload::policy::Transfer`].
+    fn pcie_linear(&self, zero_copy: bool) -> Result<f64, String> {
+        let n = self.sizes.width;
+        let m = self.sizes.gemv_m;
+        let values: Vec<f32> = (0..n * n).map(|i| ((i % 17) as f32 - 8.0) * 1e-3).collect();
+        let tensor = HostTensor {
+            dtype: DType::F32,
+            shape: vec![n, n],
+            bytes: Cow::Owned(bytemuck::cast_slice(&values).to_vec()),
+        };
+        // The weight's chunks in CPU-tier tensors (kept alive here), and GPU buffers of their sizes for the copy path.
+        let mut homes = Vec::new();
+        let mut copies = Vec::new();
+        let cpu = self.tiers.cpu();
+        let host = GpuMatrix::build::<GpuError>(
+            &self.gpu,
+            "probe host weight",
+            &tensor,
+            self.sizes.format,
+            |c| {
+                let t = cpu
+                    .upload(c.bytes)
+                    .map_err(|e| GpuError::Upload(e.to_string()))?;
+                let buffer = t.dma_buffer().cloned();
+                homes.push(t);
+                buffer.ok_or_else(|| {
+                    GpuError::Upload("the CPU tier has no DMA path on this device".into())
+                })
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        if zero_copy
+            && !host
+                .chunks
+                .iter()
+                .all(|c| c.buffer.usage().contains(wgpu::BufferUsages::STORAGE))
+        {
+            return Err("the CPU tier's buffers cannot be bound by kernels".into());
+        }
+        let on_gpu = GpuMatrix {
+            rows: host.rows,
+            cols: host.cols,
+            format: host.format,
+            chunks: host
+                .chunks
+                .iter()
+                .map(|c| {
+                    let buffer = self
+                        .gpu
+                        .storage_buffer("probe weight copy", c.buffer.size());
+                    copies.push((c.buffer.clone(), buffer.clone()));
+                    crate::gpu::tensor::MatrixChunk {
+                        row0: c.row0,
+                        rows: c.rows,
+                        buffer,
+                    }
+                })
+                .collect(),
+        };
+        let x = self.filled_act("probe x", m * n)?;
+        let out = self.gpu.storage_buffer("probe out", (4 * m * n) as u64);
+        let w = if zero_copy { &host } else { &on_gpu };
+        let secs = self.time(|rec| {
+            if !zero_copy {
+                for (src, dst) in &copies {
+                    rec.copy(src, 0, dst, 0, src.size().min(dst.size()));
+                }
+            }
+            rec.linear(&x, m, w, None, Act::None, &out, OutRows::dense(n, 0), false);
+        })?;
+        let bytes: u64 = host.chunks.iter().map(|c| c.buffer.size()).sum();
+        Ok((bytes * self.sizes.reps.max(1) as u64) as f64 / secs / GIB)
+    }
+
     /// TFLOP/s of attention: prefill (`s_new = seq`, causal) or decode (one query over `seq` positions).
     fn attention_rate(&self, prefill: bool) -> Result<f64, String> {
         let s = &self.sizes;
@@ -310,6 +386,14 @@ impl GpuProbe for RuntimeProbe {
                 "attention decode b {} ctx {} h {}",
                 s.attn_batch, s.attn_seq, s.attn_hidden
             ),
+            GpuField::CtogZeroCopy => format!(
+                "GEMV {}x{}x{}, {fmt} weights read in place from the CPU tier ({path})",
+                s.gemv_m, s.width, s.width
+            ),
+            GpuField::CtogCopyLinear => format!(
+                "copy CPU tier ({path}) -> GPU + GEMV {}x{}x{}, {fmt} weights",
+                s.gemv_m, s.width, s.width
+            ),
         }
     }
 
@@ -332,6 +416,8 @@ impl GpuProbe for RuntimeProbe {
             GpuField::MmFlopsG => self.linear_rate(s.gemv_m)?,
             GpuField::BmmFlopsP => self.attention_rate(true)?,
             GpuField::BmmFlopsG => self.attention_rate(false)?,
+            GpuField::CtogZeroCopy => self.pcie_linear(true)?,
+            GpuField::CtogCopyLinear => self.pcie_linear(false)?,
         };
         // Free the bind groups cached for this measurement's buffers.
         self.kernels.release_cached_bindings();

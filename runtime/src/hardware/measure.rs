@@ -32,11 +32,15 @@ pub enum GpuField {
     BmmFlopsP,
     /// Attention rate at decode shapes.
     BmmFlopsG,
+    /// A decode linear's weight bandwidth reading the CPU tier in place ([`HardwareProfile::ctog_zero_copy`]).
+    CtogZeroCopy,
+    /// The same linear with its weights copied up first ([`HardwareProfile::ctog_copy_linear`]).
+    CtogCopyLinear,
 }
 
 impl GpuField {
     /// Every field, in the order a profile run measures them.
-    pub const ALL: [GpuField; 7] = [
+    pub const ALL: [GpuField; 9] = [
         GpuField::Ctog,
         GpuField::GtocCache,
         GpuField::GtocHidden,
@@ -44,6 +48,8 @@ impl GpuField {
         GpuField::MmFlopsG,
         GpuField::BmmFlopsP,
         GpuField::BmmFlopsG,
+        GpuField::CtogZeroCopy,
+        GpuField::CtogCopyLinear,
     ];
 
     /// The profile field's name.
@@ -56,6 +62,8 @@ impl GpuField {
             GpuField::MmFlopsG => "mm_flops_g",
             GpuField::BmmFlopsP => "bmm_flops_p",
             GpuField::BmmFlopsG => "bmm_flops_g",
+            GpuField::CtogZeroCopy => "ctog_zero_copy",
+            GpuField::CtogCopyLinear => "ctog_copy_linear",
         }
     }
 
@@ -63,12 +71,16 @@ impl GpuField {
     pub const fn is_bandwidth(self) -> bool {
         matches!(
             self,
-            GpuField::Ctog | GpuField::GtocCache | GpuField::GtocHidden
+            GpuField::Ctog
+                | GpuField::GtocCache
+                | GpuField::GtocHidden
+                | GpuField::CtogZeroCopy
+                | GpuField::CtogCopyLinear
         )
     }
 
-    fn slot(self, p: &mut HardwareProfile) -> &mut f64 {
-        match self {
+    fn set(self, p: &mut HardwareProfile, value: f64) {
+        *match self {
             GpuField::Ctog => &mut p.ctog,
             GpuField::GtocCache => &mut p.gtoc_cache,
             GpuField::GtocHidden => &mut p.gtoc_hidden,
@@ -76,7 +88,9 @@ impl GpuField {
             GpuField::MmFlopsG => &mut p.mm_flops_g,
             GpuField::BmmFlopsP => &mut p.bmm_flops_p,
             GpuField::BmmFlopsG => &mut p.bmm_flops_g,
-        }
+            GpuField::CtogZeroCopy => p.ctog_zero_copy.insert(value),
+            GpuField::CtogCopyLinear => p.ctog_copy_linear.insert(value),
+        } = value;
     }
 }
 
@@ -451,7 +465,7 @@ pub fn profile_machine(
             // A failed GPU step keeps the base value: the table shows which ones were measured.
             if let Ok(value) = probe.measure(field) {
                 if value.is_finite() && value > 0.0 {
-                    *field.slot(&mut p) = value;
+                    field.set(&mut p, value);
                     let unit = if field.is_bandwidth() {
                         "GiB/s"
                     } else {

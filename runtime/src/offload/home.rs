@@ -72,6 +72,11 @@ impl Home {
         Ok(())
     }
 
+    /// The tensor when no write into it is in flight (after [`Home::settle`]), else `None`.
+    pub fn settled(&self) -> Option<&TensorHome> {
+        matches!(self.inflight, Inflight::Idle).then_some(&self.tensor)
+    }
+
     /// Waits until every write into this home has landed and returns the tensor, ready to be read.
     pub fn settle(&mut self, tiers: &Tiers) -> Result<&mut TensorHome, TierError> {
         self.start_write(tiers)?;

@@ -170,12 +170,37 @@ impl Ledger {
         spec: &BufferSpec,
         data: &[u8],
     ) -> Result<Recorded<TensorHome>, OffloadError> {
+        self.home_in(tiers, spec, data, false)
+    }
+
+    /// [`Ledger::home`] for a CPU-tier home the CPU itself reads and writes (a cache it attends over): plain host
+    /// memory whatever the CPU tier's path ([`Tiers::place_host`]). Other tiers' homes are made as usual.
+    pub fn host_home(
+        &self,
+        tiers: &Tiers,
+        spec: &BufferSpec,
+        data: &[u8],
+    ) -> Result<Recorded<TensorHome>, OffloadError> {
+        self.home_in(tiers, spec, data, true)
+    }
+
+    fn home_in(
+        &self,
+        tiers: &Tiers,
+        spec: &BufferSpec,
+        data: &[u8],
+        host: bool,
+    ) -> Result<Recorded<TensorHome>, OffloadError> {
+        let place = |bytes: &[u8]| match (host, spec.tier) {
+            (true, Tier::Cpu) => tiers.place_host(bytes),
+            _ => tiers.place(spec.tier, &spec.id.to_string(), bytes),
+        };
         let home = if data.len() as u64 == spec.bytes {
-            tiers.place(spec.tier, &spec.id.to_string(), data)?
+            place(data)?
         } else {
             let mut padded = data.to_vec();
             padded.resize(spec.bytes.max(data.len() as u64) as usize, 0);
-            tiers.place(spec.tier, &spec.id.to_string(), &padded)?
+            place(&padded)?
         };
         let size = match &home {
             TensorHome::Gpu(t) => t.buffer().size(),

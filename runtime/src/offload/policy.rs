@@ -98,6 +98,66 @@ impl Percent {
     }
 }
 
+/// How offloaded weights in CPU memory reach the decode kernels (prefill, compute-bound and re-reading weight tiles,
+/// always copies them into weight slots; disk-resident weights are always copied).
+///
+/// wgpu has one queue and its barriers are stage-wide, so a copy recorded beside compute does not run beside it. With
+/// zero-copy the decode linears bind the CPU tier's host buffers (the DMA path: `MAP_READ | COPY_SRC | COPY_DST |
+/// STORAGE`, host memory) and read the weights over PCIe while they compute: a memory-bound decode linear then runs
+/// at PCIe speed with its compute hidden. Each GPU batch's dispatch reads the weights again, so with several GPU
+/// batches zero-copy moves the weights `num_gpu_batches` times per step where the copy path moves them once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Transfer {
+    /// Zero-copy at decode where the device has the DMA path and the block is one GPU batch (each weight byte then
+    /// crosses PCIe once per step); copy otherwise.
+    #[default]
+    Auto,
+    /// Copy each layer's offloaded weights into a weight slot before it computes.
+    Copy,
+    /// Zero-copy at decode wherever the device has the DMA path, whatever the number of GPU batches.
+    ZeroCopy,
+}
+
+impl Transfer {
+    /// The flag's spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Transfer::Auto => "auto",
+            Transfer::Copy => "copy",
+            Transfer::ZeroCopy => "zero-copy",
+        }
+    }
+
+    /// Whether decode steps read CPU-resident weights in place: `dma` says the CPU tier's tensors are host buffers
+    /// the kernels can bind.
+    pub const fn decode_zero_copy(self, dma: bool, num_gpu_batches: usize) -> bool {
+        match self {
+            Transfer::Auto => dma && num_gpu_batches == 1,
+            Transfer::Copy => false,
+            Transfer::ZeroCopy => dma,
+        }
+    }
+}
+
+impl fmt::Display for Transfer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Transfer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Transfer::Auto),
+            "copy" => Ok(Transfer::Copy),
+            "zero-copy" => Ok(Transfer::ZeroCopy),
+            other => Err(format!("{other:?}: expected auto, copy or zero-copy")),
+        }
+    }
+}
+
 /// An offloading policy: FlexLLMGen's fields plus per-tier memory caps and the offload directory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
@@ -115,6 +175,8 @@ pub struct Policy {
     pub pin_weight: bool,
     /// Run decode attention on the CPU over a CPU-resident cache instead of moving the cache to the GPU.
     pub cpu_cache_compute: bool,
+    /// How CPU-resident weights reach the decode kernels.
+    pub transfer: Transfer,
     /// Fraction of attention positions kept (top-k by weight); 1.0 keeps all.
     pub attn_sparsity: f64,
     /// Store weights quantised.
@@ -149,6 +211,7 @@ impl Default for Policy {
             sep_layer: true,
             pin_weight: true,
             cpu_cache_compute: false,
+            transfer: Transfer::Auto,
             attn_sparsity: 1.0,
             compress_weight: false,
             compress_weight_config: CompressionConfig::DEFAULT,
@@ -323,6 +386,9 @@ impl Policy {
         }
         if self.cpu_cache_compute {
             f.push("--cpu-cache-compute".into());
+        }
+        if self.transfer != d.transfer {
+            f.push(format!("--transfer {}", self.transfer));
         }
         if self.attn_sparsity != 1.0 {
             f.push(format!("--attn-sparsity {}", self.attn_sparsity));

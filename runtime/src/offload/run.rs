@@ -47,9 +47,17 @@ impl Maker<'_> {
 
     /// A home of zeros (zero words decode to 0 in the packed format too).
     fn home(&mut self, id: BufferId) -> Result<Home, OffloadError> {
+        self.home_in(id, false)
+    }
+
+    /// A home of zeros; `host`: a CPU home in plain host memory (the CPU attends over it, [`Ledger::host_home`]).
+    fn home_in(&mut self, id: BufferId, host: bool) -> Result<Home, OffloadError> {
         let spec = planned(self.placement, id)?;
         let zeros = vec![0u8; spec.bytes as usize];
-        let made = self.ledger.home(self.tiers()?, spec, &zeros)?;
+        let made = match host {
+            true => self.ledger.host_home(self.tiers()?, spec, &zeros)?,
+            false => self.ledger.home(self.tiers()?, spec, &zeros)?,
+        };
         Ok(Home::new(made.keep(&mut self.receipts)))
     }
 }
@@ -180,9 +188,10 @@ impl RunHomes {
                         seq: i,
                         kv,
                     };
+                    // A batch that attends on the CPU keeps its cache where the CPU reads it at DRAM speed.
                     seqs.push(SeqCache {
-                        k: m.home(id(Kv::K))?,
-                        v: m.home(id(Kv::V))?,
+                        k: m.home_in(id(Kv::K), batch.cpu_attention)?,
+                        v: m.home_in(id(Kv::V), batch.cpu_attention)?,
                     });
                 }
                 row.push(BatchCache::Homes(seqs));

@@ -30,13 +30,19 @@
 //!
 //! `cpu_cache_compute`: at decode, a GPU batch the placement marks ([`super::placement::BatchPlacement`]: its KV
 //! cache lives wholly in CPU memory) runs attention on the CPU instead ([`super::cpu_attention`], rayon over
-//! sequence x head): q, k, v are projected on the GPU and read back, the new k, v rows appended to the CPU cache, the
-//! attention output uploaded, and the rest of the layer runs on the GPU. Other batches (and every prefill) take the
-//! GPU path.
+//! sequence x head): q, k, v are projected on the GPU and come back in a small readback (which waits for its own
+//! submission, not the whole queue), the new k, v rows are written into the host-memory cache, the attention output
+//! is uploaded, and the rest of the layer runs on the GPU. Batches whose activations stay on the GPU are pipelined:
+//! batch k's projections are submitted before the CPU attends for batch k-1, so the GPU runs them (and batch k-1's
+//! rest of the layer) while the CPU works; the last batch's layer finishes before the next layer's weights load.
+//! Other batches (and every prefill) take the GPU path.
+//!
+//! Decode steps with `zero_copy` ([`super::policy::Transfer`]) bind CPU-resident weights where they live instead of
+//! copying them into a weight slot: the kernels read them over PCIe while they compute.
 
 use std::collections::{HashMap, VecDeque};
 
-use super::cpu_attention::{cpu_attention, decode_cache_values, encode_cache_values};
+use super::cpu_attention::{cpu_attention, encode_cache_row, SeqRows};
 use super::home::Home;
 use super::placement::CacheRange;
 use super::run::{BatchAct, BatchCache, RunHomes};
@@ -48,7 +54,7 @@ use crate::model::{
     attention_input, decoder_layer, finish_layer, BatchState, GpuModel, KvCache, LayerWeights,
     Sampling, Step, Workspace,
 };
-use crate::tiers::{PendingStore, TensorHome, Ticket, Tiers};
+use crate::tiers::{PendingStore, Readback, TensorHome, Ticket, Tiers};
 
 /// Everything one step reads (the mutable homes are passed separately).
 pub struct StepInputs<'a> {
@@ -72,6 +78,9 @@ pub struct StepInputs<'a> {
     pub overlap: bool,
     /// How activations are stored (the placement's [`super::placement::act_dtype`]): hidden rows move at its size.
     pub act: ActDtype,
+    /// This step's kernels read CPU-resident weights in place, over PCIe, instead of from a weight slot
+    /// ([`super::policy::Transfer`]; decode steps only).
+    pub zero_copy: bool,
 }
 
 /// The scratch buffers of [`super::cpu_attention::CpuAttn`], cloned so that the step's recorder can borrow them
@@ -118,6 +127,20 @@ impl Target {
     }
 }
 
+/// The first `bytes` of a settled host-memory CPU home.
+fn cached_rows(home: &Home, bytes: usize) -> Option<&[u8]> {
+    match home.settled() {
+        Some(TensorHome::Cpu(t)) => t.host_bytes().and_then(|b| b.get(..bytes)),
+        _ => None,
+    }
+}
+
+fn not_host() -> OffloadError {
+    OffloadError::Model(crate::model::ModelError::Unsupported(
+        "CPU attention over a cache that is not wholly in the CPU tier's host memory".into(),
+    ))
+}
+
 fn no_tiers() -> OffloadError {
     OffloadError::Model(crate::model::ModelError::Unsupported(
         "an offloaded tensor without its slot or memory tiers".into(),
@@ -155,6 +178,17 @@ struct Schedule<'v, 'a> {
     writing: Vec<Target>,
     /// The item whose KV rows were fetched ahead into its cache slot.
     prefetched: Option<usize>,
+    /// A CPU-attention batch whose q, k, v are on their way back while the next batch's work is queued.
+    pending_cpu: Option<PendingCpu>,
+}
+
+/// The CPU half of a CPU-attention layer still to do: (layer, GPU batch), the readbacks of q, k and v, and the
+/// element type k and v come back in.
+struct PendingCpu {
+    j: usize,
+    k: usize,
+    reads: [Readback; 3],
+    kv_dtype: ActDtype,
 }
 
 /// Runs one token step for every GPU batch through the block schedule and records the token choice into `next`.
@@ -194,6 +228,7 @@ pub fn run_step(
         stores: VecDeque::new(),
         writing: Vec::new(),
         prefetched: None,
+        pending_cpu: None,
     };
     s.prologue()?;
     for k in 0..nb {
@@ -205,6 +240,8 @@ pub fn run_step(
             s.compute(j, k)?;
             s.store(j, k)?;
         }
+        // The next layer's weights may go into the slot this layer's last CPU-attention batch still reads.
+        s.end_cpu_attention()?;
     }
     let mut row0 = 0;
     for k in 0..nb {
@@ -250,7 +287,11 @@ impl Views {
         };
         Ok(Views {
             layers: (0..c.num_hidden_layers)
-                .map(|j| inp.layers.view(j, weight_slot(j)).ok_or_else(no_tiers))
+                .map(|j| {
+                    inp.layers
+                        .view_with(j, weight_slot(j), inp.zero_copy)
+                        .ok_or_else(no_tiers)
+                })
                 .collect::<Result<_, _>>()?,
             states: inp.states.to_vec(),
             caches: (0..c.num_hidden_layers)
@@ -306,12 +347,14 @@ impl<'v> Schedule<'v, '_> {
     /// Flushes the compute and starts a transfer encoder queued after it.
     fn transfers(&mut self) -> Result<wgpu::CommandEncoder, OffloadError> {
         self.flush();
-        Ok(self
-            .tiers()?
+        let tiers = self.tiers()?;
+        let mut enc = tiers
             .device()
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("strata offload transfers"),
-            }))
+            });
+        tiers.begin_transfers(&mut enc);
+        Ok(enc)
     }
 
     /// Submits a transfer encoder and hands its stores to their homes, as one item of the store queue.
@@ -321,6 +364,8 @@ impl<'v> Schedule<'v, '_> {
         stores: Vec<(Target, PendingStore)>,
     ) -> Result<(), OffloadError> {
         let tiers = self.tiers()?;
+        let mut enc = enc;
+        tiers.end_transfers(&mut enc);
         tiers.prepare_submit(&enc);
         tiers.queue().submit([enc.finish()]);
         if !stores.is_empty() {
@@ -359,7 +404,7 @@ impl<'v> Schedule<'v, '_> {
     /// With overlap, layer 0's weights are queued first, and the disk reads of layer 1's weights and of the first
     /// two items' KV rows start now.
     fn prologue(&mut self) -> Result<(), OffloadError> {
-        if self.inp.overlap && self.inp.layers.is_offloaded(0) {
+        if self.inp.overlap && self.fetches_weights(0) {
             let mut enc = self.transfers()?;
             self.fetch_layer(0, &mut enc)?;
             self.submit(enc, Vec::new())?;
@@ -390,7 +435,7 @@ impl<'v> Schedule<'v, '_> {
         let n_layers = inp.model.config.num_hidden_layers;
         let n = j * self.batches() + k;
         let weight_layer = if inp.overlap { j + 1 } else { j };
-        let weights = k == 0 && weight_layer < n_layers && inp.layers.is_offloaded(weight_layer);
+        let weights = k == 0 && weight_layer < n_layers && self.fetches_weights(weight_layer);
         let cache_now = self.cache_in(n) && self.prefetched != Some(n);
         let items = n_layers * self.batches();
         // Ahead only into the other slot: with one slot the next item's rows would overwrite this item's.
@@ -425,12 +470,42 @@ impl<'v> Schedule<'v, '_> {
         Ok(())
     }
 
+    /// Finishes the CPU-attention layer still pending, if any.
+    fn end_cpu_attention(&mut self) -> Result<(), OffloadError> {
+        match self.pending_cpu.take() {
+            Some(p) => self.cpu_attention_end(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether layer `j` has offloaded weights to copy into a weight slot this step.
+    fn fetches_weights(&self, j: usize) -> bool {
+        self.inp
+            .layers
+            .to_fetch(j, self.inp.zero_copy)
+            .next()
+            .is_some()
+    }
+
     /// Records (j, k)'s decoder layer: on the GPU, or with attention on the CPU.
     fn compute(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
         let views = self.views;
         let inp = self.inp;
+        if let (true, Some(tiers)) = (inp.zero_copy, inp.tiers) {
+            // The layer's dispatches read its CPU-resident weights over PCIe, once per GPU batch.
+            tiers.note_direct_read(inp.layers.direct_bytes(j));
+        }
         if self.on_cpu[k] {
-            return self.cpu_attention_layer(j, k);
+            // Pipelined: this batch's projections go to the GPU, then the CPU attends for the previous batch while
+            // the GPU runs them (and then that batch's rest of the layer while the CPU attends for this one).
+            let begun = self.cpu_attention_begin(j, k)?;
+            self.end_cpu_attention()?;
+            if self.act_off[k] {
+                // Its residual stream is the shared activation slot, which the next batch's fetch overwrites.
+                return self.cpu_attention_end(begun);
+            }
+            self.pending_cpu = Some(begun);
+            return Ok(());
         }
         decoder_layer(
             &mut self.rec,
@@ -537,6 +612,10 @@ impl<'v> Schedule<'v, '_> {
         if !self.stores.is_empty() || !self.writing.is_empty() {
             self.drain(0)?;
         }
+        // The GPU time of this step's transfer submits, behind its last submit (the token read-back waits as long).
+        if let Some(tiers) = self.inp.tiers {
+            tiers.collect_transfer_time()?;
+        }
         Ok(())
     }
 
@@ -560,7 +639,7 @@ impl<'v> Schedule<'v, '_> {
         let layers = self.inp.layers;
         let slot = if self.inp.overlap { j % 2 } else { 0 };
         let tiers = self.tiers()?;
-        for (key, home) in layers.offloaded(j) {
+        for (key, home) in layers.to_fetch(j, self.inp.zero_copy) {
             let dst = layers.slot_buffer(slot, key).ok_or_else(no_tiers)?;
             match self.tickets.remove(&(j, key)) {
                 Some(ticket) => tiers.fetch_host(&ticket.wait()?, &dst, 0, enc)?,
@@ -671,14 +750,15 @@ impl<'v> Schedule<'v, '_> {
         Ok(stores)
     }
 
-    /// One decoder layer of a decode step with attention on the CPU: q, k, v projected on the GPU and read back, the
-    /// new k, v rows appended to the CPU-resident cache, attention computed on the CPU (rayon), its output uploaded,
-    /// and the rest of the layer on the GPU. Mirrors [`decoder_layer`] around the attention.
-    fn cpu_attention_layer(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
+    /// The GPU half of one decoder layer of a decode step with attention on the CPU: the layer norm and q, k, v
+    /// projections recorded and submitted with a small readback of q, k, v behind them. [`Schedule::cpu_attention_end`]
+    /// does the rest: the new k, v rows appended to the CPU-resident cache, attention on the CPU (rayon), its output
+    /// uploaded and the rest of the layer on the GPU. Together they mirror [`decoder_layer`] around the attention.
+    fn cpu_attention_begin(&mut self, j: usize, k: usize) -> Result<PendingCpu, OffloadError> {
         let inp = self.inp;
         let views = self.views;
         let sc = views.cpu.as_ref().ok_or_else(no_tiers)?;
-        let (layer, state, step) = (&views.layers[j], &views.states[k], self.step);
+        let (layer, state) = (&views.layers[j], &views.states[k]);
         let c = &inp.model.config;
         let (h, rows) = (c.hidden_size, state.batch);
         let dense = OutRows::dense(h, 0);
@@ -712,50 +792,84 @@ impl<'v> Schedule<'v, '_> {
                 kernel: None,
             });
         }
-        self.flush();
-        let gpu = inp.kernels.gpu();
+        // q, k and v come back in one small readback, which waits for its own submission only.
+        let tiers = self.tiers()?;
         let (q_bytes, kv_bytes) = (
             (rows * h * act.bytes()) as u64,
             (rows * h * kv_dtype.bytes()) as u64,
         );
-        let back = gpu.read_back(&[
-            (&sc.q, 0, q_bytes),
-            (&sc.k, 0, kv_bytes),
-            (&sc.v, 0, kv_bytes),
-        ])?;
+        let mut enc = self.transfers()?;
+        let reads = [
+            tiers.readback(&sc.q, 0, q_bytes, &mut enc)?,
+            tiers.readback(&sc.k, 0, kv_bytes, &mut enc)?,
+            tiers.readback(&sc.v, 0, kv_bytes, &mut enc)?,
+        ];
+        self.submit(enc, Vec::new())?;
+        Ok(PendingCpu {
+            j,
+            k,
+            reads,
+            kv_dtype,
+        })
+    }
+
+    /// The CPU half of [`Schedule::cpu_attention_begin`]'s layer: submits the compute recorded so far (the previous
+    /// batch's rest of the layer, which the GPU runs meanwhile), waits for this batch's q, k, v, appends k and v to
+    /// the host-memory homes, attends, uploads the output and records the rest of the layer.
+    fn cpu_attention_end(&mut self, pending: PendingCpu) -> Result<(), OffloadError> {
+        let PendingCpu {
+            j,
+            k,
+            reads,
+            kv_dtype,
+        } = pending;
+        self.flush();
+        let inp = self.inp;
+        let views = self.views;
+        let sc = views.cpu.as_ref().ok_or_else(no_tiers)?;
+        let (layer, state, step) = (&views.layers[j], &views.states[k], self.step);
+        let c = &inp.model.config;
+        let (h, rows) = (c.hidden_size, state.batch);
+        let x = &state.x;
+        let act = inp.act;
+        let dtype = self.homes.cache_dtype();
+        let tiers = self.tiers()?;
+        let mut back = Vec::with_capacity(reads.len());
+        for read in reads {
+            back.push(read.wait()?);
+        }
         let new_kv = [
             decode_act(&back[1], kv_dtype),
             decode_act(&back[2], kv_dtype),
         ];
-        let tiers = self.tiers()?;
         let len = step.past + 1;
-        let (row, home_row) = (h, h * dtype.bytes());
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        if let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] {
-            for (i, seq) in seqs.iter_mut().enumerate() {
-                for (home, new, all) in [
-                    (&mut seq.k, &new_kv[0], &mut keys),
-                    (&mut seq.v, &new_kv[1], &mut values),
-                ] {
-                    if let TensorHome::Cpu(t) = home.settle(tiers)? {
-                        // The new row as the cache stores it, so the CPU attends over what the GPU path would.
-                        let new_row = encode_cache_values(
-                            bytemuck::cast_slice(&new[i * row..(i + 1) * row]),
-                            dtype,
-                        );
-                        // Read the cached rows first: on the DMA path a write lands only at the next submit.
-                        let mut rows: Vec<f32> = tiers.cpu().with_bytes(t, |b| {
-                            decode_cache_values(&b[..step.past * home_row], dtype)
-                        })?;
-                        rows.extend(decode_cache_values(&new_row, dtype));
-                        all.push(rows);
-                        tiers
-                            .cpu()
-                            .write(t, (step.past * home_row) as u64, &new_row)?;
-                    }
-                }
+        let home_row = h * dtype.bytes();
+        let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] else {
+            return Err(not_host());
+        };
+        // The new rows go straight into the host-memory homes, as the cache stores them, so the CPU attends over
+        // what the GPU path would.
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            for (home, new) in [(&mut seq.k, &new_kv[0]), (&mut seq.v, &new_kv[1])] {
+                let bytes = match home.settle(tiers)? {
+                    TensorHome::Cpu(t) => t.host_bytes_mut().ok_or_else(not_host)?,
+                    _ => return Err(not_host()),
+                };
+                let dst = bytes
+                    .get_mut(step.past * home_row..len * home_row)
+                    .ok_or_else(not_host)?;
+                encode_cache_row(&new[i * h..(i + 1) * h], dtype, dst);
             }
         }
+        let seq_rows = seqs
+            .iter()
+            .map(|seq| {
+                Ok(SeqRows {
+                    keys: cached_rows(&seq.k, len * home_row).ok_or_else(not_host)?,
+                    values: cached_rows(&seq.v, len * home_row).ok_or_else(not_host)?,
+                })
+            })
+            .collect::<Result<Vec<_>, OffloadError>>()?;
         let capacity = state.capacity;
         let masks: Vec<&[u32]> = (0..rows)
             .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
@@ -763,17 +877,15 @@ impl<'v> Schedule<'v, '_> {
         let q = decode_act(&back[0], act);
         let out = cpu_attention(
             &q,
-            &keys,
-            &values,
+            &seq_rows,
+            dtype,
             &masks,
             c.n_head,
             len,
             step.attn_sparsity,
         );
         // The output goes up as activations.
-        tiers
-            .queue()
-            .write_buffer(&sc.attn, 0, &encode_act(&out, act));
+        tiers.upload(&sc.attn, 0, &encode_act(&out, act))?;
 
         finish_layer(
             &mut self.rec,

@@ -166,6 +166,12 @@ impl LayerStore {
 
     /// The weights of layer `j` as the kernels see them: resident buffers, and weight slot `slot` for the rest.
     pub fn view(&self, j: usize, slot: usize) -> Option<LayerWeights> {
+        self.view_with(j, slot, false)
+    }
+
+    /// [`LayerStore::view`], with `zero_copy`: CPU-resident buffers the kernels can bind ([`direct`]) read where
+    /// they live instead of from the slot.
+    pub fn view_with(&self, j: usize, slot: usize, zero_copy: bool) -> Option<LayerWeights> {
         let template = self.template.as_ref()?;
         let parts = self.parts.get(j)?;
         Some(template.map(0, |tensor, chunk, b| {
@@ -174,11 +180,33 @@ impl LayerStore {
             };
             match parts.get(&(t, chunk)) {
                 Some(PartHome::Resident(buf)) => buf.clone(),
+                Some(PartHome::Off(home)) if zero_copy && direct(home).is_some() => {
+                    direct(home).cloned().unwrap_or_else(|| b.clone())
+                }
                 _ => self
                     .slot_buffer(slot, (t, chunk))
                     .unwrap_or_else(|| b.clone()),
             }
         }))
+    }
+
+    /// Layer `j`'s offloaded buffers that must be copied into a weight slot before it computes: all of them, or with
+    /// `zero_copy` those the kernels cannot read in place (disk-resident ones).
+    pub fn to_fetch(
+        &self,
+        j: usize,
+        zero_copy: bool,
+    ) -> impl Iterator<Item = (PartKey, &TensorHome)> {
+        self.offloaded(j)
+            .filter(move |(_, home)| !(zero_copy && direct(home).is_some()))
+    }
+
+    /// Bytes of layer `j` the kernels read in place with zero-copy.
+    pub fn direct_bytes(&self, j: usize) -> u64 {
+        self.offloaded(j)
+            .filter(|(_, home)| direct(home).is_some())
+            .map(|(_, home)| home.len())
+            .sum()
     }
 
     /// Weight slot `slot`'s buffer (modulo the number of slots) for the layer buffer `key`.
@@ -211,5 +239,16 @@ impl LayerStore {
     /// Weight slots allocated.
     pub fn slot_count(&self) -> usize {
         self.slots.len()
+    }
+}
+
+/// The buffer a kernel can bind for an offloaded weight where it lives: a DMA-path CPU tensor (host memory with
+/// `STORAGE`), read over PCIe by the dispatch.
+pub fn direct(home: &TensorHome) -> Option<&wgpu::Buffer> {
+    match home {
+        TensorHome::Cpu(t) => t
+            .dma_buffer()
+            .filter(|b| b.usage().contains(wgpu::BufferUsages::STORAGE)),
+        _ => None,
     }
 }

@@ -17,8 +17,8 @@
 //! host-memory path it is a plain slice. On the DMA path the buffer must be mapped: `map_async` + device polls until
 //! the last submission using the buffer has finished (and the buffer must not be in use by a recorded but
 //! unsubmitted encoder meanwhile), then reads through the mapping (host memory, but measured at 0.8-1.2 GB/s on the
-//! H200's driver, where it is likely uncached), then an unmap. For CPU attention over a large cache prefer the
-//! host-memory path for the cache, or copy out once per step.
+//! H200's driver, where it is likely uncached), then an unmap. So a tensor the CPU itself reads and writes (the cache
+//! of a batch that attends on the CPU) is made in plain host memory whatever the path ([`CpuTier::alloc_host`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -66,10 +66,13 @@ impl std::fmt::Display for CpuPath {
     }
 }
 
-/// Usage of a DMA-path CPU tensor.
+/// Usage of a DMA-path CPU tensor. `STORAGE` lets decode kernels bind it and read it over PCIe (zero-copy,
+/// [`crate::offload::policy::Transfer`]); wgpu-hal's Vulkan backend picks the memory from the map flags alone
+/// (`MAP_READ` without `MAP_WRITE`: gpu-allocator's `GpuToCpu`, host memory), so it stays in host memory.
 const DMA_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ
     .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::STORAGE);
 
 /// Staging belt chunk size; host fetches are split into pieces of at most this size so chunks are reused across
 /// tensors of different sizes.
@@ -226,7 +229,17 @@ impl CpuTier {
 
     /// A zero-filled tensor of `len` bytes.
     pub fn alloc(&self, len: u64) -> Result<CpuTensor> {
-        let store = match self.path {
+        self.alloc_on(self.path, len)
+    }
+
+    /// A zero-filled tensor of `len` bytes in plain host memory (a `Vec`) whatever the tier's path: for tensors the
+    /// CPU itself reads and writes (a cache the CPU attends over), which a DMA buffer's mapping would make slow.
+    pub fn alloc_host(&self, len: u64) -> Result<CpuTensor> {
+        self.alloc_on(CpuPath::HostMemory, len)
+    }
+
+    fn alloc_on(&self, path: CpuPath, len: u64) -> Result<CpuTensor> {
+        let store = match path {
             CpuPath::DmaBuffer => Store::Dma {
                 // wgpu zero-initialises buffers before first use.
                 buffer: create_buffer(
@@ -262,6 +275,13 @@ impl CpuTier {
     /// A tensor holding a copy of `data` (load time).
     pub fn upload(&self, data: &[u8]) -> Result<CpuTensor> {
         let mut tensor = self.alloc(data.len() as u64)?;
+        self.write(&mut tensor, 0, data)?;
+        Ok(tensor)
+    }
+
+    /// [`CpuTier::upload`] into plain host memory ([`CpuTier::alloc_host`]).
+    pub fn upload_host(&self, data: &[u8]) -> Result<CpuTensor> {
+        let mut tensor = self.alloc_host(data.len() as u64)?;
         self.write(&mut tensor, 0, data)?;
         Ok(tensor)
     }

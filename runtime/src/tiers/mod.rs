@@ -47,9 +47,11 @@
 //! length and every read returns exactly that many bytes.
 
 pub mod bandwidth;
+mod clock;
 pub mod cpu;
 pub mod disk;
 pub mod gpu;
+mod moved;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,6 +63,9 @@ pub use bandwidth::{measure_bandwidth, BandwidthReport};
 pub use cpu::{CpuPath, CpuTensor, CpuTier};
 pub use disk::{cleanup_all, remove_dead_runs, DeadRun, DiskOptions, DiskTensor, DiskTier, Ticket};
 pub use gpu::{DoubleBuffer, GpuPool, GpuSlot, GpuStats};
+pub use moved::Moved;
+
+use moved::MoveCounter;
 
 /// wgpu's copy alignment: buffer sizes, copy offsets and copy sizes are multiples of it.
 pub const COPY_ALIGN: u64 = wgpu::COPY_BUFFER_ALIGNMENT;
@@ -422,6 +427,8 @@ const READBACKS_KEPT: usize = 16;
 #[derive(Debug)]
 pub(crate) struct ReadbackPool {
     device: wgpu::Device,
+    /// What the tiers sharing this pool moved, and how long their readbacks waited.
+    moves: MoveCounter,
     free: Mutex<BTreeMap<u64, Vec<wgpu::Buffer>>>,
     /// Buffers lent now, the most ever lent at once, and buffers created.
     lent: Mutex<(usize, usize, usize)>,
@@ -431,6 +438,7 @@ impl ReadbackPool {
     pub(crate) fn new(device: &wgpu::Device) -> Arc<Self> {
         Arc::new(ReadbackPool {
             device: device.clone(),
+            moves: MoveCounter::default(),
             free: Mutex::new(BTreeMap::new()),
             lent: Mutex::new((0, 0, 0)),
         })
@@ -525,7 +533,9 @@ impl Readback {
         };
         if self.len > 0 {
             let size = padded(self.len);
+            let start = std::time::Instant::now();
             map_read_blocking(&self.pool.device, &buffer, size)?;
+            self.pool.moves.waited(start.elapsed());
             {
                 let view = buffer
                     .get_mapped_range(0..size)
@@ -711,6 +721,8 @@ pub struct Tiers {
     cpu: CpuTier,
     disk: Option<DiskTier>,
     readbacks: Arc<ReadbackPool>,
+    /// GPU timestamps around transfer submits, where the device writes them.
+    clock: Option<clock::TransferClock>,
 }
 
 impl Tiers {
@@ -730,6 +742,7 @@ impl Tiers {
             cpu,
             disk,
             readbacks,
+            clock: clock::TransferClock::new(device),
         })
     }
 
@@ -764,6 +777,87 @@ impl Tiers {
         })
     }
 
+    /// Stores `data` in the CPU tier in plain host memory whatever the tier's path ([`CpuTier::alloc_host`]).
+    pub fn place_host(&self, data: &[u8]) -> Result<TensorHome> {
+        Ok(TensorHome::Cpu(self.cpu.upload_host(data)?))
+    }
+
+    /// Records "copy `src[src_offset .. src_offset + len]` into a pooled readback buffer" into `encoder`; after
+    /// submitting it, [`Readback::read_into`] waits for that submission only, not for the whole queue.
+    pub fn readback(
+        &self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        len: u64,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<Readback> {
+        check_room("readback source", src, src_offset, len)?;
+        self.readbacks.moves.add(Tier::Gpu, Tier::Cpu, len);
+        self.readbacks.record(src, src_offset, len, encoder)
+    }
+
+    /// Writes host bytes into `dst[dst_offset ..]` through the queue (lands before the next submit): a few rows
+    /// the CPU computed, such as CPU attention's output. `dst_offset` and `data.len()` are multiples of 4.
+    pub fn upload(&self, dst: &wgpu::Buffer, dst_offset: u64, data: &[u8]) -> Result<()> {
+        check_room("upload destination", dst, dst_offset, data.len() as u64)?;
+        self.readbacks
+            .moves
+            .add(Tier::Cpu, Tier::Gpu, data.len() as u64);
+        self.queue.write_buffer(dst, dst_offset, data);
+        Ok(())
+    }
+
+    /// Marks the start of a transfer encoder's copies (a GPU timestamp, where the device writes them): call it on a
+    /// fresh transfer encoder and [`Tiers::end_transfers`] on it before submitting.
+    pub fn begin_transfers(&self, encoder: &mut wgpu::CommandEncoder) {
+        if let Some(c) = &self.clock {
+            c.begin(encoder);
+        }
+    }
+
+    /// Marks the end of the transfer encoder [`Tiers::begin_transfers`] started.
+    pub fn end_transfers(&self, encoder: &mut wgpu::CommandEncoder) {
+        if let Some(c) = &self.clock {
+            c.end(encoder);
+        }
+    }
+
+    /// Adds the GPU time of this step's timed transfer submits to [`Moved::gpu_transfer_s`]: one submit resolving
+    /// the timestamps, queued after everything submitted so far, and a wait for it (call once per step, after its
+    /// last submit).
+    pub fn collect_transfer_time(&self) -> Result<()> {
+        let Some(c) = &self.clock else {
+            return Ok(());
+        };
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("strata transfer timestamps"),
+            });
+        let pairs = c.resolve(&mut encoder);
+        if pairs == 0 {
+            return Ok(());
+        }
+        let read = self
+            .readbacks
+            .record(c.resolved(), 0, 16 * u64::from(pairs), &mut encoder)?;
+        self.queue.submit([encoder.finish()]);
+        let bytes = read.wait()?;
+        let secs = clock::paired_seconds(&bytes, pairs, self.queue.get_timestamp_period())?;
+        self.readbacks.moves.gpu_transfer(secs);
+        Ok(())
+    }
+
+    /// Counts `bytes` of CPU-tier buffers that kernels read in place (zero-copy): they crossed PCIe too.
+    pub fn note_direct_read(&self, bytes: u64) {
+        self.readbacks.moves.in_place(bytes);
+    }
+
+    /// What the tiers moved since they were made ([`Moved::since`] gives a phase's share).
+    pub fn moved(&self) -> Moved {
+        self.readbacks.moves.snapshot()
+    }
+
     /// Records "copy `home` into `dst[dst_offset..]`" into `encoder`. GPU and DMA-capable CPU tensors are one
     /// buffer copy; host-memory CPU tensors go through the staging belt; a disk tensor is read now (blocking; the
     /// schedule should rather [`DiskTier::prefetch`] it and pass the bytes to [`Tiers::fetch_host`]).
@@ -788,6 +882,7 @@ impl Tiers {
         dst_offset: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
+        self.readbacks.moves.add(home.tier(), Tier::Gpu, len);
         match home {
             TensorHome::Gpu(t) => {
                 check_range("gpu tier fetch", t.len, offset, len)?;
@@ -815,6 +910,9 @@ impl Tiers {
         dst_offset: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
+        self.readbacks
+            .moves
+            .add(Tier::Disk, Tier::Gpu, bytes.len() as u64);
         self.cpu.fetch_host(bytes, dst, dst_offset, encoder)
     }
 
@@ -858,6 +956,7 @@ impl Tiers {
         len: u64,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingStore> {
+        self.readbacks.moves.add(Tier::Gpu, home.tier(), len);
         match home {
             TensorHome::Gpu(t) => {
                 check_range("gpu tier store", t.len, offset, len)?;
