@@ -1,13 +1,18 @@
 //! An f16 checkpoint keeps its KV cache in f16: half the bytes of an f32 cache in every tier, and every offloading
 //! policy (the cache on the CPU or disk, attention on the GPU or, with `cpu_cache_compute`, on the CPU) still
-//! reproduces the all-GPU run: identical greedy ids and logits within 1e-4 of it.
+//! reproduces the all-GPU run in the same GPU batches: identical greedy ids and logits within 1e-4 of it.
+//!
+//! The same GPU batches, because an f16 checkpoint computes with f16 activations: a batch of other rows runs other
+//! kernels (GEMV below 9 rows, tiled above), whose f32 sums differ in the last bits, and a half rounded the other way
+//! is 2^-11 of a value, which this fixture's nearly hard attention carries to the logits (~1e-2 here). Offloading
+//! itself moves bytes, never values.
 
 mod common;
 
 use common::{fixture, gpu, max_abs_diff, options};
 use strata::checkpoint::Checkpoint;
 use strata::generate::{GenerateOutput, Generator};
-use strata::gpu::kernels::CacheDtype;
+use strata::gpu::kernels::{ActDtype, CacheDtype};
 use strata::offload::policy::{Percent, Policy};
 
 #[test]
@@ -17,9 +22,22 @@ fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
     let checkpoint = Checkpoint::open(&dir).unwrap();
     let all_gpu = Generator::new(&gpu, &checkpoint).unwrap();
     assert_eq!(all_gpu.model().cache_dtype(), CacheDtype::F16);
+    assert_eq!(all_gpu.act_dtype(), ActDtype::F16);
     let baseline = all_gpu.generate(&prompts, &options(new)).unwrap();
     let c = *all_gpu.config();
     let n = prompts.len();
+    // The all-GPU run in `batches` GPU batches.
+    let all_gpu_in = |batches: usize| {
+        let policy = Policy {
+            gpu_batch_size: n.div_ceil(batches),
+            num_gpu_batches: batches,
+            ..Policy::default()
+        };
+        Generator::with_policy(&gpu, &checkpoint, &policy, &|_| {})
+            .unwrap()
+            .generate(&prompts, &options(new))
+            .unwrap()
+    };
     let longest = prompts.iter().map(Vec::len).max().unwrap();
     let offload = tempfile::tempdir().unwrap();
 
@@ -53,10 +71,12 @@ fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {
         };
         let gen = Generator::with_policy(&gpu, &checkpoint, &policy, &|_| {}).unwrap();
         let out: GenerateOutput = gen.generate(&prompts, &options(new)).unwrap();
+        let same_batches = all_gpu_in(batches);
+        assert_eq!(out.generated_ids, same_batches.generated_ids, "{what}");
         assert_eq!(out.generated_ids, baseline.generated_ids, "{what}");
         let diff = max_abs_diff(
             out.logits.as_ref().unwrap(),
-            baseline.logits.as_ref().unwrap(),
+            same_batches.logits.as_ref().unwrap(),
         );
         assert!(diff < 1e-4, "{what}: logits differ by {diff}");
         if percent[3] == 100.0 {

@@ -13,7 +13,7 @@
 //! ([`crate::sampling`]) from the step's logits, read back with the ids.
 
 use crate::config::OptConfig;
-use crate::gpu::kernels::{Kernels, STAGING_SLOTS};
+use crate::gpu::kernels::{ActDtype, KernelOptions, Kernels, STAGING_SLOTS};
 use crate::gpu::{Gpu, GpuError};
 use crate::model::{GpuModel, ModelError, Step};
 use crate::offload::ledger::Ledger;
@@ -267,8 +267,10 @@ impl Generator {
             load_model(gpu, &tiers, &ledger, source, &placement, progress)
                 .map_err(GenerateError::from)
         })?;
+        // The kernels store activations as the placement's rule says (f16 for an f16 checkpoint with shader-f16).
+        let options = KernelOptions::default().with_act(placement.act_dtype);
         Ok(Generator {
-            kernels: Kernels::new(gpu),
+            kernels: Kernels::with_options(gpu, options),
             model,
             layers,
             policy: policy.clone(),
@@ -297,6 +299,11 @@ impl Generator {
     /// The model's architecture.
     pub fn config(&self) -> &OptConfig {
         &self.model.config
+    }
+
+    /// How this generator's kernels store activations ([`crate::offload::placement::act_dtype`]).
+    pub fn act_dtype(&self) -> ActDtype {
+        self.kernels.act()
     }
 
     /// The model on the GPU.
@@ -328,7 +335,7 @@ impl Generator {
     ) -> Result<Placement, GenerateError> {
         let c = &self.model.config;
         let policy = if self.fit_batches {
-            let fit = largest_gpu_batch(c, &self.limits, workload);
+            let fit = largest_gpu_batch(c, &self.policy, &self.limits, workload);
             if fit == 0 {
                 return Err(GenerateError::Capacity(format!(
                     "one sequence of {} tokens needs more bytes of activations or cache in one binding than this \
@@ -651,6 +658,8 @@ impl Generator {
         t: usize,
         sampling: Sampling,
     ) -> Result<(), GenerateError> {
+        // One rule decides both (the same config, policy and device).
+        debug_assert_eq!(placement.act_dtype, self.kernels.act());
         let inputs = StepInputs {
             kernels: &self.kernels,
             model: &self.model,

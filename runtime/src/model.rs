@@ -9,17 +9,19 @@
 //! Compression: weights uploaded as [`WeightFormat::Packed`] stay packed on the GPU (biases and layer norms stay
 //! f32). A compressed [`KvCache`] holds packed K and V rows in pair-major order (`[batch, heads, capacity]` rows of
 //! head_dim, grouped along head_dim): a decode step packs its new rows with `q4_quantize` and attends with
-//! `q4_attention` over the packed words; a prefill writes f32 K/V into a [`CacheScratch`] shared by all layers, runs
-//! the f32 attention kernel there, then packs the rows into the cache.
+//! `q4_attention` over the packed words; a prefill writes K/V (as activations) into a [`CacheScratch`] shared by all
+//! layers, runs the dense attention kernel there, then packs the rows into the cache.
 //!
-//! Attention sparsity ([`Step::attn_sparsity`] below 1, `--attn-sparsity`): a decode step over an f32 cache keeps,
+//! Attention sparsity ([`Step::attn_sparsity`] below 1, `--attn-sparsity`): a decode step over an unpacked cache keeps,
 //! per (sequence, head), the new token and the top fraction of the earlier real tokens by score
-//! ([`Recorder::sparse_attention`]); prefill stays dense, as in FlexLLMGen. A packed cache is decoded into its f32
+//! ([`Recorder::sparse_attention`]); prefill stays dense, as in FlexLLMGen. A packed cache is decoded into its
 //! [`CacheScratch`] for such a step (the new rows packed first, so the keys attended are the packed ones).
 
 use crate::compress::{AttentionParams, CompressionConfig, PackedLayout};
 use crate::config::{Activation, ConfigError, DType, OptConfig};
-use crate::gpu::kernels::{Act, AttentionShape, CacheDtype, OutRows, Recorder, MAX_HEAD_DIM};
+use crate::gpu::kernels::{
+    Act, ActDtype, AttentionShape, CacheDtype, LinearCall, OutRows, Recorder, MAX_HEAD_DIM,
+};
 use crate::gpu::tensor::{vector_values, GpuMatrix, MatrixChunk, WeightFormat};
 use crate::gpu::{Gpu, GpuError};
 use crate::weights::{
@@ -254,7 +256,7 @@ impl LayerWeights {
     }
 }
 
-/// One layer's key and value cache for one GPU batch: `[batch, capacity, hidden]` f32 each, or, when
+/// One layer's key and value cache for one GPU batch: `[batch, capacity, hidden]` values of `dtype` each, or, when
 /// `compression` is set, packed tensors of `batch * heads * capacity` rows of head_dim in pair-major order (row
 /// `(b * heads + h) * capacity + t`), the buffers holding the packed words (data, then scales). The offloading
 /// runtime makes its buffers from the run's placement ([`crate::offload`]).
@@ -272,13 +274,14 @@ pub struct KvCache {
     pub dtype: CacheDtype,
     /// How K and V are packed; `None`: stored as `dtype`.
     pub compression: Option<CompressionConfig>,
-    /// The f32 scratch a packed cache computes through (shared by every layer of a run); `None` for f32 caches.
+    /// The scratch a packed cache computes through (shared by every layer of a run); `None` for unpacked caches.
     pub scratch: Option<CacheScratch>,
 }
 
-/// f32 scratch a compressed [`KvCache`] computes through, shared by every layer's cache of a run (the queue runs
-/// layers one after another): the keys and values of one layer `[batch, capacity, hidden]`, their pair-major copy,
-/// and the decode attention's scores `[batch, heads, capacity]`.
+/// Scratch a compressed [`KvCache`] computes through, shared by every layer's cache of a run (the queue runs layers
+/// one after another): the keys and values of one layer `[batch, capacity, hidden]` and their pair-major copy, stored
+/// as activations ([`crate::gpu::kernels::Kernels::act`]), and the decode attention's f32 scores
+/// `[batch, heads, capacity]`.
 #[derive(Clone, Debug)]
 pub struct CacheScratch {
     k: wgpu::Buffer,
@@ -386,7 +389,7 @@ pub struct Step {
     pub past: usize,
     /// Fraction of attention positions a decode step keeps per head, in (0, 1] (`--attn-sparsity`; 1: dense). Like
     /// FlexLLMGen, only decode steps (`s_new == 1`) are sparse; prefill is always dense. Below 1, a decode step runs
-    /// [`Recorder::sparse_attention`] over the f32 cache, or over a packed cache decoded into its f32 scratch.
+    /// [`Recorder::sparse_attention`] over the cache, or over a packed cache decoded into its scratch.
     pub attn_sparsity: f32,
 }
 
@@ -625,7 +628,7 @@ impl GpuModel {
     ) {
         let c = &self.config;
         let h = c.hidden_size;
-        let row_bytes = (h * 4) as u64;
+        let row_bytes = (h * rec.act().bytes()) as u64;
         // Left padding puts every sequence's last token in its last row.
         for b in 0..state.batch {
             let src = (b * step.s_new + step.s_new - 1) as u64 * row_bytes;
@@ -658,7 +661,8 @@ impl GpuModel {
             hidden = &ws.last_proj;
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        rec.linear(
+        // Logits are f32 whatever the activations: argmax, sampling and `--dump-logits` read f32.
+        rec.linear_f32_out(
             hidden,
             state.batch,
             head,
@@ -707,12 +711,26 @@ pub fn decoder_layer<'a>(
         _ => {
             for (proj, dst) in [(&layer.k_proj, &cache.k), (&layer.v_proj, &cache.v)] {
                 let (w, b) = lin(proj);
-                match cache.dtype {
-                    CacheDtype::F32 => {
-                        rec.linear(attn_in, rows, w, b, Act::None, dst, into_cache, false)
-                    }
-                    CacheDtype::F16 => {
-                        // Through ws.attn (free until the attention writes it), then halved into the cache.
+                let into = |out_dtype| LinearCall {
+                    x: attn_in,
+                    m: rows,
+                    w,
+                    bias: b,
+                    act: Act::None,
+                    out: dst,
+                    rows: into_cache,
+                    accumulate: false,
+                    out_dtype: Some(out_dtype),
+                    variant: None,
+                    kernel: None,
+                };
+                match (cache.dtype, rec.act()) {
+                    // The projection writes the cache's own values: f32, or halves beside f16 activations.
+                    (CacheDtype::F32, _) => rec.linear_call(into(ActDtype::F32)),
+                    (CacheDtype::F16, ActDtype::F16) => rec.linear_call(into(ActDtype::F16)),
+                    (CacheDtype::F16, ActDtype::F32) => {
+                        // f32 activations (no shader-f16, or `--dtype f32`): through ws.attn (free until the
+                        // attention writes it), then halved into the cache.
                         rec.linear(attn_in, rows, w, b, Act::None, &ws.attn, dense, false);
                         rec.store_cache_rows_f16(&ws.attn, dst, shape);
                     }
@@ -777,7 +795,7 @@ pub fn finish_layer<'a>(
     // Post-LN: `x = LN(x)` (through `norm`, since a kernel cannot read and write one buffer).
     let post_norm = |rec: &mut Recorder<'a>, n: &'a Norm| {
         rec.layer_norm(x, rows, h, n.as_refs(), eps, norm);
-        rec.copy(norm, 0, x, 0, (rows * h * 4) as u64);
+        rec.copy(norm, 0, x, 0, (rows * h * rec.act().bytes()) as u64);
     };
     // Residual add fused into out_proj's output.
     let l = &layer.out_proj;
@@ -832,7 +850,7 @@ pub fn finish_layer<'a>(
 
 /// Attention over a packed cache: this step's K and V rows are packed into `cache`, and `ws.attn` receives the
 /// attention of `ws.q`. Decode (one new token) attends over the packed words with `q4_attention`; a longer step
-/// (prefill) computes in f32 scratch (after unpacking the `past` rows already cached) and packs the result.
+/// (prefill) computes in the scratch (after unpacking the `past` rows already cached) and packs the result.
 #[allow(clippy::too_many_arguments)] // decoder_layer's inputs, split by cache kind
 fn packed_attention<'a>(
     rec: &mut Recorder<'a>,
@@ -853,6 +871,8 @@ fn packed_attention<'a>(
     let rows = batch * step.s_new;
     let layout = KvCache::layout(config, cache.batch, cap, cc);
     let pairs = batch * heads;
+    // The scratch holds keys and values as activations.
+    let scratch_dtype = CacheDtype::of_act(rec.act());
     let kv = [
         (&layer.k_proj, &scratch.k, &cache.k),
         (&layer.v_proj, &scratch.v, &cache.v),
@@ -873,8 +893,8 @@ fn packed_attention<'a>(
             rec.quantize_rows(dense, pairs, packed, layout, cc, step.past, cap);
         }
         if step.is_sparse() {
-            // Top-k attention reads f32: decode every cached row (the new one included) into the scratch, in the
-            // f32 kernels' layout, and attend there. Costs a pass over the whole cache per layer and step.
+            // Top-k attention reads an unpacked cache: decode every cached row (the new one included) into the
+            // scratch, in the dense kernels' layout, and attend there. Costs a pass over the whole cache per layer and step.
             for (_, dense, packed) in kv {
                 rec.dequantize_rows(packed, layout, cc, pairs * cap, &scratch.pairs);
                 rec.permute_cache(
@@ -897,7 +917,7 @@ fn packed_attention<'a>(
                 n_head: heads,
             };
             rec.sparse_attention(
-                CacheDtype::F32,
+                scratch_dtype,
                 &ws.q,
                 &scratch.k,
                 &scratch.v,
@@ -971,7 +991,7 @@ fn packed_attention<'a>(
         n_head: heads,
     };
     rec.attention(
-        CacheDtype::F32,
+        scratch_dtype,
         &ws.q,
         &scratch.k,
         &scratch.v,

@@ -1,11 +1,16 @@
 //! A plain CPU implementation of OPT's forward pass in f32: the oracle the GPU kernels and the offloading runtime
 //! are tested against. It runs one unpadded sequence at a time and recomputes the whole prefix for every token (no
 //! KV cache), so it shares no code path with the GPU runtime. Slow; meant for tiny models.
+//!
+//! It stores values as the runtime does: keys and values as the KV cache holds them, and, with
+//! [`ReferenceModel::with_act`], every activation the runtime writes to memory rounded to its activation dtype (sums
+//! stay f64/f32, as the kernels accumulate in f32).
 
 use std::collections::HashMap;
 
 use crate::compress::{dequantize, quantize_cache, CompressError, CompressionConfig};
 use crate::config::{Activation, OptConfig};
+use crate::gpu::kernels::ActDtype;
 use crate::gpu::tensor::to_f32;
 use crate::weights::{
     model_tensors, LayerPart, LayerTensor, ModelTensor, Param, TensorId, WeightError, WeightSource,
@@ -206,6 +211,8 @@ type RoundTrip<'a> = &'a dyn Fn(&[f32]) -> Vec<f32>;
 pub struct ReferenceModel {
     /// The architecture.
     pub config: OptConfig,
+    /// How activations are stored between operations (f32 unless [`ReferenceModel::with_act`]).
+    pub act: ActDtype,
     weights: HashMap<String, Vec<f32>>,
 }
 
@@ -218,7 +225,27 @@ impl ReferenceModel {
             let t = source.load(&spec)?;
             weights.insert(spec.name.clone(), to_f32(t.dtype, &t.bytes));
         }
-        Ok(ReferenceModel { config, weights })
+        Ok(ReferenceModel {
+            config,
+            act: ActDtype::F32,
+            weights,
+        })
+    }
+
+    /// The same model storing activations as `act` (a generator's [`crate::generate::Generator::act_dtype`]): each
+    /// value the runtime writes to an activation buffer (embeddings, layer-norm outputs, projections, attention
+    /// output, the residual stream after each add, the FFN's intermediate) is rounded to it; logits stay f32.
+    pub fn with_act(self, act: ActDtype) -> Self {
+        ReferenceModel { act, ..self }
+    }
+
+    /// `x` as an activation buffer holds it.
+    fn stored(&self, mut x: Vec<f32>) -> Vec<f32> {
+        if self.act == ActDtype::F16 {
+            x.iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+        }
+        x
     }
 
     /// Tensor `id`'s values (names come from the tensor table, like every other reader's).
@@ -302,42 +329,49 @@ impl ReferenceModel {
         let c = &self.config;
         let (h, p, len) = (c.hidden_size, c.word_embed_proj_dim, tokens.len());
         let embed = self.t(TensorId::Model(ModelTensor::EmbedTokens));
-        let mut e: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&t| embed[t as usize * p..(t as usize + 1) * p].iter().copied())
-            .collect();
+        let mut e: Vec<f32> = self.stored(
+            tokens
+                .iter()
+                .flat_map(|&t| embed[t as usize * p..(t as usize + 1) * p].iter().copied())
+                .collect(),
+        );
         if c.has_projection() {
-            e = matmul_t(
+            e = self.stored(matmul_t(
                 &e,
                 len,
                 p,
                 self.t(TensorId::Model(ModelTensor::ProjectIn)),
                 h,
-            );
+            ));
         }
         let pos = self.t(TensorId::Model(ModelTensor::EmbedPositions));
-        let mut x: Vec<f32> = e
-            .chunks_exact(h)
-            .enumerate()
-            .flat_map(|(i, row)| {
-                row.iter()
-                    .zip(&pos[(i + 2) * h..(i + 3) * h])
-                    .map(|(a, b)| a + b)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut x: Vec<f32> = self.stored(
+            e.chunks_exact(h)
+                .enumerate()
+                .flat_map(|(i, row)| {
+                    row.iter()
+                        .zip(&pos[(i + 2) * h..(i + 3) * h])
+                        .map(|(a, b)| a + b)
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        );
         let visible = vec![true; len];
-        let add = |x: &mut [f32], y: &[f32]| x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+        // The residual add of a linear layer's epilogue: `x + y`, stored.
+        let add = |x: &mut Vec<f32>, y: &[f32]| {
+            x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+            *x = self.stored(std::mem::take(x));
+        };
         for l in 0..c.num_hidden_layers {
             let a_in = if c.do_layer_norm_before {
-                self.layer_norm(&x, l, LayerPart::SelfAttnLayerNorm)
+                self.stored(self.layer_norm(&x, l, LayerPart::SelfAttnLayerNorm))
             } else {
                 x.clone()
             };
-            let q = self.linear(&a_in, len, l, LayerPart::QProj);
+            let q = self.stored(self.linear(&a_in, len, l, LayerPart::QProj));
             let (mut k, mut v) = (
-                self.linear(&a_in, len, l, LayerPart::KProj),
-                self.linear(&a_in, len, l, LayerPart::VProj),
+                self.stored(self.linear(&a_in, len, l, LayerPart::KProj)),
+                self.stored(self.linear(&a_in, len, l, LayerPart::VProj)),
             );
             if packed.is_none() {
                 // A dense cache holds them as the runtime stores them (a packed one: round_trip below).
@@ -352,15 +386,18 @@ impl ReferenceModel {
             };
             let mut a = attend(&k, &v);
             if let (Some(round_trip), true) = (packed, len > dense_rows) {
-                let decoded = attend(&round_trip(&k), &round_trip(&v));
+                // Decoded values pass through the scratch as activations.
+                let (k, v) = (self.stored(round_trip(&k)), self.stored(round_trip(&v)));
+                let decoded = attend(&k, &v);
                 a[dense_rows * h..].copy_from_slice(&decoded[dense_rows * h..]);
             }
+            let a = self.stored(a);
             add(&mut x, &self.linear(&a, len, l, LayerPart::OutProj));
             if !c.do_layer_norm_before {
-                x = self.layer_norm(&x, l, LayerPart::SelfAttnLayerNorm);
+                x = self.stored(self.layer_norm(&x, l, LayerPart::SelfAttnLayerNorm));
             }
             let f_in = if c.do_layer_norm_before {
-                self.layer_norm(&x, l, LayerPart::FinalLayerNorm)
+                self.stored(self.layer_norm(&x, l, LayerPart::FinalLayerNorm))
             } else {
                 x.clone()
             };
@@ -371,29 +408,30 @@ impl ReferenceModel {
                     Activation::Gelu => gelu(*v),
                 };
             }
+            let mid = self.stored(mid);
             add(&mut x, &self.linear(&mid, len, l, LayerPart::Fc2));
             if !c.do_layer_norm_before {
-                x = self.layer_norm(&x, l, LayerPart::FinalLayerNorm);
+                x = self.stored(self.layer_norm(&x, l, LayerPart::FinalLayerNorm));
             }
         }
         let mut last = x[(len - 1) * h..].to_vec();
         if c.has_final_layer_norm() {
-            last = self.norm(
+            last = self.stored(self.norm(
                 &last,
                 [
                     TensorId::Model(ModelTensor::FinalLayerNormWeight),
                     TensorId::Model(ModelTensor::FinalLayerNormBias),
                 ],
-            );
+            ));
         }
         if c.has_projection() {
-            last = matmul_t(
+            last = self.stored(matmul_t(
                 &last,
                 1,
                 h,
                 self.t(TensorId::Model(ModelTensor::ProjectOut)),
                 p,
-            );
+            ));
         }
         let head = if c.tie_word_embeddings {
             embed

@@ -7,6 +7,7 @@ use strata_runtime::compress::{
     decode_attention, dequantize, quantize, AttentionParams, AttentionShape, CompressionConfig,
     DequantParams, PackedTensor, QuantizeParams, ATTENTION_WGSL, DEQUANT_WGSL, QUANTIZE_WGSL,
 };
+use strata_runtime::gpu::kernels::ActDtype;
 use wgpu::util::DeviceExt;
 
 /// The shared test device, for raw dispatches of one WGSL kernel outside the runtime's `Recorder`.
@@ -22,9 +23,11 @@ impl Device {
         self.pipeline_with(source, &[("BITS", bits as f64)])
     }
 
-    /// The kernel's `main`, compiled with pipeline `constants`.
+    /// The kernel's `main` after the f32 activation part (the rows it reads and writes are f32), compiled with
+    /// pipeline `constants`.
     fn pipeline_with(&self, source: &str, constants: &[(&str, f64)]) -> wgpu::ComputePipeline {
         let device = &self.0.device;
+        let source = [ActDtype::F32.wgsl(), source].join("\n");
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: None,
             source: wgpu::ShaderSource::Wgsl(source.into()),

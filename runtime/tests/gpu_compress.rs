@@ -1,15 +1,22 @@
 //! The GPU runtime's packed (compressed) paths against the CPU: linear layers over packed weights in row blocks
-//! (GEMV and GEMM, bias, activation, accumulation, scattered output rows), packed embedding lookups, and what a
-//! packed model really occupies on the GPU.
+//! (GEMV and GEMM, bias, activation, accumulation, scattered output rows), packed embedding lookups, what a packed
+//! model really occupies on the GPU, and the packed cache's kernels with f32 and f16 activations.
 
 mod common;
 
 use common::{
-    gpu, gpu_with_binding, matrix, max_abs_diff, upload, upload_u32, LinearCase, Rng, EPILOGUES,
+    gpu, gpu_with_binding, matrix, max_abs_diff, round_to, upload, upload_u32, LinearCase, Rng,
+    EPILOGUES,
 };
-use strata_runtime::compress::{dequantize, packed_bytes, quantize, CompressionConfig};
+use strata_runtime::compress::{
+    decode_attention, dequantize, packed_bytes, quantize, AttentionParams, AttentionShape,
+    CompressionConfig, PackedTensor,
+};
+use strata_runtime::config::DType;
 use strata_runtime::dummy::DummyWeights;
-use strata_runtime::gpu::kernels::{Act, Kernels, OutRows};
+use strata_runtime::gpu::kernels::{
+    decode_act, encode_act, Act, ActDtype, KernelOptions, Kernels, OutRows,
+};
 use strata_runtime::gpu::tensor::WeightFormat;
 use strata_runtime::gpu::Gpu;
 use strata_runtime::model::GpuModel;
@@ -186,4 +193,112 @@ fn packed_model_bytes_on_the_gpu_match_the_formula() {
     let (on_gpu, formula) = check_model_bytes(opt125m, CompressionConfig::DEFAULT);
     // The packed model is about a quarter of the fp16 one.
     assert!(on_gpu < opt125m.model_bytes() / 3, "{on_gpu} vs {formula}");
+}
+
+/// The packed cache's kernels through the recorder with f32 and with f16 activations: q4_quantize packs rows of
+/// activations (past one dispatch's grid, so a later piece goes through act-sized staging), q4_dequant decodes them
+/// into activations, q4_attention reads an activation query and writes an activation output. Each against the CPU
+/// on the same (act-rounded) inputs.
+#[test]
+fn packed_cache_kernels_read_and_write_activations_in_both_dtypes() {
+    let gpu = gpu();
+    let c = CompressionConfig::new(4, 16).unwrap();
+    // 65,540 rows: the last 5 rows are a second piece through the kernels' staging.
+    let (rows, cols) = (65_540, 16);
+    let mut rng = Rng(31);
+    let values = rng.vec(rows * cols, 2.0);
+    for act in [ActDtype::F32, ActDtype::F16] {
+        let kernels = Kernels::with_options(&gpu, KernelOptions::default().with_act(act));
+        if kernels.act() != act {
+            eprintln!("skipped {act:?}: this adapter has no SHADER_F16");
+            continue;
+        }
+        let dtype = match act {
+            ActDtype::F32 => DType::F32,
+            ActDtype::F16 => DType::F16,
+        };
+        let seen = round_to(&values, dtype);
+        let cpu = quantize(&seen, rows, cols, c).unwrap();
+        let layout = cpu.layout();
+        let input = gpu
+            .storage_buffer_init("rows", &encode_act(&values, act))
+            .unwrap();
+        let packed = gpu
+            .storage_buffer_init("packed", &vec![0u8; cpu.as_bytes().len()])
+            .unwrap();
+        let decoded = gpu
+            .storage_buffer_init("decoded", &vec![0u8; rows * cols * act.bytes()])
+            .unwrap();
+        let mut rec = kernels.recorder();
+        rec.quantize_rows(&input, rows, &packed, layout, c, 0, 1);
+        rec.dequantize_rows(&packed, layout, c, rows, &decoded);
+        rec.submit();
+        let back = gpu
+            .read_back(&[
+                (&packed, 0, packed.size()),
+                (&decoded, 0, (rows * cols * act.bytes()) as u64),
+            ])
+            .unwrap();
+        let ours = PackedTensor::from_bytes(rows, cols, c, &back[0]).unwrap();
+        let (got, want) = (dequantize(&ours), dequantize(&cpu));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let (step, _) = cpu.group_params(i / cols, (i % cols) / 16);
+            assert!(
+                (g - w).abs() <= step * 1.01 + 1e-7,
+                "{act:?}: packed value {i}: gpu {g} cpu {w}"
+            );
+        }
+        // q4_dequant writes exactly the packed values, rounded to the activations.
+        let decoded = decode_act(&back[1], act);
+        assert_eq!(decoded, round_to(&got, dtype), "{act:?}: decoded rows");
+
+        // Decode attention over a packed cache of 3 sequences x 2 heads x 9 positions (head_dim 16).
+        let (batch, heads, seq_len) = (3, 2, 9);
+        let shape = AttentionShape {
+            batch,
+            heads,
+            head_dim: cols,
+            seq_len,
+            token_stride: 1,
+            bh_stride: seq_len,
+        };
+        let n = batch * heads * seq_len;
+        let k = quantize(&rng.vec(n * cols, 1.0), n, cols, c).unwrap();
+        let v = quantize(&rng.vec(n * cols, 1.0), n, cols, c).unwrap();
+        let query = round_to(&rng.vec(batch * heads * cols, 1.0), dtype);
+        let mask: Vec<u32> = (0..batch * seq_len)
+            .map(|i| (i % seq_len >= i / seq_len) as u32)
+            .collect();
+        let scale = (cols as f32).powf(-0.5);
+        let want = decode_attention(&query, &k, &v, &shape, Some((&mask, seq_len)), scale).unwrap();
+        let params = AttentionParams::new(&shape, &k, &v, Some(seq_len), scale).unwrap();
+        let qb = gpu
+            .storage_buffer_init("q", &encode_act(&query, act))
+            .unwrap();
+        let (kb, vb) = (
+            gpu.storage_buffer_init("k", k.as_bytes()).unwrap(),
+            gpu.storage_buffer_init("v", v.as_bytes()).unwrap(),
+        );
+        let mb = upload_u32(&gpu, &mask);
+        let scores = upload(&gpu, &vec![0.0; n]);
+        let out = gpu
+            .storage_buffer_init("out", &encode_act(&vec![f32::NAN; query.len()], act))
+            .unwrap();
+        let mut rec = kernels.recorder();
+        rec.packed_attention(&qb, &kb, &vb, &mb, &scores, &out, c, params);
+        rec.submit();
+        let bytes = gpu.read_back(&[(&out, 0, out.size())]).unwrap();
+        let got = decode_act(&bytes[0][..query.len() * act.bytes()], act);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // f16 output: within half an f16 ulp of the f32 result, plus f32 summation order.
+            let tol = match act {
+                ActDtype::F32 => 1e-5,
+                ActDtype::F16 => 1e-5 + w.abs() / 2048.0,
+            };
+            assert!(
+                (g - w).abs() <= tol,
+                "{act:?}: attention output {i}: gpu {g} cpu {w}"
+            );
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod common;
 use common::{gpu, tiny_config, RandomWeights};
 use strata_runtime::config::{Activation, DType, OptConfig};
 use strata_runtime::generate::{GenerateError, GenerateOptions, Generator, Sampling};
+use strata_runtime::gpu::kernels::ActDtype;
 use strata_runtime::offload::policy::Policy;
 use strata_runtime::reference::ReferenceModel;
 
@@ -28,7 +29,14 @@ fn greedy(n: usize) -> GenerateOptions {
 }
 
 /// Generates greedily on the GPU, then checks every step's logits against the reference run on the same prefix,
-/// and every chosen token against the reference's maximum.
+/// and every chosen token against the reference's maximum: within `tol` with f32 activations.
+///
+/// With f16 activations the reference rounds every stored activation as the generator does, which reproduces the
+/// GPU's logits to f32 rounding except where an f32 sum and the reference's f64 sum land on two sides of a half's
+/// rounding boundary: that half then differs by one ulp (2^-11 of its value) and so does everything computed from it,
+/// in every later step of that sequence (the cache keeps it). So: every step within 1e-3 of its largest logit, and at
+/// least half of the (sequence, step) pairs exact to 1e-5 of it (a reference that did not round activations is off by
+/// 3e-4..2e-3 of it everywhere).
 fn check_against_reference(
     config: OptConfig,
     storage: Option<DType>,
@@ -51,7 +59,9 @@ fn check_against_reference(
     let vocab = config.vocab_size;
     assert_eq!(out.steps, steps);
     assert_eq!(logits.len(), steps * prompts.len() * vocab);
-    let reference = ReferenceModel::new(&source).unwrap();
+    let act = gen.act_dtype();
+    let reference = ReferenceModel::new(&source).unwrap().with_act(act);
+    let mut exact = 0;
     for (b, prompt) in prompts.iter().enumerate() {
         assert_eq!(out.generated_ids[b].len(), steps);
         let want = reference.step_logits(prompt, &out.generated_ids[b]);
@@ -59,9 +69,15 @@ fn check_against_reference(
             let got_t =
                 &logits[(t * prompts.len() + b) * vocab..(t * prompts.len() + b + 1) * vocab];
             let diff = common::max_abs_diff(got_t, want_t);
+            let scale = want_t.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let tol = match act {
+                ActDtype::F32 => tol,
+                ActDtype::F16 => 1e-3 * scale,
+            };
+            exact += usize::from(diff <= 1e-5 * scale);
             assert!(
                 diff < tol,
-                "{}: seq {b} step {t}: logits differ by {diff} (tolerance {tol})",
+                "{} ({act:?} activations): seq {b} step {t}: logits differ by {diff} (tolerance {tol})",
                 config.name
             );
             let chosen = out.generated_ids[b][t] as usize;
@@ -72,6 +88,14 @@ fn check_against_reference(
                 config.name
             );
         }
+    }
+    if act == ActDtype::F16 {
+        let pairs = prompts.len() * steps;
+        assert!(
+            2 * exact >= pairs,
+            "{}: only {exact} of {pairs} steps match the reference's rounding exactly",
+            config.name
+        );
     }
 }
 
@@ -118,9 +142,12 @@ fn every_variant_matches_the_reference_in_f32() {
 
 #[test]
 fn every_variant_matches_the_reference_with_f16_checkpoints() {
-    // The reference reads the same f16 values, so only f32-vs-f64 accumulation differs.
+    // The reference reads the same f16 values and rounds the same activations to halves (f16 activations where the
+    // adapter has shader-f16), so only f32-vs-f64 accumulation differs (and, through it, now and then a half).
     for config in variants() {
         check_against_reference(config.with_dtype(DType::F16), None, 1e-3, None);
+        // `--dtype f32`: the same values as f32 weights, f32 activations, the f16 cache.
+        check_against_reference(config.with_dtype(DType::F16), Some(DType::F32), 1e-3, None);
     }
 }
 

@@ -26,7 +26,7 @@ pub struct Args {
     /// Divide every shape's dimensions by N (the full shapes need bindings of 1 GiB; lavapipe has 128 MiB).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     scale: u32,
-    /// Dispatches per timed step.
+    /// At most N dispatches per timed step (fewer where one dispatch already runs 20 ms).
     #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000))]
     reps: u32,
     /// Timed steps per kernel (the best counts), after one warm-up.

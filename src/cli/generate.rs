@@ -274,7 +274,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     prompt_len: longest,
                     gen_len: args.max_new_tokens,
                 };
-                let fit = largest_gpu_batch(&config, &DeviceLimits::of(&gpu), workload);
+                let fit = largest_gpu_batch(&config, &policy, &DeviceLimits::of(&gpu), workload);
                 policy.gpu_batch_size = fit.clamp(1, prompts.len().max(1));
                 policy.num_gpu_batches = prompts.len().div_ceil(policy.gpu_batch_size).max(1);
             }

@@ -1,12 +1,15 @@
 //! The packed KV cache's WGSL kernels (q4_dequant, q4_quantize, q4_attention) and their `#[repr(C)]` uniforms,
 //! mirroring each WGSL `Params` struct, with their dispatch grids. Packed weights are read by the linear kernels
 //! themselves (`gpu/kernels/weights_packed.wgsl`).
+//!
+//! Like every kernel that touches activations, each source follows the activation part in its module
+//! ([`crate::gpu::kernels::ActDtype::wgsl`]: the rows they read and write are `act`, f32 or f16).
 
 use super::{AttentionShape, CompressError, CompressionConfig, PackedLayout, PackedTensor};
 
 /// WGSL that dequantises rows of a packed tensor (a range of cache rows, or gathered embedding rows by id).
 pub const DEQUANT_WGSL: &str = include_str!("../gpu/kernels/q4_dequant.wgsl");
-/// WGSL that packs f32 rows on the GPU (new K/V rows into a packed cache), by the same rule as [`quantize`](super::quantize).
+/// WGSL that packs rows of activations on the GPU (new K/V rows into a packed cache), by the same rule as [`quantize`](super::quantize).
 pub const QUANTIZE_WGSL: &str = include_str!("../gpu/kernels/q4_quantize.wgsl");
 /// WGSL of decode attention reading a packed K/V cache directly.
 pub const ATTENTION_WGSL: &str = include_str!("../gpu/kernels/q4_attention.wgsl");

@@ -57,7 +57,13 @@ pub(crate) fn build(
     let f = c.ffn_embed_dim as f64;
     let b = (gbs * ngb) as f64;
     // Activations and the cache at the bytes the placement gives them.
-    let act_bytes = crate::offload::placement::act_dtype(c).bytes() as f64;
+    // Planned without a device or a policy: the checkpoint's dtype on a device with every feature.
+    let act_bytes = crate::offload::placement::act_dtype(
+        c,
+        &crate::offload::policy::Policy::default(),
+        &crate::offload::placement::DeviceLimits::UNBOUNDED,
+    )
+    .bytes() as f64;
     let Rates {
         ctog,
         gtoc_cache,

@@ -24,7 +24,8 @@
 //! # Packed (compressed) caches
 //!
 //! Packed weights are read by the linear kernels themselves (`weights_packed.wgsl`). A packed KV cache uses the
-//! compress module's kernels (`runtime/src/gpu/kernels/q4_*.wgsl`, compiled here per bit width on first use):
+//! compress module's kernels (`runtime/src/gpu/kernels/q4_*.wgsl`, compiled here per bit width on first use, after
+//! the activation part: the rows they pack, decode, attend with and write are activations):
 //! [`Recorder::quantize_rows`] and [`Recorder::packed_attention`] append to and attend over it,
 //! [`Recorder::dequantize_rows`] decodes it. The q4 kernels take no input or output offsets, so work beyond one
 //! dispatch's grid (65535 rows) goes through staging buffers with buffer-to-buffer copies. Staging buffers are owned
@@ -138,14 +139,16 @@ fn later_piece(rows: usize) -> usize {
     }
 }
 
-/// Slot-0 staging of [`Recorder::dequantize_rows`] over `rows` rows of `cols` values (pieces past the first).
-pub fn dequantize_rows_staging(rows: usize, cols: usize) -> u64 {
-    (later_piece(rows) * cols * 4) as u64
+/// Slot-0 staging of [`Recorder::dequantize_rows`] over `rows` rows of `cols` values stored as `act` (pieces past
+/// the first).
+pub fn dequantize_rows_staging(rows: usize, cols: usize, act: ActDtype) -> u64 {
+    (later_piece(rows) * cols * act.bytes()) as u64
 }
 
-/// Slot-1 staging of [`Recorder::quantize_rows`] over `rows` rows of `cols` values (pieces past the first).
-pub fn quantize_rows_staging(rows: usize, cols: usize) -> u64 {
-    (later_piece(rows) * cols * 4) as u64
+/// Slot-1 staging of [`Recorder::quantize_rows`] over `rows` rows of `cols` values stored as `act` (pieces past the
+/// first).
+pub fn quantize_rows_staging(rows: usize, cols: usize, act: ActDtype) -> u64 {
+    (later_piece(rows) * cols * act.bytes()) as u64
 }
 
 /// Largest head_dim the attention kernel handles (its workgroup memory).
@@ -240,6 +243,15 @@ impl CacheDtype {
             CacheDtype::F16
         } else {
             CacheDtype::F32
+        }
+    }
+
+    /// The cache dtype that reads values stored as activations of `act` (the same bytes: an f16 cache's halves are
+    /// an `array<f16>`): for the packed cache's scratch, which holds keys and values as activations.
+    pub const fn of_act(act: ActDtype) -> CacheDtype {
+        match act {
+            ActDtype::F32 => CacheDtype::F32,
+            ActDtype::F16 => CacheDtype::F16,
         }
     }
 
@@ -377,7 +389,7 @@ impl Kernels {
             build_kernel(
                 &self.gpu,
                 label,
-                &[source],
+                &[self.act().wgsl(), source],
                 "main",
                 &[("BITS", bits as f64)],
             )
@@ -385,8 +397,15 @@ impl Kernels {
     }
 
     fn cache_rows(&self) -> &Kernel {
-        self.cache_rows
-            .get_or_init(|| build_kernel(&self.gpu, "cache_rows", &[CACHE_ROWS], "main", &[]))
+        self.cache_rows.get_or_init(|| {
+            build_kernel(
+                &self.gpu,
+                "cache_rows",
+                &[self.act().wgsl(), CACHE_ROWS],
+                "main",
+                &[],
+            )
+        })
     }
 
     /// Staging buffer `slot` of at least `bytes` bytes (a new, larger one replaces a smaller one; dispatches
@@ -488,19 +507,26 @@ pub fn shader_modules() -> Vec<ShaderModuleSource> {
     for entry in ["argmax", "sample"] {
         all.push(module(entry.into(), &[SELECT], entry, vec![]));
     }
-    all.push(module("cache_rows".into(), &[CACHE_ROWS], "main", vec![]));
-    for (name, source) in [
-        ("q4_dequant", DEQUANT_WGSL),
-        ("q4_quantize", QUANTIZE_WGSL),
-        ("q4_attention", ATTENTION_WGSL),
-    ] {
-        for bits in [2u8, 4, 8] {
-            all.push(module(
-                format!("{name} {bits} bits"),
-                &[source],
-                "main",
-                vec![("BITS", bits as f64)],
-            ));
+    for act in [ActDtype::F32, ActDtype::F16] {
+        all.push(module(
+            format!("cache_rows {act:?}"),
+            &[act.wgsl(), CACHE_ROWS],
+            "main",
+            vec![],
+        ));
+        for (name, source) in [
+            ("q4_dequant", DEQUANT_WGSL),
+            ("q4_quantize", QUANTIZE_WGSL),
+            ("q4_attention", ATTENTION_WGSL),
+        ] {
+            for bits in [2u8, 4, 8] {
+                all.push(module(
+                    format!("{name} {bits} bits {act:?}"),
+                    &[act.wgsl(), source],
+                    "main",
+                    vec![("BITS", bits as f64)],
+                ));
+            }
         }
     }
     all
@@ -606,6 +632,11 @@ fn u32_of(n: usize) -> u32 {
 }
 
 impl<'a> Recorder<'a> {
+    /// How the kernels recording here store activations ([`Kernels::act`]).
+    pub fn act(&self) -> ActDtype {
+        self.kernels.act()
+    }
+
     fn params(&mut self, words: &[u32]) -> u64 {
         let offset = self.uniforms.len() as u64;
         self.uniforms.extend_from_slice(bytemuck::cast_slice(words));
@@ -657,7 +688,7 @@ impl<'a> Recorder<'a> {
 
     /// Moves positions `t0..t0 + t_len` of `batch` sequences between the attention kernel's cache layout
     /// `[batch, capacity, heads * head_dim]` and the pair-major `[batch, heads, capacity, head_dim]` row order of a
-    /// packed cache (f32 both): `to_pairs` reads `src` in the former and writes `dst` in the latter.
+    /// packed cache (activations, [`Kernels::act`], both): `to_pairs` reads `src` in the former and writes `dst` in the latter.
     #[allow(clippy::too_many_arguments)] // the two buffers and the shape of the move
     pub fn permute_cache(
         &mut self,
@@ -698,7 +729,7 @@ impl<'a> Recorder<'a> {
         );
     }
 
-    /// Packs `rows` f32 rows of `input` (`[rows, layout.cols]`, dense) into `packed` (a tensor of `layout` under
+    /// Packs `rows` rows of `input` (`[rows, layout.cols]` activations, dense) into `packed` (a tensor of `layout` under
     /// `config`): input row `r` becomes packed row `first_row + r * row_stride`, quantised by `q4_quantize` with the
     /// same rule as [`crate::compress::quantize`].
     #[allow(clippy::too_many_arguments)] // the source, the destination and its layout, and the row mapping
@@ -713,7 +744,7 @@ impl<'a> Recorder<'a> {
         row_stride: usize,
     ) {
         let kernel = self.kernels.q4(Q4::Quantize, config.bits);
-        let row_bytes = (layout.cols * 4) as u64;
+        let row_bytes = (layout.cols * self.act().bytes()) as u64;
         let mut start = 0;
         while start < rows {
             let n = (rows - start).min(MAX_GRID_ROWS);
@@ -745,7 +776,7 @@ impl<'a> Recorder<'a> {
     }
 
     /// Decodes rows `0..rows` of `packed` (a tensor of `layout` under `config`) into `out` (`[rows, layout.cols]`
-    /// f32) with `q4_dequant`.
+    /// activations) with `q4_dequant`.
     pub fn dequantize_rows(
         &mut self,
         packed: &'a wgpu::Buffer,
@@ -755,7 +786,7 @@ impl<'a> Recorder<'a> {
         out: &'a wgpu::Buffer,
     ) {
         let kernel = self.kernels.q4(Q4::Dequant, config.bits);
-        let row_bytes = (layout.cols * 4) as u64;
+        let row_bytes = (layout.cols * self.act().bytes()) as u64;
         let mut start = 0;
         while start < rows {
             let n = (rows - start).min(MAX_GRID_ROWS);

@@ -13,7 +13,8 @@ use std::time::Instant;
 use super::measure::{GpuField, GpuProbe};
 use crate::config::DType;
 use crate::gpu::kernels::{
-    Act, AttentionShape, CacheDtype, Kernels, OutRows, GEMV_MAX_ROWS, MAX_HEAD_DIM,
+    encode_act, Act, ActDtype, AttentionShape, CacheDtype, KernelOptions, Kernels, OutRows,
+    GEMV_MAX_ROWS, MAX_HEAD_DIM,
 };
 use crate::gpu::tensor::{GpuMatrix, WeightFormat};
 use crate::gpu::{Gpu, GpuError};
@@ -139,7 +140,8 @@ impl RuntimeProbe {
             .map_err(|e| GpuError::Upload(format!("setting up the CPU tier: {e}")))?;
         Ok(RuntimeProbe {
             gpu: gpu.clone(),
-            kernels: Kernels::new(gpu),
+            // Activations as the f16 models the profile plans for store them (f32 without shader-f16).
+            kernels: Kernels::with_options(gpu, KernelOptions::default().with_act(ActDtype::F16)),
             tiers,
             sizes,
             cache_transfer: None,
@@ -205,11 +207,19 @@ impl RuntimeProbe {
             .map_err(|e| e.to_string())
     }
 
+    /// [`RuntimeProbe::filled`] for activations, stored as the kernels store them.
+    fn filled_act(&self, label: &str, elements: usize) -> Result<wgpu::Buffer, String> {
+        let values: Vec<f32> = (0..elements).map(|i| ((i % 13) as f32) * 1e-2).collect();
+        self.gpu
+            .storage_buffer_init(label, &encode_act(&values, self.kernels.act()))
+            .map_err(|e| e.to_string())
+    }
+
     /// TFLOP/s of a linear layer with `m` rows of x over a `width x width` weight.
     fn linear_rate(&self, m: usize) -> Result<f64, String> {
         let n = self.sizes.width;
         let w = self.matrix(n, n)?;
-        let x = self.filled("probe x", m * n)?;
+        let x = self.filled_act("probe x", m * n)?;
         let out = self.gpu.storage_buffer("probe out", (4 * m * n) as u64);
         let secs = self.time(|rec| {
             rec.linear(
@@ -233,7 +243,7 @@ impl RuntimeProbe {
         let heads = s.attn_heads.max(h.div_ceil(MAX_HEAD_DIM));
         let s_new = if prefill { seq } else { 1 };
         let past = seq - s_new;
-        let q = self.filled("probe q", b * s_new * h)?;
+        let q = self.filled_act("probe q", b * s_new * h)?;
         let k = self.filled("probe k", b * seq * h)?;
         let v = self.filled("probe v", b * seq * h)?;
         let mask = self

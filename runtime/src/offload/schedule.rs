@@ -42,7 +42,7 @@ use super::placement::CacheRange;
 use super::run::{BatchAct, BatchCache, RunHomes};
 use super::weights::{LayerStore, PartKey};
 use super::OffloadError;
-use crate::gpu::kernels::{Act, ActDtype, OutRows};
+use crate::gpu::kernels::{decode_act, encode_act, Act, ActDtype, CacheDtype, LinearCall, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{
     attention_input, decoder_layer, finish_layer, BatchState, GpuModel, KvCache, LayerWeights,
@@ -685,41 +685,64 @@ impl<'v> Schedule<'v, '_> {
         let x = &state.x;
         let rec = &mut self.rec;
         let attn_in = attention_input(rec, c, layer, x, rows, &sc.norm);
-        for (l, out) in [
-            (&layer.q_proj, &sc.q),
-            (&layer.k_proj, &sc.k),
-            (&layer.v_proj, &sc.v),
+        // q comes back as activations; k and v as the cache will hold them where the activations are halves (the
+        // projection's own rounding, as on the GPU path), else as f32 values the CPU rounds to the cache's dtype.
+        let act = rec.act();
+        let dtype = self.homes.cache_dtype();
+        let kv_dtype = match (act, dtype) {
+            (ActDtype::F16, CacheDtype::F16) => ActDtype::F16,
+            _ => ActDtype::F32,
+        };
+        for (l, out, out_dtype) in [
+            (&layer.q_proj, &sc.q, act),
+            (&layer.k_proj, &sc.k, kv_dtype),
+            (&layer.v_proj, &sc.v, kv_dtype),
         ] {
-            rec.linear(
-                attn_in,
-                rows,
-                &l.weight,
-                l.bias.as_ref(),
-                Act::None,
+            rec.linear_call(LinearCall {
+                x: attn_in,
+                m: rows,
+                w: &l.weight,
+                bias: l.bias.as_ref(),
+                act: Act::None,
                 out,
-                dense,
-                false,
-            );
+                rows: dense,
+                accumulate: false,
+                out_dtype: Some(out_dtype),
+                variant: None,
+                kernel: None,
+            });
         }
         self.flush();
-        // q, k and v come back as f32 values, which the CPU attends over.
-        let bytes = (rows * h * F32) as u64;
         let gpu = inp.kernels.gpu();
-        let back = gpu.read_back(&[(&sc.q, 0, bytes), (&sc.k, 0, bytes), (&sc.v, 0, bytes)])?;
+        let (q_bytes, kv_bytes) = (
+            (rows * h * act.bytes()) as u64,
+            (rows * h * kv_dtype.bytes()) as u64,
+        );
+        let back = gpu.read_back(&[
+            (&sc.q, 0, q_bytes),
+            (&sc.k, 0, kv_bytes),
+            (&sc.v, 0, kv_bytes),
+        ])?;
+        let new_kv = [
+            decode_act(&back[1], kv_dtype),
+            decode_act(&back[2], kv_dtype),
+        ];
         let tiers = self.tiers()?;
         let len = step.past + 1;
-        let dtype = self.homes.cache_dtype();
-        let (row, home_row) = (h * F32, h * dtype.bytes());
+        let (row, home_row) = (h, h * dtype.bytes());
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         if let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] {
             for (i, seq) in seqs.iter_mut().enumerate() {
                 for (home, new, all) in [
-                    (&mut seq.k, &back[1], &mut keys),
-                    (&mut seq.v, &back[2], &mut values),
+                    (&mut seq.k, &new_kv[0], &mut keys),
+                    (&mut seq.v, &new_kv[1], &mut values),
                 ] {
                     if let TensorHome::Cpu(t) = home.settle(tiers)? {
                         // The new row as the cache stores it, so the CPU attends over what the GPU path would.
-                        let new_row = encode_cache_values(&new[i * row..(i + 1) * row], dtype);
+                        let new_row = encode_cache_values(
+                            bytemuck::cast_slice(&new[i * row..(i + 1) * row]),
+                            dtype,
+                        );
                         // Read the cached rows first: on the DMA path a write lands only at the next submit.
                         let mut rows: Vec<f32> = tiers.cpu().with_bytes(t, |b| {
                             decode_cache_values(&b[..step.past * home_row], dtype)
@@ -737,7 +760,7 @@ impl<'v> Schedule<'v, '_> {
         let masks: Vec<&[u32]> = (0..rows)
             .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
             .collect();
-        let q: Vec<f32> = bytemuck::pod_collect_to_vec(&back[0]);
+        let q = decode_act(&back[0], act);
         let out = cpu_attention(
             &q,
             &keys,
@@ -747,9 +770,10 @@ impl<'v> Schedule<'v, '_> {
             len,
             step.attn_sparsity,
         );
+        // The output goes up as activations.
         tiers
             .queue()
-            .write_buffer(&sc.attn, 0, bytemuck::cast_slice(&out));
+            .write_buffer(&sc.attn, 0, &encode_act(&out, act));
 
         finish_layer(
             &mut self.rec,

@@ -37,7 +37,9 @@ impl Clock {
     }
 }
 
-/// Seconds per dispatch of what `record` records (once per call), measured as the module comment says.
+/// Seconds per dispatch of what `record` records (once per call), measured as the module comment says. A warm-up
+/// step of one dispatch sizes the timed steps: as many dispatches as fill about [`STEP_SECONDS`], at most `reps`
+/// (so a prefill GEMM runs a few times, a decode GEMV many).
 pub fn time_recorded<'k>(
     kernels: &'k Kernels,
     reps: usize,
@@ -46,8 +48,7 @@ pub fn time_recorded<'k>(
 ) -> Result<(f64, Clock), GpuError> {
     let gpu: &Gpu = kernels.gpu();
     let timer = GpuTimer::new(gpu);
-    let reps = reps.max(1);
-    let run = || -> Result<f64, GpuError> {
+    let run = |reps: usize| -> Result<f64, GpuError> {
         let mut rec = kernels.recorder();
         for _ in 0..reps {
             record(&mut rec);
@@ -68,10 +69,11 @@ pub fn time_recorded<'k>(
         }
         .map(|seconds| seconds / reps as f64)
     };
-    run()?;
+    let once = run(1)?;
+    let reps = ((STEP_SECONDS / once.max(1e-9)).ceil() as usize).clamp(1, reps.max(1));
     let mut best = f64::INFINITY;
     for _ in 0..iters.max(1) {
-        best = best.min(run()?);
+        best = best.min(run(reps)?);
     }
     let clock = if timer.is_some() {
         Clock::GpuTimestamps
@@ -80,6 +82,9 @@ pub fn time_recorded<'k>(
     };
     Ok((best, clock))
 }
+
+/// How long a timed step aims to run: long enough that a submit's overhead and the timer's resolution vanish.
+pub const STEP_SECONDS: f64 = 0.02;
 
 /// The shape of one linear layer: `m` rows of x, a `[n, k]` weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

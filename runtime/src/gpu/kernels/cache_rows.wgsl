@@ -1,4 +1,5 @@
-// Moves f32 rows between the layouts a compressed KV cache needs, and adds one buffer into another.
+// Moves rows of activations (`act`, from the act part first in the module) between the layouts a compressed KV
+// cache needs, and adds one buffer into another.
 //   mode 0: dst = pair-major [batch, heads, capacity, head_dim] (the packed cache's row order), src = the attention
 //           kernel's [batch, capacity, heads * head_dim], for positions t0 .. t0 + t_len.
 //   mode 1: the reverse (pair-major src into the [batch, capacity, hidden] dst).
@@ -21,8 +22,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(1) var<storage, read> src: array<act>;
+@group(0) @binding(2) var<storage, read_write> dst: array<act>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -32,7 +33,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     if (params.mode == 2u) {
-        dst[params.dst_off + i] = dst[params.dst_off + i] + src[i];
+        dst[params.dst_off + i] = act(f32(dst[params.dst_off + i]) + f32(src[i]));
         return;
     }
     let d = i % params.head_dim;

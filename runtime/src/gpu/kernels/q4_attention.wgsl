@@ -1,15 +1,16 @@
 // q4_attention: decode attention over a packed KV cache (strata's row-group format, runtime/src/compress.rs, grouped
 // along head_dim). For each (sequence b, head h): s[t] = scale * q . K'[t] over cached positions t < seq_len whose
 // mask is set, p = softmax(s), out = sum_t p[t] * V'[t]. A sequence with every position masked gets zeros.
+// Query and output are activations (`act`, from the act_f32 / act_f16 part first in the module); arithmetic is f32.
 //
 // Bindings (group 0):
 //   0 uniform  Params (below, 64 bytes)
-//   1 storage  read        query: array<f32>   [batch * heads, head_dim] (the model's [batch, hidden] layout)
+//   1 storage  read        query: array<act>   [batch * heads, head_dim] (the model's [batch, hidden] layout)
 //   2 storage  read        k: array<u32>       packed K cache: data section, then scales at scale_offset
 //   3 storage  read        v: array<u32>       packed V cache, the same layout as K
 //   4 storage  read        mask: array<u32>    [batch, mask_stride], nonzero = attend (any 4-byte buffer if has_mask = 0)
 //   5 storage  read_write  scores: array<f32>  scratch, batch * heads * seq_len values
-//   6 storage  read_write  out: array<f32>     [batch * heads, head_dim]
+//   6 storage  read_write  out: array<act>     [batch * heads, head_dim]
 // Cache row of position t for pair bh = b * heads + h: t * token_stride + bh * bh_stride (FlexLLMGen's
 // [seq, batch * heads, head_dim] cache: token_stride = batch * heads, bh_stride = 1).
 // Pipeline constant: BITS (2, 4 or 8; default 4). head_dim <= 256.
@@ -40,12 +41,12 @@ const WG: u32 = 256u;
 const MASKED: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> query: array<f32>;
+@group(0) @binding(1) var<storage, read> query: array<act>;
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> v: array<u32>;
 @group(0) @binding(4) var<storage, read> mask: array<u32>;
 @group(0) @binding(5) var<storage, read_write> scores: array<f32>;
-@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<act>;
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> red: array<f32, 256>;
@@ -67,7 +68,7 @@ fn main(
     let srow = bh * p.seq_len;
 
     for (var d = lid; d < p.head_dim; d += WG) {
-        qs[d] = query[bh * p.head_dim + d];
+        qs[d] = f32(query[bh * p.head_dim + d]);
     }
     workgroupBarrier();
 
@@ -156,6 +157,6 @@ fn main(
         if total > 0.0 {
             o = sum / total;
         }
-        out[bh * p.head_dim + lid] = o;
+        out[bh * p.head_dim + lid] = act(o);
     }
 }

@@ -1,12 +1,13 @@
 // q4_dequant: out[r, c] = W'[src(r), c], decoding rows of strata's packed row-group format (runtime/src/compress.rs)
-// to f32. src(r) = first_row + r (a range of KV cache rows), or ids[r] when use_ids = 1 (an embedding lookup: token
-// ids into the packed token embedding, position ids into the packed positional table).
+// into activations (`act`, from the act_f32 / act_f16 part first in the module; arithmetic is f32). src(r) =
+// first_row + r (a range of KV cache rows), or ids[r] when use_ids = 1 (an embedding lookup: token ids into the
+// packed token embedding, position ids into the packed positional table).
 //
 // Bindings (group 0):
 //   0 uniform  Params (below, 32 bytes)
 //   1 storage  read        w: array<u32>   the packed tensor, data section then scale section
 //   2 storage  read        ids: array<u32> source rows (any 4-byte buffer when use_ids = 0)
-//   3 storage  read_write  out: array<f32> out_rows rows of `cols` values, row r at r * out_stride
+//   3 storage  read_write  out: array<act> out_rows rows of `cols` values, row r at r * out_stride
 // Pipeline constant: BITS (2, 4 or 8; default 4).
 // Dispatch: (ceil(ceil(cols / (32 / BITS)) / 64), out_rows, 1) workgroups of 64 threads; one thread per data word.
 
@@ -30,7 +31,7 @@ override BITS: u32 = 4u;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> ids: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<act>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -50,6 +51,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let sm = unpack2x16float(w[p.scale_offset + src * p.groups_per_row + k / p.words_per_group]);
     let n = min(vpw, p.cols - c0);
     for (var j = 0u; j < n; j++) {
-        out[r * p.out_stride + c0 + j] = f32((word >> (j * BITS)) & mask) * sm.x + sm.y;
+        out[r * p.out_stride + c0 + j] = act(f32((word >> (j * BITS)) & mask) * sm.x + sm.y);
     }
 }

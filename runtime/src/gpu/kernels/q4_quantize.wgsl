@@ -1,13 +1,14 @@
-// q4_quantize: packs f32 rows into strata's row-group format (runtime/src/compress.rs) on the GPU, e.g. a decode
-// step's new K and V rows appended to a packed cache that stays on the GPU. Same rule as the CPU quantizer: min
+// q4_quantize: packs rows of activations into strata's row-group format (runtime/src/compress.rs) on the GPU, e.g. a
+// decode step's new K and V rows appended to a packed cache that stays on the GPU. Same rule as the CPU quantizer: min
 // rounded down and step = (max - min) / (2^BITS - 1) rounded up to fp16, never subnormal (a subnormal min becomes 0
 // or -2^-14, a subnormal step 2^-14), q = clamp(round((x - min) / step), 0, 2^BITS - 1). Results can differ from the
 // CPU's in the last bit of a step (WGSL division is not correctly rounded) or on exact .5 ties (WGSL rounds them to
 // even); both stay within half a step. Inputs must be finite and within +-65504.
+// The input rows are activations (`act`, from the act_f32 / act_f16 part first in the module); arithmetic is f32.
 //
 // Bindings (group 0):
 //   0 uniform  Params (below, 48 bytes)
-//   1 storage  read        input: array<f32>  rows of `cols` values, row r at r * in_stride
+//   1 storage  read        input: array<act>  rows of `cols` values, row r at r * in_stride
 //   2 storage  read_write  w: array<u32>      the packed tensor (data section, then scales at scale_offset)
 // Input row r goes to packed row first_row + r * row_stride (FlexLLMGen's [seq, batch * heads, head_dim] cache:
 // the rows of one new token are contiguous, row_stride = 1).
@@ -32,7 +33,7 @@ struct Params {
 override BITS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> input: array<f32>;
+@group(0) @binding(1) var<storage, read> input: array<act>;
 @group(0) @binding(2) var<storage, read_write> w: array<u32>;
 
 fn f16_bits(x: f32) -> u32 {
@@ -93,10 +94,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let src = r * p.in_stride;
     let c0 = g * p.group_size;
     let c1 = min(c0 + p.group_size, p.cols);
-    var mn = input[src + c0];
+    var mn = f32(input[src + c0]);
     var mx = mn;
     for (var c = c0 + 1u; c < c1; c++) {
-        let x = input[src + c];
+        let x = f32(input[src + c]);
         mn = min(mn, x);
         mx = max(mx, x);
     }
@@ -116,7 +117,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var j = 0u; j < vpw; j++) {
             let c = c0 + kw * vpw + j;
             if c < c1 && step_f > 0.0 {
-                let q = u32(clamp(round((input[src + c] - min_f) / step_f), 0.0, f32(levels)));
+                let q = u32(clamp(round((f32(input[src + c]) - min_f) / step_f), 0.0, f32(levels)));
                 word |= q << (j * BITS);
             }
         }

@@ -115,7 +115,8 @@ pub fn linear_terms_with(
         s: workload.prompt_len,
         capacity: workload.seq_len(),
     };
-    let act = act_dtype(config).bytes() as u64;
+    let act_dtype = act_dtype(config, policy, &DeviceLimits::UNBOUNDED);
+    let act = act_dtype.bytes() as u64;
     let h = config.hidden_size as u64;
     let rows = CacheRows::new(
         config,
@@ -135,7 +136,7 @@ pub fn linear_terms_with(
     let act_total = b * act_seq;
     // Inputs, scratch, logits and the packed cache's scratch do not depend on placement; nor do the kernels' staging
     // (counted as if every batch attended on the GPU, which never undercounts).
-    let fixed: u64 = fixed_working(config, policy, &shape)
+    let fixed: u64 = fixed_working(config, policy, &shape, act_dtype)
         .iter()
         .map(|(_, bytes)| bytes)
         .sum::<u64>()
@@ -145,6 +146,7 @@ pub fn linear_terms_with(
             workload,
             &shape,
             &DeviceLimits::UNBOUNDED,
+            act_dtype,
             &[gbs],
         )
         .iter()

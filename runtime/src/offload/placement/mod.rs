@@ -47,7 +47,7 @@ pub use linear::{linear_terms, linear_terms_with, Affine, WeightSummary};
 
 use super::policy::{format_bytes, Policy, PolicyError, TierSplit};
 use crate::compress::{CompressionConfig, PackedLayout};
-use crate::config::{ConfigError, OptConfig};
+use crate::config::{ConfigError, DType, OptConfig};
 use crate::gpu::buffer_size;
 use crate::gpu::kernels::{
     attention_scratch_bytes, dequantize_rows_staging, quantize_rows_staging,
@@ -63,11 +63,23 @@ use crate::weights::{
 };
 
 /// How activations (hidden rows, projections, attention output, FFN intermediate) are stored on the GPU and in every
-/// tier: the one rule every activation byte count reads (homes, slots, working buffers, the cost model). f32 for
-/// every checkpoint today; f16 checkpoints switch to [`ActDtype::F16`] here when the f16 activation kernels land.
-pub fn act_dtype(config: &OptConfig) -> ActDtype {
-    let _ = config;
-    ActDtype::F32
+/// tier: the one rule every activation byte count reads (homes, slots, working buffers, the cost model) and the
+/// kernels a run compiles ([`crate::gpu::kernels::KernelOptions::act`]).
+///
+/// Activations follow the checkpoint: halves for an f16 checkpoint on a device with SHADER_F16 (arithmetic and
+/// accumulation stay f32; only what goes through memory is rounded), f32 otherwise: f32 checkpoints, bf16
+/// checkpoints (which compute as f32), devices without shader-f16, and `--dtype f32` (weights widened to f32 compute
+/// with f32 activations; `--dtype f16` on an f32 checkpoint keeps f32 activations, since the checkpoint is f32).
+/// A head_dim that is odd keeps f32 too: rows and heads move in whole 4-byte words (copies, homes, q4 pieces).
+pub fn act_dtype(config: &OptConfig, policy: &Policy, limits: &DeviceLimits) -> ActDtype {
+    let f16_checkpoint = config.dtype == DType::F16 && policy.weight_dtype != Some(DType::F32);
+    let whole_words =
+        config.n_head > 0 && config.hidden_size % config.n_head == 0 && config.head_dim() % 2 == 0;
+    if f16_checkpoint && whole_words && limits.shader_f16 {
+        ActDtype::F16
+    } else {
+        ActDtype::F32
+    }
 }
 
 /// How a run stores its weight matrices: packed under weight compression, else the policy's `weight_dtype` or the
@@ -102,24 +114,30 @@ impl Workload {
 pub const MAX_BLOCK_SEQUENCES: usize = 1 << 16;
 
 /// What the device allows: the placement splits matrices into row chunks that each fit one binding and refuses any
-/// other buffer that would not.
+/// other buffer that would not; whether it has SHADER_F16 decides the activation dtype ([`act_dtype`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceLimits {
     /// The largest storage binding (and buffer) strata creates, in bytes ([`Gpu::max_binding`]).
     pub max_binding: u64,
+    /// The device has `wgpu::Features::SHADER_F16` (f16 storage and arithmetic in WGSL).
+    pub shader_f16: bool,
 }
 
 impl DeviceLimits {
-    /// No binding limit: for planning without a device (the cost model), where a matrix is one chunk.
+    /// Nothing limits: no binding limit (a matrix is one chunk) and every feature, for planning without a device
+    /// (the cost model, `policy`): an f16 checkpoint is planned with f16 activations, as every GPU strata targets
+    /// runs it.
     pub const UNBOUNDED: DeviceLimits = DeviceLimits {
         // The largest multiple of 4.
         max_binding: !3,
+        shader_f16: true,
     };
 
     /// The limits of `gpu`.
     pub fn of(gpu: &Gpu) -> DeviceLimits {
         DeviceLimits {
             max_binding: gpu.max_binding(),
+            shader_f16: gpu.features.contains(wgpu::Features::SHADER_F16),
         }
     }
 }
@@ -618,8 +636,13 @@ impl Shape {
 
 /// The forward pass's buffers that do not depend on where homes live: step inputs, scratch, logits, and the packed
 /// cache's scratch. `(id, bytes)` in allocation order.
-fn fixed_working(config: &OptConfig, policy: &Policy, shape: &Shape) -> Vec<(BufferId, u64)> {
-    let act = act_dtype(config).bytes() as u64;
+fn fixed_working(
+    config: &OptConfig,
+    policy: &Policy,
+    shape: &Shape,
+    act: ActDtype,
+) -> Vec<(BufferId, u64)> {
+    let act = act.bytes() as u64;
     let (h, f, p) = (
         config.hidden_size as u64,
         config.ffn_embed_dim as u64,
@@ -660,8 +683,9 @@ fn fixed_working(config: &OptConfig, policy: &Policy, shape: &Shape) -> Vec<(Buf
     ));
     out.push((BufferId::NextIds, buffer_size(n * 4)));
     if policy.compress_cache {
-        // The packed cache's kernels compute in f32, whatever the activations.
-        let kv = buffer_size(g * cap * h * 4);
+        // The packed cache's kernels read and write activations: its keys and values pass through as `act`; the
+        // scores stay f32.
+        let kv = buffer_size(g * cap * h * act);
         for (part, bytes) in [
             (ScratchPart::K, kv),
             (ScratchPart::V, kv),
@@ -709,6 +733,7 @@ fn kernel_scratch(
     workload: Workload,
     shape: &Shape,
     limits: &DeviceLimits,
+    act: ActDtype,
     gpu_attending: &[usize],
 ) -> [u64; STAGING_SLOTS] {
     let mut want = [0u64; STAGING_SLOTS];
@@ -771,15 +796,15 @@ fn kernel_scratch(
         let hd = config.head_dim();
         ask(
             1,
-            quantize_rows_staging(shape.gbs * heads * shape.capacity, hd),
+            quantize_rows_staging(shape.gbs * heads * shape.capacity, hd, act),
         );
         if attends {
-            ask(1, quantize_rows_staging(gpu_decode_batch * heads, hd));
+            ask(1, quantize_rows_staging(gpu_decode_batch * heads, hd, act));
         }
         if sparse {
             ask(
                 0,
-                dequantize_rows_staging(gpu_decode_batch * heads * shape.capacity, hd),
+                dequantize_rows_staging(gpu_decode_batch * heads * shape.capacity, hd, act),
             );
         }
     }
@@ -829,12 +854,17 @@ fn host_staging(
 
 /// The most sequences per GPU batch whose activations and caches each fit one binding: the all-GPU generator's
 /// batch when none is given.
-pub fn largest_gpu_batch(config: &OptConfig, limits: &DeviceLimits, workload: Workload) -> usize {
+pub fn largest_gpu_batch(
+    config: &OptConfig,
+    policy: &Policy,
+    limits: &DeviceLimits,
+    workload: Workload,
+) -> usize {
     let widest = config
         .ffn_embed_dim
         .max(config.hidden_size)
         .max(config.word_embed_proj_dim);
-    let act = act_dtype(config).bytes();
+    let act = act_dtype(config, policy, limits).bytes();
     // A sequence's widest activation rows, or its cache rows of one layer counted as f32 (the widest a cache value).
     let per_seq =
         (workload.prompt_len * widest * act).max(workload.seq_len() * config.hidden_size * 4);
@@ -1215,7 +1245,8 @@ impl<'a> Builder<'a> {
         }
 
         // Activations: a resident batch's residual stream, else one home per sequence and one activation slot.
-        let act = act_dtype(c).bytes() as u64;
+        let act_dtype = act_dtype(c, &p, self.limits);
+        let act = act_dtype.bytes() as u64;
         let s = self.shape.s as u64;
         let act_home = buffer_size(s * h * act);
         for (k, batch) in batches.iter().enumerate() {
@@ -1234,7 +1265,7 @@ impl<'a> Builder<'a> {
         }
 
         // The forward pass's working buffers.
-        for (id, bytes) in fixed_working(c, &p, &self.shape) {
+        for (id, bytes) in fixed_working(c, &p, &self.shape, act_dtype) {
             self.push(id, Tier::Gpu, bytes)?;
         }
         if batches.iter().any(|b| b.cpu_attention) {
@@ -1262,6 +1293,7 @@ impl<'a> Builder<'a> {
             self.workload,
             &self.shape,
             self.limits,
+            act_dtype,
             &gpu_attending,
         );
         for (slot, bytes) in scratch.into_iter().enumerate() {
@@ -1300,7 +1332,7 @@ impl<'a> Builder<'a> {
         Ok(Placement {
             config: *c,
             weight_format: weight_format(c, &p),
-            act_dtype: act_dtype(c),
+            act_dtype,
             cache_dtype,
             cache_rows,
             layer_tiers,

@@ -38,8 +38,9 @@ fn all_gpu_placement_holds_model_cache_activations_and_the_forward_pass_buffers(
     // FlexLLMGen's model bytes count biases and norms at f16; strata keeps them as f32.
     assert_eq!(plan.weights.gpu, c.model_bytes() + f32_vectors_extra(&c));
     assert_eq!(plan.cache.gpu, c.cache_bytes(16, 544));
-    // Activations are f32: twice FlexLLMGen's fp16 hidden bytes.
-    assert_eq!(plan.activations.gpu, 2 * c.hidden_bytes(16, 512));
+    // An f16 checkpoint computes with f16 activations: FlexLLMGen's fp16 hidden bytes.
+    assert_eq!(pl.act_dtype, ActDtype::F16);
+    assert_eq!(plan.activations.gpu, c.hidden_bytes(16, 512));
     assert_eq!(plan.allocated().cpu + plan.allocated().disk, 0);
     assert_eq!(plan.staging, TierBytes::default());
     // Nothing streams: no slots of any kind.
@@ -66,12 +67,12 @@ fn all_gpu_placement_holds_model_cache_activations_and_the_forward_pass_buffers(
             Some(16)
         ]
     );
-    // The working buffers, one by one: two batches' inputs, the scratch of one batch of 8 x 512 rows (no projection:
-    // a one-element embedding buffer), the logits of all 16 sequences, the kernels' staging.
+    // The working buffers, one by one: two batches' inputs, the f16 scratch of one batch of 8 x 512 rows (no
+    // projection: a one-element embedding buffer, one word), the f32 logits of all 16 sequences, the kernels' staging.
     let (h, f, v) = (4096u64, 16384u64, c.vocab_size as u64);
     let rows = 8 * 512;
     let inputs = 2 * (2 * 8 * 512 * 4 + 8 * 544 * 4);
-    let work = 4 * (3 * rows * h + rows * f + 1 + 3 * 8 * h);
+    let work = 2 * (3 * rows * h + rows * f + 3 * 8 * h) + 4;
     let staging: u64 = sizes.iter().flatten().sum();
     assert_eq!(
         plan.working.gpu,
@@ -110,7 +111,7 @@ fn weights_split_by_cumulative_size_per_layer() {
     let layer = WeightSummary::new(&c, &p).layer;
     assert_eq!(plan.weights.cpu, 48 * (layer - fc2 - ln));
     assert_eq!(plan.cache.cpu, c.cache_bytes(4, 544), "default batch 4 x 1");
-    assert_eq!(plan.activations.cpu, 2 * c.hidden_bytes(4, 512));
+    assert_eq!(plan.activations.cpu, c.hidden_bytes(4, 512));
     assert_eq!(
         plan.activations.gpu, 0,
         "offloaded activations hold no GPU bytes"
@@ -123,7 +124,7 @@ fn weights_split_by_cumulative_size_per_layer() {
     assert_eq!(cache_slots, 2 * c.cache_bytes(4, 544) / 48);
     assert_eq!(
         pl.spec(BufferId::ActSlot).map(|s| s.bytes),
-        Some(c.hidden_bytes(4, 512) * 2)
+        Some(c.hidden_bytes(4, 512))
     );
     assert_eq!(bytes(&pl, |id| matches!(id, BufferId::CpuAttention(_))), 0);
     assert_eq!(bytes(&pl, |id| matches!(id, BufferId::Hidden { .. })), 0);
@@ -144,7 +145,7 @@ fn sequences_split_whole_and_activations_may_mix() {
     assert_eq!(plan.cache_sequences, [6, 3, 3]);
     assert_eq!(plan.act_sequences, [6, 6, 0]);
     assert_eq!(plan.cache.disk, c.cache_bytes(3, 544));
-    assert_eq!(plan.activations.cpu, 2 * c.hidden_bytes(6, 512));
+    assert_eq!(plan.activations.cpu, c.hidden_bytes(6, 512));
     // Slots for the whole batch of 4 (the runtime computes the batch in one slot), double-buffered.
     let cache_slots = bytes(&pl, |id| matches!(id, BufferId::CacheSlot { .. }));
     assert_eq!(cache_slots, 2 * c.cache_bytes(4, 544) / 24);
@@ -152,7 +153,7 @@ fn sequences_split_whole_and_activations_may_mix() {
     // homes, not in a residual stream per batch.
     assert_eq!(
         pl.spec(BufferId::ActSlot).map(|s| s.bytes),
-        Some(2 * c.hidden_bytes(4, 512))
+        Some(c.hidden_bytes(4, 512))
     );
     assert_eq!(bytes(&pl, |id| matches!(id, BufferId::Hidden { .. })), 0);
     // CPU staging for one GPU batch's disk cache (1 sequence, one layer), double-buffered.
@@ -203,6 +204,7 @@ fn every_buffer_is_listed_once_and_fits_a_binding() {
     // A binding of 2 MiB splits the f16 embedding (50272 x 768) of an unpacked model into chunks of whole rows...
     let limits = DeviceLimits {
         max_binding: 2 << 20,
+        shader_f16: true,
     };
     let dense = Policy {
         compress_weight: false,
@@ -284,9 +286,9 @@ fn cpu_cache_compute_still_counts_the_cache_slots_and_its_gpu_scratch() {
     let cache_slots = bytes(&pl, |id| matches!(id, BufferId::CacheSlot { .. }));
     assert_eq!(cache_slots, c.cache_bytes(4, 544) / 24);
     assert!(pl.spec(BufferId::ActSlot).is_none());
-    // norm, q, k, v, attention rows and the MLP's intermediate rows of 4 sequences, f32.
+    // norm, q, k, v, attention rows and the MLP's intermediate rows of 4 sequences, f16 activations.
     let scratch = bytes(&pl, |id| matches!(id, BufferId::CpuAttention(_)));
-    assert_eq!(scratch, 4 * 4 * (5 * 2048 + 8192));
+    assert_eq!(scratch, 2 * 4 * (5 * 2048 + 8192));
     // A cache only partly in CPU memory attends on the GPU: no CPU attention scratch.
     let partly = Policy {
         percent: Percent::from_array([100.0, 0.0, 50.0, 50.0, 100.0, 0.0]),
@@ -315,7 +317,7 @@ fn compression_shrinks_weights_about_three_and_a_half_times() {
 }
 
 #[test]
-fn a_compressed_cache_counts_its_packed_homes_and_f32_scratch() {
+fn a_compressed_cache_counts_its_packed_homes_and_its_scratch() {
     let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
     let p = Policy {
         gpu_batch_size: 4,
@@ -332,8 +334,9 @@ fn a_compressed_cache_counts_its_packed_homes_and_f32_scratch() {
     let ratio = c.cache_bytes(8, 544) as f64 / plan.cache.total() as f64;
     assert!((3.0..3.6).contains(&ratio), "{ratio}");
     let (g, t, h) = (4u64, 544u64, 4096u64);
+    // Keys, values and their pair-major copy as (f16) activations; the scores f32.
     let scratch = bytes(&pl, |id| matches!(id, BufferId::CacheScratch(_)));
-    assert_eq!(scratch, 3 * 4 * g * t * h + 4 * g * 32 * t);
+    assert_eq!(scratch, 3 * 2 * g * t * h + 4 * g * 32 * t);
 }
 
 #[test]
@@ -479,4 +482,120 @@ fn one_midpoint_rule_places_tensors_and_one_split_places_sequences() {
             Tier::Disk
         ]
     );
+}
+
+#[test]
+fn activation_dtype_follows_the_checkpoint_and_the_device() {
+    let f16 = OptConfig::opt("opt-125m", 12, 12, 768, 3072);
+    let default = Policy::default();
+    let no_f16 = DeviceLimits {
+        shader_f16: false,
+        ..DeviceLimits::UNBOUNDED
+    };
+    let with_dtype = |dtype| Policy {
+        weight_dtype: Some(dtype),
+        ..Policy::default()
+    };
+    let compressed = Policy {
+        compress_weight: true,
+        compress_cache: true,
+        ..Policy::default()
+    };
+    let unbounded = &DeviceLimits::UNBOUNDED;
+    // An f16 checkpoint (packed or not) on a device with shader-f16: halves.
+    assert_eq!(act_dtype(&f16, &default, unbounded), ActDtype::F16);
+    assert_eq!(
+        act_dtype(&f16, &with_dtype(DType::F16), unbounded),
+        ActDtype::F16
+    );
+    assert_eq!(act_dtype(&f16, &compressed, unbounded), ActDtype::F16);
+    // Everything else: f32.
+    assert_eq!(act_dtype(&f16, &default, &no_f16), ActDtype::F32);
+    assert_eq!(
+        act_dtype(&f16, &with_dtype(DType::F32), unbounded),
+        ActDtype::F32
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        let c = f16.with_dtype(dtype);
+        assert_eq!(act_dtype(&c, &default, unbounded), ActDtype::F32);
+        assert_eq!(
+            act_dtype(&c, &with_dtype(DType::F16), unbounded),
+            ActDtype::F32
+        );
+    }
+    // An odd head_dim (rows of heads not in whole words) keeps f32.
+    let odd = OptConfig {
+        hidden_size: 36,
+        n_head: 12,
+        ..f16
+    };
+    assert_eq!(act_dtype(&odd, &default, unbounded), ActDtype::F32);
+
+    // The placement counts what the rule says: the same run without shader-f16 holds twice the activation bytes.
+    let p = Policy {
+        gpu_batch_size: 8,
+        percent: Percent::from_array([100.0, 0.0, 100.0, 0.0, 50.0, 50.0]),
+        ..Policy::default()
+    };
+    let halves = Placement::new(&f16, &p, W, unbounded).unwrap();
+    let singles = Placement::new(&f16, &p, W, &no_f16).unwrap();
+    assert_eq!(
+        (halves.act_dtype, singles.act_dtype),
+        (ActDtype::F16, ActDtype::F32)
+    );
+    let (a, b) = (halves.plan(), singles.plan());
+    assert_eq!(a.activations.total(), f16.hidden_bytes(8, 512));
+    assert_eq!(b.activations.total(), 2 * a.activations.total());
+    for id in [BufferId::ActSlot, BufferId::Work(WorkPart::Mid)] {
+        let size = |pl: &Placement| pl.spec(id).map(|s| s.bytes);
+        assert_eq!(size(&singles), size(&halves).map(|b| 2 * b), "{id}");
+    }
+    // The logits stay f32 whatever the activations.
+    assert_eq!(
+        halves.spec(BufferId::Logits),
+        singles.spec(BufferId::Logits)
+    );
+}
+
+/// Issue 10's workload: opt-6.7b all on an H200-like GPU (a binding of 2,147,483,644 bytes), one GPU batch of 64
+/// sequences of 512 prompt tokens. fc1's output is 64 x 512 x 16384 values: 2^30 bytes as halves, one binding; as
+/// f32 it is 2^31 bytes, 4 over the binding limit, so f32 activations are refused (or, choosing batches to fit,
+/// split in two).
+#[test]
+fn opt_6_7b_at_batch_64_by_prompt_512_fits_an_h200_with_f16_activations() {
+    let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
+    let h200 = DeviceLimits {
+        max_binding: 2_147_483_644,
+        shader_f16: true,
+    };
+    let p = Policy {
+        gpu_batch_size: 64,
+        ..Policy::default()
+    };
+    let pl = Placement::new(&c, &p, W, &h200).unwrap();
+    assert_eq!(pl.act_dtype, ActDtype::F16);
+    assert_eq!(pl.batches.len(), 1);
+    let mid = pl.spec(BufferId::Work(WorkPart::Mid)).unwrap();
+    assert_eq!(mid.bytes, 1 << 30);
+    // Every byte of the run fits the H200's 139 GiB with room to spare.
+    let peak = pl.plan().peak().gpu;
+    assert!(peak < 60 << 30, "{peak}");
+    // Batches sized to fit one binding: all 64 in one.
+    assert!(largest_gpu_batch(&c, &p, &h200, W) >= 64);
+
+    // The same device without shader-f16 (f32 activations): fc1's output is 2^31 bytes, over the binding.
+    let f32_device = DeviceLimits {
+        shader_f16: false,
+        ..h200
+    };
+    match Placement::new(&c, &p, W, &f32_device) {
+        Err(PlacementError::Binding {
+            what, bytes, limit, ..
+        }) => {
+            assert_eq!(what, "the feed-forward activations");
+            assert_eq!((bytes, limit), (1 << 31, 2_147_483_644));
+        }
+        other => panic!("f32 activations must not fit: {other:?}"),
+    }
+    assert_eq!(largest_gpu_batch(&c, &p, &f32_device, W), 63);
 }
