@@ -481,9 +481,8 @@ impl Generator {
             let work = RunWork::new(self.gpu(), &self.ledger, &placement, &homes, &self.kernels)?;
             Ok::<_, GenerateError>(Run { homes, work })
         });
-        let result = run.and_then(|mut run| {
-            self.run(prompts, options, choices, &mut run, &placement, on_step)
-        });
+        let result = run
+            .and_then(|mut run| self.run(prompts, options, choices, &mut run, &placement, on_step));
         // The cached bind groups and the kernels' staging reference this run's buffers: release them with the run,
         // and the pool's slots with them, so the GPU holds only the weights between runs.
         self.kernels.release_cached_bindings();
@@ -596,7 +595,10 @@ impl Generator {
                     if !options.ignore_eos && id == c.eos_token_id {
                         finish[b] = Some(FinishReason::Eos);
                     }
-                    if let Some(ids) = seen.get_mut(b).filter(|_| choices[b].repetition_penalty != 1.0) {
+                    if let Some(ids) = seen
+                        .get_mut(b)
+                        .filter(|_| choices[b].repetition_penalty != 1.0)
+                    {
                         if let Err(at) = ids.binary_search(&id) {
                             ids.insert(at, id);
                         }

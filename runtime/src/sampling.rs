@@ -126,7 +126,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// (transformers' rule: a token is kept when the tokens more likely than it hold less than `top_p` of the mass;
 /// equal probabilities count in id order). NaN and -inf logits are never kept. Empty only when every logit is.
 pub fn candidates(logits: &[f32], temperature: f32, top_k: usize, top_p: f32) -> Vec<(u32, f64)> {
-    let valid = logits.iter().filter(|v| !v.is_nan() && **v > f32::NEG_INFINITY);
+    let valid = logits
+        .iter()
+        .filter(|v| !v.is_nan() && **v > f32::NEG_INFINITY);
     let Some(max) = valid.clone().copied().reduce(f32::max) else {
         return Vec::new();
     };
@@ -164,7 +166,10 @@ pub fn candidates(logits: &[f32], temperature: f32, top_k: usize, top_p: f32) ->
             before += w;
             keep_count += 1;
         }
-        let mut nucleus: Vec<u32> = order[..keep_count.max(1)].iter().map(|&(id, _)| id).collect();
+        let mut nucleus: Vec<u32> = order[..keep_count.max(1)]
+            .iter()
+            .map(|&(id, _)| id)
+            .collect();
         nucleus.sort_unstable();
         kept.retain(|(id, _)| nucleus.binary_search(id).is_ok());
     }
@@ -239,9 +244,8 @@ mod tests {
     #[test]
     fn top_k_keeps_exactly_the_k_largest_and_their_ties() {
         let mut l = vec![1.0, 5.0, 3.0, 5.0, 2.0, 3.0, -1.0];
-        let ids = |l: &[f32], k| -> Vec<u32> {
-            candidates(l, 1.0, k, 1.0).iter().map(|c| c.0).collect()
-        };
+        let ids =
+            |l: &[f32], k| -> Vec<u32> { candidates(l, 1.0, k, 1.0).iter().map(|c| c.0).collect() };
         assert_eq!(ids(&l, 1), vec![1, 3]); // tied for first
         assert_eq!(ids(&l, 2), vec![1, 3]);
         assert_eq!(ids(&l, 3), vec![1, 2, 3, 5]); // the third largest value (3.0) is tied
@@ -300,7 +304,10 @@ mod tests {
         assert_eq!(hits.len(), kept.len());
         for &(id, w) in &kept {
             let share = hits[&id] as f64 / steps as f64;
-            assert!((share - w / total).abs() <= 1.0 / steps as f64, "token {id}");
+            assert!(
+                (share - w / total).abs() <= 1.0 / steps as f64,
+                "token {id}"
+            );
         }
         // Temperature scales log-probabilities: weight ratios are exp((a - b) / T).
         let (a, b) = (kept[0], kept[1]);

@@ -237,6 +237,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let planned = memory.allocated();
     if args.json {
         let object = serde_json::json!({
+            "schema_version": super::JSON_SCHEMA_VERSION,
             "model": config.name,
             "adapter": adapter,
             "policy": policy.to_flags(),

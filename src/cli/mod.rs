@@ -7,13 +7,18 @@ mod auto;
 mod bench;
 mod bench_kernels;
 mod checks;
+mod complete;
 mod generate;
 mod model_arg;
 mod policy;
 pub mod policy_args;
 mod process;
 mod profile;
+mod sampling_args;
 mod specs;
+
+/// The version of every `--json` document's layout (docs/json.md); raised when a field changes meaning or goes.
+pub const JSON_SCHEMA_VERSION: u32 = 1;
 
 /// High-throughput OPT inference on one GPU, offloading to CPU memory and disk.
 #[derive(Parser)]
