@@ -15,6 +15,7 @@ use strata::weights::WeightSource;
 use super::auto::resolve_auto;
 use super::checks;
 use super::complete::{run_block, Control, Delta, Request};
+use super::job;
 use super::model_arg::{self, ModelChoice};
 use super::policy_args::PolicyArgs;
 use super::process::{out, outln, pause_point};
@@ -33,9 +34,17 @@ pub struct Args {
     /// A prompt as comma-separated token ids, e.g. `2,31414,232`. Repeat for a batch; follows the text prompts.
     #[arg(long, value_name = "IDS", value_parser = parse_ids)]
     prompt_ids: Vec<Vec<u32>>,
-    /// Tokens to generate per prompt.
-    #[arg(long, value_name = "N")]
-    max_new_tokens: usize,
+    /// Tokens to generate per prompt (with --input: for lines without `max_new_tokens`).
+    #[arg(long, value_name = "N", required_unless_present = "input")]
+    max_new_tokens: Option<usize>,
+    /// A batch job: one JSON object per line (`id`, `prompt` or `prompt_ids`, optional `max_new_tokens`,
+    /// `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`, `stop`); needs --output. Rerunning resumes.
+    #[arg(long, value_name = "FILE.jsonl", requires = "output",
+          conflicts_with_all = ["prompt", "prompt_ids", "json", "stream_json", "dump_logits"])]
+    input: Option<PathBuf>,
+    /// Where a batch job appends one result line per prompt (docs/json.md); ids already there are skipped.
+    #[arg(long, value_name = "FILE.jsonl", requires = "input")]
+    output: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Keep generating after the end-of-sequence token.
@@ -179,7 +188,7 @@ fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Toke
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked without reading a weight or opening the GPU is checked first.
-    if args.prompt.is_empty() && args.prompt_ids.is_empty() {
+    if args.prompt.is_empty() && args.prompt_ids.is_empty() && args.input.is_none() {
         bail!("no prompts: pass --prompt TEXT or --prompt-ids 2,31414,232 (repeat for a batch)");
     }
     if let Some(path) = &args.dump_logits {
@@ -187,6 +196,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.packed_weights {
         checks::output_file("--packed-weights", path)?;
+    }
+    if let Some(path) = &args.output {
+        checks::output_file("--output", path)?;
     }
     let settings = args.sampling.settings()?;
     let p = &args.policy;
@@ -219,12 +231,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prompts.push(tokenizer.encode(text)?);
     }
     prompts.extend(args.prompt_ids.iter().cloned());
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    checks::new_tokens(&config, longest, args.max_new_tokens)?;
-    checks::prompt_ids(&config, &prompts)?;
     if !settings.stop.is_empty() && tokenizer.is_none() {
         bail!("--stop needs the model's tokenizer: give a model directory with tokenizer.json");
     }
+    // A job's prompts are read, and the output's finished ids skipped, before the GPU opens.
+    let job = match (&args.input, &args.output) {
+        (Some(input), Some(output)) => {
+            let done = job::done_ids(output)?;
+            let job = job::read_job(
+                input,
+                &done,
+                &config,
+                tokenizer.as_ref(),
+                args.max_new_tokens,
+                &settings,
+            )?;
+            if job.pending.is_empty() {
+                eprintln!(
+                    "strata: all {} prompts of {} are already in {}: nothing to do",
+                    job.total,
+                    input.display(),
+                    output.display()
+                );
+                return Ok(());
+            }
+            Some(job)
+        }
+        _ => None,
+    };
+    let (longest, max_new_tokens, count) = match &job {
+        Some(job) => {
+            let (longest, gen) = job.workload();
+            (longest, gen, job.pending.len())
+        }
+        None => {
+            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+            let n = args
+                .max_new_tokens
+                .context("--max-new-tokens N is required")?;
+            checks::new_tokens(&config, longest, n)?;
+            checks::prompt_ids(&config, &prompts)?;
+            (longest, n, prompts.len())
+        }
+    };
     let offload = !args.policy.placement_flags_given().is_empty()
         || args.policy.offload_dir.is_some()
         || args.policy.gpu_mem.is_some()
@@ -234,13 +283,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Without an explicit batching, one GPU batch holds every prompt (all on the GPU, the batch is split below
         // where one binding cannot hold it).
         if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
-            policy.gpu_batch_size = prompts.len();
+            policy.gpu_batch_size = count;
         }
         checks::effective_batch(
             &config,
             policy.gpu_batch_size,
             policy.num_gpu_batches,
-            longest + args.max_new_tokens,
+            longest + max_new_tokens,
         )?;
         Some(policy)
     } else {
@@ -261,45 +310,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             {
                 let workload = Workload {
                     prompt_len: longest,
-                    gen_len: args.max_new_tokens,
+                    gen_len: max_new_tokens,
                 };
                 let fit = largest_gpu_batch(&config, &policy, &DeviceLimits::of(&gpu), workload);
-                policy.gpu_batch_size = fit.clamp(1, prompts.len().max(1));
-                policy.num_gpu_batches = prompts.len().div_ceil(policy.gpu_batch_size).max(1);
+                policy.gpu_batch_size = fit.clamp(1, count.max(1));
+                // A job runs blocks of one GPU batch; plain prompts run all at once.
+                policy.num_gpu_batches = if job.is_some() {
+                    1
+                } else {
+                    count.div_ceil(policy.gpu_batch_size).max(1)
+                };
             }
             policy
         }
         None => {
-            let mut policy = resolve_auto(
-                &gpu,
-                &config,
-                longest,
-                args.max_new_tokens,
-                prompts.len(),
-                &args.policy,
-            )?;
+            let mut policy =
+                resolve_auto(&gpu, &config, longest, max_new_tokens, count, &args.policy)?;
             // The search may choose a block smaller than the batch; every prompt must run, so add GPU batches (the
-            // placement checks the caps again before anything is allocated).
-            policy.num_gpu_batches = policy
-                .num_gpu_batches
-                .max(prompts.len().div_ceil(policy.gpu_batch_size));
+            // placement checks the caps again before anything is allocated). A job runs the chosen blocks.
+            if job.is_none() {
+                policy.num_gpu_batches = policy
+                    .num_gpu_batches
+                    .max(count.div_ceil(policy.gpu_batch_size));
+            }
             policy
         }
     };
     policy.weight_dtype = args.dtype;
     // Before any weight is read: the run's placement against the memory this device and host really have.
-    if args.max_new_tokens > 0 {
+    let block = match &job {
+        Some(_) => policy.effective_batch().min(count),
+        None => count,
+    };
+    if max_new_tokens > 0 {
         let workload = Workload {
             prompt_len: longest,
-            gen_len: args.max_new_tokens,
+            gen_len: max_new_tokens,
         };
-        let placement = Placement::for_prompts(
-            &config,
-            &policy,
-            workload,
-            &DeviceLimits::of(&gpu),
-            prompts.len(),
-        )?;
+        let placement =
+            Placement::for_prompts(&config, &policy, workload, &DeviceLimits::of(&gpu), block)?;
         checks::memory_fits(&gpu, placement.plan().peak(), args.policy.gpu_mem)?;
     }
     let source = match (&args.packed_weights, compress_weight) {
@@ -317,11 +366,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| pause_point("load"))?;
     drop(source);
     let load_s = load_started.elapsed().as_secs_f64();
+    if let (Some(job), Some(output)) = (job, &args.output) {
+        return job::run_job(
+            &generator,
+            tokenizer.as_ref(),
+            job,
+            block,
+            args.ignore_eos,
+            output,
+        );
+    }
     let requests: Vec<Request> = prompts
         .iter()
         .map(|p| Request {
             prompt_ids: p.clone(),
-            max_new_tokens: args.max_new_tokens,
+            max_new_tokens,
             choice: settings.choice,
             stop: settings.stop.clone(),
         })

@@ -9,6 +9,7 @@ mod bench_kernels;
 mod checks;
 mod complete;
 mod generate;
+mod job;
 mod model_arg;
 mod policy;
 pub mod policy_args;
