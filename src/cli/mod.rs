@@ -16,6 +16,7 @@ pub mod policy_args;
 mod process;
 mod profile;
 mod sampling_args;
+mod serve;
 mod specs;
 
 /// The version of every `--json` document's layout (docs/json.md); raised when a field changes meaning or goes.
@@ -42,6 +43,8 @@ enum Command {
     Profile(profile::Args),
     /// Choose the fastest offloading policy for a model, workload and memory budget.
     Policy(policy::Args),
+    /// Serve the model over HTTP, OpenAI-compatible (/v1/completions, /v1/models, /health, /metrics).
+    Serve(serve::Args),
 }
 
 impl Command {
@@ -49,7 +52,7 @@ impl Command {
     fn opens_gpu(&self) -> bool {
         matches!(
             self,
-            Command::Generate(_) | Command::Bench(_) | Command::Profile(_)
+            Command::Generate(_) | Command::Bench(_) | Command::Profile(_) | Command::Serve(_)
         )
     }
 }
@@ -76,7 +79,13 @@ pub fn main() -> ExitCode {
     if cli.command.opens_gpu() {
         process::private_runtime_dir();
     }
-    if let Err(e) = process::handle_signals() {
+    // The server drains on a signal (its own handler); every other command stops at once, removing its files.
+    let signals = if matches!(cli.command, Command::Serve(_)) {
+        Ok(())
+    } else {
+        process::handle_signals()
+    };
+    if let Err(e) = signals {
         eprintln!(
             "warning: no signal handler ({e}): offload files may be left behind if interrupted"
         );
@@ -92,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::Bench(command) => bench::dispatch(command),
         Command::Profile(args) => profile::run(args),
         Command::Policy(args) => policy::run(args),
+        Command::Serve(args) => serve::run(args),
     });
     // Every run's files are gone with its values by now; this removes the private runtime directory.
     process::remove_run_files();
