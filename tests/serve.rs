@@ -329,3 +329,40 @@ fn a_full_queue_answers_429_and_sigterm_drains_with_no_file_left() {
         .send()
         .is_err());
 }
+
+#[test]
+fn bench_serve_reports_throughput_latency_and_blocks() {
+    let (dir, _) = fixture();
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "bench",
+            "serve",
+            "--json",
+            "--clients",
+            "2",
+            "--requests",
+            "4",
+        ])
+        .args(["--prompt-len", "4", "--max-tokens", "4", "--", "--model"])
+        .arg(&dir)
+        .args(["--max-batch", "2", "--batch-wait-ms", "2000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["requests"], 4);
+    // Greedy with EOS: at most 4 tokens per request, at least one.
+    let tokens = v["generated_tokens"].as_u64().unwrap();
+    assert!((4..=16).contains(&tokens), "{v}");
+    let latency = &v["latency_s"];
+    assert!(latency["p50"].as_f64().unwrap() <= latency["p99"].as_f64().unwrap());
+    assert!(v["throughput_tok_s"].as_f64().unwrap() > 0.0);
+    // Two clients at once, blocks of two that wait up to 2 s to fill: every block is full.
+    assert_eq!(v["block_capacity"], 2.0);
+    assert_eq!(v["mean_block_sequences"], 2.0, "{v}");
+}

@@ -6,6 +6,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod auto;
 mod bench;
 mod bench_kernels;
+mod bench_serve;
 mod checks;
 mod complete;
 mod generate;
