@@ -124,7 +124,6 @@ fn run(
     weight: Option<CompressionConfig>,
     cache: Option<CompressionConfig>,
 ) -> Vec<f32> {
-    let checkpoint = Checkpoint::open(&f.dir).unwrap();
     let policy = Policy {
         gpu_batch_size: f.prompt_ids.len(),
         compress_weight: weight.is_some(),
@@ -133,7 +132,13 @@ fn run(
         compress_cache_config: cache.unwrap_or_default(),
         ..Policy::default()
     };
-    let gen = Generator::with_policy(gpu, &checkpoint, &policy, &|_| {}).unwrap();
+    run_policy(gpu, f, &policy)
+}
+
+/// [`run`] under a whole policy.
+fn run_policy(gpu: &Gpu, f: &Fixture, policy: &Policy) -> Vec<f32> {
+    let checkpoint = Checkpoint::open(&f.dir).unwrap();
+    let gen = Generator::with_policy(gpu, &checkpoint, policy, &|_| {}).unwrap();
     // Three tokens: step 0 is checked against the reference, the later steps run decode over the packed cache.
     let out = gen
         .generate(
@@ -364,17 +369,26 @@ fn packed_weight_kernels_match_cpu_dequantised_weights() {
         let config = CompressionConfig::new(4, group).unwrap();
         for name in FIXTURES.into_iter().chain([MODERATE]) {
             let f = fixture(name);
-            let packed = run(&gpu, &f, Some(config), None);
             let source = RoundTripped {
                 inner: Checkpoint::open(&f.dir).unwrap(),
                 config,
             };
-            // f32 storage: the round-tripped values exactly (an f16 checkpoint would otherwise be stored as f16).
+            // f32 storage: the round-tripped values exactly (an f16 checkpoint would otherwise be stored as f16),
+            // and f32 activations in both runs, so that only the weights' path differs.
             let policy = Policy {
                 gpu_batch_size: f.prompt_ids.len(),
                 weight_dtype: Some(strata::config::DType::F32),
                 ..Policy::default()
             };
+            let packed = run_policy(
+                &gpu,
+                &f,
+                &Policy {
+                    compress_weight: true,
+                    compress_weight_config: config,
+                    ..policy.clone()
+                },
+            );
             let gen = Generator::with_policy(&gpu, &source, &policy, &|_| {}).unwrap();
             let out = gen
                 .generate(

@@ -174,6 +174,17 @@ pub enum GenerateError {
     /// The run cannot be placed: over a memory cap, a buffer over the binding limit, too many prompts.
     #[error(transparent)]
     Placement(#[from] PlacementError),
+    /// A step failed after others had produced tokens: those tokens, and why the run stopped.
+    #[error("generation stopped after {steps} tokens per sequence: {source}")]
+    Stopped {
+        /// The tokens generated before the failure, per sequence.
+        generated_ids: Vec<Vec<u32>>,
+        /// Steps that completed.
+        steps: usize,
+        /// Why the next step failed.
+        #[source]
+        source: Box<GenerateError>,
+    },
 }
 
 impl From<crate::tiers::TierError> for GenerateError {
@@ -562,12 +573,37 @@ impl Generator {
         let mut step_seconds = Vec::with_capacity(options.max_new_tokens);
         loop {
             let started = std::time::Instant::now();
-            self.record_step(run, placement, step, t, gpu_sampling)?;
-            let mut regions = vec![(&run.work.next, 0, (batch * 4) as u64)];
-            if logits.is_some() || any_host {
-                regions.push((&run.work.logits, 0, (batch * c.vocab_size * 4) as u64));
-            }
-            let out = self.gpu().read_back(&regions)?;
+            // A lost device fails the step, some uploads (the staging belt's) with a panic inside wgpu: check first.
+            let lost = match self.gpu().lost() {
+                Some(reason) => Err(GenerateError::Gpu(GpuError::DeviceLost { reason })),
+                None => Ok(()),
+            };
+            let out = lost
+                .and_then(|()| self.record_step(run, placement, step, t, gpu_sampling))
+                .and_then(|()| {
+                    let mut regions = vec![(&run.work.next, 0, (batch * 4) as u64)];
+                    if logits.is_some() || any_host {
+                        regions.push((&run.work.logits, 0, (batch * c.vocab_size * 4) as u64));
+                    }
+                    Ok(self.gpu().read_back(&regions)?)
+                });
+            // Whatever failed first (a tier's copy, a read-back), a lost device is the cause to report.
+            let out = out.map_err(|e| match self.gpu().lost() {
+                Some(reason) => GenerateError::Gpu(GpuError::DeviceLost { reason }),
+                None => e,
+            });
+            let out = match out {
+                Ok(out) => out,
+                // What was generated is the caller's to keep (print, save) whatever stopped the run.
+                Err(e) if t > 0 => {
+                    return Err(GenerateError::Stopped {
+                        generated_ids: generated,
+                        steps: t,
+                        source: Box::new(e),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
             let mut next: Vec<u32> = bytemuck::pod_collect_to_vec(&out[0]);
             if any_host {
                 let step_logits: Vec<f32> = bytemuck::pod_collect_to_vec(&out[1]);

@@ -176,10 +176,16 @@ impl HardwareProfile {
         }
         // Written beside the file and renamed into place, so an interrupted write never leaves half a profile.
         let mut partial = path.as_os_str().to_owned();
-        partial.push(format!(".part-{}", std::process::id()));
+        // Unique per writer (two runs with the same PID in different PID namespaces included).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        partial.push(format!(".part-{}-{nanos}", std::process::id()));
         let partial = std::path::PathBuf::from(partial);
-        let written =
-            std::fs::write(&partial, self.to_toml()).and_then(|()| std::fs::rename(&partial, path));
+        let written = crate::fault::check_write(crate::fault::WriteKind::Profile)
+            .and_then(|()| std::fs::write(&partial, self.to_toml()))
+            .and_then(|()| std::fs::rename(&partial, path));
         if written.is_err() {
             let _ = std::fs::remove_file(&partial);
         }

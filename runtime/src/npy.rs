@@ -78,9 +78,19 @@ pub fn header_f32(shape: &[usize]) -> Vec<u8> {
 
 /// Writes `data` as a float32 array of `shape` (C order) to `path`.
 pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
-    let mut writer = NpyWriter::create(path, shape)?;
+    // Written as `FILE.part` and renamed when complete, so a failed write (a full disk) leaves no half array; the
+    // `.part` is removed on error and by the binary's signal handler.
+    let path = path.as_ref();
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    let part = crate::checkpoint::packed::PartialFile::new(PathBuf::from(part));
+    let mut writer = NpyWriter::create(&part.path, shape)?;
     writer.write(data)?;
-    writer.finish()
+    writer.finish()?;
+    part.commit(path).map_err(|source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Streams a float32 array to an `.npy` file piece by piece (e.g. one decoding step's logits at a time).
@@ -123,10 +133,12 @@ impl NpyWriter {
             });
         }
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.out.write_all(&bytes).map_err(|source| NpyError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        crate::fault::check_write(crate::fault::WriteKind::Logits)
+            .and_then(|()| self.out.write_all(&bytes))
+            .map_err(|source| NpyError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         self.written += data.len();
         Ok(())
     }

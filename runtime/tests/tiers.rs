@@ -401,10 +401,17 @@ fn disk_files_go_away_on_drop_panic_and_error() {
     let dir = tmp.path().join("offload");
     let disk = DiskTier::new(DiskOptions::new(&dir)).unwrap();
     assert!(dir.is_dir(), "a missing offload dir is created");
-    assert!(
-        files_in(&dir).is_empty(),
-        "the writability probe is removed"
-    );
+    // The tier's files live in its run directory, beside its owner record.
+    let run = disk.run_dir().to_owned();
+    assert_eq!(files_in(&dir).len(), 1);
+    assert!(run.starts_with(&dir) && run.is_dir());
+    let files = |dir: &Path| -> Vec<String> {
+        files_in(dir)
+            .into_iter()
+            .filter(|f| f != "owner.lock")
+            .collect()
+    };
+    assert!(files(&run).is_empty());
 
     let t = disk
         .write("decoder.layers.0.fc1.weight", &pattern(5000, 1))
@@ -425,16 +432,16 @@ fn disk_files_go_away_on_drop_panic_and_error() {
     let panicked = std::thread::scope(|s| {
         s.spawn(|| {
             let _t = disk.write("doomed", &pattern(100, 2)).unwrap();
-            assert_eq!(files_in(&dir).len(), 1);
+            assert_eq!(files(&run).len(), 1);
             panic!("simulated failure mid-step");
         })
         .join()
     });
     assert!(panicked.is_err());
-    assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+    assert!(files(&run).is_empty(), "{:?}", files(&run));
 
     // A failed write leaves nothing behind: block the final name with a non-empty directory so the rename fails
-    // after the data was written. File names are `strata-<pid>-<tier>-<n>-<name>.bin`, n counting up.
+    // after the data was written. File names are `<n>-<name>.bin`, n counting up.
     let probe = disk.write("x", &[1]).unwrap();
     let name = probe
         .path()
@@ -442,20 +449,13 @@ fn disk_files_go_away_on_drop_panic_and_error() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    let parts: Vec<&str> = name.splitn(5, '-').collect();
-    let n: u64 = parts[3].parse().unwrap();
-    let blocked = dir.join(format!(
-        "{}-{}-{}-{}-victim.bin",
-        parts[0],
-        parts[1],
-        parts[2],
-        n + 1
-    ));
+    let n: u64 = name.split('-').next().unwrap().parse().unwrap();
+    let blocked = run.join(format!("{}-victim.bin", n + 1));
     std::fs::create_dir(&blocked).unwrap();
     std::fs::write(blocked.join("keep"), b"x").unwrap();
     let err = disk.write("victim", &pattern(3 << 20, 3)).unwrap_err();
     assert!(matches!(err, TierError::Io { op: "rename", .. }), "{err}");
-    let left = files_in(&dir);
+    let left = files(&run);
     assert!(
         !left.iter().any(|f| f.ends_with(".part")),
         "partial file left: {left:?}"

@@ -145,6 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Placement::new(&config, &policy, workload, &DeviceLimits::UNBOUNDED)?;
         Some(policy)
     };
+    checks::dead_runs(args.policy.offload_dir.as_deref());
     let gpu = Gpu::new(&GpuOptions {
         adapter: args.adapter.clone(),
         max_binding_override: None,

@@ -10,6 +10,27 @@ use strata::gpu::Gpu;
 use strata::offload::placement::TierBytes;
 use strata::offload::policy::format_bytes;
 
+/// Removes what runs that did not finish (SIGKILL, the OOM killer, a power cut) left in the offload directory, and
+/// says so: every run directory no live process holds locked. Live runs sharing the directory are left alone.
+pub fn dead_runs(offload_dir: Option<&Path>) {
+    let Some(dir) = offload_dir else {
+        return;
+    };
+    for dead in strata::tiers::remove_dead_runs(dir) {
+        let owner = if dead.owner.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", dead.owner)
+        };
+        eprintln!(
+            "strata: removed {} offload files ({}) that a run which did not finish{owner} left in {}",
+            dead.files,
+            format_bytes(dead.bytes),
+            dead.dir.display()
+        );
+    }
+}
+
 /// Refuses an output file (`flag` = its option, for the message) that cannot be created: a directory, or a path
 /// whose directory does not exist. Run before any work, so no result is lost to a typo at the end.
 pub fn output_file(flag: &str, path: &Path) -> anyhow::Result<()> {

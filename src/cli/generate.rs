@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use strata::config::DType;
-use strata::generate::Generator;
+use strata::generate::{GenerateError, Generator};
 use strata::gpu::{Gpu, GpuOptions};
 use strata::offload::placement::{largest_gpu_batch, DeviceLimits, Placement, Workload};
 use strata::tokenizer::Tokenizer;
@@ -90,6 +90,13 @@ fn packed_source(
 ) -> anyhow::Result<Box<dyn WeightSource>> {
     let existed = path.exists();
     if !existed {
+        if let Some(bytes) = strata::checkpoint::packed::abandoned_partial(path) {
+            eprintln!(
+                "strata: {}.part ({}) was left by a run that did not finish; writing it anew",
+                path.display(),
+                strata::offload::policy::format_bytes(bytes)
+            );
+        }
         eprintln!(
             "strata: writing packed weights ({} bits, groups of {}) to {}",
             packed.bits,
@@ -296,6 +303,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     };
 
+    checks::dead_runs(args.policy.offload_dir.as_deref());
     let gpu = Gpu::new(&GpuOptions {
         adapter: args.adapter.clone(),
         max_binding_override: None,
@@ -362,8 +370,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let load_started = Instant::now();
-    let generator =
-        Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| pause_point("load"))?;
+    let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| {
+        pause_point("load");
+        test_lose_device(&gpu, "load");
+    })?;
     drop(source);
     let load_s = load_started.elapsed().as_secs_f64();
     if let (Some(job), Some(output)) = (job, &args.output) {
@@ -395,10 +405,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.dump_logits.is_some(),
         &mut |step, seconds, deltas| {
             pause_point(if step == 0 { "prefill" } else { "decode" });
+            test_lose_device(&gpu, &step.to_string());
             printer.step(step, seconds, deltas)
         },
-    )?;
+    );
     let streamed = printer.streams();
+    let block = match block {
+        Ok(block) => block,
+        Err(e) => {
+            let e = match e.downcast::<GenerateError>() {
+                Ok(GenerateError::Stopped {
+                    generated_ids,
+                    steps,
+                    source,
+                }) => {
+                    // A run that fails halfway still hands over what it generated.
+                    let _ = printer.finish();
+                    eprintln!(
+                        "strata: the run failed after {steps} tokens; the tokens generated so far:"
+                    );
+                    if !streamed {
+                        print_tokens(&args, tokenizer.as_ref(), &prompts, &generated_ids)?;
+                    }
+                    anyhow::Error::new(*source).context(format!(
+                        "generation stopped after {steps} tokens (printed above)"
+                    ))
+                }
+                Ok(other) => other.into(),
+                Err(e) => e,
+            };
+            return Err(e);
+        }
+    };
     printer.finish()?;
     let ids: Vec<Vec<u32>> = block.completions.iter().map(|c| c.ids.clone()).collect();
     let texts: Option<Vec<String>> = block.completions.iter().map(|c| c.text.clone()).collect();
@@ -592,6 +630,56 @@ impl<'a> Printer<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// Prints each prompt's generated tokens (as text when there is a tokenizer), or one JSON object with `--json`.
+fn print_tokens(
+    args: &Args,
+    tokenizer: Option<&Tokenizer>,
+    prompts: &[Vec<u32>],
+    generated: &[Vec<u32>],
+) -> anyhow::Result<()> {
+    let texts = match tokenizer {
+        Some(t) => Some(
+            generated
+                .iter()
+                .map(|ids| t.decode(ids, true))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => None,
+    };
+    if args.json {
+        let mut object = serde_json::json!({
+            "prompt_ids": prompts,
+            "generated_ids": generated,
+        });
+        if let Some(texts) = &texts {
+            object["text"] = serde_json::json!(texts);
+        }
+        outln!("{object}");
+    } else {
+        for (i, ids) in generated.iter().enumerate() {
+            match (&texts, tokenizer) {
+                (Some(texts), Some(t)) => {
+                    outln!("[{i}] {}{}", t.decode(&prompts[i], true)?, texts[i])
+                }
+                _ => outln!("[{i}] {ids:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Test-only: `STRATA_TEST_LOSE_DEVICE_AT=load` (after the first layer is placed) or `=STEP` (after step STEP, 0 =
+/// prefill) destroys the GPU device, as a driver reset or an unplugged GPU would, for the fault-injection tests.
+/// Does nothing unset.
+fn test_lose_device(gpu: &Gpu, at: &str) {
+    if std::env::var("STRATA_TEST_LOSE_DEVICE_AT").is_ok_and(|v| v == at) && gpu.lost().is_none() {
+        eprintln!("strata: destroying the GPU device (STRATA_TEST_LOSE_DEVICE_AT)");
+        gpu.device.destroy();
+        // wgpu reports a destroyed device at its next poll (a real loss is reported at once).
+        let _ = gpu.lost();
     }
 }
 

@@ -39,8 +39,14 @@ pub fn uninterrupted<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// The private runtime directory made for Mesa when `XDG_RUNTIME_DIR` was unset, removed at exit and on signals.
-static RUNTIME_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The private runtime directory made for Mesa when `XDG_RUNTIME_DIR` was unset, removed at exit and on signals,
+/// with its owner record, held locked while the process lives.
+static RUNTIME_DIR: Mutex<Option<(PathBuf, std::fs::File)>> = Mutex::new(None);
+
+/// The name prefix of private runtime directories in the temp directory.
+const RUNTIME_DIR_PREFIX: &str = "strata-xdg-";
+/// The owner record in a private runtime directory.
+const RUNTIME_DIR_OWNER: &str = "owner.lock";
 
 /// Removes everything this process wrote that must not outlive it: offload files and the directories strata made
 /// for them, a packed checkpoint's `.part` being written, the private runtime directory. Safe to call more than once
@@ -49,7 +55,7 @@ pub fn remove_run_files() {
     strata::tiers::cleanup_all();
     strata::checkpoint::remove_partial_files();
     let dir = RUNTIME_DIR.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(dir) = dir {
+    if let Some((dir, _owner)) = dir {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
@@ -76,7 +82,10 @@ fn exit_now(code: i32) -> ! {
 /// lock and allocate.
 #[cfg(unix)]
 pub fn handle_signals() -> io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
+    // A write past the file size limit (`ulimit -f`) would kill the process with SIGXFSZ and leave its files; with
+    // a handler the write fails with EFBIG instead, an error the run reports and cleans up after.
+    signal_hook::flag::register(SIGXFSZ, std::sync::Arc::default())?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new()
         .name("strata-signals".into())
@@ -110,13 +119,54 @@ pub fn private_runtime_dir() {
     if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
         return;
     }
+    remove_dead_runtime_dirs(&std::env::temp_dir());
     // tempfile makes the directory with mode 0700 and a random name, so no other user can plant files in it.
-    let Ok(dir) = tempfile::Builder::new().prefix("strata-xdg-").tempdir() else {
+    let Ok(dir) = tempfile::Builder::new()
+        .prefix(RUNTIME_DIR_PREFIX)
+        .tempdir()
+    else {
         return; // Only a cosmetic loss: Mesa prints its line.
     };
+    // Its owner record, locked while this process lives, tells a later run whether a directory's maker is dead.
+    let Ok(owner) = std::fs::File::create(dir.path().join(RUNTIME_DIR_OWNER)) else {
+        return;
+    };
+    if fs4::FileExt::try_lock(&owner).is_err() {
+        return;
+    }
     let path = dir.keep();
     std::env::set_var("XDG_RUNTIME_DIR", &path);
-    *RUNTIME_DIR.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+    *RUNTIME_DIR.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, owner));
+}
+
+/// Removes the private runtime directories of runs that died without removing theirs (SIGKILL): those whose owner
+/// record no process holds locked. A directory younger than a minute is left alone (its maker may not have locked
+/// its record yet).
+fn remove_dead_runtime_dirs(temp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(RUNTIME_DIR_PREFIX)
+        {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        let Ok(owner) = std::fs::File::open(entry.path().join(RUNTIME_DIR_OWNER)) else {
+            continue; // Not one with a record: leave it.
+        };
+        if old && fs4::FileExt::try_lock(&owner).is_ok() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The exit status and the message for a failed run. A closed stdout is no failure of strata's: it ends quietly.
@@ -204,6 +254,31 @@ mod tests {
         );
         let err = anyhow::anyhow!("inner").context("outer");
         assert_eq!(render_chain(&err), "outer: inner");
+    }
+
+    #[test]
+    fn only_dead_and_old_runtime_dirs_are_removed() {
+        let temp = tempfile::tempdir().unwrap();
+        let make = |name: &str, age_secs: u64| {
+            let dir = temp.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            let owner = std::fs::File::create(dir.join(RUNTIME_DIR_OWNER)).unwrap();
+            let then = std::time::SystemTime::now() - std::time::Duration::from_secs(age_secs);
+            std::fs::File::open(&dir)
+                .unwrap()
+                .set_modified(then)
+                .unwrap();
+            (dir, owner)
+        };
+        let (dead, _) = make("strata-xdg-dead", 600);
+        let (young, _) = make("strata-xdg-young", 0);
+        let (live, owner) = make("strata-xdg-live", 600);
+        fs4::FileExt::try_lock(&owner).unwrap();
+        let other = temp.path().join("strata-xdg-no-record");
+        std::fs::create_dir(&other).unwrap();
+        remove_dead_runtime_dirs(temp.path());
+        assert!(!dead.exists());
+        assert!(young.exists() && live.exists() && other.exists());
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.skip_disk && !dir.is_dir() {
         anyhow::bail!("--offload-dir {}: not a directory", dir.display());
     }
+    if !args.skip_disk {
+        checks::dead_runs(Some(&dir));
+    }
     let mut options = MeasureOptions::new(dir);
     options.disk_bytes = args.disk_bytes;
     options.disk_threads = args.disk_threads.max(1);

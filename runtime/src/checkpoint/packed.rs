@@ -113,13 +113,13 @@ pub fn remove_partial_files() -> usize {
 
 /// A `FILE.part` being written: registered for [`remove_partial_files`] while it lives, removed on drop unless
 /// [`PartialFile::commit`] renamed it into place (so an error or a panic never leaves it behind).
-struct PartialFile {
-    path: PathBuf,
+pub(crate) struct PartialFile {
+    pub(crate) path: PathBuf,
     committed: bool,
 }
 
 impl PartialFile {
-    fn new(path: PathBuf) -> PartialFile {
+    pub(crate) fn new(path: PathBuf) -> PartialFile {
         partial_files().insert(path.clone());
         PartialFile {
             path,
@@ -127,7 +127,7 @@ impl PartialFile {
         }
     }
 
-    fn commit(mut self, to: &Path) -> std::io::Result<()> {
+    pub(crate) fn commit(mut self, to: &Path) -> std::io::Result<()> {
         std::fs::rename(&self.path, to)?;
         self.committed = true;
         Ok(())
@@ -453,8 +453,27 @@ pub fn write_packed_model_with_progress(
     // `FILE.part` beside `FILE` (not a replaced extension, so `a.x` and `a.y` never share one).
     let mut partial = path.as_os_str().to_owned();
     partial.push(".part");
-    let partial = PartialFile::new(PathBuf::from(partial));
-    let file = std::fs::File::create(&partial.path).map_err(io)?;
+    let partial = PathBuf::from(partial);
+    // Opened without truncating and locked first: another strata writing the same file now holds the lock, and
+    // its `.part` must be neither truncated nor removed. Once locked, what is in it was left by a dead run.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&partial)
+        .map_err(io)?;
+    if let Err(e) = fs4::FileExt::try_lock(&file) {
+        return Err(CompressError::Format(format!(
+            "{} is being written by another strata process now (its {} is locked: {e}); wait for it to finish \
+             and run again, or pass another path",
+            path.display(),
+            partial.display()
+        ))
+        .into());
+    }
+    let partial = PartialFile::new(partial);
+    file.set_len(0).map_err(io)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     out.write_all(&(json.len() as u64).to_le_bytes())
         .map_err(io)?;
@@ -463,6 +482,7 @@ pub fn write_packed_model_with_progress(
     for (i, spec) in specs.iter().enumerate() {
         let tensor = source.load(spec)?;
         digests.insert(spec.name.clone(), tensor_digest(&tensor));
+        crate::fault::check_write(crate::fault::WriteKind::Packed).map_err(io)?;
         if spec.role.is_compressed() {
             let values = host_tensor_to_f32(&tensor)?;
             let packed = quantize(&values, spec.shape[0], spec.shape[1], config).map_err(|e| match e {
@@ -500,9 +520,26 @@ pub fn write_packed_model_with_progress(
     file.seek(std::io::SeekFrom::Start(8)).map_err(io)?;
     file.write_all(&final_json).map_err(io)?;
     file.sync_all().map_err(io)?;
+    // Renamed while still locked (where an open file can be renamed), so no other writer can take the `.part`
+    // between the last write and the rename.
+    #[cfg(windows)]
     drop(file);
     partial.commit(path).map_err(io)?;
     Ok(8 + json.len() as u64 + offset)
+}
+
+/// The size of `path`'s `.part` file when one is there that no live process is writing: what a write of `path` that
+/// died (SIGKILL, a power cut) left behind, which the next [`write_packed_model`] of `path` replaces.
+pub fn abandoned_partial(path: &Path) -> Option<u64> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".part");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(PathBuf::from(partial))
+        .ok()?;
+    fs4::FileExt::try_lock(&file).ok()?;
+    file.metadata().ok().map(|m| m.len())
 }
 
 /// A digest of the width [`tensor_digest`] writes, before the tensor is hashed.

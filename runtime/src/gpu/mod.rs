@@ -52,6 +52,15 @@ pub enum GpuError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// The device was lost: a driver reset or crash, a hung GPU, a removed device.
+    #[error(
+        "the GPU device was lost ({reason}): its driver reset or crashed, or the GPU was removed; run again, and if it \
+         keeps happening, put less on the GPU (--percent) or check the driver's log"
+    )]
+    DeviceLost {
+        /// wgpu's reason and message.
+        reason: String,
+    },
     /// The device ran out of memory.
     #[error("the GPU ran out of memory while allocating {what}: {reason}; use a smaller model, batch or dtype (--dtype f16)")]
     OutOfMemory {
@@ -110,6 +119,8 @@ pub struct Gpu {
     pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
     max_binding: u64,
     readback: Arc<Mutex<Option<wgpu::Buffer>>>,
+    /// Why the device was lost, once it has been (wgpu's device-lost callback).
+    lost: Arc<Mutex<Option<String>>>,
     /// Compiled linear pipelines and kernel-variant choices, shared by every `Kernels` on this device.
     pub(crate) cache: Arc<kernels::DeviceCache>,
 }
@@ -228,7 +239,26 @@ impl Gpu {
             .max_binding_override
             .map_or(device_binding, |o| o.min(device_binding))
             & !3;
+        let lost = Arc::new(Mutex::new(None));
+        let record = Arc::clone(&lost);
+        // After a loss every call fails validation ("... is invalid"); those errors only echo the loss, which the
+        // next read-back reports as `GpuError::DeviceLost`. Any other uncaptured error stays fatal, as by default.
+        let on_loss = Arc::clone(&lost);
+        device.on_uncaptured_error(Arc::new(move |err: wgpu::Error| {
+            if on_loss.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                panic!("wgpu error: {err}");
+            }
+        }));
+        device.set_device_lost_callback(move |reason, message| {
+            let why = if message.is_empty() {
+                format!("{reason:?}")
+            } else {
+                format!("{reason:?}: {message}")
+            };
+            *record.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        });
         Ok(Gpu {
+            lost,
             device,
             queue,
             info,
@@ -364,10 +394,10 @@ impl Gpu {
         });
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
+            .map_err(|e| self.lost_or(GpuError::Readback(e.to_string())))?;
         rx.recv()
             .map_err(|e| GpuError::Readback(e.to_string()))?
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
+            .map_err(|e| self.lost_or(GpuError::Readback(e.to_string())))?;
         let out = {
             let view = staging
                 .get_mapped_range(..total)
@@ -380,6 +410,20 @@ impl Gpu {
         };
         staging.unmap();
         Ok(out)
+    }
+
+    /// Why the device was lost, if it was. wgpu reports a loss from a poll, so this polls once first.
+    pub fn lost(&self) -> Option<String> {
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// [`GpuError::DeviceLost`] when the device has been lost (a failure's real cause), else `err`.
+    pub fn lost_or(&self, err: GpuError) -> GpuError {
+        match self.lost() {
+            Some(reason) => GpuError::DeviceLost { reason },
+            None => err,
+        }
     }
 
     /// Reads `count` f32 values starting at element `offset` of `buffer`.

@@ -419,10 +419,7 @@ pub fn parse_bytes(input: &str) -> Result<u64, ByteSizeError> {
     if number.is_empty() {
         return Err(err("it does not start with a number"));
     }
-    let value: f64 = number
-        .parse()
-        .map_err(|_| err(&format!("`{number}` is not a number")))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let multiplier: u128 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kib" => 1 << 10,
         "mib" => 1 << 20,
@@ -442,14 +439,36 @@ pub fn parse_bytes(input: &str) -> Result<u64, ByteSizeError> {
         }
         other => return Err(err(&format!("unknown unit `{other}`"))),
     };
-    let bytes = value * multiplier as f64;
-    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        return Err(err("it is too large"));
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if fraction.contains('.') || (whole.is_empty() && fraction.is_empty()) {
+        return Err(err(&format!("`{number}` is not a number")));
     }
-    if multiplier == 1 && number.contains('.') {
+    if multiplier == 1 && !fraction.is_empty() {
         return Err(err("a number of bytes must be whole"));
     }
-    Ok(bytes.round() as u64)
+    // Exact integer arithmetic (f64 would round sizes past 2^53): whole * multiplier, plus the fraction's share of
+    // the multiplier rounded half up. 24 fraction digits keep numerator * multiplier inside u128.
+    if fraction.len() > 24 {
+        return Err(err("it has more than 24 decimal places"));
+    }
+    let too_large = || err("it is too large");
+    let mut bytes: u128 = 0;
+    for digit in whole.bytes() {
+        bytes = bytes
+            .checked_mul(10)
+            .and_then(|b| b.checked_add(u128::from(digit - b'0')))
+            .filter(|&b| b <= u128::from(u64::MAX))
+            .ok_or_else(too_large)?;
+    }
+    bytes = bytes.checked_mul(multiplier).ok_or_else(too_large)?;
+    if !fraction.is_empty() {
+        let numerator: u128 = fraction
+            .bytes()
+            .fold(0, |n, digit| n * 10 + u128::from(digit - b'0'));
+        let denominator = 10u128.pow(fraction.len() as u32);
+        bytes += (numerator * multiplier + denominator / 2) / denominator;
+    }
+    u64::try_from(bytes).map_err(|_| too_large())
 }
 
 /// A size for people: `15.00 GiB`, `512.0 MiB`, `1.50 TiB`, `100 B` (binary units).
@@ -518,6 +537,38 @@ mod tests {
             .contains("not a number"));
         assert!(parse_bytes("1.5").unwrap_err().reason.contains("whole"));
         assert!(parse_bytes("99999999999TiB")
+            .unwrap_err()
+            .reason
+            .contains("too large"));
+        assert!(parse_bytes("18446744073709551616")
+            .unwrap_err()
+            .reason
+            .contains("too large"));
+        assert!(parse_bytes(".")
+            .unwrap_err()
+            .reason
+            .contains("not a number"));
+    }
+
+    #[test]
+    fn byte_sizes_are_exact_past_two_to_the_53() {
+        // f64 has a 53-bit mantissa: each of these would round to a neighbour.
+        assert_eq!(parse_bytes("9007199254740993").unwrap(), (1 << 53) + 1);
+        assert_eq!(parse_bytes("18446744073709551615").unwrap(), u64::MAX);
+        assert_eq!(parse_bytes("8388608.0000000000001TiB").unwrap(), 1 << 63);
+        assert_eq!(
+            parse_bytes("16777215TiB").unwrap(),
+            u64::MAX - (1 << 40) + 1
+        );
+        assert_eq!(
+            parse_bytes("4503599627370495.5KiB").unwrap(),
+            (1 << 62) - 512
+        );
+        assert_eq!(parse_bytes("0.5KiB").unwrap(), 512);
+        assert_eq!(parse_bytes(".5KiB").unwrap(), 512);
+        assert_eq!(parse_bytes("1.0005KB").unwrap(), 1001);
+        assert_eq!(parse_bytes("2.1GB").unwrap(), 2_100_000_000);
+        assert!(parse_bytes("16777216TiB")
             .unwrap_err()
             .reason
             .contains("too large"));

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use super::ledger::{planned, Ledger, Receipt};
 use super::placement::{BufferId, Placement};
 use super::OffloadError;
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, GpuError};
 use crate::model::{GpuModel, LayerWeights};
 use crate::tiers::{GpuSlot, TensorHome, Tier, Tiers};
 use crate::weights::{LayerTensor, TensorId, WeightSource};
@@ -134,6 +134,10 @@ impl LayerStore {
             template.get_or_insert(built);
             parts.push(layer);
             progress(i);
+            // A lost device fails every later upload, some (the staging belt's) with a panic inside wgpu.
+            if let Some(reason) = gpu.lost() {
+                return Err(GpuError::DeviceLost { reason }.into());
+            }
         }
         Ok(LayerStore {
             parts,

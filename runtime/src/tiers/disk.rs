@@ -9,6 +9,12 @@
 //! removes it, so no partial tensor is ever left under its real name); a [`DiskTensor`] deletes its file when dropped;
 //! the directory is removed when the tier and its tensors are gone if strata created it; and every file and created
 //! directory is listed in a process-wide registry that [`cleanup_all`] empties, for the binary's Ctrl-C handler.
+//!
+//! Each tier keeps its files in a run directory of its own, `strata-run-*` inside the offload directory, holding an
+//! owner record (`owner.lock`) that the tier keeps locked (`flock`) while it lives. The kernel drops the lock when
+//! the process dies however it dies (SIGKILL, the OOM killer), so a run directory whose lock can be taken belongs to
+//! no live run: [`remove_dead_runs`] (called by every new tier) removes it. Runs sharing an offload directory never
+//! share a file name, even with the same PID (PID namespaces): each run directory is made with an exclusive `mkdir`.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -21,6 +27,16 @@ use rayon::prelude::*;
 
 use super::cpu::par_copy_slice;
 use super::{lock, ByteCounter, Result, TierError, TierStats};
+use crate::fault::{self, WriteKind};
+
+/// The name prefix of a run directory inside an offload directory.
+const RUN_PREFIX: &str = "strata-run-";
+/// A run directory being set up: renamed to [`RUN_PREFIX`] once its owner record is locked.
+const NEW_RUN_PREFIX: &str = ".strata-new-";
+/// The owner record in a run directory: locked while its run lives; its text (PID, start time) is for people.
+const OWNER_FILE: &str = "owner.lock";
+/// A run directory still being set up is left alone this long (its maker may not have locked its record yet).
+const SETUP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Pieces each read or write is split into for the thread pool.
 const IO_PIECE: usize = 8 << 20;
@@ -60,6 +76,8 @@ impl DiskOptions {
 /// Every offload file and created directory of this process, for [`cleanup_all`].
 struct Registry {
     files: BTreeSet<PathBuf>,
+    /// Run directories (removed with their contents).
+    runs: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
     /// [`cleanup_all`] ran: the process is exiting, and no new file may appear behind its back.
     closed: bool,
@@ -67,11 +85,12 @@ struct Registry {
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     files: BTreeSet::new(),
+    runs: BTreeSet::new(),
     dirs: BTreeSet::new(),
     closed: false,
 });
 
-/// Distinguishes tiers (and their file names) within one process.
+/// Distinguishes tiers (their I/O threads' names) within one process.
 static NEXT_TIER: AtomicU64 = AtomicU64::new(0);
 
 /// What [`cleanup_all`] removed.
@@ -79,8 +98,129 @@ static NEXT_TIER: AtomicU64 = AtomicU64::new(0);
 pub struct Cleanup {
     /// Offload files removed.
     pub files: usize,
-    /// Offload directories (created by strata) removed.
+    /// Offload directories (created by strata) and run directories removed.
     pub dirs: usize,
+}
+
+/// What a dead run left in an offload directory, removed by [`remove_dead_runs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadRun {
+    /// Its run directory (gone now).
+    pub dir: PathBuf,
+    /// Offload files removed (the owner record not counted).
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Its owner record (`pid 1234, started at unix time 1764800000`), when readable.
+    pub owner: String,
+}
+
+/// Removes what runs that died without cleaning up (SIGKILL, the OOM killer, a power cut) left in the offload
+/// directory `dir`: every run directory whose owner record no live process holds locked. Live runs, this process's
+/// included, are never touched. Returns what was removed, for the caller to say so; a missing `dir` has nothing.
+pub fn remove_dead_runs(dir: &Path) -> Vec<DeadRun> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let setting_up = name.starts_with(NEW_RUN_PREFIX);
+        if !(name.starts_with(RUN_PREFIX) || setting_up) {
+            continue;
+        }
+        let run = entry.path();
+        if setting_up {
+            // Its maker may be between mkdir and lock: only an old one is abandoned.
+            let young = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < SETUP_GRACE);
+            if young {
+                continue;
+            }
+        }
+        let owner_path = run.join(OWNER_FILE);
+        let Ok(owner) = OpenOptions::new().read(true).write(true).open(&owner_path) else {
+            continue; // No record (not a run directory strata made), or gone meanwhile.
+        };
+        if fs4::FileExt::try_lock(&owner).is_err() {
+            continue; // Its run is alive (or another process is removing it now).
+        }
+        let record = fs::read_to_string(&owner_path).unwrap_or_default();
+        let (mut files, mut bytes) = (0, 0);
+        if let Ok(inner) = fs::read_dir(&run) {
+            for file in inner.flatten() {
+                if file.file_name() == OWNER_FILE {
+                    continue;
+                }
+                let len = file.metadata().map_or(0, |m| m.len());
+                if fs::remove_file(file.path()).is_ok() {
+                    files += 1;
+                    bytes += len;
+                }
+            }
+        }
+        let _ = fs::remove_file(&owner_path);
+        drop(owner);
+        if fs::remove_dir(&run).is_ok() || files > 0 {
+            removed.push(DeadRun {
+                dir: run,
+                files,
+                bytes,
+                owner: record.trim().to_string(),
+            });
+        }
+    }
+    removed
+}
+
+/// Makes this run's directory in `dir`, its owner record locked: `(run dir, record)`. The record's text is written
+/// for real, so it also proves that files can be written in `dir`.
+fn make_run_dir(dir: &Path) -> io::Result<(PathBuf, File)> {
+    static NEXT_RUN: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // An exclusive mkdir makes the name this run's alone; the clock and a counter make a clash (same PID in
+    // another PID namespace) unlikely, and a clash only means another try.
+    for attempt in 0..64u32 {
+        let tag = format!(
+            "{pid}-{}-{}-{attempt}",
+            started.as_nanos(),
+            NEXT_RUN.fetch_add(1, Ordering::Relaxed)
+        );
+        let setup = dir.join(format!("{NEW_RUN_PREFIX}{tag}"));
+        match fs::create_dir(&setup) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        let made = (|| {
+            let owner = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(setup.join(OWNER_FILE))?;
+            fs4::FileExt::try_lock(&owner).map_err(io::Error::from)?;
+            use io::Write;
+            (&owner).write_all(
+                format!("pid {pid}, started at unix time {}\n", started.as_secs()).as_bytes(),
+            )?;
+            let run = dir.join(format!("{RUN_PREFIX}{tag}"));
+            fs::rename(&setup, &run)?;
+            Ok((run, owner))
+        })();
+        if made.is_err() {
+            let _ = fs::remove_dir_all(&setup);
+        }
+        return made;
+    }
+    Err(io::Error::other("no free run directory name"))
 }
 
 /// Removes every offload file this process has open and every offload directory it created. For a Ctrl-C handler
@@ -93,6 +233,11 @@ pub fn cleanup_all() -> Cleanup {
     for file in std::mem::take(&mut reg.files) {
         if fs::remove_file(&file).is_ok() {
             done.files += 1;
+        }
+    }
+    for run in std::mem::take(&mut reg.runs) {
+        if fs::remove_dir_all(&run).is_ok() {
+            done.dirs += 1;
         }
     }
     for dir in std::mem::take(&mut reg.dirs) {
@@ -123,7 +268,11 @@ pub(crate) fn is_disk_full(e: &io::Error) -> bool {
 }
 
 fn io_error(op: &'static str, path: &Path, bytes: u64, e: io::Error) -> TierError {
-    if is_disk_full(&e) {
+    if e.kind() == io::ErrorKind::FileTooLarge {
+        TierError::FileSizeLimit {
+            path: path.to_owned(),
+        }
+    } else if is_disk_full(&e) {
         TierError::DiskFull {
             path: path.to_owned(),
             bytes,
@@ -140,12 +289,19 @@ fn io_error(op: &'static str, path: &Path, bytes: u64, e: io::Error) -> TierErro
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
+    /// This tier's run directory inside `dir`.
+    run: PathBuf,
+    /// The run directory's owner record, locked while this lives.
+    _owner: File,
     created_dir: bool,
     counter: ByteCounter,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // Every file has gone with its tensor (each holds this struct); the record goes with the directory.
+        let _ = fs::remove_dir_all(&self.run);
+        lock(&REGISTRY).runs.remove(&self.run);
         if self.created_dir {
             let _ = fs::remove_dir(&self.dir);
             lock(&REGISTRY).dirs.remove(&self.dir);
@@ -159,7 +315,6 @@ pub struct DiskTier {
     shared: Arc<Shared>,
     pool: Arc<rayon::ThreadPool>,
     job_delay: std::time::Duration,
-    id: u64,
     next_file: AtomicU64,
 }
 
@@ -174,6 +329,8 @@ struct DiskFile {
     path: PathBuf,
     file: File,
     len: u64,
+    /// What it holds (for the fault-injection hook).
+    kind: WriteKind,
     shared: Arc<Shared>,
 }
 
@@ -249,29 +406,44 @@ impl DiskTier {
             }
             Err(e) => return Err(bad(format!("cannot be inspected: {e}"))),
         };
+        remove_dead_runs(&dir);
+        // Made and registered under the registry's lock, so a Ctrl-C's cleanup either finds it or comes first.
+        let made = {
+            let mut reg = lock(&REGISTRY);
+            if reg.closed {
+                Err(io::Error::other("the process is exiting"))
+            } else {
+                // A real write, since permission bits do not tell the whole story (read-only mounts, ACLs, root).
+                make_run_dir(&dir).inspect(|(run, _)| {
+                    reg.runs.insert(run.clone());
+                })
+            }
+        };
+        let (run, owner) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                if created_dir {
+                    let _ = fs::remove_dir(&dir);
+                    lock(&REGISTRY).dirs.remove(&dir);
+                }
+                return Err(if is_disk_full(&e) {
+                    TierError::DiskFull {
+                        path: dir.join(OWNER_FILE),
+                        bytes: 64,
+                    }
+                } else {
+                    bad(format!("is not writable: {e}"))
+                });
+            }
+        };
         let shared = Arc::new(Shared {
             dir: dir.clone(),
+            run,
+            _owner: owner,
             created_dir,
             counter: ByteCounter::default(),
         });
         let id = NEXT_TIER.fetch_add(1, Ordering::Relaxed);
-        // A real write, since permission bits do not tell the whole story (read-only mounts, ACLs, root).
-        let probe = dir.join(format!(".strata-probe-{}-{id}", std::process::id()));
-        let probed = File::create(&probe).and_then(|f| {
-            use std::io::Write;
-            (&f).write_all(b"strata")
-        });
-        let _ = fs::remove_file(&probe);
-        if let Err(e) = probed {
-            return Err(if is_disk_full(&e) {
-                TierError::DiskFull {
-                    path: probe,
-                    bytes: 6,
-                }
-            } else {
-                bad(format!("is not writable: {e}"))
-            });
-        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads.max(1))
             .thread_name(move |i| format!("strata-disk-{id}-{i}"))
@@ -281,7 +453,6 @@ impl DiskTier {
             shared,
             pool: Arc::new(pool),
             job_delay: options.job_delay,
-            id,
             next_file: AtomicU64::new(0),
         })
     }
@@ -289,6 +460,11 @@ impl DiskTier {
     /// The offload directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
+    }
+
+    /// This tier's run directory inside the offload directory, where its files are.
+    pub fn run_dir(&self) -> &Path {
+        &self.shared.run
     }
 
     /// Bytes in files now and at peak.
@@ -310,17 +486,15 @@ impl DiskTier {
             })
             .take(96)
             .collect();
-        self.shared.dir.join(format!(
-            "strata-{}-{}-{n}-{safe}.bin",
-            std::process::id(),
-            self.id
-        ))
+        self.shared.run.join(format!("{n}-{safe}.bin"))
     }
 
     /// Writes `data` to a new file (blocking; the pool's threads write pieces in parallel).
     pub fn write(&self, name: &str, data: &[u8]) -> Result<DiskTensor> {
         let path = self.file_path(name);
-        self.pool.install(|| write_new(&self.shared, path, data))
+        let kind = WriteKind::of_offload(name);
+        self.pool
+            .install(|| write_new(&self.shared, path, kind, data))
     }
 
     /// Overwrites `tensor[offset .. offset + data.len()]` in place (KV cache write-back), blocking.
@@ -328,7 +502,7 @@ impl DiskTier {
         check_bounds("disk write", tensor, offset, data.len())?;
         let f = &tensor.file;
         self.pool
-            .install(|| write_pieces(&f.file, offset, data))
+            .install(|| write_pieces(&f.file, f.kind, offset, data))
             .map_err(|e| io_error("write", &f.path, data.len() as u64, e))
     }
 
@@ -348,7 +522,7 @@ impl DiskTier {
         let delay = self.job_delay;
         self.pool.spawn(move || {
             pause(delay);
-            let result = write_pieces(&file.file, offset, &data)
+            let result = write_pieces(&file.file, file.kind, offset, &data)
                 .map(|()| data)
                 .map_err(|e| io_error("write", &file.path, file.len, e));
             // The job lets go of the file before it answers, so a tensor dropped right after `wait` is gone (file
@@ -431,11 +605,12 @@ impl DiskTier {
     pub fn write_async(&self, name: &str, data: Vec<u8>) -> Ticket<(DiskTensor, Vec<u8>)> {
         let (tx, rx) = mpsc::channel();
         let path = self.file_path(name);
+        let kind = WriteKind::of_offload(name);
         let shared = Arc::clone(&self.shared);
         let delay = self.job_delay;
         self.pool.spawn(move || {
             pause(delay);
-            let _ = tx.send(write_new(&shared, path, &data).map(|t| (t, data)));
+            let _ = tx.send(write_new(&shared, path, kind, &data).map(|t| (t, data)));
         });
         Ticket { rx }
     }
@@ -448,7 +623,12 @@ impl DiskTier {
 
 /// Writes `data` to a new file at `path` through a `.part` file renamed when complete, on the current rayon pool.
 /// On error nothing is left behind.
-fn write_new(shared: &Arc<Shared>, path: PathBuf, data: &[u8]) -> Result<DiskTensor> {
+fn write_new(
+    shared: &Arc<Shared>,
+    path: PathBuf,
+    kind: WriteKind,
+    data: &[u8],
+) -> Result<DiskTensor> {
     let part = path.with_extension("part");
     let len = data.len() as u64;
     let written = (|| {
@@ -474,7 +654,7 @@ fn write_new(shared: &Arc<Shared>, path: PathBuf, data: &[u8]) -> Result<DiskTen
             reg.files.insert(path.clone());
             file
         };
-        write_pieces(&file, 0, data).map_err(|e| io_error("write", &part, len, e))?;
+        write_pieces(&file, kind, 0, data).map_err(|e| io_error("write", &part, len, e))?;
         fs::rename(&part, &path).map_err(|e| io_error("rename", &part, len, e))?;
         Ok(file)
     })();
@@ -487,6 +667,7 @@ fn write_new(shared: &Arc<Shared>, path: PathBuf, data: &[u8]) -> Result<DiskTen
                     path,
                     file,
                     len,
+                    kind,
                     shared: Arc::clone(shared),
                 }),
             })
@@ -512,7 +693,8 @@ fn check_bounds(what: &'static str, tensor: &DiskTensor, offset: u64, len: usize
 }
 
 /// Writes `data` at `offset` in pieces on the current rayon pool.
-fn write_pieces(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+fn write_pieces(file: &File, kind: WriteKind, offset: u64, data: &[u8]) -> io::Result<()> {
+    fault::check_write(kind)?;
     data.par_chunks(IO_PIECE)
         .enumerate()
         .try_for_each(|(i, piece)| write_all_at(file, piece, offset + (i * IO_PIECE) as u64))
@@ -568,6 +750,47 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_sharing_a_directory_in_one_process_never_collide_and_dead_runs_go() {
+        // Two tiers of one process share a PID, as two runs in different PID namespaces may.
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskTier::new(DiskOptions::new(dir.path())).unwrap();
+        let b = DiskTier::new(DiskOptions::new(dir.path())).unwrap();
+        assert_ne!(a.run_dir(), b.run_dir());
+        let ta = a.write("x", &[1; 64]).unwrap();
+        let tb = b.write("x", &[2; 64]).unwrap();
+        assert_ne!(ta.path(), tb.path());
+        // Live runs are never swept, this process's own included (flock is per open file, not per process).
+        assert_eq!(remove_dead_runs(dir.path()), Vec::new());
+        assert_eq!(a.read(&ta).unwrap(), vec![1; 64]);
+
+        // A dead run: a run directory whose owner record nobody holds locked.
+        let dead = dir.path().join(format!("{RUN_PREFIX}dead"));
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join(OWNER_FILE), "pid 1, started at unix time 0").unwrap();
+        fs::write(dead.join("0-w.bin"), [0u8; 100]).unwrap();
+        // Not strata's: left alone.
+        fs::create_dir(dir.path().join("strata-run-foreign")).unwrap();
+        let removed = remove_dead_runs(dir.path());
+        assert_eq!(
+            removed,
+            vec![DeadRun {
+                dir: dead.clone(),
+                files: 1,
+                bytes: 100,
+                owner: "pid 1, started at unix time 0".into(),
+            }]
+        );
+        assert!(!dead.exists() && dir.path().join("strata-run-foreign").exists());
+        drop((ta, tb, a));
+        assert!(b.run_dir().exists());
+        let b_run = b.run_dir().to_path_buf();
+        drop(b);
+        assert!(!b_run.exists());
+        fs::remove_dir(dir.path().join("strata-run-foreign")).unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[cfg(target_os = "linux")]
     #[test]

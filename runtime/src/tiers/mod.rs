@@ -59,7 +59,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use bandwidth::{measure_bandwidth, BandwidthReport};
 pub use cpu::{CpuPath, CpuTensor, CpuTier};
-pub use disk::{cleanup_all, DiskOptions, DiskTensor, DiskTier, Ticket};
+pub use disk::{cleanup_all, remove_dead_runs, DeadRun, DiskOptions, DiskTensor, DiskTier, Ticket};
 pub use gpu::{DoubleBuffer, GpuPool, GpuSlot, GpuStats};
 
 /// wgpu's copy alignment: buffer sizes, copy offsets and copy sizes are multiples of it.
@@ -133,6 +133,12 @@ pub enum TierError {
         path: PathBuf,
         /// Bytes the write needed.
         bytes: u64,
+    },
+    /// A write went past the process's file size limit (`ulimit -f`, RLIMIT_FSIZE).
+    #[error("{path}: the file size limit of this process (ulimit -f) was reached; raise it (`ulimit -f unlimited`) or offload less to disk")]
+    FileSizeLimit {
+        /// The file being written.
+        path: PathBuf,
     },
     /// Any other I/O error on an offload file.
     #[error("{op} {path}: {source}")]
