@@ -344,8 +344,16 @@ fn bad_prompts_and_sampling_are_refused_before_the_gpu_opens() {
         text.contains("token id 999 at position 1") && text.contains("256"),
         "{text}"
     );
-    let text = run(&["--prompt-ids", "2", "--temperature", "0"]);
-    assert!(text.contains("--temperature 0"), "{text}");
+    // 0 is greedy (the OpenAI convention); a negative temperature is refused.
+    let text = run(&["--prompt-ids", "2", "--temperature", "-1"]);
+    assert!(text.contains("--temperature -1"), "{text}");
+    let text = run(&["--prompt-ids", "2", "--repetition-penalty", "0"]);
+    assert!(text.contains("--repetition-penalty 0"), "{text}");
+    let text = run(&["--prompt-ids", "2", "--stop", "x"]);
+    assert!(
+        text.contains("--stop needs the model's tokenizer"),
+        "{text}"
+    );
     let text = run(&["--prompt-ids", "2", "--top-p", "1.5"]);
     assert!(text.contains("--top-p 1.5"), "{text}");
 }

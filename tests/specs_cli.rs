@@ -26,7 +26,8 @@ fn json(args: &[&str]) -> Value {
 #[test]
 fn list_has_every_model_with_exact_sizes() {
     let list = json(&["--json"]);
-    let list = list.as_array().unwrap();
+    assert_eq!(list["schema_version"], 1);
+    let list = list["models"].as_array().unwrap();
     let expected = [
         ("opt-125m", 125_239_296u64),
         ("opt-350m", 331_196_416),

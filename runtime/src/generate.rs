@@ -6,6 +6,11 @@
 //! schedule ([`crate::offload::schedule`]), each step ending with a read-back of the chosen ids. The policy is the one
 //! source of run settings (placement, batching, compression, sparsity, weight dtype); [`GenerateOptions`] holds only
 //! what to generate.
+//!
+//! [`Generator::generate_streaming`] hands each step's new token ids to a callback, which may end sequences (a stop
+//! string, a client gone), and takes a [`TokenChoice`] per sequence: greedy sequences keep the GPU's argmax; a
+//! repetition penalty, top-k or a sequence's own seed make that sequence's choice on the host
+//! ([`crate::sampling`]) from the step's logits, read back with the ids.
 
 use crate::config::OptConfig;
 use crate::gpu::kernels::{ActDtype, KernelOptions, Kernels, STAGING_SLOTS};
@@ -24,6 +29,7 @@ use crate::tiers::{DiskOptions, TierOptions, Tiers};
 use crate::weights::WeightSource;
 
 pub use crate::model::Sampling;
+pub use crate::sampling::TokenChoice;
 
 /// What to generate.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,11 +44,66 @@ pub struct GenerateOptions {
     pub record_logits: bool,
 }
 
+/// Why a sequence stopped generating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FinishReason {
+    /// It reached its token limit.
+    Length,
+    /// It produced the end-of-sequence token (kept as its last token).
+    Eos,
+    /// The caller ended it on a stop string ([`StepTokens::finish`]).
+    Stop,
+    /// The caller ended it because nobody waits for it any more (a client that disconnected).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The lower-case name strata's JSON uses: `length`, `eos`, `stop`, `cancelled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What one step produced, handed to the callback of [`Generator::generate_streaming`], which may end sequences.
+#[derive(Debug)]
+pub struct StepTokens<'a> {
+    /// The step: 0 is the prefill (its tokens are the first generated ones).
+    pub step: usize,
+    /// Each sequence's new token, `None` for a sequence that had finished before this step.
+    pub tokens: &'a [Option<u32>],
+    /// Wall-clock seconds of this step, ending when its token ids were read back.
+    pub seconds: f64,
+    finish: &'a mut [Option<FinishReason>],
+}
+
+impl StepTokens<'_> {
+    /// Why sequence `seq` has finished, if it has (its EOS may be this step's token).
+    pub fn finished(&self, seq: usize) -> Option<FinishReason> {
+        self.finish.get(seq).copied().flatten()
+    }
+
+    /// Ends sequence `seq` after this step's token (which stays in its output), with `reason`; no effect on a
+    /// finished sequence. When every sequence has finished, no further step runs.
+    pub fn finish(&mut self, seq: usize, reason: FinishReason) {
+        if let Some(slot @ None) = self.finish.get_mut(seq) {
+            *slot = Some(reason);
+        }
+    }
+}
+
 /// What [`Generator::generate`] produced.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateOutput {
     /// The generated tokens per sequence (prompt excluded), ending with EOS where a sequence stopped early.
     pub generated_ids: Vec<Vec<u32>>,
+    /// Why each sequence stopped.
+    pub finish_reasons: Vec<FinishReason>,
     /// When requested: float32 `[steps, batch, vocab]`; step 0 holds the next-token logits after the prompt, step t
     /// those after t generated tokens.
     pub logits: Option<Vec<f32>>,
@@ -316,6 +377,7 @@ impl Generator {
         &self,
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
+        choices: &[TokenChoice],
     ) -> Result<(), GenerateError> {
         let c = &self.model.config;
         if prompts.is_empty() {
@@ -347,20 +409,20 @@ impl Generator {
                 });
             }
         }
-        if let Sampling::Sample {
-            temperature, top_p, ..
-        } = options.sampling
-        {
-            if !(temperature > 0.0 && temperature.is_finite()) {
-                return Err(GenerateError::Sampling(format!(
-                    "temperature must be > 0, got {temperature}"
-                )));
-            }
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                return Err(GenerateError::Sampling(format!(
-                    "top_p must be in (0, 1], got {top_p}"
-                )));
-            }
+        TokenChoice::new(options.sampling)
+            .check()
+            .map_err(GenerateError::Sampling)?;
+        if !choices.is_empty() && choices.len() != prompts.len() {
+            return Err(GenerateError::Sampling(format!(
+                "{} token choices for {} prompts: give one per prompt, or none",
+                choices.len(),
+                prompts.len()
+            )));
+        }
+        for (index, choice) in choices.iter().enumerate() {
+            choice
+                .check()
+                .map_err(|e| GenerateError::Sampling(format!("sequence {index}: {e}")))?;
         }
         let max_groups = self.gpu().limits.max_compute_workgroups_per_dimension as usize;
         if prompts.len() > max_groups {
@@ -390,11 +452,30 @@ impl Generator {
         options: &GenerateOptions,
         progress: &dyn Fn(usize),
     ) -> Result<GenerateOutput, GenerateError> {
-        self.validate(prompts, options)?;
+        self.generate_streaming(prompts, options, &[], &mut |step| progress(step.step))
+    }
+
+    /// [`Generator::generate`] with a callback after every step (while every buffer of the run is held) that receives
+    /// each sequence's new token and may end sequences ([`StepTokens::finish`]); once every sequence has finished,
+    /// no further step runs.
+    ///
+    /// `choices`: empty, every sequence follows `options.sampling` on the GPU (a draw keyed by the seed, the step and
+    /// the sequence's row); or one [`TokenChoice`] per prompt, overriding `options.sampling`, where a sampled
+    /// sequence's draws depend only on its own seed and the step (whatever its row or batch) and a penalty or top-k
+    /// applies. Sequences that are not plain greedy then choose on the host from the step's logits.
+    pub fn generate_streaming(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        choices: &[TokenChoice],
+        on_step: &mut dyn FnMut(&mut StepTokens<'_>),
+    ) -> Result<GenerateOutput, GenerateError> {
+        self.validate(prompts, options, choices)?;
         let batch = prompts.len();
         if options.max_new_tokens == 0 {
             return Ok(GenerateOutput {
                 generated_ids: vec![Vec::new(); batch],
+                finish_reasons: vec![FinishReason::Length; batch],
                 logits: options.record_logits.then(Vec::new),
                 steps: 0,
                 step_seconds: Vec::new(),
@@ -411,8 +492,8 @@ impl Generator {
             let work = RunWork::new(self.gpu(), &self.ledger, &placement, &homes, &self.kernels)?;
             Ok::<_, GenerateError>(Run { homes, work })
         });
-        let result =
-            run.and_then(|mut run| self.run(prompts, options, &mut run, &placement, progress));
+        let result = run
+            .and_then(|mut run| self.run(prompts, options, choices, &mut run, &placement, on_step));
         // The cached bind groups and the kernels' staging reference this run's buffers: release them with the run,
         // and the pool's slots with them, so the GPU holds only the weights between runs.
         self.kernels.release_cached_bindings();
@@ -426,9 +507,10 @@ impl Generator {
         &self,
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
+        choices: &[TokenChoice],
         run: &mut Run,
         placement: &Placement,
-        progress: &dyn Fn(usize),
+        on_step: &mut dyn FnMut(&mut StepTokens<'_>),
     ) -> Result<GenerateOutput, GenerateError> {
         let gbs = placement.gpu_batch_size();
         let c = self.model.config;
@@ -457,8 +539,30 @@ impl Generator {
         }
 
         let mut generated = vec![Vec::with_capacity(options.max_new_tokens); batch];
-        let mut finished = vec![false; batch];
+        let mut finish: Vec<Option<FinishReason>> = vec![None; batch];
         let mut logits = options.record_logits.then(Vec::new);
+        // Sequences whose token the host chooses, and the distinct ids each has seen (for a repetition penalty).
+        let on_host: Vec<bool> = choices.iter().map(|c| !c.is_plain_greedy()).collect();
+        let any_host = on_host.contains(&true);
+        let gpu_sampling = if choices.is_empty() {
+            options.sampling
+        } else {
+            Sampling::Greedy
+        };
+        let mut seen: Vec<Vec<u32>> = choices
+            .iter()
+            .zip(prompts)
+            .map(|(c, prompt)| {
+                let mut ids = if c.repetition_penalty != 1.0 {
+                    prompt.clone()
+                } else {
+                    Vec::new()
+                };
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            })
+            .collect();
         // Decode steps keep the top fraction of attention positions; prefill is dense (Step::is_sparse).
         let attn_sparsity = placement.policy.attn_sparsity as f32;
         let mut step = Step {
@@ -475,10 +579,10 @@ impl Generator {
                 None => Ok(()),
             };
             let out = lost
-                .and_then(|()| self.record_step(run, placement, step, t, options))
+                .and_then(|()| self.record_step(run, placement, step, t, gpu_sampling))
                 .and_then(|()| {
                     let mut regions = vec![(&run.work.next, 0, (batch * 4) as u64)];
-                    if logits.is_some() {
+                    if logits.is_some() || any_host {
                         regions.push((&run.work.logits, 0, (batch * c.vocab_size * 4) as u64));
                     }
                     Ok(self.gpu().read_back(&regions)?)
@@ -500,27 +604,64 @@ impl Generator {
                 }
                 Err(e) => return Err(e),
             };
+            let mut next: Vec<u32> = bytemuck::pod_collect_to_vec(&out[0]);
+            if any_host {
+                let step_logits: Vec<f32> = bytemuck::pod_collect_to_vec(&out[1]);
+                let rows: Vec<Option<(&TokenChoice, &[u32])>> = (0..batch)
+                    .map(|b| {
+                        (on_host[b] && finish[b].is_none()).then(|| (&choices[b], &seen[b][..]))
+                    })
+                    .collect();
+                let chosen = crate::sampling::choose_rows(&step_logits, c.vocab_size, &rows, t);
+                for (b, id) in chosen.into_iter().enumerate() {
+                    if let Some(id) = id {
+                        next[b] = id;
+                    }
+                }
+            }
             step_seconds.push(started.elapsed().as_secs_f64());
-            progress(t);
-            let next: Vec<u32> = bytemuck::pod_collect_to_vec(&out[0]);
             if let Some(all) = logits.as_mut() {
                 all.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&out[1]));
             }
+            let mut tokens = vec![None; batch];
             for (b, &id) in next.iter().enumerate() {
-                if !finished[b] {
+                if finish[b].is_none() {
                     generated[b].push(id);
-                    finished[b] = !options.ignore_eos && id == c.eos_token_id;
+                    tokens[b] = Some(id);
+                    if !options.ignore_eos && id == c.eos_token_id {
+                        finish[b] = Some(FinishReason::Eos);
+                    }
+                    if let Some(ids) = seen
+                        .get_mut(b)
+                        .filter(|_| choices[b].repetition_penalty != 1.0)
+                    {
+                        if let Err(at) = ids.binary_search(&id) {
+                            ids.insert(at, id);
+                        }
+                    }
                 }
             }
+            on_step(&mut StepTokens {
+                step: t,
+                tokens: &tokens,
+                seconds: step_seconds[t],
+                finish: &mut finish,
+            });
             t += 1;
-            if t == options.max_new_tokens || finished.iter().all(|&f| f) {
+            if t == options.max_new_tokens || finish.iter().all(Option::is_some) {
                 break;
             }
             // Decode inputs: the chosen token (pad once a sequence has finished) at the next position.
             for (g, state) in run.work.states.iter().enumerate() {
                 let first = g * gbs;
                 let ids: Vec<u32> = (first..first + state.batch)
-                    .map(|b| if finished[b] { c.pad_token_id } else { next[b] })
+                    .map(|b| {
+                        if finish[b].is_some() {
+                            c.pad_token_id
+                        } else {
+                            next[b]
+                        }
+                    })
                     .collect();
                 let positions: Vec<u32> = (first..first + state.batch)
                     .map(|b| (prompts[b].len() + t + 1) as u32)
@@ -533,8 +674,13 @@ impl Generator {
                 ..Step::new(1, s + t - 1)
             };
         }
+        let finish_reasons = finish
+            .into_iter()
+            .map(|f| f.unwrap_or(FinishReason::Length))
+            .collect();
         Ok(GenerateOutput {
             generated_ids: generated,
+            finish_reasons,
             logits,
             steps: t,
             step_seconds,
@@ -559,7 +705,7 @@ impl Generator {
         placement: &Placement,
         step: Step,
         t: usize,
-        options: &GenerateOptions,
+        sampling: Sampling,
     ) -> Result<(), GenerateError> {
         // One rule decides both (the same config, policy and device).
         debug_assert_eq!(placement.act_dtype, self.kernels.act());
@@ -578,7 +724,7 @@ impl Generator {
                 && step.s_new == 1
                 && self.decode_zero_copy(placement.policy.num_gpu_batches),
         };
-        run_step(&inputs, &mut run.homes, step, options.sampling, t)?;
+        run_step(&inputs, &mut run.homes, step, sampling, t)?;
         Ok(())
     }
 }

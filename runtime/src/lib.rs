@@ -5,8 +5,8 @@
 //!   interface weight sources implement), [`checkpoint`] (Hugging Face safetensors directories), [`dummy`]
 //!   (synthetic weights), [`tokenizer`], [`npy`];
 //! - running it: [`gpu`] (the device and the WGSL kernels), [`model`] (OPT's forward pass on the GPU),
-//!   [`generate`] (the generation loop), [`reference`](mod@reference) (a plain CPU forward pass the GPU is tested
-//!   against);
+//!   [`generate`] (the generation loop), [`sampling`] (token choice on the host: repetition penalty, top-k,
+//!   per-sequence seeds), [`reference`](mod@reference) (a plain CPU forward pass the GPU is tested against);
 //! - offloading: [`offload`] (the policy, the one placement of every byte of a run, the ledger that makes exactly
 //!   its buffers, the stores of weights, cache and activations, the block schedule, CPU attention), [`tiers`] (GPU /
 //!   CPU / disk storage and transfers), [`compress`] (group-wise 4-bit weights and KV cache);
@@ -26,6 +26,7 @@ pub mod model;
 pub mod npy;
 pub mod offload;
 pub mod reference;
+pub mod sampling;
 pub mod tiers;
 pub mod tokenizer;
 pub mod weights;

@@ -37,12 +37,15 @@ pub struct Command {
 enum What {
     /// Time each kernel on fixed shapes (GEMM, opt-6.7b's linears and attention) on this GPU.
     Kernels(super::bench_kernels::Args),
+    /// Throughput and latency percentiles of `strata serve` under N concurrent clients (`bench serve -- SERVE_ARGS`).
+    Serve(super::bench_serve::Args),
 }
 
 /// Runs `strata bench` or `strata bench kernels`.
 pub fn dispatch(command: Command) -> anyhow::Result<()> {
     match command.what {
         Some(What::Kernels(args)) => super::bench_kernels::run(args),
+        Some(What::Serve(args)) => super::bench_serve::run(args),
         None => run(command.workload),
     }
 }
@@ -283,6 +286,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .and_then(|p| Ceiling::of(p, &decode_moved, args.gen_len - 1, batch));
     if args.json {
         let object = serde_json::json!({
+            "schema_version": super::JSON_SCHEMA_VERSION,
             "model": config.name,
             "adapter": adapter,
             "policy": policy.to_flags(),

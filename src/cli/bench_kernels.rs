@@ -222,6 +222,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     if args.json {
         let object = serde_json::json!({
+            "schema_version": super::JSON_SCHEMA_VERSION,
             "adapter": adapter,
             "activations": format!("{act:?}").to_lowercase(),
             "kernel_variants": report.to_string(),

@@ -1,10 +1,12 @@
 //! `strata generate`: prompts in, generated tokens (and optionally their text and every step's logits) out.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use strata::config::DType;
-use strata::generate::{GenerateError, GenerateOptions, Generator, Sampling};
+use strata::generate::{GenerateError, Generator};
 use strata::gpu::{Gpu, GpuOptions};
 use strata::offload::placement::{largest_gpu_batch, DeviceLimits, Placement, Workload};
 use strata::tokenizer::Tokenizer;
@@ -12,9 +14,13 @@ use strata::weights::WeightSource;
 
 use super::auto::resolve_auto;
 use super::checks;
+use super::complete::{run_block, Control, Delta, Request};
+use super::job;
 use super::model_arg::{self, ModelChoice};
 use super::policy_args::PolicyArgs;
-use super::process::{outln, pause_point};
+use super::process::{out, outln, pause_point};
+use super::sampling_args::{choice_json, SamplingArgs};
+use super::JSON_SCHEMA_VERSION;
 
 /// Arguments of `strata generate`.
 #[derive(clap::Args)]
@@ -28,27 +34,28 @@ pub struct Args {
     /// A prompt as comma-separated token ids, e.g. `2,31414,232`. Repeat for a batch; follows the text prompts.
     #[arg(long, value_name = "IDS", value_parser = parse_ids)]
     prompt_ids: Vec<Vec<u32>>,
-    /// Tokens to generate per prompt.
-    #[arg(long, value_name = "N")]
-    max_new_tokens: usize,
-    /// Greedy decoding (the default).
-    #[arg(long, conflicts_with_all = ["temperature", "top_p", "seed"])]
-    greedy: bool,
-    /// Sample with this softmax temperature instead of greedy decoding.
-    #[arg(long, value_name = "T")]
-    temperature: Option<f32>,
-    /// Sample from the smallest set of tokens whose probability reaches P.
-    #[arg(long, value_name = "P")]
-    top_p: Option<f32>,
-    /// Random seed for sampling.
-    #[arg(long, value_name = "S")]
-    seed: Option<u64>,
+    /// Tokens to generate per prompt (with --input: for lines without `max_new_tokens`).
+    #[arg(long, value_name = "N", required_unless_present = "input")]
+    max_new_tokens: Option<usize>,
+    /// A batch job: one JSON object per line (`id`, `prompt` or `prompt_ids`, optional `max_new_tokens`,
+    /// `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`, `stop`); needs --output. Rerunning resumes.
+    #[arg(long, value_name = "FILE.jsonl", requires = "output",
+          conflicts_with_all = ["prompt", "prompt_ids", "json", "stream_json", "dump_logits"])]
+    input: Option<PathBuf>,
+    /// Where a batch job appends one result line per prompt (docs/json.md); ids already there are skipped.
+    #[arg(long, value_name = "FILE.jsonl", requires = "input")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
-    /// Print one JSON object: prompt_ids, generated_ids (and text when a tokenizer is present).
-    #[arg(long)]
+    /// Print one JSON document at the end: ids, text, finish reasons, timings, model, seed, policy (docs/json.md).
+    #[arg(long, conflicts_with = "stream_json")]
     json: bool,
+    /// Print one JSON event per line as tokens are produced, then the --json document as the last event.
+    #[arg(long)]
+    stream_json: bool,
     /// Write every step's logits as a float32 .npy array [steps, batch, vocab].
     #[arg(long, value_name = "FILE.npy")]
     dump_logits: Option<PathBuf>,
@@ -165,14 +172,21 @@ fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Toke
     let tokenizer = match choice.dir() {
         Some(dir) => match Tokenizer::from_dir(dir) {
             Ok(t) => Some(t),
-            Err(e) if args.prompt.is_empty() => {
+            Err(e) if args.prompt.is_empty() && args.sampling.stop.is_empty() => {
                 // Token-id prompts need no tokenizer; say why there is no text.
-                if args.json {
+                if args.json || args.stream_json {
                     eprintln!("note: no text output: {e}");
                 }
                 None
             }
-            Err(e) => return Err(e).context("--prompt needs the model's tokenizer"),
+            Err(e) => {
+                let flag = if args.prompt.is_empty() {
+                    "--stop"
+                } else {
+                    "--prompt"
+                };
+                return Err(e).context(format!("{flag} needs the model's tokenizer"));
+            }
         },
         None => None,
     };
@@ -181,7 +195,7 @@ fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Toke
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything that can be checked without reading a weight or opening the GPU is checked first.
-    if args.prompt.is_empty() && args.prompt_ids.is_empty() {
+    if args.prompt.is_empty() && args.prompt_ids.is_empty() && args.input.is_none() {
         bail!("no prompts: pass --prompt TEXT or --prompt-ids 2,31414,232 (repeat for a batch)");
     }
     if let Some(path) = &args.dump_logits {
@@ -190,15 +204,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.packed_weights {
         checks::output_file("--packed-weights", path)?;
     }
-    let sampling = if args.temperature.is_some() || args.top_p.is_some() || args.seed.is_some() {
-        Sampling::Sample {
-            temperature: args.temperature.unwrap_or(1.0),
-            top_p: args.top_p.unwrap_or(1.0),
-            seed: args.seed.unwrap_or(0),
-        }
-    } else {
-        Sampling::Greedy
-    };
+    if let Some(path) = &args.output {
+        checks::output_file("--output", path)?;
+    }
+    let settings = args.sampling.settings()?;
     let p = &args.policy;
     let compress_weight = compression(
         p.compress_weight,
@@ -229,20 +238,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prompts.push(tokenizer.encode(text)?);
     }
     prompts.extend(args.prompt_ids.iter().cloned());
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    checks::new_tokens(&config, longest, args.max_new_tokens)?;
-    checks::prompt_ids(&config, &prompts)?;
-    if let Sampling::Sample {
-        temperature, top_p, ..
-    } = sampling
-    {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            bail!("--temperature {temperature}: must be a positive number");
-        }
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            bail!("--top-p {top_p}: must be in (0, 1]");
-        }
+    if !settings.stop.is_empty() && tokenizer.is_none() {
+        bail!("--stop needs the model's tokenizer: give a model directory with tokenizer.json");
     }
+    // A job's prompts are read, and the output's finished ids skipped, before the GPU opens.
+    let job = match (&args.input, &args.output) {
+        (Some(input), Some(output)) => {
+            let done = job::done_ids(output)?;
+            let job = job::read_job(
+                input,
+                &done,
+                &config,
+                tokenizer.as_ref(),
+                args.max_new_tokens,
+                &settings,
+            )?;
+            if job.pending.is_empty() {
+                eprintln!(
+                    "strata: all {} prompts of {} are already in {}: nothing to do",
+                    job.total,
+                    input.display(),
+                    output.display()
+                );
+                return Ok(());
+            }
+            Some(job)
+        }
+        _ => None,
+    };
+    let (longest, max_new_tokens, count) = match &job {
+        Some(job) => {
+            let (longest, gen) = job.workload();
+            (longest, gen, job.pending.len())
+        }
+        None => {
+            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+            let n = args
+                .max_new_tokens
+                .context("--max-new-tokens N is required")?;
+            checks::new_tokens(&config, longest, n)?;
+            checks::prompt_ids(&config, &prompts)?;
+            (longest, n, prompts.len())
+        }
+    };
     let offload = !args.policy.placement_flags_given().is_empty()
         || args.policy.offload_dir.is_some()
         || args.policy.gpu_mem.is_some()
@@ -252,13 +290,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Without an explicit batching, one GPU batch holds every prompt (all on the GPU, the batch is split below
         // where one binding cannot hold it).
         if args.policy.gpu_batch_size.is_none() && args.policy.num_gpu_batches.is_none() {
-            policy.gpu_batch_size = prompts.len();
+            policy.gpu_batch_size = count;
         }
         checks::effective_batch(
             &config,
             policy.gpu_batch_size,
             policy.num_gpu_batches,
-            longest + args.max_new_tokens,
+            longest + max_new_tokens,
         )?;
         Some(policy)
     } else {
@@ -280,89 +318,181 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             {
                 let workload = Workload {
                     prompt_len: longest,
-                    gen_len: args.max_new_tokens,
+                    gen_len: max_new_tokens,
                 };
                 let fit = largest_gpu_batch(&config, &policy, &DeviceLimits::of(&gpu), workload);
-                policy.gpu_batch_size = fit.clamp(1, prompts.len().max(1));
-                policy.num_gpu_batches = prompts.len().div_ceil(policy.gpu_batch_size).max(1);
+                policy.gpu_batch_size = fit.clamp(1, count.max(1));
+                // A job runs blocks of one GPU batch; plain prompts run all at once.
+                policy.num_gpu_batches = if job.is_some() {
+                    1
+                } else {
+                    count.div_ceil(policy.gpu_batch_size).max(1)
+                };
             }
             policy
         }
         None => {
-            let mut policy = resolve_auto(
-                &gpu,
-                &config,
-                longest,
-                args.max_new_tokens,
-                prompts.len(),
-                &args.policy,
-            )?;
+            let mut policy =
+                resolve_auto(&gpu, &config, longest, max_new_tokens, count, &args.policy)?;
             // The search may choose a block smaller than the batch; every prompt must run, so add GPU batches (the
-            // placement checks the caps again before anything is allocated).
-            policy.num_gpu_batches = policy
-                .num_gpu_batches
-                .max(prompts.len().div_ceil(policy.gpu_batch_size));
+            // placement checks the caps again before anything is allocated). A job runs the chosen blocks.
+            if job.is_none() {
+                policy.num_gpu_batches = policy
+                    .num_gpu_batches
+                    .max(count.div_ceil(policy.gpu_batch_size));
+            }
             policy
         }
     };
     policy.weight_dtype = args.dtype;
     // Before any weight is read: the run's placement against the memory this device and host really have.
-    if args.max_new_tokens > 0 {
+    let block = match &job {
+        Some(_) => policy.effective_batch().min(count),
+        None => count,
+    };
+    if max_new_tokens > 0 {
         let workload = Workload {
             prompt_len: longest,
-            gen_len: args.max_new_tokens,
+            gen_len: max_new_tokens,
         };
-        let placement = Placement::for_prompts(
-            &config,
-            &policy,
-            workload,
-            &DeviceLimits::of(&gpu),
-            prompts.len(),
-        )?;
+        let placement =
+            Placement::for_prompts(&config, &policy, workload, &DeviceLimits::of(&gpu), block)?;
         checks::memory_fits(&gpu, placement.plan().peak(), args.policy.gpu_mem)?;
     }
     let source = match (&args.packed_weights, compress_weight) {
         (Some(path), Some(packed)) => packed_source(path, source, packed)?,
         _ => source,
     };
+    if settings.samples() {
+        eprintln!(
+            "strata: sampling with seed {} (--seed {} repeats this run)",
+            settings.seed, settings.seed
+        );
+    }
+    let load_started = Instant::now();
     let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| {
         pause_point("load");
         test_lose_device(&gpu, "load");
     })?;
     drop(source);
-    let output = generator.generate_with_progress(
-        &prompts,
-        &GenerateOptions {
-            max_new_tokens: args.max_new_tokens,
-            sampling,
-            ignore_eos: args.ignore_eos,
-            record_logits: args.dump_logits.is_some(),
-        },
-        &|step| {
+    let load_s = load_started.elapsed().as_secs_f64();
+    if let (Some(job), Some(output)) = (job, &args.output) {
+        return job::run_job(
+            &generator,
+            tokenizer.as_ref(),
+            job,
+            block,
+            args.ignore_eos,
+            output,
+        );
+    }
+    let requests: Vec<Request> = prompts
+        .iter()
+        .map(|p| Request {
+            prompt_ids: p.clone(),
+            max_new_tokens,
+            choice: settings.choice,
+            stop: settings.stop.clone(),
+        })
+        .collect();
+    let mut printer = Printer::new(&args, tokenizer.as_ref(), &prompts)?;
+    let block = run_block(
+        &generator,
+        tokenizer.as_ref(),
+        &requests,
+        args.ignore_eos,
+        true,
+        args.dump_logits.is_some(),
+        &mut |step, seconds, deltas| {
             pause_point(if step == 0 { "prefill" } else { "decode" });
             test_lose_device(&gpu, &step.to_string());
+            printer.step(step, seconds, deltas)
         },
     );
-    let output = match output {
-        Ok(output) => output,
-        Err(GenerateError::Stopped {
-            generated_ids,
-            steps,
-            source,
-        }) => {
-            // A run that fails halfway still hands over what it generated.
-            eprintln!("strata: the run failed after {steps} tokens; the tokens generated so far:");
-            print_tokens(&args, tokenizer.as_ref(), &prompts, &generated_ids)?;
-            return Err(anyhow::Error::new(*source).context(format!(
-                "generation stopped after {steps} tokens (printed above)"
-            )));
+    let streamed = printer.streams();
+    let block = match block {
+        Ok(block) => block,
+        Err(e) => {
+            let e = match e.downcast::<GenerateError>() {
+                Ok(GenerateError::Stopped {
+                    generated_ids,
+                    steps,
+                    source,
+                }) => {
+                    // A run that fails halfway still hands over what it generated.
+                    let _ = printer.finish();
+                    eprintln!(
+                        "strata: the run failed after {steps} tokens; the tokens generated so far:"
+                    );
+                    if !streamed {
+                        print_tokens(&args, tokenizer.as_ref(), &prompts, &generated_ids)?;
+                    }
+                    anyhow::Error::new(*source).context(format!(
+                        "generation stopped after {steps} tokens (printed above)"
+                    ))
+                }
+                Ok(other) => other.into(),
+                Err(e) => e,
+            };
+            return Err(e);
         }
-        Err(e) => return Err(e.into()),
     };
+    printer.finish()?;
+    let ids: Vec<Vec<u32>> = block.completions.iter().map(|c| c.ids.clone()).collect();
+    let texts: Option<Vec<String>> = block.completions.iter().map(|c| c.text.clone()).collect();
     // The tokens first: a failure to write the logits below must not lose them.
-    print_tokens(&args, tokenizer.as_ref(), &prompts, &output.generated_ids)?;
-    if let (Some(path), Some(logits)) = (&args.dump_logits, &output.logits) {
-        let shape = [output.steps, prompts.len(), generator.config().vocab_size];
+    if args.json || args.stream_json {
+        let generated: usize = ids.iter().map(Vec::len).sum();
+        let prefill_s = block.step_seconds.first().copied().unwrap_or(0.0);
+        let decode_s: f64 = block.step_seconds.iter().skip(1).sum();
+        let per_s = |tokens: usize, s: f64| (s > 0.0).then(|| tokens as f64 / s);
+        let mut object = serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION,
+            "model": config.name,
+            "adapter": gpu.describe(),
+            "policy": policy.to_flags(),
+            "seed": settings.seed,
+            "sampling": choice_json(&settings.choice),
+            "stop": settings.stop,
+            "prompt_ids": prompts,
+            "generated_ids": ids,
+            "finish_reasons": block.completions.iter().map(|c| c.finish.as_str()).collect::<Vec<_>>(),
+            "tokens": {
+                "prompt": prompts.iter().map(Vec::len).sum::<usize>(),
+                "generated": generated,
+            },
+            "timings": {
+                "load_s": load_s,
+                "prefill_s": prefill_s,
+                "decode_s": decode_s,
+                "generate_s": prefill_s + decode_s,
+                "steps": block.step_seconds.len(),
+            },
+            "tokens_per_s": {
+                "prefill": per_s(prompts.iter().map(Vec::len).sum(), prefill_s),
+                "decode": per_s(generated.saturating_sub(prompts.len()), decode_s),
+                "generated": per_s(generated, prefill_s + decode_s),
+            },
+        });
+        if let Some(texts) = &texts {
+            object["text"] = serde_json::json!(texts);
+        }
+        if args.stream_json {
+            object["event"] = serde_json::json!("done");
+        }
+        outln!("{object}");
+    } else if !streamed {
+        for (i, ids) in ids.iter().enumerate() {
+            match (&texts, &tokenizer) {
+                (Some(texts), Some(t)) => {
+                    outln!("[{i}] {}{}", t.decode(&prompts[i], true)?, texts[i])
+                }
+                _ => outln!("[{i}] {ids:?}"),
+            }
+        }
+    }
+    if let (Some(path), Some(logits)) = (&args.dump_logits, &block.logits) {
+        let shape = [block.step_seconds.len(), prompts.len(), config.vocab_size];
         strata::npy::write_f32(path, &shape, logits).with_context(|| {
             format!(
                 "writing the logits to {} (the tokens are above)",
@@ -371,6 +501,136 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// What `generate` prints while tokens are produced: one prompt's text (or ids) as it grows, or `--stream-json`'s
+/// events; nothing for `--json` or several prompts (printed at the end).
+struct Printer<'a> {
+    tokenizer: Option<&'a Tokenizer>,
+    mode: PrintMode,
+    /// A write failed (a closed stdout): every sequence is ended and the error returned after the step.
+    failed: Option<std::io::Error>,
+    /// Ids printed so far (the id form of one prompt).
+    printed_ids: usize,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum PrintMode {
+    Quiet,
+    Plain,
+    Events,
+}
+
+impl<'a> Printer<'a> {
+    fn new(
+        args: &Args,
+        tokenizer: Option<&'a Tokenizer>,
+        prompts: &[Vec<u32>],
+    ) -> anyhow::Result<Self> {
+        let mode = if args.stream_json {
+            PrintMode::Events
+        } else if args.json || prompts.len() != 1 {
+            PrintMode::Quiet
+        } else {
+            PrintMode::Plain
+        };
+        let printer = Printer {
+            tokenizer,
+            mode,
+            failed: None,
+            printed_ids: 0,
+        };
+        if mode == PrintMode::Plain {
+            match tokenizer {
+                Some(t) => out!("[0] {}", t.decode(&prompts[0], true)?),
+                None => out!("[0] ["),
+            }
+            std::io::stdout().flush()?;
+        }
+        Ok(printer)
+    }
+
+    fn streams(&self) -> bool {
+        self.mode == PrintMode::Plain
+    }
+
+    fn step(&mut self, step: usize, seconds: f64, deltas: &[Option<Delta>]) -> Control {
+        if self.failed.is_some() || self.mode == PrintMode::Quiet {
+            return Control::default();
+        }
+        if let Err(e) = self.write_step(step, seconds, deltas) {
+            self.failed = Some(e);
+            return Control {
+                cancel: (0..deltas.len()).collect(),
+            };
+        }
+        Control::default()
+    }
+
+    fn write_step(
+        &mut self,
+        step: usize,
+        seconds: f64,
+        deltas: &[Option<Delta>],
+    ) -> std::io::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        match self.mode {
+            PrintMode::Quiet => {}
+            PrintMode::Plain => {
+                if let Some(Some(delta)) = deltas.first() {
+                    if self.tokenizer.is_some() {
+                        write!(stdout, "{}", delta.text)?;
+                    } else {
+                        let comma = if self.printed_ids > 0 { ", " } else { "" };
+                        write!(stdout, "{comma}{}", delta.id)?;
+                        self.printed_ids += 1;
+                    }
+                }
+            }
+            PrintMode::Events => {
+                let tokens: Vec<serde_json::Value> = deltas
+                    .iter()
+                    .map(|d| match d {
+                        None => serde_json::Value::Null,
+                        Some(d) => {
+                            let mut v = serde_json::json!({"id": d.id});
+                            if self.tokenizer.is_some() {
+                                v["text"] = serde_json::json!(d.text);
+                            }
+                            if let Some(f) = d.finish {
+                                v["finish_reason"] = serde_json::json!(f.as_str());
+                            }
+                            v
+                        }
+                    })
+                    .collect();
+                let event = serde_json::json!({
+                    "schema_version": JSON_SCHEMA_VERSION,
+                    "event": "step",
+                    "step": step,
+                    "seconds": seconds,
+                    "tokens": tokens,
+                });
+                writeln!(stdout, "{event}")?;
+            }
+        }
+        stdout.flush()
+    }
+
+    /// Ends the streamed line; returns a failed write.
+    fn finish(self) -> anyhow::Result<()> {
+        if let Some(e) = self.failed {
+            return Err(e.into());
+        }
+        if self.mode == PrintMode::Plain {
+            if self.tokenizer.is_some() {
+                outln!();
+            } else {
+                outln!("]");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Prints each prompt's generated tokens (as text when there is a tokenizer), or one JSON object with `--json`.

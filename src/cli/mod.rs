@@ -6,10 +6,13 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod auto;
 mod bench;
 mod bench_kernels;
+mod bench_serve;
 mod bench_transfers;
 mod checks;
+mod complete;
 mod convert;
 mod generate;
+mod job;
 mod model_arg;
 mod peers;
 mod plot;
@@ -18,8 +21,13 @@ pub mod policy_args;
 mod policy_plot;
 mod process;
 mod profile;
+mod sampling_args;
+mod serve;
 mod specs;
 mod sweep;
+
+/// The version of every `--json` document's layout (docs/json.md); raised when a field changes meaning or goes.
+pub const JSON_SCHEMA_VERSION: u32 = 1;
 
 /// High-throughput OPT inference on one GPU, offloading to CPU memory and disk.
 #[derive(Parser)]
@@ -44,6 +52,8 @@ enum Command {
     Policy(policy::Args),
     /// Convert PyTorch weights (pytorch_model*.bin) to safetensors.
     Convert(convert::Args),
+    /// Serve the model over HTTP, OpenAI-compatible (/v1/completions, /v1/models, /health, /metrics).
+    Serve(serve::Args),
 }
 
 impl Command {
@@ -51,7 +61,7 @@ impl Command {
     fn opens_gpu(&self) -> bool {
         matches!(
             self,
-            Command::Generate(_) | Command::Bench(_) | Command::Profile(_)
+            Command::Generate(_) | Command::Bench(_) | Command::Profile(_) | Command::Serve(_)
         )
     }
 }
@@ -78,7 +88,13 @@ pub fn main() -> ExitCode {
     if cli.command.opens_gpu() {
         process::private_runtime_dir();
     }
-    if let Err(e) = process::handle_signals() {
+    // The server drains on a signal (its own handler); every other command stops at once, removing its files.
+    let signals = if matches!(cli.command, Command::Serve(_)) {
+        Ok(())
+    } else {
+        process::handle_signals()
+    };
+    if let Err(e) = signals {
         eprintln!(
             "warning: no signal handler ({e}): offload files may be left behind if interrupted"
         );
@@ -95,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Profile(args) => profile::run(args),
         Command::Policy(args) => policy::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Serve(args) => serve::run(args),
     });
     // Every run's files are gone with its values by now; this removes the private runtime directory.
     process::remove_run_files();

@@ -166,6 +166,7 @@ fn to_json(config: &OptConfig, args: &Args, c: &Choice, hw: &HardwareProfile) ->
     let p = &c.policy;
     let peak = c.plan.peak();
     json!({
+        "schema_version": super::JSON_SCHEMA_VERSION,
         "model": config.name,
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,

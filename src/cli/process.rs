@@ -29,6 +29,16 @@ pub(crate) use out;
 /// The exit status of a run that stopped because its stdout was closed: what a shell reports for a death by SIGPIPE.
 const BROKEN_PIPE_STATUS: u8 = 128 + 13;
 
+/// Held while a result file is written: a signal waits for the write to finish, so an interrupted job never leaves
+/// half a block (only SIGKILL can, and a resumed job repairs that).
+static WRITING: Mutex<()> = Mutex::new(());
+
+/// Runs `f` (a write that must not be cut short by SIGINT, SIGTERM or SIGHUP) with signals waiting.
+pub fn uninterrupted<T>(f: impl FnOnce() -> T) -> T {
+    let _held = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+    f()
+}
+
 /// The private runtime directory made for Mesa when `XDG_RUNTIME_DIR` was unset, removed at exit and on signals,
 /// with its owner record, held locked while the process lives.
 static RUNTIME_DIR: Mutex<Option<(PathBuf, std::fs::File)>> = Mutex::new(None);
@@ -81,6 +91,8 @@ pub fn handle_signals() -> io::Result<()> {
         .name("strata-signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
+                // A result write in progress finishes first; the lock is never released, so none starts.
+                let _held = WRITING.lock().unwrap_or_else(|p| p.into_inner());
                 remove_run_files();
                 exit_now(128 + signal);
             }
@@ -92,6 +104,7 @@ pub fn handle_signals() -> io::Result<()> {
 #[cfg(not(unix))]
 pub fn handle_signals() -> io::Result<()> {
     ctrlc::set_handler(|| {
+        let _held = WRITING.lock().unwrap_or_else(|p| p.into_inner());
         remove_run_files();
         exit_now(130);
     })

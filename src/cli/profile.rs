@@ -46,6 +46,9 @@ pub struct Args {
     /// Do not open a GPU: measure disk and CPU only (the GPU fields keep the base profile's values).
     #[arg(long)]
     pub no_gpu: bool,
+    /// Print one JSON document (the measurements and the profile's path) instead of the table (docs/json.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The GPU runtime's measurements: a [`RuntimeProbe`] on the chosen adapter. An adapter asked for by name must open;
@@ -117,6 +120,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let (profile, table) = result?;
 
+    let missing: Vec<&str> = GpuField::ALL
+        .iter()
+        .map(|f| f.name())
+        .filter(|name| !profile.measured.iter().any(|m| m == name))
+        .collect();
+    if args.json {
+        profile
+            .save(&out)
+            .with_context(|| format!("writing the profile to {}", out.display()))?;
+        let object = serde_json::json!({
+            "schema_version": super::JSON_SCHEMA_VERSION,
+            "adapter": adapter,
+            "profile_path": out,
+            "base": base.name,
+            "measurements": table.iter().map(|m| serde_json::json!({
+                "field": m.field,
+                "value": m.value,
+                "unit": m.unit,
+                "what": m.what,
+            })).collect::<Vec<_>>(),
+            "not_measured": if probe.is_some() { missing } else { GpuField::ALL.iter().map(|f| f.name()).collect() },
+        });
+        outln!("{object}");
+        return Ok(());
+    }
     outln!("{:<16}{:>12}  {:<9}measured", "field", "value", "unit");
     for m in &table {
         outln!(
@@ -127,11 +155,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             m.what
         );
     }
-    let missing: Vec<&str> = GpuField::ALL
-        .iter()
-        .map(|f| f.name())
-        .filter(|name| !profile.measured.iter().any(|m| m == name))
-        .collect();
     if probe.is_some() && !missing.is_empty() {
         eprintln!(
             "warning: the GPU could not measure {}: they keep `{}`'s values",

@@ -28,7 +28,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         all.sort_by_key(|c| (c.params(), c.name));
         if args.json {
             let all: Vec<Value> = all.iter().map(|c| summary(c)).collect();
-            outln!("{}", serde_json::to_string_pretty(&all)?);
+            let object = json!({"schema_version": super::JSON_SCHEMA_VERSION, "models": all});
+            outln!("{}", serde_json::to_string_pretty(&object)?);
         } else {
             out!("{}", table(&all));
         }
@@ -50,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         let mut value = summary(&config);
         let object = value.as_object_mut().context("summary is an object")?;
+        object.insert("schema_version".into(), json!(super::JSON_SCHEMA_VERSION));
         object.insert("arch".into(), json!(resolved.spec.name));
         object.insert("batch_size".into(), json!(args.batch));
         object.insert("seq_len".into(), json!(seq));
