@@ -231,7 +231,10 @@ fn bench_packed_weights_writes_the_file_once_and_reuses_it() {
     let (direct, _) = run(&compress);
     for v in [&first, &second] {
         assert_eq!(v["peak_bytes"], direct["peak_bytes"], "{v}");
-        assert_eq!(v["compressed_model_bytes"], direct["compressed_model_bytes"]);
+        assert_eq!(
+            v["compressed_model_bytes"],
+            direct["compressed_model_bytes"]
+        );
     }
     // Other settings than the file's: refused, naming the file; without --compress-weight: what to add.
     let err = refused(

@@ -65,7 +65,10 @@ fn fixture(name: &str) -> Fixture {
     let logits = strata::npy::read_f32(dir.join(reference["logits"].as_str().unwrap())).unwrap();
     let (steps, batch, vocab) = (logits.shape[0], logits.shape[1], logits.shape[2]);
     assert_eq!(batch, prompt_ids.len());
-    assert_eq!((quantized["weight"].as_bool(), quantized["cache"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(
+        (quantized["weight"].as_bool(), quantized["cache"].as_bool()),
+        (Some(true), Some(true))
+    );
     let f = Fixture {
         name: name.into(),
         prompt_ids,
@@ -240,14 +243,20 @@ fn check_accuracy(bits: u8, min_step0: f64) {
         let f = fixture(name);
         let got = run(&gpu, &f, Some(config), Some(config));
         let c = Comparison::new(&f, &got, &f.reference);
-        c.report(&f, &format!("{bits}-bit weight+cache vs transformers unquantised"));
+        c.report(
+            &f,
+            &format!("{bits}-bit weight+cache vs transformers unquantised"),
+        );
         assert!(
             c.step0_min() >= min_step0,
             "{name} {bits}-bit: step-0 cosines {:?}",
             c.cosines
         );
         for (b, kept) in c.kept.iter().enumerate() {
-            assert!(*kept >= 1, "{name} {bits}-bit: prompt {b}: first greedy token differs");
+            assert!(
+                *kept >= 1,
+                "{name} {bits}-bit: prompt {b}: first greedy token differs"
+            );
         }
     }
 }
@@ -309,7 +318,12 @@ fn cli_compression_matches_the_reference_quantiser() {
     let short = Fixture {
         steps,
         quantized: Run {
-            ids: f.quantized.ids.iter().map(|g| g[..steps].to_vec()).collect(),
+            ids: f
+                .quantized
+                .ids
+                .iter()
+                .map(|g| g[..steps].to_vec())
+                .collect(),
             logits: f.quantized.logits[..steps * batch * f.vocab].to_vec(),
         },
         ..f
@@ -382,7 +396,13 @@ fn packed_weight_kernels_match_cpu_dequantised_weights() {
     let gpu = Gpu::new(&GpuOptions::default()).unwrap();
     for group in [64, 32] {
         let config = CompressionConfig::new(4, group).unwrap();
-        for name in ["pre-ln-relu", "post-ln-proj", "gelu-no-bias", "f16", "moderate-64"] {
+        for name in [
+            "pre-ln-relu",
+            "post-ln-proj",
+            "gelu-no-bias",
+            "f16",
+            "moderate-64",
+        ] {
             let f = fixture(name);
             // f32 activations in both runs (an f16 checkpoint would otherwise compute with f16 activations).
             let f32_act = Policy {
