@@ -142,7 +142,7 @@ def mean_loss(model: OPTForCausalLM, ids: np.ndarray) -> float:
     return total / count
 
 
-def train(train_ids: np.ndarray, held_ids: np.ndarray) -> tuple[OPTForCausalLM, dict]:
+def train(train_ids: np.ndarray) -> tuple[OPTForCausalLM, dict]:
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
     config = OPTConfig(**{**CONFIG, "dropout": DROPOUT}, attn_implementation="eager")
@@ -207,7 +207,7 @@ def main() -> None:
         model.load_state_dict(state["model"])
         log = {k: v for k, v in state["log"].items() if k != "seconds"}  # wall time is no part of the fixture
     else:
-        model, log = train(train_ids, held_ids)
+        model, log = train(train_ids)
         saved.parent.mkdir(exist_ok=True)
         torch.save({"model": model.state_dict(), "log": log}, saved)
     model.config.dropout = 0.0
