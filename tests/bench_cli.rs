@@ -220,3 +220,62 @@ fn bench_kernels_times_every_family() {
         .filter(|r| r["shape"].as_str().unwrap().starts_with("decode"))
         .all(|r| r["bound"] == "memory"));
 }
+
+#[test]
+fn bench_packed_weights_writes_the_file_once_and_reuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let packed = tmp.path().join("model.packed");
+    let compress = ["--compress-weight", "--compress-weight-group-size", "32"];
+    let run = |extra: &[&str]| {
+        let out = bench(&fixture(), 6, 3)
+            .arg("--json")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "strata bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let with_file: Vec<&str> = compress
+        .iter()
+        .copied()
+        .chain(["--packed-weights", packed.to_str().unwrap()])
+        .collect();
+    let (first, err) = run(&with_file);
+    assert!(err.contains("writing packed weights"), "{err}");
+    let meta = std::fs::metadata(&packed).expect("the first run writes the file");
+    let written = (meta.len(), meta.modified().unwrap());
+    let (second, err) = run(&with_file);
+    assert!(!err.contains("writing packed weights"), "{err}");
+    let meta = std::fs::metadata(&packed).unwrap();
+    assert_eq!(
+        (meta.len(), meta.modified().unwrap()),
+        written,
+        "the second run reads the file, it does not write it again"
+    );
+    // Loading the file makes the buffers quantising while loading makes: the same peaks, the packed model's size.
+    let (direct, _) = run(&compress);
+    for v in [&first, &second] {
+        assert_eq!(v["peak_bytes"], direct["peak_bytes"], "{v}");
+        assert_eq!(
+            v["compressed_model_bytes"],
+            direct["compressed_model_bytes"]
+        );
+    }
+    // Other settings than the file's: refused, naming the file; without --compress-weight: what to add.
+    let err = refused(
+        bench(&fixture(), 6, 3)
+            .args(["--compress-weight", "--packed-weights"])
+            .arg(&packed),
+    );
+    assert!(
+        err.contains("model.packed") && err.contains("groups of 32"),
+        "{err}"
+    );
+    let err = refused(bench(&fixture(), 6, 3).arg("--packed-weights").arg(&packed));
+    assert!(err.contains("add --compress-weight"), "{err}");
+}

@@ -86,6 +86,11 @@ pub struct Args {
     /// Where --sweep writes (PATH.csv, PATH.json, PATH.svg; default strata-sweep).
     #[arg(long, value_name = "PATH", requires = "sweep")]
     sweep_out: Option<PathBuf>,
+    /// A packed checkpoint to load the quantised weights from (needs --compress-weight, with the bits and group size
+    /// it was written with), as `generate --packed-weights`: written from the model first when FILE does not exist,
+    /// otherwise checked to come from the model's weights, so later runs skip quantising.
+    #[arg(long, value_name = "FILE")]
+    packed_weights: Option<PathBuf>,
     /// With `--policy auto`: the most sequences one block (gpu batch size x GPU batches) may hold.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_batch: usize,
@@ -145,6 +150,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.prompt_len == 0 || args.gen_len == 0 {
         bail!("--prompt-len and --gen-len must be at least 1");
     }
+    if let Some(path) = &args.packed_weights {
+        checks::output_file("--packed-weights", path)?;
+        if !args.policy.compress_weight {
+            bail!(
+                "--packed-weights holds quantised weights: add --compress-weight (with the --compress-weight-bits \
+                 and --compress-weight-group-size the file is, or is to be, packed with)"
+            );
+        }
+    }
     let source = open_source(&args)?;
     let config = *source.config();
     let workload = Workload {
@@ -196,6 +210,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.json {
         eprintln!("strata bench: {} on {adapter}", config.name);
     }
+    let source = match &args.packed_weights {
+        Some(path) => super::generate::packed_source(path, source, policy.compress_weight_config)?,
+        None => source,
+    };
     let loading = bar(config.num_hidden_layers, "weights");
     let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| loading.inc(1))?;
     loading.finish_and_clear();

@@ -83,7 +83,7 @@ pub struct Args {
 /// The weight source that serves `packed`'s words: the file at `path`, written from `source` first when missing, and
 /// otherwise checked to have been packed from `source`'s weights (a stale file is refused, never used). `source`
 /// still gives the config; its tensors are read to write or check the file.
-fn packed_source(
+pub(super) fn packed_source(
     path: &Path,
     source: Box<dyn WeightSource>,
     packed: strata::compress::CompressionConfig,
