@@ -292,8 +292,10 @@ mod tests {
     #[test]
     fn a_draw_follows_the_kept_distribution_exactly() {
         // Sweeping u over [0, 1) picks each kept token for a share of u equal to its probability.
-        let l = logits(40, 7);
+        // Logits within [-1, 1], so that top-k and top-p both leave several candidates to draw among.
+        let l: Vec<f32> = logits(40, 7).iter().map(|v| v / 10.0).collect();
         let kept = candidates(&l, 0.7, 12, 0.8);
+        assert!(kept.len() > 2, "{} candidates", kept.len());
         let total: f64 = kept.iter().map(|c| c.1).sum();
         let steps = 200_000;
         let mut hits = std::collections::BTreeMap::new();
