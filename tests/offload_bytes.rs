@@ -1,6 +1,6 @@
 //! Bytes once (issue 11, item 2): a decode step moves each offloaded weight byte once per block, whatever the number
 //! of GPU batches, each offloaded cache byte once (rows [0, past) in, the new row out), hidden rows once per layer,
-//! and with CPU attention only q, k, v down and the attention output up; counted by the tiers themselves
+//! and with CPU attention (over an unpacked or a packed cache) only q, k, v down and the attention output up; counted by the tiers themselves
 //! ([`strata::tiers::Tiers::moved`]) and compared with what the placement and the model's shape say.
 
 mod common;
@@ -213,6 +213,40 @@ fn zero_copy_reads_cpu_weights_in_place_and_keeps_the_tokens() {
             );
             let in_place = if zero_copy { reads * e.weights[1] } else { 0 };
             assert_eq!(m.in_place_bytes, in_place, "{transfer} {gbs} x {ngb}");
+        }
+    }
+}
+
+#[test]
+fn cpu_attention_over_a_packed_cache_moves_no_cache_rows() {
+    // A packed cache in CPU memory attends on the CPU too: a decode step moves q and the new k, v rows down (as
+    // activations, which the CPU quantises into the packed homes) and the attention output up, never a cache row.
+    let (dir, prompts, _) = fixture("pre-ln-relu");
+    let offload = tempfile::tempdir().unwrap();
+    let new = 3;
+    let n = prompts.len();
+    for (gbs, ngb) in [(n, 1), (2, n.div_ceil(2))] {
+        let p = Policy {
+            cpu_cache_compute: true,
+            compress_cache: true,
+            ..policy(
+                [0.0, 100.0],
+                [0.0, 100.0],
+                [100.0, 0.0],
+                gbs,
+                ngb,
+                offload.path(),
+            )
+        };
+        let (e, steps) = run(&dir, &prompts, new, &p);
+        for (t, m) in steps.iter().enumerate().skip(1) {
+            let down = e.layers * e.seqs * 3 * e.act_row;
+            let up = e.layers * e.seqs * e.act_row;
+            let want = Moved::from_pairs(&[
+                (Tier::Cpu, Tier::Gpu, e.weights[1] + up),
+                (Tier::Gpu, Tier::Cpu, down),
+            ]);
+            assert_eq!(m.pairs(), want.pairs(), "{gbs} x {ngb}, decode step {t}");
         }
     }
 }

@@ -58,7 +58,7 @@ const ALL_GPU: [f64; 6] = [100.0, 0.0, 100.0, 0.0, 100.0, 0.0];
 
 /// Each kind of tensor on the CPU and on disk, split activations, several GPU batches, cpu-cache-compute,
 /// compression, sparsity, and the mixes between.
-const CASES: [Case; 14] = [
+const CASES: [Case; 15] = [
     case("all on the GPU", ALL_GPU),
     case("weights on CPU", [0.0, 100.0, 100.0, 0.0, 100.0, 0.0]),
     case("weights on disk", [0.0, 0.0, 100.0, 0.0, 100.0, 0.0]),
@@ -108,6 +108,15 @@ const CASES: [Case; 14] = [
         compress: true,
         attn_sparsity: 0.5,
         ..case("compressed and sparse on the GPU", ALL_GPU)
+    },
+    Case {
+        compress: true,
+        cpu_cache_compute: true,
+        gbs: Some(2),
+        ..case(
+            "compressed, cache on CPU attending on the CPU, 2 GPU batches",
+            [0.0, 100.0, 0.0, 100.0, 100.0, 0.0],
+        )
     },
 ];
 

@@ -1,7 +1,8 @@
 //! Decode attention on the CPU (`--cpu-cache-compute`): for a GPU batch whose KV cache lives wholly in CPU memory
 //! (its homes in plain host memory, never a DMA buffer's mapping), q, k and v are projected on the GPU and come back
 //! in one small readback, the new k, v rows are written into the homes as the cache stores them, attention runs here
-//! over the stored bytes (rayon over sequence x head) and its output goes back up for the rest of the layer. Which batches do so is
+//! over the stored bytes (rayon over sequence x head; a packed cache: [`crate::compress::decode_attention`] over
+//! the packed rows) and its output goes back up for the rest of the layer. Which batches do so is
 //! the placement's rule ([`super::placement::BatchPlacement::cpu_attention`]); the block schedule runs the layer
 //! ([`super::schedule`]).
 

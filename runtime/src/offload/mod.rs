@@ -45,6 +45,9 @@ pub enum OffloadError {
     /// The GPU refused a buffer or an operation.
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// A packed cache row could not be written or read (CPU attention over a packed cache).
+    #[error(transparent)]
+    Compress(#[from] crate::compress::CompressError),
     /// The runtime made a buffer the placement does not list, or of another size: the plan and the allocation
     /// disagree (a bug, reported instead of running on a wrong plan).
     #[error("the runtime made {what} of {made} bytes where the placement plans {planned}")]

@@ -301,6 +301,11 @@ impl RunHomes {
     pub fn cache_dtype(&self) -> CacheDtype {
         self.dtype
     }
+
+    /// A packed cache's format, if the cache is packed.
+    pub fn cache_compression(&self) -> Option<CompressionConfig> {
+        self.compression.as_ref().map(|(cc, _)| *cc)
+    }
 }
 
 /// The forward pass's buffers of one run: each GPU batch's state (its residual stream, or the activation slot for

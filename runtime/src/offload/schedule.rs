@@ -30,8 +30,9 @@
 //!
 //! `cpu_cache_compute`: at decode, a GPU batch the placement marks ([`super::placement::BatchPlacement`]: its KV
 //! cache lives wholly in CPU memory) runs attention on the CPU instead ([`super::cpu_attention`], rayon over
-//! sequence x head): q, k, v are projected on the GPU and come back in a small readback (which waits for its own
-//! submission, not the whole queue), the new k, v rows are written into the host-memory cache, the attention output
+//! sequence x head; a packed cache through [`crate::compress::decode_attention`] over its packed rows): q, k, v are
+//! projected on the GPU and come back in a small readback (which waits for its own submission, not the whole
+//! queue), the new k, v rows are written (packed: quantised) into the host-memory cache, the attention output
 //! is uploaded, and the rest of the layer runs on the GPU. Batches whose activations stay on the GPU are pipelined:
 //! batch k's projections are submitted before the CPU attends for batch k-1, so the GPU runs them (and batch k-1's
 //! rest of the layer) while the CPU works; the last batch's layer finishes before the next layer's weights load.
@@ -44,10 +45,11 @@ use std::collections::{HashMap, VecDeque};
 
 use super::cpu_attention::{cpu_attention, encode_cache_row, SeqRows};
 use super::home::Home;
-use super::placement::CacheRange;
+use super::placement::{CacheRange, CacheRows};
 use super::run::{BatchAct, BatchCache, RunHomes};
 use super::weights::{LayerStore, PartKey};
 use super::OffloadError;
+use crate::compress::{decode_attention, AttentionShape, PackedTensor};
 use crate::gpu::kernels::{decode_act, encode_act, Act, ActDtype, CacheDtype, LinearCall, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{
@@ -769,7 +771,9 @@ impl<'v> Schedule<'v, '_> {
         // projection's own rounding, as on the GPU path), else as f32 values the CPU rounds to the cache's dtype.
         let act = rec.act();
         let dtype = self.homes.cache_dtype();
+        // A packed cache quantises the activations themselves, as q4_quantize does on the GPU path.
         let kv_dtype = match (act, dtype) {
+            _ if self.homes.cache_rows.is_packed() => act,
             (ActDtype::F16, CacheDtype::F16) => ActDtype::F16,
             _ => ActDtype::F32,
         };
@@ -833,6 +837,8 @@ impl<'v> Schedule<'v, '_> {
         let x = &state.x;
         let act = inp.act;
         let dtype = self.homes.cache_dtype();
+        let packed = self.homes.cache_compression();
+        let cache_rows = self.homes.cache_rows;
         let tiers = self.tiers()?;
         let mut back = Vec::with_capacity(reads.len());
         for read in reads {
@@ -843,47 +849,94 @@ impl<'v> Schedule<'v, '_> {
             decode_act(&back[2], kv_dtype),
         ];
         let len = step.past + 1;
-        let home_row = h * dtype.bytes();
-        let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] else {
-            return Err(not_host());
-        };
-        // The new rows go straight into the host-memory homes, as the cache stores them, so the CPU attends over
-        // what the GPU path would.
-        for (i, seq) in seqs.iter_mut().enumerate() {
-            for (home, new) in [(&mut seq.k, &new_kv[0]), (&mut seq.v, &new_kv[1])] {
-                let bytes = match home.settle(tiers)? {
-                    TensorHome::Cpu(t) => t.host_bytes_mut().ok_or_else(not_host)?,
-                    _ => return Err(not_host()),
-                };
-                let dst = bytes
-                    .get_mut(step.past * home_row..len * home_row)
-                    .ok_or_else(not_host)?;
-                encode_cache_row(&new[i * h..(i + 1) * h], dtype, dst);
-            }
-        }
-        let seq_rows = seqs
-            .iter()
-            .map(|seq| {
-                Ok(SeqRows {
-                    keys: cached_rows(&seq.k, len * home_row).ok_or_else(not_host)?,
-                    values: cached_rows(&seq.v, len * home_row).ok_or_else(not_host)?,
-                })
-            })
-            .collect::<Result<Vec<_>, OffloadError>>()?;
         let capacity = state.capacity;
         let masks: Vec<&[u32]> = (0..rows)
             .map(|i| &sc.masks[k][i * capacity..(i + 1) * capacity])
             .collect();
         let q = decode_act(&back[0], act);
-        let out = cpu_attention(
-            &q,
-            &seq_rows,
-            dtype,
-            &masks,
-            c.n_head,
-            len,
-            step.attn_sparsity,
-        );
+        let BatchCache::Homes(seqs) = &mut self.homes.caches[j][k] else {
+            return Err(not_host());
+        };
+        let out = match (cache_rows, packed) {
+            (CacheRows::Packed { heads, home, .. }, Some(cc)) => {
+                // The new rows are quantised into the host-memory homes (the format q4_quantize writes), and
+                // the CPU attends over the packed rows as the GPU's q4_attention would.
+                let mut out = vec![0f32; rows * h];
+                for (i, seq) in seqs.iter_mut().enumerate() {
+                    let mut kv = Vec::with_capacity(2);
+                    for (home_t, new) in [(&mut seq.k, &new_kv[0]), (&mut seq.v, &new_kv[1])] {
+                        let bytes = match home_t.settle(tiers)? {
+                            TensorHome::Cpu(t) => t.host_bytes_mut().ok_or_else(not_host)?,
+                            _ => return Err(not_host()),
+                        };
+                        let stored = bytes
+                            .get_mut(..home.bytes() as usize)
+                            .ok_or_else(not_host)?;
+                        let mut rows_t =
+                            PackedTensor::from_bytes(home.rows, home.cols, cc, stored)?;
+                        // Pair-major home: head `hh`'s token t is row `hh * capacity + t`.
+                        for (hh, row) in new[i * h..(i + 1) * h].chunks(home.cols).enumerate() {
+                            rows_t.write_rows(hh * capacity + step.past, row)?;
+                        }
+                        stored.copy_from_slice(rows_t.as_bytes());
+                        kv.push(rows_t);
+                    }
+                    let shape = AttentionShape {
+                        batch: 1,
+                        heads,
+                        head_dim: home.cols,
+                        seq_len: len,
+                        token_stride: 1,
+                        bh_stride: capacity,
+                    };
+                    let o = decode_attention(
+                        &q[i * h..(i + 1) * h],
+                        &kv[0],
+                        &kv[1],
+                        &shape,
+                        Some((masks[i], capacity)),
+                        1.0 / (home.cols as f32).sqrt(),
+                    )?;
+                    out[i * h..(i + 1) * h].copy_from_slice(&o);
+                }
+                out
+            }
+            _ => {
+                let home_row = h * dtype.bytes();
+                // The new rows go straight into the host-memory homes, as the cache stores them, so the CPU
+                // attends over what the GPU path would.
+                for (i, seq) in seqs.iter_mut().enumerate() {
+                    for (home, new) in [(&mut seq.k, &new_kv[0]), (&mut seq.v, &new_kv[1])] {
+                        let bytes = match home.settle(tiers)? {
+                            TensorHome::Cpu(t) => t.host_bytes_mut().ok_or_else(not_host)?,
+                            _ => return Err(not_host()),
+                        };
+                        let dst = bytes
+                            .get_mut(step.past * home_row..len * home_row)
+                            .ok_or_else(not_host)?;
+                        encode_cache_row(&new[i * h..(i + 1) * h], dtype, dst);
+                    }
+                }
+                let seq_rows = seqs
+                    .iter()
+                    .map(|seq| {
+                        Ok(SeqRows {
+                            keys: cached_rows(&seq.k, len * home_row).ok_or_else(not_host)?,
+                            values: cached_rows(&seq.v, len * home_row).ok_or_else(not_host)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, OffloadError>>()?;
+                cpu_attention(
+                    &q,
+                    &seq_rows,
+                    dtype,
+                    &masks,
+                    c.n_head,
+                    len,
+                    step.attn_sparsity,
+                )
+            }
+        };
         // The output goes up as activations.
         tiers.upload(&sc.attn, 0, &encode_act(&out, act))?;
 

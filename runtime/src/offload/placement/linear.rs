@@ -170,7 +170,7 @@ pub fn linear_terms_with(
     let act_slot = buffer_size(gbs as u64 * shape.s as u64 * h * act) as f64;
     gpu.constant += slots * 2.0 * cache_slot + act_slot;
     let g = gbs as u64;
-    if policy.cpu_cache_compute && !policy.compress_cache {
+    if policy.cpu_cache_compute && (!policy.compress_cache || policy.attn_sparsity >= 1.0) {
         gpu.constant += (5 * buffer_size(g * h * act)
             + buffer_size(g * config.ffn_embed_dim as u64 * act)) as f64;
     }

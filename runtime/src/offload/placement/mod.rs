@@ -27,8 +27,9 @@
 //!   A batch whose sequences all stay on the GPU keeps its own buffers; any other has one home per sequence and
 //!   computes in a slot (cache slots twice with overlap; one activation slot). Offloaded activations have no
 //!   resident residual stream: their batch computes in the activation slot.
-//! - A batch attends on the CPU at decode when `cpu_cache_compute` is on, its cache is uncompressed and every one
-//!   of its sequences' cache lives in CPU memory ([`BatchPlacement::cpu_attention`]).
+//! - A batch attends on the CPU at decode when `cpu_cache_compute` is on, every one of its sequences' cache lives in
+//!   CPU memory and the cache is uncompressed, or packed with dense attention (attn_sparsity 1: the CPU routine
+//!   over packed rows has no top-k) ([`BatchPlacement::cpu_attention`]).
 //! - Sizes: every buffer is whole 4-byte words ([`crate::gpu::buffer_size`]); activations are [`act_dtype`], the
 //!   cache [`CacheDtype::for_model`] or packed; a matrix is row chunks of at most one binding
 //!   ([`crate::gpu::tensor::chunk_rows`]), vectors are f32; the kernels' staging follows the `*_staging` formulas of
@@ -1184,8 +1185,10 @@ impl<'a> Builder<'a> {
                 let cache: Vec<Tier> = (0..b)
                     .map(|i| sequence_tier(p.percent.cache, gbs, i))
                     .collect();
+                // A packed cache attends on the CPU too, over its packed rows, but only with every key
+                // (compress::decode_attention has no top-k); sparse attention over a packed cache stays on the GPU.
                 let cpu_attention = p.cpu_cache_compute
-                    && !p.compress_cache
+                    && (!p.compress_cache || p.attn_sparsity >= 1.0)
                     && cache.iter().all(|&t| t == Tier::Cpu);
                 BatchPlacement {
                     sequences: b,

@@ -300,6 +300,32 @@ fn cpu_cache_compute_still_counts_the_cache_slots_and_its_gpu_scratch() {
 }
 
 #[test]
+fn a_packed_cache_in_cpu_memory_attends_on_the_cpu_unless_sparse() {
+    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
+    let p = Policy {
+        gpu_batch_size: 4,
+        num_gpu_batches: 2,
+        percent: Percent::from_array([100.0, 0.0, 0.0, 100.0, 100.0, 0.0]),
+        cpu_cache_compute: true,
+        compress_cache: true,
+        ..Policy::default()
+    };
+    let pl = placement(&c, &p);
+    assert!(pl.batches.iter().all(|b| b.cpu_attention));
+    // The same scratch as an unpacked cache: k and v come back as activations.
+    let scratch = bytes(&pl, |id| matches!(id, BufferId::CpuAttention(_)));
+    assert_eq!(scratch, 2 * 4 * (5 * 2048 + 8192));
+    // The CPU routine over packed rows has no top-k: sparse attention stays on the GPU.
+    let sparse = Policy {
+        attn_sparsity: 0.5,
+        ..p.clone()
+    };
+    let pl = placement(&c, &sparse);
+    assert!(pl.batches.iter().all(|b| !b.cpu_attention));
+    assert_eq!(bytes(&pl, |id| matches!(id, BufferId::CpuAttention(_))), 0);
+}
+
+#[test]
 fn compression_shrinks_weights_about_three_and_a_half_times() {
     let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
     let p = Policy {
