@@ -19,6 +19,7 @@ use strata::weights::WeightSource;
 use super::auto::resolve_auto;
 use super::bench_transfers::{phase_json, phase_text, Ceiling};
 use super::checks;
+use super::headings;
 use super::model_arg;
 use super::policy_args::PolicyArgs;
 use super::process::outln;
@@ -54,45 +55,33 @@ pub fn dispatch(command: Command) -> anyhow::Result<()> {
 #[derive(clap::Args)]
 pub struct Args {
     /// A model name such as `opt-1.3b` (or a model directory with config.json).
-    #[arg(long, value_name = "NAME_OR_DIR", required = true)]
+    #[arg(short, long, value_name = "NAME_OR_DIR", required = true, help_heading = headings::MODEL)]
     model: Option<String>,
     /// Checkpoint directory for a model given by name (default: dummy weights).
-    #[arg(long, value_name = "DIR", conflicts_with = "dummy")]
+    #[arg(long, value_name = "DIR", conflicts_with = "dummy", help_heading = headings::MODEL)]
     weights: Option<PathBuf>,
     /// Use synthetic weights (the default when no checkpoint is given).
-    #[arg(long)]
+    #[arg(long, help_heading = headings::MODEL)]
     dummy: bool,
     /// Tokens per prompt.
-    #[arg(long, default_value_t = 512, value_name = "N")]
+    #[arg(long, default_value_t = 512, value_name = "N", help_heading = headings::PROMPTS)]
     prompt_len: usize,
     /// Tokens generated per prompt.
-    #[arg(long, default_value_t = 32, value_name = "N")]
+    #[arg(long, default_value_t = 32, value_name = "N", help_heading = headings::PROMPTS)]
     gen_len: usize,
     /// Store weights on the GPU as f16 or f32 (default: the checkpoint's dtype).
-    #[arg(long, value_name = "f16|f32", value_parser = parse_dtype)]
+    #[arg(long, value_name = "f16|f32", value_parser = parse_dtype, help_heading = headings::MODEL)]
     dtype: Option<DType>,
     /// Use the first GPU adapter whose name contains this.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = headings::MODEL)]
     adapter: Option<String>,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
-    /// Run once per value, in a process each, and write PATH.csv, PATH.json and PATH.svg (throughput and latency
-    /// against the batch): gpu-batch-size=1,4,16,64, num-gpu-batches=1,2,4, or percent=gpu,weights-cpu,... (presets:
-    /// gpu, weights-cpu, weights-half-cpu, cache-cpu, all-cpu, weights-disk, flexllmgen-30b, flexllmgen-175b; or
-    /// six percents as 20:80:0:100:0:100). Repeat for a grid.
-    #[arg(long, value_name = "PARAM=V1,V2,...")]
-    sweep: Vec<String>,
-    /// Where --sweep writes (PATH.csv, PATH.json, PATH.svg; default strata-sweep).
-    #[arg(long, value_name = "PATH", requires = "sweep")]
-    sweep_out: Option<PathBuf>,
     /// A packed checkpoint to load the quantised weights from (needs --compress-weight, with the bits and group size
     /// it was written with), as `generate --packed-weights`: written from the model first when FILE does not exist,
     /// otherwise checked to come from the model's weights, so later runs skip quantising.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = headings::MODEL)]
     packed_weights: Option<PathBuf>,
     /// With `--policy auto`: the most sequences one block (gpu batch size x GPU batches) may hold.
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    #[arg(long, default_value_t = 64, value_name = "N", help_heading = headings::POLICY)]
     max_batch: usize,
     /// The hardware profile whose bandwidths give the PCIe-bound ceiling (default: the adapter's cached one, which
     /// `strata profile` writes).
@@ -100,6 +89,18 @@ pub struct Args {
     pcie_profile: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long, help_heading = headings::OUTPUT)]
+    json: bool,
+    /// Run once per value, in a process each, and write PATH.csv, PATH.json and PATH.svg (throughput and latency
+    /// against the batch): gpu-batch-size=1,4,16,64, num-gpu-batches=1,2,4, or percent=gpu,weights-cpu,... (presets:
+    /// gpu, weights-cpu, weights-half-cpu, cache-cpu, all-cpu, weights-disk, flexllmgen-30b, flexllmgen-175b; or
+    /// six percents as 20:80:0:100:0:100). Repeat for a grid.
+    #[arg(long, value_name = "PARAM=V1,V2,...", help_heading = headings::OUTPUT)]
+    sweep: Vec<String>,
+    /// Where --sweep writes (PATH.csv, PATH.json, PATH.svg; default strata-sweep).
+    #[arg(long, value_name = "PATH", requires = "sweep", help_heading = headings::OUTPUT)]
+    sweep_out: Option<PathBuf>,
 }
 
 fn parse_dtype(text: &str) -> Result<DType, String> {

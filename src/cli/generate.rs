@@ -15,6 +15,7 @@ use strata::weights::WeightSource;
 use super::auto::resolve_auto;
 use super::checks;
 use super::complete::{run_block, Control, Delta, Request};
+use super::headings;
 use super::job;
 use super::model_arg::{self, ModelChoice};
 use super::policy_args::PolicyArgs;
@@ -26,58 +27,59 @@ use super::JSON_SCHEMA_VERSION;
 #[derive(clap::Args)]
 pub struct Args {
     /// A model directory (with config.json), or a model name such as `opt-1.3b` (then --weights or --dummy).
-    #[arg(long, value_name = "NAME_OR_DIR")]
+    #[arg(short, long, value_name = "NAME_OR_DIR", help_heading = headings::MODEL)]
     model: String,
     /// A text prompt (needs a tokenizer in the model directory). Repeat for a batch.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(short, long, value_name = "TEXT", help_heading = headings::PROMPTS)]
     prompt: Vec<String>,
     /// A prompt as comma-separated token ids, e.g. `2,31414,232`. Repeat for a batch; follows the text prompts.
-    #[arg(long, value_name = "IDS", value_parser = parse_ids)]
+    #[arg(long, value_name = "IDS", value_parser = parse_ids, help_heading = headings::PROMPTS)]
     prompt_ids: Vec<Vec<u32>>,
     /// Tokens to generate per prompt (with --input: for lines without `max_new_tokens`).
-    #[arg(long, value_name = "N", required_unless_present = "input")]
+    #[arg(short = 'n', long, value_name = "N", required_unless_present = "input", help_heading = headings::PROMPTS)]
     max_new_tokens: Option<usize>,
     /// A batch job: one JSON object per line (`id`, `prompt` or `prompt_ids`, optional `max_new_tokens`,
     /// `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`, `stop`); needs --output. Rerunning resumes.
     #[arg(long, value_name = "FILE.jsonl", requires = "output",
-          conflicts_with_all = ["prompt", "prompt_ids", "json", "stream_json", "dump_logits"])]
+          conflicts_with_all = ["prompt", "prompt_ids", "json", "stream_json", "dump_logits"],
+          help_heading = headings::PROMPTS)]
     input: Option<PathBuf>,
-    /// Where a batch job appends one result line per prompt (docs/json.md); ids already there are skipped.
-    #[arg(long, value_name = "FILE.jsonl", requires = "input")]
-    output: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Keep generating after the end-of-sequence token.
-    #[arg(long)]
+    #[arg(long, help_heading = headings::SAMPLING)]
     ignore_eos: bool,
-    /// Print one JSON document at the end: ids, text, finish reasons, timings, model, seed, policy (docs/json.md).
-    #[arg(long, conflicts_with = "stream_json")]
-    json: bool,
-    /// Print one JSON event per line as tokens are produced, then the --json document as the last event.
-    #[arg(long)]
-    stream_json: bool,
-    /// Write every step's logits as a float32 .npy array [steps, batch, vocab].
-    #[arg(long, value_name = "FILE.npy")]
-    dump_logits: Option<PathBuf>,
     /// Use synthetic weights instead of a checkpoint.
-    #[arg(long, conflicts_with = "weights")]
+    #[arg(long, conflicts_with = "weights", help_heading = headings::MODEL)]
     dummy: bool,
     /// Checkpoint directory for a model given by name.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = headings::MODEL)]
     weights: Option<PathBuf>,
     /// Store weights on the GPU as f16 or f32 (default: the checkpoint's dtype; bf16 becomes f32).
-    #[arg(long, value_name = "f16|f32", value_parser = parse_dtype)]
+    #[arg(long, value_name = "f16|f32", value_parser = parse_dtype, help_heading = headings::MODEL)]
     dtype: Option<DType>,
     /// Use the first GPU adapter whose name contains this (default: WGPU_ADAPTER_NAME, else the fastest).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = headings::MODEL)]
     adapter: Option<String>,
-    /// Offloading policy; without placement or batching flags everything stays on the GPU.
     /// A packed checkpoint to load the quantised weights from (needs --compress-weight, with the bits and group size
     /// it was written with). Written from the model first when FILE does not exist, so later runs skip quantising.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = headings::MODEL)]
     packed_weights: Option<PathBuf>,
+    /// Offloading policy; without placement or batching flags everything stays on the GPU.
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Where a batch job appends one result line per prompt (docs/json.md); ids already there are skipped.
+    #[arg(long, value_name = "FILE.jsonl", requires = "input", help_heading = headings::OUTPUT)]
+    output: Option<PathBuf>,
+    /// Print one JSON document at the end: ids, text, finish reasons, timings, model, seed, policy (docs/json.md).
+    #[arg(long, conflicts_with = "stream_json", help_heading = headings::OUTPUT)]
+    json: bool,
+    /// Print one JSON event per line as tokens are produced, then the --json document as the last event.
+    #[arg(long, help_heading = headings::OUTPUT)]
+    stream_json: bool,
+    /// Write every step's logits as a float32 .npy array [steps, batch, vocab].
+    #[arg(long, value_name = "FILE.npy", help_heading = headings::OUTPUT)]
+    dump_logits: Option<PathBuf>,
 }
 
 /// The weight source that serves `packed`'s words: the file at `path`, written from `source` first when missing, and

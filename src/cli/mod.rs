@@ -11,6 +11,7 @@ mod bench_transfers;
 mod checks;
 mod complete;
 mod convert;
+mod docs;
 mod generate;
 mod job;
 mod model_arg;
@@ -28,6 +29,24 @@ mod sweep;
 
 /// The version of every `--json` document's layout (docs/json.md); raised when a field changes meaning or goes.
 pub const JSON_SCHEMA_VERSION: u32 = 1;
+
+/// The `--help` headings that group the flags every command shares.
+pub mod headings {
+    /// Which model and weights, and how they are stored.
+    pub const MODEL: &str = "Model";
+    /// The prompts and how much to generate.
+    pub const PROMPTS: &str = "Prompts";
+    /// How tokens are chosen.
+    pub const SAMPLING: &str = "Sampling";
+    /// Batching and placement.
+    pub const POLICY: &str = "Policy";
+    /// How much memory and disk each tier may use.
+    pub const MEMORY_CAPS: &str = "Memory caps";
+    /// Quantised weights and cache.
+    pub const COMPRESSION: &str = "Compression";
+    /// What is printed or written.
+    pub const OUTPUT: &str = "Output";
+}
 
 /// High-throughput OPT inference on one GPU, offloading to CPU memory and disk.
 #[derive(Parser)]
@@ -54,6 +73,12 @@ enum Command {
     Convert(convert::Args),
     /// Serve the model over HTTP, OpenAI-compatible (/v1/completions, /v1/models, /health, /metrics).
     Serve(serve::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    #[command(hide = true)]
+    Completions(docs::CompletionsArgs),
+    /// Write the man pages: `strata.1` to stdout, or every command's page into DIR.
+    #[command(hide = true)]
+    Man(docs::ManArgs),
 }
 
 impl Command {
@@ -66,19 +91,30 @@ impl Command {
     }
 }
 
-/// Parses the command line. Every option value may start with `-`, so `--max-new-tokens -10` is reported as the
-/// value `-10` the user typed (not as an unknown flag `-1`).
-fn parse() -> Cli {
-    let command = Cli::command().mut_subcommands(|sub| {
-        sub.mut_args(|arg| {
-            if arg.get_action().takes_values() {
-                arg.allow_negative_numbers(true)
-            } else {
-                arg
-            }
+/// The command line as clap sees it. Every option value may start with `-`, so `--max-new-tokens -10` is reported as
+/// the value `-10` the user typed (not as an unknown flag `-1`).
+fn command() -> clap::Command {
+    Cli::command()
+        .mut_subcommands(|sub| {
+            sub.mut_args(|arg| {
+                if arg.get_action().takes_values() {
+                    arg.allow_negative_numbers(true)
+                } else {
+                    arg
+                }
+            })
         })
-    });
-    let matches = command.get_matches();
+        // The caps are shared with bench and generate, where --gpu-mem is optional; policy needs it to search.
+        .mut_subcommand("policy", |sub| {
+            sub.mut_arg("gpu_mem", |arg| {
+                arg.help("Most GPU memory to use (e.g. 15GiB); required unless --evaluate")
+            })
+        })
+}
+
+/// Parses the command line.
+fn parse() -> Cli {
+    let matches = command().get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
@@ -95,7 +131,7 @@ pub fn main() -> ExitCode {
         process::handle_signals()
     };
     if let Err(e) = signals {
-        eprintln!(
+        anstream::eprintln!(
             "warning: no signal handler ({e}): offload files may be left behind if interrupted"
         );
     }
@@ -112,11 +148,25 @@ pub fn main() -> ExitCode {
         Command::Policy(args) => policy::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Completions(args) => docs::completions(args, command()),
+        Command::Man(args) => docs::man(args, command()),
     });
     // Every run's files are gone with its values by now; this removes the private runtime directory.
     process::remove_run_files();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => ExitCode::from(process::report_error(&err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks: no two flags of a command share a name or short flag (flattened groups
+    /// included), and every `requires` / `conflicts_with` names a flag that exists.
+    #[test]
+    fn the_command_line_is_consistent() {
+        command().debug_assert();
     }
 }

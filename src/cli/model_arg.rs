@@ -11,6 +11,7 @@ use strata::checkpoint::{self, Checkpoint};
 use strata::config::OptConfig;
 use strata::dummy::DummyWeights;
 use strata::weights::WeightSource;
+use strata::UnknownModel;
 
 /// The model a run uses and where its weights come from.
 #[derive(Debug)]
@@ -87,11 +88,39 @@ pub fn resolve(arg: &str, weights: Option<&Path>, dummy: bool) -> anyhow::Result
         Err(unknown) if as_dir.is_dir() => {
             bail!("{arg} has no config.json and is not a model name ({unknown})")
         }
-        Err(unknown) if dummy || weights.is_some() => Err(unknown.into()),
+        Err(unknown) if dummy || weights.is_some() => Err(unknown_model(unknown)),
         Err(unknown) => bail!(
             "`{arg}` is not a model directory: give a directory with config.json, or a model name with --weights DIR \
-             (a checkpoint) or --dummy (synthetic weights); {unknown}"
+             (a checkpoint) or --dummy (synthetic weights); {}",
+            unknown_model(unknown)
         ),
+    }
+}
+
+/// The closest known model name or alias to what the user typed, when one is close enough to be a likely typo
+/// (Jaro-Winkler similarity of at least 0.8, as clap uses for flags and subcommands).
+pub fn closest_model(unknown: &UnknownModel) -> Option<&'static str> {
+    let typed = unknown.arch.to_ascii_lowercase();
+    unknown
+        .known
+        .iter()
+        .chain(&unknown.aliases)
+        .map(|&name| {
+            (
+                strsim::jaro_winkler(&typed, &name.to_ascii_lowercase()),
+                name,
+            )
+        })
+        .filter(|&(score, _)| score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, name)| name)
+}
+
+/// An unknown model as an error: its message, then the closest name when there is one.
+pub fn unknown_model(unknown: UnknownModel) -> anyhow::Error {
+    match closest_model(&unknown) {
+        Some(name) => anyhow::anyhow!("{unknown}; did you mean `{name}`?"),
+        None => unknown.into(),
     }
 }
 
@@ -144,6 +173,20 @@ impl ModelChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_near_miss_suggests_the_closest_name() {
+        let unknown = |name: &str| strata::get_opt_config(name).unwrap_err();
+        assert_eq!(closest_model(&unknown("opt-13")), Some("opt-13b"));
+        assert_eq!(closest_model(&unknown("opt-6.7")), Some("opt-6.7b"));
+        assert_eq!(
+            closest_model(&unknown("facebook/OPT-350")),
+            Some("opt-350m")
+        );
+        assert_eq!(closest_model(&unknown("llama-7b")), None);
+        let message = unknown_model(unknown("opt-13")).to_string();
+        assert!(message.ends_with("did you mean `opt-13b`?"), "{message}");
+    }
 
     #[test]
     fn paths_are_told_from_names() {

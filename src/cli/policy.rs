@@ -11,9 +11,10 @@ use strata::config::OptConfig;
 use strata::cost_model::{self, Choice, CostModelKind, Problem, SearchKind, DEFAULT_MAX_BLOCK};
 use strata::hardware::HardwareProfile;
 use strata::offload::placement::{outside_layer_bytes, Caps, TierBytes, Workload};
-use strata::offload::policy::format_bytes;
+use strata::offload::policy::{format_bytes, format_bytes_exact, parse_bytes, Policy};
 use strata::offload::Tier;
 
+use super::headings;
 use super::policy_args::PolicyArgs;
 use super::process::outln;
 
@@ -21,13 +22,13 @@ use super::process::outln;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model name (opt-125m ... opt-175b, galactica-30b; an organisation prefix like facebook/ is dropped).
-    #[arg(long)]
+    #[arg(short, long, value_name = "NAME", help_heading = headings::MODEL)]
     pub model: String,
     /// Tokens per prompt.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_name = "N", help_heading = headings::PROMPTS)]
     pub prompt_len: usize,
     /// Tokens generated per sequence.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_name = "N", help_heading = headings::PROMPTS)]
     pub gen_len: usize,
     /// Hardware profile: a built-in name (t4) or a TOML file written by `strata profile`.
     #[arg(long, default_value = "t4", value_name = "t4|FILE")]
@@ -36,31 +37,84 @@ pub struct Args {
     #[arg(long, default_value = "strata", value_name = "strata|flexllmgen")]
     pub cost_model: String,
     /// Search FlexLLMGen's way exactly instead of strata's wider search.
-    #[arg(long)]
+    #[arg(long, help_heading = headings::POLICY)]
     pub exact_search: bool,
     /// Fraction of each memory cap the plan may use.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_name = "FRACTION", help_heading = headings::MEMORY_CAPS)]
     pub headroom: f64,
     /// Most sequences per block (gpu batch size x number of GPU batches): the prompts you have.
-    #[arg(long, default_value_t = DEFAULT_MAX_BLOCK, value_name = "N")]
+    #[arg(long, default_value_t = DEFAULT_MAX_BLOCK, value_name = "N", help_heading = headings::POLICY)]
     pub max_batch: usize,
     /// Predict the policy given by the flags instead of searching.
-    #[arg(long)]
+    #[arg(long, help_heading = headings::POLICY)]
     pub evaluate: bool,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-    /// Also draw the placement (bytes per tier) and the predicted time split as an SVG.
-    #[arg(long, value_name = "FILE.svg")]
-    pub plot: Option<PathBuf>,
     /// Caps, compression, offload directory, and (with --evaluate) the policy itself.
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long, help_heading = headings::OUTPUT)]
+    pub json: bool,
+    /// Also draw the placement (bytes per tier) and the predicted time split as an SVG.
+    #[arg(long, value_name = "FILE.svg", help_heading = headings::OUTPUT)]
+    pub plot: Option<PathBuf>,
+}
+
+/// The policy's flags with its memory caps in readable units (`--cpu-mem 14.52GiB`, not `--cpu-mem 15223424KiB`).
+/// `--json` keeps the exact sizes.
+pub fn readable_flags(policy: &Policy) -> String {
+    let mut flags = policy.to_flags();
+    for (flag, cap) in [
+        ("--gpu-mem", policy.gpu_mem),
+        ("--cpu-mem", policy.cpu_mem),
+        ("--disk-mem", policy.disk_mem),
+    ] {
+        if let Some(bytes) = cap {
+            flags = flags.replacen(
+                &format!("{flag} {}", format_bytes_exact(bytes)),
+                &format!("{flag} {}", readable_size(bytes)),
+                1,
+            );
+        }
+    }
+    flags
+}
+
+/// `bytes` in the largest binary unit it reaches with the fewest decimals (at most 3) that read back to at least
+/// `bytes` and at most 0.1% more: a cap echoed this way never shrinks and stays what was planned. Sizes no such
+/// rounding fits are printed exactly.
+pub fn readable_size(bytes: u64) -> String {
+    let exact = format_bytes_exact(bytes);
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes < 1u64 << shift {
+            continue;
+        }
+        let value = bytes as f64 / (1u64 << shift) as f64;
+        for decimals in 0..=3 {
+            let scale = 10f64.powi(decimals);
+            let text = format!(
+                "{:.*}{unit}",
+                decimals as usize,
+                (value * scale).ceil() / scale
+            );
+            let close = parse_bytes(&text)
+                .is_ok_and(|back| back >= bytes && (back - bytes) as f64 <= bytes as f64 * 1e-3);
+            if close {
+                // The exact form when it is no longer (`16GiB`, `512MiB`).
+                return if exact.len() <= text.len() {
+                    exact
+                } else {
+                    text
+                };
+            }
+        }
+        break;
+    }
+    exact
 }
 
 /// The architecture for a spec name (organisation prefix, case and `-iml(-max)` variants resolved).
 pub fn resolve_model(name: &str) -> anyhow::Result<OptConfig> {
-    Ok(strata::get_opt_config(name)?)
+    strata::get_opt_config(name).map_err(super::model_arg::unknown_model)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -212,7 +266,7 @@ fn print_text(
         "{} cost model ({} hardware) {action} for {}, prompt {} + gen {} ({} linear programs, {:.2} s):",
         c.kind, hw.name, config.name, args.prompt_len, args.gen_len, c.lp_solves, secs
     );
-    outln!("  {}", c.policy.to_flags());
+    outln!("  {}", readable_flags(&c.policy));
     outln!(
         "predicted throughput: prefill {:.2} token/s, decode {:.2} token/s, total {:.3} token/s",
         c.prefill_throughput,
@@ -261,4 +315,74 @@ fn print_text(
         format_bytes(outside_layer_bytes(config, compress))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readable_sizes_read_back_to_at_least_the_planned_bytes() {
+        assert_eq!(readable_size(15_223_424 << 10), "14.52GiB");
+        assert_eq!(readable_size(16 << 30), "16GiB");
+        assert_eq!(readable_size(512), "512");
+        let mut bytes = 1u64;
+        while bytes < 1 << 60 {
+            for b in [bytes, bytes + 1, bytes * 3 + 7, bytes / 3 * 2 + 1] {
+                let text = readable_size(b);
+                let back = parse_bytes(&text).unwrap();
+                assert!(
+                    back >= b && (back - b) as f64 <= b as f64 * 1e-3,
+                    "{b} -> {text} -> {back}"
+                );
+            }
+            bytes = bytes * 5 / 3 + 1;
+        }
+    }
+
+    #[test]
+    fn readable_flags_parse_back_to_the_policy_with_caps_at_least_as_large() {
+        let policy = Policy {
+            gpu_mem: Some(15 << 30),
+            cpu_mem: Some(15_223_424 << 10),
+            disk_mem: Some(1_234_567_890_123),
+            ..Policy::default()
+        };
+        let flags = readable_flags(&policy);
+        assert!(flags.contains("--cpu-mem 14.52GiB"), "{flags}");
+        let args = std::iter::once("policy")
+            .chain(["--model", "opt-125m"])
+            .chain(flags.split_whitespace());
+        let parsed = <Args as clap::FromArgMatches>::from_arg_matches(
+            &<Args as clap::Args>::augment_args(clap::Command::new("policy"))
+                .get_matches_from(args),
+        )
+        .unwrap();
+        let back = parsed.policy.to_policy().unwrap();
+        for (planned, read) in [
+            (policy.gpu_mem, back.gpu_mem),
+            (policy.cpu_mem, back.cpu_mem),
+            (policy.disk_mem, back.disk_mem),
+        ] {
+            let (planned, read) = (planned.unwrap(), read.unwrap());
+            assert!(
+                read >= planned && read - planned <= planned / 1000,
+                "{planned} -> {read}"
+            );
+        }
+        assert_eq!(
+            Policy {
+                gpu_mem: None,
+                cpu_mem: None,
+                disk_mem: None,
+                ..back
+            },
+            Policy {
+                gpu_mem: None,
+                cpu_mem: None,
+                disk_mem: None,
+                ..policy
+            }
+        );
+    }
 }

@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 
 use clap::ArgAction;
+
+use super::headings;
 use strata::offload::policy::{
     parse_bytes, CompressionConfig, Percent, Policy, PolicyError, Transfer,
 };
@@ -29,68 +31,68 @@ pub enum PolicyMode {
 pub struct PolicyArgs {
     /// `auto`: measure this machine (once; the profile is cached per adapter) and let the cost model choose batch
     /// sizes and placement within the memory caps. Placement flags cannot be combined with it.
-    #[arg(long = "policy", value_enum, value_name = "MODE")]
+    #[arg(long = "policy", value_enum, value_name = "MODE", help_heading = headings::POLICY)]
     pub mode: Option<PolicyMode>,
     /// Sequences the GPU computes at once [default: 4].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = headings::POLICY)]
     pub gpu_batch_size: Option<usize>,
     /// GPU batches sharing one load of each layer's weights [default: 1].
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "N", help_heading = headings::POLICY)]
     pub num_gpu_batches: Option<usize>,
     /// Percent of weights, KV cache and activations on GPU and on CPU; disk gets the rest of each
     /// (the weight percents place the decoder layers: embeddings and LM head always stay on the GPU)
     /// [default: 100 0 100 0 100 0].
-    #[arg(long, num_args = 6, value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"])]
+    #[arg(long, num_args = 6, value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"], help_heading = headings::POLICY)]
     pub percent: Option<Vec<f64>>,
     /// Overlap weight and cache loads with compute (`--overlap false` to turn off) [default: true].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_name = "BOOL")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_name = "BOOL", help_heading = headings::POLICY)]
     pub overlap: Option<bool>,
     /// Place and schedule attention and MLP as separate layers [default: true].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_name = "BOOL")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_name = "BOOL", help_heading = headings::POLICY)]
     pub sep_layer: Option<bool>,
     /// Keep CPU-resident weights in memory the GPU reads directly [default: true].
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_name = "BOOL")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_name = "BOOL", help_heading = headings::POLICY)]
     pub pin_weight: Option<bool>,
     /// Run decode attention over CPU-resident cache on the CPU.
-    #[arg(long)]
+    #[arg(long, help_heading = headings::POLICY)]
     pub cpu_cache_compute: bool,
     /// How CPU-resident weights reach the decode kernels: auto (zero-copy where the device binds host buffers and
     /// the block is one GPU batch), copy (into weight slots), zero-copy (the kernels read them over PCIe).
-    #[arg(long, default_value_t = Transfer::Auto, value_name = "auto|copy|zero-copy")]
+    #[arg(long, default_value_t = Transfer::Auto, value_name = "auto|copy|zero-copy", help_heading = headings::POLICY)]
     pub transfer: Transfer,
     /// Fraction of attention positions kept, in (0, 1] [default: 1].
-    #[arg(long, value_name = "FRACTION")]
+    #[arg(long, value_name = "FRACTION", help_heading = headings::POLICY)]
     pub attn_sparsity: Option<f64>,
-    /// Store weights quantised (group-wise, 4 bits in groups of 64 unless set below).
-    #[arg(long)]
-    pub compress_weight: bool,
-    /// Bits per weight value with --compress-weight: 2, 4 or 8.
-    #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS")]
-    pub compress_weight_bits: u8,
-    /// Values per quantisation group with --compress-weight (a multiple of 32 / bits).
-    #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N")]
-    pub compress_weight_group_size: usize,
-    /// Store the KV cache quantised (group-wise along head_dim, 4 bits in groups of 64 unless set below).
-    #[arg(long)]
-    pub compress_cache: bool,
-    /// Bits per cache value with --compress-cache: 2, 4 or 8.
-    #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS")]
-    pub compress_cache_bits: u8,
-    /// Values per quantisation group with --compress-cache (a multiple of 32 / bits).
-    #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N")]
-    pub compress_cache_group_size: usize,
     /// Most GPU memory to use (e.g. 15GiB).
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", help_heading = headings::MEMORY_CAPS)]
     pub gpu_mem: Option<u64>,
     /// Most CPU memory to use (e.g. 200GiB).
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", help_heading = headings::MEMORY_CAPS)]
     pub cpu_mem: Option<u64>,
     /// Most disk space to use in the offload directory (e.g. 1500GiB).
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", help_heading = headings::MEMORY_CAPS)]
     pub disk_mem: Option<u64>,
     /// Directory for disk-resident tensors (required when anything goes to disk).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = headings::MEMORY_CAPS)]
     pub offload_dir: Option<PathBuf>,
+    /// Store weights quantised (group-wise, 4 bits in groups of 64 unless set below).
+    #[arg(long, help_heading = headings::COMPRESSION)]
+    pub compress_weight: bool,
+    /// Bits per weight value with --compress-weight: 2, 4 or 8.
+    #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS", help_heading = headings::COMPRESSION)]
+    pub compress_weight_bits: u8,
+    /// Values per quantisation group with --compress-weight (a multiple of 32 / bits).
+    #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N", help_heading = headings::COMPRESSION)]
+    pub compress_weight_group_size: usize,
+    /// Store the KV cache quantised (group-wise along head_dim, 4 bits in groups of 64 unless set below).
+    #[arg(long, help_heading = headings::COMPRESSION)]
+    pub compress_cache: bool,
+    /// Bits per cache value with --compress-cache: 2, 4 or 8.
+    #[arg(long, default_value_t = CompressionConfig::DEFAULT.bits, value_name = "BITS", help_heading = headings::COMPRESSION)]
+    pub compress_cache_bits: u8,
+    /// Values per quantisation group with --compress-cache (a multiple of 32 / bits).
+    #[arg(long, default_value_t = CompressionConfig::DEFAULT.group_size, value_name = "N", help_heading = headings::COMPRESSION)]
+    pub compress_cache_group_size: usize,
 }
 
 impl PolicyArgs {

@@ -179,8 +179,17 @@ pub fn report_error(err: &anyhow::Error) -> u8 {
     if broken_pipe {
         return BROKEN_PIPE_STATUS;
     }
-    eprintln!("error: {}", render_chain(err));
+    // anstream drops the colour when stderr is not a terminal (or NO_COLOR is set), as clap does for its errors.
+    let style = error_style();
+    anstream::eprintln!("{style}error:{style:#} {}", render_chain(err));
     1
+}
+
+/// The style of the `error:` prefix: clap's (bold red).
+pub fn error_style() -> anstyle::Style {
+    anstyle::Style::new()
+        .bold()
+        .fg_color(Some(anstyle::AnsiColor::Red.into()))
 }
 
 /// `err` and its causes joined by ": ", each cause once: many errors already print their source in their own message

@@ -3,33 +3,35 @@
 //! `--seed` fixes it, and `--seed` alone never changes the mode.
 
 use anyhow::bail;
+
+use super::headings;
 use strata::generate::{Sampling, TokenChoice};
 
 /// Sampling flags.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct SamplingArgs {
     /// Greedy decoding (the default; same as --temperature 0).
-    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"], help_heading = headings::SAMPLING)]
     pub greedy: bool,
     /// Sample with this softmax temperature; 0 is greedy.
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", help_heading = headings::SAMPLING)]
     pub temperature: Option<f32>,
     /// Sample from the smallest set of most likely tokens whose probability reaches P (samples at temperature 1
     /// when --temperature is not given).
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", help_heading = headings::SAMPLING)]
     pub top_p: Option<f32>,
     /// Sample from the K most likely tokens only (0: all; samples at temperature 1 when --temperature is not given).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", help_heading = headings::SAMPLING)]
     pub top_k: Option<usize>,
     /// Seed of a sampled run (default: random, printed on stderr and in --json). Does not turn sampling on.
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", help_heading = headings::SAMPLING)]
     pub seed: Option<u64>,
     /// Hugging Face's repetition penalty: the logit of every token already in the prompt or the output is divided
     /// by R when positive, multiplied when negative (1: none). Applies to greedy and sampled runs.
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", help_heading = headings::SAMPLING)]
     pub repetition_penalty: Option<f32>,
     /// Stop a sequence when its text contains STRING (repeatable); the text ends before it (needs a tokenizer).
-    #[arg(long, value_name = "STRING")]
+    #[arg(long, value_name = "STRING", help_heading = headings::SAMPLING)]
     pub stop: Vec<String>,
 }
 

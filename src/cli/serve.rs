@@ -35,6 +35,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::auto::resolve_auto;
 use super::complete::{run_block, Control, Request};
+use super::headings;
 use super::model_arg::{self, ModelChoice};
 use super::policy_args::PolicyArgs;
 use super::sampling_args::choice_of;
@@ -43,19 +44,19 @@ use super::sampling_args::choice_of;
 #[derive(clap::Args, Clone)]
 pub struct Args {
     /// A model directory (with config.json), or a model name such as `opt-1.3b` (then --weights or --dummy).
-    #[arg(long, value_name = "NAME_OR_DIR")]
+    #[arg(short, long, value_name = "NAME_OR_DIR", help_heading = headings::MODEL)]
     pub model: String,
     /// Use synthetic weights instead of a checkpoint.
-    #[arg(long, conflicts_with = "weights")]
+    #[arg(long, conflicts_with = "weights", help_heading = headings::MODEL)]
     pub dummy: bool,
     /// Checkpoint directory for a model given by name.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = headings::MODEL)]
     pub weights: Option<PathBuf>,
     /// Store weights on the GPU as f16 or f32 (default: the checkpoint's dtype).
-    #[arg(long, value_name = "f16|f32", value_parser = parse_dtype)]
+    #[arg(long, value_name = "f16|f32", value_parser = parse_dtype, help_heading = headings::MODEL)]
     pub dtype: Option<DType>,
     /// Use the first GPU adapter whose name contains this.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = headings::MODEL)]
     pub adapter: Option<String>,
     /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
     #[arg(long, default_value = "127.0.0.1")]

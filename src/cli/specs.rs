@@ -35,7 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     };
-    let resolved = strata::resolve(name)?;
+    let resolved = strata::resolve(name).map_err(super::model_arg::unknown_model)?;
     let config = resolved.config;
     let seq = args.seq.unwrap_or(config.max_seq_len as u64);
     if seq > config.max_seq_len as u64 {
