@@ -17,7 +17,7 @@ use super::checks;
 use super::complete::{run_block, Control, Delta, Request};
 use super::headings;
 use super::job;
-use super::model_arg::{self, ModelChoice};
+use super::model_arg;
 use super::policy_args::PolicyArgs;
 use super::process::{out, outln, pause_point};
 use super::sampling_args::{choice_json, SamplingArgs};
@@ -158,19 +158,7 @@ fn parse_dtype(text: &str) -> Result<DType, String> {
 /// The weights and, when the model directory has one, the tokenizer. Reads configs and headers, no weights.
 fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Tokenizer>)> {
     let choice = model_arg::resolve(&args.model, args.weights.as_deref(), args.dummy)?;
-    if let ModelChoice::Named {
-        config,
-        weights: None,
-    } = &choice
-    {
-        if !args.dummy {
-            bail!(
-                "`{}` is a built-in model: add --weights DIR (its checkpoint) or --dummy (synthetic weights)",
-                config.name
-            );
-        }
-    }
-    let source = choice.open(args.dummy)?;
+    let source = choice.open_for_text(args.dummy)?;
     let tokenizer = match choice.dir() {
         Some(dir) => match Tokenizer::from_dir(dir) {
             Ok(t) => Some(t),

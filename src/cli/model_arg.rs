@@ -151,6 +151,24 @@ impl ModelChoice {
         }
     }
 
+    /// [`ModelChoice::open`] for commands whose output is the model's text (`generate`, `serve`): a built-in name
+    /// without `--weights` needs `--dummy` said explicitly, so synthetic weights are never used by accident.
+    pub fn open_for_text(&self, dummy: bool) -> anyhow::Result<Box<dyn WeightSource>> {
+        if let ModelChoice::Named {
+            config,
+            weights: None,
+        } = self
+        {
+            if !dummy {
+                bail!(
+                    "`{}` is a built-in model: add --weights DIR (its checkpoint) or --dummy (synthetic weights)",
+                    config.name
+                );
+            }
+        }
+        self.open(dummy)
+    }
+
     /// Opens the weights: the checkpoint, or synthetic weights when `dummy` or no checkpoint is given. Maps files
     /// and reads headers only.
     pub fn open(&self, dummy: bool) -> anyhow::Result<Box<dyn WeightSource>> {

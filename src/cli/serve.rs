@@ -36,7 +36,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::auto::resolve_auto;
 use super::complete::{run_block, Control, Request};
 use super::headings;
-use super::model_arg::{self, ModelChoice};
+use super::model_arg;
 use super::policy_args::PolicyArgs;
 use super::sampling_args::choice_of;
 
@@ -862,19 +862,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--max-batch and --max-queue must be at least 1");
     }
     let choice = model_arg::resolve(&args.model, args.weights.as_deref(), args.dummy)?;
-    if let ModelChoice::Named {
-        config,
-        weights: None,
-    } = &choice
-    {
-        if !args.dummy {
-            bail!(
-                "`{}` is a built-in model: add --weights DIR (its checkpoint) or --dummy (synthetic weights)",
-                config.name
-            );
-        }
-    }
-    let source = choice.open(args.dummy)?;
+    let source = choice.open_for_text(args.dummy)?;
     let config = *source.config();
     let tokenizer = choice.dir().and_then(|dir| match Tokenizer::from_dir(dir) {
         Ok(t) => Some(t),
