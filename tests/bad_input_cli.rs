@@ -381,3 +381,28 @@ fn a_good_run_without_xdg_runtime_dir_prints_no_error_and_leaves_nothing() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_built_in_name_without_weights_needs_an_explicit_dummy() {
+    // generate and serve print the model's text: synthetic weights only when asked for.
+    for command in [
+        &[
+            "generate",
+            "--model",
+            "opt-125m",
+            "--prompt-ids",
+            "2,3",
+            "--max-new-tokens",
+            "1",
+        ][..],
+        &["serve", "--model", "opt-125m", "--port", "0"][..],
+    ] {
+        let text = fails(strata().args(command));
+        assert!(
+            text.contains("`opt-125m` is a built-in model")
+                && text.contains("--weights DIR")
+                && text.contains("--dummy"),
+            "{command:?}: {text}"
+        );
+    }
+}
