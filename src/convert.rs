@@ -1,5 +1,5 @@
 //! PyTorch checkpoints (`pytorch_model.bin`, or the shards of `pytorch_model.bin.index.json`) to safetensors, the
-//! format [`crate::checkpoint::Checkpoint`] maps.
+//! format [`strata_runtime::checkpoint::Checkpoint`] maps.
 //!
 //! The pickles are read by `pytorch-reader` (zip archive + pickle, never executing Python); every tensor keeps its
 //! name and stored dtype (fp16, bf16 and fp32 weights alike) and is written as Hugging Face's `save_pretrained`
@@ -19,7 +19,7 @@ use pytorch_reader::{PytorchError, PytorchReader, Tensor};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
-use crate::checkpoint::{PartialFile, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use strata_runtime::checkpoint::{PartialFile, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 
 /// The single PyTorch weights file `save_pretrained(safe_serialization=False)` writes.
 pub const PYTORCH_FILE: &str = "pytorch_model.bin";

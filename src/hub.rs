@@ -12,8 +12,8 @@ use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 
-use crate::checkpoint::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::convert::{self, ConvertError, ConvertOptions, PYTORCH_FILE, PYTORCH_INDEX_FILE};
+use strata_runtime::checkpoint::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 
 /// The Hub's address when `HF_ENDPOINT` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";

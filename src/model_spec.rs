@@ -1,8 +1,8 @@
 //! The trait every generated model type implements.
 
 use crate::typed::LoadError;
-use crate::weights::WeightSource;
 use crate::OptConfig;
+use strata_runtime::weights::WeightSource;
 
 /// A model architecture known at compile time: `strata::models::Opt30b` and every type `include_specs!` generates.
 ///

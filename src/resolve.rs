@@ -4,8 +4,8 @@
 
 use std::fmt;
 
-use crate::config::{intern_name, normalize_model_name};
 use crate::OptConfig;
+use strata_runtime::config::{intern_name, normalize_model_name};
 
 /// A model name that matches no spec in the build.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,8 +12,8 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
-use crate::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 use crate::{DType, OptConfig};
+use strata_runtime::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 
 /// A host tensor's shape or size does not match the type it is being put into.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

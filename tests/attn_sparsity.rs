@@ -9,12 +9,12 @@ use common::{fixture, generate_command, gpu, max_abs_diff, options, F32_FIXTURES
 
 use std::path::Path;
 
-use strata::checkpoint::Checkpoint;
-use strata::compress::CompressionConfig;
-use strata::generate::{GenerateError, GenerateOutput, Generator};
-use strata::gpu::Gpu;
-use strata::offload::policy::{Percent, Policy};
-use strata::reference::ReferenceModel;
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::compress::CompressionConfig;
+use strata_runtime::generate::{GenerateError, GenerateOutput, Generator};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::offload::policy::{Percent, Policy};
+use strata_runtime::reference::ReferenceModel;
 
 /// Everything on the GPU at `attn_sparsity`.
 fn sparse(attn_sparsity: f64) -> Policy {
@@ -263,7 +263,7 @@ fn cli_flag_reaches_the_generator() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<Vec<u32>> = serde_json::from_value(json["generated_ids"].clone()).unwrap();
     assert_eq!(ids, want.generated_ids);
-    let dumped = strata::npy::read_f32(&npy).unwrap();
+    let dumped = strata_runtime::npy::read_f32(&npy).unwrap();
     let diff = max_abs_diff(&dumped.data, want.logits.as_ref().unwrap());
     assert!(
         diff <= 1e-4,

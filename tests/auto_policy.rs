@@ -2,12 +2,12 @@
 //! opt-125m on the GPU, the chosen policy offloads, validates, and fits the caps by strata's memory planner; the
 //! profile is measured once, cached, and reused.
 
-use strata::cost_model::auto::{
+use strata_runtime::cost_model::auto::{
     auto_policy, load_or_measure_profile, AutoOptions, MachineCaps, ProfileSource,
 };
-use strata::gpu::{Gpu, GpuOptions};
-use strata::hardware::HardwareProfile;
-use strata::offload::placement::{plan, Caps, Workload};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::hardware::HardwareProfile;
+use strata_runtime::offload::placement::{plan, Caps, Workload};
 
 #[test]
 fn auto_policy_offloads_to_fit_small_caps_and_caches_the_profile() {

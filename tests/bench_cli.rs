@@ -65,7 +65,7 @@ fn bench_json_reports_every_figure_consistently() {
     ));
     assert!(close(f("total_latency_s"), prefill + decode));
     // The config's own formulas (FlexLLMGen's): 4 prompts of 6 + 4 positions.
-    let config = strata::checkpoint::read_config(Path::new(&fixture())).unwrap();
+    let config = strata_runtime::checkpoint::read_config(Path::new(&fixture())).unwrap();
     assert_eq!(v["model_bytes"].as_u64(), Some(config.model_bytes()));
     assert_eq!(v["cache_bytes"].as_u64(), Some(config.cache_bytes(4, 10)));
     assert_eq!(v["hidden_bytes"].as_u64(), Some(config.hidden_bytes(4, 10)));

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use strata::offload::policy::parse_bytes;
+use strata_runtime::offload::policy::parse_bytes;
 
 fn strata(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))

@@ -21,11 +21,11 @@ use std::process::Command;
 
 use common::generate_command;
 
-use strata::checkpoint::Checkpoint;
-use strata::compress::CompressionConfig;
-use strata::generate::{GenerateOptions, Generator, Sampling};
-use strata::gpu::{Gpu, GpuOptions};
-use strata::offload::policy::Policy;
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::compress::CompressionConfig;
+use strata_runtime::generate::{GenerateOptions, Generator, Sampling};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::offload::policy::Policy;
 
 /// Logits `[steps, batch, vocab]` with the greedy tokens they led to, `[batch][steps]`.
 struct Run {
@@ -57,12 +57,13 @@ fn fixture(name: &str) -> Fixture {
         serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
     let read_run = |entry: &serde_json::Value| Run {
         ids: serde_json::from_value(entry["generated_ids"].clone()).unwrap(),
-        logits: strata::npy::read_f32(dir.join(entry["logits"].as_str().unwrap()))
+        logits: strata_runtime::npy::read_f32(dir.join(entry["logits"].as_str().unwrap()))
             .unwrap()
             .data,
     };
     let quantized = &reference["quantized"];
-    let logits = strata::npy::read_f32(dir.join(reference["logits"].as_str().unwrap())).unwrap();
+    let logits =
+        strata_runtime::npy::read_f32(dir.join(reference["logits"].as_str().unwrap())).unwrap();
     let (steps, batch, vocab) = (logits.shape[0], logits.shape[1], logits.shape[2]);
     assert_eq!(batch, prompt_ids.len());
     assert_eq!(
@@ -308,7 +309,7 @@ fn cli_compression_matches_the_reference_quantiser() {
         String::from_utf8_lossy(&out.stderr)
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let dumped = strata::npy::read_f32(&npy).unwrap();
+    let dumped = strata_runtime::npy::read_f32(&npy).unwrap();
     let batch = f.prompt_ids.len();
     assert_eq!(dumped.shape, vec![steps, batch, f.vocab]);
     let got = Run {
@@ -362,25 +363,25 @@ struct RoundTripped {
     config: CompressionConfig,
 }
 
-impl strata::weights::WeightSource for RoundTripped {
-    fn config(&self) -> &strata::config::OptConfig {
+impl strata_runtime::weights::WeightSource for RoundTripped {
+    fn config(&self) -> &strata_runtime::config::OptConfig {
         self.inner.config()
     }
 
     fn load(
         &self,
-        spec: &strata::weights::TensorSpec,
-    ) -> Result<strata::weights::HostTensor<'_>, strata::weights::WeightError> {
+        spec: &strata_runtime::weights::TensorSpec,
+    ) -> Result<strata_runtime::weights::HostTensor<'_>, strata_runtime::weights::WeightError> {
         let t = self.inner.load(spec)?;
         if !spec.role.is_compressed() {
             return Ok(t);
         }
-        let values = strata::checkpoint::host_tensor_to_f32(&t).unwrap();
+        let values = strata_runtime::checkpoint::host_tensor_to_f32(&t).unwrap();
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        let packed = strata::compress::quantize(&values, rows, cols, self.config).unwrap();
-        let back = strata::compress::dequantize(&packed);
-        Ok(strata::weights::HostTensor {
-            dtype: strata::config::DType::F32,
+        let packed = strata_runtime::compress::quantize(&values, rows, cols, self.config).unwrap();
+        let back = strata_runtime::compress::dequantize(&packed);
+        Ok(strata_runtime::weights::HostTensor {
+            dtype: strata_runtime::config::DType::F32,
             shape: t.shape.clone(),
             bytes: back
                 .iter()
@@ -406,7 +407,7 @@ fn packed_weight_kernels_match_cpu_dequantised_weights() {
             let f = fixture(name);
             // f32 activations in both runs (an f16 checkpoint would otherwise compute with f16 activations).
             let f32_act = Policy {
-                weight_dtype: Some(strata::config::DType::F32),
+                weight_dtype: Some(strata_runtime::config::DType::F32),
                 ..policy(&f, Some(config), None)
             };
             let packed = run_steps(&gpu, &f, &f32_act, 3).logits;
@@ -417,7 +418,7 @@ fn packed_weight_kernels_match_cpu_dequantised_weights() {
             // f32 storage: the round-tripped values exactly (an f16 checkpoint would otherwise be stored as f16).
             let policy = Policy {
                 gpu_batch_size: f.prompt_ids.len(),
-                weight_dtype: Some(strata::config::DType::F32),
+                weight_dtype: Some(strata_runtime::config::DType::F32),
                 ..Policy::default()
             };
             let gen = Generator::with_policy(&gpu, &source, &policy, &|_| {}).unwrap();

@@ -10,14 +10,14 @@ use common::{fixture, generate_command, gpu, max_abs_diff, options, F32_FIXTURES
 use std::path::Path;
 use std::process::Command;
 
-use strata::checkpoint::Checkpoint;
-use strata::compress::{packed_bytes, CompressionConfig};
-use strata::config::OptConfig;
-use strata::generate::{GenerateOutput, Generator};
-use strata::gpu::Gpu;
-use strata::offload::placement::{plan, Workload};
-use strata::offload::policy::{Percent, Policy};
-use strata::weights::layer_tensors;
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::compress::{packed_bytes, CompressionConfig};
+use strata_runtime::config::OptConfig;
+use strata_runtime::generate::{GenerateOutput, Generator};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::offload::placement::{plan, Workload};
+use strata_runtime::offload::policy::{Percent, Policy};
+use strata_runtime::weights::layer_tensors;
 
 /// What is compressed: weights, cache, or both (with a second grouping, several groups per row).
 #[derive(Clone, Copy, Debug)]
@@ -208,7 +208,7 @@ fn run_policy(
 ) -> GenerateOutput {
     let label = format!("{}, {:?}", case.what, z);
     let checkpoint = Checkpoint::open(dir).unwrap();
-    let config = *strata::weights::WeightSource::config(&checkpoint);
+    let config = *strata_runtime::weights::WeightSource::config(&checkpoint);
     let gen = Generator::with_policy(gpu, &checkpoint, p, &|_| {})
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let out = gen
@@ -350,7 +350,7 @@ fn a_compression_strata_cannot_store_is_refused_with_its_flag() {
 #[test]
 fn bench_cli_runs_compressed_with_everything_offloaded_and_prints_packed_sizes() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pre-ln-relu");
-    let config = strata::checkpoint::read_config(&model).unwrap();
+    let config = strata_runtime::checkpoint::read_config(&model).unwrap();
     let bench = |json: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
         cmd.arg("bench")

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use strata::checkpoint::Checkpoint;
-use strata::config::OptConfig;
-use strata::weights::{model_tensors, WeightSource};
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::config::OptConfig;
+use strata_runtime::weights::{model_tensors, WeightSource};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

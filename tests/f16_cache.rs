@@ -10,10 +10,10 @@
 mod common;
 
 use common::{fixture, gpu, max_abs_diff, options};
-use strata::checkpoint::Checkpoint;
-use strata::generate::{GenerateOutput, Generator};
-use strata::gpu::kernels::{ActDtype, CacheDtype};
-use strata::offload::policy::{Percent, Policy};
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::generate::{GenerateOutput, Generator};
+use strata_runtime::gpu::kernels::{ActDtype, CacheDtype};
+use strata_runtime::offload::policy::{Percent, Policy};
 
 #[test]
 fn f16_cache_offloads_at_half_the_bytes_and_keeps_the_all_gpu_result() {

@@ -3,7 +3,7 @@
 //! device lost halfway, SIGKILL and a rerun, and runs sharing an offload directory. Each ends in one clear error (or
 //! a clean run), an empty offload directory, no `.part` file, and the tokens generated so far printed.
 //!
-//! Disk faults come from the test-only hook `STRATA_TEST_FAIL_WRITE=KIND:N[:ERROR]` (`strata::fault`): a real full
+//! Disk faults come from the test-only hook `STRATA_TEST_FAIL_WRITE=KIND:N[:ERROR]` (`strata_runtime::fault`): a real full
 //! disk needs a small file system, which an unprivileged test cannot mount.
 #![cfg(unix)]
 

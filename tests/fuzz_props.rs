@@ -7,12 +7,12 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 
 use arbitrary::{Result, Unstructured};
-use strata::checkpoint::{check_safetensors, parse_config_json, parse_index_json};
-use strata::checkpoint::{from_packed_bytes, to_packed_bytes, StoredTensor};
-use strata::compress::CompressionConfig;
-use strata::config::DType;
-use strata::offload::policy::{format_bytes_exact, parse_bytes, Percent, Policy};
-use strata::weights::HostTensor;
+use strata_runtime::checkpoint::{check_safetensors, parse_config_json, parse_index_json};
+use strata_runtime::checkpoint::{from_packed_bytes, to_packed_bytes, StoredTensor};
+use strata_runtime::compress::CompressionConfig;
+use strata_runtime::config::DType;
+use strata_runtime::offload::policy::{format_bytes_exact, parse_bytes, Percent, Policy};
+use strata_runtime::weights::HostTensor;
 
 /// The system allocator, refusing any single allocation over [`MAX_ALLOCATION`]: a parser that sizes a buffer from
 /// an untrusted header would abort this binary instead of passing.
@@ -253,7 +253,7 @@ fn packed_file(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
         CompressionConfig::new(8, 32).unwrap(),
         CompressionConfig::new(2, 16).unwrap(),
     ])?;
-    let packed = strata::compress::quantize(&values, rows, cols, config).unwrap();
+    let packed = strata_runtime::compress::quantize(&values, rows, cols, config).unwrap();
     let bias: Vec<u8> = (0..cols).flat_map(|i| (i as f32).to_le_bytes()).collect();
     Ok(to_packed_bytes(&[
         ("a.weight".to_owned(), StoredTensor::Packed(packed)),
@@ -309,14 +309,14 @@ fn mutated_packed_metadata(u: &mut Unstructured<'_>, file: &[u8]) -> Result<Vec<
 
 #[test]
 fn packed_models_with_broken_headers_are_refused_or_served_safely() {
-    use strata::weights::{model_tensors, WeightSource};
+    use strata_runtime::weights::{model_tensors, WeightSource};
     let tmp = tempfile::tempdir().unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pre-ln-relu");
-    let checkpoint = strata::checkpoint::Checkpoint::open(&dir).unwrap();
+    let checkpoint = strata_runtime::checkpoint::Checkpoint::open(&dir).unwrap();
     let config = *checkpoint.config();
     let good = tmp.path().join("good.packed");
     let packing = CompressionConfig::DEFAULT;
-    strata::checkpoint::write_packed_model(&good, &checkpoint, packing).unwrap();
+    strata_runtime::checkpoint::write_packed_model(&good, &checkpoint, packing).unwrap();
     let good = std::fs::read(good).unwrap();
     let path = tmp.path().join("fuzzed.packed");
     arbtest::arbtest(|u| {
@@ -326,7 +326,9 @@ fn packed_models_with_broken_headers_are_refused_or_served_safely() {
             mutated_safetensors(u, &good)?
         };
         std::fs::write(&path, &bytes).unwrap();
-        if let Ok(weights) = strata::checkpoint::PackedWeights::open(&path, &config, packing) {
+        if let Ok(weights) =
+            strata_runtime::checkpoint::PackedWeights::open(&path, &config, packing)
+        {
             // Accepted: every tensor is served, or refused by name; none panics or reads out of bounds.
             for spec in model_tensors(&config) {
                 let _ = weights.load(&spec);
@@ -348,9 +350,9 @@ fn npy_round_trips_and_garbage_never_panics() {
             .collect::<Result<_>>()?;
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?;
-        let mut bytes = strata::npy::header_f32(&shape);
+        let mut bytes = strata_runtime::npy::header_f32(&shape);
         bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
-        let read = strata::npy::parse_f32(&bytes).unwrap();
+        let read = strata_runtime::npy::parse_f32(&bytes).unwrap();
         assert_eq!(read.shape, shape);
         assert_eq!(
             read.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -361,16 +363,16 @@ fn npy_round_trips_and_garbage_never_panics() {
             let at = u.choose_index(bytes.len())?;
             bytes[at] = u.arbitrary()?;
         }
-        let _ = strata::npy::parse_f32(&bytes);
+        let _ = strata_runtime::npy::parse_f32(&bytes);
         // A well-formed header claiming any shape, with a few data bytes: sized by checked arithmetic, never trusted.
         let claimed: Vec<usize> = (0..u.int_in_range(0..=4)?)
             .map(|_| u.arbitrary())
             .collect::<Result<_>>()?;
-        let mut lying = strata::npy::header_f32(&claimed);
+        let mut lying = strata_runtime::npy::header_f32(&claimed);
         lying.extend_from_slice(&[0; 16]);
-        let _ = strata::npy::parse_f32(&lying);
+        let _ = strata_runtime::npy::parse_f32(&lying);
         let len = u.arbitrary_len::<u8>()?;
-        let _ = strata::npy::parse_f32(u.bytes(len)?);
+        let _ = strata_runtime::npy::parse_f32(u.bytes(len)?);
         Ok(())
     })
     .budget_ms(budget_ms());

@@ -4,20 +4,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use strata::checkpoint::Checkpoint;
-use strata::config::DType;
-use strata::generate::{GenerateOptions, Generator, Sampling};
-use strata::gpu::kernels::ActDtype;
-use strata::gpu::{Gpu, GpuOptions};
-use strata::offload::placement::DeviceLimits;
-use strata::offload::policy::Policy;
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::config::DType;
+use strata_runtime::generate::{GenerateOptions, Generator, Sampling};
+use strata_runtime::gpu::kernels::ActDtype;
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::offload::placement::DeviceLimits;
+use strata_runtime::offload::policy::Policy;
 
 struct Fixture {
     dir: PathBuf,
     prompt_ids: Vec<Vec<u32>>,
     max_new_tokens: usize,
     generated_ids: Vec<Vec<u32>>,
-    logits: strata::npy::NpyF32,
+    logits: strata_runtime::npy::NpyF32,
     reference: serde_json::Value,
 }
 
@@ -37,7 +37,8 @@ fn fixtures() -> Vec<Fixture> {
             prompt_ids: ids("prompt_ids"),
             generated_ids: ids("generated_ids"),
             max_new_tokens: reference["max_new_tokens"].as_u64().unwrap() as usize,
-            logits: strata::npy::read_f32(dir.join(reference["logits"].as_str().unwrap())).unwrap(),
+            logits: strata_runtime::npy::read_f32(dir.join(reference["logits"].as_str().unwrap()))
+                .unwrap(),
             dir,
             reference,
         });
@@ -193,7 +194,7 @@ fn cli_json_text_and_logits_match_transformers() {
     assert_eq!(json["prompt_ids"], f.reference["prompt_ids"]);
     assert_eq!(json["generated_ids"], f.reference["generated_ids"]);
     assert_eq!(json["text"], f.reference["generated_text"]);
-    let dumped = strata::npy::read_f32(&npy).unwrap();
+    let dumped = strata_runtime::npy::read_f32(&npy).unwrap();
     assert_eq!(dumped.shape, f.logits.shape);
     assert!(max_abs_diff(&dumped.data, &f.logits.data) < 1e-3);
 }

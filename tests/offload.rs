@@ -7,11 +7,11 @@ use common::{fixture, gpu, max_abs_diff, options, F32_FIXTURES};
 
 use std::path::Path;
 
-use strata::checkpoint::Checkpoint;
-use strata::generate::{GenerateError, GenerateOutput, Generator};
-use strata::gpu::Gpu;
-use strata::offload::placement::PlacementError;
-use strata::offload::policy::{Percent, Policy, PolicyError};
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::generate::{GenerateError, GenerateOutput, Generator};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::offload::placement::PlacementError;
+use strata_runtime::offload::policy::{Percent, Policy, PolicyError};
 
 fn policy(
     percent: [f64; 6],
@@ -271,8 +271,8 @@ fn unsupported_and_over_cap_policies_are_refused_with_the_flag_to_change() {
 
 #[test]
 fn an_offloaded_homes_write_back_lands_before_it_is_read() {
-    use strata::offload::home::Home;
-    use strata::tiers::{DiskOptions, TensorHome, Tier, TierOptions, Tiers};
+    use strata_runtime::offload::home::Home;
+    use strata_runtime::tiers::{DiskOptions, TensorHome, Tier, TierOptions, Tiers};
     let gpu = gpu();
     let dir = tempfile::tempdir().unwrap();
     let tiers = Tiers::new(

@@ -1,7 +1,7 @@
 //! Bytes once (issue 11, item 2): a decode step moves each offloaded weight byte once per block, whatever the number
 //! of GPU batches, each offloaded cache byte once (rows [0, past) in, the new row out), hidden rows once per layer,
 //! and with CPU attention (over an unpacked or a packed cache) only q, k, v down and the attention output up; counted by the tiers themselves
-//! ([`strata::tiers::Tiers::moved`]) and compared with what the placement and the model's shape say.
+//! ([`strata_runtime::tiers::Tiers::moved`]) and compared with what the placement and the model's shape say.
 
 mod common;
 
@@ -10,11 +10,11 @@ use std::path::Path;
 
 use common::{fixture, gpu, options};
 
-use strata::checkpoint::Checkpoint;
-use strata::generate::Generator;
-use strata::offload::placement::{BufferId, Workload};
-use strata::offload::policy::{Percent, Policy, Transfer};
-use strata::tiers::{CpuPath, Moved, Tier};
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::generate::Generator;
+use strata_runtime::offload::placement::{BufferId, Workload};
+use strata_runtime::offload::policy::{Percent, Policy, Transfer};
+use strata_runtime::tiers::{CpuPath, Moved, Tier};
 
 /// What one decode step should move for `p` (no disk cache or activations: their bytes are those of the CPU ones).
 struct Expect {

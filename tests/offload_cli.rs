@@ -129,7 +129,9 @@ fn policy_auto_keeps_attention_sparsity() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let logits = strata::npy::read_f32(tmp.path().join(npy)).unwrap().data;
+        let logits = strata_runtime::npy::read_f32(tmp.path().join(npy))
+            .unwrap()
+            .data;
         (v["generated_ids"].clone(), logits)
     };
     let (auto_ids, auto_logits) = run(&["--policy", "auto", "--gpu-mem", "1GiB"], "auto.npy");
@@ -145,7 +147,7 @@ fn policy_auto_keeps_attention_sparsity() {
         "auto vs all-GPU sparse logits differ by {diff}"
     );
     // Sparsity really applied: the dense reference's logits are elsewhere.
-    let dense = strata::npy::read_f32(dir.join(reference["logits"].as_str().unwrap()))
+    let dense = strata_runtime::npy::read_f32(dir.join(reference["logits"].as_str().unwrap()))
         .unwrap()
         .data;
     let from_dense = auto_logits

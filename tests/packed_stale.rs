@@ -7,11 +7,11 @@ mod common;
 use std::path::Path;
 
 use common::{fixture, generate_command};
-use strata::checkpoint::Checkpoint;
-use strata::checkpoint::{write_packed_model, PackedWeights};
-use strata::compress::CompressionConfig;
-use strata::config::OptConfig;
-use strata::weights::{HostTensor, TensorSpec, WeightError, WeightSource};
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::checkpoint::{write_packed_model, PackedWeights};
+use strata_runtime::compress::CompressionConfig;
+use strata_runtime::config::OptConfig;
+use strata_runtime::weights::{HostTensor, TensorSpec, WeightError, WeightSource};
 
 /// No biases, no layer-norm weights: every tensor but the embeddings is a packed matrix.
 const NO_BIAS: &str = "gelu-no-bias";

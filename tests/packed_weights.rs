@@ -8,16 +8,16 @@ use common::{fixture, generate_command, gpu, options};
 
 use std::path::{Path, PathBuf};
 
-use strata::checkpoint::Checkpoint;
-use strata::checkpoint::{write_packed_model, PackedWeights};
-use strata::compress::CompressionConfig;
-use strata::compress::PackedRef;
-use strata::config::OptConfig;
-use strata::generate::{GenerateOutput, Generator};
-use strata::gpu::tensor::{GpuMatrix, WeightFormat};
-use strata::gpu::{Gpu, GpuOptions};
-use strata::offload::policy::{Percent, Policy};
-use strata::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::checkpoint::{write_packed_model, PackedWeights};
+use strata_runtime::compress::CompressionConfig;
+use strata_runtime::compress::PackedRef;
+use strata_runtime::config::OptConfig;
+use strata_runtime::generate::{GenerateOutput, Generator};
+use strata_runtime::gpu::tensor::{GpuMatrix, WeightFormat};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::offload::policy::{Percent, Policy};
+use strata_runtime::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 
 /// A packed checkpoint that refuses to serve a matrix as numbers: loading through it proves nothing is quantised.
 struct WordsOnly<'a>(&'a PackedWeights);
@@ -158,7 +158,7 @@ fn packed_words_are_sliced_into_the_same_row_chunks_as_quantising_gives() {
         let mut chunks = Vec::new();
         for source in [&checkpoint as &dyn WeightSource, &packed] {
             let mut out = Vec::new();
-            let matrix = GpuMatrix::build_from_source::<strata::model::ModelError>(
+            let matrix = GpuMatrix::build_from_source::<strata_runtime::model::ModelError>(
                 &gpu,
                 source,
                 spec,
@@ -210,7 +210,7 @@ fn a_file_packed_with_other_settings_or_for_another_model_is_refused() {
     // The same architecture with other weights (synthetic ones): the shared biases and norms tell them apart.
     let packed = PackedWeights::open(&path, checkpoint.config(), packing).unwrap();
     packed.check_source(&checkpoint).unwrap();
-    let other = strata::dummy::DummyWeights::new(*checkpoint.config());
+    let other = strata_runtime::dummy::DummyWeights::new(*checkpoint.config());
     let err = packed.check_source(&other).unwrap_err().to_string();
     assert!(
         err.contains(&path.display().to_string()) && err.contains("other weights"),
@@ -254,7 +254,7 @@ fn the_cli_writes_the_packed_file_once_and_reuses_it() {
         );
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let ids = json["generated_ids"].clone();
-        (ids, strata::npy::read_f32(&npy).unwrap().data)
+        (ids, strata_runtime::npy::read_f32(&npy).unwrap().data)
     };
     let first = run("first.npy");
     let meta = std::fs::metadata(&packed).expect("the first run writes the file");
@@ -291,7 +291,7 @@ fn the_cli_writes_the_packed_file_once_and_reuses_it() {
     assert_eq!(
         (
             json["generated_ids"].clone(),
-            strata::npy::read_f32(&npy).unwrap().data
+            strata_runtime::npy::read_f32(&npy).unwrap().data
         ),
         first
     );

@@ -21,14 +21,14 @@ use std::process::Command;
 
 use common::{fixture, gpu, F32_FIXTURES};
 
-use strata::checkpoint::Checkpoint;
-use strata::compress::CompressionConfig;
-use strata::generate::{GenerateOptions, Generator, Sampling};
-use strata::gpu::Gpu;
-use strata::offload::ledger::AllocatorCheck;
-use strata::offload::placement::{BufferId, BufferSpec, Workload};
-use strata::offload::policy::{Percent, Policy};
-use strata::offload::Tier;
+use strata_runtime::checkpoint::Checkpoint;
+use strata_runtime::compress::CompressionConfig;
+use strata_runtime::generate::{GenerateOptions, Generator, Sampling};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::offload::ledger::AllocatorCheck;
+use strata_runtime::offload::placement::{BufferId, BufferSpec, Workload};
+use strata_runtime::offload::policy::{Percent, Policy};
+use strata_runtime::offload::Tier;
 
 /// One policy of the matrix, for `n` prompts.
 struct Case {
@@ -141,7 +141,7 @@ fn policy(case: &Case, n: usize, dir: &Path) -> Policy {
 #[derive(Default)]
 struct Held {
     live: Vec<BufferSpec>,
-    staging: [u64; strata::gpu::kernels::STAGING_SLOTS],
+    staging: [u64; strata_runtime::gpu::kernels::STAGING_SLOTS],
     allocator: Option<AllocatorCheck>,
 }
 

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use strata::hardware::HardwareProfile;
+use strata_runtime::hardware::HardwareProfile;
 
 const ALL_FIELDS: [&str; 13] = [
     "ctog",
@@ -100,7 +100,7 @@ fn profile_defaults_to_the_adapter_cache_file() {
     let p = HardwareProfile::load(&files[0]).unwrap();
     assert_eq!(
         files[0].file_name().unwrap().to_str().unwrap(),
-        format!("{}.toml", strata::hardware::adapter_slug(&p.name))
+        format!("{}.toml", strata_runtime::hardware::adapter_slug(&p.name))
     );
     assert!(stdout.contains(files[0].to_str().unwrap()), "{stdout}");
     // Skipped disk fields keep the base profile's values and are not listed as measured.

@@ -3,8 +3,8 @@
 use std::borrow::Cow;
 
 use strata::typed::{layer_norm, linear, Activations, LoadError, ShapeError};
-use strata::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 use strata::{Activation, ModelSpec, OptConfig};
+use strata_runtime::weights::{model_tensors, HostTensor, TensorSpec, WeightError, WeightSource};
 
 mod tiny {
     // No `features` option: a user's specs are always compiled in.

@@ -1,4 +1,6 @@
-//! strata's runtime: everything that runs an OPT model.
+//! strata's runtime: everything that runs an OPT model. This is strata's internal engine, not a stable API: its
+//! modules are public for the `strata` binary, the tests and the fuzz targets only. Programs use the `strata` crate
+//! (`strata::Engine`, `strata::Error`, `strata::models`), which exposes a curated, documented API over it.
 //!
 //! The crate is organised by concern, one owner each:
 //! - what a model is: [`config`] (an architecture and its memory), [`weights`] (the tensors a config needs and the

@@ -3,12 +3,12 @@
 //! profile (measured with a progress bar the first time).
 
 use anyhow::{bail, Context};
-use strata::config::OptConfig;
-use strata::cost_model::auto::{auto_policy, AutoChoice, AutoOptions, ProfileSource};
-use strata::gpu::Gpu;
-use strata::hardware::measure::{step_count, MeasureOptions};
-use strata::offload::placement::{Caps, Workload};
-use strata::offload::policy::{format_bytes, CompressionConfig, Policy};
+use strata_runtime::config::OptConfig;
+use strata_runtime::cost_model::auto::{auto_policy, AutoChoice, AutoOptions, ProfileSource};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::hardware::measure::{step_count, MeasureOptions};
+use strata_runtime::offload::placement::{Caps, Workload};
+use strata_runtime::offload::policy::{format_bytes, CompressionConfig, Policy};
 
 use super::policy_args::PolicyArgs;
 use super::profile::step_progress;

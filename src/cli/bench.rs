@@ -8,13 +8,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use strata::config::DType;
-use strata::generate::{GenerateOptions, Generator, Sampling};
-use strata::gpu::{Gpu, GpuOptions};
-use strata::offload::ledger::AllocatorCheck;
-use strata::offload::placement::{DeviceLimits, Placement, Workload};
-use strata::offload::policy::format_bytes;
-use strata::weights::WeightSource;
+use strata_runtime::config::DType;
+use strata_runtime::generate::{GenerateOptions, Generator, Sampling};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::offload::ledger::AllocatorCheck;
+use strata_runtime::offload::placement::{DeviceLimits, Placement, Workload};
+use strata_runtime::offload::policy::format_bytes;
+use strata_runtime::weights::WeightSource;
 
 use super::auto::resolve_auto;
 use super::bench_transfers::{phase_json, phase_text, Ceiling};
@@ -198,7 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &args.policy,
         )?,
     };
-    let policy = strata::offload::policy::Policy {
+    let policy = strata_runtime::offload::policy::Policy {
         weight_dtype: args.dtype,
         ..policy
     };
@@ -297,7 +297,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let gpu_weights = generator.model().gpu_bytes() + generator.layers().resident_bytes();
     let planned = memory.allocated();
     let profile = match &args.pcie_profile {
-        Some(path) => Some(strata::hardware::HardwareProfile::load(path)?),
+        Some(path) => Some(strata_runtime::hardware::HardwareProfile::load(path)?),
         None => Ceiling::profile(&gpu.info.name),
     };
     let ceiling = profile

@@ -4,13 +4,13 @@
 //! the kernels chose is reported beside the portable kernel, with the reason for the choice.
 
 use anyhow::bail;
-use strata::gpu::kernels::bench::{
+use strata_runtime::gpu::kernels::bench::{
     attention_bench_shapes, bench_attention, bench_linear, linear_bench_shapes, Clock,
 };
-use strata::gpu::kernels::{ActDtype, CacheDtype, KernelOptions, Kernels, Variant};
-use strata::gpu::tensor::WeightFormat;
-use strata::gpu::{Gpu, GpuOptions};
-use strata::hardware::DevicePeak;
+use strata_runtime::gpu::kernels::{ActDtype, CacheDtype, KernelOptions, Kernels, Variant};
+use strata_runtime::gpu::tensor::WeightFormat;
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::hardware::DevicePeak;
 
 use super::process::outln;
 
@@ -149,7 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if shape_name.starts_with("decode") {
             vec![
                 WeightFormat::F16,
-                WeightFormat::Packed(strata::compress::CompressionConfig::default()),
+                WeightFormat::Packed(strata_runtime::compress::CompressionConfig::default()),
             ]
         } else {
             vec![WeightFormat::F16]

@@ -3,9 +3,9 @@
 //! GPU's own time in transfer submits (timestamps, where the device writes them), and
 //! the PCIe-bound ceiling of the decode phase from the adapter's cached hardware profile (`strata profile`).
 
-use strata::hardware::{default_profile_path, HardwareProfile};
-use strata::offload::policy::format_bytes;
-use strata::tiers::{Moved, Tier};
+use strata_runtime::hardware::{default_profile_path, HardwareProfile};
+use strata_runtime::offload::policy::format_bytes;
+use strata_runtime::tiers::{Moved, Tier};
 
 const GIB: f64 = (1u64 << 30) as f64;
 

@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use anyhow::bail;
-use strata::config::OptConfig;
-use strata::gpu::memory::{device_memory, DeviceMemory};
-use strata::gpu::Gpu;
-use strata::offload::placement::TierBytes;
-use strata::offload::policy::format_bytes;
+use strata_runtime::config::OptConfig;
+use strata_runtime::gpu::memory::{device_memory, DeviceMemory};
+use strata_runtime::gpu::Gpu;
+use strata_runtime::offload::placement::TierBytes;
+use strata_runtime::offload::policy::format_bytes;
 
 /// Removes what runs that did not finish (SIGKILL, the OOM killer, a power cut) left in the offload directory, and
 /// says so: every run directory no live process holds locked. Live runs sharing the directory are left alone.
@@ -16,7 +16,7 @@ pub fn dead_runs(offload_dir: Option<&Path>) {
     let Some(dir) = offload_dir else {
         return;
     };
-    for dead in strata::tiers::remove_dead_runs(dir) {
+    for dead in strata_runtime::tiers::remove_dead_runs(dir) {
         let owner = if dead.owner.is_empty() {
             String::new()
         } else {

@@ -1,10 +1,10 @@
 //! One block of completion requests through a [`Generator`]: each request with its own length, token choice and stop
 //! strings, text streamed as it is produced. `generate`, its batch jobs and `serve` all run requests through here.
 
-use strata::generate::{
+use strata_runtime::generate::{
     FinishReason, GenerateOptions, Generator, Sampling, StepTokens, TokenChoice,
 };
-use strata::tokenizer::Tokenizer;
+use strata_runtime::tokenizer::Tokenizer;
 
 /// One prompt to complete.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,7 +37,7 @@ pub struct BlockOutput {
     pub completions: Vec<Completion>,
     /// Seconds of each step (0: prefill).
     pub step_seconds: Vec<f64>,
-    /// With `record_logits`: float32 `[steps, requests, vocab]` (see [`strata::generate::GenerateOutput`]).
+    /// With `record_logits`: float32 `[steps, requests, vocab]` (see [`strata_runtime::generate::GenerateOutput`]).
     pub logits: Option<Vec<f32>>,
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use strata::convert::{convert_pytorch, ConvertOptions};
-use strata::offload::policy::{format_bytes, parse_bytes};
+use strata_runtime::offload::policy::{format_bytes, parse_bytes};
 
 use super::process::outln;
 

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use strata::config::DType;
-use strata::generate::{GenerateError, Generator};
-use strata::gpu::{Gpu, GpuOptions};
-use strata::offload::placement::{largest_gpu_batch, DeviceLimits, Placement, Workload};
-use strata::tokenizer::Tokenizer;
-use strata::weights::WeightSource;
+use strata_runtime::config::DType;
+use strata_runtime::generate::{GenerateError, Generator};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::offload::placement::{largest_gpu_batch, DeviceLimits, Placement, Workload};
+use strata_runtime::tokenizer::Tokenizer;
+use strata_runtime::weights::WeightSource;
 
 use super::auto::resolve_auto;
 use super::checks;
@@ -88,15 +88,15 @@ pub struct Args {
 pub(super) fn packed_source(
     path: &Path,
     source: Box<dyn WeightSource>,
-    packed: strata::compress::CompressionConfig,
+    packed: strata_runtime::compress::CompressionConfig,
 ) -> anyhow::Result<Box<dyn WeightSource>> {
     let existed = path.exists();
     if !existed {
-        if let Some(bytes) = strata::checkpoint::packed::abandoned_partial(path) {
+        if let Some(bytes) = strata_runtime::checkpoint::packed::abandoned_partial(path) {
             eprintln!(
                 "strata: {}.part ({}) was left by a run that did not finish; writing it anew",
                 path.display(),
-                strata::offload::policy::format_bytes(bytes)
+                strata_runtime::offload::policy::format_bytes(bytes)
             );
         }
         eprintln!(
@@ -105,7 +105,7 @@ pub(super) fn packed_source(
             packed.group_size,
             path.display()
         );
-        strata::checkpoint::write_packed_model_with_progress(
+        strata_runtime::checkpoint::write_packed_model_with_progress(
             path,
             source.as_ref(),
             packed,
@@ -113,7 +113,7 @@ pub(super) fn packed_source(
         )
         .with_context(|| format!("writing packed weights to {}", path.display()))?;
     }
-    let weights = strata::checkpoint::PackedWeights::open(path, source.config(), packed)
+    let weights = strata_runtime::checkpoint::PackedWeights::open(path, source.config(), packed)
         .with_context(|| format!("--packed-weights {}", path.display()))?;
     if existed {
         weights
@@ -129,11 +129,11 @@ fn compression(
     bits: u8,
     group_size: usize,
     flag: &str,
-) -> anyhow::Result<Option<strata::compress::CompressionConfig>> {
+) -> anyhow::Result<Option<strata_runtime::compress::CompressionConfig>> {
     if !on {
         return Ok(None);
     }
-    let config = strata::compress::CompressionConfig::new(bits, group_size)
+    let config = strata_runtime::compress::CompressionConfig::new(bits, group_size)
         .with_context(|| format!("{flag} with {bits} bits in groups of {group_size}"))?;
     Ok(Some(config))
 }
@@ -483,7 +483,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let (Some(path), Some(logits)) = (&args.dump_logits, &block.logits) {
         let shape = [block.step_seconds.len(), prompts.len(), config.vocab_size];
-        strata::npy::write_f32(path, &shape, logits).with_context(|| {
+        strata_runtime::npy::write_f32(path, &shape, logits).with_context(|| {
             format!(
                 "writing the logits to {} (the tokens are above)",
                 path.display()

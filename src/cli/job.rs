@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use strata::config::OptConfig;
-use strata::generate::{Generator, Sampling, TokenChoice};
-use strata::tokenizer::Tokenizer;
+use strata_runtime::config::OptConfig;
+use strata_runtime::generate::{Generator, Sampling, TokenChoice};
+use strata_runtime::tokenizer::Tokenizer;
 
 use super::complete::{run_block, Control, Request};
 use super::process::{pause_point, uninterrupted};

@@ -7,11 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
-use strata::checkpoint::{self, Checkpoint};
-use strata::config::OptConfig;
-use strata::dummy::DummyWeights;
-use strata::weights::WeightSource;
 use strata::UnknownModel;
+use strata_runtime::checkpoint::{self, Checkpoint};
+use strata_runtime::config::OptConfig;
+use strata_runtime::dummy::DummyWeights;
+use strata_runtime::weights::WeightSource;
 
 /// The model a run uses and where its weights come from.
 #[derive(Debug)]

@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use strata::config::OptConfig;
-use strata::cost_model::{self, Choice, CostModelKind, Problem, SearchKind, DEFAULT_MAX_BLOCK};
-use strata::hardware::HardwareProfile;
-use strata::offload::placement::{outside_layer_bytes, Caps, TierBytes, Workload};
-use strata::offload::policy::{format_bytes, format_bytes_exact, parse_bytes, Policy};
-use strata::offload::Tier;
+use strata_runtime::config::OptConfig;
+use strata_runtime::cost_model::{
+    self, Choice, CostModelKind, Problem, SearchKind, DEFAULT_MAX_BLOCK,
+};
+use strata_runtime::hardware::HardwareProfile;
+use strata_runtime::offload::placement::{outside_layer_bytes, Caps, TierBytes, Workload};
+use strata_runtime::offload::policy::{format_bytes, format_bytes_exact, parse_bytes, Policy};
+use strata_runtime::offload::Tier;
 
 use super::headings;
 use super::policy_args::PolicyArgs;

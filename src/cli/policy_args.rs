@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::ArgAction;
 
 use super::headings;
-use strata::offload::policy::{
+use strata_runtime::offload::policy::{
     parse_bytes, CompressionConfig, Percent, Policy, PolicyError, Transfer,
 };
 

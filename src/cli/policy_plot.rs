@@ -1,14 +1,14 @@
 //! `strata policy --plot FILE.svg`: the chosen policy's placement (GiB per tier for weights, KV cache, activations
 //! and working buffers, from strata's memory plan) and its predicted time split (each time constraint of the cost
-//! model at the chosen fractions: compute and each fraction's transfers, `strata::cost_model::time_split`).
+//! model at the chosen fractions: compute and each fraction's transfers, `strata_runtime::cost_model::time_split`).
 
 use std::path::Path;
 
 use serde_json::json;
-use strata::config::OptConfig;
-use strata::cost_model::{Choice, Lane, TimeSplit, COMPUTE, FRACTION_NAMES};
-use strata::hardware::HardwareProfile;
-use strata::offload::placement::TierBytes;
+use strata_runtime::config::OptConfig;
+use strata_runtime::cost_model::{Choice, Lane, TimeSplit, COMPUTE, FRACTION_NAMES};
+use strata_runtime::hardware::HardwareProfile;
+use strata_runtime::offload::placement::TierBytes;
 
 use super::plot::{self, Bar, BarPanel};
 

@@ -52,8 +52,8 @@ const RUNTIME_DIR_OWNER: &str = "owner.lock";
 /// for them, a packed checkpoint's `.part` being written, the private runtime directory. Safe to call more than once
 /// and from any thread.
 pub fn remove_run_files() {
-    strata::tiers::cleanup_all();
-    strata::checkpoint::remove_partial_files();
+    strata_runtime::tiers::cleanup_all();
+    strata_runtime::checkpoint::remove_partial_files();
     let dir = RUNTIME_DIR.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some((dir, _owner)) = dir {
         let _ = std::fs::remove_dir_all(dir);

@@ -10,10 +10,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata::gpu::{Gpu, GpuOptions};
-use strata::hardware::gpu_probe::RuntimeProbe;
-use strata::hardware::measure::{profile_machine, step_count, GpuField, GpuProbe, MeasureOptions};
-use strata::hardware::{default_profile_path, HardwareProfile};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::hardware::gpu_probe::RuntimeProbe;
+use strata_runtime::hardware::measure::{
+    profile_machine, step_count, GpuField, GpuProbe, MeasureOptions,
+};
+use strata_runtime::hardware::{default_profile_path, HardwareProfile};
 
 use super::checks;
 use super::policy_args::parse_size;

@@ -5,7 +5,7 @@
 use anyhow::bail;
 
 use super::headings;
-use strata::generate::{Sampling, TokenChoice};
+use strata_runtime::generate::{Sampling, TokenChoice};
 
 /// Sampling flags.
 #[derive(clap::Args, Clone, Debug, Default)]

@@ -26,11 +26,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use strata::config::{DType, OptConfig};
-use strata::generate::{FinishReason, Generator};
-use strata::gpu::{Gpu, GpuOptions};
-use strata::offload::policy::Policy;
-use strata::tokenizer::Tokenizer;
+use strata_runtime::config::{DType, OptConfig};
+use strata_runtime::generate::{FinishReason, Generator};
+use strata_runtime::gpu::{Gpu, GpuOptions};
+use strata_runtime::offload::policy::Policy;
+use strata_runtime::tokenizer::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::auto::resolve_auto;

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use strata::generate::{GenerateOptions, Sampling};
-use strata::gpu::{Gpu, GpuOptions};
+use strata_runtime::generate::{GenerateOptions, Sampling};
+use strata_runtime::gpu::{Gpu, GpuOptions};
 
 /// The f32 fixtures of tests/fixtures (exact comparisons hold on them).
 pub const F32_FIXTURES: [&str; 3] = ["pre-ln-relu", "post-ln-proj", "gelu-no-bias"];
