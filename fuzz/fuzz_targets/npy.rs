@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|bytes: &[u8]| {
-    let _ = strata::npy::parse_f32(bytes);
+    let _ = strata_runtime::npy::parse_f32(bytes);
 });

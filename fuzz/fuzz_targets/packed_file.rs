@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|bytes: &[u8]| {
-    let _ = strata::compress::from_packed_bytes(bytes);
+    let _ = strata_runtime::checkpoint::from_packed_bytes(bytes);
 });

@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|bytes: &[u8]| {
-    let _ = strata::checkpoint::check_safetensors(bytes);
+    let _ = strata_runtime::checkpoint::check_safetensors(bytes);
 });

@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|text: &str| {
-    let _ = strata::checkpoint::parse_index_json(text);
+    let _ = strata_runtime::checkpoint::parse_index_json(text);
 });

@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|text: &str| {
-    let _ = strata::policy::parse_bytes(text);
+    let _ = strata_runtime::offload::policy::parse_bytes(text);
 });

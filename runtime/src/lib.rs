@@ -20,7 +20,7 @@ pub mod compress;
 pub mod config;
 pub mod cost_model;
 pub mod dummy;
-pub mod fault;
+pub(crate) mod fault;
 pub mod generate;
 pub mod gpu;
 pub mod hardware;
