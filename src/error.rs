@@ -2,7 +2,8 @@
 //!
 //! Every fallible function of the facade returns [`Result`]. Each runtime failure keeps its own typed error as the
 //! variant's payload (and as [`std::error::Error::source`]), so a caller can match on what went wrong; printing an
-//! [`Error`] gives one sentence that says what to do.
+//! [`Error`] gives one sentence that says what to do. The error types the variants carry, and those they carry in
+//! turn, are re-exported here so that a caller can name them.
 
 use std::path::PathBuf;
 
@@ -17,6 +18,16 @@ pub use strata_runtime::generate::GenerateError;
 pub use strata_runtime::gpu::GpuError;
 pub use strata_runtime::offload::policy::PolicyError;
 pub use strata_runtime::tokenizer::TokenizerError;
+// What the errors above carry, for callers that match deeper.
+pub use strata_runtime::compress::CompressError;
+pub use strata_runtime::cost_model::CostModelError;
+pub use strata_runtime::hardware::measure::MeasureError;
+pub use strata_runtime::hardware::HardwareError;
+pub use strata_runtime::model::ModelError;
+pub use strata_runtime::offload::placement::{CapError, CapExceeded, PlacementError};
+pub use strata_runtime::offload::OffloadError;
+pub use strata_runtime::tiers::{Tier, TierError};
+pub use strata_runtime::weights::WeightError;
 
 /// `Result` with strata's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -77,7 +88,10 @@ pub enum Error {
         reason: String,
     },
     /// Text was given to a model without a usable tokenizer.
-    #[error("`{model}` has no tokenizer ({reason}): give token ids with `Engine::generate_ids`, or a model directory with tokenizer.json")]
+    #[error(
+        "`{model}` has no tokenizer ({reason}): give token ids with `Engine::generate_ids`, or a model directory \
+         with tokenizer.json"
+    )]
     NoTokenizer {
         /// The model.
         model: String,

@@ -50,12 +50,16 @@ pub use strata_runtime::offload::policy::{
 };
 pub use strata_runtime::tokenizer::Tokenizer;
 
-/// Weight sources: what [`ModelSpec::load_weights`] and the [`typed`] loader read tensors from.
+/// Weight sources: what [`ModelSpec::load_weights`] and the [`typed`] loader read tensors from (a
+/// [`Checkpoint`](weights::Checkpoint), [`DummyWeights`](weights::DummyWeights), or a
+/// [`WeightSource`](weights::WeightSource) of your own), and the names of a model's tensors.
 pub mod weights {
     pub use strata_runtime::checkpoint::Checkpoint;
+    pub use strata_runtime::compress::{PackedLayout, PackedRef};
     pub use strata_runtime::dummy::DummyWeights;
     pub use strata_runtime::weights::{
-        model_tensors, HostTensor, TensorSpec, WeightError, WeightSource,
+        model_tensors, HostTensor, LayerPart, LayerTensor, ModelTensor, Param, TensorId,
+        TensorRole, TensorSpec, WeightError, WeightSource,
     };
 }
 

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use strata::models::Opt125m;
+use strata::weights::{model_tensors, Checkpoint, WeightSource};
 use strata::{
     AutoPolicy, Engine, EngineOptions, Error, FinishReason, GenerateOptions, Percent, Policy,
     PolicyChoice,
@@ -12,6 +13,11 @@ use strata::{
 
 #[path = "../examples/generate.rs"]
 mod example;
+
+/// The trained fixture's architecture as a compile-time model, `specs::Trained`.
+mod specs {
+    strata::include_specs!("tests/specs/engine");
+}
 
 /// The trained fixture's directory and its transformers reference.
 fn trained() -> (PathBuf, serde_json::Value) {
@@ -207,6 +213,41 @@ fn a_typed_engine_refuses_another_architecture() {
     assert_eq!(typed.config().hidden_size, 768);
 }
 
+/// A typed engine of the checkpoint's own architecture generates as the untyped one does, and its shape-typed
+/// weights are the checkpoint's tensors.
+#[test]
+fn a_typed_engine_of_the_right_architecture_generates_and_gives_typed_weights() {
+    let (dir, reference) = trained();
+    let mut engine = open(&dir).typed::<specs::Trained>().unwrap();
+    let out = engine
+        .generate(
+            &strings(&reference["prompts"]),
+            reference_options(&reference),
+        )
+        .unwrap();
+    let generated: Vec<Vec<u32>> = out.into_iter().map(|g| g.token_ids).collect();
+    assert_eq!(generated, ids(&reference["generated_ids"]));
+
+    let weights = engine.typed_weights().unwrap();
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let fc1 = model_tensors(engine.config())
+        .into_iter()
+        .find(|t| t.name == "decoder.layers.3.fc1.weight")
+        .unwrap();
+    let stored = checkpoint.load(&fc1).unwrap();
+    assert_eq!(stored.shape, [512, 128]);
+    let stored: Vec<f32> = le_f32(&stored.bytes);
+    assert_eq!(weights.layers[3].fc1.weight.to_f32(), stored);
+}
+
+/// Little-endian f32 bytes as values.
+fn le_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
 /// A built-in name needs `dummy` said explicitly; an unknown name is an unknown model, not a download.
 #[test]
 fn names_without_weights_are_clear_errors() {
@@ -221,6 +262,16 @@ fn names_without_weights_are_clear_errors() {
     let err = Engine::from_pretrained(tmp.path().to_str().unwrap(), EngineOptions::default())
         .unwrap_err();
     assert!(matches!(err, Error::NotAModel { .. }), "{err:?}");
+    // Synthetic weights have no tokenizer: text prompts are refused before anything is uploaded.
+    let dummy = EngineOptions {
+        dummy: true,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::from_pretrained("opt-125m", dummy).unwrap();
+    let err = engine
+        .generate(&["Hello"], GenerateOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::NoTokenizer { .. }), "{err:?}");
 }
 
 /// `examples/generate.rs` produces the trained model's greedy continuation of its default prompt: the text
