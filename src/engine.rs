@@ -43,8 +43,8 @@ pub struct EngineOptions {
     pub dummy: bool,
     /// The GPU: the first adapter whose name contains this (case-insensitive); `WGPU_ADAPTER_NAME` when `None`.
     pub adapter: Option<String>,
-    /// Where Hub ids download to and from; `None`: [`HubOptions::from_env`] (`HF_HOME`, `HF_ENDPOINT`,
-    /// `HF_TOKEN`, `HF_HUB_OFFLINE`).
+    /// Where Hub ids download to and from; `None`: [`HubOptions::default`], the environment's (`HF_HOME`,
+    /// `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
     pub hub: Option<HubOptions>,
 }
 
@@ -153,7 +153,8 @@ impl Engine<Dynamic> {
     /// Opens a model, the way Hugging Face's `from_pretrained` does:
     ///
     /// - a model directory (config.json, safetensors weights, tokenizer files): a path with a separator
-    ///   (`./opt-125m`, `~/models/opt-1.3b` expanded), or a bare name that is no built-in model;
+    ///   (`./opt-125m`, `/models/opt-1.3b`), or a bare name that is no built-in model (a built-in name wins over a
+    ///   same-named directory: pass `./opt-125m` for the directory);
     /// - a Hub id (`facebook/opt-1.3b`, no such path): downloaded into the Hugging Face cache, PyTorch weights
     ///   converted to safetensors on the way ([`crate::hub`]);
     /// - a built-in architecture (`opt-1.3b`, [`crate::models`]) with synthetic weights, only with
@@ -222,7 +223,7 @@ fn open_source(
             reason: format!("it has no {}", checkpoint::CONFIG_FILE),
         });
     } else if !path.exists() && !options.dummy && hub::is_hub_id(arg) {
-        let hub_options = options.hub.clone().unwrap_or_else(HubOptions::from_env);
+        let hub_options = options.hub.clone().unwrap_or_default();
         Some(hub::download(arg, &hub_options)?)
     } else {
         None

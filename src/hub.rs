@@ -71,6 +71,13 @@ impl HubOptions {
     }
 }
 
+/// [`HubOptions::from_env`].
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions::from_env()
+    }
+}
+
 /// Why a model could not be had from the Hub.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use strata::hub::HubOptions;
 use strata::models::Opt125m;
 use strata::weights::{model_tensors, Checkpoint, WeightSource};
 use strata::{
@@ -272,6 +273,35 @@ fn names_without_weights_are_clear_errors() {
         .generate(&["Hello"], GenerateOptions::default())
         .unwrap_err();
     assert!(matches!(err, Error::NoTokenizer { .. }), "{err:?}");
+}
+
+/// A Hub id goes to the Hub given in the options: an unreachable endpoint with an empty cache is `Error::Hub`,
+/// naming the model and the endpoint.
+#[test]
+fn a_hub_id_downloads_through_the_given_endpoint() {
+    let cache = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let options = EngineOptions {
+        hub: Some(HubOptions {
+            endpoint: endpoint.clone(),
+            cache_dir: cache.path().to_path_buf(),
+            token: None,
+            offline: false,
+            progress: false,
+        }),
+        ..EngineOptions::default()
+    };
+    let err = Engine::from_pretrained("facebook/opt-125m", options).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::Hub(_)), "{err:?}");
+    assert!(message.contains("facebook/opt-125m"), "{message}");
+    assert!(message.contains(&endpoint), "{message}");
 }
 
 /// `examples/generate.rs` produces the trained model's greedy continuation of its default prompt: the text
