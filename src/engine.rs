@@ -160,10 +160,10 @@ impl Engine<Dynamic> {
     /// - a built-in architecture (`opt-1.3b`, [`crate::models`]) with synthetic weights, only with
     ///   [`EngineOptions::dummy`].
     ///
-    /// Opens the GPU and maps the weights (headers only); nothing is uploaded until the first generation.
-    pub fn from_pretrained(name_or_path: impl AsRef<str>, options: EngineOptions) -> Result<Self> {
-        let arg = name_or_path.as_ref();
-        let (source, dir) = open_source(arg, &options)?;
+    /// `name_or_path` is a `&str`, a `String` or a `Path`. Opens the GPU and maps the weights (headers only);
+    /// nothing is uploaded until the first generation.
+    pub fn from_pretrained(name_or_path: impl AsRef<Path>, options: EngineOptions) -> Result<Self> {
+        let (source, dir) = open_source(name_or_path.as_ref(), &options)?;
         let tokenizer = match &dir {
             Some(dir) => Tokenizer::from_dir(dir).map_err(|e| e.to_string()),
             None => Err("synthetic weights have no tokenizer".to_owned()),
@@ -210,10 +210,11 @@ impl Engine<Dynamic> {
 
 /// The weights `arg` names and the directory they come from (none for synthetic weights of a built-in name).
 fn open_source(
-    arg: &str,
+    path: &Path,
     options: &EngineOptions,
 ) -> Result<(Box<dyn WeightSource>, Option<PathBuf>)> {
-    let path = Path::new(arg);
+    // Names and Hub ids are UTF-8; a path that is not never matches one.
+    let arg = &*path.to_string_lossy();
     let has_config = path.join(checkpoint::CONFIG_FILE).is_file();
     let dir = if has_config && (is_path(arg) || crate::get_opt_config(arg).is_err()) {
         Some(path.to_path_buf())

@@ -45,7 +45,7 @@ fn reference_options(reference: &serde_json::Value) -> GenerateOptions {
 }
 
 fn open(dir: &Path) -> Engine {
-    Engine::from_pretrained(dir.to_str().unwrap(), EngineOptions::default()).unwrap()
+    Engine::from_pretrained(dir, EngineOptions::default()).unwrap()
 }
 
 /// Text prompts through the engine give transformers' prompt ids, generated ids and generated text.
@@ -260,8 +260,7 @@ fn names_without_weights_are_clear_errors() {
     let err = Engine::from_pretrained("opt-125", EngineOptions::default()).unwrap_err();
     assert!(matches!(err, Error::UnknownModel(_)), "{err:?}");
     let tmp = tempfile::tempdir().unwrap();
-    let err = Engine::from_pretrained(tmp.path().to_str().unwrap(), EngineOptions::default())
-        .unwrap_err();
+    let err = Engine::from_pretrained(tmp.path(), EngineOptions::default()).unwrap_err();
     assert!(matches!(err, Error::NotAModel { .. }), "{err:?}");
     // Synthetic weights have no tokenizer: text prompts are refused before anything is uploaded.
     let dummy = EngineOptions {
