@@ -14,6 +14,8 @@
 //!   CPU / disk storage and transfers), [`compress`] (group-wise 4-bit weights and KV cache);
 //! - choosing a policy: [`hardware`] (a machine's speeds) and [`cost_model`] (the fastest policy that fits).
 #![deny(missing_docs)]
+// These docs are for the engine's maintainers, so they link its crate-private modules too.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod checkpoint;
 pub mod compress;

@@ -7,7 +7,7 @@
 pub mod kernels;
 pub mod memory;
 pub mod tensor;
-pub mod timer;
+pub(crate) mod timer;
 
 use std::sync::{Arc, Mutex};
 

@@ -21,9 +21,9 @@ pub mod home;
 pub mod ledger;
 pub mod placement;
 pub mod policy;
-pub mod run;
-pub mod schedule;
-pub mod weights;
+pub(crate) mod run;
+pub(crate) mod schedule;
+pub(crate) mod weights;
 
 pub use crate::tiers::Tier;
 

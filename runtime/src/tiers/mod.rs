@@ -46,11 +46,11 @@
 //! Sizes: every buffer is padded to a multiple of 4 bytes (wgpu's copy alignment); a tensor remembers its logical
 //! length and every read returns exactly that many bytes.
 
-pub mod bandwidth;
+pub(crate) mod bandwidth;
 mod clock;
-pub mod cpu;
-pub mod disk;
-pub mod gpu;
+pub(crate) mod cpu;
+pub(crate) mod disk;
+pub(crate) mod gpu;
 mod moved;
 
 use std::collections::BTreeMap;
