@@ -120,7 +120,8 @@ pub struct Generation {
 ///
 /// `M` is the model's type: [`Dynamic`] (the default) when the architecture is read at run time, or a
 /// compile-time model such as [`crate::models::Opt6_7b`] after [`Engine::typed`], which checked that the
-/// checkpoint has that architecture.
+/// checkpoint has that architecture. An engine is `Send + Sync`: it can move to a worker thread or sit behind a
+/// lock; it runs one generation at a time (`&mut self`).
 pub struct Engine<M = Dynamic> {
     gpu: Gpu,
     source: Box<dyn WeightSource>,

@@ -328,3 +328,12 @@ fn the_example_generates_the_clis_text() {
     let json: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
     assert_eq!(strings(&json["text"]), [text]);
 }
+
+/// An engine can move to another thread (a server's worker) and be shared behind a lock.
+#[test]
+fn an_engine_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Engine>();
+    send_sync::<Engine<specs::Trained>>();
+    send_sync::<Error>();
+}
