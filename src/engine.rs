@@ -227,6 +227,11 @@ fn open_source(
     } else if !path.exists() && !options.dummy && hub::is_hub_id(arg) {
         let hub_options = options.hub.clone().unwrap_or_default();
         Some(hub::download(arg, &hub_options)?)
+    } else if is_path(arg) && !path.exists() && crate::get_opt_config(arg).is_err() {
+        return Err(Error::NotAModel {
+            path: path.to_path_buf(),
+            reason: "no such directory".to_owned(),
+        });
     } else {
         None
     };

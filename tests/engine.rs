@@ -262,6 +262,12 @@ fn names_without_weights_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let err = Engine::from_pretrained(tmp.path(), EngineOptions::default()).unwrap_err();
     assert!(matches!(err, Error::NotAModel { .. }), "{err:?}");
+    let missing = tmp.path().join("no-such-model");
+    let err = Engine::from_pretrained(&missing, EngineOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, Error::NotAModel { path, .. } if *path == missing),
+        "{err:?}"
+    );
     // Synthetic weights have no tokenizer: text prompts are refused before anything is uploaded.
     let dummy = EngineOptions {
         dummy: true,
