@@ -22,7 +22,7 @@ use super::process::outln;
 /// Arguments of `strata profile`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where to write the profile [default: $XDG_CACHE_HOME/strata/profiles/<adapter>.toml, else ~/.cache/...].
+    /// Where to write the profile [default: strata/profiles/<adapter>.toml in $XDG_CACHE_HOME, else the user cache].
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Directory for the disk test (use the offload directory you will run with) [default: the system temp dir].
@@ -103,8 +103,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map_or_else(|| "no-gpu-probe".to_string(), |p| p.adapter_name());
     let out = match args.out.clone() {
         Some(p) => p,
-        None => default_profile_path(&adapter)
-            .context("neither XDG_CACHE_HOME nor HOME is set: pass --out FILE")?,
+        None => default_profile_path(&adapter).context(
+            "no user cache directory (XDG_CACHE_HOME, else the platform's): pass --out FILE",
+        )?,
     };
 
     let (bar, mut progress) = step_progress(
