@@ -3,6 +3,7 @@
 use super::process::{out, outln};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+use strata::offload::policy::format_bytes;
 use strata::OptConfig;
 
 /// Arguments of `strata specs`.
@@ -105,24 +106,43 @@ fn summary(c: &OptConfig) -> Value {
 }
 
 fn table(configs: &[&OptConfig]) -> String {
-    let mut out = format!(
-        "{:<16}{:>7}{:>8}{:>7}{:>8}{:>8}{:>11}{:>13}\n",
-        "model", "layers", "hidden", "heads", "ffn", "vocab", "params", "weights"
-    );
-    for c in configs {
-        out += &format!(
-            "{:<16}{:>7}{:>8}{:>7}{:>8}{:>8}{:>11}{:>13}\n",
-            c.name,
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.n_head,
-            c.ffn_embed_dim,
-            c.vocab_size,
+    let header = [
+        "model", "layers", "hidden", "heads", "ffn", "vocab", "params", "weights",
+    ];
+    let rows = configs.iter().map(|c| {
+        vec![
+            c.name.to_owned(),
+            c.num_hidden_layers.to_string(),
+            c.hidden_size.to_string(),
+            c.n_head.to_string(),
+            c.ffn_embed_dim.to_string(),
+            c.vocab_size.to_string(),
             count(c.params()),
-            bytes(c.model_bytes()),
-        );
+            format_bytes(c.model_bytes()),
+        ]
+    });
+    text_table(&header, rows)
+}
+
+/// A borderless text table: the first column (names) left-aligned, the others (numbers) right-aligned, columns two
+/// spaces apart, no trailing spaces; one line per row, each ending in a newline.
+pub(crate) fn text_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    use comfy_table::{presets::NOTHING, CellAlignment, Table};
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
     }
-    out
+    let last = header.len().saturating_sub(1);
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if i == last { 0 } else { 2 }));
+        if i > 0 {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    let mut text = table.trim_fmt();
+    text.push('\n');
+    text
 }
 
 fn details(c: &OptConfig, arch: &str, batch: u64, seq: u64, (cache, hidden): (u64, u64)) -> String {
@@ -169,28 +189,13 @@ fn details(c: &OptConfig, arch: &str, batch: u64, seq: u64, (cache, hidden): (u6
         ),
         (
             "weights",
-            format!("{} ({})", bytes(c.model_bytes()), c.dtype),
+            format!("{} ({})", format_bytes(c.model_bytes()), c.dtype),
         ),
         ("workload", format!("batch {batch} x {seq} tokens")),
-        ("KV cache", bytes(cache)),
-        ("hidden state", bytes(hidden)),
+        ("KV cache", format_bytes(cache)),
+        ("hidden state", format_bytes(hidden)),
     ]);
     rows.iter().map(|(k, v)| format!("{k:<14}{v}\n")).collect()
-}
-
-/// Bytes in binary units: `238.88 MiB`.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", UNITS[unit])
 }
 
 /// A count in decimal units, as model sizes are quoted: `125.24 M`, `1.32 B`.
@@ -208,10 +213,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tables_align_names_left_and_numbers_right() {
+        let text = text_table(
+            &["model", "layers", "weights"],
+            [
+                vec!["a".into(), "12".into(), "1.00 GiB".into()],
+                vec!["longer-name".into(), "4".into(), "512 B".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "model        layers   weights\n\
+             a                12  1.00 GiB\n\
+             longer-name       4     512 B\n"
+        );
+    }
+
+    #[test]
     fn human_units() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.50 KiB");
-        assert_eq!(bytes(3 << 30), "3.00 GiB");
         assert_eq!(count(125_239_296), "125.24 M");
         assert_eq!(count(174_604_468_224), "174.60 B");
         assert_eq!(count(999), "999");
