@@ -147,12 +147,16 @@ impl MachineCaps {
             .map(|&(_, bytes)| bytes)
     }
 
-    /// The memory available to a new process now, as the OS reports it through `sysinfo` (`MemAvailable` on Linux;
-    /// free plus reclaimable pages on macOS and Windows).
+    /// The memory available to a new allocation now, as the OS reports it through `sysinfo` (`MemAvailable` on
+    /// Linux; free plus reclaimable pages on macOS and Windows), within a cgroup's limit when the process runs in one.
     pub fn cpu_memory() -> Result<u64, AutoError> {
         let mut system = sysinfo::System::new();
         system.refresh_memory();
-        match system.available_memory() {
+        let available = match system.cgroup_limits() {
+            Some(limits) => system.available_memory().min(limits.free_memory),
+            None => system.available_memory(),
+        };
+        match available {
             0 => Err(AutoError::CpuMemory(
                 "the OS reported no available memory".into(),
             )),
@@ -349,7 +353,7 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn cpu_memory_is_the_kernels_mem_available() {
+    fn cpu_memory_is_the_kernels_mem_available_within_the_cgroup() {
         // The kernel's own figure, read independently; other processes allocate meanwhile, so within a quarter.
         let kernel = std::fs::read_to_string("/proc/meminfo")
             .unwrap()
@@ -365,6 +369,11 @@ mod tests {
             })
             .unwrap();
         let ram = MachineCaps::cpu_memory().unwrap();
-        assert!(ram.abs_diff(kernel) < kernel / 4, "{ram} vs {kernel}");
+        assert!(ram < kernel + kernel / 4, "{ram} vs {kernel}");
+        let mut system = sysinfo::System::new();
+        system.refresh_memory();
+        if system.cgroup_limits().is_none() {
+            assert!(ram.abs_diff(kernel) < kernel / 4, "{ram} vs {kernel}");
+        }
     }
 }
