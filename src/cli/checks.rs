@@ -178,7 +178,7 @@ const SIZE_LIMIT: u64 = 1 << 60;
 
 /// Memory the host can give a new allocation now (what `--policy auto` plans with); 0 when the OS does not say.
 pub fn host_available() -> u64 {
-    strata::cost_model::auto::MachineCaps::cpu_memory().unwrap_or(0)
+    strata_runtime::cost_model::auto::MachineCaps::cpu_memory().unwrap_or(0)
 }
 
 /// Refuses a plan whose peak does not fit the memory `gpu` and this host really have, before any weight is read.

@@ -16,8 +16,7 @@ use strata::offload::Tier;
 
 use super::headings;
 use super::policy_args::PolicyArgs;
-use super::process::{out, outln};
-use super::specs::text_table;
+use super::process::{out, outln, text_table};
 
 /// Arguments of `strata policy`.
 #[derive(clap::Args)]
@@ -305,7 +304,10 @@ fn print_text(
             cap(Tier::Disk),
         ],
     ];
-    out!("{}", text_table(&["memory", "GPU", "CPU", "disk"], rows));
+    out!(
+        "{}",
+        text_table(&["memory", "GPU", "CPU", "disk"], &[1, 2, 3], rows)
+    );
     let compress = c
         .policy
         .compress_weight

@@ -17,7 +17,7 @@ use strata::hardware::{default_profile_path, HardwareProfile};
 
 use super::checks;
 use super::policy_args::parse_size;
-use super::process::outln;
+use super::process::{out, outln, text_table};
 
 /// Arguments of `strata profile`.
 #[derive(clap::Args)]
@@ -146,16 +146,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outln!("{object}");
         return Ok(());
     }
-    outln!("{:<16}{:>12}  {:<9}measured", "field", "value", "unit");
-    for m in &table {
-        outln!(
-            "{:<16}{:>12}  {:<9}{}",
-            m.field,
+    let rows = table.iter().map(|m| {
+        vec![
+            m.field.to_string(),
             format_value(m.value),
-            m.unit,
-            m.what
-        );
-    }
+            m.unit.to_string(),
+            m.what.to_string(),
+        ]
+    });
+    out!(
+        "{}",
+        text_table(&["field", "value", "unit", "measured"], &[1], rows)
+    );
     if probe.is_some() && !missing.is_empty() {
         eprintln!(
             "warning: the GPU could not measure {}: they keep `{}`'s values",
