@@ -5,6 +5,7 @@
 //! the document. The built-in [`HardwareProfile::t4`] is FlexLLMGen's hand-fitted T4 profile; `strata profile`
 //! measures the current machine (see [`measure`]) and writes a file to [`default_profile_path`].
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -179,27 +180,23 @@ impl HardwareProfile {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-        }
-        // Written beside the file and renamed into place, so an interrupted write never leaves half a profile.
-        let mut partial = path.as_os_str().to_owned();
-        // Unique per writer (two runs with the same PID in different PID namespaces included).
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        partial.push(format!(".part-{}-{nanos}", std::process::id()));
-        let partial = std::path::PathBuf::from(partial);
-        let written = crate::fault::check_write(crate::fault::WriteKind::Profile)
-            .and_then(|()| std::fs::write(&partial, self.to_toml()))
-            .and_then(|()| std::fs::rename(&partial, path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        written.map_err(io)
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(io)?;
+        // Written beside the file (a uniquely named temp file, removed on error) and renamed into place, so an
+        // interrupted write never leaves half a profile.
+        let mut partial = tempfile::Builder::new()
+            .prefix(".strata-profile-")
+            .suffix(".part")
+            .tempfile_in(parent)
+            .map_err(io)?;
+        crate::fault::check_write(crate::fault::WriteKind::Profile)
+            .and_then(|()| partial.write_all(self.to_toml().as_bytes()))
+            .map_err(io)?;
+        partial.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
     }
 
     /// Checks that every speed is a positive finite number and every correction finite.
