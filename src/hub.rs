@@ -54,7 +54,13 @@ impl HubOptions {
             .or_else(|| {
                 var("XDG_CACHE_HOME").map(|xdg| Path::new(&xdg).join("huggingface").join("hub"))
             })
-            .unwrap_or_else(|| Cache::default().path().clone());
+            // huggingface_hub's `~/.cache` on every platform (so a cache it filled is shared); hf-hub's own default
+            // panics without a home directory, where the platform's cache directory is the last resort.
+            .or_else(|| {
+                dirs::home_dir().map(|home| home.join(".cache").join("huggingface").join("hub"))
+            })
+            .or_else(|| dirs::cache_dir().map(|cache| cache.join("huggingface").join("hub")))
+            .unwrap_or_else(|| PathBuf::from(".cache").join("huggingface").join("hub"));
         let token = var("HF_TOKEN").or_else(|| Cache::new(cache_dir.clone()).token());
         // huggingface_hub's reading of a boolean variable.
         let offline = var("HF_HUB_OFFLINE")

@@ -350,7 +350,7 @@ fn npy_round_trips_and_garbage_never_panics() {
             .collect::<Result<_>>()?;
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?;
-        let mut bytes = strata_runtime::npy::header_f32(&shape);
+        let mut bytes = strata_runtime::npy::header_f32(&shape).unwrap();
         bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
         let read = strata_runtime::npy::parse_f32(&bytes).unwrap();
         assert_eq!(read.shape, shape);
@@ -368,7 +368,7 @@ fn npy_round_trips_and_garbage_never_panics() {
         let claimed: Vec<usize> = (0..u.int_in_range(0..=4)?)
             .map(|_| u.arbitrary())
             .collect::<Result<_>>()?;
-        let mut lying = strata_runtime::npy::header_f32(&claimed);
+        let mut lying = strata_runtime::npy::header_f32(&claimed).unwrap();
         lying.extend_from_slice(&[0; 16]);
         let _ = strata_runtime::npy::parse_f32(&lying);
         let len = u.arbitrary_len::<u8>()?;

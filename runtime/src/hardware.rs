@@ -5,6 +5,7 @@
 //! the document. The built-in [`HardwareProfile::t4`] is FlexLLMGen's hand-fitted T4 profile; `strata profile`
 //! measures the current machine (see [`measure`]) and writes a file to [`default_profile_path`].
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -179,27 +180,23 @@ impl HardwareProfile {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-        }
-        // Written beside the file and renamed into place, so an interrupted write never leaves half a profile.
-        let mut partial = path.as_os_str().to_owned();
-        // Unique per writer (two runs with the same PID in different PID namespaces included).
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        partial.push(format!(".part-{}-{nanos}", std::process::id()));
-        let partial = std::path::PathBuf::from(partial);
-        let written = crate::fault::check_write(crate::fault::WriteKind::Profile)
-            .and_then(|()| std::fs::write(&partial, self.to_toml()))
-            .and_then(|()| std::fs::rename(&partial, path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        written.map_err(io)
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(io)?;
+        // Written beside the file (a uniquely named temp file, removed on error) and renamed into place, so an
+        // interrupted write never leaves half a profile.
+        let mut partial = tempfile::Builder::new()
+            .prefix(".strata-profile-")
+            .suffix(".part")
+            .tempfile_in(parent)
+            .map_err(io)?;
+        crate::fault::check_write(crate::fault::WriteKind::Profile)
+            .and_then(|()| partial.write_all(self.to_toml().as_bytes()))
+            .map_err(io)?;
+        partial.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
     }
 
     /// Checks that every speed is a positive finite number and every correction finite.
@@ -324,31 +321,32 @@ pub fn adapter_slug(adapter: &str) -> String {
     }
 }
 
-/// Where `strata profile` stores the profile of `adapter` by default:
-/// `$XDG_CACHE_HOME/strata/profiles/<slug>.toml`, else `$HOME/.cache/strata/profiles/<slug>.toml`.
-/// `None` when neither variable is set to an absolute path.
-pub fn default_profile_path(adapter: &str) -> Option<PathBuf> {
-    profile_path_from(
+/// The user's cache directory: `$XDG_CACHE_HOME` where set to an absolute path (on every platform, as the XDG spec
+/// and Hugging Face's tools read it), else the platform's (`dirs::cache_dir`: `~/.cache` on Linux,
+/// `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows). `None` when neither is known.
+pub fn user_cache_dir() -> Option<PathBuf> {
+    cache_dir_from(
         std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from),
-        std::env::var_os("HOME").map(PathBuf::from),
-        adapter,
+        dirs::cache_dir(),
     )
 }
 
-fn profile_path_from(
-    xdg: Option<PathBuf>,
-    home: Option<PathBuf>,
-    adapter: &str,
-) -> Option<PathBuf> {
+fn cache_dir_from(xdg: Option<PathBuf>, platform: Option<PathBuf>) -> Option<PathBuf> {
     // The XDG spec says relative values are invalid and must be ignored.
-    let base = xdg
-        .filter(|p| p.is_absolute())
-        .or_else(|| home.filter(|p| p.is_absolute()).map(|h| h.join(".cache")))?;
-    Some(
-        base.join("strata")
-            .join("profiles")
-            .join(format!("{}.toml", adapter_slug(adapter))),
-    )
+    xdg.filter(|p| p.is_absolute()).or(platform)
+}
+
+/// Where `strata profile` stores the profile of `adapter` by default: `strata/profiles/<slug>.toml` under
+/// [`user_cache_dir`]. `None` when there is no cache directory.
+pub fn default_profile_path(adapter: &str) -> Option<PathBuf> {
+    user_cache_dir().map(|cache| profile_path_in(&cache, adapter))
+}
+
+fn profile_path_in(cache: &Path, adapter: &str) -> PathBuf {
+    cache
+        .join("strata")
+        .join("profiles")
+        .join(format!("{}.toml", adapter_slug(adapter)))
 }
 
 /// A device's datasheet peaks: what `strata bench kernels` reports each kernel's speed against.
@@ -482,14 +480,18 @@ mod tests {
     }
 
     #[test]
-    fn profile_paths_follow_xdg_then_home() {
+    fn profile_paths_follow_xdg_then_the_platform_cache() {
         assert_eq!(adapter_slug("NVIDIA H200 (Vulkan)"), "nvidia-h200-vulkan");
         assert_eq!(adapter_slug("  "), "unknown-adapter");
-        let p =
-            profile_path_from(Some("/x/cache".into()), Some("/home/u".into()), "llvmpipe").unwrap();
-        assert_eq!(p, PathBuf::from("/x/cache/strata/profiles/llvmpipe.toml"));
-        let p = profile_path_from(Some("rel".into()), Some("/home/u".into()), "T4").unwrap();
-        assert_eq!(p, PathBuf::from("/home/u/.cache/strata/profiles/t4.toml"));
-        assert!(profile_path_from(None, None, "a").is_none());
+        let p = cache_dir_from(Some("/x/cache".into()), Some("/home/u/.cache".into())).unwrap();
+        assert_eq!(p, PathBuf::from("/x/cache"));
+        let p = cache_dir_from(Some("rel".into()), Some("/home/u/.cache".into())).unwrap();
+        assert_eq!(p, PathBuf::from("/home/u/.cache"));
+        assert!(cache_dir_from(Some("rel".into()), None).is_none());
+        assert!(cache_dir_from(None, None).is_none());
+        assert_eq!(
+            profile_path_in(Path::new("/c"), "T4"),
+            PathBuf::from("/c/strata/profiles/t4.toml")
+        );
     }
 }

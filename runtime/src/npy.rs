@@ -1,17 +1,15 @@
-//! float32 `.npy` files (NumPy's format, version 1.0): what `strata generate --dump-logits` writes and the reference
-//! fixtures' `logits.npy` are.
-//!
-//! The layout: the magic `\x93NUMPY`, version bytes `1 0`, a little-endian u16 header length, then an ASCII Python dict
-//! literal `{'descr': '<f4', 'fortran_order': False, 'shape': (..), }` padded with spaces and ending in `\n` so that the
-//! data starts at a multiple of 64 bytes; then the elements in C order, little-endian.
+//! float32 `.npy` files (NumPy's format): what `strata generate --dump-logits` writes and the reference fixtures'
+//! `logits.npy` are. The header (magic, version, the Python dict literal, alignment) is read and written by the
+//! `npyz` crate; this module checks the dtype, order and length and moves the little-endian float32 elements.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 6] = b"\x93NUMPY";
-/// NumPy aligns the start of the data to this many bytes.
-const ALIGN: usize = 64;
+use npyz::WriterBuilder;
+
+/// The one element type this module reads and writes: little-endian float32.
+const F4: &str = "<f4";
 
 /// Why an `.npy` file could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -48,32 +46,18 @@ pub enum NpyError {
     },
 }
 
-/// The version 1.0 header (magic through the closing newline) of a little-endian float32 C-order array of `shape`.
-pub fn header_f32(shape: &[usize]) -> Vec<u8> {
-    let dims = match shape {
-        [] => "()".to_owned(),
-        [n] => format!("({n},)"),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
-    // magic + version + u16 length + dict + padding + '\n' must be a multiple of ALIGN.
-    let unpadded = MAGIC.len() + 2 + 2 + dict.len() + 1;
-    dict.push_str(&" ".repeat((ALIGN - unpadded % ALIGN) % ALIGN));
-    dict.push('\n');
-    let mut out = Vec::with_capacity(10 + dict.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[1, 0]);
-    // Shapes of any realistic rank keep the dict far below u16::MAX.
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    out.extend_from_slice(dict.as_bytes());
-    out
+/// The header (magic through the closing newline, data aligned to 64 bytes) of a little-endian float32 C-order
+/// array of `shape`.
+pub fn header_f32(shape: &[usize]) -> std::io::Result<Vec<u8>> {
+    let dtype = npyz::DType::Plain(F4.parse().map_err(std::io::Error::other)?);
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut out = Vec::new();
+    npyz::WriteOptions::<f32>::new()
+        .dtype(dtype)
+        .shape(&shape)
+        .writer(&mut out)
+        .write_header_only()?;
+    Ok(out)
 }
 
 /// Writes `data` as a float32 array of `shape` (C order) to `path`.
@@ -112,7 +96,8 @@ impl NpyWriter {
             source,
         };
         let mut out = BufWriter::new(File::create(&path).map_err(io)?);
-        out.write_all(&header_f32(shape)).map_err(io)?;
+        let header = header_f32(shape).map_err(io)?;
+        out.write_all(&header).map_err(io)?;
         Ok(NpyWriter {
             expected: shape.iter().product(),
             shape: shape.to_vec(),
@@ -188,43 +173,30 @@ pub fn read_f32(path: impl AsRef<Path>) -> Result<NpyF32, NpyError> {
 
 /// Parses the bytes of a float32 `.npy` file.
 pub fn parse_f32(bytes: &[u8]) -> Result<NpyF32, String> {
-    if bytes.len() < 10 || &bytes[..6] != MAGIC {
-        return Err("not an .npy file (no \\x93NUMPY magic)".into());
-    }
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        v => return Err(format!("unsupported .npy version {v}.{}", bytes[7])),
-    };
-    let header = bytes
-        .get(start..start + header_len)
+    let mut reader = Cursor::new(bytes);
+    let header = npyz::NpyHeader::from_reader(&mut reader)
+        .map_err(|e| format!("not a float32 .npy file: {e}"))?;
+    let data = bytes
+        .get(reader.position() as usize..)
         .ok_or("file is truncated inside its header")?;
-    let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
-    let descr = dict_value(header, "descr")?;
-    if !matches!(descr.trim_matches(['\'', '"']), "<f4" | "float32") {
-        return Err(format!(
-            "dtype is {descr}; expected little-endian float32 ('<f4')"
-        ));
+    match header.dtype() {
+        npyz::DType::Plain(t) if t.to_string() == F4 => {}
+        other => {
+            return Err(format!(
+                "dtype is {}; expected little-endian float32 ('{F4}')",
+                other.descr()
+            ))
+        }
     }
-    if dict_value(header, "fortran_order")? != "False" {
+    if header.order() != npyz::Order::C {
         return Err("fortran_order is True; only C-order arrays are read".into());
     }
-    let shape_text = dict_value(header, "shape")?;
-    let inner = shape_text
-        .strip_prefix('(')
-        .and_then(|s| s.strip_suffix(')'))
-        .ok_or_else(|| format!("shape {shape_text} is not a tuple"))?;
-    let shape = inner
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.trim_end_matches('L').parse::<usize>())
+    let shape = header
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| format!("shape {shape_text} is not a tuple of integers"))?;
-    let data = &bytes[start + header_len..];
+        .map_err(|_| format!("shape {:?} does not fit this machine", header.shape()))?;
     // Checked: the header is untrusted, and its shape must not size anything before it matches the data.
     let needed = shape.iter().try_fold(4usize, |n, &d| n.checked_mul(d));
     if needed != Some(data.len()) {
@@ -234,36 +206,10 @@ pub fn parse_f32(bytes: &[u8]) -> Result<NpyF32, String> {
             data.len()
         ));
     }
-    let data = data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let data = npyz::NpyFile::with_header(header, data)
+        .into_vec::<f32>()
+        .map_err(|e| format!("cannot read the elements: {e}"))?;
     Ok(NpyF32 { shape, data })
-}
-
-/// The source text of `key`'s value in the header dict (up to the next top-level comma or the closing brace).
-fn dict_value<'h>(header: &'h str, key: &str) -> Result<&'h str, String> {
-    let missing = || format!("header has no '{key}' entry");
-    let at = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))
-        .ok_or_else(missing)?;
-    let rest = &header[at + key.len() + 2..];
-    let rest = rest
-        .trim_start()
-        .strip_prefix(':')
-        .ok_or_else(missing)?
-        .trim_start();
-    let mut depth = 0;
-    for (i, c) in rest.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' | '}' if depth == 0 => return Ok(rest[..i].trim()),
-            _ => {}
-        }
-    }
-    Err(missing())
 }
 
 #[cfg(test)]
@@ -271,41 +217,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn header_matches_the_spec_byte_for_byte() {
-        // Hand-built from the NPY 1.0 spec: magic, version, u16 length, dict text, spaces, '\n'; the dict
-        // (59 bytes) does not fit in 64 bytes with the 10-byte prefix and the newline, so the header takes 128.
-        let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
-        assert_eq!(dict.len(), 59);
-        let pad = 128 - 10 - dict.len() - 1;
-        let mut expected = b"\x93NUMPY\x01\x00".to_vec();
-        expected.extend_from_slice(&((dict.len() + pad + 1) as u16).to_le_bytes());
-        expected.extend_from_slice(dict.as_bytes());
-        expected.extend(std::iter::repeat_n(b' ', pad));
-        expected.push(b'\n');
-        assert_eq!(header_f32(&[2, 3]), expected);
-        assert_eq!(expected.len(), 128);
-        assert_eq!(&header_f32(&[2, 3])[8..10], &[118, 0]);
-        // Even a 1-D shape's 57-byte dict needs the second 64-byte block.
-        assert_eq!(header_f32(&[5]).len(), 128);
-    }
-
-    #[test]
-    fn tuple_syntax_and_alignment_for_every_rank() {
-        for (shape, text) in [
-            (vec![], "'shape': (), }"),
-            (vec![5], "'shape': (5,), }"),
-            (vec![4, 2, 50272], "'shape': (4, 2, 50272), }"),
-            (
-                vec![1; 12],
-                "'shape': (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1), }",
-            ),
-        ] {
-            let h = header_f32(&shape);
+    fn headers_are_aligned_and_read_back_for_every_rank() {
+        for shape in [vec![], vec![5], vec![2, 3], vec![4, 2, 50272], vec![1; 12]] {
+            let h = header_f32(&shape).unwrap();
+            // NumPy's rule: the data starts at a multiple of 64 bytes, after a '\n'-terminated dict.
             assert_eq!(h.len() % 64, 0, "{shape:?}");
+            assert_eq!(&h[..8], b"\x93NUMPY\x01\x00");
             assert_eq!(*h.last().unwrap(), b'\n');
             let len = u16::from_le_bytes([h[8], h[9]]) as usize;
             assert_eq!(10 + len, h.len());
-            assert!(String::from_utf8_lossy(&h).contains(text), "{shape:?}");
+            let text = String::from_utf8_lossy(&h);
+            assert!(text.contains("'descr': '<f4'") && text.contains("'fortran_order': False"));
+            let n: usize = shape.iter().product();
+            let mut file = h.clone();
+            file.extend((0..n).flat_map(|i| (i as f32).to_le_bytes()));
+            let back = parse_f32(&file).unwrap();
+            assert_eq!(back.shape, shape);
+            assert_eq!(back.data.len(), n);
+            assert!(back.data.iter().enumerate().all(|(i, &v)| v == i as f32));
         }
     }
 
@@ -316,8 +245,9 @@ mod tests {
         let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
         write_f32(&path, &[2, 3, 4], &data).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(bytes.len(), 128 + 24 * 4);
-        assert_eq!(&bytes[128..132], &(-3.0f32).to_le_bytes());
+        let start = header_f32(&[2, 3, 4]).unwrap().len();
+        assert_eq!(bytes.len(), start + 24 * 4);
+        assert_eq!(&bytes[start..start + 4], &(-3.0f32).to_le_bytes());
         let back = read_f32(&path).unwrap();
         assert_eq!(back.shape, vec![2, 3, 4]);
         assert_eq!(back.data, data);

@@ -12,7 +12,7 @@ use strata_runtime::gpu::tensor::WeightFormat;
 use strata_runtime::gpu::{Gpu, GpuOptions};
 use strata_runtime::hardware::DevicePeak;
 
-use super::process::outln;
+use super::process::{out, outln, text_table};
 
 /// Arguments of `strata bench kernels`.
 #[derive(clap::Args)]
@@ -248,8 +248,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
         outln!("{object}");
     } else {
-        outln!(
-            "{:<10} {:<58} {:<12} {:<4} {:>11} {:>9} {:>9} {:>7}  kernel",
+        let table = rows.iter().map(|r| {
+            vec![
+                r.family.to_string(),
+                r.shape.to_string(),
+                r.variant.to_string(),
+                r.weights.to_string(),
+                format!("{:.2}", r.seconds * 1e6),
+                format!("{:.3}", r.tflops()),
+                format!("{:.1}", r.gbps()),
+                r.percent(peak)
+                    .map_or("-".to_string(), |p| format!("{p:.1}")),
+                r.kernel.to_string(),
+            ]
+        });
+        let header = [
             "family",
             "shape",
             "variant",
@@ -257,25 +270,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "time (us)",
             "TFLOP/s",
             "GB/s",
-            "% peak"
-        );
-        for r in &rows {
-            let percent = r
-                .percent(peak)
-                .map_or("-".to_string(), |p| format!("{p:.1}"));
-            outln!(
-                "{:<10} {:<58} {:<12} {:<4} {:>11.2} {:>9.3} {:>9.1} {:>7}  {}",
-                r.family,
-                r.shape,
-                r.variant,
-                r.weights,
-                r.seconds * 1e6,
-                r.tflops(),
-                r.gbps(),
-                percent,
-                r.kernel
-            );
-        }
+            "% peak",
+            "kernel",
+        ];
+        out!("{}", text_table(&header, &[4, 5, 6, 7], table));
         if let Some(r) = rows.first() {
             outln!(
                 "timed with {}; GB/s counts the weights (linear) or the cache, queries and output (attention)",

@@ -176,16 +176,9 @@ pub fn effective_batch(
 /// sizes cannot overflow.
 const SIZE_LIMIT: u64 = 1 << 60;
 
-/// Memory the host can give a new allocation now: sysinfo's available memory, within a cgroup's limit when the
-/// process runs in one.
+/// Memory the host can give a new allocation now (what `--policy auto` plans with); 0 when the OS does not say.
 pub fn host_available() -> u64 {
-    let mut system = sysinfo::System::new();
-    system.refresh_memory();
-    let available = system.available_memory();
-    match system.cgroup_limits() {
-        Some(limits) => available.min(limits.free_memory),
-        None => available,
-    }
+    strata_runtime::cost_model::auto::MachineCaps::cpu_memory().unwrap_or(0)
 }
 
 /// Refuses a plan whose peak does not fit the memory `gpu` and this host really have, before any weight is read.

@@ -18,7 +18,7 @@ use strata_runtime::offload::Tier;
 
 use super::headings;
 use super::policy_args::PolicyArgs;
-use super::process::outln;
+use super::process::{out, outln, text_table};
 
 /// Arguments of `strata policy`.
 #[derive(clap::Args)]
@@ -283,30 +283,32 @@ fn print_text(
     );
     let peak = c.plan.peak();
     let caps = Caps::of(&c.policy);
-    outln!("{:<14}{:>14}{:>14}{:>14}", "memory", "GPU", "CPU", "disk");
-    let row = |name: &str, t: TierBytes| -> std::io::Result<()> {
-        outln!(
-            "{:<14}{:>14}{:>14}{:>14}",
-            name,
+    let row = |name: &str, t: TierBytes| {
+        vec![
+            name.to_owned(),
             format_bytes(t.gpu),
             format_bytes(t.cpu),
-            format_bytes(t.disk)
-        );
-        Ok(())
+            format_bytes(t.disk),
+        ]
     };
-    row("weights", c.plan.weights)?;
-    row("kv cache", c.plan.cache)?;
-    row("activations", c.plan.activations)?;
-    // Slots, scratch and logits on the GPU; on the CPU, the host staging of transfers.
-    row("working", c.plan.working.plus(c.plan.staging))?;
-    row("peak", peak)?;
     let cap = |t: Tier| caps.get(t).map_or("unlimited".to_string(), format_bytes);
-    outln!(
-        "{:<14}{:>14}{:>14}{:>14}",
-        "cap",
-        cap(Tier::Gpu),
-        cap(Tier::Cpu),
-        cap(Tier::Disk)
+    let rows = [
+        row("weights", c.plan.weights),
+        row("kv cache", c.plan.cache),
+        row("activations", c.plan.activations),
+        // Slots, scratch and logits on the GPU; on the CPU, the host staging of transfers.
+        row("working", c.plan.working.plus(c.plan.staging)),
+        row("peak", peak),
+        vec![
+            "cap".into(),
+            cap(Tier::Gpu),
+            cap(Tier::Cpu),
+            cap(Tier::Disk),
+        ],
+    ];
+    out!(
+        "{}",
+        text_table(&["memory", "GPU", "CPU", "disk"], &[1, 2, 3], rows)
     );
     let compress = c
         .policy

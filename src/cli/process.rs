@@ -26,6 +26,31 @@ macro_rules! out {
 }
 pub(crate) use out;
 
+/// A borderless text table (comfy-table): the columns in `right` (numbers) right-aligned, the others left-aligned,
+/// columns two spaces apart, no trailing spaces; one line per row, each ending in a newline.
+pub(crate) fn text_table(
+    header: &[&str],
+    right: &[usize],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) -> String {
+    use comfy_table::{presets::NOTHING, CellAlignment, Table};
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    let last = header.len().saturating_sub(1);
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if i == last { 0 } else { 2 }));
+        if right.contains(&i) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    let mut text = table.trim_fmt();
+    text.push('\n');
+    text
+}
+
 /// The exit status of a run that stopped because its stdout was closed: what a shell reports for a death by SIGPIPE.
 const BROKEN_PIPE_STATUS: u8 = 128 + 13;
 
@@ -249,6 +274,24 @@ pub fn pause_point(phase: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_align_names_left_and_numbers_right() {
+        let text = text_table(
+            &["model", "layers", "weights"],
+            &[1, 2],
+            [
+                vec!["a".into(), "12".into(), "1.00 GiB".into()],
+                vec!["longer-name".into(), "4".into(), "512 B".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "model        layers   weights\n\
+             a                12  1.00 GiB\n\
+             longer-name       4     512 B\n"
+        );
+    }
 
     #[test]
     fn a_cause_already_in_the_message_is_printed_once() {

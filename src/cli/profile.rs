@@ -19,12 +19,12 @@ use strata_runtime::hardware::{default_profile_path, HardwareProfile};
 
 use super::checks;
 use super::policy_args::parse_size;
-use super::process::outln;
+use super::process::{out, outln, text_table};
 
 /// Arguments of `strata profile`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where to write the profile [default: $XDG_CACHE_HOME/strata/profiles/<adapter>.toml, else ~/.cache/...].
+    /// Where to write the profile [default: strata/profiles/<adapter>.toml in $XDG_CACHE_HOME, else the user cache].
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Directory for the disk test (use the offload directory you will run with) [default: the system temp dir].
@@ -105,8 +105,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map_or_else(|| "no-gpu-probe".to_string(), |p| p.adapter_name());
     let out = match args.out.clone() {
         Some(p) => p,
-        None => default_profile_path(&adapter)
-            .context("neither XDG_CACHE_HOME nor HOME is set: pass --out FILE")?,
+        None => default_profile_path(&adapter).context(
+            "no user cache directory (XDG_CACHE_HOME, else the platform's): pass --out FILE",
+        )?,
     };
 
     let (bar, mut progress) = step_progress(
@@ -147,16 +148,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outln!("{object}");
         return Ok(());
     }
-    outln!("{:<16}{:>12}  {:<9}measured", "field", "value", "unit");
-    for m in &table {
-        outln!(
-            "{:<16}{:>12}  {:<9}{}",
-            m.field,
+    let rows = table.iter().map(|m| {
+        vec![
+            m.field.to_string(),
             format_value(m.value),
-            m.unit,
-            m.what
-        );
-    }
+            m.unit.to_string(),
+            m.what.to_string(),
+        ]
+    });
+    out!(
+        "{}",
+        text_table(&["field", "value", "unit", "measured"], &[1], rows)
+    );
     if probe.is_some() && !missing.is_empty() {
         eprintln!(
             "warning: the GPU could not measure {}: they keep `{}`'s values",

@@ -1,9 +1,10 @@
 //! `strata specs`: the models compiled into this build, or one model's sizes for a workload.
 
-use super::process::{out, outln};
+use super::process::{out, outln, text_table};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use strata::OptConfig;
+use strata_runtime::offload::policy::format_bytes;
 
 /// Arguments of `strata specs`.
 #[derive(clap::Args)]
@@ -105,24 +106,22 @@ fn summary(c: &OptConfig) -> Value {
 }
 
 fn table(configs: &[&OptConfig]) -> String {
-    let mut out = format!(
-        "{:<16}{:>7}{:>8}{:>7}{:>8}{:>8}{:>11}{:>13}\n",
-        "model", "layers", "hidden", "heads", "ffn", "vocab", "params", "weights"
-    );
-    for c in configs {
-        out += &format!(
-            "{:<16}{:>7}{:>8}{:>7}{:>8}{:>8}{:>11}{:>13}\n",
-            c.name,
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.n_head,
-            c.ffn_embed_dim,
-            c.vocab_size,
+    let header = [
+        "model", "layers", "hidden", "heads", "ffn", "vocab", "params", "weights",
+    ];
+    let rows = configs.iter().map(|c| {
+        vec![
+            c.name.to_owned(),
+            c.num_hidden_layers.to_string(),
+            c.hidden_size.to_string(),
+            c.n_head.to_string(),
+            c.ffn_embed_dim.to_string(),
+            c.vocab_size.to_string(),
             count(c.params()),
-            bytes(c.model_bytes()),
-        );
-    }
-    out
+            format_bytes(c.model_bytes()),
+        ]
+    });
+    text_table(&header, &[1, 2, 3, 4, 5, 6, 7], rows)
 }
 
 fn details(c: &OptConfig, arch: &str, batch: u64, seq: u64, (cache, hidden): (u64, u64)) -> String {
@@ -169,28 +168,13 @@ fn details(c: &OptConfig, arch: &str, batch: u64, seq: u64, (cache, hidden): (u6
         ),
         (
             "weights",
-            format!("{} ({})", bytes(c.model_bytes()), c.dtype),
+            format!("{} ({})", format_bytes(c.model_bytes()), c.dtype),
         ),
         ("workload", format!("batch {batch} x {seq} tokens")),
-        ("KV cache", bytes(cache)),
-        ("hidden state", bytes(hidden)),
+        ("KV cache", format_bytes(cache)),
+        ("hidden state", format_bytes(hidden)),
     ]);
     rows.iter().map(|(k, v)| format!("{k:<14}{v}\n")).collect()
-}
-
-/// Bytes in binary units: `238.88 MiB`.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", UNITS[unit])
 }
 
 /// A count in decimal units, as model sizes are quoted: `125.24 M`, `1.32 B`.
@@ -209,9 +193,6 @@ mod tests {
 
     #[test]
     fn human_units() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.50 KiB");
-        assert_eq!(bytes(3 << 30), "3.00 GiB");
         assert_eq!(count(125_239_296), "125.24 M");
         assert_eq!(count(174_604_468_224), "174.60 B");
         assert_eq!(count(999), "999");

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::checks;
 use super::peers::{self, Published};
 use super::plot::{self, Curve, CurvePanel};
-use super::process::outln;
+use super::process::{out, outln, text_table};
 
 /// A parameter `--sweep` varies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,36 +346,20 @@ pub fn run(specs: &[String], out: Option<&Path>, auto: bool, json: bool) -> anyh
     if json {
         outln!("{}", serde_json::to_string(&document)?);
     } else {
-        let w = results
-            .iter()
-            .map(|p| p.flags.len())
-            .max()
-            .unwrap_or(0)
-            .max(5);
-        outln!(
-            "{:<w$} {:>6} {:>14} {:>14} {:>12}",
-            "point",
-            "batch",
-            "total tok/s",
-            "decode tok/s",
-            "latency s"
-        );
-        for p in &results {
-            match &p.measured {
-                Some(m) => outln!(
-                    "{:<w$} {:>6} {:>14.3} {:>14.3} {:>12.3}",
-                    p.flags,
-                    m.batch,
-                    m.total_throughput_tok_s,
-                    m.decode_throughput_tok_s,
-                    m.total_latency_s
-                ),
-                None => outln!(
-                    "{:<w$} failed: {}",
-                    p.flags,
-                    p.error.as_deref().unwrap_or("")
-                ),
-            }
+        let rows = results.iter().map(|p| match &p.measured {
+            Some(m) => vec![
+                p.flags.clone(),
+                m.batch.to_string(),
+                format!("{:.3}", m.total_throughput_tok_s),
+                format!("{:.3}", m.decode_throughput_tok_s),
+                format!("{:.3}", m.total_latency_s),
+            ],
+            None => vec![p.flags.clone(), "failed".into()],
+        });
+        let header = ["point", "batch", "total tok/s", "decode tok/s", "latency s"];
+        out!("{}", text_table(&header, &[1, 2, 3, 4], rows));
+        for p in results.iter().filter(|p| p.measured.is_none()) {
+            outln!("{} failed: {}", p.flags, p.error.as_deref().unwrap_or(""));
         }
         outln!(
             "wrote {}, {} and {}",

@@ -31,7 +31,7 @@ pub enum AutoError {
     )]
     UnknownGpuMemory(String),
     /// The CPU memory could not be read.
-    #[error("cannot read the available CPU memory from /proc/meminfo ({0}): give --cpu-mem SIZE")]
+    #[error("cannot read the available CPU memory ({0}): give --cpu-mem SIZE")]
     CpuMemory(String),
     /// The free disk space could not be read.
     #[error(
@@ -47,7 +47,7 @@ pub enum AutoError {
     #[error("{0}; delete it or run `strata profile` again to re-measure")]
     Profile(#[source] HardwareError),
     /// Neither a profile path was given nor can the default one be found.
-    #[error("no place for the hardware profile: neither XDG_CACHE_HOME nor HOME is set; pass a profile file")]
+    #[error("no place for the hardware profile: no user cache directory (XDG_CACHE_HOME, else the platform's); pass a profile file")]
     NoProfilePath,
     /// Measuring the machine failed.
     #[error("measuring this machine: {0}")]
@@ -147,27 +147,24 @@ impl MachineCaps {
             .map(|&(_, bytes)| bytes)
     }
 
-    /// The memory available to a new process now (`MemAvailable` in /proc/meminfo).
+    /// The memory available to a new allocation now, as the OS reports it through `sysinfo` (`MemAvailable` on
+    /// Linux; free plus reclaimable pages on macOS and Windows), within a cgroup's limit when the process runs in one.
     pub fn cpu_memory() -> Result<u64, AutoError> {
-        let text = std::fs::read_to_string("/proc/meminfo")
-            .map_err(|e| AutoError::CpuMemory(e.to_string()))?;
-        Self::parse_meminfo(&text)
-            .ok_or_else(|| AutoError::CpuMemory("no MemAvailable line".into()))
-    }
-
-    /// `MemAvailable` (else `MemTotal`) of a /proc/meminfo text, in bytes.
-    pub fn parse_meminfo(text: &str) -> Option<u64> {
-        let field = |key: &str| {
-            text.lines().find_map(|line| {
-                let rest = line.strip_prefix(key)?.strip_prefix(':')?;
-                let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-                Some(kib * 1024)
-            })
+        let mut system = sysinfo::System::new();
+        system.refresh_memory();
+        let available = match system.cgroup_limits() {
+            Some(limits) => system.available_memory().min(limits.free_memory),
+            None => system.available_memory(),
         };
-        field("MemAvailable").or_else(|| field("MemTotal"))
+        match available {
+            0 => Err(AutoError::CpuMemory(
+                "the OS reported no available memory".into(),
+            )),
+            bytes => Ok(bytes),
+        }
     }
 
-    /// Free bytes in the filesystem holding `dir` (POSIX `df -Pk`: no platform bindings needed for one number).
+    /// Free bytes (available to this user) in the filesystem holding `dir`.
     pub fn free_disk(dir: &Path) -> Result<u64, AutoError> {
         let err = |reason: String| AutoError::DiskSpace {
             dir: dir.to_path_buf(),
@@ -176,26 +173,11 @@ impl MachineCaps {
         if !dir.is_dir() {
             return Err(err("not a directory".into()));
         }
-        let out = std::process::Command::new("df")
-            .arg("-Pk")
-            .arg(dir)
-            .output()
-            .map_err(|e| err(format!("running df: {e}")))?;
-        if !out.status.success() {
-            return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        // Second line: filesystem, 1024-blocks, used, available, capacity, mount point.
-        text.lines()
-            .nth(1)
-            .and_then(|l| l.split_whitespace().nth(3))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-            .ok_or_else(|| err(format!("unexpected df output {text:?}")))
+        fs4::available_space(dir).map_err(|e| err(e.to_string()))
     }
 }
 
-/// Fills the caps left open: the GPU's from [`MachineCaps::gpu_memory`], the CPU's from /proc/meminfo, the disk's
+/// Fills the caps left open: the GPU's from [`MachineCaps::gpu_memory`], the CPU's from the OS (`sysinfo`), the disk's
 /// from the offload directory's free space (0 without an offload directory: nothing goes to disk).
 pub fn fill_caps(
     adapter: &str,
@@ -324,11 +306,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn meminfo_and_gpu_table() {
-        let text = "MemTotal:       16384 kB\nMemFree:  100 kB\nMemAvailable:    8192 kB\n";
-        assert_eq!(MachineCaps::parse_meminfo(text), Some(8192 * 1024));
-        assert_eq!(MachineCaps::parse_meminfo("MemTotal: 4 kB\n"), Some(4096));
-        assert_eq!(MachineCaps::parse_meminfo("nothing"), None);
+    fn gpu_table() {
         assert_eq!(MachineCaps::gpu_memory("NVIDIA H100 NVL"), Some(93 * GIB));
         assert_eq!(
             MachineCaps::gpu_memory("NVIDIA H100 80GB HBM3"),
@@ -371,5 +349,31 @@ mod tests {
         );
         let ram = MachineCaps::cpu_memory().unwrap();
         assert!(ram > 1 << 20, "{ram}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn cpu_memory_is_the_kernels_mem_available_within_the_cgroup() {
+        // The kernel's own figure, read independently; other processes allocate meanwhile, so within a quarter.
+        let kernel = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .map(|v| {
+                v.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+                    * 1024
+            })
+            .unwrap();
+        let ram = MachineCaps::cpu_memory().unwrap();
+        assert!(ram < kernel + kernel / 4, "{ram} vs {kernel}");
+        let mut system = sysinfo::System::new();
+        system.refresh_memory();
+        if system.cgroup_limits().is_none() {
+            assert!(ram.abs_diff(kernel) < kernel / 4, "{ram} vs {kernel}");
+        }
     }
 }

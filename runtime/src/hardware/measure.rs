@@ -169,19 +169,8 @@ pub struct DiskBandwidth {
     pub write: f64,
     /// Sequential read, bytes per second.
     pub read: f64,
-    /// Whether reads bypassed the page cache (O_DIRECT); if not, `read` may be the page cache's speed.
+    /// Whether reads bypassed the page cache (O_DIRECT, F_NOCACHE); if not, `read` may be the page cache's speed.
     pub direct_read: bool,
-}
-
-/// Removes the test files even when a step fails.
-struct TempFiles(Vec<PathBuf>);
-
-impl Drop for TempFiles {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }
 
 /// Writes `total` bytes in `dir` from `threads` threads (one file each, synced), then reads them back, and removes
@@ -193,17 +182,20 @@ pub fn disk_bandwidth(dir: &Path, total: u64, threads: usize) -> std::io::Result
         .max(CHUNK as u64)
         .div_ceil(CHUNK as u64)
         * CHUNK as u64;
-    let stamp = std::process::id();
-    let files = TempFiles(
-        (0..threads)
-            .map(|i| dir.join(format!(".strata-profile-{stamp}-{i}.tmp")))
-            .collect(),
-    );
+    // Removed on drop, so even when a step fails.
+    let files = (0..threads)
+        .map(|_| {
+            tempfile::Builder::new()
+                .prefix(".strata-profile-")
+                .suffix(".tmp")
+                .tempfile_in(dir)
+                .map(tempfile::NamedTempFile::into_temp_path)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
 
     let start = Instant::now();
     std::thread::scope(|s| {
         let handles: Vec<_> = files
-            .0
             .iter()
             .enumerate()
             .map(|(i, path)| {
@@ -233,7 +225,6 @@ pub fn disk_bandwidth(dir: &Path, total: u64, threads: usize) -> std::io::Result
     let start = Instant::now();
     std::thread::scope(|s| {
         let handles: Vec<_> = files
-            .0
             .iter()
             .map(|path| {
                 let direct = &direct;
@@ -286,28 +277,30 @@ impl AtomicFlag {
     }
 }
 
-/// Opens a file for reading, bypassing the page cache where the platform and filesystem allow.
+/// Opens a file for reading, bypassing the page cache where the platform and filesystem allow: `O_DIRECT` on Linux
+/// and Android, `F_NOCACHE` on macOS and iOS; elsewhere (Windows) plain buffered reads, reported as not direct.
 fn open_for_read(path: &Path) -> std::io::Result<(File, bool)> {
-    #[cfg(all(
-        target_os = "linux",
-        any(target_arch = "x86_64", target_arch = "aarch64")
-    ))]
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        // O_DIRECT's value differs by architecture (no libc dependency for one constant).
-        #[cfg(target_arch = "x86_64")]
-        const O_DIRECT: i32 = 0o40000;
-        #[cfg(target_arch = "aarch64")]
-        const O_DIRECT: i32 = 0o200000;
         if let Ok(f) = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(O_DIRECT)
+            .custom_flags(libc::O_DIRECT)
             .open(path)
         {
             return Ok((f, true));
         }
     }
-    Ok((File::open(path)?, false))
+    let f = File::open(path)?;
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl(F_NOCACHE) on a descriptor this function owns; it reads no memory.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_NOCACHE, 1) } != -1 {
+            return Ok((f, true));
+        }
+    }
+    Ok((f, false))
 }
 
 /// FLOP/s of decode attention on the CPU (the `cpu_cache_compute` path): for `batch` sequences and `heads` heads,
@@ -424,7 +417,11 @@ pub fn profile_machine(
         p.ctod_hidden_p = w;
         p.ctod_g = w;
         let how = if d.direct_read {
-            "O_DIRECT"
+            if cfg!(target_os = "macos") {
+                "F_NOCACHE"
+            } else {
+                "O_DIRECT"
+            }
         } else {
             "buffered: may be the page cache"
         };

@@ -472,6 +472,9 @@ pub struct ByteSizeError {
 /// Parses a byte size: a number (decimals allowed) and an optional unit, case-insensitive, spaces allowed between.
 /// Binary units KiB, MiB, GiB, TiB are powers of 1024; decimal KB, MB, GB, TB powers of 1000; `B` or no unit is
 /// bytes. A bare `K`/`M`/`G`/`T` is refused as ambiguous.
+///
+/// Hand-written on purpose: `byte-unit` (which formats sizes here) and `bytesize` read a bare `G` as GB, round a
+/// fraction up or through f64, and take `1.5` bytes; a memory cap must be exactly what was written.
 pub fn parse_bytes(input: &str) -> Result<u64, ByteSizeError> {
     let err = |reason: &str| ByteSizeError {
         input: input.to_string(),
@@ -537,20 +540,11 @@ pub fn parse_bytes(input: &str) -> Result<u64, ByteSizeError> {
     u64::try_from(bytes).map_err(|_| too_large())
 }
 
-/// A size for people: `15.00 GiB`, `512.0 MiB`, `1.50 TiB`, `100 B` (binary units).
+/// A size for people in the largest binary unit it reaches: `15.00 GiB`, `512.00 MiB`, `1.50 TiB`, `100 B`.
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", UNITS[unit])
-    }
+    let adjusted =
+        byte_unit::Byte::from_u64(bytes).get_appropriate_unit(byte_unit::UnitType::Binary);
+    format!("{adjusted:.2}")
 }
 
 /// A size that [`parse_bytes`] reads back to exactly `bytes`: the largest binary unit that divides it, else bytes.
@@ -655,6 +649,10 @@ mod tests {
         }
         assert_eq!(format_bytes(15 << 30), "15.00 GiB");
         assert_eq!(format_bytes(100), "100 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1536), "1.50 KiB");
+        assert_eq!(format_bytes(3 << 39), "1.50 TiB");
+        assert_eq!(format_bytes(5 << 50), "5.00 PiB");
     }
 
     #[test]
