@@ -332,15 +332,19 @@ fn run_as(mut args: Args, rank: Option<&Rank>) -> anyhow::Result<()> {
         })?,
     };
     match (rank, &range) {
-        (Some(r), Some(range)) => eprintln!(
-            "strata: rank {} of {}: layers {}..{} of {} on {}",
-            r.rank,
-            r.size,
-            range.layers.start,
-            range.layers.end,
-            config.name,
-            gpu.describe()
-        ),
+        (Some(r), Some(range)) => {
+            // One write: the launcher interleaves the ranks' stderr at each write.
+            let line = format!(
+                "strata: rank {} of {}: layers {}..{} of {} on {}\n",
+                r.rank,
+                r.size,
+                range.layers.start,
+                range.layers.end,
+                config.name,
+                gpu.describe()
+            );
+            eprint!("{line}");
+        }
         _ => eprintln!("strata: {} on {}", config.name, gpu.describe()),
     }
     let mut policy = match explicit_policy {

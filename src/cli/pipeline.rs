@@ -221,8 +221,9 @@ pub fn bench(setup: BenchSetup, args: &PipelineArgs) -> anyhow::Result<()> {
         placement.check_caps().map_err(|e| anyhow::anyhow!("{e}"))?;
         checks::memory_fits(&gpu, placement.plan().peak(), policy.gpu_mem)?;
         if !setup.json {
-            eprintln!(
-                "strata bench: rank {} of {}: layers {}..{} of {} on {}",
+            // One write: the launcher interleaves the ranks' stderr at each write.
+            let line = format!(
+                "strata bench: rank {} of {}: layers {}..{} of {} on {}\n",
                 rank.rank,
                 rank.size,
                 range.layers.start,
@@ -230,6 +231,7 @@ pub fn bench(setup: BenchSetup, args: &PipelineArgs) -> anyhow::Result<()> {
                 whole.name,
                 gpu.describe()
             );
+            eprint!("{line}");
         }
         let mut generator = Generator::with_policy(&gpu, &staged, &policy, &|_| {})?;
         join_stage(rank, &mut generator, range.clone(), args.pipeline_timeout)?;

@@ -83,7 +83,9 @@ pub fn run(
         Err(e) => {
             // One clear error, naming the rank; then every rank ends (mpirun signals the others, whose handlers
             // remove their offload files), and this one removes its own before it goes.
-            eprintln!("error: pipeline rank {rank} of {size} failed: {e:#}");
+            // One write: the launcher interleaves the ranks' stderr at each write.
+            let line = format!("error: pipeline rank {rank} of {size} failed: {e:#}\n");
+            eprint!("{line}");
             super::process::remove_run_files();
             me.world.world.abort(1)
         }
@@ -276,7 +278,9 @@ impl MpiLink {
     fn fault_point(&self, step: usize) {
         if let Some((rank, at, die)) = self.fault {
             if rank == self.rank && at == step {
-                eprintln!("strata: rank {rank} {} at step {step} (STRATA_TEST_PIPELINE_FAULT)", if die { "dies" } else { "hangs" });
+                let what = if die { "dies" } else { "hangs" };
+                let line = format!("strata: rank {rank} {what} at step {step} (STRATA_TEST_PIPELINE_FAULT)\n");
+                eprint!("{line}");
                 if die {
                     std::process::abort();
                 }
