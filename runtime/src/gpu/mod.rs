@@ -162,7 +162,9 @@ impl Gpu {
         };
         let adapter = match wanted {
             Some(wanted) => {
-                let adapters = instance.enumerate_adapters(backends).await;
+                let mut adapters = instance.enumerate_adapters(backends).await;
+                // `#N` counts real GPUs before CPU adapters (lavapipe installed beside them).
+                adapters.sort_by_key(|a| a.get_info().device_type == wgpu::DeviceType::Cpu);
                 if adapters.is_empty() {
                     return Err(GpuError::NoAdapter {
                         backends: backend_note,
@@ -170,8 +172,8 @@ impl Gpu {
                 }
                 let needle = wanted.to_lowercase();
                 let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-                // `#N`: adapter N in enumeration order, wrapping around (a pipeline's local rank N on a machine with
-                // fewer adapters than ranks), so identical GPUs can be told apart.
+                // `#N`: adapter N (GPUs first, then in enumeration order), wrapping around (a pipeline's local rank N
+                // on a machine with fewer adapters than ranks), so identical GPUs can be told apart.
                 let index = wanted
                     .strip_prefix('#')
                     .and_then(|n| n.parse::<usize>().ok())
