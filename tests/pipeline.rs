@@ -39,13 +39,23 @@ fn run_ok(mut cmd: Command, what: &str) -> (serde_json::Value, String) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     // One JSON document, printed by the last stage only.
     let docs: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
-    assert_eq!(docs.len(), 1, "{what}: one JSON document expected:\n{stdout}");
+    assert_eq!(
+        docs.len(),
+        1,
+        "{what}: one JSON document expected:\n{stdout}"
+    );
     (serde_json::from_str(docs[0]).unwrap(), stderr)
 }
 
 /// Runs `flags` on fixture-like `dir` alone and as a pipeline of `ranks`, and holds the pipeline's ids and logits to
 /// the single process's.
-fn pipeline_matches_single(ranks: usize, dir: &Path, prompts: &[Vec<u32>], new: usize, flags: &[&str]) {
+fn pipeline_matches_single(
+    ranks: usize,
+    dir: &Path,
+    prompts: &[Vec<u32>],
+    new: usize,
+    flags: &[&str],
+) {
     let tmp = tempfile::tempdir().unwrap();
     let (single_npy, piped_npy) = (tmp.path().join("single.npy"), tmp.path().join("piped.npy"));
     let mut single = generate_command(dir, prompts, new);
@@ -111,12 +121,20 @@ fn three_ranks_reproduce_the_single_process_with_offloading_inside_the_stages() 
         offload.path().to_str().unwrap(),
     ];
     pipeline_matches_single(3, &dir, &prompts, new, &flags);
-    assert_eq!(run_dirs(offload.path()), 0, "every rank removed its offload files");
+    assert_eq!(
+        run_dirs(offload.path()),
+        0,
+        "every rank removed its offload files"
+    );
 }
 
 #[test]
 fn three_ranks_of_dummy_opt_125m_reproduce_the_single_process() {
-    let prompts = vec![vec![2, 100, 200, 300], vec![2, 7, 8], vec![2, 5000, 6000, 7000, 8000]];
+    let prompts = vec![
+        vec![2, 100, 200, 300],
+        vec![2, 7, 8],
+        vec![2, 5000, 6000, 7000, 8000],
+    ];
     let model = Path::new("opt-125m");
     let offload = tempfile::tempdir().unwrap();
     let flags = [
@@ -158,7 +176,16 @@ fn faulty_run(fault: &str, offload: &Path) -> (Output, Duration) {
     let mut stage = generate_command(&dir, &prompts[..2], 12);
     stage
         .args(["--gpu-batch-size", "1", "--num-gpu-batches", "2"])
-        .args(["--percent", "100", "0", "0", "0", "100", "0", "--offload-dir"])
+        .args([
+            "--percent",
+            "100",
+            "0",
+            "0",
+            "0",
+            "100",
+            "0",
+            "--offload-dir",
+        ])
         .arg(offload)
         .args(["--pipeline", "--pipeline-timeout", "5"])
         .env("STRATA_TEST_PIPELINE_FAULT", fault);
@@ -199,8 +226,20 @@ fn a_hung_rank_times_out_and_ends_every_rank_with_an_error_naming_it() {
 fn bench_reports_stages_bubbles_bytes_and_throughput() {
     let mut bench = Command::new(env!("CARGO_BIN_EXE_strata"));
     bench.args([
-        "bench", "--model", "opt-125m", "--dummy", "--prompt-len", "8", "--gen-len", "3",
-        "--gpu-batch-size", "1", "--num-gpu-batches", "2", "--json", "--pipeline",
+        "bench",
+        "--model",
+        "opt-125m",
+        "--dummy",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "3",
+        "--gpu-batch-size",
+        "1",
+        "--num-gpu-batches",
+        "2",
+        "--json",
+        "--pipeline",
     ]);
     let (v, stderr) = run_ok(mpirun(2, &bench), "bench --pipeline");
     let stages = v["pipeline"]["stages"].as_array().unwrap();
@@ -229,5 +268,8 @@ fn pipeline_without_a_launcher_says_how_to_launch() {
     let out = cmd.arg("--pipeline").output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("mpirun -np 2 strata generate --pipeline"), "{stderr}");
+    assert!(
+        stderr.contains("mpirun -np 2 strata generate --pipeline"),
+        "{stderr}"
+    );
 }

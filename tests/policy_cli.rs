@@ -302,15 +302,25 @@ fn pipeline_plans_one_of_n_identical_stages() {
         prompt_len: 512,
         gen_len: 32,
     };
-    let choice =
-        cost_model::search(Problem::new(&stage, workload, &hardware, caps), SearchKind::Improved)
-            .unwrap();
+    let choice = cost_model::search(
+        Problem::new(&stage, workload, &hardware, caps),
+        SearchKind::Improved,
+    )
+    .unwrap();
     assert_eq!(piped["flags"], choice.policy.to_flags());
     let predicted = piped["predicted_throughput"].as_f64().unwrap();
     assert!((predicted - choice.total_throughput).abs() <= 1e-9 * predicted);
     // A stage holds a quarter of the weights: less offloading, more throughput than the whole model on one GPU.
     let whole = policy_json("opt-175b", &[]);
     assert!(predicted > whole["predicted_throughput"].as_f64().unwrap());
-    let (ok, _, err) = strata(&["policy", "--model", "opt-125m", "--gpu-mem", "1GiB", "--pipeline", "13"]);
+    let (ok, _, err) = strata(&[
+        "policy",
+        "--model",
+        "opt-125m",
+        "--gpu-mem",
+        "1GiB",
+        "--pipeline",
+        "13",
+    ]);
     assert!(!ok && err.contains("only 12 decoder layers"), "{err}");
 }

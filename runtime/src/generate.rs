@@ -810,7 +810,9 @@ impl Generator {
                 .unwrap_or(Ok((true, true)))?;
             let received = match first {
                 true => None,
-                false => self.with_link(|l| Ok(l.recv_hidden(t, k, bytes)?)).transpose()?,
+                false => self
+                    .with_link(|l| Ok(l.recv_hidden(t, k, bytes)?))
+                    .transpose()?,
             };
             let part = StageBatch {
                 batch: k,

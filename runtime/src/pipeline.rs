@@ -42,7 +42,11 @@ impl StageRange {
 /// Splits `layers` decoder layers of `layer_bytes` each over `extra.len()` stages, stage `i` also holding
 /// `extra[i]` bytes (the embeddings on the first, the head on the last), so that the largest stage is as small as
 /// possible; every stage runs at least one layer. `None` when there are more stages than layers.
-pub fn balanced_ranges(layers: usize, layer_bytes: u64, extra: &[u64]) -> Option<Vec<Range<usize>>> {
+pub fn balanced_ranges(
+    layers: usize,
+    layer_bytes: u64,
+    extra: &[u64],
+) -> Option<Vec<Range<usize>>> {
     let stages = extra.len();
     if stages == 0 || stages > layers {
         return None;
@@ -159,7 +163,12 @@ pub trait StageLink {
 
     /// Receives GPU batch `batch`'s hidden rows of step `step` from the previous stage: `bytes` bytes (the rows in
     /// the activation dtype, `[sequences * new tokens, hidden]`).
-    fn recv_hidden(&mut self, step: usize, batch: usize, bytes: usize) -> Result<Vec<u8>, StageError>;
+    fn recv_hidden(
+        &mut self,
+        step: usize,
+        batch: usize,
+        bytes: usize,
+    ) -> Result<Vec<u8>, StageError>;
 
     /// Sends GPU batch `batch`'s hidden rows of step `step` to the next stage without waiting for it to take them.
     fn send_hidden(&mut self, step: usize, batch: usize, rows: Vec<u8>) -> Result<(), StageError>;
@@ -191,7 +200,10 @@ mod tests {
         // No move of one layer lowers the largest stage.
         assert!(bytes.iter().max().unwrap() - bytes.iter().min().unwrap() <= 10);
         assert_eq!(balanced_ranges(2, 10, &[0, 0, 0]), None);
-        assert_eq!(balanced_ranges(3, 10, &[0, 0, 0]).unwrap(), vec![0..1, 1..2, 2..3]);
+        assert_eq!(
+            balanced_ranges(3, 10, &[0, 0, 0]).unwrap(),
+            vec![0..1, 1..2, 2..3]
+        );
     }
 
     #[test]

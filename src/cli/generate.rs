@@ -17,8 +17,8 @@ use super::checks;
 use super::complete::{run_block, Control, Delta, Request};
 use super::headings;
 use super::job;
-use super::pipeline::{self, PipelineArgs, Rank};
 use super::model_arg;
+use super::pipeline::{self, PipelineArgs, Rank};
 use super::policy_args::PolicyArgs;
 use super::process::{out, outln, pause_point};
 use super::sampling_args::{choice_json, SamplingArgs};
@@ -189,7 +189,9 @@ fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Toke
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.pipeline.pipeline {
         if args.input.is_some() {
-            bail!("--pipeline runs prompts given as flags; a batch job (--input) runs in one process");
+            bail!(
+                "--pipeline runs prompts given as flags; a batch job (--input) runs in one process"
+            );
         }
         let flags = args.pipeline.clone();
         return pipeline::run("generate", &flags, |rank| run_as(args, Some(rank)));
@@ -422,7 +424,6 @@ fn run_as(mut args: Args, rank: Option<&Rank>) -> anyhow::Result<()> {
         pause_point("load");
         test_lose_device(&gpu, "load");
     })?;
-    drop(staged);
     drop(source);
     if let (Some(r), Some(range)) = (rank, range) {
         pipeline::join_stage(r, &mut generator, range, args.pipeline.pipeline_timeout)?;

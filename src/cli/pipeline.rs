@@ -121,8 +121,12 @@ pub fn run(
 }
 
 /// The message for a `--pipeline` run without a launcher.
+#[cfg(feature = "mpi")]
 pub fn no_launcher(what: &str) -> String {
-    format!("--pipeline runs one process per stage, started by an MPI launcher: {}", launch_hint(what))
+    format!(
+        "--pipeline runs one process per stage, started by an MPI launcher: {}",
+        launch_hint(what)
+    )
 }
 
 /// Checks that every rank chose the same batching: the stages exchange each GPU batch's hidden rows.
@@ -303,7 +307,13 @@ fn report(
     let total_tput = per_sec(n * setup.gen_len as f64, wall);
     let decode_tput = per_sec(n * (setup.gen_len.saturating_sub(1)) as f64, decode);
     let prefill_tput = per_sec(n * setup.prompt_len as f64, prefill);
-    let bubble = |s: &StageStats| if s.wall_s > 0.0 { s.wait_s / s.wall_s } else { 0.0 };
+    let bubble = |s: &StageStats| {
+        if s.wall_s > 0.0 {
+            s.wait_s / s.wall_s
+        } else {
+            0.0
+        }
+    };
     let mean_bubble = stages.iter().map(bubble).sum::<f64>() / stages.len().max(1) as f64;
     let sent: u64 = stages.iter().map(|s| s.sent_bytes).sum();
     if setup.json {
@@ -368,7 +378,10 @@ fn report(
             s.sent_bytes
         );
     }
-    outln!("bubble fraction (mean over stages): {:.1}%", 100.0 * mean_bubble);
+    outln!(
+        "bubble fraction (mean over stages): {:.1}%",
+        100.0 * mean_bubble
+    );
     outln!("bytes between stages: {sent}");
     outln!(
         "throughput: prefill {prefill_tput:.1} tok/s  decode {decode_tput:.1} tok/s  total {total_tput:.1} tok/s \

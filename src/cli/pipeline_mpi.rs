@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use mpi::collective::CommunicatorCollectives;
 use mpi::point_to_point::{Destination, Source};
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator, SimpleCommunicator};
-use mpi::collective::CommunicatorCollectives;
 use mpi::traits::{Equivalence, Root};
 use mpi::Threading;
 use strata::pipeline::{StageError, StageLink, StageRange};
@@ -63,10 +63,14 @@ pub fn run(
     };
     let world = universe.world();
     let (rank, size) = (world.rank() as usize, world.size() as usize);
-    let local_rank = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or(rank);
+    let local_rank = [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(rank);
     let me = Rank {
         rank,
         size,
@@ -243,7 +247,13 @@ impl MpiLink {
 
     /// Receives the next message tagged `tag` from `from`, polling until the deadline: a dead or hung neighbour
     /// becomes an error naming it, never a hang.
-    fn recv(&mut self, from: usize, tag: i32, what: &str, step: usize) -> Result<Vec<u8>, StageError> {
+    fn recv(
+        &mut self,
+        from: usize,
+        tag: i32,
+        what: &str,
+        step: usize,
+    ) -> Result<Vec<u8>, StageError> {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut pause = Duration::from_micros(20);
@@ -279,7 +289,9 @@ impl MpiLink {
         if let Some((rank, at, die)) = self.fault {
             if rank == self.rank && at == step {
                 let what = if die { "dies" } else { "hangs" };
-                let line = format!("strata: rank {rank} {what} at step {step} (STRATA_TEST_PIPELINE_FAULT)\n");
+                let line = format!(
+                    "strata: rank {rank} {what} at step {step} (STRATA_TEST_PIPELINE_FAULT)\n"
+                );
                 eprint!("{line}");
                 if die {
                     std::process::abort();
@@ -290,7 +302,13 @@ impl MpiLink {
     }
 }
 
-fn check_len(got: Vec<u8>, expected: usize, what: &str, peer: usize, step: usize) -> Result<Vec<u8>, StageError> {
+fn check_len(
+    got: Vec<u8>,
+    expected: usize,
+    what: &str,
+    peer: usize,
+    step: usize,
+) -> Result<Vec<u8>, StageError> {
     match got.len() == expected {
         true => Ok(got),
         false => Err(StageError::Size {
@@ -308,14 +326,24 @@ impl StageLink for MpiLink {
         &self.range
     }
 
-    fn recv_hidden(&mut self, step: usize, batch: usize, bytes: usize) -> Result<Vec<u8>, StageError> {
+    fn recv_hidden(
+        &mut self,
+        step: usize,
+        batch: usize,
+        bytes: usize,
+    ) -> Result<Vec<u8>, StageError> {
         let what = format!("hidden rows of GPU batch {batch}");
         let from = self.rank - 1;
         let got = self.recv(from, TAG_HIDDEN, &what, step)?;
         check_len(got, bytes, &what, from, step)
     }
 
-    fn send_hidden(&mut self, _step: usize, _batch: usize, rows: Vec<u8>) -> Result<(), StageError> {
+    fn send_hidden(
+        &mut self,
+        _step: usize,
+        _batch: usize,
+        rows: Vec<u8>,
+    ) -> Result<(), StageError> {
         self.send(self.rank + 1, TAG_HIDDEN, rows);
         Ok(())
     }

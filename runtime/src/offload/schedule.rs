@@ -398,7 +398,12 @@ impl Views {
                     (0..nb)
                         .map(|k| {
                             homes
-                                .cache_view(j, k, inp.states[k].batch, only.map_or(j * nb + k, |_| j))
+                                .cache_view(
+                                    j,
+                                    k,
+                                    inp.states[k].batch,
+                                    only.map_or(j * nb + k, |_| j),
+                                )
                                 .ok_or_else(no_tiers)
                         })
                         .collect::<Result<_, _>>()
