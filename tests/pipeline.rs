@@ -4,7 +4,8 @@
 //! offloading inside a stage; a rank that dies or hangs ends every rank within a bounded time, with an error naming
 //! it, and the surviving ranks remove their offload files.
 //!
-//! Run with `cargo test --features mpi --test pipeline` (needs Open MPI's `mpirun`).
+//! Run with `cargo test --features mpi --test pipeline -- --test-threads=1` (needs Open MPI's `mpirun`; one pipeline
+//! at a time, as the failure tests time themselves).
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -241,11 +242,30 @@ fn a_rank_killed_mid_run_ends_the_others_with_an_error_naming_it() {
     let (out, took) = faulty_run("1:3:die", offload.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(took < Duration::from_secs(60), "took {took:?}:\n{stderr}");
-    assert!(stderr.contains("rank 1"), "{stderr}");
-    // The dead rank's run directory stays (nothing ran in it to remove it; the next run in that directory does);
-    // the survivor removed its own.
+    assert!(took < Duration::from_secs(120), "took {took:?}:\n{stderr}");
+    // The launcher names the rank that died.
+    assert!(
+        stderr.contains("process rank 1") && stderr.contains("exited on signal"),
+        "{stderr}"
+    );
+    // The survivor removed its run directory; the dead rank's stays (nothing ran to remove it) until the next run
+    // in that directory removes it.
     assert!(run_dirs(offload.path()) <= 1, "{stderr}");
+    let (dir, prompts, _) = fixture("trained");
+    let mut next = generate_command(&dir, &prompts[..1], 1);
+    next.args([
+        "--percent",
+        "100",
+        "0",
+        "0",
+        "0",
+        "100",
+        "0",
+        "--offload-dir",
+    ])
+    .arg(offload.path());
+    run_ok(next, "the next run");
+    assert_eq!(run_dirs(offload.path()), 0);
 }
 
 #[test]
@@ -254,7 +274,7 @@ fn a_hung_rank_times_out_and_ends_every_rank_with_an_error_naming_it() {
     let (out, took) = faulty_run("1:3:hang", offload.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(took < Duration::from_secs(60), "took {took:?}:\n{stderr}");
+    assert!(took < Duration::from_secs(120), "took {took:?}:\n{stderr}");
     assert!(
         stderr.contains("error: pipeline rank 0 of 2 failed")
             && stderr.contains("no token ids from rank 1 within 5 s"),
