@@ -406,3 +406,20 @@ fn a_built_in_name_without_weights_needs_an_explicit_dummy() {
         );
     }
 }
+
+#[test]
+fn pipeline_without_mpi_or_a_launcher_says_how_to_build_or_launch() {
+    let text = fails(small(1).arg("--pipeline"));
+    assert!(
+        text.contains("mpirun -np 2 strata generate --pipeline"),
+        "{text}"
+    );
+    // A plain build has no MPI: it names the feature to build with.
+    #[cfg(not(feature = "mpi"))]
+    assert!(text.contains("--features mpi"), "{text}");
+    let text = fails(strata().args(["bench", "--model", "opt-125m", "--dummy", "--pipeline"]));
+    assert!(
+        text.contains("mpirun -np 2 strata bench --pipeline"),
+        "{text}"
+    );
+}

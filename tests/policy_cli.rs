@@ -278,3 +278,49 @@ fn profile_writes_a_profile_policy_can_use() {
         "{v}"
     );
 }
+
+#[test]
+fn pipeline_plans_one_of_n_identical_stages() {
+    use strata_runtime::cost_model::{self, Problem, SearchKind};
+    use strata_runtime::hardware::HardwareProfile;
+    use strata_runtime::offload::placement::{Caps, Workload};
+
+    let piped = policy_json("opt-175b", &["--pipeline", "4"]);
+    assert_eq!(piped["pipeline"]["stages"], 4);
+    assert_eq!(piped["pipeline"]["stage_layers"], 24);
+    // The same search over a quarter of opt-175b's 96 layers, with the caps and defaults the CLI uses.
+    let stage = strata::get_opt_config("opt-175b")
+        .unwrap()
+        .with_num_hidden_layers(24);
+    let hardware = HardwareProfile::resolve("t4").unwrap();
+    let caps = Caps {
+        gpu: Some(15 << 30),
+        cpu: Some(200 << 30),
+        disk: Some(1500 << 30),
+    };
+    let workload = Workload {
+        prompt_len: 512,
+        gen_len: 32,
+    };
+    let choice = cost_model::search(
+        Problem::new(&stage, workload, &hardware, caps),
+        SearchKind::Improved,
+    )
+    .unwrap();
+    assert_eq!(piped["flags"], choice.policy.to_flags());
+    let predicted = piped["predicted_throughput"].as_f64().unwrap();
+    assert!((predicted - choice.total_throughput).abs() <= 1e-9 * predicted);
+    // A stage holds a quarter of the weights: less offloading, more throughput than the whole model on one GPU.
+    let whole = policy_json("opt-175b", &[]);
+    assert!(predicted > whole["predicted_throughput"].as_f64().unwrap());
+    let (ok, _, err) = strata(&[
+        "policy",
+        "--model",
+        "opt-125m",
+        "--gpu-mem",
+        "1GiB",
+        "--pipeline",
+        "13",
+    ]);
+    assert!(!ok && err.contains("only 12 decoder layers"), "{err}");
+}

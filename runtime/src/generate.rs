@@ -22,9 +22,10 @@ use crate::offload::placement::{
 };
 use crate::offload::policy::{Policy, PolicyError};
 use crate::offload::run::{RunHomes, RunWork};
-use crate::offload::schedule::{run_step, StepInputs};
+use crate::offload::schedule::{run_stage_batch, run_step, StageBatch, StageInput, StepInputs};
 use crate::offload::weights::{load_model, LayerStore};
 use crate::offload::OffloadError;
+use crate::pipeline::{StageError, StageLink};
 use crate::tiers::{DiskOptions, TierOptions, Tiers};
 use crate::weights::WeightSource;
 
@@ -174,6 +175,9 @@ pub enum GenerateError {
     /// The run cannot be placed: over a memory cap, a buffer over the binding limit, too many prompts.
     #[error(transparent)]
     Placement(#[from] PlacementError),
+    /// A pipeline stage could not exchange hidden rows or ids with its neighbours.
+    #[error(transparent)]
+    Stage(#[from] StageError),
     /// A step failed after others had produced tokens: those tokens, and why the run stopped.
     #[error("generation stopped after {steps} tokens per sequence: {source}")]
     Stopped {
@@ -216,6 +220,17 @@ pub struct Generator {
     /// Every buffer the generator and its runs hold, recorded where it is made.
     ledger: Ledger,
     limits: DeviceLimits,
+    /// A pipeline stage's link to the other stages ([`Generator::set_stage`]).
+    stage: Option<Stage>,
+}
+
+/// A pipeline stage's link, behind a lock: the generator is shared by reference, the link sends and receives.
+struct Stage(std::sync::Mutex<Box<dyn StageLink + Send>>);
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("pipeline stage")
+    }
 }
 
 /// The buffers of one `generate` call, as its placement lists them.
@@ -289,7 +304,33 @@ impl Generator {
             tiers,
             ledger,
             limits,
+            stage: None,
         })
+    }
+
+    /// Makes this generator one stage of a pipeline ([`crate::pipeline`]): its weights must be the stage's
+    /// ([`crate::pipeline::StageWeights`] of `link.range()`), every stage must run the same prompts, options and
+    /// policy batching, and each step exchanges hidden rows and ids through `link`. Only the last stage has logits.
+    pub fn set_stage(&mut self, link: Box<dyn StageLink + Send>) {
+        self.stage = Some(Stage(std::sync::Mutex::new(link)));
+    }
+
+    /// Whether this generator computes the logits and chooses the tokens: a single process, or a pipeline's last
+    /// stage.
+    pub fn has_logits(&self) -> bool {
+        self.with_link(|l| Ok(l.range().is_last()))
+            .and_then(Result::ok)
+            .unwrap_or(true)
+    }
+
+    fn with_link<T>(
+        &self,
+        f: impl FnOnce(&mut dyn StageLink) -> Result<T, GenerateError>,
+    ) -> Option<Result<T, GenerateError>> {
+        let stage = self.stage.as_ref()?;
+        // A poisoned lock only means an earlier step panicked; the link itself holds no broken invariant.
+        let mut link = stage.0.lock().unwrap_or_else(|e| e.into_inner());
+        Some(f(link.as_mut()))
     }
 
     /// The memory tiers: their [`Tiers::report`] gives each tier's peak bytes.
@@ -578,15 +619,13 @@ impl Generator {
                 Some(reason) => Err(GenerateError::Gpu(GpuError::DeviceLost { reason })),
                 None => Ok(()),
             };
-            let out = lost
-                .and_then(|()| self.record_step(run, placement, step, t, gpu_sampling))
-                .and_then(|()| {
-                    let mut regions = vec![(&run.work.next, 0, (batch * 4) as u64)];
-                    if logits.is_some() || any_host {
-                        regions.push((&run.work.logits, 0, (batch * c.vocab_size * 4) as u64));
-                    }
-                    Ok(self.gpu().read_back(&regions)?)
-                });
+            let read_logits = logits.is_some() || any_host;
+            let out = lost.and_then(|()| match self.stage.is_some() {
+                true => self.stage_step(run, placement, step, t, gpu_sampling, read_logits),
+                false => self
+                    .record_step(run, placement, step, t, gpu_sampling)
+                    .and_then(|()| self.read_step(run, batch, read_logits)),
+            });
             // Whatever failed first (a tier's copy, a read-back), a lost device is the cause to report.
             let out = out.map_err(|e| match self.gpu().lost() {
                 Some(reason) => GenerateError::Gpu(GpuError::DeviceLost { reason }),
@@ -605,7 +644,8 @@ impl Generator {
                 Err(e) => return Err(e),
             };
             let mut next: Vec<u32> = bytemuck::pod_collect_to_vec(&out[0]);
-            if any_host {
+            // A pipeline's other stages receive the last stage's final choice.
+            if any_host && self.has_logits() {
                 let step_logits: Vec<f32> = bytemuck::pod_collect_to_vec(&out[1]);
                 let rows: Vec<Option<(&TokenChoice, &[u32])>> = (0..batch)
                     .map(|b| {
@@ -619,9 +659,17 @@ impl Generator {
                     }
                 }
             }
+            if let Some(sent) = self.with_link(|l| {
+                if l.range().is_last() {
+                    l.send_ids(t, &next)?;
+                }
+                Ok(())
+            }) {
+                sent?;
+            }
             step_seconds.push(started.elapsed().as_secs_f64());
-            if let Some(all) = logits.as_mut() {
-                all.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&out[1]));
+            if let (Some(all), Some(step_logits)) = (logits.as_mut(), out.get(1)) {
+                all.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(step_logits));
             }
             let mut tokens = vec![None; batch];
             for (b, &id) in next.iter().enumerate() {
@@ -698,6 +746,105 @@ impl Generator {
             .decode_zero_copy(direct, num_gpu_batches)
     }
 
+    /// Reads back a step's chosen ids, and its logits when `logits`.
+    fn read_step(
+        &self,
+        run: &Run,
+        batch: usize,
+        logits: bool,
+    ) -> Result<Vec<Vec<u8>>, GenerateError> {
+        let mut regions = vec![(&run.work.next, 0, (batch * 4) as u64)];
+        if logits {
+            let vocab = self.model.config.vocab_size;
+            regions.push((&run.work.logits, 0, (batch * vocab * 4) as u64));
+        }
+        Ok(self.gpu().read_back(&regions)?)
+    }
+
+    /// The step's inputs to the block schedule.
+    fn step_inputs<'a>(
+        &'a self,
+        work: &'a RunWork,
+        placement: &Placement,
+        step: Step,
+    ) -> StepInputs<'a> {
+        StepInputs {
+            kernels: &self.kernels,
+            model: &self.model,
+            layers: &self.layers,
+            tiers: Some(&self.tiers),
+            states: &work.states,
+            ws: &work.ws,
+            logits: &work.logits,
+            next: &work.next,
+            overlap: placement.policy.overlap,
+            act: placement.act_dtype,
+            zero_copy: step.past > 0
+                && step.s_new == 1
+                && self.decode_zero_copy(placement.policy.num_gpu_batches),
+        }
+    }
+
+    /// One step of a pipeline stage, GPU batch by GPU batch ([`crate::pipeline`]): each batch's hidden rows in
+    /// (embedded or received), the stage's layers, then out (sent on, or logits). Returns what
+    /// [`Generator::read_step`] returns: the last stage reads its ids (and logits), the others receive the ids.
+    fn stage_step(
+        &self,
+        run: &mut Run,
+        placement: &Placement,
+        step: Step,
+        t: usize,
+        sampling: Sampling,
+        read_logits: bool,
+    ) -> Result<Vec<Vec<u8>>, GenerateError> {
+        let act = placement.act_dtype;
+        let hidden = self.model.config.hidden_size;
+        let rows: usize = run.work.states.iter().map(|s| s.batch).sum();
+        let nb = run.work.states.len();
+        let mut row0 = 0;
+        for k in 0..nb {
+            let (seqs, x) = (run.work.states[k].batch, run.work.states[k].x.clone());
+            let bytes = seqs * step.s_new * hidden * act.bytes();
+            let (first, last) = self
+                .with_link(|l| Ok((l.range().is_first(), l.range().is_last())))
+                .unwrap_or(Ok((true, true)))?;
+            let received = match first {
+                true => None,
+                false => self
+                    .with_link(|l| Ok(l.recv_hidden(t, k, bytes)?))
+                    .transpose()?,
+            };
+            let part = StageBatch {
+                batch: k,
+                input: match &received {
+                    Some(rows) => StageInput::Hidden(rows),
+                    None => StageInput::Embed,
+                },
+                logits_row0: last.then_some(row0),
+                choose_rows: (last && k + 1 == nb).then_some(rows),
+            };
+            let inputs = self.step_inputs(&run.work, placement, step);
+            run_stage_batch(&inputs, &mut run.homes, step, sampling, t, part)?;
+            if !last {
+                let mut out = self.gpu().read_back(&[(&x, 0, bytes as u64)])?;
+                let rows_out = out.pop().unwrap_or_default();
+                self.with_link(|l| Ok(l.send_hidden(t, k, rows_out)?))
+                    .transpose()?;
+            }
+            row0 += seqs;
+        }
+        match self.has_logits() {
+            true => self.read_step(run, rows, read_logits),
+            false => {
+                let ids = self
+                    .with_link(|l| Ok(l.recv_ids(t, rows)?))
+                    .transpose()?
+                    .unwrap_or_default();
+                Ok(vec![bytemuck::cast_slice(&ids).to_vec()])
+            }
+        }
+    }
+
     /// Runs one step through the block schedule ([`crate::offload::schedule`]).
     fn record_step(
         &self,
@@ -709,21 +856,7 @@ impl Generator {
     ) -> Result<(), GenerateError> {
         // One rule decides both (the same config, policy and device).
         debug_assert_eq!(placement.act_dtype, self.kernels.act());
-        let inputs = StepInputs {
-            kernels: &self.kernels,
-            model: &self.model,
-            layers: &self.layers,
-            tiers: Some(&self.tiers),
-            states: &run.work.states,
-            ws: &run.work.ws,
-            logits: &run.work.logits,
-            next: &run.work.next,
-            overlap: placement.policy.overlap,
-            act: placement.act_dtype,
-            zero_copy: step.past > 0
-                && step.s_new == 1
-                && self.decode_zero_copy(placement.policy.num_gpu_batches),
-        };
+        let inputs = self.step_inputs(&run.work, placement, step);
         run_step(&inputs, &mut run.homes, step, sampling, t)?;
         Ok(())
     }

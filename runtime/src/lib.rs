@@ -29,6 +29,7 @@ pub mod hardware;
 pub mod model;
 pub mod npy;
 pub mod offload;
+pub mod pipeline;
 pub mod reference;
 pub mod sampling;
 pub mod tiers;

@@ -101,6 +101,8 @@ pub struct Args {
     /// Where --sweep writes (PATH.csv, PATH.json, PATH.svg; default strata-sweep).
     #[arg(long, value_name = "PATH", requires = "sweep", help_heading = headings::OUTPUT)]
     sweep_out: Option<PathBuf>,
+    #[command(flatten)]
+    pipeline: super::pipeline::PipelineArgs,
 }
 
 fn parse_dtype(text: &str) -> Result<DType, String> {
@@ -159,6 +161,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                  and --compress-weight-group-size the file is, or is to be, packed with)"
             );
         }
+    }
+    if args.pipeline.pipeline {
+        let setup = super::pipeline::BenchSetup {
+            source: open_source(&args)?,
+            prompt_len: args.prompt_len,
+            gen_len: args.gen_len,
+            policy: &args.policy,
+            adapter: args.adapter.as_deref(),
+            dtype: args.dtype,
+            max_batch: args.max_batch,
+            json: args.json,
+            prompts: dummy_prompts,
+        };
+        return super::pipeline::bench(setup, &args.pipeline);
     }
     let source = open_source(&args)?;
     let config = *source.config();

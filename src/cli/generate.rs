@@ -18,6 +18,7 @@ use super::complete::{run_block, Control, Delta, Request};
 use super::headings;
 use super::job;
 use super::model_arg;
+use super::pipeline::{self, PipelineArgs, Rank};
 use super::policy_args::PolicyArgs;
 use super::process::{out, outln, pause_point};
 use super::sampling_args::{choice_json, SamplingArgs};
@@ -80,6 +81,8 @@ pub struct Args {
     /// Write every step's logits as a float32 .npy array [steps, batch, vocab].
     #[arg(long, value_name = "FILE.npy", help_heading = headings::OUTPUT)]
     dump_logits: Option<PathBuf>,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
 }
 
 /// The weight source that serves `packed`'s words: the file at `path`, written from `source` first when missing, and
@@ -184,6 +187,26 @@ fn open_model(args: &Args) -> anyhow::Result<(Box<dyn WeightSource>, Option<Toke
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.pipeline.pipeline {
+        if args.input.is_some() {
+            bail!(
+                "--pipeline runs prompts given as flags; a batch job (--input) runs in one process"
+            );
+        }
+        let flags = args.pipeline.clone();
+        return pipeline::run("generate", &flags, |rank| run_as(args, Some(rank)));
+    }
+    run_as(args, None)
+}
+
+/// `generate`, alone or as pipeline stage `rank` (only the last stage prints and writes the logits).
+fn run_as(mut args: Args, rank: Option<&Rank>) -> anyhow::Result<()> {
+    let quiet = rank.is_some_and(|r| !r.prints());
+    if quiet {
+        args.json = true;
+        args.stream_json = false;
+        args.dump_logits = None;
+    }
     // Everything that can be checked without reading a weight or opening the GPU is checked first.
     if args.prompt.is_empty() && args.prompt_ids.is_empty() && args.input.is_none() {
         bail!("no prompts: pass --prompt TEXT or --prompt-ids 2,31414,232 (repeat for a batch)");
@@ -220,6 +243,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (source, tokenizer) = open_model(&args)?;
     let config = *source.config();
+    // A pipeline stage plans, checks and places only its own layers.
+    let range = rank.map(|r| r.range(&config)).transpose()?;
+    let config = match &range {
+        Some(r) => strata::OptConfig {
+            num_hidden_layers: r.layers.len(),
+            ..config
+        },
+        None => config,
+    };
     let mut prompts = Vec::new();
     for text in &args.prompt {
         let tokenizer = tokenizer
@@ -294,11 +326,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     checks::dead_runs(args.policy.offload_dir.as_deref());
-    let gpu = Gpu::new(&GpuOptions {
-        adapter: args.adapter.clone(),
-        max_binding_override: None,
-    })?;
-    eprintln!("strata: {} on {}", config.name, gpu.describe());
+    let gpu = match rank {
+        Some(r) => r.gpu(args.adapter.as_deref())?,
+        None => Gpu::new(&GpuOptions {
+            adapter: args.adapter.clone(),
+            max_binding_override: None,
+        })?,
+    };
+    match (rank, &range) {
+        (Some(r), Some(range)) => {
+            // One write: the launcher interleaves the ranks' stderr at each write.
+            let line = format!(
+                "strata: rank {} of {}: layers {}..{} of {} on {}\n",
+                r.rank,
+                r.size,
+                range.layers.start,
+                range.layers.end,
+                config.name,
+                gpu.describe()
+            );
+            eprint!("{line}");
+        }
+        _ => eprintln!("strata: {} on {}", config.name, gpu.describe()),
+    }
     let mut policy = match explicit_policy {
         Some(mut policy) => {
             // With everything on the GPU and no explicit batching: GPU batches of as many prompts as fit one binding.
@@ -335,6 +385,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     policy.weight_dtype = args.dtype;
+    if let Some(r) = rank {
+        pipeline::same_batching(r, &policy)?;
+    }
     // Before any weight is read: the run's placement against the memory this device and host really have.
     let block = match &job {
         Some(_) => policy.effective_batch().min(count),
@@ -360,11 +413,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let load_started = Instant::now();
-    let generator = Generator::with_policy(&gpu, source.as_ref(), &policy, &|_| {
+    let staged = range
+        .clone()
+        .map(|r| strata_runtime::pipeline::StageWeights::new(source.as_ref(), r));
+    let weights: &dyn WeightSource = match &staged {
+        Some(s) => s,
+        None => source.as_ref(),
+    };
+    let mut generator = Generator::with_policy(&gpu, weights, &policy, &|_| {
         pause_point("load");
         test_lose_device(&gpu, "load");
     })?;
     drop(source);
+    if let (Some(r), Some(range)) = (rank, range) {
+        pipeline::join_stage(r, &mut generator, range, args.pipeline.pipeline_timeout)?;
+    }
     let load_s = load_started.elapsed().as_secs_f64();
     if let (Some(job), Some(output)) = (job, &args.output) {
         return job::run_job(
@@ -400,6 +463,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     );
     let streamed = printer.streams();
+    if quiet {
+        // The last stage prints; this one only reports its own failure.
+        return block.map(|_| ());
+    }
     let block = match block {
         Ok(block) => block,
         Err(e) => {

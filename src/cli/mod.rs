@@ -16,6 +16,9 @@ mod generate;
 mod job;
 mod model_arg;
 mod peers;
+mod pipeline;
+#[cfg(feature = "mpi")]
+mod pipeline_mpi;
 mod plot;
 mod policy;
 pub mod policy_args;

@@ -59,6 +59,11 @@ pub struct Args {
     /// Also draw the placement (bytes per tier) and the predicted time split as an SVG.
     #[arg(long, value_name = "FILE.svg", help_heading = headings::OUTPUT)]
     pub plot: Option<PathBuf>,
+    /// Plan one stage of a pipeline of N identical stages (`generate --pipeline`): each runs ceil(layers / N) of the
+    /// decoder layers on its own GPU with these caps; with micro-batches filling the pipeline its throughput is one
+    /// stage's (hidden rows between stages, small beside the weights, are not modelled).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = headings::POLICY)]
+    pub pipeline: Option<u64>,
 }
 
 /// The policy's flags with its memory caps in readable units (`--cpu-mem 14.52GiB`, not `--cpu-mem 15223424KiB`).
@@ -121,6 +126,16 @@ pub fn resolve_model(name: &str) -> anyhow::Result<OptConfig> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = resolve_model(&args.model)?;
+    // FlexLLMGen's distributed formulation: every stage is the same problem over its share of the layers.
+    let config = match args.pipeline {
+        Some(n) if n as usize > config.num_hidden_layers => bail!(
+            "--pipeline {n}: {} has only {} decoder layers, one stage each at most",
+            config.name,
+            config.num_hidden_layers
+        ),
+        Some(n) => config.with_num_hidden_layers(config.num_hidden_layers.div_ceil(n as usize)),
+        None => config,
+    };
     let hardware = HardwareProfile::resolve(&args.hardware)?;
     let kind = CostModelKind::parse(&args.cost_model).with_context(|| {
         format!(
@@ -194,11 +209,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     if args.json {
         let mut object = to_json(&config, &args, &choice, &hardware);
+        if let Some(n) = args.pipeline {
+            object["pipeline"] = json!({ "stages": n, "stage_layers": config.num_hidden_layers });
+        }
         object["time_split"] = super::policy_plot::split_json(&split);
         let text = serde_json::to_string_pretty(&object)?;
         // A closed pipe (`| head`) is an error to report, not a panic.
         writeln!(std::io::stdout().lock(), "{text}").context("writing to stdout")?;
     } else {
+        if let Some(n) = args.pipeline {
+            outln!(
+                "pipeline of {n} stages: each plans {} decoder layers (the figures below are one stage's; the \
+                 pipeline's throughput is one stage's once micro-batches fill it)",
+                config.num_hidden_layers
+            );
+        }
         print_text(&config, &args, &choice, &hardware, elapsed.as_secs_f64())?;
     }
     if let Err(over) = &choice.plan_check {

@@ -93,7 +93,8 @@ pub const fn buffer_size(len: u64) -> u64 {
 /// How to pick and configure the GPU.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
-    /// Pick the first adapter whose name contains this (case-insensitive); `WGPU_ADAPTER_NAME` is used when `None`.
+    /// Pick the first adapter whose name contains this (case-insensitive), or with `#N` adapter N (modulo their
+    /// number); `WGPU_ADAPTER_NAME` is used when `None`.
     pub adapter: Option<String>,
     /// Pretend storage bindings can be at most this many bytes (tests use it to force weights into row chunks).
     pub max_binding_override: Option<u64>,
@@ -161,7 +162,9 @@ impl Gpu {
         };
         let adapter = match wanted {
             Some(wanted) => {
-                let adapters = instance.enumerate_adapters(backends).await;
+                let mut adapters = instance.enumerate_adapters(backends).await;
+                // `#N` counts real GPUs before CPU adapters (lavapipe installed beside them).
+                adapters.sort_by_key(|a| a.get_info().device_type == wgpu::DeviceType::Cpu);
                 if adapters.is_empty() {
                     return Err(GpuError::NoAdapter {
                         backends: backend_note,
@@ -169,10 +172,19 @@ impl Gpu {
                 }
                 let needle = wanted.to_lowercase();
                 let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-                match adapters
-                    .into_iter()
-                    .find(|a| a.get_info().name.to_lowercase().contains(&needle))
-                {
+                // `#N`: adapter N (GPUs first, then in enumeration order), wrapping around (a pipeline's local rank N
+                // on a machine with fewer adapters than ranks), so identical GPUs can be told apart.
+                let index = wanted
+                    .strip_prefix('#')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map(|n| n % adapters.len());
+                match adapters.into_iter().enumerate().find_map(|(i, a)| {
+                    let hit = match index {
+                        Some(n) => i == n,
+                        None => a.get_info().name.to_lowercase().contains(&needle),
+                    };
+                    hit.then_some(a)
+                }) {
                     Some(adapter) => adapter,
                     None => {
                         return Err(GpuError::NoMatchingAdapter {

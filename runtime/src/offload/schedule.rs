@@ -182,6 +182,8 @@ struct Schedule<'v, 'a> {
     prefetched: Option<usize>,
     /// A CPU-attention batch whose q, k, v are on their way back while the next batch's work is queued.
     pending_cpu: Option<PendingCpu>,
+    /// The one GPU batch this step runs ([`run_stage_batch`]), else every batch.
+    only: Option<usize>,
 }
 
 /// The CPU half of a CPU-attention layer still to do: (layer, GPU batch), the readbacks of q, k and v, and the
@@ -212,7 +214,7 @@ pub fn run_step(
                 && homes.cpu_attention.get(k).copied().unwrap_or(false)
         })
         .collect();
-    let views = Views::new(inp, homes, on_cpu.iter().any(|&b| b))?;
+    let views = Views::new(inp, homes, on_cpu.iter().any(|&b| b), None)?;
     let mut s = Schedule {
         inp,
         views: &views,
@@ -231,6 +233,7 @@ pub fn run_step(
         writing: Vec::new(),
         prefetched: None,
         pending_cpu: None,
+        only: None,
     };
     s.prologue()?;
     for k in 0..nb {
@@ -254,8 +257,102 @@ pub fn run_step(
     s.finish()
 }
 
+/// Where one pipeline stage's micro-batch comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum StageInput<'b> {
+    /// The token embedding (the first stage).
+    Embed,
+    /// The previous stage's hidden rows, `[sequences * new tokens, hidden]` in the activation dtype.
+    Hidden(&'b [u8]),
+}
+
+/// What one pipeline stage does with one GPU batch in a step ([`crate::pipeline`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StageBatch<'b> {
+    /// The GPU batch.
+    pub batch: usize,
+    /// Where its hidden rows come from.
+    pub input: StageInput<'b>,
+    /// The last stage: record its logits into rows `row0..` of the logits.
+    pub logits_row0: Option<usize>,
+    /// The last stage's last batch: then record the token choice over this many logits rows.
+    pub choose_rows: Option<usize>,
+}
+
+/// Runs one GPU batch of a token step through every layer of the stage's model (a pipeline stage's share of that
+/// micro-batch), in the order [`run_step`] runs items. After it, the batch's hidden rows are in its state's `x` (the
+/// activation slot for an offloaded batch), for the caller to read back and send on.
+pub fn run_stage_batch(
+    inp: &StepInputs,
+    homes: &mut RunHomes,
+    step: Step,
+    sampling: Sampling,
+    t: usize,
+    part: StageBatch,
+) -> Result<(), OffloadError> {
+    let c = &inp.model.config;
+    let k = part.batch;
+    let on_cpu: Vec<bool> = (0..inp.states.len())
+        .map(|b| {
+            b == k
+                && step.past > 0
+                && step.s_new == 1
+                && homes.cpu_attn.is_some()
+                && homes.cpu_attention.get(b).copied().unwrap_or(false)
+        })
+        .collect();
+    let views = Views::new(inp, homes, on_cpu[k], Some(k))?;
+    let mut s = Schedule {
+        inp,
+        views: &views,
+        act_off: homes
+            .acts
+            .iter()
+            .map(|a| matches!(a, BatchAct::Homes(_)))
+            .collect(),
+        homes,
+        step,
+        rec: inp.kernels.recorder(),
+        on_cpu,
+        tickets: HashMap::new(),
+        cache_reads: HashMap::new(),
+        stores: VecDeque::new(),
+        writing: Vec::new(),
+        prefetched: None,
+        pending_cpu: None,
+        only: Some(k),
+    };
+    s.prologue()?;
+    match part.input {
+        StageInput::Embed => s.embed(k)?,
+        StageInput::Hidden(rows) => s.take_hidden(k, rows)?,
+    }
+    for j in 0..c.num_hidden_layers {
+        s.load(j, k)?;
+        s.compute(j, k)?;
+        s.store(j, k)?;
+        s.end_cpu_attention()?;
+    }
+    // Otherwise the hidden rows go back from the batch's residual stream: an offloaded batch's is the activation
+    // slot, which still holds them after the last layer's store.
+    if let Some(row0) = part.logits_row0 {
+        s.logits(k, row0)?;
+    }
+    if let Some(rows) = part.choose_rows {
+        s.choose(sampling, t, rows);
+    }
+    s.finish()
+}
+
 impl Views {
-    fn new(inp: &StepInputs, homes: &mut RunHomes, cpu: bool) -> Result<Views, OffloadError> {
+    /// `only`: the step runs that one GPU batch (a pipeline stage's micro-batch), whose items then alternate
+    /// cache slots layer by layer.
+    fn new(
+        inp: &StepInputs,
+        homes: &mut RunHomes,
+        cpu: bool,
+        only: Option<usize>,
+    ) -> Result<Views, OffloadError> {
         let c = &inp.model.config;
         let nb = inp.states.len();
         let weight_slot = |j: usize| if inp.overlap { j % 2 } else { 0 };
@@ -301,7 +398,12 @@ impl Views {
                     (0..nb)
                         .map(|k| {
                             homes
-                                .cache_view(j, k, inp.states[k].batch, j * nb + k)
+                                .cache_view(
+                                    j,
+                                    k,
+                                    inp.states[k].batch,
+                                    only.map_or(j * nb + k, |_| j),
+                                )
                                 .ok_or_else(no_tiers)
                         })
                         .collect::<Result<_, _>>()
@@ -319,6 +421,14 @@ impl<'v> Schedule<'v, '_> {
 
     fn batches(&self) -> usize {
         self.inp.states.len()
+    }
+
+    /// The item after item `n` in this step's order: the next GPU batch, or with one batch the next layer.
+    fn next_item(&self, n: usize) -> usize {
+        match self.only {
+            None => n + 1,
+            Some(_) => n + self.batches(),
+        }
     }
 
     /// Bytes of one sequence's hidden rows of this step, as its activation home and the slot hold them.
@@ -412,8 +522,26 @@ impl<'v> Schedule<'v, '_> {
             self.submit(enc, Vec::new())?;
             self.prefetch_layer(1)?;
         }
-        self.read_ahead(0)?;
-        self.read_ahead(1)
+        let first = self.only.unwrap_or(0);
+        self.read_ahead(first)?;
+        self.read_ahead(self.next_item(first))
+    }
+
+    /// Writes the previous stage's hidden rows of GPU batch `k` into its residual stream (after every submitted
+    /// command that reads it: the queue orders the write) and stores them into its homes when offloaded.
+    fn take_hidden(&mut self, k: usize, rows: &[u8]) -> Result<(), OffloadError> {
+        self.flush();
+        self.inp
+            .kernels
+            .gpu()
+            .queue
+            .write_buffer(&self.views.states[k].x, 0, rows);
+        if self.act_off[k] {
+            let mut enc = self.transfers()?;
+            let stores = self.store_act(k, &mut enc)?;
+            self.submit(enc, stores)?;
+        }
+        Ok(())
     }
 
     /// Embeds GPU batch `k` and stores its offloaded hidden rows.
@@ -437,16 +565,19 @@ impl<'v> Schedule<'v, '_> {
         let n_layers = inp.model.config.num_hidden_layers;
         let n = j * self.batches() + k;
         let weight_layer = if inp.overlap { j + 1 } else { j };
-        let weights = k == 0 && weight_layer < n_layers && self.fetches_weights(weight_layer);
+        let weights = k == self.only.unwrap_or(0)
+            && weight_layer < n_layers
+            && self.fetches_weights(weight_layer);
         let cache_now = self.cache_in(n) && self.prefetched != Some(n);
         let items = n_layers * self.batches();
+        let next = self.next_item(n);
         // Ahead only into the other slot: with one slot the next item's rows would overwrite this item's.
         let cache_next = inp.overlap
             && self.homes.cache_slot_count() >= 2
-            && n + 1 < items
-            && self.cache_in(n + 1);
+            && next < items
+            && self.cache_in(next);
         // The disk reads the item after next's KV rows while this one's transfers and compute run.
-        self.read_ahead(n + 2)?;
+        self.read_ahead(self.next_item(next))?;
         if !(weights || cache_now || self.act_off[k] || cache_next) {
             return Ok(());
         }
@@ -461,8 +592,8 @@ impl<'v> Schedule<'v, '_> {
             self.fetch_act(k, &mut enc)?;
         }
         if cache_next {
-            self.fetch_cache(n + 1, &mut enc)?;
-            self.prefetched = Some(n + 1);
+            self.fetch_cache(next, &mut enc)?;
+            self.prefetched = Some(next);
         }
         self.submit(enc, Vec::new())?;
         if weights && inp.overlap {
