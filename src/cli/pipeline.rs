@@ -7,13 +7,13 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use strata::{DType, OptConfig};
 use strata_runtime::generate::{GenerateOptions, Generator, Sampling};
 use strata_runtime::gpu::{Gpu, GpuOptions};
 use strata_runtime::offload::placement::{DeviceLimits, Placement, Workload};
 use strata_runtime::offload::policy::Policy;
 use strata_runtime::pipeline::{balanced_ranges, StageRange, StageWeights};
 use strata_runtime::weights::WeightSource;
-use strata::{DType, OptConfig};
 
 use super::checks;
 use super::headings;
