@@ -2,7 +2,7 @@
 //! [`Recorder`](crate::gpu::kernels::Recorder) the forward pass uses, so the profile describes what a run will do, not what the hardware could do.
 //!
 //! Every figure is timed as submit + wait (a blocking device poll) around a batch of identical dispatches or one
-//! transfer, after one warm-up, best of a few tries. FLOP counts follow the cost model's formulas (COST-MODEL.md):
+//! transfer, after one warm-up, the median of a few tries (a run sees typical dispatches, not the luckiest one). FLOP counts follow the cost model's formulas (COST-MODEL.md):
 //! a linear layer of `m` rows is `2 * m * rows * cols`, prefill attention `4 * b * s^2 * h` and decode attention
 //! `4 * b * ctx * h`, so the rates plug straight back into the same formulas. Sizes scale with the adapter
 //! ([`ProbeSizes::for_gpu`]): small on a CPU driver such as lavapipe, GPU-sized elsewhere, always within one binding.
@@ -46,26 +46,28 @@ pub struct ProbeSizes {
     pub attn_heads: usize,
     /// Dispatches per timed submit.
     pub reps: usize,
-    /// Timed tries (the best is kept).
+    /// Timed tries of each kernel (the median is kept).
     pub iters: usize,
     /// Weight storage of the linear layers.
     pub format: WeightFormat,
 }
 
 impl ProbeSizes {
-    /// Small shapes for a CPU driver (lavapipe: a few GFLOP/s; the whole profile stays well under a minute).
+    /// Small shapes for a CPU driver (lavapipe: a few GFLOP/s; the whole profile stays well under a minute). The
+    /// weights (2 MiB at f16) are larger than a core's private caches, as a real model's are: a cache-resident
+    /// probe overstates the rate a model's layers see, most of all while other processes share the last level.
     pub const CPU_DRIVER: ProbeSizes = ProbeSizes {
         cache_bytes: 8 << 20,
         hidden_bytes: 1 << 20,
-        gemm_m: 128,
-        width: 512,
+        gemm_m: 64,
+        width: 1024,
         gemv_m: GEMV_MAX_ROWS,
         attn_batch: 2,
         attn_seq: 128,
         attn_hidden: 256,
         attn_heads: 4,
         reps: 2,
-        iters: 2,
+        iters: 3,
         format: WeightFormat::F16,
     };
 
@@ -165,7 +167,7 @@ impl RuntimeProbe {
         Ok((r.cpu_to_gpu * 1e9 / GIB, r.gpu_to_cpu * 1e9 / GIB))
     }
 
-    /// Best seconds of `tries` submits of `reps` recorded operations each, after a warm-up submit.
+    /// Median seconds of `tries` submits of `reps` recorded operations each, after a warm-up submit.
     fn time<'a>(
         &'a self,
         tries: usize,
@@ -185,11 +187,11 @@ impl RuntimeProbe {
             Ok(start.elapsed().as_secs_f64())
         };
         run()?;
-        let mut best = f64::INFINITY;
-        for _ in 0..tries.max(1) {
-            best = best.min(run()?);
-        }
-        Ok(best.max(1e-9))
+        let mut times = (0..tries.max(1))
+            .map(|_| run())
+            .collect::<Result<Vec<f64>, String>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2].max(1e-9))
     }
 
     fn matrix(&self, rows: usize, cols: usize) -> Result<GpuMatrix, String> {
@@ -227,7 +229,7 @@ impl RuntimeProbe {
     }
 
     /// The affine fit of a decode linear's time in its rows, `t(m) = t0 + m * k`, by least squares over GEMVs of 1,
-    /// 2, 4, ... `gemv_m` rows (each the best of several tries: the fit amplifies noise): (weight bytes / t0 in
+    /// 2, 4, ... `gemv_m` rows (each the median of several tries: the fit amplifies noise): (weight bytes / t0 in
     /// GiB/s, 2 * width^2 / k in TFLOP/s). A memory-bound GPU's GEMV barely grows with its rows (k near 0); a CPU
     /// driver's grows with each. Both parts stay positive whatever the noise.
     fn gemv_fit(&mut self) -> Result<(f64, f64), String> {
@@ -260,7 +262,7 @@ impl RuntimeProbe {
         Ok((weight_bytes / t0 / GIB, 2.0 * (n * n) as f64 / k / 1e12))
     }
 
-    /// Seconds of one dispatch of a linear layer with `m` rows of x over a `width x width` weight, the best of
+    /// Seconds of one dispatch of a linear layer with `m` rows of x over a `width x width` weight, the median of
     /// `tries` submits.
     fn linear_secs(&self, m: usize, tries: usize) -> Result<f64, String> {
         let n = self.sizes.width;
