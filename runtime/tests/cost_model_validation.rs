@@ -7,9 +7,9 @@
 //! Bound: measured / predicted within [0.2, 5]. On a quiet machine strata's formulation predicts a dummy opt-125m on
 //! lavapipe within 25% (BENCHMARKS.md, with the commands); this test runs a smaller model, where the fixed costs the
 //! model leaves out (layer norms, embedding, sampling, per-dispatch and per-submit costs) weigh more, on shared CI
-//! machines whose other jobs slowed runs 3-4x against a profile measured moments before (2026-12-05, 2 cores,
-//! load 8-10: ratios 0.5-0.7 with the earlier model, 0.7-1.1 with the GEMV fit at load 4). A ratio outside the bound means a unit or formula error
-//! (per-layer vs per-model, rows vs sequences, FLOPs counted twice), not noise.
+//! machines whose other jobs slowed runs 3-4x against a profile measured moments before (2026-12-05, 2 cores:
+//! ratios 0.5-0.7 with the earlier model at load 8-10, 0.7-1.1 with the GEMV fit at load 4). A ratio outside the
+//! bound means a unit or formula error (per-layer vs per-model, rows vs sequences, FLOPs counted twice), not noise.
 
 use std::time::Instant;
 
