@@ -35,11 +35,18 @@ fn assert_no_files_left(offload_dir: &Path) {
 #[test]
 fn bench_json_reports_every_figure_consistently() {
     let offload = tempfile::tempdir().unwrap();
+    // A fixed profile (FlexLLMGen's T4 constants) for the ceiling and the prediction, whatever this machine cached.
+    let profile_dir = tempfile::tempdir().unwrap();
+    let profile_path = profile_dir.path().join("t4.toml");
+    let t4 = strata_runtime::hardware::HardwareProfile::t4();
+    t4.save(&profile_path).unwrap();
     let out = bench(&fixture(), 6, 4)
         .arg("--json")
         .args("--percent 30 40 0 100 50 0 --gpu-batch-size 2 --num-gpu-batches 2".split(' '))
         .arg("--offload-dir")
         .arg(offload.path())
+        .arg("--pcie-profile")
+        .arg(&profile_path)
         .output()
         .unwrap();
     assert!(
@@ -121,6 +128,58 @@ fn bench_json_reports_every_figure_consistently() {
     let decode_bytes = &v["transfers"]["decode"]["bytes"];
     for pair in ["cpu->gpu", "disk->gpu", "gpu->cpu"] {
         assert!(u(&decode_bytes[pair]) > 0, "{pair} in {v}");
+    }
+    // The cost model's prediction for this policy from that profile, beside the measured figures.
+    let p = &v["prediction"];
+    assert_eq!(p["cost_model"], "strata", "{v}");
+    assert_eq!(p["profile"], "t4", "{v}");
+    let policy = strata_runtime::offload::policy::Policy {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        percent: strata_runtime::offload::policy::Percent::from_array([
+            30.0, 40.0, 0.0, 100.0, 50.0, 0.0,
+        ]),
+        ..Default::default()
+    };
+    let workload = strata_runtime::offload::placement::Workload {
+        prompt_len: 6,
+        gen_len: 4,
+    };
+    let expected = strata_runtime::cost_model::evaluate(
+        strata_runtime::cost_model::Problem::new(&config, workload, &t4, Default::default()),
+        &policy,
+    )
+    .unwrap();
+    let num = |x: &serde_json::Value| x.as_f64().unwrap_or_else(|| panic!("not a number in {v}"));
+    let predicted = &p["predicted"];
+    assert!(
+        close(num(&predicted["prefill_s"]), expected.prefill_s),
+        "{v}"
+    );
+    assert!(close(num(&predicted["decode_s"]), expected.decode_s), "{v}");
+    assert!(
+        close(num(&predicted["total_tok_s"]), expected.total_throughput),
+        "{v}"
+    );
+    assert!(close(
+        num(&predicted["total_s"]),
+        expected.prefill_s + expected.decode_s
+    ));
+    for (phase, measured) in [
+        ("prefill", "prefill_throughput_tok_s"),
+        ("decode", "decode_throughput_tok_s"),
+        ("total", "total_throughput_tok_s"),
+    ] {
+        let want = num(&predicted[format!("{phase}_tok_s")]);
+        assert!(want > 0.0, "{phase}: {v}");
+        assert!(close(
+            num(&p["measured"][format!("{phase}_tok_s")]),
+            f(measured)
+        ));
+        assert!(
+            close(num(&p["ratio"][phase]), f(measured) / want),
+            "{phase}: {v}"
+        );
     }
     assert_no_files_left(offload.path());
 }

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use strata_runtime::hardware::HardwareProfile;
 
-const ALL_FIELDS: [&str; 13] = [
+const ALL_FIELDS: [&str; 15] = [
     "ctog",
     "gtoc_cache",
     "gtoc_hidden",
@@ -19,6 +19,8 @@ const ALL_FIELDS: [&str; 13] = [
     "bmm_flops_g",
     "cpu_flops",
     "cpu_gemv_flops",
+    "gemv_weight_gib_s",
+    "mm_flops_g_row",
 ];
 
 fn profile(args: &[&str], xdg: &std::path::Path) -> (bool, String, String) {

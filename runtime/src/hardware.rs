@@ -69,6 +69,15 @@ pub struct HardwareProfile {
     /// into a GPU buffer, then the linear, in one submit (`--transfer copy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ctog_copy_linear: Option<f64>,
+    /// The part of a decode linear's time that does not grow with its rows (reading and converting the weights,
+    /// launching the dispatch), as weight bytes per second, GiB/s: strata's formulation prices a linear of `m <=
+    /// GEMV_MAX_ROWS` rows over `W` weight bytes at `W / gemv_weight_gib_s + m * flops_per_row / mm_flops_g_row`,
+    /// fitted by `strata profile` to GEMVs of one row and of `GEMV_MAX_ROWS` rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemv_weight_gib_s: Option<f64>,
+    /// The rate each further row of a decode linear adds, TFLOP/s (see [`HardwareProfile::gemv_weight_gib_s`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mm_flops_g_row: Option<f64>,
 }
 
 /// A profile that could not be read or is not usable.
@@ -132,6 +141,8 @@ impl HardwareProfile {
             cpu_gemv_flops: None,
             ctog_zero_copy: None,
             ctog_copy_linear: None,
+            gemv_weight_gib_s: None,
+            mm_flops_g_row: None,
         }
     }
 
@@ -215,8 +226,16 @@ impl HardwareProfile {
             ("bmm_flops_g", self.bmm_flops_g),
             ("cpu_flops", self.cpu_flops),
         ];
-        let gemv = self.cpu_gemv_flops.map(|v| ("cpu_gemv_flops", v));
-        for (field, value) in speeds.into_iter().chain(gemv) {
+        let optional = [
+            ("cpu_gemv_flops", self.cpu_gemv_flops),
+            ("ctog_zero_copy", self.ctog_zero_copy),
+            ("ctog_copy_linear", self.ctog_copy_linear),
+            ("gemv_weight_gib_s", self.gemv_weight_gib_s),
+            ("mm_flops_g_row", self.mm_flops_g_row),
+        ]
+        .into_iter()
+        .filter_map(|(f, v)| v.map(|v| (f, v)));
+        for (field, value) in speeds.into_iter().chain(optional) {
             if !(value.is_finite() && value > 0.0) {
                 return Err(HardwareError::Value {
                     profile: self.name.clone(),

@@ -1,14 +1,15 @@
 //! Issue 5's validation: the cost model's predicted throughput, from a profile measured in this same run with the
 //! runtime's own probe, against the measured throughput of real generation through the offloading schedule (the
 //! engine `strata bench` drives), for a few policies of a small OPT model: all on GPU at three batchings, weights
-//! streamed from the CPU tier, and a mixed placement. The printed ratios are the information; the assertion is only
-//! a sanity bound.
+//! streamed from the CPU tier, and a mixed placement. The printed ratios are the information; the assertion is a
+//! sanity bound, not the accuracy claim.
 //!
-//! Bound: measured / predicted within [0.02, 50]. The cost model counts matmul, attention and transfer time only;
-//! on a CPU driver (lavapipe) per-dispatch and per-submit costs, layer norms, embedding and sampling are a large
-//! share of a small model's step, and the probe's shapes are not the model's, so a factor of several is expected
-//! there. A ratio outside the bound means a unit or formula error (GiB vs GB, FLOP counts, per-layer vs per-model),
-//! not noise.
+//! Bound: measured / predicted within [0.2, 5]. On a quiet machine strata's formulation predicts a dummy opt-125m on
+//! lavapipe within 25% (BENCHMARKS.md, with the commands); this test runs a smaller model, where the fixed costs the
+//! model leaves out (layer norms, embedding, sampling, per-dispatch and per-submit costs) weigh more, on shared CI
+//! machines whose other jobs slowed runs 3-4x against a profile measured moments before (2026-12-05, 2 cores:
+//! ratios 0.5-0.7 with the earlier model at load 8-10, 0.7-1.1 with the GEMV fit at load 4). A ratio outside the
+//! bound means a unit or formula error (per-layer vs per-model, rows vs sequences, FLOPs counted twice), not noise.
 
 use std::time::Instant;
 
@@ -54,6 +55,8 @@ fn measured_throughput_is_within_a_stated_factor_of_the_prediction() {
         "mm_flops_g",
         "bmm_flops_p",
         "bmm_flops_g",
+        "gemv_weight_gib_s",
+        "mm_flops_g_row",
     ] {
         assert!(
             profile.measured.iter().any(|m| m == field),
@@ -103,6 +106,7 @@ fn measured_throughput_is_within_a_stated_factor_of_the_prediction() {
         };
         let problem = Problem::new(&config, workload, &profile, Caps::default());
         let predicted = evaluate(problem, &policy).unwrap().total_throughput;
+        assert!(predicted.is_finite() && predicted > 0.0, "{predicted}");
 
         let stored_f16 = Policy {
             weight_dtype: Some(DType::F16),
@@ -145,8 +149,8 @@ fn measured_throughput_is_within_a_stated_factor_of_the_prediction() {
     eprintln!("total {:.1} s", start.elapsed().as_secs_f64());
     for ((gbs, ngb, what), ratio) in ratios {
         assert!(
-            (0.02..=50.0).contains(&ratio),
-            "gbs {gbs} x {ngb} ({what}): measured/predicted = {ratio:.3}, outside the sanity bound [0.02, 50]"
+            (0.2..=5.0).contains(&ratio),
+            "gbs {gbs} x {ngb} ({what}): measured/predicted = {ratio:.3}, outside the sanity bound [0.2, 5]"
         );
     }
 }

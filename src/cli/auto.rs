@@ -52,6 +52,7 @@ pub fn resolve_auto(
             bits: flags.compress_cache_bits,
             group_size: flags.compress_cache_group_size,
         }),
+        transfer: flags.transfer,
         ..AutoOptions::default()
     };
     let caps = Caps {

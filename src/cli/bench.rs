@@ -17,6 +17,7 @@ use strata_runtime::offload::policy::format_bytes;
 use strata_runtime::weights::WeightSource;
 
 use super::auto::resolve_auto;
+use super::bench_predict::{Phases, Prediction};
 use super::bench_transfers::{phase_json, phase_text, Ceiling};
 use super::checks;
 use super::headings;
@@ -83,12 +84,16 @@ pub struct Args {
     /// With `--policy auto`: the most sequences one block (gpu batch size x GPU batches) may hold.
     #[arg(long, default_value_t = 64, value_name = "N", help_heading = headings::POLICY)]
     max_batch: usize,
-    /// The hardware profile whose bandwidths give the PCIe-bound ceiling (default: the adapter's cached one, which
-    /// `strata profile` writes).
+    /// The hardware profile whose bandwidths give the PCIe-bound ceiling and whose speeds give the cost model's
+    /// prediction (default: the adapter's cached one, which `strata profile` and `--policy auto` write).
     #[arg(long, value_name = "FILE")]
     pcie_profile: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// First run the same prompts for two tokens (prefill and one decode step) untimed, as FlexLLMGen's benchmark
+    /// does, so the figures exclude compiling pipelines and other first-use costs.
+    #[arg(long, help_heading = headings::OUTPUT)]
+    warmup: bool,
     /// Print one JSON object instead of text.
     #[arg(long, help_heading = headings::OUTPUT)]
     json: bool,
@@ -249,6 +254,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.vocab_size,
         config.bos_token_id,
     );
+    if args.warmup {
+        let warming = bar(2.min(args.gen_len), "warm-up");
+        generator
+            .generate_with_progress(
+                &prompts,
+                &GenerateOptions {
+                    max_new_tokens: 2.min(args.gen_len),
+                    sampling: Sampling::Greedy,
+                    ignore_eos: true,
+                    record_logits: false,
+                },
+                &|_| warming.inc(1),
+            )
+            .context("warming up")?;
+        warming.finish_and_clear();
+    }
     let generating = bar(args.gen_len, "generate");
     // After the prefill every buffer of the run is held: compare the ledger with wgpu's own allocator report then.
     let allocator: std::cell::RefCell<Option<AllocatorCheck>> = Default::default();
@@ -319,6 +340,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ceiling = profile
         .as_ref()
         .and_then(|p| Ceiling::of(p, &decode_moved, args.gen_len - 1, batch));
+    let measured = Phases {
+        prefill_s: prefill,
+        decode_s: decode,
+        prefill_tok_s: prefill_tput,
+        decode_tok_s: decode_tput,
+        total_tok_s: total_tput,
+    };
+    // A policy the model cannot describe (it prices every placement the runtime runs) is reported, not fatal.
+    let prediction = profile
+        .as_ref()
+        .map(|p| Prediction::of(&config, workload, p, &policy));
     if args.json {
         let object = serde_json::json!({
             "schema_version": super::JSON_SCHEMA_VERSION,
@@ -352,6 +384,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "decode_tok_s": c.tok_s,
                 "fraction": decode_tput / c.tok_s,
             })),
+            // strata's cost model at this policy, from the same profile, beside the measured figures.
+            "prediction": match &prediction {
+                Some(Ok(p)) => p.json(&measured),
+                Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
+                None => serde_json::Value::Null,
+            },
             "peak_bytes": {
                 "gpu": peak.gpu,
                 "gpu_weights": gpu_weights,
@@ -427,6 +465,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => outln!(
                 "PCIe-bound decode ceiling: none (nothing crossed PCIe at decode, or no cached profile: `strata profile`)"
             ),
+        }
+        match &prediction {
+            Some(Ok(p)) => outln!("{}", p.text(&measured)),
+            Some(Err(e)) => outln!("predicted: the cost model cannot price this policy: {e}"),
+            None => outln!("predicted: no cached hardware profile (`strata profile`)"),
         }
         outln!(
             "peak tier bytes: gpu {} (resident weights {}, pool {})  cpu {}  disk {}",

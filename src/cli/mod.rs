@@ -6,6 +6,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod auto;
 mod bench;
 mod bench_kernels;
+mod bench_predict;
 mod bench_serve;
 mod bench_transfers;
 mod checks;

@@ -16,7 +16,7 @@ use crate::hardware::gpu_probe::RuntimeProbe;
 use crate::hardware::measure::{disk_bandwidth, profile_machine, MeasureError, MeasureOptions};
 use crate::hardware::{default_profile_path, HardwareError, HardwareProfile};
 use crate::offload::placement::{Caps, Workload};
-use crate::offload::policy::{CompressionConfig, Policy};
+use crate::offload::policy::{CompressionConfig, Policy, Transfer};
 
 const GIB: u64 = 1 << 30;
 
@@ -75,6 +75,8 @@ pub struct AutoOptions {
     pub compress_weight: Option<CompressionConfig>,
     /// Store the KV cache quantised with this configuration.
     pub compress_cache: Option<CompressionConfig>,
+    /// How the run will move CPU-resident weights to the decode kernels (the model prices that path).
+    pub transfer: Transfer,
     /// Bytes the disk test writes when a profile is measured.
     pub disk_test_bytes: u64,
 }
@@ -88,6 +90,7 @@ impl Default for AutoOptions {
             max_block: DEFAULT_MAX_BLOCK,
             compress_weight: None,
             compress_cache: None,
+            transfer: Transfer::Auto,
             disk_test_bytes: 64 << 20,
         }
     }
@@ -281,6 +284,7 @@ pub fn auto_policy(
     problem.kind = CostModelKind::Strata;
     problem.headroom = options.headroom;
     problem.max_block = options.max_block;
+    problem.transfer = options.transfer;
     if let Some(c) = options.compress_weight {
         problem.compress_weight = true;
         problem.compress_weight_config = c;

@@ -23,7 +23,9 @@ use crate::hardware::HardwareProfile;
 use crate::offload::placement::{
     plan, CapError, Caps, MemoryPlan, PlacementError, WeightSummary, Workload,
 };
-use crate::offload::policy::{format_bytes, CompressionConfig, Percent, Policy, TierSplit};
+use crate::offload::policy::{
+    format_bytes, CompressionConfig, Percent, Policy, TierSplit, Transfer,
+};
 use crate::tiers::Tier;
 
 use lp::{TGEN, TPRE};
@@ -122,6 +124,8 @@ pub struct Problem<'a> {
     pub compress_cache: bool,
     /// Quantisation of the KV cache.
     pub compress_cache_config: CompressionConfig,
+    /// How CPU-resident weights reach the decode kernels (strata's formulation; FlexLLMGen's always copies).
+    pub transfer: Transfer,
     /// Which formulation.
     pub kind: CostModelKind,
     /// Most sequences in one block (`gpu_batch_size * num_gpu_batches`): the number of prompts a run has. Larger
@@ -148,6 +152,7 @@ impl<'a> Problem<'a> {
             compress_weight_config: CompressionConfig::DEFAULT,
             compress_cache: false,
             compress_cache_config: CompressionConfig::DEFAULT,
+            transfer: Transfer::Auto,
             kind: CostModelKind::Strata,
             max_block: DEFAULT_MAX_BLOCK,
         }
@@ -530,6 +535,7 @@ pub fn evaluate(problem: Problem, policy: &Policy) -> Result<Choice, CostModelEr
     problem.compress_weight_config = policy.compress_weight_config;
     problem.compress_cache = policy.compress_cache;
     problem.compress_cache_config = policy.compress_cache_config;
+    problem.transfer = policy.transfer;
     problem.max_block = usize::MAX;
     let mut ev = Evaluator::new(problem);
     let pc = &policy.percent;
@@ -595,6 +601,7 @@ fn finish(ev: &Evaluator, c: Candidate, given: Option<Policy>) -> Result<Choice,
         compress_weight_config: p.compress_weight_config,
         compress_cache: p.compress_cache,
         compress_cache_config: p.compress_cache_config,
+        transfer: p.transfer,
         gpu_mem: p.caps.gpu,
         cpu_mem: p.caps.cpu,
         disk_mem: p.caps.disk,

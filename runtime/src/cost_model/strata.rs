@@ -25,9 +25,31 @@
 use super::flexllmgen::add_memory_row;
 use super::lp::{coef, Lp, CAP, NV, TGEN, TPRE};
 use super::{CapMode, Problem, CC, CG, CN, HC, HG, HN, WC, WG, WN};
+use crate::gpu::kernels::GEMV_MAX_ROWS;
 use crate::hardware::{HardwareProfile, Rates};
 use crate::offload::placement::{linear_terms_with, WeightSummary};
 use crate::offload::policy::Policy;
+
+/// Seconds of one decode dispatch of a linear over `weight_bytes` doing `flops_per_row` for each of `rows` rows. Where
+/// the profile has the affine fit of the GEMV kernel's time (`strata profile`) and the rows are the GEMV kernel's:
+/// a rows-independent part (reading and converting the weights, the dispatch) plus a per-row part; otherwise (and
+/// for the GEMM kernel's larger batches) FLOPs at `mm_flops_g`. The two agree at [`GEMV_MAX_ROWS`] rows, where the
+/// profile measured both.
+pub(crate) fn decode_linear_s(
+    hw: &HardwareProfile,
+    rows: usize,
+    weight_bytes: f64,
+    flops_per_row: f64,
+) -> f64 {
+    let flops = rows as f64 * flops_per_row;
+    match (hw.gemv_weight_gib_s, hw.mm_flops_g_row) {
+        (Some(bw), Some(row)) if rows <= GEMV_MAX_ROWS => {
+            weight_bytes / HardwareProfile::bytes_per_s(bw)
+                + flops / HardwareProfile::flop_per_s(row)
+        }
+        _ => flops / HardwareProfile::flop_per_s(hw.mm_flops_g),
+    }
+}
 
 /// The policy skeleton a formulation evaluates: batch sizes and flags, percents left at their default.
 pub(crate) fn skeleton(p: &Problem, gbs: usize, ngb: usize, cpu_cache_compute: bool) -> Policy {
@@ -39,6 +61,7 @@ pub(crate) fn skeleton(p: &Problem, gbs: usize, ngb: usize, cpu_cache_compute: b
         compress_weight_config: p.compress_weight_config,
         compress_cache: p.compress_cache,
         compress_cache_config: p.compress_cache_config,
+        transfer: p.transfer,
         ..Policy::default()
     }
 }
@@ -77,7 +100,7 @@ pub(crate) fn build(
         ctod_hidden_p,
         ctod_g,
         mm_p,
-        mm_g,
+        mm_g: _,
         bmm_p,
         bmm_g,
     } = hw.rates();
@@ -134,8 +157,12 @@ pub(crate) fn build(
     let kv_new = 2.0 * h * cv * b;
     let kv_ctx = 2.0 * ctx * h * cv * b;
     let attn_flops = 4.0 * b * ctx * h;
-    let comp_lin = b * (8.0 * h * h + 4.0 * h * f) / mm_g;
-    let comp_g = comp_lin + head_flops_per_layer / mm_g;
+    // Each GPU batch's dispatch of a layer's linears (and of the LM head, spread over the layers) reads the weights
+    // once for its rows.
+    let per_batch_lin = decode_linear_s(hw, gbs, wl, 8.0 * h * h + 4.0 * h * f);
+    let comp_lin = ngb as f64 * per_batch_lin;
+    let comp_g =
+        comp_lin + ngb as f64 * decode_linear_s(hw, gbs, weights.head as f64, 2.0 * h * v) / l;
     let mut gpu_g = coef(&[
         (WC, wl / ctog),
         (WN, wl / ctog),
@@ -162,14 +189,16 @@ pub(crate) fn build(
         }
     }
     gpu_g[TGEN] = -1.0;
-    if ngb == 1 {
-        // Zero-copy: the CPU share's linears take max(their bytes over PCIe, their compute), the rest as before.
+    // Devices are assumed to have the DMA path (the profile prices it where measured).
+    if p.transfer.decode_zero_copy(true, ngb) {
+        // Zero-copy: each GPU batch's linears over the CPU share take max(their bytes over PCIe, their compute),
+        // the rest as before.
         let mut compute_bound = gpu_g;
         compute_bound[WC] = 0.0;
         lp.le(compute_bound, -comp_g);
-        // The profile's measured in-place rate when it has one (it includes the linear's own compute).
+        // The profile's measured in-place rate when it has one (a one-row linear: the least compute per byte).
         let zero_copy = hw.ctog_zero_copy.map_or(ctog, HardwareProfile::bytes_per_s);
-        gpu_g[WC] = wl / zero_copy - comp_lin;
+        gpu_g[WC] = ngb as f64 * (wl / zero_copy - per_batch_lin);
     }
     lp.le(gpu_g, -comp_g);
     side_g[TGEN] = -1.0;

@@ -332,3 +332,52 @@ fn strata_streams_layers_but_keeps_the_lm_head_resident() {
         "the fraction on the GPU places the layers (minus the two weight slots it saves)"
     );
 }
+
+#[test]
+fn decode_linears_follow_the_profiles_affine_gemv_fit_per_gpu_batch() {
+    // A profile with the fit: each GPU batch's linears cost their weight bytes at gemv_weight plus each row's FLOPs
+    // at mm_flops_g_row, so two batches of two rows cost more than one batch of four (the weights are read twice).
+    let hw = HardwareProfile {
+        gemv_weight_gib_s: Some(2.0),
+        mm_flops_g_row: Some(0.5),
+        ..HardwareProfile::t4()
+    };
+    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
+    let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
+    let (h, f, l, v) = (2048.0, 8192.0, 24.0, c.vocab_size as f64);
+    let gib = GIB as f64;
+    for (gbs, ngb) in [(4, 1), (2, 2), (1, 4)] {
+        let policy = Policy {
+            gpu_batch_size: gbs,
+            num_gpu_batches: ngb,
+            ..Policy::default()
+        };
+        let weights = crate::offload::placement::WeightSummary::new(&c, &policy);
+        let choice = evaluate(Problem::new(&c, W, &hw, Caps::default()), &policy).unwrap();
+        let per_batch = |bytes: f64, flops_per_row: f64| {
+            bytes / (2.0 * gib) + gbs as f64 * flops_per_row / 0.5e12
+        };
+        let b = (gbs * ngb) as f64;
+        let want = ngb as f64
+            * (per_batch(weights.layer as f64, 8.0 * h * h + 4.0 * h * f)
+                + per_batch(weights.head as f64, 2.0 * h * v) / l)
+            + 4.0 * b * (s + n / 2.0) * h / (hw.bmm_flops_g * 1e12);
+        let got = choice.candidate.decode_layer_s;
+        assert!(
+            (got - want).abs() <= 1e-9 * want,
+            "{gbs} x {ngb}: {got} vs {want}"
+        );
+    }
+    // Beyond the GEMV kernel's rows the GEMM kernel runs: FLOPs at mm_flops_g, as without the fit.
+    let big = Policy {
+        gpu_batch_size: 16,
+        ..Policy::default()
+    };
+    let with = evaluate(Problem::new(&c, W, &hw, Caps::default()), &big).unwrap();
+    let t4 = HardwareProfile::t4();
+    let without = evaluate(Problem::new(&c, W, &t4, Caps::default()), &big).unwrap();
+    assert_eq!(
+        with.candidate.decode_layer_s,
+        without.candidate.decode_layer_s
+    );
+}

@@ -2,7 +2,7 @@
 //! [`Recorder`](crate::gpu::kernels::Recorder) the forward pass uses, so the profile describes what a run will do, not what the hardware could do.
 //!
 //! Every figure is timed as submit + wait (a blocking device poll) around a batch of identical dispatches or one
-//! transfer, after one warm-up, best of a few tries. FLOP counts follow the cost model's formulas (COST-MODEL.md):
+//! transfer, after one warm-up, the median of a few tries (a run sees typical dispatches, not the luckiest one). FLOP counts follow the cost model's formulas (COST-MODEL.md):
 //! a linear layer of `m` rows is `2 * m * rows * cols`, prefill attention `4 * b * s^2 * h` and decode attention
 //! `4 * b * ctx * h`, so the rates plug straight back into the same formulas. Sizes scale with the adapter
 //! ([`ProbeSizes::for_gpu`]): small on a CPU driver such as lavapipe, GPU-sized elsewhere, always within one binding.
@@ -46,26 +46,28 @@ pub struct ProbeSizes {
     pub attn_heads: usize,
     /// Dispatches per timed submit.
     pub reps: usize,
-    /// Timed tries (the best is kept).
+    /// Timed tries of each kernel (the median is kept).
     pub iters: usize,
     /// Weight storage of the linear layers.
     pub format: WeightFormat,
 }
 
 impl ProbeSizes {
-    /// Small shapes for a CPU driver (lavapipe: a few GFLOP/s; the whole profile stays well under a minute).
+    /// Small shapes for a CPU driver (lavapipe: a few GFLOP/s; the whole profile stays well under a minute). The
+    /// weights (2 MiB at f16) are larger than a core's private caches, as a real model's are: a cache-resident
+    /// probe overstates the rate a model's layers see, most of all while other processes share the last level.
     pub const CPU_DRIVER: ProbeSizes = ProbeSizes {
         cache_bytes: 8 << 20,
         hidden_bytes: 1 << 20,
-        gemm_m: 128,
-        width: 512,
+        gemm_m: 64,
+        width: 1024,
         gemv_m: GEMV_MAX_ROWS,
         attn_batch: 2,
         attn_seq: 128,
         attn_hidden: 256,
         attn_heads: 4,
         reps: 2,
-        iters: 2,
+        iters: 3,
         format: WeightFormat::F16,
     };
 
@@ -117,6 +119,9 @@ pub struct RuntimeProbe {
     sizes: ProbeSizes,
     /// Both directions at the cache size, from the first of ctog / gtoc_cache (one measurement serves both).
     cache_transfer: Option<(f64, f64)>,
+    /// (rows, seconds) of GEMV dispatches of 1, 2, 4, ... `gemv_m` rows (one measurement serves gemv_weight_gib_s
+    /// and mm_flops_g_row).
+    gemv_secs: Option<Vec<(f64, f64)>>,
 }
 
 impl std::fmt::Debug for RuntimeProbe {
@@ -145,6 +150,7 @@ impl RuntimeProbe {
             tiers,
             sizes,
             cache_transfer: None,
+            gemv_secs: None,
         })
     }
 
@@ -161,9 +167,10 @@ impl RuntimeProbe {
         Ok((r.cpu_to_gpu * 1e9 / GIB, r.gpu_to_cpu * 1e9 / GIB))
     }
 
-    /// Best seconds of one submit of `reps` recorded operations, after a warm-up submit.
+    /// Median seconds of `tries` submits of `reps` recorded operations each, after a warm-up submit.
     fn time<'a>(
         &'a self,
+        tries: usize,
         record: impl Fn(&mut crate::gpu::kernels::Recorder<'a>),
     ) -> Result<f64, String> {
         let run = || -> Result<f64, String> {
@@ -180,11 +187,11 @@ impl RuntimeProbe {
             Ok(start.elapsed().as_secs_f64())
         };
         run()?;
-        let mut best = f64::INFINITY;
-        for _ in 0..self.sizes.iters.max(1) {
-            best = best.min(run()?);
-        }
-        Ok(best.max(1e-9))
+        let mut times = (0..tries.max(1))
+            .map(|_| run())
+            .collect::<Result<Vec<f64>, String>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2].max(1e-9))
     }
 
     fn matrix(&self, rows: usize, cols: usize) -> Result<GpuMatrix, String> {
@@ -218,10 +225,51 @@ impl RuntimeProbe {
     /// TFLOP/s of a linear layer with `m` rows of x over a `width x width` weight.
     fn linear_rate(&self, m: usize) -> Result<f64, String> {
         let n = self.sizes.width;
+        Ok(2.0 * (m * n * n) as f64 / self.linear_secs(m, self.sizes.iters)? / 1e12)
+    }
+
+    /// The affine fit of a decode linear's time in its rows, `t(m) = t0 + m * k`, by least squares over GEMVs of 1,
+    /// 2, 4, ... `gemv_m` rows (each the median of several tries: the fit amplifies noise): (weight bytes / t0 in
+    /// GiB/s, 2 * width^2 / k in TFLOP/s). A memory-bound GPU's GEMV barely grows with its rows (k near 0); a CPU
+    /// driver's grows with each. Both parts stay positive whatever the noise.
+    fn gemv_fit(&mut self) -> Result<(f64, f64), String> {
+        let points = match &self.gemv_secs {
+            Some(p) => p.clone(),
+            None => {
+                let tries = self.sizes.iters.max(5);
+                let rows = std::iter::successors(Some(1usize), |m| Some(m * 2))
+                    .take_while(|&m| m <= self.sizes.gemv_m.max(2));
+                let mut points = Vec::new();
+                for m in rows {
+                    points.push((m as f64, self.linear_secs(m, tries)?));
+                }
+                self.gemv_secs.insert(points).clone()
+            }
+        };
+        let count = points.len() as f64;
+        let mean_m = points.iter().map(|p| p.0).sum::<f64>() / count;
+        let mean_t = points.iter().map(|p| p.1).sum::<f64>() / count;
+        let sxy: f64 = points
+            .iter()
+            .map(|(m, t)| (m - mean_m) * (t - mean_t))
+            .sum();
+        let sxx: f64 = points.iter().map(|(m, _)| (m - mean_m).powi(2)).sum();
+        let t_max = points.iter().map(|p| p.1).fold(0.0, f64::max);
+        let k = (sxy / sxx).max(t_max * 1e-3);
+        let t0 = (mean_t - k * mean_m).max(t_max * 1e-3);
+        let n = self.sizes.width;
+        let weight_bytes = (n as u64 * self.sizes.format.row_bytes(n)) as f64;
+        Ok((weight_bytes / t0 / GIB, 2.0 * (n * n) as f64 / k / 1e12))
+    }
+
+    /// Seconds of one dispatch of a linear layer with `m` rows of x over a `width x width` weight, the median of
+    /// `tries` submits.
+    fn linear_secs(&self, m: usize, tries: usize) -> Result<f64, String> {
+        let n = self.sizes.width;
         let w = self.matrix(n, n)?;
         let x = self.filled_act("probe x", m * n)?;
         let out = self.gpu.storage_buffer("probe out", (4 * m * n) as u64);
-        let secs = self.time(|rec| {
+        let secs = self.time(tries, |rec| {
             rec.linear(
                 &x,
                 m,
@@ -233,15 +281,16 @@ impl RuntimeProbe {
                 false,
             );
         })?;
-        Ok(2.0 * (m * n * n * self.sizes.reps.max(1)) as f64 / secs / 1e12)
+        Ok(secs / self.sizes.reps.max(1) as f64)
     }
 
-    /// GiB/s of weight bytes through a decode linear (`gemv_m` rows over a `width x width` weight) whose weights live
-    /// in the CPU tier: read in place by the kernel (`zero_copy`, the DMA path only), or copied into a GPU buffer and
-    /// then read, in one submit. The two decode transfer paths of [`crate::offload::policy::Transfer`].
+    /// GiB/s of weight bytes through a decode linear (one row over a `width x width` weight: the least compute per
+    /// weight byte, so the transfer shows) whose weights live in the CPU tier: read in place by the kernel
+    /// (`zero_copy`, the DMA path only), or copied into a GPU buffer and then read, in one submit. The two decode
+    /// transfer paths of [`crate::offload::policy::Transfer`].
     fn pcie_linear(&self, zero_copy: bool) -> Result<f64, String> {
         let n = self.sizes.width;
-        let m = self.sizes.gemv_m;
+        let m = 1;
         let values: Vec<f32> = (0..n * n).map(|i| ((i % 17) as f32 - 8.0) * 1e-3).collect();
         let tensor = HostTensor {
             dtype: DType::F32,
@@ -300,7 +349,7 @@ impl RuntimeProbe {
         let x = self.filled_act("probe x", m * n)?;
         let out = self.gpu.storage_buffer("probe out", (4 * m * n) as u64);
         let w = if zero_copy { &host } else { &on_gpu };
-        let secs = self.time(|rec| {
+        let secs = self.time(self.sizes.iters, |rec| {
             if !zero_copy {
                 for (src, dst) in &copies {
                     rec.copy(src, 0, dst, 0, src.size().min(dst.size()));
@@ -339,7 +388,9 @@ impl RuntimeProbe {
         };
         // An f16 cache, as the f16 models the profile plans for keep (the f32 buffers are only partly read).
         let dtype = CacheDtype::F16;
-        let secs = self.time(|rec| rec.attention(dtype, &q, &k, &v, &mask, &out, shape))?;
+        let secs = self.time(self.sizes.iters, |rec| {
+            rec.attention(dtype, &q, &k, &v, &mask, &out, shape)
+        })?;
         // The cost model's counts: 4 b s^2 h for a prefill, 4 b ctx h for one decode token.
         let flops = if prefill {
             4.0 * (b * seq * seq * h) as f64
@@ -387,11 +438,19 @@ impl GpuProbe for RuntimeProbe {
                 s.attn_batch, s.attn_seq, s.attn_hidden
             ),
             GpuField::CtogZeroCopy => format!(
-                "GEMV {}x{}x{}, {fmt} weights read in place from the CPU tier ({path})",
-                s.gemv_m, s.width, s.width
+                "GEMV 1x{}x{}, {fmt} weights read in place from the CPU tier ({path})",
+                s.width, s.width
             ),
             GpuField::CtogCopyLinear => format!(
-                "copy CPU tier ({path}) -> GPU + GEMV {}x{}x{}, {fmt} weights",
+                "copy CPU tier ({path}) -> GPU + GEMV 1x{}x{}, {fmt} weights",
+                s.width, s.width
+            ),
+            GpuField::GemvWeight => format!(
+                "GEMVs of 1..={} rows x{}x{}, {fmt} weights: the part independent of rows",
+                s.gemv_m, s.width, s.width
+            ),
+            GpuField::MmFlopsGRow => format!(
+                "GEMVs of 1..={} rows x{}x{}, {fmt} weights: the part per row",
                 s.gemv_m, s.width, s.width
             ),
         }
@@ -418,6 +477,8 @@ impl GpuProbe for RuntimeProbe {
             GpuField::BmmFlopsG => self.attention_rate(false)?,
             GpuField::CtogZeroCopy => self.pcie_linear(true)?,
             GpuField::CtogCopyLinear => self.pcie_linear(false)?,
+            GpuField::GemvWeight => self.gemv_fit()?.0,
+            GpuField::MmFlopsGRow => self.gemv_fit()?.1,
         };
         // Free the bind groups cached for this measurement's buffers.
         self.kernels.release_cached_bindings();

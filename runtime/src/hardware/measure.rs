@@ -36,11 +36,16 @@ pub enum GpuField {
     CtogZeroCopy,
     /// The same linear with its weights copied up first ([`HardwareProfile::ctog_copy_linear`]).
     CtogCopyLinear,
+    /// The part of a decode linear's time that does not grow with its rows, as weight bytes per second
+    /// ([`HardwareProfile::gemv_weight_gib_s`]).
+    GemvWeight,
+    /// What each further row adds to a decode linear ([`HardwareProfile::mm_flops_g_row`]).
+    MmFlopsGRow,
 }
 
 impl GpuField {
     /// Every field, in the order a profile run measures them.
-    pub const ALL: [GpuField; 9] = [
+    pub const ALL: [GpuField; 11] = [
         GpuField::Ctog,
         GpuField::GtocCache,
         GpuField::GtocHidden,
@@ -50,6 +55,8 @@ impl GpuField {
         GpuField::BmmFlopsG,
         GpuField::CtogZeroCopy,
         GpuField::CtogCopyLinear,
+        GpuField::GemvWeight,
+        GpuField::MmFlopsGRow,
     ];
 
     /// The profile field's name.
@@ -64,6 +71,8 @@ impl GpuField {
             GpuField::BmmFlopsG => "bmm_flops_g",
             GpuField::CtogZeroCopy => "ctog_zero_copy",
             GpuField::CtogCopyLinear => "ctog_copy_linear",
+            GpuField::GemvWeight => "gemv_weight_gib_s",
+            GpuField::MmFlopsGRow => "mm_flops_g_row",
         }
     }
 
@@ -76,6 +85,7 @@ impl GpuField {
                 | GpuField::GtocHidden
                 | GpuField::CtogZeroCopy
                 | GpuField::CtogCopyLinear
+                | GpuField::GemvWeight
         )
     }
 
@@ -90,6 +100,8 @@ impl GpuField {
             GpuField::BmmFlopsG => &mut p.bmm_flops_g,
             GpuField::CtogZeroCopy => p.ctog_zero_copy.insert(value),
             GpuField::CtogCopyLinear => p.ctog_copy_linear.insert(value),
+            GpuField::GemvWeight => p.gemv_weight_gib_s.insert(value),
+            GpuField::MmFlopsGRow => p.mm_flops_g_row.insert(value),
         } = value;
     }
 }
