@@ -255,22 +255,39 @@ fn polylines(doc: &Document, color: &str) -> Vec<Vec<(f64, f64)>> {
 }
 
 /// `pixels` draw `data` on log-log axes: pixel offsets are one linear function of the logs per axis.
+///
+/// Each axis's scale comes from the two points farthest apart in it (in logs), so the check is as well-conditioned as
+/// the data allows: measured throughputs of the first and last batch may be nearly equal, and a scale taken from
+/// them would turn each vertex's rounding to whole pixels into errors of many pixels.
 fn assert_log_log(pixels: &[(f64, f64)], data: &[(f64, f64)], what: &str) {
     assert_eq!(pixels.len(), data.len(), "{what}");
-    let (p0, d0) = (pixels[0], data[0]);
-    let (pl, dl) = (pixels[data.len() - 1], data[data.len() - 1]);
-    let sx = (pl.0 - p0.0) / (dl.0 / d0.0).ln();
+    let widest = |axis: fn(&(f64, f64)) -> f64| {
+        let ln = |i: usize| axis(&data[i]).ln();
+        let lo = (0..data.len())
+            .min_by(|&a, &b| ln(a).total_cmp(&ln(b)))
+            .unwrap();
+        let hi = (0..data.len())
+            .max_by(|&a, &b| ln(a).total_cmp(&ln(b)))
+            .unwrap();
+        (lo, hi, ln(hi) - ln(lo))
+    };
+    let (x_lo, x_hi, x_span) = widest(|p| p.0);
+    assert!(x_span > 0.0, "{what}: the batches differ");
+    let sx = (pixels[x_hi].0 - pixels[x_lo].0) / x_span;
     assert!(sx > 0.0, "{what}: x grows with the batch");
-    let ly = (dl.1 / d0.1).ln();
+    let (y_lo, y_hi, y_span) = widest(|p| p.1);
     for (p, d) in pixels.iter().zip(data) {
+        let from_lo = (d.0 / data[x_lo].0).ln();
         assert!(
-            (p.0 - p0.0 - sx * (d.0 / d0.0).ln()).abs() <= 1.5,
+            (p.0 - pixels[x_lo].0 - sx * from_lo).abs() <= 1.5,
             "{what}: x of {d:?}"
         );
-        if ly.abs() > 1e-9 {
-            let sy = (p0.1 - pl.1) / ly;
+        if y_span > 1e-9 {
+            // SVG's y grows downwards.
+            let sy = (pixels[y_lo].1 - pixels[y_hi].1) / y_span;
+            let from_lo = (d.1 / data[y_lo].1).ln();
             assert!(
-                (p0.1 - p.1 - sy * (d.1 / d0.1).ln()).abs() <= 1.5,
+                (pixels[y_lo].1 - p.1 - sy * from_lo).abs() <= 1.5,
                 "{what}: y of {d:?} at {p:?}"
             );
         }
