@@ -11,7 +11,7 @@ use strata_runtime::checkpoint::Checkpoint;
 use strata_runtime::generate::{GenerateError, GenerateOutput, Generator};
 use strata_runtime::gpu::Gpu;
 use strata_runtime::offload::placement::PlacementError;
-use strata_runtime::offload::policy::{Percent, Policy, PolicyError};
+use strata_runtime::offload::policy::{Percent, Policy, PolicyError, Transfer};
 
 fn policy(
     percent: [f64; 6],
@@ -81,6 +81,13 @@ fn run_policy(
 
 fn cpu_compute(mut p: Policy) -> Policy {
     p.cpu_cache_compute = true;
+    p
+}
+
+/// Zero-copy decode: with several GPU batches whose caches and activations stay on the GPU, block decode steps (each
+/// layer once over the whole block).
+fn zero_copy(mut p: Policy) -> Policy {
+    p.transfer = Transfer::ZeroCopy;
     p
 }
 
@@ -201,6 +208,36 @@ fn every_policy_matches_the_all_gpu_run() {
                     3,
                     false,
                     disk,
+                )),
+            ),
+            (
+                "zero-copy block decode, 1 x 3, weights on CPU",
+                zero_copy(policy(
+                    [0.0, 100.0, 100.0, 0.0, 100.0, 0.0],
+                    1,
+                    3,
+                    true,
+                    None,
+                )),
+            ),
+            (
+                "zero-copy block decode, 2 GPU batches, weights on GPU, CPU and disk, no overlap",
+                zero_copy(policy(
+                    [30.0, 40.0, 100.0, 0.0, 100.0, 0.0],
+                    half,
+                    2,
+                    false,
+                    disk,
+                )),
+            ),
+            (
+                "zero-copy per GPU batch, 2 GPU batches, activations on CPU",
+                zero_copy(policy(
+                    [0.0, 100.0, 100.0, 0.0, 0.0, 100.0],
+                    half,
+                    2,
+                    true,
+                    None,
                 )),
             ),
             (

@@ -161,6 +161,7 @@ fn zero_copy_reads_cpu_weights_in_place_and_keeps_the_tokens() {
     let offload = tempfile::tempdir().unwrap();
     let new = 3;
     let n = prompts.len();
+    assert_eq!(n, 3, "the cases below split the fixture's 3 prompts");
     let gpu = gpu();
     let dma = CpuPath::best_for(gpu.device.features()) == CpuPath::DmaBuffer;
     let checkpoint = Checkpoint::open(&dir).unwrap();
@@ -168,51 +169,64 @@ fn zero_copy_reads_cpu_weights_in_place_and_keeps_the_tokens() {
         .unwrap()
         .generate(&prompts, &options(new))
         .unwrap();
-    for (transfer, gbs, ngb) in [
-        (Transfer::Auto, n, 1),
-        (Transfer::Auto, 1, n),
-        (Transfer::Copy, n, 1),
-        (Transfer::ZeroCopy, 1, n),
+    let (on_gpu, on_cpu) = ([100.0, 0.0], [0.0, 100.0]);
+    // (transfer, GPU batch size, GPU batches, where activations live, whether decode runs block steps)
+    for (transfer, gbs, ngb, act, block) in [
+        (Transfer::Auto, n, 1, on_gpu, false),
+        (Transfer::Auto, 1, n, on_gpu, false),
+        (Transfer::Copy, n, 1, on_gpu, false),
+        // Several GPU batches with their caches and activations on the GPU: each layer once over the block.
+        (Transfer::ZeroCopy, 1, n, on_gpu, true),
+        (Transfer::ZeroCopy, 2, 2, on_gpu, true),
+        // Activations offloaded: each GPU batch's dispatches read the weights again.
+        (Transfer::ZeroCopy, 1, n, on_cpu, false),
     ] {
+        let what = format!("{transfer} {gbs} x {ngb}, activations {act:?}");
         let p = Policy {
             transfer,
-            ..policy(
-                [0.0, 100.0],
-                [100.0, 0.0],
-                [100.0, 0.0],
-                gbs,
-                ngb,
-                offload.path(),
-            )
+            ..policy([0.0, 100.0], [100.0, 0.0], act, gbs, ngb, offload.path())
         };
         let gen = Generator::with_policy(&gpu, &checkpoint, &p, &|_| {}).unwrap();
         let zero_copy = gen.decode_zero_copy(ngb);
         assert_eq!(
             zero_copy,
             dma && transfer.decode_zero_copy(true, ngb),
-            "{transfer} {gbs} x {ngb}"
+            "{what}"
         );
+        let s = prompts.iter().map(Vec::len).max().unwrap();
+        let placement = gen
+            .placement(
+                n,
+                Workload {
+                    prompt_len: s,
+                    gen_len: new,
+                },
+            )
+            .unwrap();
+        assert_eq!(placement.block_decode, block, "{what}");
         let out = gen.generate(&prompts, &options(new)).unwrap();
-        assert_eq!(
-            out.generated_ids, all_gpu.generated_ids,
-            "{transfer} {gbs} x {ngb}"
-        );
+        assert_eq!(out.generated_ids, all_gpu.generated_ids, "{what}");
         let diff = common::max_abs_diff(&out.logits.unwrap(), all_gpu.logits.as_ref().unwrap());
-        assert!(
-            diff < 1e-4,
-            "{transfer} {gbs} x {ngb}: logits differ by {diff}"
-        );
-        // Each GPU batch's dispatches read the weights in place: several GPU batches read them several times.
+        assert!(diff < 1e-4, "{what}: logits differ by {diff}");
+        // Dispatches per GPU batch read the weights in place once per batch; a block step and copies, once.
+        let reads = if zero_copy && !block { ngb as u64 } else { 1 };
+        assert_eq!(gen.decode_weight_passes(&placement) as u64, reads, "{what}");
         let (e, steps) = run(&dir, &prompts, new, &p);
-        let reads = if zero_copy { ngb as u64 } else { 1 };
+        // Offloaded hidden rows: stored after the embedding and after each layer, fetched before each layer and the
+        // logits.
+        let act_bytes = if act == on_cpu {
+            (e.layers + 1) * e.seqs * e.act_row
+        } else {
+            0
+        };
         for m in &steps[1..] {
-            assert_eq!(
-                m.pairs(),
-                vec![(Tier::Cpu, Tier::Gpu, reads * e.weights[1])],
-                "{transfer} {gbs} x {ngb}"
-            );
+            let want = Moved::from_pairs(&[
+                (Tier::Cpu, Tier::Gpu, reads * e.weights[1] + act_bytes),
+                (Tier::Gpu, Tier::Cpu, act_bytes),
+            ]);
+            assert_eq!(m.pairs(), want.pairs(), "{what}");
             let in_place = if zero_copy { reads * e.weights[1] } else { 0 };
-            assert_eq!(m.in_place_bytes, in_place, "{transfer} {gbs} x {ngb}");
+            assert_eq!(m.in_place_bytes, in_place, "{what}");
         }
     }
 }

@@ -27,7 +27,7 @@ use strata_runtime::generate::{GenerateOptions, Generator, Sampling};
 use strata_runtime::gpu::Gpu;
 use strata_runtime::offload::ledger::AllocatorCheck;
 use strata_runtime::offload::placement::{BufferId, BufferSpec, Workload};
-use strata_runtime::offload::policy::{Percent, Policy};
+use strata_runtime::offload::policy::{Percent, Policy, Transfer};
 use strata_runtime::offload::Tier;
 
 /// One policy of the matrix, for `n` prompts.
@@ -40,6 +40,8 @@ struct Case {
     cpu_cache_compute: bool,
     compress: bool,
     attn_sparsity: f64,
+    /// `--transfer zero-copy` (block decode steps with several GPU batches).
+    zero_copy: bool,
 }
 
 const fn case(what: &'static str, percent: [f64; 6]) -> Case {
@@ -51,17 +53,27 @@ const fn case(what: &'static str, percent: [f64; 6]) -> Case {
         cpu_cache_compute: false,
         compress: false,
         attn_sparsity: 1.0,
+        zero_copy: false,
     }
 }
 
 const ALL_GPU: [f64; 6] = [100.0, 0.0, 100.0, 0.0, 100.0, 0.0];
 
 /// Each kind of tensor on the CPU and on disk, split activations, several GPU batches, cpu-cache-compute,
-/// compression, sparsity, and the mixes between.
-const CASES: [Case; 15] = [
+/// compression, sparsity, block decode, and the mixes between.
+const CASES: [Case; 16] = [
     case("all on the GPU", ALL_GPU),
     case("weights on CPU", [0.0, 100.0, 100.0, 0.0, 100.0, 0.0]),
     case("weights on disk", [0.0, 0.0, 100.0, 0.0, 100.0, 0.0]),
+    Case {
+        gbs: Some(1),
+        zero_copy: true,
+        attn_sparsity: 0.5,
+        ..case(
+            "zero-copy block decode, sparse, one sequence per GPU batch",
+            [20.0, 50.0, 100.0, 0.0, 100.0, 0.0],
+        )
+    },
     case("cache on CPU", [100.0, 0.0, 0.0, 100.0, 100.0, 0.0]),
     case("cache on disk", [100.0, 0.0, 0.0, 0.0, 100.0, 0.0]),
     case("activations on CPU", [100.0, 0.0, 100.0, 0.0, 0.0, 100.0]),
@@ -132,6 +144,11 @@ fn policy(case: &Case, n: usize, dir: &Path) -> Policy {
         compress_weight: case.compress,
         compress_cache: case.compress,
         compress_cache_config: CompressionConfig::DEFAULT,
+        transfer: if case.zero_copy {
+            Transfer::ZeroCopy
+        } else {
+            Transfer::Auto
+        },
         offload_dir: Some(dir.to_path_buf()),
         ..Policy::default()
     }
@@ -296,22 +313,22 @@ fn check_cases(cases: &[Case]) {
 // The matrix in four parts, which the test harness runs side by side.
 #[test]
 fn every_buffer_equals_the_placement_all_gpu_and_weights() {
-    check_cases(&CASES[..3]);
+    check_cases(&CASES[..4]);
 }
 
 #[test]
 fn every_buffer_equals_the_placement_cache_and_activations() {
-    check_cases(&CASES[3..8]);
+    check_cases(&CASES[4..9]);
 }
 
 #[test]
 fn every_buffer_equals_the_placement_mixed_batches_and_cpu_attention() {
-    check_cases(&CASES[8..12]);
+    check_cases(&CASES[9..13]);
 }
 
 #[test]
 fn every_buffer_equals_the_placement_compressed_and_sparse() {
-    check_cases(&CASES[12..]);
+    check_cases(&CASES[13..]);
 }
 
 /// Runs `strata bench --json` on the pre-ln-relu fixture with `flags`, every disk job delayed.

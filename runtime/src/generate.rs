@@ -746,6 +746,18 @@ impl Generator {
             .decode_zero_copy(direct, num_gpu_batches)
     }
 
+    /// How many times a decode step of a run placed as `placement` reads each CPU-resident weight byte over PCIe:
+    /// once when it copies them into weight slots or runs block decode steps ([`crate::offload::placement::block_decode`]),
+    /// once per GPU batch when each batch's dispatches read them in place.
+    pub fn decode_weight_passes(&self, placement: &Placement) -> usize {
+        let batches = placement.batches.len();
+        if self.decode_zero_copy(batches) && !placement.block_decode {
+            batches
+        } else {
+            1
+        }
+    }
+
     /// Reads back a step's chosen ids, and its logits when `logits`.
     fn read_step(
         &self,
@@ -768,6 +780,9 @@ impl Generator {
         placement: &Placement,
         step: Step,
     ) -> StepInputs<'a> {
+        let zero_copy = step.past > 0
+            && step.s_new == 1
+            && self.decode_zero_copy(placement.policy.num_gpu_batches);
         StepInputs {
             kernels: &self.kernels,
             model: &self.model,
@@ -779,9 +794,8 @@ impl Generator {
             next: &work.next,
             overlap: placement.policy.overlap,
             act: placement.act_dtype,
-            zero_copy: step.past > 0
-                && step.s_new == 1
-                && self.decode_zero_copy(placement.policy.num_gpu_batches),
+            zero_copy,
+            block_decode: zero_copy && placement.block_decode,
         }
     }
 

@@ -361,6 +361,9 @@ pub struct Workspace {
     pub last_norm: wgpu::Buffer,
     /// The last rows, projected `[batch, proj]`.
     pub last_proj: wgpu::Buffer,
+    /// The block's residual stream `[block sequences, hidden]` at a block decode step ([`decoder_block_layer`]);
+    /// present where the placement plans block decode steps.
+    pub block: Option<wgpu::Buffer>,
 }
 
 /// How the next token is chosen.
@@ -748,6 +751,71 @@ pub fn decoder_layer<'a>(
     finish_layer(
         rec, config, layer, &state.x, &ws.attn, rows, &ws.norm, &ws.mid,
     );
+}
+
+/// One decoder layer for a whole block of GPU batches at once (a block decode step): every linear runs once over
+/// the rows of all of them, so a weight read over PCIe in place (zero-copy) crosses once per step rather than once per
+/// GPU batch. `x` is the block's residual stream, `[sum of batches * s_new, hidden]` with each batch's rows in the
+/// order of `batches`, updated in place; attention runs per batch over its own cache (uncompressed), with its queries
+/// and output moved through `ws.norm` and `ws.mid`. The workspace must hold the block's rows.
+pub fn decoder_block_layer<'a>(
+    rec: &mut Recorder<'a>,
+    config: &OptConfig,
+    layer: &'a LayerWeights,
+    batches: &[(&'a KvCache, &'a BatchState)],
+    x: &'a wgpu::Buffer,
+    ws: &'a Workspace,
+    step: Step,
+) {
+    let h = config.hidden_size;
+    let row_bytes = (h * rec.act().bytes()) as u64;
+    let rows: usize = batches.iter().map(|(_, s)| s.batch * step.s_new).sum();
+    let dense = OutRows::dense(h, 0);
+    let lin = |l: &'a Linear| (&l.weight, l.bias.as_ref());
+    let shape = |cache: &KvCache, state: &BatchState| AttentionShape {
+        batch: state.batch,
+        s_new: step.s_new,
+        past: step.past,
+        capacity: cache.capacity,
+        hidden: h,
+        n_head: config.n_head,
+    };
+
+    let attn_in = attention_input(rec, config, layer, x, rows, &ws.norm);
+    let (w, b) = lin(&layer.q_proj);
+    rec.linear(attn_in, rows, w, b, Act::None, &ws.q, dense, false);
+    // Keys through ws.attn and values through ws.mid (both free until the attention), then into each batch's cache.
+    for (proj, scratch, keys) in [
+        (&layer.k_proj, &ws.attn, true),
+        (&layer.v_proj, &ws.mid, false),
+    ] {
+        let (w, b) = lin(proj);
+        rec.linear(attn_in, rows, w, b, Act::None, scratch, dense, false);
+        let mut row0 = 0;
+        for &(cache, state) in batches {
+            let dst = if keys { &cache.k } else { &cache.v };
+            rec.store_block_cache_rows(cache.dtype, scratch, row0, dst, shape(cache, state));
+            row0 += state.batch * step.s_new;
+        }
+    }
+    // Attention per batch: its queries to the front of ws.norm, its output from the front of ws.mid into its rows of
+    // ws.attn.
+    let mut row0 = 0;
+    for &(cache, state) in batches {
+        let n = state.batch * step.s_new;
+        let (off, bytes) = (row0 as u64 * row_bytes, n as u64 * row_bytes);
+        rec.copy(&ws.q, off, &ws.norm, 0, bytes);
+        let (q, k, v, mask, out) = (&ws.norm, &cache.k, &cache.v, &state.mask, &ws.mid);
+        let shape = shape(cache, state);
+        if step.is_sparse() {
+            rec.sparse_attention(cache.dtype, q, k, v, mask, out, shape, step.attn_sparsity);
+        } else {
+            rec.attention(cache.dtype, q, k, v, mask, out, shape);
+        }
+        rec.copy(&ws.mid, 0, &ws.attn, off, bytes);
+        row0 += n;
+    }
+    finish_layer(rec, config, layer, x, &ws.attn, rows, &ws.norm, &ws.mid);
 }
 
 /// The self-attention block's input for `rows` rows of the residual stream `x`: `LN(x)` into `norm` for a pre-LN

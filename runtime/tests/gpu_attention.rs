@@ -360,6 +360,60 @@ fn f16_cache_rows_are_stored_at_their_positions() {
     }
 }
 
+/// A block decode's keys or values (projected for several GPU batches at once) land in one batch's cache: its rows
+/// of the block, from `src_row0` on, at positions past..past + s_new of each sequence, and nothing else is written;
+/// an f16 cache from f32 and from f16 activations, an f32 cache from f32 activations.
+#[test]
+fn block_rows_are_stored_into_one_batch_cache() {
+    let gpu = gpu();
+    let (batch, capacity, hidden, src_row0) = (3, 7, 10, 5);
+    let mut rng = Rng(11);
+    for kernels in kernels() {
+        let act = kernels.act();
+        let caches: &[CacheDtype] = match act {
+            ActDtype::F32 => &[F16, F32],
+            ActDtype::F16 => &[F16],
+        };
+        for &cache_dtype in caches {
+            for (s_new, past) in [(1, 4), (2, 5)] {
+                let before = rng.vec(batch * capacity * hidden, 2.0);
+                // Rows of other batches before and after this batch's.
+                let block_rows = src_row0 + batch * s_new + 2;
+                let rows = rng.vec(block_rows * hidden, 3.0);
+                let cache = upload_as(&gpu, &before, self::cache_dtype(cache_dtype));
+                let src = upload_as(&gpu, &rows, act_dtype(act));
+                let mut rec = kernels.recorder();
+                let shape = AttentionShape {
+                    batch,
+                    s_new,
+                    past,
+                    capacity,
+                    hidden,
+                    n_head: 2,
+                };
+                rec.store_block_cache_rows(cache_dtype, &src, src_row0, &cache, shape);
+                rec.submit();
+                let dtype = self::cache_dtype(cache_dtype);
+                let got = read_as(&gpu, &cache, batch * capacity * hidden, dtype);
+                let mut want = round_to(&before, dtype);
+                let rows = round_to(&rows, act_dtype(act));
+                for b in 0..batch {
+                    for i in 0..s_new {
+                        let at = (b * capacity + past + i) * hidden;
+                        let from = (src_row0 + b * s_new + i) * hidden;
+                        want[at..at + hidden]
+                            .copy_from_slice(&round_to(&rows[from..from + hidden], dtype));
+                    }
+                }
+                assert_eq!(
+                    got, want,
+                    "{act:?} activations, {cache_dtype:?} cache: s_new {s_new} past {past}"
+                );
+            }
+        }
+    }
+}
+
 /// The flop and byte counts a benchmark reports: exact for a small causal shape.
 #[test]
 fn attention_counts_are_exact() {

@@ -248,6 +248,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         "copy"
     };
+    let weight_passes = generator.decode_weight_passes(&placement);
     let prompts = dummy_prompts(
         batch,
         args.prompt_len,
@@ -371,7 +372,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "decode_throughput_tok_s": decode_tput,
             "total_latency_s": prefill + decode,
             "total_throughput_tok_s": total_tput,
-            "transfer": {"setting": policy.transfer.as_str(), "prefill": "copy", "decode": decode_transfer},
+            "transfer": {
+                "setting": policy.transfer.as_str(),
+                "prefill": "copy",
+                "decode": decode_transfer,
+                "decode_weight_passes": weight_passes,
+            },
             "transfers": {
                 "prefill": phase_json(&prefill_moved, prefill),
                 "decode": phase_json(&decode_moved, decode),
@@ -445,10 +451,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outln!(
             "transfer: --transfer {}: prefill copies CPU weights into weight slots, decode {}",
             policy.transfer,
-            if decode_transfer == "zero-copy" {
-                "reads them in place over PCIe (zero-copy)"
-            } else {
-                "copies them into weight slots"
+            match (decode_transfer, weight_passes) {
+                ("zero-copy", 1) if placement.batches.len() > 1 =>
+                    "reads them in place over PCIe (zero-copy), each layer once over the whole block",
+                ("zero-copy", 1) => "reads them in place over PCIe (zero-copy)",
+                ("zero-copy", _) =>
+                    "reads them in place over PCIe (zero-copy), once per GPU batch",
+                _ => "copies them into weight slots",
             }
         );
         outln!("{}", phase_text("prefill", &prefill_moved, prefill));

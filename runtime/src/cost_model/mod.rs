@@ -21,7 +21,8 @@ use std::fmt;
 use crate::config::OptConfig;
 use crate::hardware::HardwareProfile;
 use crate::offload::placement::{
-    plan, CapError, Caps, MemoryPlan, PlacementError, WeightSummary, Workload,
+    plan, CapError, Caps, DeviceLimits, MemoryPlan, Placement, PlacementError, WeightSummary,
+    Workload,
 };
 use crate::offload::policy::{
     format_bytes, CompressionConfig, Percent, Policy, TierSplit, Transfer,
@@ -172,6 +173,9 @@ pub struct Candidate {
     pub num_gpu_batches: usize,
     /// Whether decode attention over off-GPU cache runs on the CPU.
     pub cpu_cache_compute: bool,
+    /// Whether it was priced with block decode steps ([`crate::offload::placement::block_decode`]: a given
+    /// policy's placement says so; a search assumes not).
+    pub block_decode: bool,
     /// `[wg, wc, wn, cg, cc, cn, hg, hc, hn]`.
     pub fractions: [f64; 9],
     /// Predicted prefill time of one layer, seconds.
@@ -293,7 +297,8 @@ impl<'a> Evaluator<'a> {
                 for ccc in [false, true] {
                     self.solves += 1;
                     let x =
-                        strata::build(&self.p, &self.weights, gbs, ngb, ccc, self.mode()).solve();
+                        strata::build(&self.p, &self.weights, gbs, ngb, ccc, false, self.mode())
+                            .solve();
                     if let Some(x) = x {
                         let c = self.candidate(gbs, ngb, ccc, x);
                         if best.is_none_or(|b| c.objective < b.objective) {
@@ -318,6 +323,7 @@ impl<'a> Evaluator<'a> {
             gpu_batch_size: gbs,
             num_gpu_batches: ngb,
             cpu_cache_compute: ccc,
+            block_decode: false,
             fractions,
             prefill_layer_s: x[TPRE],
             decode_layer_s: x[TGEN],
@@ -509,6 +515,7 @@ pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelE
                         best.gpu_batch_size,
                         best.num_gpu_batches,
                         ccc,
+                        false,
                         mode,
                     )
                     .solve()
@@ -529,7 +536,12 @@ pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelE
 /// the prediction: an over-cap plan is reported in [`Choice::plan_check`].
 pub fn evaluate(problem: Problem, policy: &Policy) -> Result<Choice, CostModelError> {
     policy.validate_placement().map_err(PlacementError::from)?;
-    plan(problem.config, policy, problem.workload)?;
+    let placement = Placement::new(
+        problem.config,
+        policy,
+        problem.workload,
+        &DeviceLimits::UNBOUNDED,
+    )?;
     let mut problem = problem;
     problem.compress_weight = policy.compress_weight;
     problem.compress_weight_config = policy.compress_weight_config;
@@ -564,6 +576,7 @@ pub fn evaluate(problem: Problem, policy: &Policy) -> Result<Choice, CostModelEr
             gbs,
             ngb,
             policy.cpu_cache_compute,
+            placement.block_decode,
             free,
         ),
     };
@@ -581,7 +594,10 @@ pub fn evaluate(problem: Problem, policy: &Policy) -> Result<Choice, CostModelEr
         CostModelKind::FlexLlmGen => x[CC] + x[CN] > 1e-9,
         CostModelKind::Strata => policy.cpu_cache_compute,
     };
-    let c = ev.candidate(gbs, ngb, ccc, x);
+    let c = Candidate {
+        block_decode: placement.block_decode,
+        ..ev.candidate(gbs, ngb, ccc, x)
+    };
     finish(&ev, c, Some(policy.clone()))
 }
 
@@ -653,7 +669,7 @@ fn infeasible(ev: &mut Evaluator) -> CostModelError {
                 ev.solves += 1;
                 let lp = match p.kind {
                     CostModelKind::FlexLlmGen => flexllmgen::build(&p, 1, 1, mode),
-                    CostModelKind::Strata => strata::build(&p, &ev.weights, 1, 1, ccc, mode),
+                    CostModelKind::Strata => strata::build(&p, &ev.weights, 1, 1, ccc, false, mode),
                 };
                 lp.solve().map(|x| x[lp::CAP] * (1u64 << 30) as f64)
             })

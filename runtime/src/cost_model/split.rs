@@ -70,6 +70,7 @@ pub fn time_split(problem: &Problem, candidate: &Candidate) -> TimeSplit {
                 gbs,
                 ngb,
                 candidate.cpu_cache_compute,
+                candidate.block_decode,
                 mode,
             )
         }

@@ -66,13 +66,16 @@ pub(crate) fn skeleton(p: &Problem, gbs: usize, ngb: usize, cpu_cache_compute: b
     }
 }
 
-/// Builds the linear program for one `(gbs, num_gpu_batches)` and choice of `cpu_cache_compute`.
+/// Builds the linear program for one `(gbs, num_gpu_batches)` and choice of `cpu_cache_compute`. `block_decode`: the
+/// placement runs each decode layer once over the whole block ([`crate::offload::placement::block_decode`], known
+/// once the percents are; a search prices zero-copy per GPU batch, an upper bound).
 pub(crate) fn build(
     p: &Problem,
     weights: &WeightSummary,
     gbs: usize,
     ngb: usize,
     cpu_cache_compute: bool,
+    block_decode: bool,
     caps: CapMode,
 ) -> Lp {
     let c = p.config;
@@ -158,9 +161,13 @@ pub(crate) fn build(
     let kv_ctx = 2.0 * ctx * h * cv * b;
     let attn_flops = 4.0 * b * ctx * h;
     // Each GPU batch's dispatch of a layer's linears (and of the LM head, spread over the layers) reads the weights
-    // once for its rows.
-    let per_batch_lin = decode_linear_s(hw, gbs, wl, 8.0 * h * h + 4.0 * h * f);
-    let comp_lin = ngb as f64 * per_batch_lin;
+    // once for its rows; a block decode step's one dispatch per linear reads them once for all the block's rows.
+    let layer_flops_per_row = 8.0 * h * h + 4.0 * h * f;
+    let comp_lin = if block_decode {
+        decode_linear_s(hw, gbs * ngb, wl, layer_flops_per_row)
+    } else {
+        ngb as f64 * decode_linear_s(hw, gbs, wl, layer_flops_per_row)
+    };
     let comp_g =
         comp_lin + ngb as f64 * decode_linear_s(hw, gbs, weights.head as f64, 2.0 * h * v) / l;
     let mut gpu_g = coef(&[
@@ -190,15 +197,16 @@ pub(crate) fn build(
     }
     gpu_g[TGEN] = -1.0;
     // Devices are assumed to have the DMA path (the profile prices it where measured).
-    if p.transfer.decode_zero_copy(true, ngb) {
-        // Zero-copy: each GPU batch's linears over the CPU share take max(their bytes over PCIe, their compute),
-        // the rest as before.
+    if p.transfer.decode_zero_copy(true, ngb) || block_decode {
+        // Zero-copy: the linears over the CPU share take max(their bytes over PCIe, their compute), the rest as
+        // before; their bytes cross once per GPU batch, or once with block decode.
         let mut compute_bound = gpu_g;
         compute_bound[WC] = 0.0;
         lp.le(compute_bound, -comp_g);
         // The profile's measured in-place rate when it has one (a one-row linear: the least compute per byte).
         let zero_copy = hw.ctog_zero_copy.map_or(ctog, HardwareProfile::bytes_per_s);
-        gpu_g[WC] = ngb as f64 * (wl / zero_copy - per_batch_lin);
+        let passes = if block_decode { 1.0 } else { ngb as f64 };
+        gpu_g[WC] = passes * wl / zero_copy - comp_lin;
     }
     lp.le(gpu_g, -comp_g);
     side_g[TGEN] = -1.0;

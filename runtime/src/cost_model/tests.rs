@@ -381,3 +381,48 @@ fn decode_linears_follow_the_profiles_affine_gemv_fit_per_gpu_batch() {
         without.candidate.decode_layer_s
     );
 }
+
+#[test]
+fn block_decode_reads_cpu_weights_once_per_step() {
+    // Weights in CPU memory read in place (zero-copy) by 2 x 2 sequences: with caches and activations on the GPU
+    // each decode layer runs once over the block, so its weights cross once, beside one 4-row dispatch per linear.
+    let hw = HardwareProfile {
+        gemv_weight_gib_s: Some(2.0),
+        mm_flops_g_row: Some(0.5),
+        ctog_zero_copy: Some(10.0),
+        ..HardwareProfile::t4()
+    };
+    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
+    let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
+    let (h, f, l, v) = (2048.0, 8192.0, 24.0, c.vocab_size as f64);
+    let gib = GIB as f64;
+    let policy = |act: [f64; 2]| Policy {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        percent: Percent::from_array([0.0, 100.0, 100.0, 0.0, act[0], act[1]]),
+        transfer: Transfer::ZeroCopy,
+        ..Policy::default()
+    };
+    let block = policy([100.0, 0.0]);
+    let weights = crate::offload::placement::WeightSummary::new(&c, &block);
+    let wl = weights.layer as f64;
+    let choice = evaluate(Problem::new(&c, W, &hw, Caps::default()), &block).unwrap();
+    assert!(choice.candidate.block_decode);
+    let dispatch = |rows: f64, bytes: f64, flops_per_row: f64| {
+        bytes / (2.0 * gib) + rows * flops_per_row / 0.5e12
+    };
+    let in_place = wl / (10.0 * gib);
+    let want = in_place.max(dispatch(4.0, wl, 8.0 * h * h + 4.0 * h * f))
+        + 2.0 * dispatch(2.0, weights.head as f64, 2.0 * h * v) / l
+        + 4.0 * 4.0 * (s + n / 2.0) * h / (hw.bmm_flops_g * 1e12);
+    let got = choice.candidate.decode_layer_s;
+    assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+    // Activations in CPU memory: no block steps, and each GPU batch's dispatches read the weights again.
+    let per_batch = evaluate(
+        Problem::new(&c, W, &hw, Caps::default()),
+        &policy([0.0, 100.0]),
+    )
+    .unwrap();
+    assert!(!per_batch.candidate.block_decode);
+    assert!(per_batch.candidate.decode_layer_s >= 2.0 * in_place);
+}

@@ -104,8 +104,10 @@ impl Percent {
 /// wgpu has one queue and its barriers are stage-wide, so a copy recorded beside compute does not run beside it. With
 /// zero-copy the decode linears bind the CPU tier's host buffers (the DMA path: `MAP_READ | COPY_SRC | COPY_DST |
 /// STORAGE`, host memory) and read the weights over PCIe while they compute: a memory-bound decode linear then runs
-/// at PCIe speed with its compute hidden. Each GPU batch's dispatch reads the weights again, so with several GPU
-/// batches zero-copy moves the weights `num_gpu_batches` times per step where the copy path moves them once.
+/// at PCIe speed with its compute hidden. With several GPU batches whose caches and hidden rows all stay on the GPU,
+/// each decode layer runs once over the whole block ([`super::placement::block_decode`]), so each weight byte still
+/// crosses once per step; otherwise each GPU batch's dispatch reads the weights again, `num_gpu_batches` times per
+/// step where the copy path moves them once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Transfer {
     /// Zero-copy at decode where the device has the DMA path and the block is one GPU batch (each weight byte then
@@ -114,7 +116,8 @@ pub enum Transfer {
     Auto,
     /// Copy each layer's offloaded weights into a weight slot before it computes.
     Copy,
-    /// Zero-copy at decode wherever the device has the DMA path, whatever the number of GPU batches.
+    /// Zero-copy at decode wherever the device has the DMA path, whatever the number of GPU batches (over the whole
+    /// block at once where the placement allows).
     ZeroCopy,
 }
 

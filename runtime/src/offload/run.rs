@@ -375,6 +375,10 @@ impl RunWork {
             last: work(WorkPart::Last)?,
             last_norm: work(WorkPart::LastNorm)?,
             last_proj: work(WorkPart::LastProj)?,
+            block: match placement.spec(BufferId::Work(WorkPart::Block)) {
+                Some(_) => Some(work(WorkPart::Block)?),
+                None => None,
+            },
         };
         let logits = m.buffer(BufferId::Logits)?;
         let next = m.buffer(BufferId::NextIds)?;

@@ -39,7 +39,10 @@
 //! Other batches (and every prefill) take the GPU path.
 //!
 //! Decode steps with `zero_copy` ([`super::policy::Transfer`]) bind CPU-resident weights where they live instead of
-//! copying them into a weight slot: the kernels read them over PCIe while they compute.
+//! copying them into a weight slot: the kernels read them over PCIe while they compute. With `block_decode`
+//! ([`super::placement::block_decode`]: several GPU batches, caches and hidden rows all on the GPU) the loop over
+//! GPU batches moves inside the layer: each layer runs once over the whole block's rows
+//! ([`crate::model::decoder_block_layer`]), so each weight byte read in place crosses PCIe once per step.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -53,8 +56,8 @@ use crate::compress::{decode_attention, AttentionShape, PackedTensor};
 use crate::gpu::kernels::{decode_act, encode_act, Act, ActDtype, CacheDtype, LinearCall, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{
-    attention_input, decoder_layer, finish_layer, BatchState, GpuModel, KvCache, LayerWeights,
-    Sampling, Step, Workspace,
+    attention_input, decoder_block_layer, decoder_layer, finish_layer, BatchState, GpuModel,
+    KvCache, LayerWeights, Sampling, Step, Workspace,
 };
 use crate::tiers::{PendingStore, Readback, TensorHome, Ticket, Tiers};
 
@@ -83,6 +86,8 @@ pub struct StepInputs<'a> {
     /// This step's kernels read CPU-resident weights in place, over PCIe, instead of from a weight slot
     /// ([`super::policy::Transfer`]; decode steps only).
     pub zero_copy: bool,
+    /// This step runs each layer once over every GPU batch ([`super::placement::block_decode`]; with `zero_copy`).
+    pub block_decode: bool,
 }
 
 /// The scratch buffers of [`super::cpu_attention::CpuAttn`], cloned so that the step's recorder can borrow them
@@ -239,14 +244,19 @@ pub fn run_step(
     for k in 0..nb {
         s.embed(k)?;
     }
-    for j in 0..c.num_hidden_layers {
-        for k in 0..nb {
-            s.load(j, k)?;
-            s.compute(j, k)?;
-            s.store(j, k)?;
+    match (inp.block_decode, &inp.ws.block) {
+        (true, Some(block)) => s.block_layers(block)?,
+        _ => {
+            for j in 0..c.num_hidden_layers {
+                for k in 0..nb {
+                    s.load(j, k)?;
+                    s.compute(j, k)?;
+                    s.store(j, k)?;
+                }
+                // The next layer's weights may go into the slot this layer's last CPU-attention batch still reads.
+                s.end_cpu_attention()?;
+            }
         }
-        // The next layer's weights may go into the slot this layer's last CPU-attention batch still reads.
-        s.end_cpu_attention()?;
     }
     let mut row0 = 0;
     for k in 0..nb {
@@ -649,6 +659,51 @@ impl<'v> Schedule<'v, '_> {
             inp.ws,
             self.step,
         );
+        Ok(())
+    }
+
+    /// Every layer of a block decode step ([`decoder_block_layer`]): the GPU batches' hidden rows are gathered into
+    /// the block's residual stream `block`, each layer runs once over all of them (its CPU-resident weights read in
+    /// place once), and the rows go back to each batch's stream for the logits. Caches and hidden rows stay on the
+    /// GPU, so the items' transfers are the weights' alone (disk-resident ones still copy into a weight slot).
+    fn block_layers(&mut self, block: &'v wgpu::Buffer) -> Result<(), OffloadError> {
+        let views = self.views;
+        let inp = self.inp;
+        let row_bytes = self.act_row_bytes();
+        let mut offsets = Vec::with_capacity(views.states.len());
+        let mut off = 0;
+        for state in &views.states {
+            let bytes = state.batch as u64 * row_bytes;
+            self.rec.copy(&state.x, 0, block, off, bytes);
+            offsets.push((off, bytes));
+            off += bytes;
+        }
+        for j in 0..inp.model.config.num_hidden_layers {
+            for k in 0..self.batches() {
+                self.load(j, k)?;
+            }
+            if let (true, Some(tiers)) = (inp.zero_copy, inp.tiers) {
+                tiers.note_direct_read(inp.layers.direct_bytes(j));
+            }
+            let batches: Vec<_> = (0..self.batches())
+                .map(|k| (&views.caches[j][k], &views.states[k]))
+                .collect();
+            decoder_block_layer(
+                &mut self.rec,
+                &inp.model.config,
+                &views.layers[j],
+                &batches,
+                block,
+                inp.ws,
+                self.step,
+            );
+            for k in 0..self.batches() {
+                self.store(j, k)?;
+            }
+        }
+        for (state, (off, bytes)) in views.states.iter().zip(offsets) {
+            self.rec.copy(block, off, &state.x, 0, bytes);
+        }
         Ok(())
     }
 

@@ -658,6 +658,17 @@ impl<'a> Recorder<'a> {
         dst: &'a wgpu::Buffer,
         shape: AttentionShape,
     ) {
+        self.store_cache_rows_f16_from(src, 0, dst, shape);
+    }
+
+    /// [`Recorder::store_cache_rows_f16`] from rows `src_row0..` of `src`.
+    fn store_cache_rows_f16_from(
+        &mut self,
+        src: &'a wgpu::Buffer,
+        src_row0: usize,
+        dst: &'a wgpu::Buffer,
+        shape: AttentionShape,
+    ) {
         let n = shape.batch * shape.s_new * shape.hidden / 2;
         if n == 0 {
             return;
@@ -669,12 +680,60 @@ impl<'a> Recorder<'a> {
             u32_of(shape.capacity),
             u32_of(shape.hidden),
             u32_of(n),
-            0,
+            u32_of(src_row0),
             0,
         ];
         let groups = self.grid(n.div_ceil(256));
         self.dispatch(
             self.kernels.cache_store_f16(),
+            &params,
+            vec![(1, src), (2, dst)],
+            groups,
+        );
+    }
+
+    /// Writes rows `src_row0..src_row0 + batch * s_new` of `src` (one step's keys or values, projected for a whole
+    /// block of GPU batches: `[rows, hidden]` activations) into one batch's cache `dst` (`[batch, capacity, hidden]`
+    /// in `cache`'s dtype) at positions `past..past + s_new` of each sequence. An f16 cache beside f32 activations
+    /// takes halves; otherwise the cache holds the activations' own dtype and the rows are moved as they are.
+    pub fn store_block_cache_rows(
+        &mut self,
+        cache: CacheDtype,
+        src: &'a wgpu::Buffer,
+        src_row0: usize,
+        dst: &'a wgpu::Buffer,
+        shape: AttentionShape,
+    ) {
+        if cache == CacheDtype::F16 && self.act() == ActDtype::F32 {
+            return self.store_cache_rows_f16_from(src, src_row0, dst, shape);
+        }
+        debug_assert_eq!(
+            cache.bytes(),
+            self.act().bytes(),
+            "a block decode step's cache holds its activations' dtype or f16"
+        );
+        let n = shape.batch * shape.s_new * shape.hidden;
+        if n == 0 {
+            return;
+        }
+        // cache_rows.wgsl mode 3, one head as wide as the row.
+        let params = [
+            u32_of(shape.batch),
+            u32_of(shape.capacity),
+            1,
+            u32_of(shape.hidden),
+            u32_of(shape.past),
+            u32_of(shape.s_new),
+            3,
+            u32_of(n),
+            u32_of(src_row0 * shape.hidden),
+            0,
+            0,
+            0,
+        ];
+        let groups = self.grid(n.div_ceil(256));
+        self.dispatch(
+            self.kernels.cache_rows(),
             &params,
             vec![(1, src), (2, dst)],
             groups,

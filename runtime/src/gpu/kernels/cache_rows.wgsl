@@ -4,6 +4,9 @@
 //           kernel's [batch, capacity, heads * head_dim], for positions t0 .. t0 + t_len.
 //   mode 1: the reverse (pair-major src into the [batch, capacity, hidden] dst).
 //   mode 2: dst[dst_off + i] += src[i] for i < n (a gathered positional embedding added to the residual stream).
+//   mode 3: dense rows `[batch, t_len, heads * head_dim]` of src, from element dst_off on, into the
+//           [batch, capacity, hidden] dst at positions t0 .. t0 + t_len (one step's keys or values, projected for a
+//           whole block of GPU batches, into one batch's cache).
 // Dispatch: ceil(n / 256) workgroups of 256, folded over x and y; n = batch * t_len * heads * head_dim in modes 0, 1.
 
 struct Params {
@@ -44,6 +47,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let pair = ((b * params.heads + h) * params.capacity + t) * params.head_dim + d;
     if (params.mode == 0u) {
         dst[pair] = src[cache];
+    } else if (params.mode == 3u) {
+        dst[cache] = src[params.dst_off + i];
     } else {
         dst[cache] = src[pair];
     }

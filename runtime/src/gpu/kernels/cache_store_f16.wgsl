@@ -1,7 +1,7 @@
-// Writes one step's keys or values into an f16 KV cache: src is [batch * s_new, hidden] activations (`act`, from the
-// act_f32/act_f16 part first in the module; row b * s_new + i), dst is [batch, capacity, hidden] halves packed two
-// per u32, and row i of sequence b lands at position past + i. One thread per pair of halves, so no two threads
-// write one word; hidden is even.
+// Writes one step's keys or values into an f16 KV cache: src is [batch * s_new, hidden] activations (`act`, from
+// the act_f32/act_f16 part first in the module) starting at row src_row0, dst is [batch, capacity, hidden] halves
+// packed two per u32, and row src_row0 + b * s_new + i (row i of sequence b) lands at position past + i. One thread
+// per pair of halves, so no two threads write one word; hidden is even.
 
 struct Params {
     batch: u32,
@@ -11,7 +11,8 @@ struct Params {
     hidden: u32,
     // batch * s_new * hidden / 2
     n: u32,
-    _pad0: u32,
+    // The first source row: src holds other rows before this step's (a whole block's projection).
+    src_row0: u32,
     _pad1: u32,
 }
 
@@ -32,5 +33,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let b = row / params.s_new;
     let i = row % params.s_new;
     let at = (b * params.capacity + params.past + i) * pairs_per_row + col;
-    dst[at] = pack2x16float(vec2<f32>(src[p]));
+    dst[at] = pack2x16float(vec2<f32>(src[params.src_row0 * pairs_per_row + p]));
 }

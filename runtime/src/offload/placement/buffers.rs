@@ -71,6 +71,8 @@ pub enum WorkPart {
     LastNorm,
     /// The last rows, projected `[batch, proj]`.
     LastProj,
+    /// The block's residual stream at a block decode step `[block sequences, hidden]` ([`super::block_decode`]).
+    Block,
 }
 
 /// CPU attention's GPU scratch (decode, one row per sequence).
@@ -254,6 +256,7 @@ impl fmt::Display for BufferId {
                 WorkPart::Last => "last hidden",
                 WorkPart::LastNorm => "last hidden normed",
                 WorkPart::LastProj => "last hidden projected",
+                WorkPart::Block => "the block's hidden rows",
             }),
             BufferId::Logits => f.write_str("logits"),
             BufferId::NextIds => f.write_str("next ids"),

@@ -10,7 +10,7 @@ use super::{
 use crate::config::OptConfig;
 use crate::gpu::buffer_size;
 use crate::gpu::kernels::CacheDtype;
-use crate::offload::policy::Policy;
+use crate::offload::policy::{Policy, Transfer};
 use crate::weights::ModelTensor;
 
 /// An affine function of the nine placement fractions `[wg, wc, wn, cg, cc, cn, hg, hc, hn]` (each in 0..=1).
@@ -114,6 +114,12 @@ pub fn linear_terms_with(
         sizes: vec![gbs; policy.num_gpu_batches],
         s: workload.prompt_len,
         capacity: workload.seq_len(),
+        // Counted whenever the policy may run block decode steps (the relaxation cannot tell where the cache and
+        // activations go): conservative by the block's residual stream.
+        block_decode: policy.transfer == Transfer::ZeroCopy
+            && policy.num_gpu_batches > 1
+            && !policy.compress_cache
+            && workload.gen_len > 1,
     };
     let act_dtype = act_dtype(config, policy, &DeviceLimits::UNBOUNDED);
     let act = act_dtype.bytes() as u64;

@@ -46,7 +46,7 @@ pub use buffers::{BufferId, BufferSpec, CpuAttnPart, InputPart, Kind, Kv, Scratc
 pub use cache_rows::{CacheRange, CacheRows};
 pub use linear::{linear_terms, linear_terms_with, Affine, WeightSummary};
 
-use super::policy::{format_bytes, Policy, PolicyError, TierSplit};
+use super::policy::{format_bytes, Policy, PolicyError, TierSplit, Transfer};
 use crate::compress::{CompressionConfig, PackedLayout};
 use crate::config::{ConfigError, DType, OptConfig};
 use crate::gpu::buffer_size;
@@ -627,12 +627,50 @@ struct Shape {
     s: usize,
     /// Cached tokens per sequence.
     capacity: usize,
+    /// Decode steps run each layer once over the whole block ([`block_decode`]): the scratch holds the block's rows
+    /// and the block has its own residual stream.
+    block_decode: bool,
 }
 
 impl Shape {
     fn prompts(&self) -> usize {
         self.sizes.iter().sum()
     }
+
+    /// Rows of x the shared scratch holds: a GPU batch's prefill, or a block decode step's whole block.
+    fn work_rows(&self) -> usize {
+        let prefill = self.gbs * self.s;
+        if self.block_decode {
+            prefill.max(self.prompts())
+        } else {
+            prefill
+        }
+    }
+}
+
+/// Whether decode steps run each decoder layer once over every GPU batch of the block, one dispatch per linear
+/// ([`crate::model::decoder_block_layer`]), rather than once per GPU batch: zero-copy's form for several GPU
+/// batches, in which a CPU-resident weight read in place crosses PCIe once per step, as the copy path moves it.
+///
+/// It takes `--transfer zero-copy` with several GPU batches, some layer weights in CPU memory, and every batch
+/// keeping its cache (uncompressed, in its activations' dtype or f16) and hidden rows on the GPU with attention there.
+/// (`--transfer auto` keeps copying for several GPU batches until GPU measurements say which is faster.) Whether the
+/// device can bind CPU memory is the runtime's question: without it decode copies and the block's buffers stay idle.
+pub fn block_decode(
+    policy: &Policy,
+    layer_tiers: &BTreeMap<LayerTensor, Tier>,
+    batches: &[BatchPlacement],
+    act: ActDtype,
+    cache: CacheDtype,
+) -> bool {
+    policy.transfer == Transfer::ZeroCopy
+        && batches.len() > 1
+        && layer_tiers.values().any(|&t| t == Tier::Cpu)
+        && !policy.compress_cache
+        && (cache.bytes() == act.bytes() || cache == CacheDtype::F16)
+        && batches
+            .iter()
+            .all(|b| b.cache_resident() && b.act_resident() && !b.cpu_attention)
 }
 
 /// The forward pass's buffers that do not depend on where homes live: step inputs, scratch, logits, and the packed
@@ -661,7 +699,7 @@ fn fixed_working(
             out.push((BufferId::Input { batch: k, part }, buffer_size(bytes)));
         }
     }
-    let rows = g * s;
+    let rows = shape.work_rows() as u64;
     for (part, elements) in [
         (WorkPart::Norm, rows * h),
         (WorkPart::Q, rows * h),
@@ -676,6 +714,10 @@ fn fixed_working(
         (WorkPart::LastProj, g * p),
     ] {
         out.push((BufferId::Work(part), buffer_size(elements * act)));
+    }
+    if shape.block_decode {
+        let block = shape.prompts() as u64 * h;
+        out.push((BufferId::Work(WorkPart::Block), buffer_size(block * act)));
     }
     let n = shape.prompts() as u64;
     out.push((
@@ -759,6 +801,16 @@ fn kernel_scratch(
             if config.has_projection() {
                 matrices.push((m, [h, p]));
             }
+        }
+        if decode && shape.block_decode {
+            // A block decode step's layers run once over the whole block.
+            let m = shape.prompts();
+            matrices.extend(
+                LayerPart::ALL
+                    .iter()
+                    .filter(|part| part.is_linear())
+                    .map(|part| (m, part.shape(config))),
+            );
         }
         // The head runs on each sequence's last row.
         if config.has_projection() {
@@ -896,6 +948,8 @@ pub struct Placement {
     pub layer_tiers: BTreeMap<LayerTensor, Tier>,
     /// Each GPU batch's sequences.
     pub batches: Vec<BatchPlacement>,
+    /// Zero-copy decode steps run each layer once over the whole block ([`block_decode`]).
+    pub block_decode: bool,
     buffers: Vec<BufferSpec>,
     index: HashMap<BufferId, usize>,
     staging: TierBytes,
@@ -963,6 +1017,8 @@ impl Placement {
                 .collect(),
             s: workload.prompt_len,
             capacity: workload.seq_len(),
+            // Decided by the builder once the batches are placed.
+            block_decode: false,
         };
         let run_policy = Policy {
             gpu_batch_size: gbs,
@@ -1268,6 +1324,8 @@ impl<'a> Builder<'a> {
         }
 
         // The forward pass's working buffers.
+        self.shape.block_decode = self.workload.gen_len > 1
+            && block_decode(&p, &layer_tiers, &batches, act_dtype, cache_dtype);
         for (id, bytes) in fixed_working(c, &p, &self.shape, act_dtype) {
             self.push(id, Tier::Gpu, bytes)?;
         }
@@ -1333,6 +1391,7 @@ impl<'a> Builder<'a> {
             .map(|(i, b)| (b.id, i))
             .collect();
         Ok(Placement {
+            block_decode: self.shape.block_decode,
             config: *c,
             weight_format: weight_format(c, &p),
             act_dtype,
