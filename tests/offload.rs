@@ -201,6 +201,26 @@ fn every_policy_matches_the_all_gpu_run() {
                 )),
             ),
             (
+                "cpu cache compute, 2 GPU batches, offloaded weights and activations, overlap",
+                cpu_compute(policy(
+                    [20.0, 60.0, 0.0, 100.0, 0.0, 100.0],
+                    half,
+                    2,
+                    true,
+                    disk,
+                )),
+            ),
+            (
+                "cpu cache compute, 1 x 3, weights on CPU, overlap",
+                cpu_compute(policy(
+                    [0.0, 100.0, 0.0, 100.0, 100.0, 0.0],
+                    1,
+                    3,
+                    true,
+                    None,
+                )),
+            ),
+            (
                 "cpu cache compute, 1 x 3, offloaded weights and activations",
                 cpu_compute(policy(
                     [20.0, 60.0, 0.0, 100.0, 0.0, 100.0],

@@ -36,7 +36,9 @@
 //! is uploaded, and the rest of the layer runs on the GPU. Batches whose activations stay on the GPU are pipelined:
 //! batch k's projections are submitted before the CPU attends for batch k-1, so the GPU runs them (and batch k-1's
 //! rest of the layer) while the CPU works; the last batch's layer finishes before the next layer's weights load.
-//! Other batches (and every prefill) take the GPU path.
+//! With overlap, the copy of the next layer's weights is queued behind the first CPU-attention batch's projections
+//! and their readback rather than before them, so the readback waits for the projections alone and the copy runs
+//! while the CPU attends. Other batches (and every prefill) take the GPU path.
 //!
 //! Decode steps with `zero_copy` ([`super::policy::Transfer`]) bind CPU-resident weights where they live instead of
 //! copying them into a weight slot: the kernels read them over PCIe while they compute. With `block_decode`
@@ -185,6 +187,9 @@ struct Schedule<'v, 'a> {
     writing: Vec<Target>,
     /// The item whose KV rows were fetched ahead into its cache slot.
     prefetched: Option<usize>,
+    /// A layer whose weights [`Schedule::load`] left for a CPU-attention batch to fetch once its q, k and v are
+    /// queued (see there).
+    deferred_weights: Option<usize>,
     /// A CPU-attention batch whose q, k, v are on their way back while the next batch's work is queued.
     pending_cpu: Option<PendingCpu>,
     /// The one GPU batch this step runs ([`run_stage_batch`]), else every batch.
@@ -237,6 +242,7 @@ pub fn run_step(
         stores: VecDeque::new(),
         writing: Vec::new(),
         prefetched: None,
+        deferred_weights: None,
         pending_cpu: None,
         only: None,
     };
@@ -329,6 +335,7 @@ pub fn run_stage_batch(
         stores: VecDeque::new(),
         writing: Vec::new(),
         prefetched: None,
+        deferred_weights: None,
         pending_cpu: None,
         only: Some(k),
     };
@@ -575,9 +582,15 @@ impl<'v> Schedule<'v, '_> {
         let n_layers = inp.model.config.num_hidden_layers;
         let n = j * self.batches() + k;
         let weight_layer = if inp.overlap { j + 1 } else { j };
-        let weights = k == self.only.unwrap_or(0)
+        let mut weights = k == self.only.unwrap_or(0)
             && weight_layer < n_layers
             && self.fetches_weights(weight_layer);
+        if weights && inp.overlap && self.on_cpu[k] {
+            // The next layer's weights wait until this CPU-attention batch's projections and their readback are
+            // queued: the readback then waits for those alone, and the copy runs while the CPU attends.
+            self.deferred_weights = Some(weight_layer);
+            weights = false;
+        }
         let cache_now = self.cache_in(n) && self.prefetched != Some(n);
         let items = n_layers * self.batches();
         let next = self.next_item(n);
@@ -589,6 +602,9 @@ impl<'v> Schedule<'v, '_> {
         // The disk reads the item after next's KV rows while this one's transfers and compute run.
         self.read_ahead(self.next_item(next))?;
         if !(weights || cache_now || self.act_off[k] || cache_next) {
+            if self.deferred_weights.is_some() && inp.overlap {
+                self.prefetch_layer(weight_layer + 1)?;
+            }
             return Ok(());
         }
         let mut enc = self.transfers()?;
@@ -606,11 +622,21 @@ impl<'v> Schedule<'v, '_> {
             self.prefetched = Some(next);
         }
         self.submit(enc, Vec::new())?;
-        if weights && inp.overlap {
+        if (weights || self.deferred_weights == Some(weight_layer)) && inp.overlap {
             // The disk works on the layer after next while the GPU computes this one.
             self.prefetch_layer(weight_layer + 1)?;
         }
         Ok(())
+    }
+
+    /// Queues the weights [`Schedule::load`] deferred, if any.
+    fn fetch_deferred_weights(&mut self) -> Result<(), OffloadError> {
+        let Some(layer) = self.deferred_weights.take() else {
+            return Ok(());
+        };
+        let mut enc = self.transfers()?;
+        self.fetch_layer(layer, &mut enc)?;
+        self.submit(enc, Vec::new())
     }
 
     /// Finishes the CPU-attention layer still pending, if any.
@@ -642,6 +668,7 @@ impl<'v> Schedule<'v, '_> {
             // Pipelined: this batch's projections go to the GPU, then the CPU attends for the previous batch while
             // the GPU runs them (and then that batch's rest of the layer while the CPU attends for this one).
             let begun = self.cpu_attention_begin(j, k)?;
+            self.fetch_deferred_weights()?;
             self.end_cpu_attention()?;
             if self.act_off[k] {
                 // Its residual stream is the shared activation slot, which the next batch's fetch overwrites.
