@@ -131,26 +131,35 @@ fn cpu_attention_moves_only_q_k_v_down_and_its_output_up() {
     let offload = tempfile::tempdir().unwrap();
     let new = 3;
     let n = prompts.len();
-    for (gbs, ngb) in [(n, 1), (1, n)] {
-        let mut p = policy(
-            [0.0, 100.0],
-            [0.0, 100.0],
-            [100.0, 0.0],
-            gbs,
-            ngb,
-            offload.path(),
-        );
+    // Activations on the GPU, or in CPU memory (several GPU batches then pipeline through two activation slots).
+    for (gbs, ngb, act) in [
+        (n, 1, [100.0, 0.0]),
+        (1, n, [100.0, 0.0]),
+        (1, n, [0.0, 100.0]),
+    ] {
+        let mut p = policy([0.0, 100.0], [0.0, 100.0], act, gbs, ngb, offload.path());
         p.cpu_cache_compute = true;
         let (e, steps) = run(&dir, &prompts, new, &p);
+        // Offloaded hidden rows: stored after the embedding and after each layer, fetched before each layer and the
+        // logits.
+        let hidden = if act[1] > 0.0 {
+            (e.layers + 1) * e.seqs * e.act_row
+        } else {
+            0
+        };
         for (t, m) in steps.iter().enumerate().skip(1) {
             // q comes back as activations, k and v as f32 rows the CPU rounds to the cache's dtype.
             let down = e.layers * e.seqs * (e.act_row + 2 * e.cache_row.max(e.act_row));
             let up = e.layers * e.seqs * e.act_row;
             let want = Moved::from_pairs(&[
-                (Tier::Cpu, Tier::Gpu, e.weights[1] + up),
-                (Tier::Gpu, Tier::Cpu, down),
+                (Tier::Cpu, Tier::Gpu, e.weights[1] + up + hidden),
+                (Tier::Gpu, Tier::Cpu, down + hidden),
             ]);
-            assert_eq!(m.pairs(), want.pairs(), "{gbs} x {ngb}, decode step {t}");
+            assert_eq!(
+                m.pairs(),
+                want.pairs(),
+                "{gbs} x {ngb}, activations {act:?}, decode step {t}"
+            );
         }
     }
 }

@@ -115,8 +115,9 @@ pub struct RunHomes {
     dtype: CacheDtype,
     /// A packed cache's format and the f32 scratch it computes through.
     compression: Option<(CompressionConfig, CacheScratch)>,
-    /// The activation slot offloaded batches compute in (`gbs * s_max` rows).
-    act_slot: Option<GpuSlot>,
+    /// The activation slots offloaded batches compute in (`gbs * s_max` rows each; GPU batch `k` in slot
+    /// `k % len`, [`crate::offload::placement::act_slots`]).
+    act_slots: Vec<GpuSlot>,
     /// CPU attention's GPU scratch (with a batch that attends on the CPU).
     pub(crate) cpu_attn: Option<CpuAttn>,
     /// Which GPU batches attend on the CPU at decode (the placement's rule).
@@ -206,10 +207,11 @@ impl RunHomes {
                 })
             })
             .collect::<Result<Vec<_>, OffloadError>>()?;
-        let act_slot = match placement.spec(BufferId::ActSlot) {
-            Some(_) => Some(m.slot(BufferId::ActSlot)?),
-            None => None,
-        };
+        let act_slots = (0..)
+            .map(|slot| BufferId::ActSlot { slot })
+            .take_while(|&id| placement.spec(id).is_some())
+            .map(|id| m.slot(id))
+            .collect::<Result<Vec<_>, OffloadError>>()?;
         let cpu_attn = match placement.spec(BufferId::CpuAttention(CpuAttnPart::Norm)) {
             Some(_) => {
                 let mut part = |p| m.slot(BufferId::CpuAttention(p));
@@ -244,7 +246,7 @@ impl RunHomes {
             gbs: placement.gpu_batch_size(),
             dtype,
             compression,
-            act_slot,
+            act_slots,
             cpu_attn,
             cpu_attention: placement.batches.iter().map(|b| b.cpu_attention).collect(),
             _receipts: m.receipts,
@@ -275,9 +277,15 @@ impl RunHomes {
         })
     }
 
-    /// The activation slot, when some GPU batch's activations are offloaded.
-    pub fn act_slot(&self) -> Option<&wgpu::Buffer> {
-        self.act_slot.as_ref().map(GpuSlot::buffer)
+    /// The activation slot GPU batch `k` computes in, when some GPU batch's activations are offloaded.
+    pub fn act_slot(&self, k: usize) -> Option<&wgpu::Buffer> {
+        let slots = self.act_slots.len();
+        (slots > 0).then(|| self.act_slots[k % slots].buffer())
+    }
+
+    /// Activation slots made (two let CPU-attention batches with offloaded activations pipeline).
+    pub fn act_slot_count(&self) -> usize {
+        self.act_slots.len()
     }
 
     /// The cache of layer `j`, GPU batch `k` (of `batch` sequences) as the kernels see it: its own buffers, or cache
@@ -344,12 +352,12 @@ impl RunWork {
         let capacity = placement.workload.seq_len();
         let mut states = Vec::with_capacity(placement.batches.len());
         for (k, batch) in placement.batches.iter().enumerate() {
-            let x = match (batch.act_resident(), homes.act_slot()) {
+            let x = match (batch.act_resident(), homes.act_slot(k)) {
                 (true, _) => m.buffer(BufferId::Hidden { batch: k })?,
                 (false, Some(slot)) => slot.clone(),
                 (false, None) => {
                     return Err(OffloadError::Unplanned {
-                        what: BufferId::ActSlot.to_string(),
+                        what: BufferId::ActSlot { slot: 0 }.to_string(),
                         planned: 0,
                         made: 0,
                     })

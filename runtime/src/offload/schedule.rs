@@ -33,12 +33,14 @@
 //! sequence x head; a packed cache through [`crate::compress::decode_attention`] over its packed rows): q, k, v are
 //! projected on the GPU and come back in a small readback (which waits for its own submission, not the whole
 //! queue), the new k, v rows are written (packed: quantised) into the host-memory cache, the attention output
-//! is uploaded, and the rest of the layer runs on the GPU. Batches whose activations stay on the GPU are pipelined:
-//! batch k's projections are submitted before the CPU attends for batch k-1, so the GPU runs them (and batch k-1's
-//! rest of the layer) while the CPU works; the last batch's layer finishes before the next layer's weights load.
-//! With overlap, the copy of the next layer's weights is queued behind the first CPU-attention batch's projections
-//! and their readback rather than before them, so the readback waits for the projections alone and the copy runs
-//! while the CPU attends. Other batches (and every prefill) take the GPU path.
+//! is uploaded, and the rest of the layer runs on the GPU. Batches are pipelined where their activations stay on the
+//! GPU, or with overlap go through two activation slots ([`super::placement::act_slots`]; GPU batch k in slot k % 2,
+//! its hidden rows stored once its layer ends): batch k's projections are submitted before the CPU attends for batch
+//! k-1, so the GPU runs them (and batch k-1's rest of the layer) while the CPU works; the last batch's layer
+//! finishes before the next layer's weights load.
+//! With overlap, the copy of the next layer's weights is queued behind the layer's last CPU-attention batch's
+//! projections and readback rather than before the first's, so each readback waits for its own work, not the copy,
+//! and the copy runs while the CPU attends. Other batches (and every prefill) take the GPU path.
 //!
 //! Decode steps with `zero_copy` ([`super::policy::Transfer`]) bind CPU-resident weights where they live instead of
 //! copying them into a weight slot: the kernels read them over PCIe while they compute. With `block_decode`
@@ -259,6 +261,7 @@ pub fn run_step(
                     s.compute(j, k)?;
                     s.store(j, k)?;
                 }
+                s.fetch_deferred_weights()?;
                 // The next layer's weights may go into the slot this layer's last CPU-attention batch still reads.
                 s.end_cpu_attention()?;
             }
@@ -348,6 +351,7 @@ pub fn run_stage_batch(
         s.load(j, k)?;
         s.compute(j, k)?;
         s.store(j, k)?;
+        s.fetch_deferred_weights()?;
         s.end_cpu_attention()?;
     }
     // Otherwise the hidden rows go back from the batch's residual stream: an offloaded batch's is the activation
@@ -579,6 +583,10 @@ impl<'v> Schedule<'v, '_> {
     /// (unless fetched ahead) and hidden rows, and with overlap the next item's KV rows into the other cache slot.
     fn load(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
         let inp = self.inp;
+        if self.pending_in_slot_of(k) {
+            // Its hidden rows would go into the slot the pending batch still computes in.
+            self.end_cpu_attention()?;
+        }
         let n_layers = inp.model.config.num_hidden_layers;
         let n = j * self.batches() + k;
         let weight_layer = if inp.overlap { j + 1 } else { j };
@@ -586,8 +594,9 @@ impl<'v> Schedule<'v, '_> {
             && weight_layer < n_layers
             && self.fetches_weights(weight_layer);
         if weights && inp.overlap && self.on_cpu[k] {
-            // The next layer's weights wait until this CPU-attention batch's projections and their readback are
-            // queued: the readback then waits for those alone, and the copy runs while the CPU attends.
+            // The next layer's weights wait until the layer's last CPU-attention batch has its projections and
+            // their readback queued: each readback then waits for its own work, not the copy, and the copy runs
+            // while the CPU attends.
             self.deferred_weights = Some(weight_layer);
             weights = false;
         }
@@ -629,6 +638,13 @@ impl<'v> Schedule<'v, '_> {
         Ok(())
     }
 
+    /// The last GPU batch of a layer that attends on the CPU this step.
+    fn last_cpu_batch(&self) -> Option<usize> {
+        (0..self.batches())
+            .rev()
+            .find(|&k| self.on_cpu[k] && self.only.is_none_or(|only| only == k))
+    }
+
     /// Queues the weights [`Schedule::load`] deferred, if any.
     fn fetch_deferred_weights(&mut self) -> Result<(), OffloadError> {
         let Some(layer) = self.deferred_weights.take() else {
@@ -639,12 +655,30 @@ impl<'v> Schedule<'v, '_> {
         self.submit(enc, Vec::new())
     }
 
-    /// Finishes the CPU-attention layer still pending, if any.
+    /// Finishes the CPU-attention layer still pending, if any, and stores its hidden rows when they are offloaded.
     fn end_cpu_attention(&mut self) -> Result<(), OffloadError> {
-        match self.pending_cpu.take() {
-            Some(p) => self.cpu_attention_end(p),
-            None => Ok(()),
+        let Some(p) = self.pending_cpu.take() else {
+            return Ok(());
+        };
+        let k = p.k;
+        self.cpu_attention_end(p)?;
+        if !self.act_off[k] {
+            return Ok(());
         }
+        let mut enc = self.transfers()?;
+        let stores = self.store_act(k, &mut enc)?;
+        self.submit(enc, stores)?;
+        self.drain(1)
+    }
+
+    /// Whether the pending CPU-attention batch computes in GPU batch `k`'s activation slot.
+    fn pending_in_slot_of(&self, k: usize) -> bool {
+        let slots = self.homes.act_slot_count().max(1);
+        self.act_off[k]
+            && self
+                .pending_cpu
+                .as_ref()
+                .is_some_and(|p| self.act_off[p.k] && p.k % slots == k % slots)
     }
 
     /// Whether layer `j` has offloaded weights to copy into a weight slot this step.
@@ -668,12 +702,16 @@ impl<'v> Schedule<'v, '_> {
             // Pipelined: this batch's projections go to the GPU, then the CPU attends for the previous batch while
             // the GPU runs them (and then that batch's rest of the layer while the CPU attends for this one).
             let begun = self.cpu_attention_begin(j, k)?;
-            self.fetch_deferred_weights()?;
+            if Some(k) == self.last_cpu_batch() {
+                self.fetch_deferred_weights()?;
+            }
             self.end_cpu_attention()?;
-            if self.act_off[k] {
-                // Its residual stream is the shared activation slot, which the next batch's fetch overwrites.
+            if self.act_off[k] && self.homes.act_slot_count() < 2 {
+                // Its residual stream is the one activation slot, which the next batch's fetch overwrites.
                 return self.cpu_attention_end(begun);
             }
+            // With two activation slots the next batch fetches into the other one; this batch's hidden rows are
+            // stored once its layer ends (`end_cpu_attention`).
             self.pending_cpu = Some(begun);
             return Ok(());
         }
@@ -738,7 +776,13 @@ impl<'v> Schedule<'v, '_> {
     /// submit queued right behind its compute.
     fn store(&mut self, j: usize, k: usize) -> Result<(), OffloadError> {
         let cache_off = self.cache_off(j, k);
-        if !(cache_off || self.act_off[k]) {
+        // A pending CPU-attention batch's hidden rows are not final yet: `end_cpu_attention` stores them.
+        let act_now = self.act_off[k]
+            && !self
+                .pending_cpu
+                .as_ref()
+                .is_some_and(|p| p.j == j && p.k == k);
+        if !(cache_off || act_now) {
             return Ok(());
         }
         let mut enc = self.transfers()?;
@@ -769,7 +813,7 @@ impl<'v> Schedule<'v, '_> {
                 }
             }
         }
-        if self.act_off[k] {
+        if act_now {
             stores.extend(self.store_act(k, &mut enc)?);
         }
         self.submit(enc, stores)?;

@@ -152,8 +152,12 @@ pub enum BufferId {
         /// Sequence in the batch.
         seq: usize,
     },
-    /// The activation slot: the residual stream of whichever offloaded GPU batch computes.
-    ActSlot,
+    /// An activation slot: the residual stream of whichever offloaded GPU batch computes (GPU batch `k` uses slot
+    /// `k % slots`; a second slot lets CPU-attention batches pipeline, [`super::act_slots`]).
+    ActSlot {
+        /// The slot.
+        slot: usize,
+    },
     /// A GPU batch's step inputs.
     Input {
         /// GPU batch.
@@ -237,7 +241,7 @@ impl fmt::Display for BufferId {
             ),
             BufferId::Hidden { batch } => write!(f, "hidden.{batch}"),
             BufferId::ActHome { batch, seq } => write!(f, "act.{batch}.{seq}"),
-            BufferId::ActSlot => f.write_str("activation slot"),
+            BufferId::ActSlot { slot } => write!(f, "activation slot {slot}"),
             BufferId::Input { batch, part } => write!(
                 f,
                 "{}.{batch}",

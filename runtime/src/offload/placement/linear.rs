@@ -173,8 +173,14 @@ pub fn linear_terms_with(
     // everything stays on the GPU), so every policy the cost model picks passes the placement's check. Likewise CPU
     // attention's GPU scratch with cpu_cache_compute.
     let cache_slot = buffer_size(rows.slot_bytes(gbs)) as f64;
+    // Two activation slots where CPU-attention batches pipeline ([`super::act_slots`]).
+    let act_slots = if policy.overlap && policy.cpu_cache_compute && policy.num_gpu_batches > 1 {
+        2.0
+    } else {
+        1.0
+    };
     let act_slot = buffer_size(gbs as u64 * shape.s as u64 * h * act) as f64;
-    gpu.constant += slots * 2.0 * cache_slot + act_slot;
+    gpu.constant += slots * 2.0 * cache_slot + act_slots * act_slot;
     let g = gbs as u64;
     if policy.cpu_cache_compute && (!policy.compress_cache || policy.attn_sparsity >= 1.0) {
         gpu.constant += (5 * buffer_size(g * h * act)

@@ -648,6 +648,23 @@ impl Shape {
     }
 }
 
+/// Activation slots a run needs: none when every GPU batch keeps its hidden rows on the GPU; else one, which the
+/// offloaded batches take in turn, or two with overlap when several GPU batches attend on the CPU, so that a batch's
+/// projections (in one slot) run on the GPU while the CPU attends for the batch before it (whose rest of the layer
+/// then runs in the other).
+pub fn act_slots(policy: &Policy, batches: &[BatchPlacement]) -> usize {
+    let offloaded = batches.iter().filter(|b| !b.act_resident()).count();
+    let pipelined = batches
+        .iter()
+        .filter(|b| !b.act_resident() && b.cpu_attention)
+        .count();
+    match offloaded {
+        0 => 0,
+        _ if policy.overlap && pipelined > 1 => 2,
+        _ => 1,
+    }
+}
+
 /// Whether decode steps run each decoder layer once over every GPU batch of the block, one dispatch per linear
 /// ([`crate::model::decoder_block_layer`]), rather than once per GPU batch: zero-copy's form for several GPU
 /// batches, in which a CPU-resident weight read in place crosses PCIe once per step, as the copy path moves it.
@@ -752,7 +769,7 @@ fn binding_note(id: &BufferId) -> (&'static str, &'static str) {
         BufferId::Cache { .. } | BufferId::CacheHome { .. } => ("one layer's KV cache", SEQ),
         BufferId::CacheSlot { .. } => ("one layer's KV cache slot", SEQ),
         BufferId::CacheScratch(_) => ("one layer's uncompressed KV scratch", SEQ),
-        BufferId::Hidden { .. } | BufferId::ActHome { .. } | BufferId::ActSlot => {
+        BufferId::Hidden { .. } | BufferId::ActHome { .. } | BufferId::ActSlot { .. } => {
             ("the residual stream", PROMPT)
         }
         BufferId::Work(WorkPart::Mid) | BufferId::CpuAttention(CpuAttnPart::Mid) => {
@@ -1137,7 +1154,7 @@ pub fn from_pool(spec: &BufferSpec) -> bool {
         spec.id,
         BufferId::WeightSlot { .. }
             | BufferId::CacheSlot { .. }
-            | BufferId::ActSlot
+            | BufferId::ActSlot { .. }
             | BufferId::CpuAttention(_)
             | BufferId::CacheHome { .. }
             | BufferId::ActHome { .. }
@@ -1318,9 +1335,9 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        if batches.iter().any(|b| !b.act_resident()) {
+        for slot in 0..act_slots(&p, &batches) {
             let bytes = buffer_size(gbs as u64 * s * h * act);
-            self.push(BufferId::ActSlot, Tier::Gpu, bytes)?;
+            self.push(BufferId::ActSlot { slot }, Tier::Gpu, bytes)?;
         }
 
         // The forward pass's working buffers.

@@ -45,7 +45,7 @@ fn all_gpu_placement_holds_model_cache_activations_and_the_forward_pass_buffers(
     assert_eq!(plan.staging, TierBytes::default());
     // Nothing streams: no slots of any kind.
     assert_eq!(pl.weight_slots() + pl.cache_slots(), 0);
-    assert!(pl.spec(BufferId::ActSlot).is_none());
+    assert!(pl.spec(BufferId::ActSlot { slot: 0 }).is_none());
     // The kernels' staging: no packed cache rows (slots 0, 1); the split-keys partials of a decode step of 8
     // sequences over 544 keys (slot 2); the 16 bytes the tiled prefill kernels bind for split-K partials, which the
     // decode rows (8, GEMV) never split (slot 3).
@@ -123,7 +123,7 @@ fn weights_split_by_cumulative_size_per_layer() {
     let cache_slots = bytes(&pl, |id| matches!(id, BufferId::CacheSlot { .. }));
     assert_eq!(cache_slots, 2 * c.cache_bytes(4, 544) / 48);
     assert_eq!(
-        pl.spec(BufferId::ActSlot).map(|s| s.bytes),
+        pl.spec(BufferId::ActSlot { slot: 0 }).map(|s| s.bytes),
         Some(c.hidden_bytes(4, 512))
     );
     assert_eq!(bytes(&pl, |id| matches!(id, BufferId::CpuAttention(_))), 0);
@@ -152,7 +152,7 @@ fn sequences_split_whole_and_activations_may_mix() {
     // Two sequences' activations are off the GPU: the activation slot holds the batch, and the GPU share lives in
     // homes, not in a residual stream per batch.
     assert_eq!(
-        pl.spec(BufferId::ActSlot).map(|s| s.bytes),
+        pl.spec(BufferId::ActSlot { slot: 0 }).map(|s| s.bytes),
         Some(c.hidden_bytes(4, 512))
     );
     assert_eq!(bytes(&pl, |id| matches!(id, BufferId::Hidden { .. })), 0);
@@ -285,7 +285,7 @@ fn cpu_cache_compute_still_counts_the_cache_slots_and_its_gpu_scratch() {
     // Prefill attends on the GPU: one (no overlap) K and V slot for the batch of 4.
     let cache_slots = bytes(&pl, |id| matches!(id, BufferId::CacheSlot { .. }));
     assert_eq!(cache_slots, c.cache_bytes(4, 544) / 24);
-    assert!(pl.spec(BufferId::ActSlot).is_none());
+    assert!(pl.spec(BufferId::ActSlot { slot: 0 }).is_none());
     // norm, q, k, v, attention rows and the MLP's intermediate rows of 4 sequences, f16 activations.
     let scratch = bytes(&pl, |id| matches!(id, BufferId::CpuAttention(_)));
     assert_eq!(scratch, 2 * 4 * (5 * 2048 + 8192));
@@ -452,7 +452,7 @@ fn linear_terms_match_the_placement_where_no_rounding_happens() {
         );
         let slots = |pl: &Placement| {
             bytes(pl, |id| {
-                matches!(id, BufferId::CacheSlot { .. } | BufferId::ActSlot)
+                matches!(id, BufferId::CacheSlot { .. } | BufferId::ActSlot { .. })
             })
         };
         let gpu_over = slots(&full) - slots(&exact);
@@ -572,7 +572,7 @@ fn activation_dtype_follows_the_checkpoint_and_the_device() {
     let (a, b) = (halves.plan(), singles.plan());
     assert_eq!(a.activations.total(), f16.hidden_bytes(8, 512));
     assert_eq!(b.activations.total(), 2 * a.activations.total());
-    for id in [BufferId::ActSlot, BufferId::Work(WorkPart::Mid)] {
+    for id in [BufferId::ActSlot { slot: 0 }, BufferId::Work(WorkPart::Mid)] {
         let size = |pl: &Placement| pl.spec(id).map(|s| s.bytes);
         assert_eq!(size(&singles), size(&halves).map(|b| 2 * b), "{id}");
     }
@@ -624,4 +624,32 @@ fn opt_6_7b_at_batch_64_by_prompt_512_fits_an_h200_with_f16_activations() {
         other => panic!("f32 activations must not fit: {other:?}"),
     }
     assert_eq!(largest_gpu_batch(&c, &p, &f32_device, W), 63);
+}
+
+#[test]
+fn cpu_attention_batches_with_offloaded_activations_pipeline_through_two_activation_slots() {
+    // FlexLLMGen's opt-30b policy: cache and activations in CPU memory, attention there, 2 GPU batches.
+    let c = OptConfig::opt("opt-30b", 48, 56, 7168, 28672);
+    let policy = |overlap: bool, ngb: usize| Policy {
+        gpu_batch_size: 24,
+        num_gpu_batches: ngb,
+        percent: Percent::from_array([20.0, 80.0, 0.0, 100.0, 0.0, 100.0]),
+        cpu_cache_compute: true,
+        overlap,
+        ..Policy::default()
+    };
+    let slot_bytes = Some(c.hidden_bytes(24, 512));
+    for (overlap, ngb, slots) in [(true, 2, 2), (false, 2, 1), (true, 1, 1)] {
+        let pl = placement(&c, &policy(overlap, ngb));
+        assert!(pl.batches.iter().all(|b| b.cpu_attention));
+        assert_eq!(act_slots(&pl.policy, &pl.batches), slots);
+        for slot in 0..2 {
+            let want = if slot < slots { slot_bytes } else { None };
+            assert_eq!(
+                pl.spec(BufferId::ActSlot { slot }).map(|s| s.bytes),
+                want,
+                "overlap {overlap}, {ngb} GPU batches: slot {slot}"
+            );
+        }
+    }
 }
