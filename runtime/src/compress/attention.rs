@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{CompressError, PackedTensor};
+use super::{CompressError, PackedRows};
 
 /// Where decode attention finds its cache rows: `batch * heads` (sequence, head) pairs, each with `seq_len`
 /// cached positions; position `t` of pair `bh` is cache row `t * token_stride + bh * bh_stride`.
@@ -40,17 +40,17 @@ impl AttentionShape {
         }
     }
 
-    pub(super) fn check(&self, k: &PackedTensor, v: &PackedTensor) -> Result<(), CompressError> {
-        if k.layout != v.layout || k.config != v.config {
+    pub(super) fn check<P: PackedRows>(&self, k: &P, v: &P) -> Result<(), CompressError> {
+        let (layout, rows) = (k.layout(), k.layout().rows);
+        if layout != v.layout() || k.config() != v.config() {
             return Err(CompressError::Config(
                 "K and V caches must have the same shape and config".into(),
             ));
         }
-        if k.cols() != self.head_dim {
+        if layout.cols != self.head_dim {
             return Err(CompressError::Config(format!(
                 "cache rows have {} elements but head_dim is {}",
-                k.cols(),
-                self.head_dim
+                layout.cols, self.head_dim
             )));
         }
         let overflow = || CompressError::Config(format!("attention shape {self:?} overflows"));
@@ -64,11 +64,11 @@ impl AttentionShape {
                 .zip((pairs - 1).checked_mul(self.bh_stride))
                 .and_then(|(a, b)| a.checked_add(b))
                 .ok_or_else(overflow)?;
-            if last >= k.rows() {
+            if last >= rows {
                 return Err(CompressError::Rows {
                     start: 0,
                     end: last + 1,
-                    rows: k.rows(),
+                    rows,
                 });
             }
         }
@@ -79,11 +79,11 @@ impl AttentionShape {
 /// Decode attention on the CPU over packed K/V caches, as `q4_attention.wgsl` computes it (FlexLLMGen's
 /// cpu_cache_compute path, without unpacking the cache): `query` is `[batch * heads, head_dim]`, `mask`
 /// `[batch, mask_stride]` (nonzero = attend) or `None`; returns `[batch * heads, head_dim]`, zeros for a fully
-/// masked sequence.
-pub fn decode_attention(
+/// masked sequence. The caches are read where they are stored ([`PackedRows`]: owned, or borrowed bytes).
+pub fn decode_attention<P: PackedRows>(
     query: &[f32],
-    k: &PackedTensor,
-    v: &PackedTensor,
+    k: &P,
+    v: &P,
     shape: &AttentionShape,
     mask: Option<(&[u32], usize)>,
     scale: f32,

@@ -212,7 +212,7 @@ pub const fn packed_bytes(rows: usize, cols: usize, config: CompressionConfig) -
     PackedLayout::new(rows, cols, config).bytes()
 }
 
-/// A packed tensor borrowed from where it is stored (a packed checkpoint's memory map).
+/// A packed tensor borrowed from where it is stored (a packed checkpoint's memory map, a CPU-resident packed cache).
 #[derive(Clone, Copy, Debug)]
 pub struct PackedRef<'a> {
     /// Its layout.
@@ -221,6 +221,175 @@ pub struct PackedRef<'a> {
     pub config: CompressionConfig,
     /// The packed words' bytes, as in [`PackedTensor::as_bytes`].
     pub bytes: &'a [u8],
+}
+
+impl<'a> PackedRef<'a> {
+    /// The `[rows, cols]` tensor of `config` stored in `bytes`, which must be exactly its packed bytes.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        config: CompressionConfig,
+        bytes: &'a [u8],
+    ) -> Result<PackedRef<'a>, CompressError> {
+        let layout = checked_bytes(rows, cols, config, bytes.len())?;
+        Ok(PackedRef {
+            layout,
+            config,
+            bytes,
+        })
+    }
+}
+
+/// Packed rows a reader decodes one row at a time ([`decode_attention`]): an owned [`PackedTensor`] or a borrowed
+/// [`PackedRef`], read where it is stored.
+pub trait PackedRows: Sync {
+    /// The layout.
+    fn layout(&self) -> PackedLayout;
+    /// Bits and group size.
+    fn config(&self) -> CompressionConfig;
+    /// Word `i` of the packed array (data, then scales).
+    fn word(&self, i: usize) -> u32;
+
+    /// Decodes row `r` into `out` (`cols` values).
+    fn decode_row(&self, r: usize, out: &mut [f32]) {
+        let l = self.layout();
+        let config = self.config();
+        let vpw = config.values_per_word();
+        let bits = config.bits as u32;
+        let mask = config.max_level();
+        let (data, scales) = (r * l.words_per_row, l.scale_offset + r * l.groups_per_row);
+        for (w, chunk) in out.chunks_mut(vpw).enumerate() {
+            let (step, min) = unpack_scale(self.word(scales + w / l.words_per_group));
+            let word = self.word(data + w);
+            for (j, x) in chunk.iter_mut().enumerate() {
+                let q = (word >> (j as u32 * bits)) & mask;
+                *x = q as f32 * step + min;
+            }
+        }
+    }
+}
+
+impl PackedRows for PackedTensor {
+    fn layout(&self) -> PackedLayout {
+        self.layout
+    }
+
+    fn config(&self) -> CompressionConfig {
+        self.config
+    }
+
+    fn word(&self, i: usize) -> u32 {
+        self.words[i]
+    }
+}
+
+impl PackedRows for PackedRef<'_> {
+    fn layout(&self) -> PackedLayout {
+        self.layout
+    }
+
+    fn config(&self) -> CompressionConfig {
+        self.config
+    }
+
+    fn word(&self, i: usize) -> u32 {
+        let b = &self.bytes[4 * i..4 * i + 4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+/// A packed tensor borrowed mutably where it is stored (a CPU-resident packed KV cache's home): a decode step's new
+/// rows are quantised into its bytes in place, with no copy of the rest.
+#[derive(Debug)]
+pub struct PackedMut<'a> {
+    layout: PackedLayout,
+    config: CompressionConfig,
+    bytes: &'a mut [u8],
+}
+
+impl<'a> PackedMut<'a> {
+    /// The `[rows, cols]` tensor of `config` stored in `bytes`, which must be exactly its packed bytes.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        config: CompressionConfig,
+        bytes: &'a mut [u8],
+    ) -> Result<PackedMut<'a>, CompressError> {
+        let layout = checked_bytes(rows, cols, config, bytes.len())?;
+        Ok(PackedMut {
+            layout,
+            config,
+            bytes,
+        })
+    }
+
+    /// Quantises `values` (whole rows, row-major) into rows `first_row..` as [`PackedTensor::write_rows`] does.
+    pub fn write_rows(&mut self, first_row: usize, values: &[f32]) -> Result<(), CompressError> {
+        let count = rows_to_write(&self.layout, first_row, values)?;
+        let l = self.layout;
+        let (wpr, gpr) = (l.words_per_row, l.groups_per_row);
+        let (mut data, mut scales) = (vec![0u32; wpr], vec![0u32; gpr]);
+        for (i, row) in values.chunks(l.cols.max(1)).take(count).enumerate() {
+            let r = first_row + i;
+            quantize_row(row, self.config, &mut data, &mut scales)
+                .map_err(|(col, value)| CompressError::Value { row: r, col, value })?;
+            for (at, words) in [(r * wpr, &data), (l.scale_offset + r * gpr, &scales)] {
+                let out = &mut self.bytes[4 * at..4 * (at + words.len())];
+                for (o, w) in out.chunks_exact_mut(4).zip(words.iter()) {
+                    o.copy_from_slice(&w.to_le_bytes());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The layout of a `[rows, cols]` tensor of `config` whose packed bytes should be `len` long.
+fn checked_bytes(
+    rows: usize,
+    cols: usize,
+    config: CompressionConfig,
+    len: usize,
+) -> Result<PackedLayout, CompressError> {
+    config.validate()?;
+    let layout = PackedLayout::checked(rows, cols, config)?;
+    if len as u64 != layout.bytes() {
+        return Err(CompressError::Length {
+            what: "packed bytes",
+            expected: layout.bytes() as usize,
+            found: len,
+        });
+    }
+    Ok(layout)
+}
+
+/// How many whole rows `values` holds, checked to fit from `first_row` on.
+fn rows_to_write(
+    layout: &PackedLayout,
+    first_row: usize,
+    values: &[f32],
+) -> Result<usize, CompressError> {
+    let cols = layout.cols;
+    if cols == 0 {
+        return Ok(0);
+    }
+    if values.len() % cols != 0 {
+        return Err(CompressError::Length {
+            what: "rows to write",
+            expected: values.len().next_multiple_of(cols),
+            found: values.len(),
+        });
+    }
+    let count = values.len() / cols;
+    let end = first_row + count;
+    if end > layout.rows {
+        return Err(CompressError::Rows {
+            start: first_row,
+            end,
+            rows: layout.rows,
+        });
+    }
+    Ok(count)
 }
 
 /// Why a tensor could not be compressed, decompressed, saved or loaded.
@@ -414,26 +583,11 @@ impl PackedTensor {
     /// Quantises `values` (`count` whole rows, row-major) into rows `first_row..first_row + count`, e.g. a
     /// decode step's new K or V rows appended to a packed cache.
     pub fn write_rows(&mut self, first_row: usize, values: &[f32]) -> Result<(), CompressError> {
-        let cols = self.layout.cols;
-        if cols == 0 {
+        let count = rows_to_write(&self.layout, first_row, values)?;
+        if count == 0 {
             return Ok(());
         }
-        if values.len() % cols != 0 {
-            return Err(CompressError::Length {
-                what: "rows to write",
-                expected: values.len().next_multiple_of(cols),
-                found: values.len(),
-            });
-        }
-        let count = values.len() / cols;
-        let end = first_row + count;
-        if end > self.layout.rows {
-            return Err(CompressError::Rows {
-                start: first_row,
-                end,
-                rows: self.layout.rows,
-            });
-        }
+        let (cols, end) = (self.layout.cols, first_row + count);
         let (wpr, gpr) = (self.layout.words_per_row, self.layout.groups_per_row);
         let (data, scales) = self.words.split_at_mut(self.layout.scale_offset);
         let config = self.config;
@@ -476,23 +630,6 @@ impl PackedTensor {
             self.decode_row(first_row + i, row);
         });
         Ok(out)
-    }
-
-    fn decode_row(&self, r: usize, out: &mut [f32]) {
-        let l = &self.layout;
-        let vpw = self.config.values_per_word();
-        let bits = self.config.bits as u32;
-        let mask = self.config.max_level();
-        let data = &self.words[r * l.words_per_row..(r + 1) * l.words_per_row];
-        let scales = &self.words[l.scale_offset + r * l.groups_per_row..][..l.groups_per_row];
-        for (w, chunk) in out.chunks_mut(vpw).enumerate() {
-            let (step, min) = unpack_scale(scales[w / l.words_per_group]);
-            let word = data[w];
-            for (j, x) in chunk.iter_mut().enumerate() {
-                let q = (word >> (j as u32 * bits)) & mask;
-                *x = q as f32 * step + min;
-            }
-        }
     }
 }
 
@@ -713,5 +850,50 @@ mod tests {
         assert_eq!(l.scale_offset, 48);
         assert_eq!(l.total_words, 54);
         assert_eq!(packed_bytes(3, 100, c), 4 * 3 * 2 * (64 * 4 / 32 + 1));
+    }
+
+    #[test]
+    fn borrowed_packed_bytes_read_and_take_rows_as_an_owned_tensor_does() {
+        let (rows, cols) = (6, 100);
+        for config in [
+            CompressionConfig::DEFAULT,
+            CompressionConfig::new(8, 4).unwrap(),
+        ] {
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let mut owned = quantize(&values, rows, cols, config).unwrap();
+            let mut bytes = owned.as_bytes().to_vec();
+            // Two new rows written in place into the bytes, and into the owned tensor.
+            let new: Vec<f32> = (0..2 * cols)
+                .map(|i| (i as f32 * 0.37).sin() * 3.0)
+                .collect();
+            PackedMut::new(rows, cols, config, &mut bytes)
+                .unwrap()
+                .write_rows(3, &new)
+                .unwrap();
+            owned.write_rows(3, &new).unwrap();
+            assert_eq!(bytes, owned.as_bytes(), "{config:?}");
+            let borrowed = PackedRef::new(rows, cols, config, &bytes).unwrap();
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..rows {
+                PackedRows::decode_row(&borrowed, r, &mut a);
+                PackedRows::decode_row(&owned, r, &mut b);
+                assert_eq!(a, b, "{config:?}: row {r}");
+            }
+            // Bytes of another shape, and rows past the end, are refused.
+            assert!(PackedRef::new(rows + 1, cols, config, &bytes).is_err());
+            let mut short = bytes[4..].to_vec();
+            assert!(PackedMut::new(rows, cols, config, &mut short).is_err());
+            let mut packed = PackedMut::new(rows, cols, config, &mut bytes).unwrap();
+            assert!(matches!(
+                packed.write_rows(5, &new),
+                Err(CompressError::Rows {
+                    start: 5,
+                    end: 7,
+                    ..
+                })
+            ));
+        }
     }
 }

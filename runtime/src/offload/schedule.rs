@@ -50,13 +50,15 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use rayon::prelude::*;
+
 use super::cpu_attention::{cpu_attention, encode_cache_row, SeqRows};
 use super::home::Home;
 use super::placement::{CacheRange, CacheRows};
 use super::run::{BatchAct, BatchCache, RunHomes};
 use super::weights::{LayerStore, PartKey};
 use super::OffloadError;
-use crate::compress::{decode_attention, AttentionShape, PackedTensor};
+use crate::compress::{decode_attention, AttentionShape, PackedMut, PackedRef};
 use crate::gpu::kernels::{decode_act, encode_act, Act, ActDtype, CacheDtype, LinearCall, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{
@@ -1116,47 +1118,52 @@ impl<'v> Schedule<'v, '_> {
         };
         let out = match (cache_rows, packed) {
             (CacheRows::Packed { heads, home, .. }, Some(cc)) => {
-                // The new rows are quantised into the host-memory homes (the format q4_quantize writes), and
-                // the CPU attends over the packed rows as the GPU's q4_attention would.
-                let mut out = vec![0f32; rows * h];
+                // The new rows are quantised into the host-memory homes in place (the format q4_quantize writes),
+                // and the CPU attends over the stored packed rows as the GPU's q4_attention would, in parallel over
+                // sequences (and heads within each).
+                let home_bytes = home.bytes() as usize;
                 for (i, seq) in seqs.iter_mut().enumerate() {
-                    let mut kv = Vec::with_capacity(2);
                     for (home_t, new) in [(&mut seq.k, &new_kv[0]), (&mut seq.v, &new_kv[1])] {
                         let bytes = match home_t.settle(tiers)? {
                             TensorHome::Cpu(t) => t.host_bytes_mut().ok_or_else(not_host)?,
                             _ => return Err(not_host()),
                         };
-                        let stored = bytes
-                            .get_mut(..home.bytes() as usize)
-                            .ok_or_else(not_host)?;
-                        let mut rows_t =
-                            PackedTensor::from_bytes(home.rows, home.cols, cc, stored)?;
+                        let stored = bytes.get_mut(..home_bytes).ok_or_else(not_host)?;
+                        let mut packed = PackedMut::new(home.rows, home.cols, cc, stored)?;
                         // Pair-major home: head `hh`'s token t is row `hh * capacity + t`.
                         for (hh, row) in new[i * h..(i + 1) * h].chunks(home.cols).enumerate() {
-                            rows_t.write_rows(hh * capacity + step.past, row)?;
+                            packed.write_rows(hh * capacity + step.past, row)?;
                         }
-                        stored.copy_from_slice(rows_t.as_bytes());
-                        kv.push(rows_t);
                     }
-                    let shape = AttentionShape {
-                        batch: 1,
-                        heads,
-                        head_dim: home.cols,
-                        seq_len: len,
-                        token_stride: 1,
-                        bh_stride: capacity,
-                    };
-                    let o = decode_attention(
-                        &q[i * h..(i + 1) * h],
-                        &kv[0],
-                        &kv[1],
-                        &shape,
-                        Some((masks[i], capacity)),
-                        1.0 / (home.cols as f32).sqrt(),
-                    )?;
-                    out[i * h..(i + 1) * h].copy_from_slice(&o);
                 }
-                out
+                let kv = seqs
+                    .iter()
+                    .map(|seq| {
+                        let [k, v] = [&seq.k, &seq.v].map(|home_t| {
+                            let bytes = cached_rows(home_t, home_bytes).ok_or_else(not_host)?;
+                            Ok::<_, OffloadError>(PackedRef::new(home.rows, home.cols, cc, bytes)?)
+                        });
+                        Ok((k?, v?))
+                    })
+                    .collect::<Result<Vec<_>, OffloadError>>()?;
+                let shape = AttentionShape {
+                    batch: 1,
+                    heads,
+                    head_dim: home.cols,
+                    seq_len: len,
+                    token_stride: 1,
+                    bh_stride: capacity,
+                };
+                let scale = 1.0 / (home.cols as f32).sqrt();
+                let outs = kv
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, (k, v))| {
+                        let q = &q[i * h..(i + 1) * h];
+                        decode_attention(q, k, v, &shape, Some((masks[i], capacity)), scale)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                outs.concat()
             }
             _ => {
                 let home_row = h * dtype.bytes();
