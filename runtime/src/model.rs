@@ -699,14 +699,7 @@ pub fn decoder_layer<'a>(
     let lin = |l: &'a Linear| (&l.weight, l.bias.as_ref());
     let (w, b) = lin(&layer.q_proj);
     rec.linear(attn_in, rows, w, b, Act::None, &ws.q, dense, false);
-    let shape = AttentionShape {
-        batch: state.batch,
-        s_new: step.s_new,
-        past: step.past,
-        capacity: cache.capacity,
-        hidden: h,
-        n_head: config.n_head,
-    };
+    let shape = attention_shape(config, step, cache, state);
     match (cache.compression, &cache.scratch) {
         (Some(cc), Some(scratch)) => packed_attention(
             rec, config, layer, cache, cc, scratch, state, ws, step, attn_in,
@@ -753,6 +746,23 @@ pub fn decoder_layer<'a>(
     );
 }
 
+/// The attention of one GPU batch's step over its cache.
+fn attention_shape(
+    config: &OptConfig,
+    step: Step,
+    cache: &KvCache,
+    state: &BatchState,
+) -> AttentionShape {
+    AttentionShape {
+        batch: state.batch,
+        s_new: step.s_new,
+        past: step.past,
+        capacity: cache.capacity,
+        hidden: config.hidden_size,
+        n_head: config.n_head,
+    }
+}
+
 /// One decoder layer for a whole block of GPU batches at once (a block decode step): every linear runs once over
 /// the rows of all of them, so a weight read over PCIe in place (zero-copy) crosses once per step rather than once per
 /// GPU batch. `x` is the block's residual stream, `[sum of batches * s_new, hidden]` with each batch's rows in the
@@ -772,14 +782,7 @@ pub fn decoder_block_layer<'a>(
     let rows: usize = batches.iter().map(|(_, s)| s.batch * step.s_new).sum();
     let dense = OutRows::dense(h, 0);
     let lin = |l: &'a Linear| (&l.weight, l.bias.as_ref());
-    let shape = |cache: &KvCache, state: &BatchState| AttentionShape {
-        batch: state.batch,
-        s_new: step.s_new,
-        past: step.past,
-        capacity: cache.capacity,
-        hidden: h,
-        n_head: config.n_head,
-    };
+    let shape = |cache: &KvCache, state: &BatchState| attention_shape(config, step, cache, state);
 
     let attn_in = attention_input(rec, config, layer, x, rows, &ws.norm);
     let (w, b) = lin(&layer.q_proj);
@@ -976,14 +979,7 @@ fn packed_attention<'a>(
                     false,
                 );
             }
-            let shape = AttentionShape {
-                batch,
-                s_new: 1,
-                past: step.past,
-                capacity: cap,
-                hidden: h,
-                n_head: heads,
-            };
+            let shape = attention_shape(config, step, cache, state);
             rec.sparse_attention(
                 scratch_dtype,
                 &ws.q,
@@ -1050,14 +1046,7 @@ fn packed_attention<'a>(
             false,
         );
     }
-    let shape = AttentionShape {
-        batch,
-        s_new: step.s_new,
-        past: step.past,
-        capacity: cap,
-        hidden: h,
-        n_head: heads,
-    };
+    let shape = attention_shape(config, step, cache, state);
     rec.attention(
         scratch_dtype,
         &ws.q,

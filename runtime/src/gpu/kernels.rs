@@ -701,25 +701,40 @@ impl<'a> Recorder<'a> {
         positions: std::ops::Range<usize>,
         to_pairs: bool,
     ) {
-        let t_len = positions.len();
+        let shape = [
+            batch,
+            capacity,
+            heads,
+            head_dim,
+            positions.start,
+            positions.len(),
+        ];
+        self.cache_rows_pass(src, dst, shape, if to_pairs { 0 } else { 1 }, 0);
+    }
+
+    /// One pass of `cache_rows.wgsl` in `mode` (its header lists them) over positions `t0..t0 + t_len` of the
+    /// `[batch, capacity, heads * head_dim]` layout, `shape = [batch, capacity, heads, head_dim, t0, t_len]`; `off` is
+    /// the mode's element offset.
+    fn cache_rows_pass(
+        &mut self,
+        src: &'a wgpu::Buffer,
+        dst: &'a wgpu::Buffer,
+        shape: [usize; 6],
+        mode: u32,
+        off: usize,
+    ) {
+        let [batch, _, heads, head_dim, _, t_len] = shape;
         let n = batch * t_len * heads * head_dim;
         if n == 0 {
             return;
         }
-        let params = [
-            u32_of(batch),
-            u32_of(capacity),
-            u32_of(heads),
-            u32_of(head_dim),
-            u32_of(positions.start),
-            u32_of(t_len),
-            if to_pairs { 0 } else { 1 },
-            u32_of(n),
-            0,
-            0,
-            0,
-            0,
-        ];
+        let mut params = [0u32; 12];
+        for (p, v) in params.iter_mut().zip(shape) {
+            *p = u32_of(v);
+        }
+        params[6] = mode;
+        params[7] = u32_of(n);
+        params[8] = u32_of(off);
         let groups = self.grid(n.div_ceil(256));
         self.dispatch(
             self.kernels.cache_rows(),

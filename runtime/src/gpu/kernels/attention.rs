@@ -712,31 +712,9 @@ impl<'a> Recorder<'a> {
             self.act().bytes(),
             "a block decode step's cache holds its activations' dtype or f16"
         );
-        let n = shape.batch * shape.s_new * shape.hidden;
-        if n == 0 {
-            return;
-        }
         // cache_rows.wgsl mode 3, one head as wide as the row.
-        let params = [
-            u32_of(shape.batch),
-            u32_of(shape.capacity),
-            1,
-            u32_of(shape.hidden),
-            u32_of(shape.past),
-            u32_of(shape.s_new),
-            3,
-            u32_of(n),
-            u32_of(src_row0 * shape.hidden),
-            0,
-            0,
-            0,
-        ];
-        let groups = self.grid(n.div_ceil(256));
-        self.dispatch(
-            self.kernels.cache_rows(),
-            &params,
-            vec![(1, src), (2, dst)],
-            groups,
-        );
+        let (b, cap, h) = (shape.batch, shape.capacity, shape.hidden);
+        let positions = [b, cap, 1, h, shape.past, shape.s_new];
+        self.cache_rows_pass(src, dst, positions, 3, src_row0 * h);
     }
 }
