@@ -665,16 +665,11 @@ impl GpuModel {
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         // Logits are f32 whatever the activations: argmax, sampling and `--dump-logits` read f32.
-        rec.linear_f32_out(
-            hidden,
-            state.batch,
-            head,
-            None,
-            Act::None,
-            logits,
-            OutRows::dense(c.vocab_size, row0),
-            false,
-        );
+        let rows = OutRows::dense(c.vocab_size, row0);
+        rec.linear_call(LinearCall {
+            out_dtype: Some(ActDtype::F32),
+            ..LinearCall::new(hidden, state.batch, head, None, logits, rows)
+        });
     }
 }
 
@@ -708,17 +703,8 @@ pub fn decoder_layer<'a>(
             for (proj, dst) in [(&layer.k_proj, &cache.k), (&layer.v_proj, &cache.v)] {
                 let (w, b) = lin(proj);
                 let into = |out_dtype| LinearCall {
-                    x: attn_in,
-                    m: rows,
-                    w,
-                    bias: b,
-                    act: Act::None,
-                    out: dst,
-                    rows: into_cache,
-                    accumulate: false,
                     out_dtype: Some(out_dtype),
-                    variant: None,
-                    kernel: None,
+                    ..LinearCall::new(attn_in, rows, w, b, dst, into_cache)
                 };
                 match (cache.dtype, rec.act()) {
                     // The projection writes the cache's own values: f32, or halves beside f16 activations.

@@ -59,7 +59,7 @@ use super::run::{BatchAct, BatchCache, RunHomes};
 use super::weights::{LayerStore, PartKey};
 use super::OffloadError;
 use crate::compress::{decode_attention, AttentionShape, PackedMut, PackedRef};
-use crate::gpu::kernels::{decode_act, encode_act, Act, ActDtype, CacheDtype, LinearCall, OutRows};
+use crate::gpu::kernels::{decode_act, encode_act, ActDtype, CacheDtype, LinearCall, OutRows};
 use crate::gpu::kernels::{Kernels, Recorder};
 use crate::model::{
     attention_input, decoder_block_layer, decoder_layer, finish_layer, BatchState, GpuModel,
@@ -1042,17 +1042,8 @@ impl<'v> Schedule<'v, '_> {
             (&layer.v_proj, &sc.v, kv_dtype),
         ] {
             rec.linear_call(LinearCall {
-                x: attn_in,
-                m: rows,
-                w: &l.weight,
-                bias: l.bias.as_ref(),
-                act: Act::None,
-                out,
-                rows: dense,
-                accumulate: false,
                 out_dtype: Some(out_dtype),
-                variant: None,
-                kernel: None,
+                ..LinearCall::new(attn_in, rows, &l.weight, l.bias.as_ref(), out, dense)
             });
         }
         // q, k and v come back in one small readback, which waits for its own submission only.

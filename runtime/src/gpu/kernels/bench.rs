@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::attention::AttentionKernel;
 use super::linear::{LinearCall, LinearKernel, Variant};
 use super::variants::encode_act;
-use super::{Act, AttentionShape, CacheDtype, Kernels, OutRows, Recorder};
+use super::{AttentionShape, CacheDtype, Kernels, OutRows, Recorder};
 use crate::config::DType;
 use crate::gpu::tensor::{GpuMatrix, WeightFormat};
 use crate::gpu::timer::GpuTimer;
@@ -154,17 +154,9 @@ pub fn bench_linear(
     let out = gpu.storage_buffer("bench out", (m * n * act.bytes()) as u64);
     let (seconds, clock) = time_recorded(kernels, reps, iters, &|rec| {
         rec.linear_call(LinearCall {
-            x: &x,
-            m,
-            w: &w,
-            bias: None,
-            act: Act::None,
-            out: &out,
-            rows: OutRows::dense(n, 0),
-            accumulate: false,
-            out_dtype: None,
             variant,
             kernel,
+            ..LinearCall::new(&x, m, &w, None, &out, OutRows::dense(n, 0))
         })
     })?;
     let ran = kernel.unwrap_or_else(|| {

@@ -672,6 +672,33 @@ pub struct LinearCall<'a> {
     pub kernel: Option<LinearKernel>,
 }
 
+impl<'a> LinearCall<'a> {
+    /// `out = x . w^T + bias` for the `m` rows of `x`, placed by `rows`: no activation, no accumulation, output in
+    /// the kernels' activation dtype, the kernels' own choice of kernel. Struct update syntax sets the rest.
+    pub fn new(
+        x: &'a wgpu::Buffer,
+        m: usize,
+        w: &'a GpuMatrix,
+        bias: Option<&'a wgpu::Buffer>,
+        out: &'a wgpu::Buffer,
+        rows: OutRows,
+    ) -> LinearCall<'a> {
+        LinearCall {
+            x,
+            m,
+            w,
+            bias,
+            act: Act::None,
+            out,
+            rows,
+            accumulate: false,
+            out_dtype: None,
+            variant: None,
+            kernel: None,
+        }
+    }
+}
+
 impl Kernels {
     /// The kernel a linear layer of `m` rows over a weight chunk of `n` rows in `format` runs, by the kernels' own
     /// choice (`variant: None`) or with `variant` forced where the device has it.
@@ -823,46 +850,9 @@ impl<'a> Recorder<'a> {
         accumulate: bool,
     ) {
         self.linear_call(LinearCall {
-            x,
-            m,
-            w,
-            bias,
             act,
-            out,
-            rows,
             accumulate,
-            out_dtype: None,
-            variant: None,
-            kernel: None,
-        });
-    }
-
-    /// [`Recorder::linear`] writing f32 output whatever the activation dtype: logits (argmax and sampling read
-    /// f32).
-    #[allow(clippy::too_many_arguments)] // Recorder::linear's arguments
-    pub fn linear_f32_out(
-        &mut self,
-        x: &'a wgpu::Buffer,
-        m: usize,
-        w: &'a GpuMatrix,
-        bias: Option<&'a wgpu::Buffer>,
-        act: Act,
-        out: &'a wgpu::Buffer,
-        rows: OutRows,
-        accumulate: bool,
-    ) {
-        self.linear_call(LinearCall {
-            x,
-            m,
-            w,
-            bias,
-            act,
-            out,
-            rows,
-            accumulate,
-            out_dtype: Some(ActDtype::F32),
-            variant: None,
-            kernel: None,
+            ..LinearCall::new(x, m, w, bias, out, rows)
         });
     }
 

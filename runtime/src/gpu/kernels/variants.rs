@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use super::linear::{LinearCall, Variant};
-use super::{Act, ActDtype, Kernels, OutRows};
+use super::{ActDtype, Kernels, OutRows};
 use crate::config::DType;
 use crate::gpu::tensor::{GpuMatrix, WeightFormat};
 use crate::gpu::GpuError;
@@ -453,17 +453,8 @@ impl Problem {
         )?;
         let mut rec = kernels.recorder();
         rec.linear_call(LinearCall {
-            x: &x,
-            m: self.m,
-            w: &w,
-            bias: None,
-            act: Act::None,
-            out: &out,
-            rows: OutRows::dense(self.n, 0),
-            accumulate: false,
-            out_dtype: None,
             variant,
-            kernel: None,
+            ..LinearCall::new(&x, self.m, &w, None, &out, OutRows::dense(self.n, 0))
         });
         rec.submit();
         let bytes = gpu.read_back(&[(&out, 0, (self.m * self.n * act.bytes()) as u64)])?;
