@@ -173,9 +173,11 @@ pub struct Candidate {
     pub num_gpu_batches: usize,
     /// Whether decode attention over off-GPU cache runs on the CPU.
     pub cpu_cache_compute: bool,
-    /// Whether it was priced with block decode steps ([`crate::offload::placement::block_decode`]: a given
-    /// policy's placement says so; a search assumes not).
+    /// Whether it was priced with block decode steps ([`crate::offload::placement::block_decode`]).
     pub block_decode: bool,
+    /// How CPU-resident weights reach the decode kernels: the problem's setting, or with `Transfer::Auto` the path
+    /// the search priced fastest for the chosen batch sizes ([`search`]).
+    pub transfer: Transfer,
     /// `[wg, wc, wn, cg, cc, cn, hg, hc, hn]`.
     pub fractions: [f64; 9],
     /// Predicted prefill time of one layer, seconds.
@@ -324,6 +326,7 @@ impl<'a> Evaluator<'a> {
             num_gpu_batches: ngb,
             cpu_cache_compute: ccc,
             block_decode: false,
+            transfer: self.p.transfer,
             fractions,
             prefill_layer_s: x[TPRE],
             decode_layer_s: x[TGEN],
@@ -453,6 +456,47 @@ fn search_improved(ev: &mut Evaluator) -> Option<Candidate> {
     best
 }
 
+/// `--transfer auto` under `--policy auto`: prices the chosen batch sizes with each decode path (copying CPU weights
+/// into weight slots; zero-copy per GPU batch; with several GPU batches, block decode steps, which keep caches and
+/// hidden rows on the GPU) at the profile's measured rates (`ctog`, `ctog_zero_copy`) and keeps the fastest, so the
+/// policy names the path it was priced with. Ties go to the copy path, then to block decode; with no weight in CPU
+/// memory the setting stays `auto`.
+fn choose_transfer(ev: &mut Evaluator, best: Candidate) -> Candidate {
+    if best.fractions[WC] <= 1e-9 {
+        // No weight in CPU memory: no path to choose.
+        return best;
+    }
+    let (gbs, ngb) = (best.gpu_batch_size, best.num_gpu_batches);
+    // In order of preference on a tie: copies, then block decode (each weight byte once), then zero-copy per batch.
+    let mut paths = vec![(Transfer::Copy, false)];
+    if ngb > 1 && !ev.p.compress_cache {
+        paths.push((Transfer::ZeroCopy, true));
+    }
+    paths.push((Transfer::ZeroCopy, false));
+    let mut chosen: Option<Candidate> = None;
+    for (transfer, block) in paths {
+        let p = Problem { transfer, ..ev.p };
+        for ccc in [false, true] {
+            if ccc && block {
+                continue;
+            }
+            ev.solves += 1;
+            let lp = strata::build(&p, &ev.weights, gbs, ngb, ccc, block, ev.mode());
+            if let Some(x) = lp.solve() {
+                let c = Candidate {
+                    transfer,
+                    block_decode: block,
+                    ..ev.candidate(gbs, ngb, ccc, x)
+                };
+                if chosen.is_none_or(|b| c.objective < b.objective * (1.0 - 1e-9)) {
+                    chosen = Some(c);
+                }
+            }
+        }
+    }
+    chosen.unwrap_or(best)
+}
+
 /// Rounds a fraction to a percent with two decimals.
 fn pct(x: f64) -> f64 {
     (x.clamp(0.0, 1.0) * 10_000.0).round() / 100.0
@@ -484,6 +528,9 @@ pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelE
     let Some(mut best) = best else {
         return Err(infeasible(&mut ev));
     };
+    if problem.kind == CostModelKind::Strata && problem.transfer == Transfer::Auto {
+        best = choose_transfer(&mut ev, best);
+    }
 
     // strata's LP uses the planner's continuous form; the runtime rounds to whole tensors and sequences. If the
     // rounded plan goes over a cap, solve the same batch sizes again with the LP's capacity shrunk by the excess.
@@ -506,20 +553,30 @@ pub fn search(problem: Problem, search: SearchKind) -> Result<Choice, CostModelE
                 minimise: None,
             };
             ev.solves += 2;
+            // The same transfer path (and block decode) as chosen.
+            let p = Problem {
+                transfer: best.transfer,
+                ..problem
+            };
             let retry = [false, true]
                 .into_iter()
+                .filter(|&ccc| !(ccc && best.block_decode))
                 .filter_map(|ccc| {
                     strata::build(
-                        &problem,
+                        &p,
                         &ev.weights,
                         best.gpu_batch_size,
                         best.num_gpu_batches,
                         ccc,
-                        false,
+                        best.block_decode,
                         mode,
                     )
                     .solve()
-                    .map(|x| ev.candidate(best.gpu_batch_size, best.num_gpu_batches, ccc, x))
+                    .map(|x| Candidate {
+                        transfer: best.transfer,
+                        block_decode: best.block_decode,
+                        ..ev.candidate(best.gpu_batch_size, best.num_gpu_batches, ccc, x)
+                    })
                 })
                 .min_by(|a, b| a.objective.total_cmp(&b.objective));
             let Some(r) = retry else { break };
@@ -617,7 +674,7 @@ fn finish(ev: &Evaluator, c: Candidate, given: Option<Policy>) -> Result<Choice,
         compress_weight_config: p.compress_weight_config,
         compress_cache: p.compress_cache,
         compress_cache_config: p.compress_cache_config,
-        transfer: p.transfer,
+        transfer: c.transfer,
         gpu_mem: p.caps.gpu,
         cpu_mem: p.caps.cpu,
         disk_mem: p.caps.disk,

@@ -67,8 +67,8 @@ pub(crate) fn skeleton(p: &Problem, gbs: usize, ngb: usize, cpu_cache_compute: b
 }
 
 /// Builds the linear program for one `(gbs, num_gpu_batches)` and choice of `cpu_cache_compute`. `block_decode`: the
-/// placement runs each decode layer once over the whole block ([`crate::offload::placement::block_decode`], known
-/// once the percents are; a search prices zero-copy per GPU batch, an upper bound).
+/// placement runs each decode layer once over the whole block ([`crate::offload::placement::block_decode`]), which
+/// keeps every cache and hidden row on the GPU: the program then holds those fractions at 1.
 pub(crate) fn build(
     p: &Problem,
     weights: &WeightSummary,
@@ -125,6 +125,10 @@ pub(crate) fn build(
     lp.objective[TPRE] = l / b;
     lp.objective[TGEN] = (n - 1.0) * l / b;
     lp.eq(coef(&[(WG, 1.0), (WC, 1.0), (WN, 1.0)]), 1.0);
+    if block_decode {
+        lp.eq(coef(&[(CG, 1.0)]), 1.0);
+        lp.eq(coef(&[(HG, 1.0)]), 1.0);
+    }
     lp.eq(coef(&[(CG, 1.0), (CC, 1.0), (CN, 1.0)]), 1.0);
     lp.eq(coef(&[(HG, 1.0), (HC, 1.0), (HN, 1.0)]), 1.0);
 

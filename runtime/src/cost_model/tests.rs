@@ -426,3 +426,78 @@ fn block_decode_reads_cpu_weights_once_per_step() {
     assert!(!per_batch.candidate.block_decode);
     assert!(per_batch.candidate.decode_layer_s >= 2.0 * in_place);
 }
+
+#[test]
+fn an_automatic_policy_takes_the_decode_path_its_profile_prices_fastest() {
+    // opt-6.7b's weights do not fit a 15 GiB GPU beside a block of 64 x 512: some go to CPU memory. The profile's
+    // in-place (zero-copy) rate decides how they reach the decode kernels.
+    let c = OptConfig::opt("opt-6.7b", 32, 32, 4096, 16384);
+    let caps = Caps {
+        gpu: Some(15 * GIB),
+        cpu: Some(200 * GIB),
+        disk: None,
+    };
+    for (zero_copy_gib_s, want) in [(0.5, Transfer::Copy), (1e3, Transfer::ZeroCopy)] {
+        let hw = HardwareProfile {
+            ctog_zero_copy: Some(zero_copy_gib_s),
+            ..HardwareProfile::t4()
+        };
+        let mut p = Problem::new(&c, W, &hw, caps);
+        p.max_block = 64;
+        let chosen = search(p, SearchKind::Improved).unwrap();
+        let what = format!(
+            "in place at {zero_copy_gib_s} GiB/s: {}",
+            chosen.policy.to_flags()
+        );
+        assert!(chosen.candidate.fractions[WC] > 0.0, "{what}");
+        assert_eq!(chosen.policy.transfer, want, "{what}");
+        assert_eq!(chosen.candidate.transfer, want, "{what}");
+        // Predicting the chosen policy gives what the search priced (its path and, if chosen, block decode).
+        let again = evaluate(p, &chosen.policy).unwrap();
+        assert_eq!(
+            again.candidate.block_decode, chosen.candidate.block_decode,
+            "{what}"
+        );
+        let rel =
+            (again.total_throughput - chosen.total_throughput).abs() / chosen.total_throughput;
+        assert!(rel < 1e-3, "{what}: {rel}");
+    }
+    // Two GPU batches of 8 with some weights in CPU memory: a fast in-place rate takes block decode steps (caches and
+    // hidden rows on the GPU, the weights read once per step), a slow one copies.
+    let two_batches = |zero_copy_gib_s: f64| {
+        let hw = HardwareProfile {
+            ctog_zero_copy: Some(zero_copy_gib_s),
+            ..HardwareProfile::t4()
+        };
+        let caps = Caps {
+            gpu: Some(20 * GIB),
+            ..caps
+        };
+        let mut ev = Evaluator::new(Problem::new(&c, W, &hw, caps));
+        let auto = ev.eval(8, 2).unwrap();
+        assert!(auto.fractions[WC] > 0.0, "{auto:?}");
+        choose_transfer(&mut ev, auto)
+    };
+    let fast = two_batches(1e3);
+    assert_eq!(
+        (fast.transfer, fast.block_decode),
+        (Transfer::ZeroCopy, true)
+    );
+    assert_eq!((fast.fractions[CG], fast.fractions[HG]), (1.0, 1.0));
+    let slow = two_batches(0.5);
+    assert_eq!((slow.transfer, slow.block_decode), (Transfer::Copy, false));
+    assert!(fast.objective < slow.objective);
+
+    // An explicit setting is kept.
+    let hw = HardwareProfile {
+        ctog_zero_copy: Some(1e3),
+        ..HardwareProfile::t4()
+    };
+    let mut p = Problem::new(&c, W, &hw, caps);
+    p.max_block = 64;
+    p.transfer = Transfer::Copy;
+    assert_eq!(
+        search(p, SearchKind::Improved).unwrap().policy.transfer,
+        Transfer::Copy
+    );
+}

@@ -111,7 +111,8 @@ impl Percent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Transfer {
     /// Zero-copy at decode where the device has the DMA path and the block is one GPU batch (each weight byte then
-    /// crosses PCIe once per step); copy otherwise.
+    /// crosses PCIe once per step); copy otherwise. Under `--policy auto` the cost model instead prices each path
+    /// (block decode included) at the hardware profile's measured rates and names the fastest in the policy.
     #[default]
     Auto,
     /// Copy each layer's offloaded weights into a weight slot before it computes.
