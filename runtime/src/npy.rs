@@ -171,8 +171,35 @@ pub fn read_f32(path: impl AsRef<Path>) -> Result<NpyF32, NpyError> {
     })
 }
 
+/// Checks that the header length a `.npy` prefix states fits in `bytes`. npyz allocates the stated length before
+/// reading the header, so a garbage length (up to 4 GiB in versions 2 and 3) would abort the process on a failed
+/// allocation instead of being an error; this guard is the only format logic kept here for that reason.
+fn header_fits(bytes: &[u8]) -> Result<(), String> {
+    const MAGIC: &[u8] = b"\x93NUMPY";
+    if bytes.len() < 10 || !bytes.starts_with(MAGIC) {
+        return Ok(()); // npyz names what is wrong
+    }
+    let (len, prefix) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        2 | 3 => return Err("file is truncated inside its header".into()),
+        _ => return Ok(()),
+    };
+    if prefix + len > bytes.len() {
+        return Err(format!(
+            "file is truncated inside its header: the header claims {len} bytes, {} follow",
+            bytes.len() - prefix
+        ));
+    }
+    Ok(())
+}
+
 /// Parses the bytes of a float32 `.npy` file.
 pub fn parse_f32(bytes: &[u8]) -> Result<NpyF32, String> {
+    header_fits(bytes)?;
     let mut reader = Cursor::new(bytes);
     let header = npyz::NpyHeader::from_reader(&mut reader)
         .map_err(|e| format!("not a float32 .npy file: {e}"))?;
@@ -287,5 +314,15 @@ mod tests {
             .unwrap_err()
             .contains("needs 12 data bytes, the file has 11"));
         assert!(parse_f32(b"hello world").is_err());
+        // A header length beyond the file (a version 2 header claiming 3.5 GB) is an error, not an allocation.
+        let mut huge = b"\x93NUMPY\x02\x00".to_vec();
+        huge.extend_from_slice(&3_581_608_054u32.to_le_bytes());
+        huge.extend_from_slice(b"{'descr': '<f4'");
+        let err = parse_f32(&huge).unwrap_err();
+        assert!(err.contains("claims 3581608054 bytes, 15 follow"), "{err}");
+        assert!(parse_f32(&file[..20]).unwrap_err().contains("truncated"));
+        assert!(parse_f32(b"\x93NUMPY\x03\x00\x01\x00\x00")
+            .unwrap_err()
+            .contains("truncated"));
     }
 }
