@@ -91,9 +91,10 @@ if [[ $mode == offload || $mode == offload-30b || $mode == smoke ]]; then
     [[ -f $out/profile.toml ]] && pcie=(--pcie-profile "$out/profile.toml")
 fi
 if [[ $mode == offload || $mode == smoke ]]; then
-    # Weights on the CPU (FlexLLMGen 226.8 token/s decode; PCIe ceiling 266). 32 x 2: --transfer auto copies the
-    # weights into weight slots once per block; zero-copy reads them in place once per GPU batch (twice the bytes);
-    # 64 x 1 is the same 64 sequences in one GPU batch, where auto reads them in place once.
+    # Weights on the CPU (FlexLLMGen 226.8 token/s decode; PCIe ceiling 266). 32 x 2: --transfer copy copies the
+    # weights into weight slots once per block; zero-copy runs block decode steps, each layer once over both GPU
+    # batches, reading them in place once per step; 64 x 1 is the same 64 sequences in one GPU batch, where auto
+    # reads them in place once.
     run "$small-wcpu-32x2-copy" 150 bench --model "$small" "${workload[@]}" "${pcie[@]}" --percent 0 100 100 0 100 0 \
         --gpu-batch-size "$(scale_batch 32)" --num-gpu-batches 2 --transfer copy
     run "$small-wcpu-32x2-zerocopy" 150 bench --model "$small" "${workload[@]}" "${pcie[@]}" \
