@@ -219,37 +219,9 @@ pub fn run_step(
 ) -> Result<(), OffloadError> {
     let c = &inp.model.config;
     let nb = inp.states.len();
-    // The placement says which batches attend on the CPU; they do so at decode.
-    let on_cpu: Vec<bool> = (0..nb)
-        .map(|k| {
-            step.past > 0
-                && step.s_new == 1
-                && homes.cpu_attn.is_some()
-                && homes.cpu_attention.get(k).copied().unwrap_or(false)
-        })
-        .collect();
+    let on_cpu: Vec<bool> = (0..nb).map(|k| attends_on_cpu(homes, step, k)).collect();
     let views = Views::new(inp, homes, on_cpu.iter().any(|&b| b), None)?;
-    let mut s = Schedule {
-        inp,
-        views: &views,
-        act_off: homes
-            .acts
-            .iter()
-            .map(|a| matches!(a, BatchAct::Homes(_)))
-            .collect(),
-        homes,
-        step,
-        rec: inp.kernels.recorder(),
-        on_cpu,
-        tickets: HashMap::new(),
-        cache_reads: HashMap::new(),
-        stores: VecDeque::new(),
-        writing: Vec::new(),
-        prefetched: None,
-        deferred_weights: None,
-        pending_cpu: None,
-        only: None,
-    };
+    let mut s = Schedule::new(inp, &views, homes, step, on_cpu, None);
     s.prologue()?;
     for k in 0..nb {
         s.embed(k)?;
@@ -314,36 +286,10 @@ pub fn run_stage_batch(
     let c = &inp.model.config;
     let k = part.batch;
     let on_cpu: Vec<bool> = (0..inp.states.len())
-        .map(|b| {
-            b == k
-                && step.past > 0
-                && step.s_new == 1
-                && homes.cpu_attn.is_some()
-                && homes.cpu_attention.get(b).copied().unwrap_or(false)
-        })
+        .map(|b| b == k && attends_on_cpu(homes, step, b))
         .collect();
     let views = Views::new(inp, homes, on_cpu[k], Some(k))?;
-    let mut s = Schedule {
-        inp,
-        views: &views,
-        act_off: homes
-            .acts
-            .iter()
-            .map(|a| matches!(a, BatchAct::Homes(_)))
-            .collect(),
-        homes,
-        step,
-        rec: inp.kernels.recorder(),
-        on_cpu,
-        tickets: HashMap::new(),
-        cache_reads: HashMap::new(),
-        stores: VecDeque::new(),
-        writing: Vec::new(),
-        prefetched: None,
-        deferred_weights: None,
-        pending_cpu: None,
-        only: Some(k),
-    };
+    let mut s = Schedule::new(inp, &views, homes, step, on_cpu, Some(k));
     s.prologue()?;
     match part.input {
         StageInput::Embed => s.embed(k)?,
@@ -365,6 +311,48 @@ pub fn run_stage_batch(
         s.choose(sampling, t, rows);
     }
     s.finish()
+}
+
+/// Whether GPU batch `k` attends on the CPU this step: where the placement says so, at decode.
+fn attends_on_cpu(homes: &RunHomes, step: Step, k: usize) -> bool {
+    step.past > 0
+        && step.s_new == 1
+        && homes.cpu_attn.is_some()
+        && homes.cpu_attention.get(k).copied().unwrap_or(false)
+}
+
+impl<'v, 'a> Schedule<'v, 'a> {
+    /// A step with nothing recorded or in flight yet; `only`: the one GPU batch a pipeline stage runs.
+    fn new(
+        inp: &'v StepInputs<'a>,
+        views: &'v Views,
+        homes: &'v mut RunHomes,
+        step: Step,
+        on_cpu: Vec<bool>,
+        only: Option<usize>,
+    ) -> Self {
+        Schedule {
+            inp,
+            views,
+            act_off: homes
+                .acts
+                .iter()
+                .map(|a| matches!(a, BatchAct::Homes(_)))
+                .collect(),
+            homes,
+            step,
+            rec: inp.kernels.recorder(),
+            on_cpu,
+            tickets: HashMap::new(),
+            cache_reads: HashMap::new(),
+            stores: VecDeque::new(),
+            writing: Vec::new(),
+            prefetched: None,
+            deferred_weights: None,
+            pending_cpu: None,
+            only,
+        }
+    }
 }
 
 impl Views {
