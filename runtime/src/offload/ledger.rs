@@ -1,5 +1,5 @@
 //! The one place a run's buffers are made. Every weight buffer, home, slot, working buffer and kernel staging buffer
-//! the runtime holds is created here from its entry in the [`Placement`](super::placement::Placement) and recorded;
+//! the runtime holds is created here from its entry in the [`super::placement::Placement`] and recorded;
 //! the [`Receipt`] that comes with it unrecords it when dropped. What the ledger holds at its peak is therefore what
 //! the run really allocated, by construction independent of when transfers and disk writes finish, and comparing it
 //! with the placement (and with wgpu's own allocator report, [`Ledger::compare_allocator`]) checks that the plan is

@@ -35,9 +35,10 @@ pub enum CacheRows {
         /// How values are stored.
         dtype: CacheDtype,
     },
-    /// Packed pair-major (see [`KvCache`]): the slot is `batch * heads * capacity` packed rows of head_dim (row
-    /// `(i * heads + h) * capacity + t`, data section then scale section), a home the `heads * capacity` rows of
-    /// its sequence in the same order (row `h * capacity + t`) as a packed tensor of its own.
+    /// Packed pair-major (see [`crate::model::KvCache`]): the slot is `batch * heads * capacity` packed rows of
+    /// head_dim (row `(i * heads + h) * capacity + t`, data section then scale section), a home the
+    /// `heads * capacity` rows of its sequence in the same order (row `h * capacity + t`) as a packed tensor of its
+    /// own.
     ///
     /// Why pair-major homes and per-head ranges rather than token-major homes: the packed kernels need the slot
     /// pair-major, and a fetch moves every cached row at each step (per head one contiguous run of `past` rows
