@@ -13,7 +13,7 @@ use strata_runtime::checkpoint::Checkpoint;
 use strata_runtime::compress::CompressionConfig;
 use strata_runtime::generate::{GenerateError, GenerateOutput, Generator};
 use strata_runtime::gpu::Gpu;
-use strata_runtime::offload::policy::{Percent, Policy};
+use strata_runtime::offload::policy::{Percent, Policy, Transfer};
 use strata_runtime::reference::ReferenceModel;
 
 /// Everything on the GPU at `attn_sparsity`.
@@ -181,6 +181,20 @@ fn half_sparsity_matches_the_reference_on_every_path() {
             check_against_reference(&what, &reference, &prompts, &out, 0.5);
             assert_eq!(out.generated_ids, gpu_run.generated_ids, "{what}");
         }
+
+        // Block decode steps (zero-copy, one GPU batch per prompt): each batch's sparse attention over its own cache.
+        let block = Policy {
+            gpu_batch_size: 1,
+            num_gpu_batches: prompts.len(),
+            percent: Percent::from_array([0.0, 100.0, 100.0, 0.0, 100.0, 0.0]),
+            transfer: Transfer::ZeroCopy,
+            attn_sparsity: 0.5,
+            ..Policy::default()
+        };
+        let out = with_policy(&gpu, &dir, &prompts, new, &block).unwrap();
+        let what = format!("{name}, block decode over {} GPU batches", prompts.len());
+        check_against_reference(&what, &reference, &prompts, &out, 0.5);
+        assert_eq!(out.generated_ids, gpu_run.generated_ids, "{what}");
     }
 }
 
