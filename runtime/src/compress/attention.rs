@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{CompressError, PackedRows};
+use super::{unpack_scale, CompressError, PackedLayout, PackedRows};
 
 /// Where decode attention finds its cache rows: `batch * heads` (sequence, head) pairs, each with `seq_len`
 /// cached positions; position `t` of pair `bh` is cache row `t * token_stride + bh * bh_stride`.
@@ -115,38 +115,113 @@ pub fn decode_attention<P: PackedRows>(
     if hd == 0 {
         return Ok(out);
     }
+    let bits = k.config().bits;
     out.par_chunks_mut(hd).enumerate().for_each(|(bh, out)| {
         let b = bh / shape.heads;
         let q = &query[bh * hd..(bh + 1) * hd];
-        let mut key = vec![0f32; hd];
-        let mut weights = Vec::with_capacity(shape.seq_len);
-        for t in 0..shape.seq_len {
-            let attend = mask.is_none_or(|(m, stride)| m[b * stride + t] != 0);
-            if attend {
-                let row = t * shape.token_stride + bh * shape.bh_stride;
-                k.decode_row(row, &mut key);
-                let s: f32 = q.iter().zip(&key).map(|(a, b)| a * b).sum();
-                weights.push((row, s * scale));
-            }
-        }
-        let Some(max) = weights.iter().map(|w| w.1).reduce(f32::max) else {
-            return;
-        };
-        let mut total = 0.0;
-        for w in &mut weights {
-            w.1 = (w.1 - max).exp();
-            total += w.1;
-        }
-        let mut value = vec![0f32; hd];
-        for &(row, w) in &weights {
-            v.decode_row(row, &mut value);
-            for (o, x) in out.iter_mut().zip(&value) {
-                *o += w * x;
-            }
-        }
-        for o in out.iter_mut() {
-            *o /= total;
+        let rows = (0..shape.seq_len)
+            .filter(|&t| mask.is_none_or(|(m, stride)| m[b * stride + t] != 0))
+            .map(|t| t * shape.token_stride + bh * shape.bh_stride);
+        // The bit width as a constant, so each word's values unpack in an unrolled loop.
+        match bits {
+            2 => attend_pair::<P, 2>(q, k, v, rows, scale, out),
+            4 => attend_pair::<P, 4>(q, k, v, rows, scale, out),
+            _ => attend_pair::<P, 8>(q, k, v, rows, scale, out),
         }
     });
     Ok(out)
+}
+
+/// One (sequence, head) pair's attention over the packed rows `rows` of `k` and `v` (`BITS` bits per value), into
+/// `out`, without decoding a row to f32: a group's values are `level * step + min`, so `q . row` is, per group,
+/// `step * (q . levels) + min * (the sum of q over the group)`, and adding `w * row` to the output adds
+/// `w * step * level` per element and `w * min` once per group (applied at the end).
+fn attend_pair<P: PackedRows, const BITS: u32>(
+    q: &[f32],
+    k: &P,
+    v: &P,
+    rows: impl Iterator<Item = usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let rows_of = RowWords::<BITS>::new(k.layout(), k.config().group_size);
+    let group = rows_of.group;
+    let q_sums: Vec<f32> = q.chunks(group).map(|g| g.iter().sum()).collect();
+    let mut weights: Vec<(usize, f32)> = rows
+        .map(|row| {
+            let mut s = 0.0;
+            for (g, qg) in q.chunks(group).enumerate() {
+                let (step, min, first) = rows_of.group(k, row, g);
+                let mut acc = 0.0;
+                for (w, qw) in qg.chunks(RowWords::<BITS>::PER_WORD).enumerate() {
+                    let word = k.word(first + w);
+                    for (j, &x) in qw.iter().enumerate() {
+                        acc += x * level::<BITS>(word, j);
+                    }
+                }
+                s += step * acc + min * q_sums[g];
+            }
+            (row, s * scale)
+        })
+        .collect();
+    let Some(max) = weights.iter().map(|w| w.1).reduce(f32::max) else {
+        return;
+    };
+    let mut total = 0.0;
+    for w in &mut weights {
+        w.1 = (w.1 - max).exp();
+        total += w.1;
+    }
+    let mut min_sums = vec![0f32; q_sums.len()];
+    for &(row, w) in &weights {
+        for (g, og) in out.chunks_mut(group).enumerate() {
+            let (step, min, first) = rows_of.group(v, row, g);
+            let a = w * step;
+            min_sums[g] += w * min;
+            for (i, ow) in og.chunks_mut(RowWords::<BITS>::PER_WORD).enumerate() {
+                let word = v.word(first + i);
+                for (j, o) in ow.iter_mut().enumerate() {
+                    *o += a * level::<BITS>(word, j);
+                }
+            }
+        }
+    }
+    for (g, o) in out.chunks_mut(group).enumerate() {
+        for x in o {
+            *x = (*x + min_sums[g]) / total;
+        }
+    }
+}
+
+/// Where a packed row's groups lie, for values of `BITS` bits.
+struct RowWords<const BITS: u32> {
+    layout: PackedLayout,
+    group: usize,
+    words_per_group: usize,
+}
+
+impl<const BITS: u32> RowWords<BITS> {
+    const PER_WORD: usize = 32 / BITS as usize;
+
+    fn new(layout: PackedLayout, group: usize) -> Self {
+        RowWords {
+            layout,
+            group,
+            words_per_group: group / Self::PER_WORD,
+        }
+    }
+
+    /// Group `g` of row `row`: its step, its min and the index of its first data word.
+    #[inline(always)]
+    fn group<P: PackedRows>(&self, p: &P, row: usize, g: usize) -> (f32, f32, usize) {
+        let l = &self.layout;
+        let (step, min) = unpack_scale(p.word(l.scale_offset + row * l.groups_per_row + g));
+        (step, min, row * l.words_per_row + g * self.words_per_group)
+    }
+}
+
+/// Value `j` of a data word.
+#[inline(always)]
+fn level<const BITS: u32>(word: u32, j: usize) -> f32 {
+    ((word >> (j as u32 * BITS)) & ((1u32 << BITS) - 1)) as f32
 }

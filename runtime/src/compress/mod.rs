@@ -278,6 +278,7 @@ impl PackedRows for PackedTensor {
         self.config
     }
 
+    #[inline]
     fn word(&self, i: usize) -> u32 {
         self.words[i]
     }
@@ -292,6 +293,7 @@ impl PackedRows for PackedRef<'_> {
         self.config
     }
 
+    #[inline]
     fn word(&self, i: usize) -> u32 {
         let b = &self.bytes[4 * i..4 * i + 4];
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
