@@ -133,9 +133,9 @@ pub fn decode_attention<P: PackedRows>(
 }
 
 /// One (sequence, head) pair's attention over the packed rows `rows` of `k` and `v` (`BITS` bits per value), into
-/// `out`, without decoding a row to f32: a group's values are `level * step + min`, so `q . row` is, per group,
-/// `step * (q . levels) + min * (the sum of q over the group)`, and adding `w * row` to the output adds
-/// `w * step * level` per element and `w * min` once per group (applied at the end).
+/// `out`, reading the packed words directly: each group's scale once, each word's values unpacked in an unrolled
+/// loop and used as `level * step + min` where they are read, with no row decoded to f32 first. The arithmetic and
+/// its order are the GPU kernel's (`q4_attention.wgsl`), so both paths agree to rounding.
 fn attend_pair<P: PackedRows, const BITS: u32>(
     q: &[f32],
     k: &P,
@@ -146,20 +146,17 @@ fn attend_pair<P: PackedRows, const BITS: u32>(
 ) {
     let rows_of = RowWords::<BITS>::new(k.layout(), k.config().group_size);
     let group = rows_of.group;
-    let q_sums: Vec<f32> = q.chunks(group).map(|g| g.iter().sum()).collect();
     let mut weights: Vec<(usize, f32)> = rows
         .map(|row| {
             let mut s = 0.0;
             for (g, qg) in q.chunks(group).enumerate() {
                 let (step, min, first) = rows_of.group(k, row, g);
-                let mut acc = 0.0;
                 for (w, qw) in qg.chunks(RowWords::<BITS>::PER_WORD).enumerate() {
                     let word = k.word(first + w);
                     for (j, &x) in qw.iter().enumerate() {
-                        acc += x * level::<BITS>(word, j);
+                        s += x * (level::<BITS>(word, j) * step + min);
                     }
                 }
-                s += step * acc + min * q_sums[g];
             }
             (row, s * scale)
         })
@@ -172,24 +169,19 @@ fn attend_pair<P: PackedRows, const BITS: u32>(
         w.1 = (w.1 - max).exp();
         total += w.1;
     }
-    let mut min_sums = vec![0f32; q_sums.len()];
     for &(row, w) in &weights {
         for (g, og) in out.chunks_mut(group).enumerate() {
             let (step, min, first) = rows_of.group(v, row, g);
-            let a = w * step;
-            min_sums[g] += w * min;
             for (i, ow) in og.chunks_mut(RowWords::<BITS>::PER_WORD).enumerate() {
                 let word = v.word(first + i);
                 for (j, o) in ow.iter_mut().enumerate() {
-                    *o += a * level::<BITS>(word, j);
+                    *o += w * (level::<BITS>(word, j) * step + min);
                 }
             }
         }
     }
-    for (g, o) in out.chunks_mut(group).enumerate() {
-        for x in o {
-            *x = (*x + min_sums[g]) / total;
-        }
+    for o in out.iter_mut() {
+        *o /= total;
     }
 }
 
