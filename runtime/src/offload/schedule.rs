@@ -580,16 +580,17 @@ impl<'v> Schedule<'v, '_> {
         let n_layers = inp.model.config.num_hidden_layers;
         let n = j * self.batches() + k;
         let weight_layer = if inp.overlap { j + 1 } else { j };
-        let mut weights = k == self.only.unwrap_or(0)
+        let layer_weights = k == self.only.unwrap_or(0)
             && weight_layer < n_layers
             && self.fetches_weights(weight_layer);
-        if weights && inp.overlap && self.on_cpu[k] {
-            // The next layer's weights wait until the layer's last CPU-attention batch has its projections and
-            // their readback queued: each readback then waits for its own work, not the copy, and the copy runs
-            // while the CPU attends.
+        // The next layer's weights wait until the layer's last CPU-attention batch has its projections and their
+        // readback queued: each readback then waits for its own work, not the copy, and the copy runs while the CPU
+        // attends.
+        let defer = layer_weights && inp.overlap && self.on_cpu[k];
+        if defer {
             self.deferred_weights = Some(weight_layer);
-            weights = false;
         }
+        let weights = layer_weights && !defer;
         let cache_now = self.cache_in(n) && self.prefetched != Some(n);
         let items = n_layers * self.batches();
         let next = self.next_item(n);
@@ -600,29 +601,26 @@ impl<'v> Schedule<'v, '_> {
             && self.cache_in(next);
         // The disk reads the item after next's KV rows while this one's transfers and compute run.
         self.read_ahead(self.next_item(next))?;
-        if !(weights || cache_now || self.act_off[k] || cache_next) {
-            if self.deferred_weights.is_some() && inp.overlap {
-                self.prefetch_layer(weight_layer + 1)?;
+        if weights || cache_now || self.act_off[k] || cache_next {
+            let mut enc = self.transfers()?;
+            if weights {
+                self.fetch_layer(weight_layer, &mut enc)?;
             }
-            return Ok(());
+            if cache_now {
+                self.fetch_cache(n, &mut enc)?;
+            }
+            if self.act_off[k] {
+                self.fetch_act(k, &mut enc)?;
+            }
+            if cache_next {
+                self.fetch_cache(next, &mut enc)?;
+                self.prefetched = Some(next);
+            }
+            self.submit(enc, Vec::new())?;
         }
-        let mut enc = self.transfers()?;
-        if weights {
-            self.fetch_layer(weight_layer, &mut enc)?;
-        }
-        if cache_now {
-            self.fetch_cache(n, &mut enc)?;
-        }
-        if self.act_off[k] {
-            self.fetch_act(k, &mut enc)?;
-        }
-        if cache_next {
-            self.fetch_cache(next, &mut enc)?;
-            self.prefetched = Some(next);
-        }
-        self.submit(enc, Vec::new())?;
-        if (weights || self.deferred_weights == Some(weight_layer)) && inp.overlap {
-            // The disk works on the layer after next while the GPU computes this one.
+        if layer_weights && inp.overlap {
+            // The disk works on the layer after next while the GPU computes this one (once per layer: at its first
+            // item, whether the copy is queued now or deferred).
             self.prefetch_layer(weight_layer + 1)?;
         }
         Ok(())
