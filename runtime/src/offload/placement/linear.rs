@@ -4,13 +4,13 @@
 //! only the rounding to whole tensors and sequences is relaxed.
 
 use super::{
-    act_dtype, fixed_working, kernel_scratch, weight_format, CacheRows, DeviceLimits, Shape,
-    WeightSizes, Workload,
+    act_dtype, block_decode_asked, fixed_working, kernel_scratch, weight_format, CacheRows,
+    DeviceLimits, Shape, WeightSizes, Workload,
 };
 use crate::config::OptConfig;
 use crate::gpu::buffer_size;
 use crate::gpu::kernels::CacheDtype;
-use crate::offload::policy::{Policy, Transfer};
+use crate::offload::policy::Policy;
 use crate::weights::ModelTensor;
 
 /// An affine function of the nine placement fractions `[wg, wc, wn, cg, cc, cn, hg, hc, hn]` (each in 0..=1).
@@ -116,10 +116,7 @@ pub fn linear_terms_with(
         capacity: workload.seq_len(),
         // Counted whenever the policy may run block decode steps (the relaxation cannot tell where the cache and
         // activations go): conservative by the block's residual stream.
-        block_decode: policy.transfer == Transfer::ZeroCopy
-            && policy.num_gpu_batches > 1
-            && !policy.compress_cache
-            && workload.gen_len > 1,
+        block_decode: block_decode_asked(policy, workload),
     };
     let act_dtype = act_dtype(config, policy, &DeviceLimits::UNBOUNDED);
     let act = act_dtype.bytes() as u64;

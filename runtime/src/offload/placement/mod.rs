@@ -673,21 +673,32 @@ pub fn act_slots(policy: &Policy, batches: &[BatchPlacement]) -> usize {
 /// keeping its cache (uncompressed, in its activations' dtype or f16) and hidden rows on the GPU with attention there.
 /// (`--transfer auto` keeps copying for several GPU batches until GPU measurements say which is faster.) Whether the
 /// device can bind CPU memory is the runtime's question: without it decode copies and the block's buffers stay idle.
+///
+/// `policy` is the run's (its `num_gpu_batches` the batches placed).
 pub fn block_decode(
     policy: &Policy,
+    workload: Workload,
     layer_tiers: &BTreeMap<LayerTensor, Tier>,
     batches: &[BatchPlacement],
     act: ActDtype,
     cache: CacheDtype,
 ) -> bool {
-    policy.transfer == Transfer::ZeroCopy
-        && batches.len() > 1
+    block_decode_asked(policy, workload)
         && layer_tiers.values().any(|&t| t == Tier::Cpu)
-        && !policy.compress_cache
         && (cache.bytes() == act.bytes() || cache == CacheDtype::F16)
         && batches
             .iter()
             .all(|b| b.cache_resident() && b.act_resident() && !b.cpu_attention)
+}
+
+/// What the policy and workload alone say of [`block_decode`]: zero-copy, several GPU batches, an uncompressed
+/// cache, decode steps to run. The cost model's relaxation, which cannot tell where caches and activations go, counts
+/// the block's buffers whenever this holds.
+pub(super) fn block_decode_asked(policy: &Policy, workload: Workload) -> bool {
+    policy.transfer == Transfer::ZeroCopy
+        && policy.num_gpu_batches > 1
+        && !policy.compress_cache
+        && workload.gen_len > 1
 }
 
 /// The forward pass's buffers that do not depend on where homes live: step inputs, scratch, logits, and the packed
@@ -1341,8 +1352,14 @@ impl<'a> Builder<'a> {
         }
 
         // The forward pass's working buffers.
-        self.shape.block_decode = self.workload.gen_len > 1
-            && block_decode(&p, &layer_tiers, &batches, act_dtype, cache_dtype);
+        self.shape.block_decode = block_decode(
+            &p,
+            self.workload,
+            &layer_tiers,
+            &batches,
+            act_dtype,
+            cache_dtype,
+        );
         for (id, bytes) in fixed_working(c, &p, &self.shape, act_dtype) {
             self.push(id, Tier::Gpu, bytes)?;
         }
