@@ -25,6 +25,14 @@ struct Expect {
     seqs: u64,
 }
 
+impl Expect {
+    /// Bytes of offloaded hidden rows a decode step moves each way: stored after the embedding and after each layer,
+    /// fetched before each layer and the logits.
+    fn hidden_rows(&self) -> u64 {
+        (self.layers + 1) * self.seqs * self.act_row
+    }
+}
+
 fn run(dir: &Path, prompts: &[Vec<u32>], new: usize, p: &Policy) -> (Expect, Vec<Moved>) {
     let checkpoint = Checkpoint::open(dir).unwrap();
     let gpu = gpu();
@@ -113,8 +121,7 @@ fn a_decode_step_moves_each_offloaded_byte_once() {
                 e.layers * e.seqs * 2 * past * e.cache_row,
                 e.layers * e.seqs * 2 * e.cache_row,
             );
-            // Hidden rows: stored after the embedding and after each layer, fetched before each layer and the logits.
-            let act = (e.layers + 1) * e.seqs * e.act_row;
+            let act = e.hidden_rows();
             let want = Moved::from_pairs(&[
                 (Tier::Cpu, Tier::Gpu, e.weights[1] + cache_in + act),
                 (Tier::Disk, Tier::Gpu, e.weights[2]),
@@ -140,13 +147,7 @@ fn cpu_attention_moves_only_q_k_v_down_and_its_output_up() {
         let mut p = policy([0.0, 100.0], [0.0, 100.0], act, gbs, ngb, offload.path());
         p.cpu_cache_compute = true;
         let (e, steps) = run(&dir, &prompts, new, &p);
-        // Offloaded hidden rows: stored after the embedding and after each layer, fetched before each layer and the
-        // logits.
-        let hidden = if act[1] > 0.0 {
-            (e.layers + 1) * e.seqs * e.act_row
-        } else {
-            0
-        };
+        let hidden = if act[1] > 0.0 { e.hidden_rows() } else { 0 };
         for (t, m) in steps.iter().enumerate().skip(1) {
             // q comes back as activations, k and v as f32 rows the CPU rounds to the cache's dtype.
             let down = e.layers * e.seqs * (e.act_row + 2 * e.cache_row.max(e.act_row));
@@ -221,13 +222,7 @@ fn zero_copy_reads_cpu_weights_in_place_and_keeps_the_tokens() {
         let reads = if zero_copy && !block { ngb as u64 } else { 1 };
         assert_eq!(gen.decode_weight_passes(&placement) as u64, reads, "{what}");
         let (e, steps) = run(&dir, &prompts, new, &p);
-        // Offloaded hidden rows: stored after the embedding and after each layer, fetched before each layer and the
-        // logits.
-        let act_bytes = if act == on_cpu {
-            (e.layers + 1) * e.seqs * e.act_row
-        } else {
-            0
-        };
+        let act_bytes = if act == on_cpu { e.hidden_rows() } else { 0 };
         for m in &steps[1..] {
             let want = Moved::from_pairs(&[
                 (Tier::Cpu, Tier::Gpu, reads * e.weights[1] + act_bytes),
