@@ -333,19 +333,33 @@ fn strata_streams_layers_but_keeps_the_lm_head_resident() {
     );
 }
 
+/// The T4 profile with an affine fit of the GEMV kernel: weights at 2 GiB/s, each row's FLOPs at 0.5 TFLOP/s.
+fn t4_with_gemv_fit() -> HardwareProfile {
+    HardwareProfile {
+        gemv_weight_gib_s: Some(2.0),
+        mm_flops_g_row: Some(0.5),
+        ..HardwareProfile::t4()
+    }
+}
+
+/// Seconds of one decode dispatch under [`t4_with_gemv_fit`]: `rows` rows over `bytes` of weights.
+fn gemv_fit_dispatch_s(rows: f64, bytes: f64, flops_per_row: f64) -> f64 {
+    bytes / (2.0 * GIB as f64) + rows * flops_per_row / 0.5e12
+}
+
+/// opt-1.3b, with its `(hidden, ffn, layers, vocab)` as f64 for the formulas.
+fn opt_1_3b() -> (OptConfig, [f64; 4]) {
+    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
+    (c, [2048.0, 8192.0, 24.0, c.vocab_size as f64])
+}
+
 #[test]
 fn decode_linears_follow_the_profiles_affine_gemv_fit_per_gpu_batch() {
     // A profile with the fit: each GPU batch's linears cost their weight bytes at gemv_weight plus each row's FLOPs
     // at mm_flops_g_row, so two batches of two rows cost more than one batch of four (the weights are read twice).
-    let hw = HardwareProfile {
-        gemv_weight_gib_s: Some(2.0),
-        mm_flops_g_row: Some(0.5),
-        ..HardwareProfile::t4()
-    };
-    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
+    let hw = t4_with_gemv_fit();
+    let (c, [h, f, l, v]) = opt_1_3b();
     let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
-    let (h, f, l, v) = (2048.0, 8192.0, 24.0, c.vocab_size as f64);
-    let gib = GIB as f64;
     for (gbs, ngb) in [(4, 1), (2, 2), (1, 4)] {
         let policy = Policy {
             gpu_batch_size: gbs,
@@ -354,9 +368,8 @@ fn decode_linears_follow_the_profiles_affine_gemv_fit_per_gpu_batch() {
         };
         let weights = crate::offload::placement::WeightSummary::new(&c, &policy);
         let choice = evaluate(Problem::new(&c, W, &hw, Caps::default()), &policy).unwrap();
-        let per_batch = |bytes: f64, flops_per_row: f64| {
-            bytes / (2.0 * gib) + gbs as f64 * flops_per_row / 0.5e12
-        };
+        let per_batch =
+            |bytes: f64, flops_per_row: f64| gemv_fit_dispatch_s(gbs as f64, bytes, flops_per_row);
         let b = (gbs * ngb) as f64;
         let want = ngb as f64
             * (per_batch(weights.layer as f64, 8.0 * h * h + 4.0 * h * f)
@@ -387,15 +400,11 @@ fn block_decode_reads_cpu_weights_once_per_step() {
     // Weights in CPU memory read in place (zero-copy) by 2 x 2 sequences: with caches and activations on the GPU
     // each decode layer runs once over the block, so its weights cross once, beside one 4-row dispatch per linear.
     let hw = HardwareProfile {
-        gemv_weight_gib_s: Some(2.0),
-        mm_flops_g_row: Some(0.5),
         ctog_zero_copy: Some(10.0),
-        ..HardwareProfile::t4()
+        ..t4_with_gemv_fit()
     };
-    let c = OptConfig::opt("opt-1.3b", 24, 32, 2048, 8192);
+    let (c, [h, f, l, v]) = opt_1_3b();
     let (s, n) = (W.prompt_len as f64, W.gen_len as f64);
-    let (h, f, l, v) = (2048.0, 8192.0, 24.0, c.vocab_size as f64);
-    let gib = GIB as f64;
     let policy = |act: [f64; 2]| Policy {
         gpu_batch_size: 2,
         num_gpu_batches: 2,
@@ -408,10 +417,8 @@ fn block_decode_reads_cpu_weights_once_per_step() {
     let wl = weights.layer as f64;
     let choice = evaluate(Problem::new(&c, W, &hw, Caps::default()), &block).unwrap();
     assert!(choice.candidate.block_decode);
-    let dispatch = |rows: f64, bytes: f64, flops_per_row: f64| {
-        bytes / (2.0 * gib) + rows * flops_per_row / 0.5e12
-    };
-    let in_place = wl / (10.0 * gib);
+    let dispatch = gemv_fit_dispatch_s;
+    let in_place = wl / (10.0 * GIB as f64);
     let want = in_place.max(dispatch(4.0, wl, 8.0 * h * h + 4.0 * h * f))
         + 2.0 * dispatch(2.0, weights.head as f64, 2.0 * h * v) / l
         + 4.0 * 4.0 * (s + n / 2.0) * h / (hw.bmm_flops_g * 1e12);
