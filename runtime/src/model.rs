@@ -718,18 +718,30 @@ pub fn decoder_layer<'a>(
                     }
                 }
             }
-            let (k, v, mask) = (&cache.k, &cache.v, &state.mask);
-            if step.is_sparse() {
-                let sparsity = step.attn_sparsity;
-                rec.sparse_attention(cache.dtype, &ws.q, k, v, mask, &ws.attn, shape, sparsity);
-            } else {
-                rec.attention(cache.dtype, &ws.q, k, v, mask, &ws.attn, shape);
-            }
+            attend(rec, cache, &ws.q, &state.mask, &ws.attn, step, shape);
         }
     }
     finish_layer(
         rec, config, layer, &state.x, &ws.attn, rows, &ws.norm, &ws.mid,
     );
+}
+
+/// Attention of queries `q` over an uncompressed `cache` into `out`: top-k at a sparse step, dense otherwise.
+fn attend<'a>(
+    rec: &mut Recorder<'a>,
+    cache: &'a KvCache,
+    q: &'a wgpu::Buffer,
+    mask: &'a wgpu::Buffer,
+    out: &'a wgpu::Buffer,
+    step: Step,
+    shape: AttentionShape,
+) {
+    let (k, v) = (&cache.k, &cache.v);
+    if step.is_sparse() {
+        rec.sparse_attention(cache.dtype, q, k, v, mask, out, shape, step.attn_sparsity);
+    } else {
+        rec.attention(cache.dtype, q, k, v, mask, out, shape);
+    }
 }
 
 /// The attention of one GPU batch's step over its cache.
@@ -765,10 +777,20 @@ pub fn decoder_block_layer<'a>(
 ) {
     let h = config.hidden_size;
     let row_bytes = (h * rec.act().bytes()) as u64;
-    let rows: usize = batches.iter().map(|(_, s)| s.batch * step.s_new).sum();
     let dense = OutRows::dense(h, 0);
     let lin = |l: &'a Linear| (&l.weight, l.bias.as_ref());
     let shape = |cache: &KvCache, state: &BatchState| attention_shape(config, step, cache, state);
+
+    // Each batch's first row in the block, and its rows.
+    let spans: Vec<(usize, usize)> = batches
+        .iter()
+        .scan(0, |row0, (_, state)| {
+            let n = state.batch * step.s_new;
+            *row0 += n;
+            Some((*row0 - n, n))
+        })
+        .collect();
+    let rows = spans.last().map_or(0, |&(row0, n)| row0 + n);
 
     let attn_in = attention_input(rec, config, layer, x, rows, &ws.norm);
     let (w, b) = lin(&layer.q_proj);
@@ -780,29 +802,26 @@ pub fn decoder_block_layer<'a>(
     ] {
         let (w, b) = lin(proj);
         rec.linear(attn_in, rows, w, b, Act::None, scratch, dense, false);
-        let mut row0 = 0;
-        for &(cache, state) in batches {
+        for (&(cache, state), &(row0, _)) in batches.iter().zip(&spans) {
             let dst = if keys { &cache.k } else { &cache.v };
             rec.store_block_cache_rows(cache.dtype, scratch, row0, dst, shape(cache, state));
-            row0 += state.batch * step.s_new;
         }
     }
     // Attention per batch: its queries to the front of ws.norm, its output from the front of ws.mid into its rows of
     // ws.attn.
-    let mut row0 = 0;
-    for &(cache, state) in batches {
-        let n = state.batch * step.s_new;
+    for (&(cache, state), &(row0, n)) in batches.iter().zip(&spans) {
         let (off, bytes) = (row0 as u64 * row_bytes, n as u64 * row_bytes);
         rec.copy(&ws.q, off, &ws.norm, 0, bytes);
-        let (q, k, v, mask, out) = (&ws.norm, &cache.k, &cache.v, &state.mask, &ws.mid);
-        let shape = shape(cache, state);
-        if step.is_sparse() {
-            rec.sparse_attention(cache.dtype, q, k, v, mask, out, shape, step.attn_sparsity);
-        } else {
-            rec.attention(cache.dtype, q, k, v, mask, out, shape);
-        }
+        attend(
+            rec,
+            cache,
+            &ws.norm,
+            &state.mask,
+            &ws.mid,
+            step,
+            shape(cache, state),
+        );
         rec.copy(&ws.mid, 0, &ws.attn, off, bytes);
-        row0 += n;
     }
     finish_layer(rec, config, layer, x, &ws.attn, rows, &ws.norm, &ws.mid);
 }
